@@ -1,0 +1,157 @@
+"""The parser on the four public Dataverse bodies and on every value kind DOMAIN.md section 1 lists."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from writeback.errors import WritebackError
+from writeback.messages import Entity, EntityRef, Money, Opaque, OptionSet, parse_message, parse_value
+from writeback.reasons import Reason
+
+PUBLIC = Path(__file__).resolve().parents[3] / "shared" / "samples" / "dataverse-public"
+
+
+def public(name: str) -> bytes:
+    return (PUBLIC / name).read_bytes()
+
+
+def test_all_four_public_bodies_parse():
+    names = sorted(p.name for p in PUBLIC.glob("*.json"))
+    assert len(names) == 4
+    for name in names:
+        message = parse_message(public(name))
+        assert message.record_id and message.table and message.message_name in ("Create", "Update")
+
+
+def test_account_update_with_wrapped_guid_and_datetime():
+    m = parse_message(public("01_account_update_sample1.json"))
+    assert (m.message_name, m.table) == ("Update", "account")
+    assert m.record_id == "ec4e2f7d-9d60-e811-a95a-000d3af24950"
+    attrs = m.target.attributes if m.target else {}
+    assert attrs["telephone1"] == "1111"
+    assert attrs["accountid"] == "ec4e2f7d-9d60-e811-a95a-000d3af24950"  # Guid:#System unwrapped
+    assert attrs["modifiedon"] == datetime(2018, 5, 31, 9, 5, 24, tzinfo=UTC)  # DateTime:#System
+    assert attrs["modifiedby"] == EntityRef("df010dad-f103-4589-ba66-76a5a04c2a11", "systemuser")
+    assert attrs["modifiedonbehalfby"] is None
+    assert m.pre_image is None and m.post_image is None  # a Target-only update
+    assert m.initiating_user_id == "df010dad-f103-4589-ba66-76a5a04c2a11"
+
+
+def test_create_with_money_choices_lookups_and_post_image():
+    m = parse_message(public("02_alltypes_create_money_optionset_lookup_postimage.json"))
+    attrs = m.target.attributes if m.target else {}
+    assert attrs["albxrm_currency"] == Money(Decimal("2154.32"))
+    assert attrs["albxrm_optionset"] == OptionSet(257760001)
+    assert attrs["albxrm_multiselectoptionset"] == (OptionSet(257760001), OptionSet(257760002))
+    assert attrs["albxrm_lookupaccount"] == EntityRef("b76b3f4b-1be7-e611-8101-e0071b6af231", "account")
+    assert attrs["albxrm_twooptions"] is True
+    assert attrs["albxrm_wholenumber"] == 987654321
+    assert attrs["albxrm_multiplelinesoftext"] == "sdafasf\naasdfas\naafsd".replace("\na", "\n")
+    assert attrs["createdon"] == datetime(2020, 12, 15, 4, 47, 38, tzinfo=UTC)
+    assert m.target is not None and m.target.formatted["albxrm_optionset"] == "Value 2"
+    assert m.post_image is not None and m.post_image.attributes["albxrm_name"] == "Test Betim"
+    assert m.operation_created_on == datetime(2020, 12, 15, 4, 47, 38, tzinfo=UTC)
+
+
+def test_update_with_pre_and_post_images_and_entity_collection():
+    m = parse_message(public("03_customactivity_update_pre_post_images_activityparty.json"))
+    assert m.message_name == "Update"
+    assert m.pre_image is not None and m.post_image is not None
+    parties = [v for v in (m.post_image.attributes | m.pre_image.attributes).values()
+               if isinstance(v, tuple) and v and isinstance(v[0], Entity)]
+    assert parties, "an EntityCollection of activityparty rows"
+    party = parties[0][0]
+    assert party.logical_name == "activityparty"
+    assert isinstance(party.attributes["partyid"], EntityRef)
+
+
+def test_all_fields_create():
+    m = parse_message(public("04_allfields_create.json"))
+    attrs = m.target.attributes if m.target else {}
+    assert attrs["shko_choices"] == (OptionSet(342490001), OptionSet(342490002))
+    assert attrs["shko_currency"] == Money(Decimal("100"))
+    assert attrs["shko_decimal"] == 10.12
+    assert attrs["shko_boolean"] is False
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("/Date(1527757524000)/", datetime(2018, 5, 31, 9, 5, 24, tzinfo=UTC)),
+        ("/Date(1527757524000+0100)/", datetime(2018, 5, 31, 9, 5, 24, tzinfo=UTC)),
+        ("/Date(-86400000)/", datetime(1969, 12, 31, tzinfo=UTC)),
+        ({"__type": "DateTime:#System", "__value": "/Date(0-0230)/"}, datetime(1970, 1, 1, tzinfo=UTC)),
+        ({"__type": "Guid:#System", "__value": "EC4E2F7D-9D60-E811-A95A-000D3AF24950"},
+         "ec4e2f7d-9d60-e811-a95a-000d3af24950"),
+        ({"__type": "Decimal:#System", "__value": "10.50"}, Decimal("10.50")),
+        ({"__type": "Int32:#System", "__value": 7}, 7),
+        ({"__type": "Money:http://schemas.microsoft.com/xrm/2011/Contracts", "Value": 1.5}, Money(Decimal("1.5"))),
+        ({"__type": "OptionSetValue:http://schemas.microsoft.com/xrm/2011/Contracts", "Value": 935000000},
+         OptionSet(935000000)),
+        ({"__type": "Something:http://example.org"}, Opaque("Something")),
+        ("plain text", "plain text"),
+        (3.25, 3.25),
+    ],
+)
+def test_value_kinds(raw, expected):
+    assert parse_value(raw, "x") == expected
+
+
+def test_date_offset_is_kept_for_date_only_columns():
+    # 23:00 UTC on 1 March is 2 March in +0100: a date-only column must read as the local date.
+    value = parse_value("/Date(1709334000000+0100)/", "birthdate")
+    assert isinstance(value, datetime)
+    assert value.utcoffset() == timedelta(hours=1)
+    assert value.date().isoformat() == "2024-03-02"
+
+
+def test_entity_collection_value():
+    raw = {"__type": "EntityCollection:http://schemas.microsoft.com/xrm/2011/Contracts",
+           "Entities": [{"__type": "Entity:http://schemas.microsoft.com/xrm/2011/Contracts",
+                         "LogicalName": "activityparty", "Id": None,
+                         "Attributes": [{"key": "participationtypemask",
+                                         "value": {"__type": "OptionSetValue:x", "Value": 1}}]}]}
+    value = parse_value(raw, "x")
+    assert isinstance(value, tuple) and isinstance(value[0], Entity)
+    assert value[0].attributes["participationtypemask"] == OptionSet(1)
+
+
+def test_application_properties_are_read():
+    body = public("01_account_update_sample1.json")
+    claims = "http://schemas.microsoft.com/xrm/2011/Claims/"
+    m = parse_message(body, {claims + "InitiatingUser": "DF010DAD-F103-4589-BA66-76A5A04C2A11",
+                             claims + "EntityLogicalName": "account", "MessageMaxSizeExceeded": "true"})
+    assert m.properties.entity_logical_name == "account"
+    assert m.payload_dropped
+
+
+def _reason(body: bytes | str, content_type: str | None = None) -> Reason:
+    with pytest.raises(WritebackError) as info:
+        parse_message(body, None, content_type)
+    return info.value.reason
+
+
+def test_bad_bodies_get_specific_reasons():
+    assert _reason(b"<Envelope/>") == Reason.UNSUPPORTED_FORMAT
+    assert _reason(b"\x40\x06binary\xff\xfe") == Reason.UNSUPPORTED_FORMAT
+    assert _reason(b"{}", "application/msbin1") == Reason.UNSUPPORTED_FORMAT
+    assert _reason(b"{not json") == Reason.MALFORMED_MESSAGE
+    assert _reason(b"[1,2]") == Reason.MALFORMED_MESSAGE
+    assert _reason(json.dumps({"MessageName": "Create"})) == Reason.MALFORMED_MESSAGE
+    bad_id = {"MessageName": "Create", "PrimaryEntityName": "contact", "PrimaryEntityId": "not-a-guid"}
+    assert _reason(json.dumps(bad_id)) == Reason.MALFORMED_MESSAGE
+    assert _reason("[" * 100_000) == Reason.MALFORMED_MESSAGE
+    assert _reason(b"{" + b" " * (2 * 1024 * 1024) + b"}") == Reason.MALFORMED_MESSAGE
+
+
+def test_error_text_never_echoes_values():
+    body = json.dumps({"MessageName": "Create", "PrimaryEntityName": "contact",
+                       "PrimaryEntityId": "Jane Doe 1970-01-01"})
+    with pytest.raises(WritebackError) as info:
+        parse_message(body)
+    assert "Jane" not in str(info.value) and "1970" not in str(info.value)

@@ -1,0 +1,5 @@
+"""`python -m writeback ...`: see writeback.cli."""
+
+from writeback.cli import main
+
+raise SystemExit(main())

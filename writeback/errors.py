@@ -1,0 +1,31 @@
+"""Exceptions that carry a reason code and a detail safe to log (ids and names of fields, never values)."""
+
+from __future__ import annotations
+
+from writeback.reasons import Reason
+
+
+class WritebackError(Exception):
+    """A failure with a documented reason code. `detail` must never hold patient data."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class ConfigError(WritebackError):
+    """A missing or invalid setting or map: the message is kept (abandoned), never dead-lettered."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(Reason.CONFIG_ERROR, f"setting {setting} {problem}")
+        self.setting = setting
+
+
+class MapError(WritebackError):
+    """An entity map file failed validation; names the file and the field."""
+
+    def __init__(self, file: str, field: str, problem: str) -> None:
+        super().__init__(Reason.CONFIG_ERROR, f"entity map {file}: field `{field}` {problem}")
+        self.file = file
+        self.field = field

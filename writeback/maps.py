@@ -1,0 +1,337 @@
+"""Entity maps: YAML files, one per table, validated against a schema and compiled once at load.
+
+A bad map fails loudly: `MapError` names the file and the field (`attributes[3].target`). After loading,
+nothing is parsed per message: paths are parsed, value maps keyed, and cross-map references resolved.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from writeback.errors import MapError
+from writeback.paths import Field as PathField
+from writeback.paths import Path as ElementPath
+from writeback.paths import PathError, parse_path
+
+RESOURCE_TYPES = ("Patient", "Practitioner", "Encounter", "Observation")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AttributeSpec(_Strict):
+    column: str | None = None
+    target: str
+    action: Literal["copy", "default", "value_map", "lookup"] = "copy"
+    type: Literal["string", "code", "date", "dateTime", "instant", "decimal", "integer", "boolean", "id"] | None = None
+    values: dict[str, str | int | bool] | None = None
+    value: str | int | float | bool | None = None
+    resource: str | None = None
+    only_for: list[str] | None = None
+
+    @field_validator("values", mode="before")
+    @classmethod
+    def _keys_as_text(cls, raw: Any) -> Any:
+        # YAML reads `1:` as int and `true:` as bool; the row's values are compared as text.
+        if isinstance(raw, dict):
+            return {_key(k): v for k, v in raw.items()}
+        return raw
+
+    @model_validator(mode="after")
+    def _action_fields(self) -> AttributeSpec:
+        if self.action in ("copy", "value_map", "lookup") and not self.column:
+            raise ValueError(f"action {self.action} needs `column`")
+        if self.action == "value_map" and not self.values:
+            raise ValueError("action value_map needs `values`")
+        if self.action == "default" and self.value is None:
+            raise ValueError("action default needs `value`")
+        if self.action == "lookup" and not self.resource:
+            raise ValueError("action lookup needs `resource` (the FHIR type referenced)")
+        return self
+
+
+class ResourceChoice(_Strict):
+    column: str
+    values: dict[str, str]
+
+    @field_validator("values", mode="before")
+    @classmethod
+    def _keys_as_text(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            return {_key(k): v for k, v in raw.items()}
+        return raw
+
+
+class IdentitySpec(_Strict):
+    fhir_id_column: str = "msemr_azurefhirid"
+    identifier_system: str
+
+    @field_validator("identifier_system")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        if ":" not in value or " " in value:
+            raise ValueError("must be an absolute URI")
+        return value
+
+
+class ConsentSpec(_Strict):
+    applies_to: list[str] = Field(default_factory=lambda: ["Patient"])
+    column: str | None = None  # None: the WRITEBACK_CONSENT_COLUMN setting
+
+
+class ExpansionSpec(_Strict):
+    parent_table: str
+    parent_link: str
+    element: str
+    key: str
+
+
+class EntityMapSpec(_Strict):
+    table: str
+    writeback: bool = True
+    messages: list[Literal["Create", "Update"]] = ["Create", "Update"]
+    resource: str | ResourceChoice
+    identity: IdentitySpec | None = None
+    consent: ConsentSpec | None = None
+    expansion: ExpansionSpec | None = None
+    attributes: list[AttributeSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _identity_or_expansion(self) -> EntityMapSpec:
+        if self.expansion is None and self.identity is None:
+            raise ValueError("a map needs `identity` (or `expansion` for a child table)")
+        return self
+
+
+def _key(raw: object) -> str:
+    return str(raw).lower() if isinstance(raw, bool) else str(raw)
+
+
+# ---- compiled form -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AttributeMap:
+    column: str | None
+    path: ElementPath
+    target: str
+    action: str
+    type: str | None
+    values: Mapping[str, str | int | bool]
+    default: str | int | float | bool | None
+    reference_type: str | None
+    reference_system: str | None
+    only_for: frozenset[str] | None
+
+    @property
+    def element(self) -> str:
+        head = self.path[0]
+        assert isinstance(head, PathField)
+        return head.name
+
+
+@dataclass(frozen=True, slots=True)
+class Expansion:
+    parent_table: str
+    parent_link: str
+    element: str
+    key: str
+    parent_system: str
+    parent_fhir_id_column: str
+
+
+@dataclass(frozen=True, slots=True)
+class EntityMap:
+    file: str
+    table: str
+    writeback: bool
+    messages: frozenset[str]
+    resource_type: str | None  # None: chosen per row by `choice_column`
+    choice_column: str | None
+    choices: Mapping[str, str]
+    fhir_id_column: str
+    identifier_system: str
+    consent_types: frozenset[str]
+    consent_column: str | None
+    expansion: Expansion | None
+    attributes: tuple[AttributeMap, ...]
+
+    @property
+    def resource_types(self) -> frozenset[str]:
+        return frozenset(self.choices.values()) if self.resource_type is None else frozenset({self.resource_type})
+
+
+@dataclass(frozen=True)
+class MapSet:
+    maps: Mapping[str, EntityMap]
+    source: str
+
+    def get(self, table: str) -> EntityMap | None:
+        return self.maps.get(table)
+
+
+@cache
+def _model_fields(resource_type: str) -> frozenset[str]:
+    module = importlib.import_module(f"fhir.resources.R4B.{resource_type.lower()}")
+    model = getattr(module, resource_type)
+    names: set[str] = set()
+    for name, info in model.model_fields.items():
+        names.add(name)
+        if info.alias:
+            names.add(info.alias)
+    return frozenset(names)
+
+
+def _check_resource(file: str, where: str, resource_type: str) -> None:
+    if resource_type not in RESOURCE_TYPES:
+        raise MapError(file, where, f"names {resource_type!r}; supported: {', '.join(RESOURCE_TYPES)}")
+
+
+def _compile_path(file: str, where: str, text: str, resource_types: frozenset[str]) -> ElementPath:
+    try:
+        path = parse_path(text)
+    except PathError as exc:
+        raise MapError(file, where, str(exc)) from None
+    head = path[0]
+    assert isinstance(head, PathField)
+    for resource_type in resource_types:
+        if head.name not in _model_fields(resource_type):
+            raise MapError(file, where, f"{resource_type} has no element {head.name!r}")
+    return path
+
+
+def _format_error(err: Mapping[str, Any]) -> tuple[str, str]:
+    loc = err.get("loc", ())
+    where = ""
+    for part in loc:
+        if isinstance(part, int):
+            where += f"[{part}]"
+        elif part in ("str", "ResourceChoice", "function-after[_keys_as_text(), dict[str,union[str,int,bool]]]"):
+            continue
+        else:
+            where += ("." if where else "") + str(part)
+    return where or "(top level)", str(err.get("msg", "is invalid"))
+
+
+def _read_spec(path: Path) -> EntityMapSpec:
+    file = path.name
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise MapError(file, "(file)", f"cannot be read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise MapError(file, "(file)", f"is not valid YAML{at}") from None
+    if not isinstance(raw, dict):
+        raise MapError(file, "(top level)", "must be a mapping")
+    try:
+        return EntityMapSpec.model_validate(raw)
+    except ValidationError as exc:
+        where, problem = _format_error(exc.errors()[0])
+        raise MapError(file, where, problem) from None
+
+
+def _compile(file: str, spec: EntityMapSpec, specs: Mapping[str, tuple[str, EntityMapSpec]]) -> EntityMap:
+    if isinstance(spec.resource, str):
+        _check_resource(file, "resource", spec.resource)
+        resource_type: str | None = spec.resource
+        choice_column, choices = None, {}
+    else:
+        for k, t in spec.resource.values.items():
+            _check_resource(file, f"resource.values.{k}", t)
+        resource_type, choice_column, choices = None, spec.resource.column, dict(spec.resource.values)
+    types = frozenset(choices.values()) if resource_type is None else frozenset({resource_type})
+
+    expansion: Expansion | None = None
+    identity = spec.identity
+    if spec.expansion is not None:
+        parent = specs.get(spec.expansion.parent_table)
+        if parent is None:
+            raise MapError(file, "expansion.parent_table", f"names {spec.expansion.parent_table!r}, which has no map")
+        parent_identity = parent[1].identity
+        if parent_identity is None:
+            raise MapError(file, "expansion.parent_table", "names a table whose map has no identity")
+        _compile_path(file, "expansion.element", spec.expansion.element, types)
+        expansion = Expansion(spec.expansion.parent_table, spec.expansion.parent_link, spec.expansion.element,
+                              spec.expansion.key, parent_identity.identifier_system,
+                              parent_identity.fhir_id_column)
+        identity = identity or parent_identity
+
+    assert identity is not None
+    attributes: list[AttributeMap] = []
+    for i, attr in enumerate(spec.attributes):
+        where = f"attributes[{i}]"
+        if expansion is not None:
+            # Child rows map into one item of the parent's list: targets are relative to that item.
+            path = parse_path(f"{expansion.element}.{attr.target}") if _valid(attr.target) else ()
+            if not path:
+                raise MapError(file, f"{where}.target", "is not a valid element path")
+            path = path[1:]
+        else:
+            path = _compile_path(file, f"{where}.target", attr.target, types)
+        only_for = frozenset(attr.only_for) if attr.only_for else None
+        if only_for and not only_for <= types:
+            raise MapError(file, f"{where}.only_for", "names a resource type this map does not produce")
+        ref_system = None
+        if attr.action == "lookup":
+            assert attr.resource is not None
+            _check_resource(file, f"{where}.resource", attr.resource)
+            referenced = next((s for _, s in specs.values()
+                               if s.identity and attr.resource in _types_of(s)), None)
+            if referenced is None or referenced.identity is None:
+                raise MapError(file, f"{where}.resource", f"no map produces {attr.resource}, so rows cannot be "
+                               "referenced by their Dataverse identifier")
+            ref_system = referenced.identity.identifier_system
+        attributes.append(AttributeMap(
+            column=attr.column, path=path, target=attr.target, action=attr.action, type=attr.type,
+            values=dict(attr.values or {}), default=attr.value, reference_type=attr.resource,
+            reference_system=ref_system, only_for=only_for,
+        ))
+    if expansion is not None and not any(a.target == expansion.key for a in attributes):
+        raise MapError(file, "expansion.key", f"no attribute targets the key element {expansion.key!r}")
+    consent_types = frozenset(spec.consent.applies_to) if spec.consent else frozenset()
+    return EntityMap(
+        file=file, table=spec.table, writeback=spec.writeback, messages=frozenset(spec.messages),
+        resource_type=resource_type, choice_column=choice_column, choices=choices,
+        fhir_id_column=identity.fhir_id_column, identifier_system=identity.identifier_system,
+        consent_types=consent_types, consent_column=spec.consent.column if spec.consent else None,
+        expansion=expansion, attributes=tuple(attributes),
+    )
+
+
+def _valid(target: str) -> bool:
+    try:
+        parse_path(target)
+    except PathError:
+        return False
+    return True
+
+
+def _types_of(spec: EntityMapSpec) -> set[str]:
+    return {spec.resource} if isinstance(spec.resource, str) else set(spec.resource.values.values())
+
+
+def load_maps(directory: Path) -> MapSet:
+    """Read, validate and compile every `*.yaml` map in `directory`."""
+    if not directory.is_dir():
+        raise MapError(str(directory), "(folder)", "does not exist")
+    specs: dict[str, tuple[str, EntityMapSpec]] = {}
+    for path in sorted(directory.glob("*.y*ml")):
+        spec = _read_spec(path)
+        if spec.table in specs:
+            raise MapError(path.name, "table", f"{spec.table!r} is already mapped by {specs[spec.table][0]}")
+        specs[spec.table] = (path.name, spec)
+    if not specs:
+        raise MapError(str(directory), "(folder)", "holds no *.yaml entity maps")
+    compiled = {table: _compile(file, spec, specs) for table, (file, spec) in specs.items()}
+    return MapSet(compiled, str(directory))

@@ -1,0 +1,367 @@
+"""Parse the JSON `RemoteExecutionContext` Dataverse posts to Service Bus into plain, typed data.
+
+Pure: bytes and a property mapping in, a `Message` out, or a `WritebackError` with a reason code.
+Every error text names fields, never their values.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any, TypeAlias
+
+from writeback.errors import WritebackError
+from writeback.reasons import Reason
+
+CONTRACTS = "http://schemas.microsoft.com/xrm/2011/Contracts"
+CLAIMS = "http://schemas.microsoft.com/xrm/2011/Claims/"
+MAX_BODY_BYTES = 1024 * 1024  # Dataverse caps bodies at 192 KB; anything near a MiB is not from Dataverse.
+MAX_VALUE_DEPTH = 12  # An Entity inside an EntityCollection inside an Entity is as deep as real bodies go.
+
+_DATE = re.compile(r"^/Date\((-?\d{1,15})([+-]\d{4})?\)/$")
+
+
+@dataclass(frozen=True, slots=True)
+class OptionSet:
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class Money:
+    value: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class EntityRef:
+    id: str
+    logical_name: str
+    name: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Opaque:
+    """A value of a `__type` this product does not interpret; mapping it is an error, carrying it is not."""
+
+    type_name: str
+
+
+Value: TypeAlias = (
+    "bool | int | float | Decimal | str | datetime | OptionSet | Money | EntityRef | Opaque"
+    " | Entity | tuple[Any, ...] | None"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Entity:
+    logical_name: str
+    id: str | None
+    attributes: Mapping[str, Value]
+    formatted: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Properties:
+    """The Service Bus application properties Dataverse sets beside the body (all optional)."""
+
+    organization: str | None = None
+    user: str | None = None
+    initiating_user: str | None = None
+    entity_logical_name: str | None = None
+    request_name: str | None = None
+    initiating_user_agent: str | None = None
+    max_size_exceeded: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    message_name: str
+    table: str
+    record_id: str
+    initiating_user_id: str | None
+    user_id: str | None
+    correlation_id: str | None
+    request_id: str | None
+    operation_id: str | None
+    organization_id: str | None
+    organization_name: str | None
+    depth: int | None
+    stage: int | None
+    operation_created_on: datetime | None
+    target: Entity | None
+    pre_image: Entity | None
+    post_image: Entity | None
+    properties: Properties = field(default_factory=Properties)
+
+    @property
+    def payload_dropped(self) -> bool:
+        return self.properties.max_size_exceeded
+
+
+def _fail(detail: str) -> WritebackError:
+    return WritebackError(Reason.MALFORMED_MESSAGE, detail)
+
+
+def parse_guid(raw: object, where: str) -> str:
+    value = _unwrap_primitive(raw)
+    if not isinstance(value, str):
+        raise _fail(f"{where} is not a GUID string")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise _fail(f"{where} is not a valid GUID") from None
+
+
+def _optional_guid(body: Mapping[str, Any], key: str) -> str | None:
+    raw = body.get(key)
+    if raw is None:
+        return None
+    return parse_guid(raw, key)
+
+
+def parse_date(text: str) -> datetime | None:
+    """`/Date(ms)/` or `/Date(ms+hhmm)/` → an aware datetime at that instant, in the given offset."""
+    match = _DATE.match(text)
+    if not match:
+        return None
+    millis, offset = match.groups()
+    tz: timezone = UTC
+    if offset:
+        sign = -1 if offset[0] == "-" else 1
+        hours, minutes = int(offset[1:3]), int(offset[3:5])
+        if hours > 23 or minutes > 59:
+            return None
+        tz = timezone(sign * timedelta(hours=hours, minutes=minutes))
+    try:
+        return datetime.fromtimestamp(int(millis) / 1000, tz=tz)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _type_name(raw: Mapping[str, Any]) -> str | None:
+    t = raw.get("__type")
+    if not isinstance(t, str):
+        return None
+    return t.split(":", 1)[0]
+
+
+def _unwrap_primitive(raw: object) -> object:
+    """`{"__type": "Guid:#System", "__value": v}` → v; everything else as it is."""
+    if isinstance(raw, Mapping) and "__value" in raw:
+        t = raw.get("__type")
+        if isinstance(t, str) and t.endswith(":#System"):
+            return raw["__value"]
+    return raw
+
+
+def parse_value(raw: object, where: str, depth: int = 0) -> Value:
+    if depth > MAX_VALUE_DEPTH:
+        raise _fail(f"{where} is nested too deeply")
+    if raw is None or isinstance(raw, bool | int | float):
+        return raw
+    if isinstance(raw, str):
+        parsed = parse_date(raw)
+        return parsed if parsed is not None else raw
+    if isinstance(raw, list):
+        return tuple(parse_value(item, f"{where}[]", depth + 1) for item in raw)
+    if not isinstance(raw, Mapping):
+        raise _fail(f"{where} has an unreadable value")
+    type_name = _type_name(raw)
+    if "__value" in raw and isinstance(raw.get("__type"), str) and raw["__type"].endswith(":#System"):
+        inner = raw["__value"]
+        if type_name == "Guid":
+            return parse_guid(raw, where)
+        if type_name == "DateTime":
+            if not isinstance(inner, str) or (when := parse_date(inner)) is None:
+                raise _fail(f"{where} is not a /Date(...)/ value")
+            return when
+        if type_name == "Decimal" and isinstance(inner, int | float | str) and not isinstance(inner, bool):
+            try:
+                return Decimal(str(inner))
+            except ArithmeticError:
+                raise _fail(f"{where} is not a decimal") from None
+        if isinstance(inner, str | int | float | bool) or inner is None:
+            return inner
+        raise _fail(f"{where} wraps an unreadable value")
+    if type_name == "OptionSetValue":
+        value = raw.get("Value")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _fail(f"{where} is an OptionSetValue without an integer Value")
+        return OptionSet(value)
+    if type_name == "Money":
+        value = raw.get("Value")
+        if not isinstance(value, int | float | str) or isinstance(value, bool):
+            raise _fail(f"{where} is a Money without a numeric Value")
+        try:
+            return Money(Decimal(str(value)))
+        except ArithmeticError:
+            raise _fail(f"{where} is a Money without a numeric Value") from None
+    if type_name == "EntityReference":
+        logical = raw.get("LogicalName")
+        name = raw.get("Name")
+        if not isinstance(logical, str):
+            raise _fail(f"{where} is an EntityReference without LogicalName")
+        return EntityRef(parse_guid(raw.get("Id"), f"{where}.Id"), logical, name if isinstance(name, str) else None)
+    if type_name == "EntityCollection":
+        entities = raw.get("Entities")
+        if not isinstance(entities, list):
+            raise _fail(f"{where} is an EntityCollection without Entities")
+        return tuple(parse_entity(e, f"{where}.Entities[]", depth + 1) for e in entities)
+    if type_name == "Entity" or (type_name is None and "Attributes" in raw and "LogicalName" in raw):
+        return parse_entity(raw, where, depth + 1)
+    return Opaque(type_name or "object")
+
+
+def _pairs(raw: object, where: str) -> list[tuple[str, object]]:
+    """A serialized collection: `[{"key": k, "value": v}, ...]`."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise _fail(f"{where} is not a key/value collection")
+    pairs: list[tuple[str, object]] = []
+    for item in raw:
+        if not isinstance(item, Mapping) or not isinstance(item.get("key"), str):
+            raise _fail(f"{where} holds an item without a string key")
+        pairs.append((item["key"], item.get("value")))
+    return pairs
+
+
+def parse_entity(raw: object, where: str, depth: int = 0) -> Entity:
+    if depth > MAX_VALUE_DEPTH:
+        raise _fail(f"{where} is nested too deeply")
+    if not isinstance(raw, Mapping):
+        raise _fail(f"{where} is not an Entity")
+    logical = raw.get("LogicalName")
+    if not isinstance(logical, str) or not logical:
+        raise _fail(f"{where} has no LogicalName")
+    raw_id = raw.get("Id")
+    entity_id = None if raw_id is None else parse_guid(raw_id, f"{where}.Id")
+    attributes = {
+        key: parse_value(value, f"{where}.Attributes[{key}]", depth + 1)
+        for key, value in _pairs(raw.get("Attributes"), f"{where}.Attributes")
+    }
+    formatted = {k: v for k, v in _pairs(raw.get("FormattedValues"), f"{where}.FormattedValues")
+                 if isinstance(v, str)}
+    return Entity(logical, entity_id, attributes, formatted)
+
+
+def _first_image(raw: object, where: str) -> Entity | None:
+    images = _pairs(raw, where)
+    if not images:
+        return None
+    name, value = images[0]
+    return parse_entity(value, f"{where}[{name}]") if value is not None else None
+
+
+def _int_or_none(raw: object) -> int | None:
+    return raw if isinstance(raw, int) and not isinstance(raw, bool) else None
+
+
+def parse_properties(raw: Mapping[str, Any] | None) -> Properties:
+    if not raw:
+        return Properties()
+
+    def claim(name: str) -> str | None:
+        value = raw.get(CLAIMS + name)
+        return str(value) if value is not None else None
+
+    exceeded = raw.get("MessageMaxSizeExceeded")
+    return Properties(
+        organization=claim("Organization"),
+        user=claim("User"),
+        initiating_user=claim("InitiatingUser"),
+        entity_logical_name=claim("EntityLogicalName"),
+        request_name=claim("RequestName"),
+        initiating_user_agent=claim("InitiatingUserAgent"),
+        max_size_exceeded=exceeded is not None and str(exceeded).strip().lower() not in ("false", "0", ""),
+    )
+
+
+def decode_body(body: bytes | str, content_type: str | None = None) -> Mapping[str, Any]:
+    """Bytes → the JSON object, or `unsupported-format` / `malformed-message`."""
+    if content_type and "json" not in content_type.lower() and content_type.strip():
+        kind = content_type.split(";")[0].strip()
+        if kind not in ("text/plain", "application/octet-stream"):
+            raise WritebackError(Reason.UNSUPPORTED_FORMAT,
+                                 f"content type {kind[:60]!r} is not JSON; set the service endpoint's "
+                                 "message format to JSON")
+    if len(body) > MAX_BODY_BYTES:
+        raise _fail(f"body of {len(body)} bytes exceeds the {MAX_BODY_BYTES}-byte limit")
+    if isinstance(body, bytes):
+        if body.startswith(b"\xef\xbb\xbf"):
+            body = body[3:]
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise WritebackError(Reason.UNSUPPORTED_FORMAT,
+                                 "body is not UTF-8 text (binary XML?); set the message format to JSON") from None
+    else:
+        text = body
+    stripped = text.lstrip()
+    if stripped.startswith("<"):
+        raise WritebackError(Reason.UNSUPPORTED_FORMAT,
+                             "body is XML; set the service endpoint's message format to JSON")
+    if not stripped.startswith("{"):
+        raise WritebackError(Reason.UNSUPPORTED_FORMAT if not stripped.startswith("[") else Reason.MALFORMED_MESSAGE,
+                             "body is not a JSON object")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise _fail(f"body is not valid JSON{where}") from None
+    if not isinstance(data, dict):
+        raise _fail("body is not a JSON object")
+    return data
+
+
+def parse_message(
+    body: bytes | str,
+    properties: Mapping[str, Any] | None = None,
+    content_type: str | None = None,
+) -> Message:
+    data = decode_body(body, content_type)
+    props = parse_properties(properties)
+    name = _unwrap_primitive(data.get("MessageName"))
+    table = _unwrap_primitive(data.get("PrimaryEntityName"))
+    if not isinstance(name, str) or not name:
+        raise _fail("required field MessageName is missing")
+    if not isinstance(table, str) or not table:
+        raise _fail("required field PrimaryEntityName is missing")
+    if "PrimaryEntityId" not in data:
+        raise _fail("required field PrimaryEntityId is missing")
+    record_id = parse_guid(data["PrimaryEntityId"], "PrimaryEntityId")
+
+    target: Entity | None = None
+    inputs = _pairs(data.get("InputParameters"), "InputParameters")
+    for key, value in inputs:
+        if key == "Target":
+            parsed = parse_value(value, "InputParameters[Target]")
+            if isinstance(parsed, Entity):
+                target = parsed
+            elif not isinstance(parsed, EntityRef):  # Delete carries an EntityReference; that's fine
+                raise _fail("InputParameters[Target] is not an Entity")
+    created = data.get("OperationCreatedOn")
+    created_at = parse_date(created) if isinstance(created, str) else None
+    return Message(
+        message_name=name,
+        table=table.lower(),
+        record_id=record_id,
+        initiating_user_id=_optional_guid(data, "InitiatingUserId"),
+        user_id=_optional_guid(data, "UserId"),
+        correlation_id=_optional_guid(data, "CorrelationId"),
+        request_id=_optional_guid(data, "RequestId"),
+        operation_id=_optional_guid(data, "OperationId"),
+        organization_id=_optional_guid(data, "OrganizationId"),
+        organization_name=str(data["OrganizationName"])[:200] if data.get("OrganizationName") else None,
+        depth=_int_or_none(data.get("Depth")),
+        stage=_int_or_none(data.get("Stage")),
+        operation_created_on=created_at,
+        target=target,
+        pre_image=_first_image(data.get("PreEntityImages"), "PreEntityImages"),
+        post_image=_first_image(data.get("PostEntityImages"), "PostEntityImages"),
+        properties=props,
+    )

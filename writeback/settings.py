@@ -1,0 +1,264 @@
+"""Every app setting the product reads, declared once.
+
+`SETTINGS` is the single source of truth: `Settings.from_env` reads it, the README's settings table and
+`local.settings.sample.json` are checked against it, and the Bicep app settings are tested against it.
+Secret values are never printed: `Settings.redacted()` is what the admin commands show.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from writeback.errors import ConfigError
+
+DEFAULT_MAPS_DIR = Path(__file__).parent / "maps"
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    name: str
+    description: str
+    default: str | None = None
+    secret: bool = False
+    # Settings the Functions host or Azure reads itself; the code may never touch them, Bicep must still set them.
+    host_only: bool = False
+
+
+SETTINGS: tuple[SettingSpec, ...] = (
+    # --- Service Bus trigger (read by the Functions host) ---
+    SettingSpec("WRITEBACK_QUEUE_NAME", "Service Bus queue the Dataverse service endpoint posts to.",
+                "dataverse-writeback", host_only=True),
+    SettingSpec("ServiceBusConnection__fullyQualifiedNamespace",
+                "Service Bus namespace host (identity-based trigger connection), e.g. "
+                "`contoso.servicebus.windows.net`. Locally `ServiceBusConnection` (a connection string) "
+                "may be set instead.", host_only=True),
+    SettingSpec("AzureWebJobsStorage", "Storage for the Functions runtime (`UseDevelopmentStorage=true` "
+                "with Azurite); in Azure identity-based `AzureWebJobsStorage__accountName`.", host_only=True),
+    # --- Decision ---
+    SettingSpec("WRITEBACK_MAPS_DIR", "Folder of entity map files (`*.yaml`). Default: the maps shipped "
+                "in `writeback/maps`."),
+    SettingSpec("WRITEBACK_IGNORE_USER_IDS", "Comma-separated Dataverse systemuser ids whose changes are "
+                "ignored as `echo` (the FHIR-to-Dataverse sync's application user).", ""),
+    SettingSpec("WRITEBACK_CONSENT_COLUMN", "Patient consent column (Yes/No); only patients with Yes are "
+                "written.", "msemr_azurefhirsyncenabled"),
+    # --- FHIR server ---
+    SettingSpec("FHIR_URL", "Base URL of the FHIR R4 service, e.g. "
+                "`https://ws-fhir.fhir.azurehealthcareapis.com`. https unless loopback."),
+    SettingSpec("FHIR_TENANT_ID", "Entra tenant for a client-secret credential (else managed identity).", ""),
+    SettingSpec("FHIR_CLIENT_ID", "Client id: of the app registration (with FHIR_CLIENT_SECRET), of a "
+                "user-assigned managed identity (alone), or of the OAuth client (with FHIR_TOKEN_URL).", ""),
+    SettingSpec("FHIR_CLIENT_SECRET", "Client secret for FHIR_CLIENT_ID; a Key Vault reference in Azure.", "",
+                secret=True),
+    SettingSpec("FHIR_TOKEN_URL", "OAuth 2.0 token URL for a non-Entra FHIR server (client credentials). "
+                "Empty: Microsoft Entra ID through azure-identity.", ""),
+    SettingSpec("FHIR_SCOPE", "Token scope. Default `<FHIR_URL>/.default`.", ""),
+    SettingSpec("FHIR_TIMEOUT_SECONDS", "Timeout of one FHIR request.", "30"),
+    SettingSpec("FHIR_MAX_RETRIES", "Retries of a request answered 429/5xx or failing to connect.", "4"),
+    SettingSpec("FHIR_RETRY_MAX_SECONDS", "Upper bound on the total time spent retrying one request.", "60"),
+    SettingSpec("FHIR_CONFLICT_RETRIES", "Re-reads after a concurrent change (412/409) before `conflict`.",
+                "5"),
+    # --- What we stamp on writes ---
+    SettingSpec("WRITEBACK_META_SOURCE", "URI written to `meta.source` of every resource we write, so the "
+                "FHIR-to-Dataverse direction can ignore our own writes.", "urn:dataverse-fhir-writeback"),
+    SettingSpec("WRITEBACK_AGENT", "Provenance agent standing for this integration: `Device/<id>` or "
+                "`Organization/<id>`. Empty: a Device named by identifier (no server resource needed).", ""),
+    # --- Alternate endpoint (instead of the FHIR server) ---
+    SettingSpec("WRITEBACK_TARGET", "`fhir` (write to FHIR_URL) or `alternate` (post the resource and its "
+                "Provenance to ALTERNATE_ENDPOINT_URL).", "fhir"),
+    SettingSpec("ALTERNATE_ENDPOINT_URL", "User-defined endpoint (e.g. a Logic App) for `alternate`.", ""),
+    SettingSpec("ALTERNATE_TOKEN_URL", "OAuth 2.0 token URL of the alternate endpoint.", ""),
+    SettingSpec("ALTERNATE_CLIENT_ID", "OAuth client id for the alternate endpoint.", ""),
+    SettingSpec("ALTERNATE_CLIENT_SECRET", "OAuth client secret for the alternate endpoint; a Key Vault "
+                "reference in Azure.", "", secret=True),
+    SettingSpec("ALTERNATE_SCOPE", "Optional OAuth scope for the alternate endpoint.", ""),
+    # --- Outcome log and per-row state (Table Storage) ---
+    SettingSpec("OUTCOMES_TABLE_ENDPOINT", "Table service URL, e.g. `https://acct.table.core.windows.net` "
+                "(managed identity)."),
+    SettingSpec("OUTCOMES_CONNECTION_STRING", "Table Storage connection string instead of the endpoint "
+                "(Azurite locally).", "", secret=True),
+    SettingSpec("OUTCOMES_TABLE_PREFIX", "Prefix of the outcome tables.", "writeback"),
+    # --- Throughput ---
+    SettingSpec("WRITEBACK_MAX_CONCURRENCY", "Messages processed at once within one invocation.", "16"),
+    SettingSpec("WRITEBACK_BUNDLE_SIZE", "Most entries in one FHIR batch bundle.", "50"),
+)
+
+SPEC_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def require_secure_url(name: str, url: str) -> str:
+    """TLS for every endpoint that leaves the machine."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(name, "is not an absolute http(s) URL")
+    if parts.scheme != "https" and not _is_loopback(url):
+        raise ConfigError(name, "must use https (plain http is allowed only for loopback addresses)")
+    return url.rstrip("/")
+
+
+def _int(env: Mapping[str, str], name: str, low: int, high: int) -> int:
+    raw = _get(env, name)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, f"must be a whole number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(name, f"must be between {low} and {high}")
+    return value
+
+
+def _get(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name)
+    if value is None or value == "":
+        value = SPEC_BY_NAME[name].default or ""
+    return value.strip()
+
+
+@dataclass(frozen=True)
+class OAuthClient:
+    token_url: str
+    client_id: str
+    client_secret: str = field(repr=False)
+    scope: str = ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    maps_dir: Path = DEFAULT_MAPS_DIR
+    ignore_user_ids: frozenset[str] = frozenset()
+    consent_column: str = "msemr_azurefhirsyncenabled"
+    fhir_url: str = ""
+    fhir_tenant_id: str = ""
+    fhir_client_id: str = ""
+    fhir_client_secret: str = field(default="", repr=False)
+    fhir_token_url: str = ""
+    fhir_scope: str = ""
+    timeout_seconds: float = 30.0
+    max_retries: int = 4
+    retry_max_seconds: float = 60.0
+    conflict_retries: int = 5
+    meta_source: str = "urn:dataverse-fhir-writeback"
+    agent: str = ""
+    target: str = "fhir"
+    alternate: OAuthClient | None = None
+    alternate_url: str = ""
+    outcomes_endpoint: str = ""
+    outcomes_connection_string: str = field(default="", repr=False)
+    outcomes_table_prefix: str = "writeback"
+    max_concurrency: int = 16
+    bundle_size: int = 50
+
+    @classmethod
+    def for_planning(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Only what the pure core needs: no FHIR or storage settings required."""
+        env = os.environ if env is None else env
+        ids = frozenset(
+            part.strip().lower() for part in _get(env, "WRITEBACK_IGNORE_USER_IDS").split(",") if part.strip()
+        )
+        maps_dir = Path(_get(env, "WRITEBACK_MAPS_DIR") or DEFAULT_MAPS_DIR)
+        return cls(maps_dir=maps_dir, ignore_user_ids=ids, consent_column=_get(env, "WRITEBACK_CONSENT_COLUMN"))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, *, need_outcomes: bool = False) -> Settings:
+        """Everything the delivery needs, validated; a fault raises ConfigError naming the setting."""
+        env = os.environ if env is None else env
+        base = cls.for_planning(env)
+        target = _get(env, "WRITEBACK_TARGET").lower()
+        if target not in ("fhir", "alternate"):
+            raise ConfigError("WRITEBACK_TARGET", "must be `fhir` or `alternate`")
+        fhir_url = _get(env, "FHIR_URL")
+        if target == "fhir" and not fhir_url:
+            raise ConfigError("FHIR_URL", "is not set")
+        if fhir_url:
+            fhir_url = require_secure_url("FHIR_URL", fhir_url)
+        token_url = _get(env, "FHIR_TOKEN_URL")
+        if token_url:
+            token_url = require_secure_url("FHIR_TOKEN_URL", token_url)
+            for name in ("FHIR_CLIENT_ID", "FHIR_CLIENT_SECRET"):
+                if not _get(env, name):
+                    raise ConfigError(name, "is required when FHIR_TOKEN_URL is set")
+        tenant, secret = _get(env, "FHIR_TENANT_ID"), _get(env, "FHIR_CLIENT_SECRET")
+        if tenant and secret and not _get(env, "FHIR_CLIENT_ID"):
+            raise ConfigError("FHIR_CLIENT_ID", "is required when FHIR_TENANT_ID and FHIR_CLIENT_SECRET are set")
+        alternate: OAuthClient | None = None
+        alternate_url = ""
+        if target == "alternate":
+            for name in ("ALTERNATE_ENDPOINT_URL", "ALTERNATE_TOKEN_URL", "ALTERNATE_CLIENT_ID",
+                         "ALTERNATE_CLIENT_SECRET"):
+                if not _get(env, name):
+                    raise ConfigError(name, "is required when WRITEBACK_TARGET is `alternate`")
+            alternate_url = require_secure_url("ALTERNATE_ENDPOINT_URL", _get(env, "ALTERNATE_ENDPOINT_URL"))
+            alternate = OAuthClient(
+                token_url=require_secure_url("ALTERNATE_TOKEN_URL", _get(env, "ALTERNATE_TOKEN_URL")),
+                client_id=_get(env, "ALTERNATE_CLIENT_ID"),
+                client_secret=_get(env, "ALTERNATE_CLIENT_SECRET"),
+                scope=_get(env, "ALTERNATE_SCOPE"),
+            )
+        agent = _get(env, "WRITEBACK_AGENT")
+        if agent:
+            kind, _, ident = agent.partition("/")
+            if kind not in ("Device", "Organization") or not ident or "/" in ident:
+                raise ConfigError("WRITEBACK_AGENT", "must look like `Device/<id>` or `Organization/<id>`")
+        meta_source = _get(env, "WRITEBACK_META_SOURCE")
+        if ":" not in meta_source:
+            raise ConfigError("WRITEBACK_META_SOURCE", "must be an absolute URI")
+        outcomes_endpoint = _get(env, "OUTCOMES_TABLE_ENDPOINT")
+        outcomes_cs = _get(env, "OUTCOMES_CONNECTION_STRING")
+        if outcomes_endpoint:
+            outcomes_endpoint = require_secure_url("OUTCOMES_TABLE_ENDPOINT", outcomes_endpoint)
+        if need_outcomes and not (outcomes_endpoint or outcomes_cs):
+            raise ConfigError("OUTCOMES_TABLE_ENDPOINT", "is not set (nor OUTCOMES_CONNECTION_STRING)")
+        prefix = _get(env, "OUTCOMES_TABLE_PREFIX")
+        if not prefix.isalnum() or not prefix[:1].isalpha() or len(prefix) > 40:
+            raise ConfigError("OUTCOMES_TABLE_PREFIX", "must be letters and digits, starting with a letter")
+        return cls(
+            maps_dir=base.maps_dir,
+            ignore_user_ids=base.ignore_user_ids,
+            consent_column=base.consent_column,
+            fhir_url=fhir_url,
+            fhir_tenant_id=tenant,
+            fhir_client_id=_get(env, "FHIR_CLIENT_ID"),
+            fhir_client_secret=secret,
+            fhir_token_url=token_url,
+            fhir_scope=_get(env, "FHIR_SCOPE") or (f"{fhir_url}/.default" if fhir_url else ""),
+            timeout_seconds=float(_int(env, "FHIR_TIMEOUT_SECONDS", 1, 600)),
+            max_retries=_int(env, "FHIR_MAX_RETRIES", 0, 20),
+            retry_max_seconds=float(_int(env, "FHIR_RETRY_MAX_SECONDS", 1, 3600)),
+            conflict_retries=_int(env, "FHIR_CONFLICT_RETRIES", 0, 50),
+            meta_source=meta_source,
+            agent=agent,
+            target=target,
+            alternate=alternate,
+            alternate_url=alternate_url,
+            outcomes_endpoint=outcomes_endpoint,
+            outcomes_connection_string=outcomes_cs,
+            outcomes_table_prefix=prefix,
+            max_concurrency=_int(env, "WRITEBACK_MAX_CONCURRENCY", 1, 512),
+            bundle_size=_int(env, "WRITEBACK_BUNDLE_SIZE", 1, 500),
+        )
+
+
+def redacted(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Every declared setting with its effective value, secrets replaced by a marker."""
+    env = os.environ if env is None else env
+    shown: dict[str, str] = {}
+    for spec in SETTINGS:
+        value = env.get(spec.name) or spec.default or ""
+        if spec.secret and value:
+            value = "***redacted***"
+        shown[spec.name] = value
+    return shown
