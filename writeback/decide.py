@@ -31,6 +31,7 @@ class Source:
 
     table: str
     record_id: str
+    row_system: str  # the identifier system naming this Dataverse row
     message_name: str
     initiating_user_id: str | None
     correlation_id: str | None
@@ -231,6 +232,7 @@ def _plan(message: Message, entity_map: EntityMap, resource_type: str, old: Row,
     changes = tuple(sorted({a.element for a in assignments} | ({"identifier"} if operation == "create" else set())))
     source = Source(
         table=message.table, record_id=message.record_id, message_name=message.message_name,
+        row_system=entity_map.identifier_system if expansion is None else f"urn:dataverse:{message.table}",
         initiating_user_id=message.initiating_user_id, correlation_id=message.correlation_id,
         request_id=message.request_id, organization_id=message.organization_id,
         row_version=_row_version(new), modified_on=_modified_on(new),

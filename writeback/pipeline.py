@@ -1,0 +1,172 @@
+"""The imperative shell around the pure core: one message in, exactly one `Result` out.
+
+plan (pure) → duplicate / stale checks (ledger) → write + Provenance (delivery) → record (ledger).
+Every entry point (the function, `python -m writeback process`, the demo, the benchmark) goes through
+`Pipeline.process`, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol
+
+from writeback.decide import Decision, WritePlan, plan_message
+from writeback.errors import WritebackError
+from writeback.maps import MapSet
+from writeback.reasons import Kind, Reason
+from writeback.settings import Settings
+
+log = logging.getLogger("writeback")
+
+State = Literal["written", "skipped", "dead-lettered", "retry", "config-error"]
+_STATE_BY_KIND: dict[Kind, State] = {
+    Kind.SKIP: "skipped",
+    Kind.REJECT: "dead-lettered",
+    Kind.TRANSIENT: "retry",
+    Kind.CONFIG: "config-error",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Issue:
+    """One OperationOutcome issue the server returned with a successful write (no diagnostics text:
+    servers echo submitted values there)."""
+
+    severity: str
+    code: str
+    expression: str = ""
+    details: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """What the delivery adapter reports for a successful write."""
+
+    resource: str  # versioned reference, e.g. Patient/123/_history/<vid>
+    provenance: str  # Provenance/<id>/_history/<vid>
+    issues: tuple[Issue, ...] = ()
+
+
+class Delivery(Protocol):
+    async def deliver(self, plan: WritePlan) -> Delivered:
+        """Write the plan and its Provenance; raise WritebackError with a reason code on failure."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A message as the transport hands it over: body plus the broker's facts about it."""
+
+    body: bytes | str
+    properties: Mapping[str, Any] | None = None
+    content_type: str | None = None
+    message_id: str | None = None
+    delivery_count: int = 1
+    enqueued_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    state: State
+    reason: Reason | None
+    detail: str
+    decision: Decision
+    resource: str | None = None
+    provenance: str | None = None
+    issues: tuple[Issue, ...] = ()
+    duration_ms: float = 0.0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def settlement(self) -> Literal["complete", "deadletter", "abandon"]:
+        if self.state in ("written", "skipped"):
+            return "complete"
+        return "deadletter" if self.state == "dead-lettered" else "abandon"
+
+
+class Ledger(Protocol):
+    """Exactly-once effect on at-least-once delivery, and the outcome log. Implemented over Table Storage."""
+
+    async def seen(self, message_key: str) -> bool:
+        """True when this message (MessageId / RequestId) already ended written or skipped."""
+        ...
+
+    async def claim(self, plan: WritePlan) -> bool:
+        """Advance the row's last-seen version to the plan's (ETag-guarded). False: a newer one was written."""
+        ...
+
+    async def record(self, envelope: Envelope, result: Result) -> None:
+        """Write the outcome row (and a child row per issue). Never patient data."""
+        ...
+
+
+def message_key(envelope: Envelope, decision: Decision) -> str | None:
+    """The identity of a delivery for duplicate detection: Dataverse's RequestId, else the broker's id."""
+    if decision.message is not None and decision.message.request_id:
+        return decision.message.request_id
+    return envelope.message_id
+
+
+def result_for(decision: Decision, reason: Reason, detail: str, **kw: Any) -> Result:
+    return Result(_STATE_BY_KIND[reason.kind], reason, detail, decision, **kw)
+
+
+class Pipeline:
+    def __init__(
+        self, maps: MapSet, settings: Settings, delivery: Delivery | None, ledger: Ledger | None = None
+    ) -> None:
+        self.maps = maps
+        self.settings = settings
+        self.delivery = delivery
+        self.ledger = ledger
+
+    def plan(self, envelope: Envelope) -> Decision:
+        return plan_message(envelope.body, envelope.properties, self.maps, self.settings, envelope.content_type)
+
+    async def process(self, envelope: Envelope) -> Result:
+        started = time.perf_counter()
+        decision = self.plan(envelope)
+        result = await self._process(envelope, decision)
+        result = _with_duration(result, started)
+        if self.ledger is not None:
+            try:
+                await self.ledger.record(envelope, result)
+            except WritebackError as exc:
+                # The write happened or was refused; only the log failed. Redelivery is safe (duplicate check).
+                if result.state in ("written", "skipped"):
+                    result = result_for(decision, exc.reason, exc.detail, resource=result.resource,
+                                        provenance=result.provenance, issues=result.issues,
+                                        duration_ms=result.duration_ms)
+        return result
+
+    async def _process(self, envelope: Envelope, decision: Decision) -> Result:
+        if decision.decision == "skip":
+            assert decision.reason is not None
+            return Result("skipped", decision.reason, decision.detail, decision)
+        if decision.decision == "reject":
+            assert decision.reason is not None
+            return result_for(decision, decision.reason, decision.detail)
+        plan = decision.plan
+        assert plan is not None
+        try:
+            key = message_key(envelope, decision)
+            if self.ledger is not None:
+                if key and await self.ledger.seen(key):
+                    return Result("skipped", Reason.DUPLICATE, "This message was already processed.", decision)
+                if not await self.ledger.claim(plan):
+                    return Result("skipped", Reason.STALE, "A newer change of this row was already written.",
+                                  decision)
+            if self.delivery is None:
+                raise WritebackError(Reason.CONFIG_ERROR, "no delivery target is configured")
+            delivered = await self.delivery.deliver(plan)
+        except WritebackError as exc:
+            return result_for(decision, exc.reason, exc.detail)
+        return Result("written", None, decision.detail, decision, resource=delivered.resource,
+                      provenance=delivered.provenance, issues=delivered.issues)
+
+
+def _with_duration(result: Result, started: float) -> Result:
+    return replace(result, duration_ms=round((time.perf_counter() - started) * 1000, 2))
