@@ -26,7 +26,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # authlib announces that its httpx integration moves to httpx2
     from authlib.integrations.httpx_client import AsyncOAuth2Client
 
-REFRESH_MARGIN_SECONDS = 120  # refresh this long before expiry, so no request leaves with a dying token
+# Refresh this long before expiry (at most a fifth of a token's life), so no request leaves with a dying token.
+REFRESH_MARGIN_SECONDS = 120
 
 
 class TokenProvider(Protocol):
@@ -42,15 +43,17 @@ class _Cached:
 
     def __init__(self) -> None:
         self._token: str | None = None
-        self._expires_at = 0.0
+        self._refresh_at = 0.0
         self._lock = asyncio.Lock()
 
     async def token(self) -> str:
-        if self._token is not None and time.time() < self._expires_at - REFRESH_MARGIN_SECONDS:
+        if self._token is not None and time.time() < self._refresh_at:
             return self._token
         async with self._lock:
-            if self._token is None or time.time() >= self._expires_at - REFRESH_MARGIN_SECONDS:
-                self._token, self._expires_at = await self._fetch()
+            if self._token is None or time.time() >= self._refresh_at:
+                now = time.time()
+                self._token, expires_at = await self._fetch()
+                self._refresh_at = expires_at - min(REFRESH_MARGIN_SECONDS, (expires_at - now) / 5)
             return self._token
 
     def invalidate(self) -> None:

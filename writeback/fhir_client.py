@@ -133,7 +133,7 @@ class FhirClient:
     ) -> httpx.Response:
         """One FHIR interaction, with auth and bounded retries of transient failures."""
         url = path if path.startswith("http") else f"{self.base_url}/{path.lstrip('/')}"
-        deadline = time.monotonic() + self.settings.retry_max_seconds
+        started, slept, budget = time.monotonic(), 0.0, self.settings.retry_max_seconds
         attempt = 0
         refreshed = False
         while True:
@@ -164,12 +164,14 @@ class FhirClient:
             attempt += 1
             backoff = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (attempt - 1))
             delay = wait if wait is not None else random.uniform(backoff / 2, backoff)  # noqa: S311 (jitter)
-            if attempt > self.settings.max_retries or time.monotonic() + delay > deadline:
+            spent = max(time.monotonic() - started, slept)
+            if attempt > self.settings.max_retries or spent + delay > budget:
                 where = path.split("?", maxsplit=1)[0]
                 raise WritebackError(Reason.FHIR_UNAVAILABLE,
                                      f"{method} {where} kept failing ({failure}) after {attempt} tries")
             log.info("retrying FHIR request", extra={"attempt": attempt, "failure": failure, "delay_s": delay})
             await self._sleep(delay)
+            slept += delay
 
     # ---- reading ---------------------------------------------------------------------------------
 
