@@ -4,6 +4,7 @@ optimistic concurrency, Provenance, auth and retries. Faults are injected by an 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -11,7 +12,10 @@ import httpx
 from devtools.faults import Fault
 from devtools.services import fhir_dev_server
 from tests.delivery.conftest import Fhir, Rig, create_message, new_patient, update_message
+from writeback.fhir_client import build_delivery
+from writeback.pipeline import Envelope, Pipeline
 from writeback.reasons import Reason
+from writeback.settings import Settings
 
 CANARY = "Zebediah-Canary-7731"
 
@@ -146,7 +150,8 @@ async def test_a_resource_that_keeps_changing_ends_in_conflict(rig: Rig):
     row_id, row = new_patient()
     await rig.send(create_message(row_id, row))
     rig.transport.add(Fault(method="PUT", url_contains="/Patient/", status=412, times=-1,
-                            body={"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "conflict"}]}))
+                            body={"resourceType": "OperationOutcome",
+                                  "issue": [{"severity": "error", "code": "conflict"}]}))
     result = await rig.send(update_message(row_id, row, {"lastname": "Again"}))
     assert (result.state, result.reason) == ("retry", Reason.CONFLICT)
 
@@ -154,7 +159,8 @@ async def test_a_resource_that_keeps_changing_ends_in_conflict(rig: Rig):
 async def test_operation_outcome_warnings_are_kept_with_the_result(rig: Rig):
     def with_warnings(request: httpx.Request, response: httpx.Response) -> httpx.Response:
         outcome: dict[str, Any] = {"resourceType": "OperationOutcome", "issue": [
-            {"severity": "warning", "code": "business-rule", "diagnostics": CANARY, "expression": ["Patient.telecom[0]"]},
+            {"severity": "warning", "code": "business-rule", "diagnostics": CANARY,
+             "expression": ["Patient.telecom[0]"]},
             {"severity": "information", "code": "informational", "details": {"coding": [{"code": "MSG_UPDATED"}]}},
         ]}
         headers = {k: v for k, v in response.headers.items() if k.lower() in ("etag", "location", "last-modified")}
@@ -263,10 +269,6 @@ async def test_a_403_from_the_fhir_server_is_unauthorized(rig: Rig):
 
 async def test_alternate_endpoint_receives_the_resource_and_its_provenance(fhir_server, maps, fhir: Fhir):
     """The dev server stands in for the user's endpoint: it accepts the transaction bundle we post."""
-    from writeback.fhir_client import build_delivery
-    from writeback.pipeline import Envelope, Pipeline
-    from writeback.settings import Settings
-
     settings = Settings.from_env({
         "WRITEBACK_TARGET": "alternate", "ALTERNATE_ENDPOINT_URL": fhir_server.base_url,
         "ALTERNATE_TOKEN_URL": fhir_server.token_url, "ALTERNATE_CLIENT_ID": fhir_server.client_id,
@@ -274,8 +276,6 @@ async def test_alternate_endpoint_receives_the_resource_and_its_provenance(fhir_
     delivery, aclose = build_delivery(settings)
     try:
         row_id, row = new_patient()
-        import json
-
         result = await Pipeline(maps, settings, delivery).process(Envelope(json.dumps(create_message(row_id, row))))
     finally:
         await aclose()
