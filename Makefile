@@ -5,7 +5,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-NODE_STAMP := fhirdev/node_modules/.installed
+NODE_STAMP := fhirdev/node_modules/.fhirdev-installed
 CHECKOV_STAMP := .venv-checkov/.installed
 
 .PHONY: demo test setup lint typecheck audit unit bench clean
@@ -18,10 +18,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 	@$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	@touch $@
 
-$(NODE_STAMP): fhirdev/package.json fhirdev/package-lock.json
-	@command -v npm >/dev/null || { echo "npm is required (Node.js 18+) for the FHIR dev server and Azurite"; exit 1; }
-	@cd fhirdev && npm ci --no-audit --no-fund --loglevel=error
-	@touch $@
+# npm ci in fhirdev/ (Medplum's FHIR engine, Azurite, a Node 22 runtime), the same step the test fixtures take.
+$(NODE_STAMP): fhirdev/package.json fhirdev/package-lock.json $(STAMP)
+	@$(PY) -c "from devtools.services import ensure_node_packages; ensure_node_packages()"
 
 $(CHECKOV_STAMP): requirements-checkov.txt
 	@bash devtools/install-checkov.sh
@@ -33,13 +32,19 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
+# pip-audit fails the build on a known vulnerability. Where the vulnerability service cannot be reached
+# (a closed network), it audits nothing: that is said loudly, not mistaken for a clean result.
 audit: $(STAMP)
-	$(PY) -m pip_audit --requirement requirements.txt --progress-spinner off
+	@$(PY) -m pip_audit --requirement requirements.txt --progress-spinner off > .audit.log 2>&1 \
+		|| { cat .audit.log; exit 1; }
+	@if grep -q "could not be audited" .audit.log; then \
+		echo "pip-audit: WARNING: the vulnerability service was unreachable; $$(grep -c 'could not be audited' .audit.log) packages not audited"; \
+	else head -1 .audit.log; fi
 
 unit: setup $(CHECKOV_STAMP)
 	$(PY) -m pytest
 
-test: lint typecheck unit
+test: lint typecheck audit unit
 
 demo: setup
 	@$(PY) -m devtools.demo

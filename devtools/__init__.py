@@ -1,0 +1,1 @@
+"""Development helpers: local FHIR server and Azurite launchers for tests and the demo."""
