@@ -7,16 +7,28 @@ a fault in a setting, a map or an input file is one clear line on stderr (exit 2
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
+from azure.identity import DefaultAzureCredential
+from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusReceivedMessage, ServiceBusSubQueue
+
+from writeback.auth import OAuthClientCredentials, TokenProvider, fhir_tokens
 from writeback.decide import plan_message
-from writeback.errors import WritebackError
+from writeback.errors import ConfigError, WritebackError
+from writeback.fhir_client import build_delivery
 from writeback.maps import MapSet, load_maps
-from writeback.settings import Settings
+from writeback.outcomes import OutcomeRow, OutcomeStore, outcome_settings
+from writeback.pipeline import Envelope, Pipeline
+from writeback.settings import Settings, redacted
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -65,6 +77,267 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_REJECT if decision.decision == "reject" else EXIT_OK
 
 
+async def _process_files(files: list[str], settings: Settings, maps: MapSet) -> int:
+    delivery, aclose = build_delivery(settings)
+    worst = EXIT_OK
+    try:
+        pipeline = Pipeline(maps, settings, delivery)
+        for name in files:
+            result = await pipeline.process(Envelope(_read_bytes(name), message_id=Path(name).stem))
+            print(json.dumps({
+                "file": name, "decision": result.state, "reason": result.reason.value if result.reason else None,
+                "resource": result.resource, "provenance": result.provenance, "warnings": len(result.issues),
+            }), flush=True)
+            if result.state not in ("written", "skipped"):
+                worst = EXIT_REJECT
+    finally:
+        await aclose()
+    return worst
+
+
+def cmd_process(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    maps = load_for_cli(args.maps, settings)
+    return asyncio.run(_process_files(args.files, settings, maps))
+
+
+# ---- admin commands: logs, check-config, resubmit (see docs/operations.md) ----------------------------------
+
+EXIT_CHECK_FAILED = 1  # check-config: at least one check failed
+_SINCE = re.compile(r"^\s*(\d{1,6})\s*([smhdw])\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_since(text: str) -> timedelta:
+    """`30m`, `24h`, `7d`, `2w` → timedelta (argparse type)."""
+    match = _SINCE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30m, 24h or 7d")
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def _cell(value: object, width: int) -> str:
+    text = "-" if value is None or value == "" else str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_logs(rows: Sequence[OutcomeRow]) -> str:
+    """The readable table of `logs`: one line per outcome, one indented line per OperationOutcome issue."""
+    columns = (("TIME (UTC)", 19), ("OUTCOME", 13), ("REASON", 25), ("TABLE", 24), ("RECORD", 36),
+               ("MESSAGE", 8), ("RESOURCE / DETAIL", 60), ("DLV", 3), ("MS", 8))
+    lines = ["  ".join(name.ljust(width) for name, width in columns).rstrip()]
+    for row in rows:
+        shown = row.resource if row.status == "written" else row.detail
+        values = (row.recorded_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"), row.outcome, row.reason,
+                  row.table, row.record_id, row.message_name, shown, row.delivery_count,
+                  f"{row.duration_ms:.0f}" if row.duration_ms is not None else None)
+        lines.append("  ".join(_cell(v, w).ljust(w) for v, (_, w) in zip(values, columns, strict=True)).rstrip())
+        for issue in row.issues:
+            where = f" at {issue.expression}" if issue.expression else ""
+            lines.append(f"    ↳ {issue.severity} {issue.code}{where}: {_cell(issue.details, 120)}")
+        if row.issue_count > len(row.issues):
+            lines.append(f"    ↳ … {row.issue_count - len(row.issues)} more issue(s) not stored")
+    lines.append(f"{len(rows)} outcome(s)")
+    return "\n".join(lines)
+
+
+async def _read_logs(args: argparse.Namespace) -> list[OutcomeRow]:
+    async with OutcomeStore.from_settings(outcome_settings()) as store:
+        return await store.query(status=args.status, since=args.since, record_id=args.record, limit=args.limit)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    rows = asyncio.run(_read_logs(args))
+    if args.json:
+        for row in rows:
+            print(json.dumps(row.as_json(), ensure_ascii=False))
+    else:
+        print(format_logs(rows))
+    return EXIT_OK
+
+
+async def _check_connections(settings: Settings, report: Callable[[bool | None, str, str], None]) -> None:
+    try:
+        async with OutcomeStore.from_settings(settings, retry_total=1) as store:
+            await store.ensure_tables()
+        report(True, "Table Storage", f"reachable; tables {', '.join(sorted(store.names.values()))}")
+    except WritebackError as exc:
+        report(False, "Table Storage", exc.detail)
+    tokens: TokenProvider = (OAuthClientCredentials(settings.alternate, settings.timeout_seconds)
+                             if settings.target == "alternate" and settings.alternate is not None
+                             else fhir_tokens(settings))
+    try:
+        try:
+            token = await tokens.token()
+        except WritebackError as exc:
+            report(False, "token", f"{exc.reason.value}: {exc.detail}")
+            return
+        report(True, "token", "obtained (not shown)")
+        if settings.target == "alternate":
+            report(None, "FHIR metadata", "skipped: WRITEBACK_TARGET is `alternate`")
+            return
+        url = f"{settings.fhir_url}/metadata"
+        try:
+            async with httpx.AsyncClient(timeout=settings.timeout_seconds) as http:
+                response = await http.get(url, headers={"Authorization": f"Bearer {token}",
+                                                        "Accept": "application/fhir+json"})
+        except httpx.HTTPError as exc:
+            report(False, "FHIR metadata", f"GET {url} failed ({type(exc).__name__})")
+            return
+        if response.status_code in (401, 403):
+            report(False, "FHIR metadata", f"GET {url}: HTTP {response.status_code} (unauthorized: check the "
+                   "identity's FHIR Data Contributor role or the client credentials)")
+            return
+        try:
+            body = response.json() if response.is_success else None
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or body.get("resourceType") != "CapabilityStatement":
+            report(False, "FHIR metadata", f"GET {url}: HTTP {response.status_code}, not a CapabilityStatement")
+            return
+        software: dict[str, Any] = body["software"] if isinstance(body.get("software"), dict) else {}
+        name = " ".join(str(software.get(k)) for k in ("name", "version") if software.get(k)) or "unnamed server"
+        version = body.get("fhirVersion", "?")
+        report(version.startswith("4.0") if isinstance(version, str) else False, "FHIR metadata",
+               f"CapabilityStatement of {name}, FHIR {version}" + ("" if str(version).startswith("4.0")
+                                                                  else " (expected R4, 4.0.x)"))
+    finally:
+        await tokens.aclose()
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    failures = 0
+
+    def report(ok: bool | None, what: str, text: str) -> None:
+        nonlocal failures
+        failures += ok is False
+        mark = {True: "ok", False: "FAIL", None: "skip"}[ok]
+        print(f"  {mark:<5} {what:<15} {text}")
+
+    print("Settings (secrets redacted):")
+    for name, value in redacted().items():
+        print(f"  {name:<46} {value if value else '(empty)'}")
+    print("Checks:")
+    settings: Settings | None = None
+    try:
+        settings = Settings.from_env(need_outcomes=True)
+        report(True, "settings", f"valid; target {settings.target}")
+    except WritebackError as exc:
+        report(False, "settings", exc.detail)
+    trigger_settings = ("ServiceBusConnection", "ServiceBusConnection__fullyQualifiedNamespace")  # the host's names
+    if any(os.environ.get(name) for name in trigger_settings):
+        report(True, "trigger", "ServiceBusConnection is set (its value is not shown)")
+    else:
+        report(None, "trigger", "neither ServiceBusConnection nor ServiceBusConnection__fullyQualifiedNamespace "
+               "is set here (the Functions host reads it)")
+    try:
+        maps = load_maps(settings.maps_dir if settings else Settings.for_planning().maps_dir)
+        report(True, "entity maps", f"{len(maps.maps)} map(s) in {maps.source}: {', '.join(sorted(maps.maps))}")
+    except WritebackError as exc:
+        report(False, "entity maps", exc.detail)
+    if args.connect:
+        if settings is None:
+            report(None, "connections", "skipped: fix the settings first")
+        else:
+            asyncio.run(_check_connections(settings, report))
+    print("All checks passed." if not failures else f"{failures} check(s) failed.")
+    return EXIT_OK if not failures else EXIT_CHECK_FAILED
+
+
+def servicebus_client() -> ServiceBusClient:
+    """From SERVICEBUS_CONNECTION_STRING, else SERVICEBUS_NAMESPACE + DefaultAzureCredential (az login)."""
+    conn = os.environ.get("SERVICEBUS_CONNECTION_STRING", "").strip()
+    if conn:
+        return ServiceBusClient.from_connection_string(conn)
+    namespace = os.environ.get("SERVICEBUS_NAMESPACE", "").strip()
+    if namespace:
+        credential = DefaultAzureCredential(exclude_interactive_browser_credential=True)
+        return ServiceBusClient(namespace, credential=credential)
+    raise ConfigError("SERVICEBUS_CONNECTION_STRING", "is not set (nor SERVICEBUS_NAMESPACE)")
+
+
+_DLQ_PROPERTIES = {"DeadLetterReason", "DeadLetterErrorDescription"}
+
+
+def _requeued(message: ServiceBusReceivedMessage) -> ServiceBusMessage:
+    """A copy for the main queue: same body, ids and properties, minus the dead-letter annotations."""
+    props: dict[str | bytes, Any] = {}
+    for key, value in (message.application_properties or {}).items():
+        name = key.decode("utf-8", errors="replace") if isinstance(key, bytes) else str(key)
+        if name not in _DLQ_PROPERTIES:
+            props[name] = value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+    props["writeback-resubmitted-from"] = message.dead_letter_reason or "unknown"
+    return ServiceBusMessage(b"".join(message.body), application_properties=props,
+                             content_type=message.content_type, correlation_id=message.correlation_id,
+                             message_id=message.message_id, subject=message.subject)
+
+
+def resubmit_dead_letters(client: ServiceBusClient, queue: str, *, reason: str | None = None, limit: int = 100,
+                          wait: float = 5.0) -> tuple[list[ServiceBusReceivedMessage], int]:
+    """Move up to `limit` dead-lettered messages (optionally only those with `reason`) back to `queue`.
+
+    Send first, then complete: a crash in between leaves a copy on both queues, which the ledger turns into
+    one write and one `duplicate`. Messages not matching `reason` are left in the dead-letter queue.
+    """
+    moved: list[ServiceBusReceivedMessage] = []
+    held: list[ServiceBusReceivedMessage] = []
+    seen: set[int] = set()
+    with client.get_queue_receiver(queue, sub_queue=ServiceBusSubQueue.DEAD_LETTER, max_wait_time=wait) as receiver, \
+            client.get_queue_sender(queue) as sender:
+        try:
+            while len(moved) < limit:
+                batch = receiver.receive_messages(max_message_count=min(50, limit - len(moved)), max_wait_time=wait)
+                fresh = [m for m in batch if m.sequence_number not in seen]
+                if not fresh:
+                    break
+                for message in fresh:
+                    seen.add(message.sequence_number or -1)
+                    if (reason and message.dead_letter_reason != reason) or len(moved) >= limit:
+                        held.append(message)
+                        continue
+                    sender.send_messages(_requeued(message))
+                    receiver.complete_message(message)
+                    moved.append(message)
+        finally:
+            for message in held:
+                receiver.abandon_message(message)
+    return moved, len(held)
+
+
+def cmd_resubmit(args: argparse.Namespace) -> int:
+    with servicebus_client() as client:
+        moved, left = resubmit_dead_letters(client, args.queue, reason=args.reason, limit=args.max)
+    for message in moved:
+        print(f"  resubmitted message {message.message_id} (dead-letter reason {message.dead_letter_reason or '-'})")
+    which = f" with reason {args.reason}" if args.reason else ""
+    print(f"Moved {len(moved)} dead-lettered message(s){which} from {args.queue}/$deadletterqueue back to "
+          f"{args.queue}." + (f" {left} other dead-lettered message(s) left in place." if left else ""))
+    return EXIT_OK
+
+
+def add_admin_commands(sub: Any) -> None:
+    logs = sub.add_parser("logs", help="show the outcome log (Table Storage): what was written, skipped or failed")
+    logs.add_argument("--status", choices=["failed", "skipped", "written"],
+                      help="only this status; failed = dead-lettered, retry and config-error")
+    logs.add_argument("--since", type=parse_since, default=timedelta(hours=24), metavar="DURATION",
+                      help="how far back, e.g. 30m, 24h, 7d (default 24h)")
+    logs.add_argument("--record", metavar="ID", help="the history of one Dataverse row (its GUID)")
+    logs.add_argument("--limit", type=int, default=200, help="most outcomes shown, newest first (default 200)")
+    logs.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    logs.set_defaults(run=cmd_logs)
+    check = sub.add_parser("check-config", help="validate settings and entity maps; --connect also tries them")
+    check.add_argument("--connect", action="store_true",
+                       help="also reach Table Storage, obtain a token and read the FHIR server's /metadata")
+    check.set_defaults(run=cmd_check_config)
+    resubmit = sub.add_parser("resubmit", help="move dead-lettered messages back to their queue after a fix")
+    resubmit.add_argument("--queue", required=True, help="the queue whose dead-letter queue is emptied")
+    resubmit.add_argument("--reason", metavar="CODE",
+                          help="only messages dead-lettered with this reason code (e.g. fhir-rejected, "
+                               "MaxDeliveryCountExceeded)")
+    resubmit.add_argument("--max", type=int, default=100, help="most messages moved (default 100)")
+    resubmit.set_defaults(run=cmd_resubmit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m writeback", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -73,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--properties", help="Service Bus application properties, as a JSON object")
     plan.add_argument("--maps", help="folder of entity maps (default: WRITEBACK_MAPS_DIR or the shipped maps)")
     plan.set_defaults(run=cmd_plan)
+    process = sub.add_parser("process", help="process message files for real against the configured FHIR server")
+    process.add_argument("files", nargs="+", help="Dataverse message bodies")
+    process.add_argument("--maps", help="folder of entity maps (default: WRITEBACK_MAPS_DIR or the shipped maps)")
+    process.set_defaults(run=cmd_process)
+    add_admin_commands(sub)
     return parser
 
 

@@ -1,0 +1,122 @@
+"""Fixtures for the function tests: the real decorated function, a mocked settlement API, settings."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+import function_app
+from devtools.services import Azurite
+from tests.function.helpers import FakeDelivery
+from tests.outcomes.conftest import new_prefix
+from writeback import functions
+from writeback.pipeline import Delivery
+from writeback.settings import SETTINGS, Settings
+
+
+@dataclass
+class Settlement:
+    kind: str
+    message: Any
+    reason: str | None = None
+    description: str | None = None
+
+
+@dataclass
+class MockMessageActions:
+    """A mock of `ServiceBusMessageActions`: Service Bus settlement cannot run here (it is a gRPC call into the
+    Functions host), so this records each call with the arguments the real one takes, by the same keywords."""
+
+    calls: list[Settlement] = field(default_factory=list)
+    fail: bool = False
+
+    def _record(self, settlement: Settlement) -> None:
+        self.calls.append(settlement)
+        if self.fail:
+            raise RuntimeError("the host lost the message lock")
+
+    def complete(self, message: Any) -> None:
+        self._record(Settlement("complete", message))
+
+    def abandon(self, message: Any) -> None:
+        self._record(Settlement("abandon", message))
+
+    def deadletter(self, message: Any, deadletter_reason: str | None = None,
+                   deadletter_error_description: str | None = None) -> None:
+        self._record(Settlement("deadletter", message, deadletter_reason, deadletter_error_description))
+
+    def defer(self, message: Any) -> None:  # pragma: no cover - never used by the app
+        self._record(Settlement("defer", message))
+
+    @property
+    def only(self) -> Settlement:
+        """The single settlement of a single message (fails if there were zero or several)."""
+        assert len(self.calls) == 1, f"expected exactly one settlement, got {[c.kind for c in self.calls]}"
+        return self.calls[0]
+
+
+UserFunction = Callable[..., Awaitable[None]]
+
+
+@pytest.fixture(scope="session")
+def user_function() -> UserFunction:
+    """The real decorated function, as the worker indexes and calls it."""
+    fn: UserFunction = function_app.writeback.build().get_user_function()
+    return fn
+
+
+@pytest.fixture
+def actions() -> MockMessageActions:
+    return MockMessageActions()
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for spec in SETTINGS:
+        monkeypatch.delenv(spec.name, raising=False)
+    return monkeypatch
+
+
+@pytest.fixture
+def outcome_env(clean_env: pytest.MonkeyPatch, azurite_tables: Azurite) -> str:
+    """Settings for the outcome log in Azurite (fresh tables); returns the table prefix."""
+    prefix = new_prefix()
+    clean_env.setenv("OUTCOMES_CONNECTION_STRING", azurite_tables.connection_string)
+    clean_env.setenv("OUTCOMES_TABLE_PREFIX", prefix)
+    return prefix
+
+
+@dataclass
+class FakeFactory:
+    """Counts how often the app builds its delivery (it must be once per process)."""
+
+    delivery: FakeDelivery = field(default_factory=FakeDelivery)
+    built: int = 0
+    closed: int = 0
+
+    def __call__(self, settings: Settings) -> tuple[Delivery, Callable[[], Awaitable[None]]]:
+        self.built += 1
+
+        async def close() -> None:
+            self.closed += 1
+
+        return self.delivery, close
+
+
+@pytest.fixture
+def fake_factory() -> FakeFactory:
+    return FakeFactory()
+
+
+@pytest.fixture
+async def fake_app(outcome_env: str, fake_factory: FakeFactory,
+                   monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[functions.FunctionApp]:
+    """The process-wide app with the fake delivery (FHIR_URL set but never called)."""
+    monkeypatch.setenv("FHIR_URL", "http://127.0.0.1:9/fhir")
+    app = functions.FunctionApp(delivery_factory=fake_factory)
+    monkeypatch.setattr(functions, "_APP", app)
+    yield app
+    await app.aclose()

@@ -1,0 +1,124 @@
+"""`check-config` and `resubmit` (the Service Bus half runs only against a real namespace)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from devtools.services import Azurite, FhirDevServer
+from tests.function.sb import received_message
+from tests.outcomes.conftest import new_prefix
+from writeback import cli
+
+
+@pytest.fixture
+def live_env(clean_env: pytest.MonkeyPatch, azurite_tables: Azurite, fhir_server: FhirDevServer) -> FhirDevServer:
+    clean_env.setenv("FHIR_URL", fhir_server.base_url)
+    clean_env.setenv("FHIR_TOKEN_URL", fhir_server.token_url)
+    clean_env.setenv("FHIR_CLIENT_ID", fhir_server.client_id)
+    clean_env.setenv("FHIR_CLIENT_SECRET", fhir_server.client_secret)
+    clean_env.setenv("OUTCOMES_CONNECTION_STRING", azurite_tables.connection_string)
+    clean_env.setenv("OUTCOMES_TABLE_PREFIX", new_prefix())
+    return fhir_server
+
+
+def test_check_config_offline(live_env: FhirDevServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["check-config"]) == 0
+    out = capsys.readouterr().out
+    assert "ok    settings" in out and "ok    entity maps" in out and "All checks passed." in out
+    assert live_env.client_secret not in out and "***redacted***" in out
+    assert "AccountKey" not in out  # the connection string is a secret too
+
+
+def test_check_config_names_the_bad_setting(live_env: FhirDevServer, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("FHIR_URL")
+    monkeypatch.setenv("WRITEBACK_MAPS_DIR", "/nonexistent/maps")
+    assert cli.main(["check-config", "--connect"]) == cli.EXIT_CHECK_FAILED
+    out = capsys.readouterr().out
+    assert "FAIL  settings        setting FHIR_URL is not set" in out
+    assert "FAIL  entity maps" in out and "/nonexistent/maps" in out
+    assert "skip  connections" in out and "2 check(s) failed." in out
+
+
+def test_check_config_connect(live_env: FhirDevServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["check-config", "--connect"]) == 0
+    out = capsys.readouterr().out
+    assert "ok    Table Storage" in out and "ok    token" in out
+    assert "ok    FHIR metadata   CapabilityStatement of" in out and "FHIR 4.0.1" in out
+    assert live_env.client_secret not in out
+
+
+def test_check_config_connect_refused_credentials(live_env: FhirDevServer, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("FHIR_CLIENT_SECRET", "wrong-" + uuid.uuid4().hex)
+    assert cli.main(["check-config", "--connect"]) == cli.EXIT_CHECK_FAILED
+    out = capsys.readouterr().out
+    assert "FAIL  token" in out and "unauthorized" in out
+    assert "ok    Table Storage" in out
+
+
+def test_resubmit_needs_a_connection(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("SERVICEBUS_CONNECTION_STRING", raising=False)
+    monkeypatch.delenv("SERVICEBUS_NAMESPACE", raising=False)
+    assert cli.main(["resubmit", "--queue", "q"]) == 2
+    assert capsys.readouterr().err == (
+        "error: setting SERVICEBUS_CONNECTION_STRING is not set (nor SERVICEBUS_NAMESPACE)\n")
+
+
+def test_requeued_copy_keeps_ids_and_drops_dead_letter_fields() -> None:
+    dead = received_message(b'{"MessageName": "Create"}', message_id="orig-1", correlation_id="corr-1",
+                            application_properties={"DeadLetterReason": "fhir-rejected",
+                                                    "DeadLetterErrorDescription": "status 422",
+                                                    "http://schemas.microsoft.com/xrm/2011/Claims/User": "u"})
+    assert dead.dead_letter_reason == "fhir-rejected"
+    copy = cli._requeued(dead)
+    assert b"".join(copy.body) == b'{"MessageName": "Create"}'
+    assert (copy.message_id, copy.correlation_id, copy.content_type) == ("orig-1", "corr-1", "application/json")
+    assert copy.application_properties == {"http://schemas.microsoft.com/xrm/2011/Claims/User": "u",
+                                           "writeback-resubmitted-from": "fhir-rejected"}
+
+
+@pytest.mark.servicebus
+def test_resubmit_against_a_real_namespace(capsys: pytest.CaptureFixture[str]) -> None:
+    """Dead-letter a message with a reason code, resubmit only that reason, find it back on the queue."""
+    conn = os.environ.get("SERVICEBUS_CONNECTION_STRING")
+    if not conn:
+        pytest.skip("SERVICEBUS_CONNECTION_STRING is not set: no Service Bus namespace (or emulator) to test "
+                    "resubmit against")
+    from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusSubQueue
+
+    queue = os.environ.get("SERVICEBUS_TEST_QUEUE") or os.environ.get("WRITEBACK_QUEUE_NAME") or "dataverse-writeback"
+    marker = uuid.uuid4().hex
+    with ServiceBusClient.from_connection_string(conn) as client:
+        with client.get_queue_receiver(queue, max_wait_time=2) as drain:  # start from an empty queue
+            for stale in drain.receive_messages(max_message_count=100, max_wait_time=2):
+                drain.complete_message(stale)
+        with client.get_queue_sender(queue) as sender:
+            sender.send_messages([ServiceBusMessage(b'{"n": 1}', message_id=f"{marker}-keep"),
+                                  ServiceBusMessage(b'{"n": 2}', message_id=f"{marker}-move")])
+        with client.get_queue_receiver(queue, max_wait_time=5) as receiver:
+            got = {m.message_id: m for m in receiver.receive_messages(max_message_count=2, max_wait_time=5)}
+            receiver.dead_letter_message(got[f"{marker}-move"], reason="fhir-rejected",
+                                         error_description="test: status 422")
+            receiver.dead_letter_message(got[f"{marker}-keep"], reason="invalid-contact-type",
+                                         error_description="test")
+    assert cli.main(["resubmit", "--queue", queue, "--reason", "fhir-rejected", "--max", "10"]) == 0
+    out = capsys.readouterr().out
+    assert f"resubmitted message {marker}-move" in out and f"{marker}-keep" not in out
+    with ServiceBusClient.from_connection_string(conn) as client:
+        with client.get_queue_receiver(queue, max_wait_time=5) as receiver:
+            back = receiver.receive_messages(max_message_count=10, max_wait_time=5)
+            assert [m.message_id for m in back] == [f"{marker}-move"]
+            props = back[0].application_properties or {}
+            assert props[b"writeback-resubmitted-from"] == b"fhir-rejected"
+            receiver.complete_message(back[0])
+        with client.get_queue_receiver(queue, sub_queue=ServiceBusSubQueue.DEAD_LETTER,
+                                       max_wait_time=5) as dlq:
+            left = dlq.receive_messages(max_message_count=50, max_wait_time=5)
+            assert f"{marker}-keep" in [m.message_id for m in left]
+            for m in left:
+                if m.message_id and m.message_id.startswith(marker):
+                    dlq.complete_message(m)

@@ -1,0 +1,96 @@
+"""`python -m writeback logs` against rows in real Azurite."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from devtools.services import Azurite
+from tests.function.helpers import FIRST, LAST, FakeDelivery, consent_body, create_body, new_id, reject_body
+from tests.outcomes.conftest import new_prefix, store_settings
+from writeback import cli
+from writeback.maps import MapSet
+from writeback.outcomes import OutcomeStore
+from writeback.pipeline import Envelope, Issue, Pipeline
+from writeback.reasons import Reason
+from writeback.settings import Settings
+
+
+@pytest.fixture
+def logged(azurite_tables: Azurite, maps: MapSet, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Five outcomes of four rows: written (with a warning), skipped, dead-lettered, retry, then written again."""
+    prefix = new_prefix()
+    ids = {"written": new_id(), "skipped": new_id(), "rejected": new_id(), "retried": new_id()}
+
+    async def fill() -> None:
+        delivery = FakeDelivery(fail=[Reason.FHIR_UNAVAILABLE],
+                                issues=(Issue("warning", "business-rule", "Patient.name[0]", "MSG_NAME"),))
+        async with OutcomeStore.from_settings(store_settings(azurite_tables, prefix)) as store:
+            pipeline = Pipeline(maps, Settings.for_planning({}), delivery, store)
+            for body, mid in ((create_body(ids["retried"]), "m-retry"), (create_body(ids["written"]), "m-ok"),
+                              (consent_body(ids["skipped"]), "m-skip"), (reject_body(ids["rejected"]), "m-rej")):
+                await pipeline.process(Envelope(body, message_id=mid))
+
+    asyncio.run(fill())
+    monkeypatch.setenv("OUTCOMES_CONNECTION_STRING", azurite_tables.connection_string)
+    monkeypatch.setenv("OUTCOMES_TABLE_PREFIX", prefix)
+    monkeypatch.delenv("OUTCOMES_TABLE_ENDPOINT", raising=False)
+    return ids
+
+
+def test_logs_failed_table(logged: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["logs", "--status", "failed", "--since", "24h"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["TIME", "(UTC)", "OUTCOME", "REASON"]
+    assert "RESOURCE / DETAIL" in lines[0]
+    body = "\n".join(lines[1:])
+    assert "dead-lettered" in body and "invalid-contact-type" in body and logged["rejected"] in body
+    assert "retry" in body and "fhir-unavailable" in body and logged["retried"] in body
+    assert logged["written"] not in body and logged["skipped"] not in body
+    # newest first: the rejection was processed after the retry
+    assert body.index(logged["rejected"]) < body.index(logged["retried"])
+    assert lines[-1] == "2 outcome(s)"
+    assert FIRST not in out and LAST not in out
+
+
+def test_logs_all_and_issue_lines(logged: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["logs"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "4 outcome(s)"
+    written = next(line for line in out.splitlines() if logged["written"] in line)
+    assert "written" in written and "Patient/fake" in written and "Create" in written
+    assert "    ↳ warning business-rule at Patient.name[0]: MSG_NAME" in out
+    skipped = next(line for line in out.splitlines() if logged["skipped"] in line)
+    assert "consent-withheld" in skipped
+
+
+def test_logs_status_and_record(logged: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["logs", "--status", "skipped"]) == 0
+    out = capsys.readouterr().out
+    assert logged["skipped"] in out and out.splitlines()[-1] == "1 outcome(s)"
+    assert cli.main(["logs", "--record", logged["rejected"].upper(), "--json"]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    row = json.loads(line)
+    assert (row["outcome"], row["reason"], row["settlement"], row["recordId"]) == (
+        "dead-lettered", "invalid-contact-type", "deadletter", logged["rejected"])
+    assert row["messageId"] == "m-rej"
+
+
+def test_logs_since_excludes_older(logged: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    time.sleep(1.1)
+    assert cli.main(["logs", "--since", "1s"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "0 outcome(s)"
+
+
+def test_logs_store_down_is_one_line(azurite_tables: Azurite, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("OUTCOMES_CONNECTION_STRING",
+                       azurite_tables.connection_string.replace(str(azurite_tables.port), "1"))
+    monkeypatch.setenv("OUTCOMES_TABLE_PREFIX", new_prefix())
+    assert cli.main(["logs"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Table Storage could not be used") and len(err.splitlines()) == 1

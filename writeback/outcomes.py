@@ -1,0 +1,538 @@
+"""The Table Storage ledger: outcome log, duplicate detection and per-row version state.
+
+Implements `writeback.pipeline.Ledger` over azure-data-tables (async) and the queries behind
+`python -m writeback logs`. Four tables, all named `<OUTCOMES_TABLE_PREFIX><name>`:
+
+``outcomes``  The outcome log, one row per processed delivery.
+    PartitionKey ``<yyyymmdd>-<status>``: the UTC day and the status group (`written`, `skipped`, `failed`;
+    `failed` = dead-lettered, retry and config-error). RowKey ``<inverted µs>-<uid>``: microseconds since the
+    epoch subtracted from 10^16-1, so rows sort newest first and "since T" is one RowKey bound.
+    "All failures of the last 24 hours" reads two partitions (`<today>-failed`, `<yesterday>-failed`) with a
+    RowKey range: no table scan, however large the log grows. Old days can be deleted partition by partition.
+
+``history``  The same rows again, partitioned by the Dataverse record id (lower-case GUID), same RowKey.
+    "The history of one Dataverse row" is a single-partition query, newest first.
+
+    In both tables a delivery's OperationOutcome issues (warnings, information) are child rows right after
+    their parent: RowKey ``<parent RowKey>-<nnn>``, ``Kind`` = ``issue``. Parent and children are written in
+    one entity-group transaction, so a reader never sees half an outcome.
+
+``messages``  Duplicate detection. PartitionKey = the message key (Dataverse RequestId, else the Service Bus
+    MessageId; hashed when it holds characters Table Storage refuses in keys), RowKey ``m``. Written only when a
+    delivery ended written or skipped: a message that failed may and must come again.
+
+``rowstate``  Last version written per Dataverse row, for the `stale` check. PartitionKey = record id,
+    RowKey = table logical name; ``Version`` (Dataverse ``versionnumber``) and ``ModifiedOn``. Advanced with
+    ETag concurrency (If-Match): a writer whose read went out of date gets 412, re-reads and compares again.
+
+No row holds patient data: only ids, names of tables and messages, codes, counts, times, and the `detail`
+texts, which the core keeps free of values. Every Table Storage failure becomes
+`WritebackError(Reason.OUTCOME_STORE_UNAVAILABLE)` (transient: the message is abandoned and retried).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, TypeVar
+
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
+from azure.core.pipeline.transport import AsyncioRequestsTransport
+from azure.data.tables import EdmType, EntityProperty, UpdateMode
+from azure.data.tables.aio import TableClient, TableServiceClient
+from azure.identity.aio import DefaultAzureCredential
+
+from writeback.decide import WritePlan
+from writeback.errors import ConfigError, WritebackError
+from writeback.pipeline import Envelope, Result, State, message_key
+from writeback.reasons import Reason
+from writeback.settings import SPEC_BY_NAME, Settings, require_secure_url
+
+Status = Literal["written", "skipped", "failed"]
+STATUSES: tuple[Status, ...] = ("written", "skipped", "failed")
+STATUS_OF_STATE: dict[State, Status] = {
+    "written": "written",
+    "skipped": "skipped",
+    "dead-lettered": "failed",
+    "retry": "failed",
+    "config-error": "failed",
+}
+
+CLAIM_ATTEMPTS = 6  # read-compare-write rounds on 412/409 before giving up (transient)
+MAX_ISSUE_ROWS = 99  # an entity-group transaction holds at most 100 entities: the parent + 99 issues
+MAX_TEXT = 2000  # characters of `detail` kept per row (Table Storage allows 32K; the log needs far less)
+_INVERT = 10**16 - 1  # microseconds since the epoch fit in 16 digits until the year 2286
+_KEY_SAFE = re.compile(r"^[A-Za-z0-9._:@-]{1,200}$")  # no / \ # ? or control characters in keys
+
+T = TypeVar("T")
+
+
+def status_of(state: State) -> Status:
+    return STATUS_OF_STATE[state]
+
+
+def table_names(prefix: str) -> dict[str, str]:
+    return {name: f"{prefix}{name}" for name in ("outcomes", "history", "messages", "rowstate")}
+
+
+def inverted_key(when: datetime) -> str:
+    micros = int(when.timestamp() * 1_000_000)
+    return f"{_INVERT - micros:016d}"
+
+
+def day_of(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y%m%d")
+
+
+def safe_key(raw: str) -> str:
+    """A value usable as PartitionKey/RowKey: itself when plain, else a stable hash."""
+    if _KEY_SAFE.match(raw):
+        return raw
+    return "h-" + hashlib.sha256(raw.encode("utf-8")).hexdigest()
+
+
+def record_key(record_id: str) -> str:
+    return safe_key(record_id.strip().lower())
+
+
+def _unavailable(exc: BaseException, what: str) -> WritebackError:
+    hint = ""
+    if isinstance(exc, ClientAuthenticationError) or getattr(exc, "status_code", None) == 403:
+        hint = ("; check OUTCOMES_CONNECTION_STRING, or the identity and its Storage Table Data Contributor role "
+                "for OUTCOMES_TABLE_ENDPOINT")
+    return WritebackError(Reason.OUTCOME_STORE_UNAVAILABLE,
+                          f"Table Storage could not be used to {what} ({type(exc).__name__}){hint}")
+
+
+def _text(value: str | None, limit: int = MAX_TEXT) -> str | None:
+    if value is None:
+        return None
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+def _int64(value: int | None) -> EntityProperty | None:
+    return None if value is None else EntityProperty(value, EdmType.INT64)
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, EntityProperty) else value
+
+
+def _entity(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+# ---- configuration ----------------------------------------------------------------------------------------
+
+
+def outcome_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Only the Table Storage settings, validated like `Settings.from_env` (for the admin commands, which
+    must work without FHIR settings)."""
+    env = os.environ if env is None else env
+
+    def get(name: str) -> str:
+        return (env.get(name) or SPEC_BY_NAME[name].default or "").strip()
+
+    endpoint, conn = get("OUTCOMES_TABLE_ENDPOINT"), get("OUTCOMES_CONNECTION_STRING")
+    if endpoint:
+        endpoint = require_secure_url("OUTCOMES_TABLE_ENDPOINT", endpoint)
+    if not endpoint and not conn:
+        raise ConfigError("OUTCOMES_TABLE_ENDPOINT", "is not set (nor OUTCOMES_CONNECTION_STRING)")
+    prefix = get("OUTCOMES_TABLE_PREFIX")
+    if not prefix.isalnum() or not prefix[:1].isalpha() or len(prefix) > 40:
+        raise ConfigError("OUTCOMES_TABLE_PREFIX", "must be letters and digits, starting with a letter")
+    return Settings(outcomes_endpoint=endpoint, outcomes_connection_string=conn, outcomes_table_prefix=prefix)
+
+
+# ---- the rows read back by `logs` -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IssueRow:
+    severity: str
+    code: str
+    expression: str
+    details: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeRow:
+    row_key: str
+    recorded_at: datetime
+    outcome: str
+    status: str
+    reason: str | None
+    detail: str
+    settlement: str | None
+    table: str | None
+    record_id: str | None
+    message_name: str | None
+    message_id: str | None
+    message_key: str | None
+    correlation_id: str | None
+    operation: str | None
+    resource: str | None
+    provenance: str | None
+    delivery_count: int | None
+    duration_ms: float | None
+    issue_count: int
+    issues: tuple[IssueRow, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "recordedAt": self.recorded_at.isoformat(), "outcome": self.outcome, "status": self.status,
+            "reason": self.reason, "detail": self.detail, "settlement": self.settlement, "table": self.table,
+            "recordId": self.record_id, "message": self.message_name, "messageId": self.message_id,
+            "messageKey": self.message_key, "correlationId": self.correlation_id, "operation": self.operation,
+            "resource": self.resource, "provenance": self.provenance, "deliveryCount": self.delivery_count,
+            "durationMs": self.duration_ms, "issueCount": self.issue_count,
+            "issues": [{"severity": i.severity, "code": i.code, "expression": i.expression, "details": i.details}
+                       for i in self.issues],
+        }
+
+
+def _outcome_row(entity: Mapping[str, Any], issues: tuple[IssueRow, ...]) -> OutcomeRow:
+    recorded = entity.get("RecordedAt")
+    return OutcomeRow(
+        row_key=str(entity["RowKey"]),
+        recorded_at=recorded if isinstance(recorded, datetime) else datetime.fromtimestamp(0, UTC),
+        outcome=str(entity.get("Outcome", "")),
+        status=str(entity.get("Status", "")),
+        reason=entity.get("Reason"),
+        detail=str(entity.get("Detail", "")),
+        settlement=entity.get("Settlement"),
+        table=entity.get("Table"),
+        record_id=entity.get("RecordId"),
+        message_name=entity.get("MessageName"),
+        message_id=entity.get("MessageId"),
+        message_key=entity.get("MessageKey"),
+        correlation_id=entity.get("CorrelationId"),
+        operation=entity.get("Operation"),
+        resource=entity.get("Resource"),
+        provenance=entity.get("Provenance"),
+        delivery_count=_plain(entity.get("DeliveryCount")),
+        duration_ms=_plain(entity.get("DurationMs")),
+        issue_count=int(_plain(entity.get("IssueCount")) or 0),
+        issues=issues,
+    )
+
+
+def _group(entities: Iterable[Mapping[str, Any]]) -> list[OutcomeRow]:
+    """Entities of one partition in RowKey order → outcome rows with their issue rows attached."""
+    rows: list[OutcomeRow] = []
+    parent: Mapping[str, Any] | None = None
+    issues: list[IssueRow] = []
+    for entity in entities:
+        if entity.get("Kind") == "issue":
+            if parent is not None and str(entity["RowKey"]).startswith(str(parent["RowKey"])):
+                issues.append(IssueRow(str(entity.get("Severity", "")), str(entity.get("Code", "")),
+                                       str(entity.get("Expression", "")), str(entity.get("Details", ""))))
+            continue
+        if parent is not None:
+            rows.append(_outcome_row(parent, tuple(issues)))
+        parent, issues = entity, []
+    if parent is not None:
+        rows.append(_outcome_row(parent, tuple(issues)))
+    return rows
+
+
+# ---- the ledger --------------------------------------------------------------------------------------------
+
+
+def _older(plan: WritePlan, version: int | None, modified: datetime | None) -> bool | None:
+    """True: the plan is older than the stored state; False: same or newer; None: not comparable."""
+    src = plan.source
+    if src.row_version is not None and version is not None:
+        return src.row_version < version
+    if src.modified_on is not None and modified is not None:
+        return src.modified_on < modified
+    return None
+
+
+def _newer(plan: WritePlan, version: int | None, modified: datetime | None) -> bool:
+    src = plan.source
+    if src.row_version is not None and version is not None:
+        return src.row_version > version
+    if src.modified_on is not None and modified is not None:
+        return src.modified_on > modified
+    return True  # not comparable: record what the plan knows, so the next change can be compared
+
+
+class OutcomeStore:
+    """`pipeline.Ledger` over Table Storage, plus the queries of `python -m writeback logs`."""
+
+    def __init__(self, service: TableServiceClient, prefix: str = "writeback",
+                 close: Callable[[], Awaitable[None]] | None = None) -> None:
+        self._service = service
+        self._names = table_names(prefix)
+        self._tables: dict[str, TableClient] = {}
+        self._ready = False
+        self._lock = asyncio.Lock()
+        self._close = close
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, retry_total: int = 3, retry_backoff: float = 0.4,
+                      credential: Any | None = None) -> OutcomeStore:
+        """Connection string (Azurite, or a key) or endpoint + Microsoft Entra ID (managed identity).
+
+        The transport is azure-core's requests-based asyncio transport: the runtime requirements hold no
+        aiohttp, and Table Storage traffic is a handful of small requests per message.
+        """
+        options: dict[str, Any] = {
+            "transport": AsyncioRequestsTransport(),
+            "retry_total": retry_total,
+            "retry_backoff_factor": retry_backoff,
+            "retry_backoff_max": 5,
+            "connection_timeout": 10,
+            "read_timeout": 30,
+        }
+        close: Callable[[], Awaitable[None]] | None = None
+        if settings.outcomes_connection_string:
+            service = TableServiceClient.from_connection_string(settings.outcomes_connection_string, **options)
+        elif settings.outcomes_endpoint:
+            if credential is None:
+                credential = DefaultAzureCredential(exclude_interactive_browser_credential=True,
+                                                    transport=AsyncioRequestsTransport())
+                close = credential.close
+            service = TableServiceClient(settings.outcomes_endpoint, credential=credential, **options)
+        else:
+            raise ConfigError("OUTCOMES_TABLE_ENDPOINT", "is not set (nor OUTCOMES_CONNECTION_STRING)")
+        return cls(service, settings.outcomes_table_prefix, close)
+
+    @property
+    def names(self) -> dict[str, str]:
+        return dict(self._names)
+
+    async def aclose(self) -> None:
+        for table in self._tables.values():
+            await table.close()
+        await self._service.close()
+        if self._close is not None:
+            await self._close()
+
+    async def __aenter__(self) -> OutcomeStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def ensure_tables(self) -> None:
+        """Create the four tables once per process (idempotent; retried on the next call after a failure)."""
+        if self._ready:
+            return
+        async with self._lock:
+            if self._ready:
+                return
+            try:
+                for name, table in self._names.items():
+                    self._tables[name] = await self._service.create_table_if_not_exists(table)
+            except AzureError as exc:
+                raise _unavailable(exc, "create the outcome tables") from None
+            self._ready = True
+
+    async def _table(self, name: str) -> TableClient:
+        await self.ensure_tables()
+        return self._tables[name]
+
+    async def _call(self, what: str, op: Awaitable[T]) -> T:
+        try:
+            return await op
+        except (ResourceNotFoundError, ResourceExistsError, ResourceModifiedError):
+            raise
+        except AzureError as exc:
+            raise _unavailable(exc, what) from None
+
+    # -- Ledger ------------------------------------------------------------------------------------------
+
+    async def seen(self, message_key: str) -> bool:
+        table = await self._table("messages")
+        try:
+            await self._call("check for a duplicate", table.get_entity(safe_key(message_key), "m"))
+        except ResourceNotFoundError:
+            return False
+        return True
+
+    async def claim(self, plan: WritePlan) -> bool:
+        src = plan.source
+        if src.row_version is None and src.modified_on is None:
+            return True  # nothing to order by: never stale
+        table = await self._table("rowstate")
+        pk, rk = record_key(src.record_id), safe_key(src.table)
+        for _ in range(CLAIM_ATTEMPTS):
+            try:
+                current = await self._call("read the row state", table.get_entity(pk, rk))
+            except ResourceNotFoundError:
+                current = None
+            version = _plain(current.get("Version")) if current is not None else None
+            modified = current.get("ModifiedOn") if current is not None else None
+            if current is not None:
+                if _older(plan, version, modified):
+                    return False
+                if not _newer(plan, version, modified):
+                    return True  # the same version again (a redelivery after a failure): let it through
+            entity = _entity({
+                "PartitionKey": pk, "RowKey": rk,
+                "Version": _int64(src.row_version if src.row_version is not None else version),
+                "ModifiedOn": src.modified_on if src.modified_on is not None else modified,
+                "UpdatedAt": datetime.now(UTC),
+                "RequestId": src.request_id,
+            })
+            try:
+                if current is None:
+                    await self._call("claim the row", table.create_entity(entity))
+                else:
+                    await self._call("claim the row", table.update_entity(
+                        entity, mode=UpdateMode.REPLACE, etag=current.metadata["etag"],
+                        match_condition=MatchConditions.IfNotModified))
+            except (ResourceModifiedError, ResourceExistsError):
+                continue  # another instance got there first: read again and compare again
+            except ResourceNotFoundError:
+                continue  # deleted under us: start over
+            return True
+        raise WritebackError(Reason.CONFLICT,
+                             f"the row state of {src.table} {src.record_id} kept changing in Table Storage "
+                             f"through {CLAIM_ATTEMPTS} re-reads")
+
+    async def record(self, envelope: Envelope, result: Result) -> None:
+        now = datetime.now(UTC)
+        rk = f"{inverted_key(now)}-{uuid.uuid4().hex[:12]}"
+        status = status_of(result.state)
+        decision = result.decision
+        message = decision.message
+        plan = decision.plan
+        key = message_key(envelope, decision)
+        common = {
+            "Status": status,
+            "Outcome": result.state,
+            "RecordedAt": now,
+            "MessageId": _text(envelope.message_id, 200),
+            "Table": message.table if message else None,
+            "RecordId": message.record_id if message else None,
+        }
+        parent = _entity({
+            **common,
+            "Kind": "outcome",
+            "Reason": result.reason.value if result.reason else None,
+            "Detail": _text(result.detail),
+            "Settlement": result.settlement,
+            "MessageKey": _text(key, 200),
+            "CorrelationId": message.correlation_id if message else None,
+            "MessageName": _text(message.message_name, 100) if message else None,
+            "ResourceType": decision.resource_type,
+            "Operation": plan.operation if plan else None,
+            "RowVersion": _int64(plan.source.row_version) if plan else None,
+            "Resource": _text(result.resource, 400),
+            "Provenance": _text(result.provenance, 400),
+            "DeliveryCount": envelope.delivery_count,
+            "DurationMs": float(result.duration_ms),
+            "IssueCount": len(result.issues),
+        })
+        children = [
+            _entity({
+                **common,
+                "Kind": "issue",
+                "Severity": _text(issue.severity, 40),
+                "Code": _text(issue.code, 80),
+                "Expression": _text(issue.expression, 400),
+                "Details": _text(issue.details),
+            })
+            for issue in result.issues[:MAX_ISSUE_ROWS]
+        ]
+
+        def group(pk: str) -> list[tuple[str, dict[str, Any]]]:
+            ops = [("upsert", {**parent, "PartitionKey": pk, "RowKey": rk})]
+            ops += [("upsert", {**child, "PartitionKey": pk, "RowKey": f"{rk}-{n:03d}"})
+                    for n, child in enumerate(children, start=1)]
+            return ops
+
+        outcomes = await self._table("outcomes")
+        writes: list[Awaitable[Any]] = [
+            self._call("write the outcome log", outcomes.submit_transaction(group(f"{day_of(now)}-{status}")))]
+        if message is not None:
+            history = await self._table("history")
+            writes.append(self._call("write the row history",
+                                     history.submit_transaction(group(record_key(message.record_id)))))
+        if key and result.state in ("written", "skipped"):
+            messages = await self._table("messages")
+            writes.append(self._call("record the message as processed", messages.upsert_entity(_entity({
+                "PartitionKey": safe_key(key), "RowKey": "m", "Outcome": result.state,
+                "Reason": result.reason.value if result.reason else None, "RecordedAt": now,
+                "Table": common["Table"], "RecordId": common["RecordId"], "MessageKey": _text(key, 200),
+            }))))
+        for done in await asyncio.gather(*writes, return_exceptions=True):
+            if isinstance(done, WritebackError):
+                raise done
+            if isinstance(done, BaseException):
+                raise _unavailable(done, "write the outcome log") from None
+
+    # -- queries (python -m writeback logs) ---------------------------------------------------------------
+
+    async def _query(self, table: TableClient, flt: str, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        try:
+            async for entity in table.query_entities(flt, parameters=params):
+                yield dict(entity)
+        except AzureError as exc:
+            raise _unavailable(exc, "read the outcome log") from None
+
+    async def _partition(self, table: TableClient, pk: str, since: datetime, status: Status | None,
+                         limit: int) -> list[OutcomeRow]:
+        flt = "PartitionKey eq @pk and RowKey lt @until"
+        params: dict[str, Any] = {"pk": pk, "until": inverted_key(since) + "~"}
+        if status is not None:
+            flt += " and Status eq @status"
+            params["status"] = status
+        entities: list[dict[str, Any]] = []
+        parents = 0
+        async for entity in self._query(table, flt, params):
+            if entity.get("Kind") != "issue":
+                parents += 1
+                if parents > limit:
+                    break
+            entities.append(entity)
+        return _group(entities)
+
+    async def query(self, *, status: Status | None = None, since: timedelta = timedelta(hours=24),
+                    record_id: str | None = None, limit: int = 200, now: datetime | None = None) -> list[OutcomeRow]:
+        """Outcome rows newest first: of one Dataverse row (`record_id`), else of every row, since `now - since`."""
+        now = now or datetime.now(UTC)
+        start = now - since
+        if record_id is not None:
+            history = await self._table("history")
+            rows = await self._partition(history, record_key(record_id), start, status, limit)
+        else:
+            outcomes = await self._table("outcomes")
+            days = []
+            day = start.astimezone(UTC).date()
+            while day <= now.astimezone(UTC).date():
+                days.append(day.strftime("%Y%m%d"))
+                day += timedelta(days=1)
+            wanted = (status,) if status is not None else STATUSES
+            parts = await asyncio.gather(*(self._partition(outcomes, f"{d}-{s}", start, None, limit)
+                                           for d in days for s in wanted))
+            rows = [row for part in parts for row in part]
+        rows = [row for row in rows if row.recorded_at >= start]
+        rows.sort(key=lambda row: row.row_key)
+        return rows[:limit]
+
+    async def row_state(self, table: str, record_id: str) -> dict[str, Any] | None:
+        """The stored version state of one Dataverse row (for tests and troubleshooting)."""
+        rowstate = await self._table("rowstate")
+        try:
+            entity = await self._call("read the row state", rowstate.get_entity(record_key(record_id),
+                                                                                 safe_key(table)))
+        except ResourceNotFoundError:
+            return None
+        return {k: _plain(v) for k, v in entity.items()}
