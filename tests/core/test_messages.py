@@ -62,7 +62,7 @@ def test_update_with_pre_and_post_images_and_entity_collection():
     m = parse_message(public("03_customactivity_update_pre_post_images_activityparty.json"))
     assert m.message_name == "Update"
     assert m.pre_image is not None and m.post_image is not None
-    parties = [v for v in (m.post_image.attributes | m.pre_image.attributes).values()
+    parties = [v for v in {**m.post_image.attributes, **m.pre_image.attributes}.values()
                if isinstance(v, tuple) and v and isinstance(v[0], Entity)]
     assert parties, "an EntityCollection of activityparty rows"
     party = parties[0][0]
