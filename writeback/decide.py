@@ -15,7 +15,7 @@ from typing import Any, Literal
 from writeback.errors import WritebackError
 from writeback.mapping import Row, build_assignments, choice_key, convert, present, render, validate
 from writeback.maps import EntityMap, MapSet
-from writeback.messages import EntityRef, Message, parse_message
+from writeback.messages import EntityRef, Message, label, parse_message
 from writeback.paths import Assignment, Select
 from writeback.paths import Field as PathField
 from writeback.reasons import Reason
@@ -141,7 +141,7 @@ def decide(message: Message, maps: MapSet, settings: Settings) -> Decision:
     entity_map = maps.get(message.table)
     if entity_map is None or not entity_map.writeback:
         why = "has no entity map" if entity_map is None else "has writeback disabled in its entity map"
-        return _skip(Reason.NO_ENTITY_MAP, f"Table {message.table} {why}.", message)
+        return _skip(Reason.NO_ENTITY_MAP, f"Table {label(message.table)} {why}.", message)
     if message.message_name not in entity_map.messages:
         return _skip(Reason.UNSUPPORTED_MESSAGE,
                      f"Message {message.message_name[:40]} is not supported for table {message.table}.", message)

@@ -53,7 +53,10 @@ def _number(value: Value) -> int | float | None:
     if isinstance(value, Money):
         value = value.value
     if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() and abs(value) < 2**53 else float(value)
+        try:  # an exponent beyond the decimal context (e.g. 1E+1000000) overflows: no FHIR decimal either
+            return int(value) if abs(value) < 2**53 and value == value.to_integral_value() else float(value)
+        except ArithmeticError:
+            return None
     if isinstance(value, int | float):
         return value
     return None

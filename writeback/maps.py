@@ -237,7 +237,11 @@ def _read_spec(path: Path) -> EntityMapSpec:
     try:
         return EntityMapSpec.model_validate(raw)
     except ValidationError as exc:
-        where, problem = _format_error(exc.errors()[0])
+        errors = exc.errors()
+        # `resource: str | ResourceChoice`: for a mapping, the str branch's "valid string" hides the real fault.
+        first = next((e for e in errors if not (e.get("type") == "string_type" and isinstance(e.get("input"), dict))),
+                     errors[0])
+        where, problem = _format_error(first)
         raise MapError(file, where, problem) from None
 
 

@@ -24,6 +24,8 @@ MAX_BODY_BYTES = 1024 * 1024  # Dataverse caps bodies at 192 KB; anything near a
 MAX_VALUE_DEPTH = 12  # An Entity inside an EntityCollection inside an Entity is as deep as real bodies go.
 
 _DATE = re.compile(r"^/Date\((-?\d{1,15})([+-]\d{4})?\)/$")
+# A UTF-16 surrogate, escaped or raw: valid only in pairs; a lone one cannot be written out as UTF-8 again.
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|[\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +160,15 @@ def _unwrap_primitive(raw: object) -> object:
     return raw
 
 
+def _decimal(raw: int | float | str) -> Decimal | None:
+    """A finite Decimal, or None: NaN and Infinity are no Dataverse number, and sNaN raises on comparison."""
+    try:
+        number = Decimal(str(raw))
+    except ArithmeticError:
+        return None
+    return number if number.is_finite() else None
+
+
 def parse_value(raw: object, where: str, depth: int = 0) -> Value:
     if depth > MAX_VALUE_DEPTH:
         raise _fail(f"{where} is nested too deeply")
@@ -180,10 +191,10 @@ def parse_value(raw: object, where: str, depth: int = 0) -> Value:
                 raise _fail(f"{where} is not a /Date(...)/ value")
             return when
         if type_name == "Decimal" and isinstance(inner, int | float | str) and not isinstance(inner, bool):
-            try:
-                return Decimal(str(inner))
-            except ArithmeticError:
-                raise _fail(f"{where} is not a decimal") from None
+            number = _decimal(inner)
+            if number is None:
+                raise _fail(f"{where} is not a decimal")
+            return number
         if isinstance(inner, str | int | float | bool) or inner is None:
             return inner
         raise _fail(f"{where} wraps an unreadable value")
@@ -196,10 +207,10 @@ def parse_value(raw: object, where: str, depth: int = 0) -> Value:
         value = raw.get("Value")
         if not isinstance(value, int | float | str) or isinstance(value, bool):
             raise _fail(f"{where} is a Money without a numeric Value")
-        try:
-            return Money(Decimal(str(value)))
-        except ArithmeticError:
-            raise _fail(f"{where} is a Money without a numeric Value") from None
+        amount = _decimal(value)
+        if amount is None:
+            raise _fail(f"{where} is a Money without a numeric Value")
+        return Money(amount)
     if type_name == "EntityReference":
         logical = raw.get("LogicalName")
         name = raw.get("Name")
@@ -214,6 +225,11 @@ def parse_value(raw: object, where: str, depth: int = 0) -> Value:
     if type_name == "Entity" or (type_name is None and "Attributes" in raw and "LogicalName" in raw):
         return parse_entity(raw, where, depth + 1)
     return Opaque(type_name or "object")
+
+
+def label(name: str) -> str:
+    """A sender-chosen name (column, image, table) as error texts show it: bounded, like MessageName's [:40]."""
+    return name if len(name) <= 64 else name[:64] + "..."
 
 
 def _pairs(raw: object, where: str) -> list[tuple[str, object]]:
@@ -241,7 +257,7 @@ def parse_entity(raw: object, where: str, depth: int = 0) -> Entity:
     raw_id = raw.get("Id")
     entity_id = None if raw_id is None else parse_guid(raw_id, f"{where}.Id")
     attributes = {
-        key: parse_value(value, f"{where}.Attributes[{key}]", depth + 1)
+        key: parse_value(value, f"{where}.Attributes[{label(key)}]", depth + 1)
         for key, value in _pairs(raw.get("Attributes"), f"{where}.Attributes")
     }
     formatted = {k: v for k, v in _pairs(raw.get("FormattedValues"), f"{where}.FormattedValues")
@@ -254,7 +270,7 @@ def _first_image(raw: object, where: str) -> Entity | None:
     if not images:
         return None
     name, value = images[0]
-    return parse_entity(value, f"{where}[{name}]") if value is not None else None
+    return parse_entity(value, f"{where}[{label(name)}]") if value is not None else None
 
 
 def _int_or_none(raw: object) -> int | None:
@@ -315,6 +331,13 @@ def decode_body(body: bytes | str, content_type: str | None = None) -> Mapping[s
         raise _fail(f"body is not valid JSON{where}") from None
     if not isinstance(data, dict):
         raise _fail("body is not a JSON object")
+    if _SURROGATE.search(text):
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise _fail("body holds an unpaired UTF-16 surrogate (not valid Unicode text)") from None
+        except (ValueError, RecursionError):
+            raise _fail("body is nested too deeply") from None
     return data
 
 

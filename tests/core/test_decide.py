@@ -1,0 +1,765 @@
+"""`plan_message`: every reason code the core produces, every map action, and update diffs.
+
+Bodies are built with `devtools.messages.context`, the encoder the shipped samples were made with.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devtools.messages import CONTRACTS, Choice, Lookup, context
+from devtools.samples import (
+    CLINICIAN,
+    ENCOUNTER,
+    IDENTIFIER,
+    OBSERVATION,
+    PATIENT,
+    PATIENT_TYPE,
+    PRACTITIONER,
+    PRACTITIONER_TYPE,
+    RELATED_TYPE,
+    SAMPLES,
+    SYNC_USER,
+    T0,
+)
+from writeback.decide import Decision, WritePlan, plan_message
+from writeback.maps import MapSet, load_maps
+from writeback.paths import apply
+from writeback.reasons import Reason
+from writeback.settings import DEFAULT_MAPS_DIR, Settings
+
+PUBLIC = Path(__file__).resolve().parents[3] / "shared" / "samples" / "dataverse-public"
+MAPS = load_maps(DEFAULT_MAPS_DIR)
+SETTINGS = Settings()
+CANARY = "CANARY-7731"
+
+Body = dict[str, Any]
+
+
+def plan(
+    body: Body | str | bytes,
+    properties: Mapping[str, Any] | None = None,
+    *,
+    maps: MapSet = MAPS,
+    settings: Settings = SETTINGS,
+    content_type: str | None = None,
+) -> Decision:
+    raw = body if isinstance(body, str | bytes) else json.dumps(body)
+    return plan_message(raw, properties, maps, settings, content_type)
+
+
+def written(decision: Decision) -> WritePlan:
+    assert decision.decision == "write", (decision.reason, decision.detail)
+    assert decision.reason is None and decision.plan is not None
+    return decision.plan
+
+
+def sample(name: str) -> bytes:
+    return (SAMPLES / name).read_bytes()
+
+
+def patient_row(**changes: object) -> dict[str, object]:
+    row: dict[str, object] = {
+        "contactid": PATIENT, "msemr_contacttype": PATIENT_TYPE, "msemr_azurefhirsyncenabled": True,
+        "firstname": "Rosalind", "middlename": "Elsie", "lastname": "Quintero", "birthdate": date(1987, 7, 25),
+        "gendercode": Choice(2), "telephone1": "+1 206 555 0142", "mobilephone": "+1 206 555 0199",
+        "emailaddress1": "r.quintero@example.org", "versionnumber": 1001, "modifiedon": T0,
+    }
+    row.update(changes)
+    return {k: v for k, v in row.items() if v is not ...}
+
+
+def patient_update(target: Mapping[str, object], pre: Mapping[str, object] | None = None, **kw: Any) -> Body:
+    """An Update with pre and post images, as a step registered with both images sends it."""
+    before = patient_row(**(pre or {}))
+    after = {**before, **target}
+    post = {k: v for k, v in after.items() if v is not None}  # images leave out empty columns
+    return context("Update", "contact", PATIENT, target, pre=before, post=post, **kw)
+
+
+def encounter_row(**changes: object) -> dict[str, object]:
+    row: dict[str, object] = {
+        "msemr_encounterid": ENCOUNTER, "msemr_encounterstatus": Choice(935000005),
+        "msemr_encounterclass": Choice(935000001), "msemr_subjectpatient": Lookup("contact", PATIENT),
+        "msemr_encounterstartdate": T0, "msemr_encounterenddate": T0.replace(hour=10),
+    }
+    row.update(changes)
+    return {k: v for k, v in row.items() if v is not ...}
+
+
+def server_patient() -> dict[str, Any]:
+    """What the FHIR server holds for the sample patient, including elements no map names."""
+    return {
+        "resourceType": "Patient", "id": "pat-1", "meta": {"versionId": "3"},
+        "text": {"status": "generated", "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\">Rosalind</div>"},
+        "extension": [{"url": "http://example.org/fhir/StructureDefinition/preferred-pharmacy",
+                       "valueString": "Harbor Pharmacy"}],
+        "identifier": [{"system": "urn:dataverse:contact", "value": PATIENT},
+                       {"system": "http://hospital.example.org/mrn", "value": "MRN-0042731", "use": "official"}],
+        "name": [{"use": "official", "family": "Quintero", "given": ["Rosalind", "Elsie"]},
+                 {"use": "nickname", "given": ["Roz"]}],
+        "telecom": [{"system": "phone", "use": "work", "value": "+1 206 555 0142"},
+                    {"system": "phone", "use": "mobile", "value": "+1 206 555 0199"},
+                    {"system": "email", "value": "r.quintero@example.org"}],
+        "gender": "female", "birthDate": "1987-07-25",
+        "communication": [{"language": {"text": "Spanish"}, "preferred": True}],
+    }
+
+
+def delete_body(table: str, row_id: str) -> Body:
+    body = context("Delete", "contact", row_id, None)
+    body["PrimaryEntityName"] = table
+    body["InputParameters"] = [{"key": "Target", "value": {
+        "__type": f"EntityReference:{CONTRACTS}", "Id": row_id, "LogicalName": table, "Name": None}}]
+    return body
+
+
+def maps_with(tmp_path: Path, files: Mapping[str, str]) -> MapSet:
+    folder = tmp_path / "maps"
+    folder.mkdir(exist_ok=True)
+    for source in DEFAULT_MAPS_DIR.glob("*.yaml"):
+        (folder / source.name).write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    return load_maps(folder)
+
+
+def shipped(name: str) -> str:
+    return (DEFAULT_MAPS_DIR / name).read_text(encoding="utf-8")
+
+
+# ---- every reason code the core produces -------------------------------------------------------
+
+Case = tuple[Callable[[], Body | str | bytes], Mapping[str, Any] | None, Settings, str | None, str, Reason]
+ECHO_SETTINGS = Settings(ignore_user_ids=frozenset({SYNC_USER}))
+DROPPED = {"MessageMaxSizeExceeded": "true"}
+
+CASES: dict[str, Case] = {
+    "table without a map": ((PUBLIC / "01_account_update_sample1.json").read_bytes, None, SETTINGS,
+                            None, "skip", Reason.NO_ENTITY_MAP),
+    "delete": (lambda: delete_body("contact", PATIENT), None, SETTINGS, None, "skip", Reason.UNSUPPORTED_MESSAGE),
+    "assign": (lambda: context("Assign", "contact", PATIENT, patient_row()), None, SETTINGS, None, "skip",
+               Reason.UNSUPPORTED_MESSAGE),
+    "consent no": (lambda: sample("08_patient_consent_withheld.json"), None, SETTINGS, None, "skip",
+                   Reason.CONSENT_WITHHELD),
+    "consent absent": (lambda: context("Create", "contact", PATIENT, patient_row(msemr_azurefhirsyncenabled=...)),
+                       None, SETTINGS, None, "skip", Reason.CONSENT_WITHHELD),
+    "echo": (lambda: sample("07_patient_update_echo.json"), None, ECHO_SETTINGS, None, "skip", Reason.ECHO),
+    "no change": (lambda: patient_update({"versionnumber": 1002}), None, SETTINGS, None, "skip", Reason.NO_CHANGE),
+    "related person": (lambda: sample("10_relatedperson_create.json"), None, SETTINGS, None, "reject",
+                       Reason.INVALID_CONTACT_TYPE),
+    "contact type missing": (lambda: context("Create", "contact", PATIENT, patient_row(msemr_contacttype=...)),
+                             None, SETTINGS, None, "reject", Reason.INVALID_CONTACT_TYPE),
+    "identifier without parent": (lambda: context("Create", "msemr_medicalidentifier", IDENTIFIER, {
+        "msemr_identifiersystem": "http://hospital.example.org/mrn", "msemr_value": "MRN-1"}), None, SETTINGS,
+        None, "reject", Reason.MISSING_PARENT_LINK),
+    "invalid resource": (lambda: context("Create", "contact", PATIENT, patient_row(birthdate=CANARY)), None,
+                         SETTINGS, None, "reject", Reason.INVALID_RESOURCE),
+    "xml body": (lambda: b'<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"/>', None, SETTINGS,
+                 None, "reject", Reason.UNSUPPORTED_FORMAT),
+    "binary xml content type": (lambda: sample("01_patient_create.json"), None, SETTINGS, "application/msbin1",
+                                "reject", Reason.UNSUPPORTED_FORMAT),
+    "broken json": (lambda: sample("09_broken_body.json"), None, SETTINGS, None, "reject",
+                    Reason.MALFORMED_MESSAGE),
+    "no target": (lambda: context("Update", "contact", PATIENT, None), None, SETTINGS, None, "reject",
+                  Reason.MALFORMED_MESSAGE),
+    "payload dropped": (lambda: context("Update", "contact", PATIENT, None), DROPPED, SETTINGS, None, "reject",
+                        Reason.PAYLOAD_DROPPED),
+}
+
+# The codes the pure core can give; duplicate/stale and the FHIR ones come from the pipeline.
+CORE_REASONS = {
+    Reason.NO_ENTITY_MAP, Reason.UNSUPPORTED_MESSAGE, Reason.CONSENT_WITHHELD, Reason.ECHO, Reason.NO_CHANGE,
+    Reason.INVALID_CONTACT_TYPE, Reason.MISSING_PARENT_LINK, Reason.INVALID_RESOURCE, Reason.UNSUPPORTED_FORMAT,
+    Reason.MALFORMED_MESSAGE, Reason.PAYLOAD_DROPPED,
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_reason_codes(name):
+    make, properties, settings, content_type, decision, reason = CASES[name]
+    d = plan(make(), properties, settings=settings, content_type=content_type)
+    assert (d.decision, d.reason) == (decision, reason), d.detail
+    assert d.reason is not None and d.reason.kind.value == decision  # the code's class settles the message
+    assert d.plan is None and d.detail
+
+
+def test_every_core_reason_code_has_a_case():
+    assert {case[-1] for case in CASES.values()} == CORE_REASONS
+
+
+# ---- skips -------------------------------------------------------------------------------------
+
+
+def test_no_entity_map_names_the_table():
+    d = plan(context("Create", "account", PATIENT, {"name": "Contoso"}))
+    assert d.reason is Reason.NO_ENTITY_MAP and "account" in d.detail
+    assert d.table == "account"
+
+
+def test_writeback_disabled_in_the_map(tmp_path):
+    maps = maps_with(tmp_path, {"contact.yaml": shipped("contact.yaml").replace("writeback: true",
+                                                                                 "writeback: false")})
+    d = plan(sample("01_patient_create.json"), maps=maps)
+    assert (d.decision, d.reason) == ("skip", Reason.NO_ENTITY_MAP)
+    assert "disabled" in d.detail
+    assert written(plan(sample("05_encounter_create.json"), maps=maps))  # other tables are unaffected
+
+
+def test_message_the_map_does_not_list(tmp_path):
+    maps = maps_with(tmp_path, {"contact.yaml": shipped("contact.yaml").replace("messages: [Create, Update]",
+                                                                                 "messages: [Create]")})
+    d = plan(sample("02_patient_update_phone.json"), maps=maps)
+    assert (d.decision, d.reason) == ("skip", Reason.UNSUPPORTED_MESSAGE)
+    assert "Update" in d.detail
+    assert written(plan(sample("01_patient_create.json"), maps=maps)).operation == "create"
+
+
+def test_consent_is_required_for_patients_only():
+    no = plan(sample("08_patient_consent_withheld.json"))
+    assert no.reason is Reason.CONSENT_WITHHELD and "is not Yes" in no.detail
+    assert no.resource_type == "Patient"
+    absent = plan(context("Create", "contact", PATIENT, patient_row(msemr_azurefhirsyncenabled=...)))
+    assert absent.reason is Reason.CONSENT_WITHHELD and "not in the message" in absent.detail
+    # A practitioner has no consent column and is written.
+    assert written(plan(sample("03_practitioner_create.json"))).resource_type == "Practitioner"
+
+
+@pytest.mark.parametrize(("value", "consented"), [
+    (True, True), (False, False), (None, False), (Choice(1), True), (Choice(0), False), ("true", True),
+    ("no", False),
+])
+def test_consent_values(value, consented):
+    d = plan(context("Create", "contact", PATIENT, patient_row(msemr_azurefhirsyncenabled=value)))
+    assert (d.decision == "write") is consented
+    if not consented:
+        assert d.reason is Reason.CONSENT_WITHHELD
+
+
+def test_consent_column_comes_from_the_setting():
+    settings = Settings(consent_column="new_fhirconsent")
+    body = context("Create", "contact", PATIENT, patient_row())
+    d = plan(body, settings=settings)
+    assert d.reason is Reason.CONSENT_WITHHELD and "new_fhirconsent" in d.detail
+    body = context("Create", "contact", PATIENT, patient_row(new_fhirconsent=True, msemr_azurefhirsyncenabled=False))
+    assert written(plan(body, settings=settings))
+
+
+def test_consent_is_read_from_the_post_image_on_update():
+    # The Target of an update holds only the changed column; consent and type come from the images.
+    assert written(plan(sample("02_patient_update_phone.json"))).operation == "update"
+    body = patient_update({"telephone1": "+1 206 555 0177"}, pre={"msemr_azurefhirsyncenabled": False})
+    assert plan(body).reason is Reason.CONSENT_WITHHELD
+    withdrawn = patient_update({"msemr_azurefhirsyncenabled": False, "telephone1": "+1 206 555 0177"})
+    assert plan(withdrawn).reason is Reason.CONSENT_WITHHELD
+
+
+def test_echo_by_initiating_user_setting_or_application_property():
+    body = sample("07_patient_update_echo.json")
+    settings = Settings.for_planning({"WRITEBACK_IGNORE_USER_IDS": f" {SYNC_USER.upper()} , 11111111-2222-"
+                                                                   "3333-4444-555555555555"})
+    d = plan(body, settings=settings)
+    assert (d.decision, d.reason) == ("skip", Reason.ECHO)
+    assert "WRITEBACK_IGNORE_USER_IDS" in d.detail
+    # Without the setting the same message is no echo (it is refused for lack of a contact type instead).
+    assert plan(body).reason is not Reason.ECHO
+    # The sync user may be named only by the Service Bus application properties.
+    clinician_body = patient_update({"lastname": "Quintero-Hale"}, user_id=CLINICIAN)
+    assert written(plan(clinician_body, settings=ECHO_SETTINGS))
+    claims = {"http://schemas.microsoft.com/xrm/2011/Claims/InitiatingUser": SYNC_USER.upper()}
+    assert plan(clinician_body, claims, settings=ECHO_SETTINGS).reason is Reason.ECHO
+
+
+def test_echo_wins_over_a_missing_payload():
+    body = context("Update", "contact", PATIENT, None, user_id=SYNC_USER)
+    assert plan(body, DROPPED, settings=ECHO_SETTINGS).reason is Reason.ECHO
+
+
+def test_update_changing_no_mapped_column():
+    body = patient_update({"versionnumber": 1002, "modifiedon": T0.replace(hour=11), "msemr_azurefhirversion": "4",
+                           "description": "internal note"})
+    d = plan(body)
+    assert (d.decision, d.reason) == ("skip", Reason.NO_CHANGE)
+    assert d.resource_type == "Patient"
+    # Target-only update: a mapped column must be in the Target.
+    target_only = context("Update", "msemr_encounter", ENCOUNTER, {"msemr_name": "Renamed visit"})
+    assert plan(target_only).reason is Reason.NO_CHANGE
+    # Saving a mapped column with the value it already had is no change either.
+    assert plan(patient_update({"lastname": "Quintero"})).reason is Reason.NO_CHANGE
+
+
+def test_create_with_no_mapped_value_is_no_change():
+    body = context("Create", "contact", PATIENT, {"msemr_contacttype": PRACTITIONER_TYPE, "description": "x"})
+    d = plan(body)
+    assert (d.decision, d.reason) == ("skip", Reason.NO_CHANGE)
+
+
+# ---- rejects -----------------------------------------------------------------------------------
+
+
+def test_invalid_contact_type_missing_or_related_person():
+    related = plan(sample("10_relatedperson_create.json"))
+    assert related.reason is Reason.INVALID_CONTACT_TYPE
+    assert "msemr_contacttype" in related.detail and "not a mapped type" in related.detail
+    missing = plan(context("Create", "contact", PATIENT, patient_row(msemr_contacttype=...)))
+    assert missing.reason is Reason.INVALID_CONTACT_TYPE and "not in the message" in missing.detail
+    cleared = plan(context("Create", "contact", PATIENT, patient_row(msemr_contacttype=None)))
+    assert cleared.reason is Reason.INVALID_CONTACT_TYPE
+    unknown = plan(context("Create", "contact", PATIENT, patient_row(msemr_contacttype=Choice(935000009))))
+    assert unknown.reason is Reason.INVALID_CONTACT_TYPE
+    assert plan(context("Create", "contact", PATIENT, patient_row(msemr_contacttype=RELATED_TYPE))).decision == "reject"
+
+
+def test_missing_parent_link_names_the_lookup():
+    body = context("Create", "msemr_medicalidentifier", IDENTIFIER, {
+        "msemr_assignee": None, "msemr_identifiersystem": "http://hospital.example.org/mrn", "msemr_value": "M1"})
+    d = plan(body)
+    assert (d.decision, d.reason) == ("reject", Reason.MISSING_PARENT_LINK)
+    assert "msemr_assignee" in d.detail and "contact" in d.detail
+
+
+def test_expansion_row_without_its_key_column():
+    body = context("Create", "msemr_medicalidentifier", IDENTIFIER, {
+        "msemr_assignee": Lookup("contact", PATIENT), "msemr_value": "M1"})
+    d = plan(body)
+    assert d.reason is Reason.MISSING_PARENT_LINK and "msemr_identifiersystem" in d.detail
+
+
+@pytest.mark.parametrize(("table", "row_id", "row", "named", "secret"), [
+    ("contact", PATIENT, patient_row(birthdate=CANARY), "birthdate", CANARY),
+    ("contact", PATIENT, patient_row(birthdate="1987-02-30"), "Patient.birthDate", "1987-02-30"),  # by FHIR
+    ("contact", PATIENT, patient_row(gendercode=CANARY), "gendercode", CANARY),
+    ("contact", PATIENT, patient_row(telephone1=Lookup("contact", PRACTITIONER)), "telephone1", PRACTITIONER),
+    ("msemr_encounter", ENCOUNTER, encounter_row(msemr_subjectpatient=CANARY), "msemr_subjectpatient", CANARY),
+    ("msemr_encounter", ENCOUNTER, encounter_row(msemr_encounterlength=CANARY), "msemr_encounterlength", CANARY),
+    ("msemr_encounter", ENCOUNTER, encounter_row(msemr_encounterstartdate=f"2026-13-45 {CANARY}"),
+     "msemr_encounterstartdate", CANARY),
+])
+def test_invalid_resource_names_the_element_never_the_value(table, row_id, row, named, secret):
+    d = plan(context("Create", table, row_id, row))
+    assert (d.decision, d.reason) == ("reject", Reason.INVALID_RESOURCE), d.detail
+    assert named in d.detail
+    assert secret not in json.dumps(d.as_json())
+
+
+def test_required_element_missing_on_create():
+    d = plan(context("Create", "msemr_encounter", ENCOUNTER, encounter_row(msemr_encounterstatus=...)))
+    assert d.reason is Reason.INVALID_RESOURCE and "Encounter.status" in d.detail
+
+
+def test_choice_value_the_map_does_not_translate():
+    d = plan(context("Create", "contact", PATIENT, patient_row(gendercode=Choice(935000077))))
+    assert d.reason is Reason.INVALID_RESOURCE
+    assert "gendercode" in d.detail and "935000077" not in d.detail
+
+
+def test_unsupported_format_says_how_to_fix_it():
+    d = plan(b"\x56\x02\x0b\x01s\x04\x0b\x01a\x06V\x08D\n\x1e\x00\x82\xff\xfe")
+    assert d.reason is Reason.UNSUPPORTED_FORMAT and "JSON" in d.detail
+    assert plan(b"<Envelope/>").reason is Reason.UNSUPPORTED_FORMAT
+    assert plan(sample("01_patient_create.json"), content_type="application/xml").reason is Reason.UNSUPPORTED_FORMAT
+    assert written(plan(sample("01_patient_create.json"), content_type="application/json; charset=utf-8"))
+
+
+@pytest.mark.parametrize("body", [
+    b"{}",
+    b'{"MessageName": "Create", "PrimaryEntityName": "contact"}',
+    json.dumps({**context("Create", "contact", PATIENT, None), "InputParameters": [{"key": "Target",
+                                                                                    "value": "contact"}]}),
+    json.dumps({**context("Create", "contact", PATIENT, None), "InputParameters": {"Target": {}}}),
+    json.dumps(context("Create", "contact", PATIENT, {"firstname": {"__type": "OptionSetValue:x", "Value": "1"}})),
+])
+def test_malformed_messages(body):
+    d = plan(body)
+    assert (d.decision, d.reason) == ("reject", Reason.MALFORMED_MESSAGE), d.detail
+
+
+def test_create_without_target_or_post_image_is_malformed_unless_the_payload_was_dropped():
+    body = context("Create", "contact", PATIENT, None)
+    assert plan(body).reason is Reason.MALFORMED_MESSAGE
+    d = plan(body, {"MessageMaxSizeExceeded": True})
+    assert d.reason is Reason.PAYLOAD_DROPPED and "MessageMaxSizeExceeded" in d.detail
+    assert plan(body, {"MessageMaxSizeExceeded": "false"}).reason is Reason.MALFORMED_MESSAGE
+
+
+def test_payload_dropped_even_if_a_body_came_through():
+    d = plan(sample("01_patient_create.json"), DROPPED)
+    assert (d.decision, d.reason) == ("reject", Reason.PAYLOAD_DROPPED)
+
+
+@pytest.mark.parametrize("raw", [
+    {"__type": "Decimal:#System", "__value": "sNaN"},
+    {"__type": "Decimal:#System", "__value": "NaN"},
+    {"__type": f"Money:{CONTRACTS}", "Value": "Infinity"},
+    {"__type": f"Money:{CONTRACTS}", "Value": "sNaN"},
+])
+def test_numbers_dataverse_never_sends_are_malformed(raw):
+    # Regression: a signalling NaN raised decimal.InvalidOperation out of plan_message.
+    body = context("Create", "msemr_encounter", ENCOUNTER, encounter_row())
+    body["InputParameters"][0]["value"]["Attributes"].append({"key": "msemr_encounterlength", "value": raw})
+    assert plan(body).reason is Reason.MALFORMED_MESSAGE
+    update = context("Update", "msemr_encounter", ENCOUNTER, {"msemr_encounterlength": 3}, pre=encounter_row())
+    update["PreEntityImages"][0]["value"]["Attributes"].append({"key": "msemr_encounterlength", "value": raw})
+    assert plan(update).reason is Reason.MALFORMED_MESSAGE
+
+
+def test_decimal_beyond_any_fhir_decimal_is_invalid_not_a_crash():
+    # Regression: 1E+1000000 raised decimal.Overflow while converting.
+    body = context("Create", "msemr_encounter", ENCOUNTER, encounter_row())
+    body["InputParameters"][0]["value"]["Attributes"].append(
+        {"key": "msemr_encounterlength", "value": {"__type": "Decimal:#System", "__value": "1E+1000000"}})
+    d = plan(body)
+    assert d.reason is Reason.INVALID_RESOURCE and "msemr_encounterlength" in d.detail
+
+
+def test_lone_surrogate_is_malformed_so_the_decision_can_be_printed():
+    # Regression: a lone \ud800 in the table name made the decision impossible to print as UTF-8 (CLI traceback).
+    text = json.dumps(context("Create", "contact", PATIENT, patient_row())).replace('"contact"', '"con\\ud800tact"')
+    d = plan(text)
+    assert d.reason is Reason.MALFORMED_MESSAGE and "surrogate" in d.detail
+    json.dumps(d.as_json(), ensure_ascii=False).encode("utf-8")
+    # A proper pair (an emoji escaped the way json.dumps writes it) is fine.
+    emoji = json.dumps(context("Create", "contact", PATIENT, patient_row(firstname="Ros\U0001f600")))
+    assert "\\ud83d\\ude00" in emoji
+    plan_ = written(plan(emoji))
+    assert plan_.resource["name"][0]["given"][0] == "Ros\U0001f600"
+
+
+def test_names_a_sender_chooses_are_bounded_in_the_detail():
+    # Regression: a 5000-character table or column name was copied whole into the detail (and so into logs,
+    # the dead-letter description and the outcome row).
+    d = plan(context("Create", "x" * 5000, PATIENT, {"name": "x"}))
+    assert d.reason is Reason.NO_ENTITY_MAP and len(d.detail) < 200
+    assert d.table == "x" * 5000  # the data itself is kept
+    bad = {"__type": f"OptionSetValue:{CONTRACTS}", "Value": "one"}
+    d = plan(context("Create", "contact", PATIENT, {**patient_row(), "y" * 5000: bad}))
+    assert d.reason is Reason.MALFORMED_MESSAGE and len(d.detail) < 300 and "yyyy" in d.detail
+
+
+# ---- creates and identity ----------------------------------------------------------------------
+
+
+def test_patient_create_writes_every_mapped_column_and_the_row_identifier():
+    p = written(plan(sample("01_patient_create.json")))
+    assert p.operation == "create" and p.resource_type == "Patient"
+    assert p.target.fhir_id is None
+    assert p.target.search == f"identifier=urn:dataverse:contact|{PATIENT}"
+    r = p.resource
+    assert r["identifier"] == [{"system": "urn:dataverse:contact", "value": PATIENT}]
+    assert r["name"] == [{"use": "official", "given": ["Rosalind", "Elsie"], "family": "Quintero"}]
+    assert r["gender"] == "female" and r["birthDate"] == "1987-07-25"
+    assert {(t["system"], t.get("use"), t["value"]) for t in r["telecom"]} == {
+        ("phone", "work", "+1 206 555 0142"), ("phone", "mobile", "+1 206 555 0199"),
+        ("email", None, "r.quintero@example.org")}
+    assert r["address"] == [{"use": "home", "line": ["1200 Harbor Way"], "city": "Seattle", "state": "WA",
+                             "postalCode": "98101", "country": "US"}]
+    assert set(r) == {"resourceType", "identifier", "name", "gender", "birthDate", "telecom", "address"}
+    assert p.changes == ("address", "birthDate", "gender", "identifier", "name", "telecom")
+    assert p.source.request_id is not None and p.source.row_version == 1001
+    assert p.source.initiating_user_id == CLINICIAN and p.source.modified_on == T0
+
+
+def test_row_with_a_fhir_id_updates_that_resource():
+    d = plan(context("Create", "contact", PATIENT, patient_row(msemr_azurefhirid="pat-123")))
+    p = written(d)
+    assert p.operation == "update" and p.target.fhir_id == "pat-123"
+    assert "id" not in p.resource  # the server owns the id; the target carries it
+    bad = written(plan(context("Create", "contact", PATIENT, patient_row(msemr_azurefhirid="not an id!"))))
+    assert bad.target.fhir_id is None and bad.operation == "create"
+
+
+def test_practitioner_create():
+    p = written(plan(sample("03_practitioner_create.json")))
+    assert p.resource_type == "Practitioner"
+    assert p.resource["identifier"] == [{"system": "urn:dataverse:contact", "value": PRACTITIONER}]
+
+
+def test_encounter_create_uses_value_maps_default_and_lookup():
+    p = written(plan(sample("05_encounter_create.json")))
+    r = p.resource
+    assert r["status"] == "finished"
+    assert r["class"] == {"code": "AMB", "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode"}
+    assert r["subject"] == {"type": "Patient", "identifier": {"system": "urn:dataverse:contact", "value": PATIENT}}
+    assert r["period"] == {"start": "2026-11-02T09:30:00Z", "end": "2026-11-02T10:30:00Z"}
+
+
+def test_observation_create():
+    r = written(plan(sample("06_observation_create.json"))).resource
+    assert r["code"]["coding"] == [{"system": "urn:dataverse:msemr_codeableconcept",
+                                    "code": "1d4f7a29-8c3e-4b6a-9f2d-5e0c8b1a7f87"}]
+    assert r["encounter"]["identifier"] == {"system": "urn:dataverse:msemr_encounter", "value": ENCOUNTER}
+    assert r["valueQuantity"] == {"value": 72, "unit": "beats/minute", "system": "http://unitsofmeasure.org"}
+    assert r["issued"] == "2026-11-02T09:45:00Z" and r["effectiveDateTime"] == "2026-11-02T09:30:00Z"
+
+
+def test_medical_identifier_updates_its_parent_patient():
+    p = written(plan(sample("04_medicalidentifier_create.json")))
+    assert p.operation == "update" and p.resource_type == "Patient"
+    assert (p.target.identifier_system, p.target.identifier_value, p.target.fhir_id) == (
+        "urn:dataverse:contact", PATIENT, None)
+    assert p.resource["identifier"] == [{
+        "system": "http://hospital.example.org/mrn", "value": "MRN-0042731", "use": "official",
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]}}]
+    merged = apply(server_patient(), p.assignments)
+    assert merged["identifier"][0] == {"system": "urn:dataverse:contact", "value": PATIENT}
+    assert len(merged["identifier"]) == 2  # the existing MRN item is updated in place, not duplicated
+
+
+def test_medical_identifier_system_change_moves_the_same_item():
+    old = {"msemr_assignee": Lookup("contact", PATIENT), "msemr_identifiersystem": "http://hospital.example.org/mrn",
+           "msemr_value": "MRN-0042731"}
+    new_system = "http://hospital.example.org/mrn-v2"
+    body = context("Update", "msemr_medicalidentifier", IDENTIFIER, {"msemr_identifiersystem": new_system},
+                   pre=old, post={**old, "msemr_identifiersystem": new_system})
+    p = written(plan(body))
+    merged = apply(server_patient(), p.assignments)
+    assert merged["identifier"] == [{"system": "urn:dataverse:contact", "value": PATIENT},
+                                    {"system": new_system, "value": "MRN-0042731", "use": "official"}]
+
+
+# ---- map actions (a test map set with every type) -------------------------------------------
+
+NEW_PERSON = """
+table: new_person
+resource: Patient
+identity: {identifier_system: "urn:test:new_person"}
+attributes:
+  - {column: new_family, target: "name[use=official].family", type: string}
+  - {column: new_language, target: language, type: code}
+  - {column: new_birth, target: birthDate, type: date}
+  - {column: new_died, target: deceasedDateTime, type: dateTime}
+  - {column: new_active, target: active, type: boolean}
+  - {column: new_birthorder, target: multipleBirthInteger, type: integer}
+  - {column: new_gender, target: gender, action: value_map, values: {1: male, 2: female}}
+  - {column: new_doctor, target: "generalPractitioner[0]", action: lookup, resource: Practitioner}
+"""
+NEW_DOCTOR = """
+table: new_doctor
+resource: Practitioner
+identity: {identifier_system: "urn:test:new_doctor"}
+attributes:
+  - {column: new_name, target: "name[use=official].text"}
+"""
+NEW_MEASURE = """
+table: new_measure
+resource: Observation
+identity: {identifier_system: "urn:test:new_measure"}
+attributes:
+  - {column: new_isfinal, target: status, action: value_map, values: {true: final, false: preliminary}}
+  - {column: new_code, target: "code.coding[system=urn:test:codes].code", type: id}
+  - {target: code.text, action: default, value: Test measure}
+  - {column: new_patient, target: subject, action: lookup, resource: Patient}
+  - {column: new_when, target: effectiveDateTime, type: dateTime}
+  - {column: new_issued, target: issued, type: instant}
+  - {column: new_amount, target: valueQuantity.value, type: decimal}
+  - {column: new_unit, target: valueQuantity.unit, type: string, value: "1"}
+  - {column: new_comment, target: "note[0].text"}
+"""
+PERSON, MEASURE, DOCTOR = PATIENT, OBSERVATION, PRACTITIONER
+
+
+@pytest.fixture(scope="module")
+def action_maps(tmp_path_factory: pytest.TempPathFactory) -> MapSet:
+    folder = tmp_path_factory.mktemp("maps")
+    for name, text in {"new_person.yaml": NEW_PERSON, "new_doctor.yaml": NEW_DOCTOR,
+                       "new_measure.yaml": NEW_MEASURE}.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    return load_maps(folder)
+
+
+def person(maps: MapSet, **row: object) -> Decision:
+    return plan(context("Create", "new_person", PERSON, row), maps=maps)
+
+
+def measure(maps: MapSet, **row: object) -> Decision:
+    base: dict[str, object] = {"new_isfinal": True, "new_code": Lookup("new_codeableconcept", DOCTOR)}
+    return plan(context("Create", "new_measure", MEASURE, {**base, **row}), maps=maps)
+
+
+def element(d: Decision, name: str) -> Any:
+    return written(d).resource[name]
+
+
+@pytest.mark.parametrize(("column", "raw", "name", "expected"), [
+    ("new_family", "Okafor", "name", [{"use": "official", "family": "Okafor"}]),
+    ("new_family", 1234, "name", [{"use": "official", "family": "1234"}]),
+    ("new_language", "  es-MX ", "language", "es-MX"),  # code: trimmed
+    ("new_birth", date(1952, 1, 9), "birthDate", "1952-01-09"),
+    ("new_birth", "/Date(1709334000000+0100)/", "birthDate", "2024-03-02"),  # the sender's local date
+    ("new_birth", "1952-01-09", "birthDate", "1952-01-09"),
+    ("new_died", "/Date(1793611800000)/", "deceasedDateTime", "2026-11-02T09:30:00Z"),
+    ("new_died", "/Date(1709334000000+0100)/", "deceasedDateTime", "2024-03-02T00:00:00+01:00"),
+    ("new_active", True, "active", True),
+    ("new_active", False, "active", False),
+    ("new_birthorder", 2, "multipleBirthInteger", 2),
+    ("new_birthorder", {"__type": "Decimal:#System", "__value": "3"}, "multipleBirthInteger", 3),
+    ("new_gender", Choice(1), "gender", "male"),
+    ("new_gender", Choice(2), "gender", "female"),
+    ("new_gender", 2, "gender", "female"),  # a plain integer choice value
+    ("new_doctor", Lookup("new_doctor", DOCTOR), "generalPractitioner",
+     [{"type": "Practitioner", "identifier": {"system": "urn:test:new_doctor", "value": DOCTOR}}]),
+])
+def test_copy_value_map_and_lookup_on_a_patient(action_maps, column, raw, name, expected):
+    assert element(person(action_maps, **{column: raw}), name) == expected
+
+
+@pytest.mark.parametrize(("column", "raw", "problem"), [
+    ("new_birth", "25/07/1987", "is not a date"),
+    ("new_died", "yesterday", "is not a date and time"),
+    ("new_active", "yes", "is not a boolean"),
+    ("new_active", 1, "is not a boolean"),
+    ("new_birthorder", {"__type": "Decimal:#System", "__value": "2.5"}, "is not a integer"),
+    ("new_birthorder", "two", "is not a integer"),
+    ("new_family", True, "is not text"),
+    ("new_gender", Choice(3), "does not translate"),
+    ("new_gender", Decimal("1.5"), "does not translate"),
+    ("new_doctor", "Dr Okafor", "is not a lookup"),
+    ("new_family", {"__type": "Something:http://example.org", "x": 1}, "value kind"),
+    ("new_family", [Choice(1), Choice(2)], "value kind"),
+])
+def test_values_a_column_cannot_take(action_maps, column, raw, problem):
+    d = person(action_maps, **{column: raw})
+    assert (d.decision, d.reason) == ("reject", Reason.INVALID_RESOURCE)
+    assert column in d.detail and problem in d.detail
+
+
+def test_fhir_validation_failure_names_the_element_never_the_value(action_maps):
+    d = person(action_maps, new_language=f"{CANARY}  x")  # a code may not hold two spaces in a row
+    assert (d.decision, d.reason) == ("reject", Reason.INVALID_RESOURCE)
+    assert "Patient.language" in d.detail
+    assert CANARY not in json.dumps(d.as_json())
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (Decimal("72"), 72),  # Money
+    ({"__type": "Decimal:#System", "__value": "72.50"}, 72.5),
+    (36.6, 36.6),
+    (5, 5),
+])
+def test_copy_decimal(action_maps, raw, expected):
+    quantity = element(measure(action_maps, new_amount=raw), "valueQuantity")
+    assert quantity["value"] == expected and type(quantity["value"]) is type(expected)
+
+
+def test_copy_instant_datetime_and_id(action_maps):
+    r = written(measure(action_maps, new_when=T0, new_issued=T0.replace(minute=45))).resource
+    assert r["effectiveDateTime"] == "2026-11-02T09:30:00Z" and r["issued"] == "2026-11-02T09:45:00Z"
+    assert r["code"]["coding"] == [{"system": "urn:test:codes", "code": DOCTOR}]  # the row id is the code
+    assert measure(action_maps, new_issued="2026-11-02").reason is Reason.INVALID_RESOURCE  # an instant needs a time
+
+
+def test_copy_without_type_writes_the_value_as_it_is(action_maps):
+    assert element(measure(action_maps, new_comment="Taken at rest"), "note") == [{"text": "Taken at rest"}]
+
+
+def test_value_map_for_a_yes_no_column(action_maps):
+    assert element(measure(action_maps, new_isfinal=True), "status") == "final"
+    assert element(measure(action_maps, new_isfinal=False), "status") == "preliminary"
+
+
+def test_lookup_references_by_the_referenced_maps_identifier(action_maps):
+    subject = element(measure(action_maps, new_patient=Lookup("new_person", PERSON)), "subject")
+    assert subject == {"type": "Patient", "identifier": {"system": "urn:test:new_person", "value": PERSON}}
+
+
+def test_default_values(action_maps):
+    r = written(measure(action_maps, new_amount=5)).resource
+    assert r["code"]["text"] == "Test measure"  # a constant, on create
+    assert r["valueQuantity"] == {"value": 5, "unit": "1"}  # the column's fallback when it is empty
+    assert element(measure(action_maps, new_amount=5, new_unit="mmol/L"), "valueQuantity")["unit"] == "mmol/L"
+    # An update writes the constant no more (the server has it) and a cleared column falls back to its default.
+    update = context("Update", "new_measure", MEASURE, {"new_unit": None, "new_amount": 6})
+    p = written(plan(update, maps=action_maps))
+    assert p.resource == {"resourceType": "Observation", "valueQuantity": {"value": 6, "unit": "1"}}
+    assert "code" not in p.changes
+
+
+# ---- update diffs ------------------------------------------------------------------------------
+
+
+def test_pre_and_post_images_plan_only_the_changed_column():
+    p = written(plan(sample("02_patient_update_phone.json")))
+    assert p.operation == "update"
+    assert p.resource == {"resourceType": "Patient",
+                          "telecom": [{"system": "phone", "use": "work", "value": "+1 206 555 0177"}]}
+    assert p.changes == ("telecom",)
+    assert [a.element for a in p.assignments] == ["telecom"]
+    assert p.source.row_version == 1002
+
+
+def test_unchanged_columns_in_the_target_are_not_planned():
+    body = patient_update({"firstname": "Rosalind", "lastname": "Quintero-Hale", "gendercode": Choice(2)})
+    p = written(plan(body))
+    assert p.resource == {"resourceType": "Patient", "name": [{"use": "official", "family": "Quintero-Hale"}]}
+    assert p.changes == ("name",)
+
+
+def test_target_only_update_plans_the_columns_in_the_target():
+    body = context("Update", "msemr_encounter", ENCOUNTER,
+                   {"msemr_encounterstatus": Choice(935000006), "msemr_encounteridentifier": "ENC-2026-119",
+                    "versionnumber": 4002})
+    p = written(plan(body))
+    assert p.resource == {"resourceType": "Encounter", "status": "cancelled",
+                          "identifier": [{"use": "usual", "value": "ENC-2026-119"}]}
+    assert p.changes == ("identifier", "status")
+    assert p.operation == "update"
+
+
+def test_cleared_column_removes_the_element():
+    body = context("Update", "msemr_encounter", ENCOUNTER, {"msemr_encounterenddate": None})
+    p = written(plan(body))
+    assert p.changes == ("period",) and p.resource == {"resourceType": "Encounter"}
+    server = {"resourceType": "Encounter", "id": "enc-1", "status": "finished",
+              "period": {"start": "2026-11-02T09:30:00Z", "end": "2026-11-02T10:30:00Z"}}
+    assert apply(server, p.assignments) == {"resourceType": "Encounter", "id": "enc-1", "status": "finished",
+                                             "period": {"start": "2026-11-02T09:30:00Z"}}
+
+
+def test_cleared_phone_removes_its_telecom_item_only():
+    p = written(plan(patient_update({"telephone1": None})))
+    assert p.changes == ("telecom",)
+    merged = apply(server_patient(), p.assignments)
+    assert merged["telecom"] == [{"system": "phone", "use": "mobile", "value": "+1 206 555 0199"},
+                                 {"system": "email", "value": "r.quintero@example.org"}]
+
+
+def test_server_only_elements_are_never_planned():
+    body = patient_update({"lastname": "Quintero-Hale", "msemr_azurefhirid": "pat-1", "msemr_azurefhirversion": "4",
+                           "msemr_azurefhirlastupdatedon": T0, "versionnumber": 1002, "modifiedon": T0})
+    p = written(plan(body))
+    assert p.target.fhir_id == "pat-1"
+    assert set(p.resource) == {"resourceType", "name"}
+    assert p.changes == ("name",)
+    before = server_patient()
+    merged = apply(before, p.assignments)
+    for name in ("id", "meta", "text", "extension", "communication", "identifier", "gender", "birthDate",
+                 "telecom"):
+        assert merged[name] == before[name], name
+    assert merged["name"] == [{"use": "official", "family": "Quintero-Hale", "given": ["Rosalind", "Elsie"]},
+                              {"use": "nickname", "given": ["Roz"]}]
+
+
+def test_update_of_an_expansion_row_with_no_mapped_change():
+    row = {"msemr_assignee": Lookup("contact", PATIENT), "msemr_identifiersystem": "http://hospital.example.org/mrn",
+           "msemr_value": "MRN-0042731", "versionnumber": 3001}
+    body = context("Update", "msemr_medicalidentifier", IDENTIFIER, {"versionnumber": 3002}, pre=row,
+                   post={**row, "versionnumber": 3002})
+    assert plan(body).reason is Reason.NO_CHANGE
+
+
+def test_decision_as_json_shape():
+    d = plan(sample("02_patient_update_phone.json"))
+    out = d.as_json()
+    assert out["decision"] == "write" and out["reason"] is None
+    assert (out["table"], out["recordId"], out["message"], out["resourceType"]) == (
+        "contact", PATIENT, "Update", "Patient")
+    assert out["changes"] == ["telecom"] and out["resource"]["resourceType"] == "Patient"
+    skip = plan(sample("08_patient_consent_withheld.json")).as_json()
+    assert skip["reason"] == "consent-withheld" and skip["resource"] is None and skip["changes"] is None

@@ -1,0 +1,228 @@
+"""Entity maps: the shipped maps load and compile; every kind of bad map fails naming its file and field."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from writeback.errors import MapError
+from writeback.maps import MapSet, load_maps
+from writeback.paths import Field, Select
+from writeback.reasons import Reason
+from writeback.settings import DEFAULT_MAPS_DIR
+
+SHIPPED = {p.name: p.read_text(encoding="utf-8") for p in DEFAULT_MAPS_DIR.glob("*.yaml")}
+
+
+def maps_dir(tmp_path: Path, overrides: dict[str, str | None] | None = None) -> Path:
+    """A copy of the shipped maps; `{name: text}` replaces (or with None removes) one file."""
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    files = {**SHIPPED}
+    for name, text in (overrides or {}).items():
+        if text is None:
+            files.pop(name, None)
+        else:
+            files[name] = text
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    return folder
+
+
+def edit(name: str, old: str, new: str) -> str:
+    text = SHIPPED[name]
+    assert text.count(old) == 1, f"{old!r} must occur once in {name}"
+    return text.replace(old, new)
+
+
+def load_error(folder: Path) -> MapError:
+    with pytest.raises(MapError) as info:
+        load_maps(folder)
+    return info.value
+
+
+# ---- the shipped maps --------------------------------------------------------------------------
+
+
+def test_shipped_maps_load():
+    maps = load_maps(DEFAULT_MAPS_DIR)
+    assert isinstance(maps, MapSet)
+    assert set(maps.maps) == {"contact", "msemr_medicalidentifier", "msemr_encounter", "msemr_observation"}
+    assert all(m.writeback and m.messages == {"Create", "Update"} for m in maps.maps.values())
+
+
+def test_contact_map_chooses_patient_or_practitioner_by_contact_type():
+    contact = load_maps(DEFAULT_MAPS_DIR).maps["contact"]
+    assert contact.resource_type is None and contact.choice_column == "msemr_contacttype"
+    assert dict(contact.choices) == {"935000000": "Patient", "935000001": "Practitioner"}
+    assert "935000002" not in contact.choices  # Related Person is refused, not written
+    assert contact.consent_types == {"Patient"}
+    assert contact.identifier_system == "urn:dataverse:contact"
+
+
+def test_compiled_paths_and_value_maps():
+    maps = load_maps(DEFAULT_MAPS_DIR)
+    by_column = {a.column: a for a in maps.maps["contact"].attributes}
+    assert by_column["telephone1"].path == (
+        Field("telecom"), Select((("system", "phone"), ("use", "work"))), Field("value"))
+    # YAML reads `1:` as an int; keys are compared as text with the row's values.
+    assert dict(by_column["gendercode"].values) == {"1": "male", "2": "female", "935000000": "other",
+                                                    "935000001": "unknown"}
+
+
+def test_lookups_resolve_to_the_referenced_maps_identifier_system():
+    maps = load_maps(DEFAULT_MAPS_DIR)
+    lookups = {(t, a.column): (a.reference_type, a.reference_system)
+               for t, m in maps.maps.items() for a in m.attributes if a.action == "lookup"}
+    assert lookups == {
+        ("msemr_encounter", "msemr_subjectpatient"): ("Patient", "urn:dataverse:contact"),
+        ("msemr_observation", "msemr_subjecttypepatient"): ("Patient", "urn:dataverse:contact"),
+        ("msemr_observation", "msemr_conexttypeencounter"): ("Encounter", "urn:dataverse:msemr_encounter"),
+    }
+
+
+def test_expansion_map_points_at_its_parent_identity():
+    identifier = load_maps(DEFAULT_MAPS_DIR).maps["msemr_medicalidentifier"]
+    assert identifier.expansion is not None
+    assert identifier.expansion.parent_table == "contact"
+    assert identifier.expansion.parent_system == "urn:dataverse:contact"
+    assert identifier.expansion.parent_link == "msemr_assignee"
+    # Targets of a child row are relative to its item in the parent's list.
+    assert {a.target: a.path[0] for a in identifier.attributes}["system"] == Field("system")
+
+
+def test_a_folder_copy_loads_the_same(tmp_path):
+    assert set(load_maps(maps_dir(tmp_path)).maps) == set(load_maps(DEFAULT_MAPS_DIR).maps)
+
+
+# ---- bad maps ----------------------------------------------------------------------------------
+
+ENC = "msemr_encounter.yaml"
+START = "{column: msemr_encounterstartdate, target: period.start, type: dateTime}"  # attributes[4]
+
+
+@pytest.mark.parametrize(("file", "text", "field", "words"), [
+    pytest.param(ENC, "table: msemr_encounter\nattributes: [oops\n", "(file)", ["YAML", "line"],
+                 id="invalid-yaml"),
+    pytest.param(ENC, "- just\n- a list\n", "(top level)", ["mapping"], id="not-a-mapping"),
+    pytest.param(ENC, edit(ENC, "writeback: true", "writeback: true\ncolour: red"), "colour", ["Extra"],
+                 id="unknown-top-level-key"),
+    pytest.param(ENC, edit(ENC, START, START[:-1] + ", colour: red}"), "attributes[4].colour", ["Extra"],
+                 id="unknown-attribute-key"),
+    pytest.param(ENC, edit(ENC, START, "{column: msemr_encounterstartdate, type: dateTime}"),
+                 "attributes[4].target", ["required"], id="missing-target"),
+    pytest.param(ENC, edit(ENC, "table: msemr_encounter\n", ""), "table", ["required"], id="missing-table"),
+    pytest.param(ENC, edit(ENC, "identity:\n  fhir_id_column: msemr_azurefhirid\n  identifier_system: "
+                                "urn:dataverse:msemr_encounter\n", ""),
+                 "(top level)", ["identity"], id="missing-identity"),
+    pytest.param(ENC, edit(ENC, "target: period.start", 'target: "period[.start"'), "attributes[4].target",
+                 ["unbalanced"], id="bad-path-bracket"),
+    pytest.param(ENC, edit(ENC, "target: period.start", 'target: "period..start"'), "attributes[4].target",
+                 ["invalid segment"], id="bad-path-empty-segment"),
+    pytest.param(ENC, edit(ENC, "target: period.start", "target: periodd.start"), "attributes[4].target",
+                 ["Encounter", "periodd"], id="unknown-fhir-element"),
+    pytest.param(ENC, edit(ENC, START, "{target: period.start, type: dateTime}"), "attributes[4]",
+                 ["copy", "column"], id="copy-without-column"),
+    pytest.param(ENC, edit(ENC, "values: {935000000: IMP, 935000001: AMB, 935000002: AMB, 935000003: EMER}", ""),
+                 "attributes[1]", ["value_map", "values"], id="value-map-without-values"),
+    pytest.param(ENC, edit(ENC, '{target: class.system, action: default, value: "http://terminology.hl7.org/'
+                                'CodeSystem/v3-ActCode"}', "{target: class.system, action: default}"),
+                 "attributes[2]", ["default", "value"], id="default-without-value"),
+    pytest.param(ENC, edit(ENC, "action: lookup, resource: Patient}", "action: lookup}"), "attributes[3]",
+                 ["lookup", "resource"], id="lookup-without-resource"),
+    pytest.param(ENC, edit(ENC, "action: lookup, resource: Patient}", "action: lookup, resource: Device}"),
+                 "attributes[3].resource", ["Device"], id="lookup-to-unsupported-type"),
+    pytest.param(ENC, edit(ENC, START, START.replace("dateTime", "datetime")), "attributes[4].type", ["dateTime"],
+                 id="unknown-type"),
+    pytest.param(ENC, edit(ENC, "target: period.start,", "target: period.start, action: copy_data,"),
+                 "attributes[4].action", ["copy"], id="unknown-action"),
+    pytest.param(ENC, edit(ENC, "935000003: EMER}", "935000003: [EMER]}"), "attributes[1].values.935000003",
+                 ["string"], id="value-map-value-not-scalar"),
+    pytest.param(ENC, edit(ENC, "resource: Encounter", "resource: Encounterr"), "resource",
+                 ["Encounterr"], id="unsupported-resource-type"),
+    pytest.param(ENC, edit(ENC, "messages: [Create, Update]", "messages: [Create, Delete]"), "messages[1]",
+                 ["Create"], id="unsupported-message-name"),
+    pytest.param(ENC, edit(ENC, "identifier_system: urn:dataverse:msemr_encounter",
+                           "identifier_system: dataverse encounter"), "identity.identifier_system", ["URI"],
+                 id="identifier-system-not-a-uri"),
+    pytest.param(ENC, edit(ENC, START, START[:-1] + ", only_for: [Patient]}"), "attributes[4].only_for",
+                 ["resource type"], id="only-for-another-type"),
+    pytest.param("contact.yaml", edit("contact.yaml", "935000001: Practitioner", "935000001: [Practitioner]"),
+                 "resource.values.935000001", ["string"], id="choice-value-not-a-type-name"),
+    pytest.param("contact.yaml", edit("contact.yaml", "  column: msemr_contacttype\n", "  colum: msemr_contacttype\n"),
+                 "resource.", [], id="choice-with-a-misspelt-key"),
+    pytest.param("contact.yaml", edit("contact.yaml", "935000001: Practitioner", "935000001: Doctor"),
+                 "resource.values.935000001", ["Doctor"], id="choice-to-unsupported-type"),
+    pytest.param("msemr_medicalidentifier.yaml",
+                 edit("msemr_medicalidentifier.yaml", "key: system", "key: assigner"), "expansion.key",
+                 ["assigner"], id="expansion-key-not-targeted"),
+    pytest.param("msemr_medicalidentifier.yaml",
+                 edit("msemr_medicalidentifier.yaml", "target: period.start", 'target: "period[start"'),
+                 "attributes[4].target", ["path"], id="expansion-bad-path"),
+])
+def test_bad_map_names_file_and_field(tmp_path, file, text, field, words):
+    error = load_error(maps_dir(tmp_path, {file: text}))
+    assert error.file == file
+    assert error.field.startswith(field)
+    message = str(error)
+    assert file in message and f"`{field}" in message
+    for word in words:
+        assert word in message
+    assert error.reason is Reason.CONFIG_ERROR
+
+
+def test_lookup_to_a_resource_type_no_map_produces(tmp_path):
+    # Without contact.yaml nothing produces Patient: the encounter's subject lookup has no identifier system.
+    folder = maps_dir(tmp_path, {"contact.yaml": None, "msemr_medicalidentifier.yaml": None,
+                                "msemr_observation.yaml": None})
+    error = load_error(folder)
+    assert (error.file, error.field) == (ENC, "attributes[3].resource")
+    assert "Patient" in str(error)
+
+
+def test_expansion_whose_parent_has_no_map(tmp_path):
+    folder = maps_dir(tmp_path, {"contact.yaml": None, "msemr_encounter.yaml": None,
+                                "msemr_observation.yaml": None})
+    error = load_error(folder)
+    assert (error.file, error.field) == ("msemr_medicalidentifier.yaml", "expansion.parent_table")
+    assert "contact" in str(error)
+
+
+def test_expansion_whose_parent_map_has_no_identity(tmp_path):
+    # A second expansion level: a child of a child has no identifier to find its parent by.
+    grandchild = edit("msemr_medicalidentifier.yaml", "table: msemr_medicalidentifier",
+                      "table: new_identifiernote").replace("parent_table: contact",
+                                                           "parent_table: msemr_medicalidentifier")
+    error = load_error(maps_dir(tmp_path, {"new_identifiernote.yaml": grandchild}))
+    assert (error.file, error.field) == ("new_identifiernote.yaml", "expansion.parent_table")
+
+
+def test_duplicate_table(tmp_path):
+    error = load_error(maps_dir(tmp_path, {"zz_contact_copy.yaml": SHIPPED["contact.yaml"]}))
+    assert (error.file, error.field) == ("zz_contact_copy.yaml", "table")
+    assert "contact.yaml" in str(error)  # names the file that already maps it
+
+
+def test_missing_folder(tmp_path):
+    error = load_error(tmp_path / "nowhere")
+    assert "nowhere" in str(error) and "does not exist" in str(error)
+
+
+def test_folder_without_maps(tmp_path):
+    (tmp_path / "README.md").write_text("no maps here\n")
+    error = load_error(tmp_path)
+    assert "no *.yaml" in str(error)
+
+
+def test_yml_extension_is_read(tmp_path):
+    folder = maps_dir(tmp_path, {"contact.yaml": None})
+    shutil.copy(DEFAULT_MAPS_DIR / "contact.yaml", folder / "contact.yml")
+    assert "contact" in load_maps(folder).maps
+
+
+def test_writeback_false_and_messages_are_compiled(tmp_path):
+    text = edit(ENC, "writeback: true\nmessages: [Create, Update]", "writeback: false\nmessages: [Create]")
+    encounter = load_maps(maps_dir(tmp_path, {ENC: text})).maps["msemr_encounter"]
+    assert encounter.writeback is False and encounter.messages == {"Create"}

@@ -1,0 +1,213 @@
+"""Element paths: parsing, and `apply()` on a server copy, which must change exactly what the paths name."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from writeback.paths import Assignment, Field, Index, PathError, Select, apply, format_path, parse_path
+
+
+def a(path: str, value: Any) -> Assignment:
+    return Assignment(parse_path(path), value)
+
+
+def server_patient() -> dict[str, Any]:
+    """A Patient as the FHIR server holds it, with elements no contact map names."""
+    return {
+        "resourceType": "Patient",
+        "id": "pat-1",
+        "meta": {"versionId": "7", "lastUpdated": "2026-01-01T00:00:00Z"},
+        "extension": [{"url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex", "valueCode": "F"}],
+        "name": [
+            {"use": "official", "family": "Quintero", "given": ["Rosalind", "Elsie"]},
+            {"use": "nickname", "given": ["Roz"]},
+        ],
+        "telecom": [
+            {"system": "phone", "use": "work", "value": "+1 206 555 0142", "rank": 1},
+            {"system": "email", "value": "r.quintero@example.org"},
+        ],
+        "communication": [{"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": "es"}]}}],
+    }
+
+
+# ---- parsing -----------------------------------------------------------------------------------
+
+
+def test_parse_fields_selectors_and_indexes():
+    path = parse_path("telecom[system=phone,use=work].value")
+    assert path == (Field("telecom"), Select((("system", "phone"), ("use", "work"))), Field("value"))
+    assert parse_path("name[use=official].given[1]") == (
+        Field("name"), Select((("use", "official"),)), Field("given"), Index(1))
+
+
+def test_selector_values_may_be_uris_with_dots_and_slashes():
+    path = parse_path("type.coding[system=http://terminology.hl7.org/CodeSystem/v2-0203].code")
+    assert path[2] == Select((("system", "http://terminology.hl7.org/CodeSystem/v2-0203"),))
+    assert path[-1] == Field("code")
+
+
+@pytest.mark.parametrize("text", [
+    "telecom[system=phone,use=work].value",
+    "name[use=official].given[0]",
+    "note[0].text",
+    "code.coding[system=urn:dataverse:msemr_codeableconcept].code",
+])
+def test_format_path_round_trips(text):
+    assert format_path(parse_path(text)) == text
+
+
+@pytest.mark.parametrize("text", [
+    "", " gender", "gender ", "name[use=official", "name]use=official[", "name..family", "name.",
+    "9name", "name[use]", "name[=x]", "name[use=]", "tele com", "name[a=b][",
+])
+def test_bad_paths_are_refused(text):
+    with pytest.raises(PathError):
+        parse_path(text)
+
+
+# ---- apply: selectors --------------------------------------------------------------------------
+
+
+def test_selector_finds_the_matching_item_and_keeps_its_other_fields():
+    out = apply(server_patient(), [a("telecom[system=phone,use=work].value", "+1 206 555 0177")])
+    phone = out["telecom"][0]
+    assert phone == {"system": "phone", "use": "work", "value": "+1 206 555 0177", "rank": 1}
+    assert len(out["telecom"]) == 2
+
+
+def test_selector_creates_the_item_with_its_selector_fields_when_none_matches():
+    out = apply(server_patient(), [a("telecom[system=phone,use=home].value", "+1 206 555 0100")])
+    assert out["telecom"][-1] == {"system": "phone", "use": "home", "value": "+1 206 555 0100"}
+    assert len(out["telecom"]) == 3
+
+
+def test_selector_needs_every_field_to_match():
+    # The work phone exists; a mobile phone is another item, not the work phone overwritten.
+    out = apply(server_patient(), [a("telecom[system=phone,use=mobile].value", "+1 206 555 0199")])
+    assert [t.get("use") for t in out["telecom"]] == ["work", None, "mobile"]
+    assert out["telecom"][0]["value"] == "+1 206 555 0142"
+
+
+def test_create_on_an_empty_resource_builds_every_container():
+    out = apply({"resourceType": "Patient"}, [
+        a("name[use=official].family", "Okafor"),
+        a("name[use=official].given[0]", "Imani"),
+        a("address[use=home].line[0]", "1 Main St"),
+        a("maritalStatus.coding[system=http://terminology.hl7.org/CodeSystem/v3-MaritalStatus].code", "M"),
+    ])
+    assert out == {
+        "resourceType": "Patient",
+        "name": [{"use": "official", "family": "Okafor", "given": ["Imani"]}],
+        "address": [{"use": "home", "line": ["1 Main St"]}],
+        "maritalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus",
+                                      "code": "M"}]},
+    }
+
+
+# ---- apply: indexes ----------------------------------------------------------------------------
+
+
+def test_index_replaces_the_item_at_its_position():
+    out = apply(server_patient(), [a("name[use=official].given[1]", "Ella")])
+    assert out["name"][0]["given"] == ["Rosalind", "Ella"]
+
+
+def test_index_past_the_end_appends_without_holes():
+    out = apply({"resourceType": "Patient"}, [a("name[use=official].given[1]", "Elsie")])
+    assert out["name"][0]["given"] == ["Elsie"]  # never [None, "Elsie"]: FHIR lists have no nulls
+    out = apply(out, [a("name[use=official].given[5]", "Third")])
+    assert out["name"][0]["given"] == ["Elsie", "Third"]
+
+
+def test_clearing_an_index_past_the_end_changes_nothing():
+    before = server_patient()
+    assert apply(before, [a("name[use=official].given[4]", None)]) == before
+
+
+# ---- apply: clearing ---------------------------------------------------------------------------
+
+
+def test_none_removes_the_element():
+    out = apply(server_patient(), [a("name[use=official].family", None)])
+    assert "family" not in out["name"][0]
+    assert out["name"][0]["given"] == ["Rosalind", "Elsie"]
+
+
+def test_clearing_the_only_value_of_a_selected_item_removes_the_item():
+    out = apply(server_patient(), [a("telecom[system=email].value", None)])
+    assert out["telecom"] == [{"system": "phone", "use": "work", "value": "+1 206 555 0142", "rank": 1}]
+
+
+def test_item_with_fields_beyond_its_selector_survives_a_cleared_value():
+    out = apply(server_patient(), [a("telecom[system=phone,use=work].value", None)])
+    assert out["telecom"][0] == {"system": "phone", "use": "work", "rank": 1}
+
+
+def test_clearing_prunes_empty_containers_up_the_path():
+    resource = {"resourceType": "Encounter", "status": "finished", "period": {"start": "2026-11-02T09:30:00Z"}}
+    out = apply(resource, [a("period.start", None)])
+    assert out == {"resourceType": "Encounter", "status": "finished"}
+
+    patient = {"resourceType": "Patient", "telecom": [{"system": "email", "value": "x@example.org"}]}
+    assert apply(patient, [a("telecom[system=email].value", None)]) == {"resourceType": "Patient"}
+
+
+def test_clearing_what_is_not_there_changes_nothing():
+    before = server_patient()
+    out = apply(before, [a("telecom[system=phone,use=home].value", None), a("birthDate", None),
+                         a("address[use=home].city", None)])
+    assert out == before
+    assert "address" not in out  # no empty container was created on the way
+
+
+def test_none_on_a_create_writes_nothing():
+    assert apply({"resourceType": "Patient"}, [a("name[use=official].given[0]", None)]) == {"resourceType": "Patient"}
+
+
+# ---- apply: what no path names -----------------------------------------------------------------
+
+
+def test_elements_no_path_names_survive():
+    before = server_patient()
+    out = apply(before, [
+        a("name[use=official].family", "Quintero-Hale"),
+        a("telecom[system=phone,use=work].value", None),
+        a("gender", "female"),
+        a("birthDate", "1987-07-25"),
+    ])
+    assert out["id"] == before["id"] and out["meta"] == before["meta"]
+    assert out["extension"] == before["extension"]
+    assert out["communication"] == before["communication"]
+    assert out["name"][1] == {"use": "nickname", "given": ["Roz"]}
+    assert out["telecom"][1] == before["telecom"][1]
+    assert out["name"][0] == {"use": "official", "family": "Quintero-Hale", "given": ["Rosalind", "Elsie"]}
+
+
+def test_input_is_not_mutated():
+    before = server_patient()
+    snapshot = copy.deepcopy(before)
+    out = apply(before, [
+        a("name[use=official].given[0]", "Rosa"),
+        a("telecom[system=email].value", None),
+        a("telecom[system=phone,use=home].value", "+1 206 555 0100"),
+        a("extension[url=http://example.org/x].valueString", "x"),
+    ])
+    assert before == snapshot
+    assert out != before
+    out["name"][1]["given"].append("changed")
+    assert before == snapshot  # the result shares no container with the input
+
+
+def test_assignments_apply_in_order():
+    out = apply({"resourceType": "Patient"}, [a("gender", "male"), a("gender", "female")])
+    assert out["gender"] == "female"
+    out = apply({"resourceType": "Patient"}, [a("gender", "male"), a("gender", None)])
+    assert "gender" not in out
+
+
+def test_assignment_element_is_the_top_level_element():
+    assert a("telecom[system=phone,use=work].value", "x").element == "telecom"
+    assert a("birthDate", "x").element == "birthDate"
