@@ -58,7 +58,11 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 
 def _version_of(response: httpx.Response, body: Mapping[str, Any] | None) -> str | None:
-    etag: str = response.headers.get("ETag", "")
+    return version_from(response.headers.get("ETag", ""), body)
+
+
+def version_from(etag: str | None, body: Mapping[str, Any] | None) -> str | None:
+    """The version a write or read answered with: the ETag, else `meta.versionId` (also for batch entries)."""
     if etag:
         return etag.removeprefix("W/").strip('"')
     meta = (body or {}).get("meta") or {}
@@ -109,6 +113,90 @@ def _json(response: httpx.Response) -> dict[str, Any] | None:
 
 def _strip_meta(resource: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in resource.items() if k != "meta"}
+
+
+def refused(status: int, body: Mapping[str, Any] | None, what: str) -> WritebackError:
+    """The error for a refused interaction, the same for a single request and for a batch entry."""
+    problem = _problem(body)
+    return WritebackError(Reason.FHIR_REJECTED,
+                          f"the FHIR server refused the {what} (HTTP {status})" + (f": {problem}" if problem else ""))
+
+
+def provenance_refused(status: int, body: Mapping[str, Any] | None) -> WritebackError:
+    problem = _problem(body)
+    return WritebackError(Reason.PROVENANCE_FAILED,
+                          f"the FHIR server refused the Provenance (HTTP {status})"
+                          + (f": {problem}" if problem else ""))
+
+
+def provenance_unwritten(exc: WritebackError) -> WritebackError:
+    """A request-level failure of a Provenance write: credentials stay `unauthorized`, the rest is
+    `provenance_failed`."""
+    if exc.reason is Reason.UNAUTHORIZED:
+        return exc
+    return WritebackError(Reason.PROVENANCE_FAILED, f"Provenance not written: {exc.detail}")
+
+
+def found_target(plan: WritePlan, bundle: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """The one resource a search by row identifier found, and its version."""
+    target = plan.target
+    found = [e["resource"] for e in bundle.get("entry") or []
+             if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+             and e["resource"].get("resourceType") == target.resource_type]
+    if not found:
+        raise WritebackError(Reason.TARGET_MISSING,
+                             f"no {target.resource_type} carries the identifier of Dataverse row "
+                             f"{target.identifier_value}")
+    if len(found) > 1:
+        raise WritebackError(Reason.TARGET_MISSING,
+                             f"more than one {target.resource_type} carries the identifier of Dataverse row "
+                             f"{target.identifier_value}; merge or remove the duplicate on the server")
+    resource = found[0]
+    version = str((resource.get("meta") or {}).get("versionId") or "")
+    if not version:
+        raise WritebackError(Reason.FHIR_REJECTED, "the FHIR server's search answer has no resource version")
+    return resource, version
+
+
+def target_gone(plan: WritePlan) -> WritebackError:
+    target = plan.target
+    return WritebackError(Reason.TARGET_MISSING,
+                          f"{target.resource_type}/{target.fhir_id} does not exist on the FHIR server")
+
+
+def unversioned_read() -> WritebackError:
+    return WritebackError(Reason.FHIR_REJECTED, "the FHIR server's read answer has no resource version")
+
+
+def ambiguous_create() -> WritebackError:
+    return WritebackError(Reason.TARGET_MISSING, "more than one resource carries the row identifier")
+
+
+def unnamed_create() -> WritebackError:
+    return WritebackError(Reason.FHIR_REJECTED, "the FHIR server's create answer names no id or version")
+
+
+def vanished(plan: WritePlan, resource_id: str) -> WritebackError:
+    return WritebackError(Reason.TARGET_MISSING, f"{plan.resource_type}/{resource_id} no longer exists")
+
+
+def unversioned_update() -> WritebackError:
+    return WritebackError(Reason.FHIR_REJECTED, "the FHIR server's update answer has no version")
+
+
+def kept_changing(plan: WritePlan, settings: Settings) -> WritebackError:
+    return WritebackError(Reason.CONFLICT,
+                          f"{plan.resource_type} kept changing on the server through "
+                          f"{settings.conflict_retries + 1} attempts")
+
+
+def unchanged(merged: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    """An update that changes nothing writes nothing (meta aside)."""
+    return _strip_meta(merged) == _strip_meta(current)
+
+
+issues_of = _issues
+json_of = _json
 
 
 class FhirClient:
@@ -179,42 +267,22 @@ class FhirClient:
         """The resource an update applies to, and its version: by logical id, else by row identifier."""
         target = plan.target
         if target.fhir_id:
-            response = await self.request("GET", f"{target.resource_type}/{target.fhir_id}")
+            response = await self.request("GET", read_path(plan))
             if response.status_code in (404, 410):
-                raise WritebackError(Reason.TARGET_MISSING,
-                                     f"{target.resource_type}/{target.fhir_id} does not exist on the FHIR server")
+                raise target_gone(plan)
             body = self.check(response, "read")
             version = _version_of(response, body)
             if body is None or version is None:
-                raise WritebackError(Reason.FHIR_REJECTED, "the FHIR server's read answer has no resource version")
+                raise unversioned_read()
             return body, version
-        response = await self.request("GET", f"{target.resource_type}?{target.search}&_count=2")
-        bundle = self.check(response, "search") or {}
-        found = [e["resource"] for e in bundle.get("entry") or []
-                 if isinstance(e, dict) and isinstance(e.get("resource"), dict)
-                 and e["resource"].get("resourceType") == target.resource_type]
-        if not found:
-            raise WritebackError(Reason.TARGET_MISSING,
-                                 f"no {target.resource_type} carries the identifier of Dataverse row "
-                                 f"{target.identifier_value}")
-        if len(found) > 1:
-            raise WritebackError(Reason.TARGET_MISSING,
-                                 f"more than one {target.resource_type} carries the identifier of Dataverse row "
-                                 f"{target.identifier_value}; merge or remove the duplicate on the server")
-        resource = found[0]
-        version = str((resource.get("meta") or {}).get("versionId") or "")
-        if not version:
-            raise WritebackError(Reason.FHIR_REJECTED, "the FHIR server's search answer has no resource version")
-        return resource, version
+        response = await self.request("GET", read_path(plan))
+        return found_target(plan, self.check(response, "search") or {})
 
     def check(self, response: httpx.Response, what: str) -> dict[str, Any] | None:
         body = _json(response)
         if response.is_success:
             return body
-        problem = _problem(body)
-        raise WritebackError(Reason.FHIR_REJECTED,
-                             f"the FHIR server refused the {what} (HTTP {response.status_code})"
-                             + (f": {problem}" if problem else ""))
+        raise refused(response.status_code, body, what)
 
     # ---- writing ---------------------------------------------------------------------------------
 
@@ -230,13 +298,13 @@ class FhirClient:
         resource = self.stamp(plan.resource)
         response = await self.request("POST", plan.resource_type, json=resource, headers={
             "If-None-Exist": plan.target.search, "Prefer": "return=representation"})
+        if response.status_code == 412:  # several resources carry the row identifier: the server cannot pick
+            raise ambiguous_create()
         body = self.check(response, "create")
-        if response.status_code == 412:  # several matches: the server could not decide
-            raise WritebackError(Reason.TARGET_MISSING, "more than one resource carries the row identifier")
         version = _version_of(response, body)
         resource_id = (body or {}).get("id") or _id_from_location(response.headers.get("Location", ""))
         if not resource_id or not version:
-            raise WritebackError(Reason.FHIR_REJECTED, "the FHIR server's create answer names no id or version")
+            raise unnamed_create()
         return str(resource_id), version, response.status_code == 201, _issues(body)
 
     async def update(self, plan: WritePlan) -> tuple[str, str, bool, tuple[Issue, ...]]:
@@ -245,7 +313,7 @@ class FhirClient:
             current, version = await self.read_target(plan)
             merged = apply(current, [*plan.assignments, plan.target.identity])
             resource_id = str(current.get("id"))
-            if _strip_meta(merged) == _strip_meta(current):
+            if unchanged(merged, current):
                 return resource_id, version, False, ()
             response = await self.request(
                 "PUT", f"{plan.resource_type}/{resource_id}", json=self.stamp(merged),
@@ -254,15 +322,13 @@ class FhirClient:
                 log.info("concurrent change, re-reading", extra={"resource_type": plan.resource_type})
                 continue
             if response.status_code in (404, 410):
-                raise WritebackError(Reason.TARGET_MISSING, f"{plan.resource_type}/{resource_id} no longer exists")
+                raise vanished(plan, resource_id)
             body = self.check(response, "update")
             new_version = _version_of(response, body)
             if not new_version:
-                raise WritebackError(Reason.FHIR_REJECTED, "the FHIR server's update answer has no version")
+                raise unversioned_update()
             return resource_id, new_version, True, _issues(body)
-        raise WritebackError(Reason.CONFLICT,
-                             f"{plan.resource_type} kept changing on the server through "
-                             f"{self.settings.conflict_retries + 1} attempts")
+        raise kept_changing(plan, self.settings)
 
     async def put_provenance(self, provenance: dict[str, Any]) -> str:
         try:
@@ -270,15 +336,24 @@ class FhirClient:
         except WritebackError as exc:
             if exc.reason is Reason.UNAUTHORIZED:
                 raise
-            raise WritebackError(Reason.PROVENANCE_FAILED, f"Provenance not written: {exc.detail}") from None
+            raise provenance_unwritten(exc) from None
         body = _json(response)
         if not response.is_success:
-            problem = _problem(body)
-            raise WritebackError(Reason.PROVENANCE_FAILED,
-                                 f"the FHIR server refused the Provenance (HTTP {response.status_code})"
-                                 + (f": {problem}" if problem else ""))
+            raise provenance_refused(response.status_code, body)
         version = _version_of(response, body) or ""
         return f"Provenance/{provenance['id']}" + (f"/_history/{version}" if version else "")
+
+
+def read_path(plan: WritePlan) -> str:
+    """The read an update starts from: by logical id, else a search by row identifier."""
+    target = plan.target
+    if target.fhir_id:
+        return f"{target.resource_type}/{target.fhir_id}"
+    return f"{target.resource_type}?{target.search}&_count=2"
+
+
+def id_from_location(location: str) -> str | None:
+    return _id_from_location(location)
 
 
 def _id_from_location(location: str) -> str | None:

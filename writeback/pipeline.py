@@ -7,11 +7,12 @@ Every entry point (the function, `python -m writeback process`, the demo, the be
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from writeback.decide import Decision, WritePlan, plan_message
 from writeback.errors import WritebackError
@@ -20,6 +21,7 @@ from writeback.reasons import Kind, Reason
 from writeback.settings import Settings
 
 log = logging.getLogger("writeback")
+_T = TypeVar("_T")
 
 State = Literal["written", "skipped", "dead-lettered", "retry", "config-error"]
 _STATE_BY_KIND: dict[Kind, State] = {
@@ -166,6 +168,141 @@ class Pipeline:
             return result_for(decision, exc.reason, exc.detail)
         return Result("written", None, decision.detail, decision, resource=delivered.resource,
                       provenance=delivered.provenance, issues=delivered.issues)
+
+
+    async def process_many(self, envelopes: Sequence[Envelope]) -> list[Result]:
+        """Many messages in one go, each with its own `Result`, in input order.
+
+        Same semantics as `process` message by message: skips and rejects need no I/O; the ledger's duplicate
+        and stale checks run per row in input order (rows concurrently, at most `max_concurrency` at a time);
+        the writes go through the delivery's `deliver_many` (FHIR batch bundles) when it has one; every
+        outcome is recorded. A message repeated within the call (same RequestId) is written once: the copy
+        is skipped as a duplicate when the first ended written or skipped, else it shares the first's result.
+        """
+        started = time.perf_counter()
+        decisions = [self.plan(e) for e in envelopes]
+        results: list[Result | None] = [None] * len(envelopes)
+        writes: list[int] = []
+        first_of: dict[str, int] = {}
+        copies: list[tuple[int, int]] = []
+        for i, decision in enumerate(decisions):
+            if decision.decision != "write":
+                results[i] = await self._process(envelopes[i], decision)
+                continue
+            key = message_key(envelopes[i], decision) if self.ledger is not None else None
+            if key is not None and key in first_of:
+                copies.append((i, first_of[key]))
+                continue
+            if key is not None:
+                first_of[key] = i
+            writes.append(i)
+        slots = asyncio.Semaphore(self.settings.max_concurrency)
+        if self.ledger is not None:
+            writes = await self._admit(envelopes, decisions, writes, results, slots)
+        plans = [decisions[i].plan for i in writes]
+        assert all(p is not None for p in plans)
+        outcomes = await self._deliver_all([p for p in plans if p is not None], slots)
+        for i, outcome in zip(writes, outcomes, strict=True):
+            decision = decisions[i]
+            if isinstance(outcome, WritebackError):
+                results[i] = result_for(decision, outcome.reason, outcome.detail)
+            else:
+                results[i] = Result("written", None, decision.detail, decision, resource=outcome.resource,
+                                    provenance=outcome.provenance, issues=outcome.issues)
+        for i, first in copies:
+            earlier = results[first]
+            assert earlier is not None
+            if earlier.state in ("written", "skipped"):
+                results[i] = Result("skipped", Reason.DUPLICATE, "This message was already processed.",
+                                    decisions[i])
+            else:
+                results[i] = replace(earlier, decision=decisions[i])
+        done = [_with_duration(r, started) for r in results if r is not None]
+        assert len(done) == len(envelopes)
+        if self.ledger is not None:
+            done = await _bounded(slots, [self._record(e, r) for e, r in zip(envelopes, done, strict=True)])
+        return done
+
+    async def _admit(self, envelopes: Sequence[Envelope], decisions: list[Decision], writes: list[int],
+                     results: list[Result | None], slots: asyncio.Semaphore) -> list[int]:
+        """The ledger's duplicate and stale checks; the writes still to make. Per row in input order."""
+        ledger = self.ledger
+        assert ledger is not None
+        rows: dict[tuple[str, str, str], list[int]] = {}
+        for i in writes:
+            plan = decisions[i].plan
+            assert plan is not None
+            rows.setdefault(_row_key(plan), []).append(i)
+
+        async def admit_row(indexes: list[int]) -> None:
+            for i in indexes:
+                decision = decisions[i]
+                assert decision.plan is not None
+                try:
+                    key = message_key(envelopes[i], decision)
+                    if key and await ledger.seen(key):
+                        results[i] = Result("skipped", Reason.DUPLICATE, "This message was already processed.",
+                                            decision)
+                    elif not await ledger.claim(decision.plan):
+                        results[i] = Result("skipped", Reason.STALE,
+                                            "A newer change of this row was already written.", decision)
+                except WritebackError as exc:
+                    results[i] = result_for(decision, exc.reason, exc.detail)
+
+        await _bounded(slots, [admit_row(indexes) for indexes in rows.values()])
+        return [i for i in writes if results[i] is None]
+
+    async def _deliver_all(self, plans: list[WritePlan],
+                           slots: asyncio.Semaphore) -> list[Delivered | WritebackError]:
+        if not plans:
+            return []
+        delivery = self.delivery
+        if delivery is None:
+            error = WritebackError(Reason.CONFIG_ERROR, "no delivery target is configured")
+            return [error] * len(plans)
+        deliver_many = getattr(delivery, "deliver_many", None)
+        if deliver_many is not None:
+            outcomes: list[Delivered | WritebackError] = await deliver_many(plans)
+            return outcomes
+        # One message at a time per row (order kept), rows concurrently.
+        outcomes = [WritebackError(Reason.CONFIG_ERROR, "not delivered")] * len(plans)
+        rows: dict[tuple[str, str, str], list[int]] = {}
+        for i, plan in enumerate(plans):
+            rows.setdefault(_row_key(plan), []).append(i)
+
+        async def deliver_row(indexes: list[int]) -> None:
+            for i in indexes:
+                try:
+                    outcomes[i] = await delivery.deliver(plans[i])
+                except WritebackError as exc:
+                    outcomes[i] = exc
+
+        await _bounded(slots, [deliver_row(indexes) for indexes in rows.values()])
+        return outcomes
+
+    async def _record(self, envelope: Envelope, result: Result) -> Result:
+        assert self.ledger is not None
+        try:
+            await self.ledger.record(envelope, result)
+        except WritebackError as exc:
+            if result.state in ("written", "skipped"):
+                return result_for(result.decision, exc.reason, exc.detail, resource=result.resource,
+                                  provenance=result.provenance, issues=result.issues,
+                                  duration_ms=result.duration_ms)
+        return result
+
+
+def _row_key(plan: WritePlan) -> tuple[str, str, str]:
+    target = plan.target
+    return target.resource_type, target.identifier_system, target.identifier_value
+
+
+async def _bounded(slots: asyncio.Semaphore, work: Sequence[Awaitable[_T]]) -> list[_T]:
+    async def one(item: Awaitable[_T]) -> _T:
+        async with slots:
+            return await item
+
+    return list(await asyncio.gather(*(one(w) for w in work)))
 
 
 def _with_duration(result: Result, started: float) -> Result:

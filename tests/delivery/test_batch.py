@@ -1,0 +1,167 @@
+"""The batch path against the real FHIR dev server: `Pipeline.process_many` + `BatchDelivery` (FHIR batch
+bundles). Each message keeps its own Result; bundle entries map back to their messages. No speed is asserted."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from devtools.faults import Fault
+from devtools.messages import Choice, context
+from tests.delivery.conftest import Fhir, Rig, create_message, new_patient, update_message
+from writeback.bundles import BatchDelivery, waves
+from writeback.pipeline import Envelope, Pipeline, Result
+from writeback.reasons import Reason
+
+
+def _batch_rig(rig_factory: Callable[..., Rig], **overrides: str) -> tuple[Rig, Pipeline]:
+    rig = rig_factory(**overrides)
+    return rig, Pipeline(rig.pipeline.maps, rig.settings, BatchDelivery(rig.client))
+
+
+async def _send_many(pipeline: Pipeline, bodies: list[dict[str, Any] | str]) -> list[Result]:
+    envelopes = [Envelope(b if isinstance(b, str) else json.dumps(b).encode()) for b in bodies]
+    return await pipeline.process_many(envelopes)
+
+
+def _check_provenance(fhir: Fhir, result: Result) -> None:
+    assert result.resource is not None and result.provenance is not None
+    assert "/_history/" in result.resource
+    provenance = fhir.get(result.provenance.split("/_history")[0])
+    assert provenance["target"] == [{"reference": result.resource}]
+
+
+async def test_a_mixed_batch_gives_each_message_its_own_result(rig_factory, fhir: Fhir):
+    rig, pipeline = _batch_rig(rig_factory)
+    existing_id, existing = new_patient()
+    first = await rig.send(create_message(existing_id, existing))
+    assert first.state == "written"
+
+    new_id, new_row = new_patient(lastname="Batchford")
+    bumped = {**existing, "versionnumber": 11}
+    bodies: list[dict[str, Any] | str] = [
+        create_message(new_id, new_row),
+        update_message(existing_id, existing, {"telephone1": "+1 555 0201", "versionnumber": 11}),
+        context("Update", "contact", existing_id, {"address1_city": "Salem", "versionnumber": 12},
+                pre=bumped, post={**bumped, "address1_city": "Salem", "versionnumber": 12}),
+        '{"MessageName": "Update", "PrimaryEntityName": "contact"',  # broken body: reject
+        create_message(*new_patient(msemr_azurefhirsyncenabled=False)),  # consent withheld: skip
+    ]
+    results = await _send_many(pipeline, bodies)
+
+    assert [r.state for r in results] == ["written", "written", "written", "dead-lettered", "skipped"]
+    assert results[3].reason is Reason.MALFORMED_MESSAGE
+    assert results[4].reason is Reason.CONSENT_WITHHELD
+    assert results[0].decision.record_id == new_id and results[1].decision.record_id == existing_id
+
+    created = fhir.search(f"Patient?identifier=urn:dataverse:contact|{new_id}")
+    assert len(created) == 1 and created[0]["name"][0]["family"] == "Batchford"
+    patients = fhir.search(f"Patient?identifier=urn:dataverse:contact|{existing_id}")
+    assert len(patients) == 1
+    patient = patients[0]
+    # Both updates of the same row are applied, in order: the second on top of the first.
+    assert {"system": "phone", "use": "work", "value": "+1 555 0201"} in patient["telecom"]
+    assert patient["address"][0]["city"] == "Salem"
+    assert results[1].resource != results[2].resource
+    assert results[2].resource is not None and results[2].resource.endswith(patient["meta"]["versionId"])
+    for result in results[:3]:
+        _check_provenance(fhir, result)
+
+
+def test_waves_keep_one_resource_per_bundle_and_row_order(maps):
+    from writeback.settings import Settings
+
+    planner = Pipeline(maps, Settings.for_planning({}), None)
+    a_id, a = new_patient()
+    b_id, b = new_patient()
+    bodies = [create_message(a_id, a), update_message(a_id, a, {"telephone1": "1"}),
+              create_message(b_id, b), update_message(a_id, a, {"telephone1": "2"})]
+    plans = [planner.plan(Envelope(json.dumps(x))).plan for x in bodies]
+    assert all(p is not None for p in plans)
+    assert waves([p for p in plans if p is not None]) == [[0, 2], [1], [3]]
+
+
+async def test_a_failing_entry_maps_back_to_just_its_message(rig_factory, fhir: Fhir):
+    rig, pipeline = _batch_rig(rig_factory)
+    ok_id, ok_row = new_patient(lastname="Fineman")
+    bad_id, bad_row = new_patient(lastname="Refusedottir")
+
+    def refuse_one(request: httpx.Request, response: httpx.Response) -> httpx.Response:
+        sent = json.loads(request.content)
+        body = response.json()
+        for entry, answer in zip(sent.get("entry", []), body.get("entry", []), strict=True):
+            if "Refusedottir" in json.dumps(entry.get("resource", {})):
+                answer.clear()
+                answer["response"] = {"status": "422 Unprocessable Entity", "outcome": {
+                    "resourceType": "OperationOutcome",
+                    "issue": [{"severity": "error", "code": "invariant", "expression": ["Patient.name"],
+                               "diagnostics": "Refusedottir"}]}}
+        return httpx.Response(response.status_code, headers={"Content-Type": "application/fhir+json"},
+                              content=json.dumps(body).encode(), request=request)
+
+    rig.transport.add(Fault(method="POST", url_contains="/fhir/R4", rewrite=refuse_one))
+    results = await _send_many(pipeline, [create_message(ok_id, ok_row), create_message(bad_id, bad_row)])
+
+    assert results[0].state == "written"
+    _check_provenance(fhir, results[0])
+    assert results[1].state == "dead-lettered"
+    assert results[1].reason is Reason.FHIR_REJECTED
+    assert results[1].detail == "the FHIR server refused the create (HTTP 422): error/invariant at Patient.name"
+    assert "Refusedottir" not in results[1].detail
+
+
+async def test_a_concurrent_change_is_re_read_and_retried_per_entry(rig_factory, fhir: Fhir):
+    rig, pipeline = _batch_rig(rig_factory)
+    row_id, row = new_patient()
+    created = await rig.send(create_message(row_id, row))
+    assert created.resource is not None
+    _, resource_id, _, _ = created.resource.split("/")
+
+    async def someone_else_writes(request: httpx.Request) -> None:
+        if b'"ifMatch"' in request.content:
+            current = fhir.get(f"Patient/{resource_id}")
+            current["birthDate"] = "1970-01-01"
+            fhir.put(current)
+
+    rig.transport.add(Fault(method="POST", url_contains="/fhir/R4", before=someone_else_writes, times=3))
+    (result,) = await _send_many(pipeline, [update_message(row_id, row, {"telephone1": "+1 555 0999"})])
+
+    assert result.state == "written", result.detail
+    patient = fhir.get(f"Patient/{resource_id}")
+    assert patient["birthDate"] == "1970-01-01"  # the other writer's change survived
+    assert {"system": "phone", "use": "work", "value": "+1 555 0999"} in patient["telecom"]
+    _check_provenance(fhir, result)
+
+
+async def test_a_conflict_that_never_ends_is_a_conflict(rig_factory, fhir: Fhir):
+    rig, pipeline = _batch_rig(rig_factory, FHIR_CONFLICT_RETRIES="1")
+    row_id, row = new_patient()
+    created = await rig.send(create_message(row_id, row))
+    assert created.resource is not None
+    _, resource_id, _, _ = created.resource.split("/")
+    writes = iter(range(1900, 2000))
+
+    async def someone_else_always_writes(request: httpx.Request) -> None:
+        if b'"ifMatch"' in request.content:  # a real 412 for every PUT we send
+            current = fhir.get(f"Patient/{resource_id}")
+            current["birthDate"] = f"{next(writes)}-01-01"
+            fhir.put(current)
+
+    rig.transport.add(Fault(method="POST", url_contains="/fhir/R4", before=someone_else_always_writes, times=-1))
+    (result,) = await _send_many(pipeline, [update_message(row_id, row, {"telephone1": "+1 555 0412"})])
+    assert result.state == "retry"
+    assert result.reason is Reason.CONFLICT
+    assert "through 2 attempts" in result.detail
+
+
+async def test_same_message_twice_in_one_batch_writes_one_resource(rig_factory, fhir: Fhir):
+    _, pipeline = _batch_rig(rig_factory)
+    row_id, row = new_patient(gendercode=Choice(1))
+    message = create_message(row_id, row)
+    results = await _send_many(pipeline, [message, message])
+    assert [r.state for r in results] == ["written", "written"]
+    assert results[0].resource == results[1].resource
+    assert len(fhir.search(f"Patient?identifier=urn:dataverse:contact|{row_id}")) == 1
