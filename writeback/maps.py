@@ -11,10 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from writeback.errors import MapError
 from writeback.paths import Field as PathField
@@ -22,6 +22,13 @@ from writeback.paths import Path as ElementPath
 from writeback.paths import PathError, parse_path
 
 RESOURCE_TYPES = ("Patient", "Practitioner", "Encounter", "Observation")
+
+
+def _keys_as_text(raw: Any) -> Any:
+    """YAML reads `1:` as int and `true:` as bool; the row's values are compared as text."""
+    if isinstance(raw, dict):
+        return {_key(k): v for k, v in raw.items()}
+    return raw
 
 
 class _Strict(BaseModel):
@@ -33,18 +40,10 @@ class AttributeSpec(_Strict):
     target: str
     action: Literal["copy", "default", "value_map", "lookup"] = "copy"
     type: Literal["string", "code", "date", "dateTime", "instant", "decimal", "integer", "boolean", "id"] | None = None
-    values: dict[str, str | int | bool] | None = None
+    values: Annotated[dict[str, str | int | bool], BeforeValidator(_keys_as_text)] | None = None
     value: str | int | float | bool | None = None
     resource: str | None = None
     only_for: list[str] | None = None
-
-    @field_validator("values", mode="before")
-    @classmethod
-    def _keys_as_text(cls, raw: Any) -> Any:
-        # YAML reads `1:` as int and `true:` as bool; the row's values are compared as text.
-        if isinstance(raw, dict):
-            return {_key(k): v for k, v in raw.items()}
-        return raw
 
     @model_validator(mode="after")
     def _action_fields(self) -> AttributeSpec:
@@ -61,14 +60,7 @@ class AttributeSpec(_Strict):
 
 class ResourceChoice(_Strict):
     column: str
-    values: dict[str, str]
-
-    @field_validator("values", mode="before")
-    @classmethod
-    def _keys_as_text(cls, raw: Any) -> Any:
-        if isinstance(raw, dict):
-            return {_key(k): v for k, v in raw.items()}
-        return raw
+    values: Annotated[dict[str, str], BeforeValidator(_keys_as_text)]
 
 
 class IdentitySpec(_Strict):
