@@ -225,9 +225,8 @@ def _plan(message: Message, entity_map: EntityMap, resource_type: str, old: Row,
 
     if not assignments:
         return _skip(Reason.NO_CHANGE, "The row has no value in any mapped column.", message, resource_type)
-    resource = render(resource_type, assignments)
-    if operation == "create":
-        resource = render(resource_type, [*assignments, target.identity])
+    # A created resource carries the row identifier, so the row can always be found again.
+    resource = render(resource_type, [*assignments, target.identity] if operation == "create" else assignments)
     validate(resource, partial=operation == "update")
     changes = tuple(sorted({a.element for a in assignments} | ({"identifier"} if operation == "create" else set())))
     source = Source(
