@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -73,6 +73,11 @@ class WritePlan:
     @property
     def resource_type(self) -> str:
         return self.target.resource_type
+
+    @property
+    def columns(self) -> frozenset[str]:
+        """The Dataverse columns this write carries (what the row state orders per column)."""
+        return frozenset(a.column for a in self.assignments if a.column is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,10 +230,6 @@ def _plan(message: Message, entity_map: EntityMap, resource_type: str, old: Row,
 
     if not assignments:
         return _skip(Reason.NO_CHANGE, "The row has no value in any mapped column.", message, resource_type)
-    # A created resource carries the row identifier, so the row can always be found again.
-    resource = render(resource_type, [*assignments, target.identity] if operation == "create" else assignments)
-    validate(resource, partial=operation == "update")
-    changes = tuple(sorted({a.element for a in assignments} | ({"identifier"} if operation == "create" else set())))
     source = Source(
         table=message.table, record_id=message.record_id, message_name=message.message_name,
         row_system=entity_map.identifier_system if expansion is None else f"urn:dataverse:{message.table}",
@@ -236,9 +237,46 @@ def _plan(message: Message, entity_map: EntityMap, resource_type: str, old: Row,
         request_id=message.request_id, organization_id=message.organization_id,
         row_version=_row_version(new), modified_on=_modified_on(new),
     )
-    plan = WritePlan(operation, target, tuple(assignments), resource, changes, source)
-    verb = "Create" if operation == "create" else "Update"
-    return Decision("write", None, f"{verb} {resource_type} ({', '.join(changes)}).", message, plan, resource_type)
+    plan = _write_plan(operation, target, tuple(assignments), source)
+    return Decision("write", None, _describe(plan), message, plan, resource_type)
+
+
+def _write_plan(operation: Literal["create", "update"], target: Target, assignments: tuple[Assignment, ...],
+                source: Source) -> WritePlan:
+    # A created resource carries the row identifier, so the row can always be found again.
+    resource = render(target.resource_type, [*assignments, target.identity] if operation == "create" else assignments)
+    validate(resource, partial=operation == "update")
+    changes = tuple(sorted({a.element for a in assignments} | ({"identifier"} if operation == "create" else set())))
+    return WritePlan(operation, target, assignments, resource, changes, source)
+
+
+def _describe(plan: WritePlan) -> str:
+    verb = "Create" if plan.operation == "create" else "Update"
+    return f"{verb} {plan.resource_type} ({', '.join(plan.changes)})."
+
+
+def narrow(decision: Decision, superseded: frozenset[str]) -> Decision | None:
+    """The write without the columns a newer change of the row already wrote; None when nothing is left.
+
+    Updates carry only their changed columns, so an older update arriving after a newer one must still write
+    the columns the newer one did not touch (else its change is lost), and must not write the others back.
+    A create is kept whole: a conditional create never overwrites an existing resource, and while it does not
+    exist yet the newer update is still pending (target-missing) and writes its columns afterwards.
+    """
+    plan = decision.plan
+    assert plan is not None
+    dropped = plan.columns & superseded
+    if not dropped:
+        return decision
+    kept = tuple(a for a in plan.assignments if a.column is None or a.column not in dropped)
+    if not any(a.column is not None for a in kept):
+        return None
+    if plan.operation == "create":
+        return decision
+    narrowed = _write_plan(plan.operation, plan.target, kept, plan.source)
+    detail = (f"{_describe(narrowed)[:-1]}; not {', '.join(sorted(dropped))}: a newer change of the row "
+              "already wrote them.")
+    return replace(decision, plan=narrowed, detail=detail)
 
 
 def plan_message(

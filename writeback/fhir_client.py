@@ -144,9 +144,10 @@ def found_target(plan: WritePlan, bundle: Mapping[str, Any]) -> tuple[dict[str, 
              if isinstance(e, dict) and isinstance(e.get("resource"), dict)
              and e["resource"].get("resourceType") == target.resource_type]
     if not found:
-        raise WritebackError(Reason.TARGET_MISSING,
+        # Service Bus does not keep a row's messages in order: its Create may simply not be written yet.
+        raise WritebackError(Reason.TARGET_PENDING,
                              f"no {target.resource_type} carries the identifier of Dataverse row "
-                             f"{target.identifier_value}")
+                             f"{target.identifier_value} yet")
     if len(found) > 1:
         raise WritebackError(Reason.TARGET_MISSING,
                              f"more than one {target.resource_type} carries the identifier of Dataverse row "

@@ -140,11 +140,11 @@ def build_assignments(
             continue
         value = row.get(attr.column)
         if present(value):
-            out.append(Assignment(prefix + attr.path, convert(attr, value)))
+            out.append(Assignment(prefix + attr.path, convert(attr, value), attr.column))
         elif attr.default is not None:
-            out.append(Assignment(prefix + attr.path, attr.default))
+            out.append(Assignment(prefix + attr.path, attr.default, attr.column))
         elif columns is not None:
-            out.append(Assignment(prefix + attr.path, None))  # cleared in Dataverse: cleared in FHIR
+            out.append(Assignment(prefix + attr.path, None, attr.column))  # cleared in Dataverse: cleared in FHIR
     return out
 
 

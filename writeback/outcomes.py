@@ -21,8 +21,11 @@ Implements `writeback.pipeline.Ledger` over azure-data-tables (async) and the qu
     MessageId; hashed when it holds characters Table Storage refuses in keys), RowKey ``m``. Written only when a
     delivery ended written or skipped: a message that failed may and must come again.
 
-``rowstate``  Last version written per Dataverse row, for the `stale` check. PartitionKey = record id,
-    RowKey = table logical name; ``Version`` (Dataverse ``versionnumber``) and ``ModifiedOn``. Advanced with
+``rowstate``  Per Dataverse row, the version that last wrote each column, for the `stale` check.
+    PartitionKey = record id, RowKey = table logical name; ``Columns`` (JSON: column → [versionnumber,
+    modifiedon]) and, for people reading it, the row's newest ``Version`` and ``ModifiedOn``. Per column,
+    because an update carries only the columns it changed: an older update arriving late still writes the
+    columns no newer change wrote, and is `stale` only when a newer change wrote all of them. Advanced with
     ETag concurrency (If-Match): a writer whose read went out of date gets 412, re-reads and compares again.
 
 No row holds patient data: only ids, names of tables and messages, codes, counts, times, and the `detail`
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
 import uuid
@@ -252,6 +256,31 @@ def _group(entities: Iterable[Mapping[str, Any]]) -> list[OutcomeRow]:
 # ---- the ledger --------------------------------------------------------------------------------------------
 
 
+Stamp = tuple[int | None, datetime | None]  # (Dataverse versionnumber, modifiedon) of the change that wrote
+
+
+def _stamps(current: Mapping[str, Any] | None) -> tuple[dict[str, Stamp], Stamp]:
+    """The per-column stamps of a row state, and the stamp of a column it has none for.
+
+    A row state written before per-column stamps existed holds only the row's version: every column counts
+    as written at that version (the old, row-wide ordering), never as unwritten.
+    """
+    if current is None:
+        return {}, (None, None)
+    raw = current.get("Columns")
+    if not raw:
+        return {}, (_plain(current.get("Version")), current.get("ModifiedOn"))
+    stamps: dict[str, Stamp] = {}
+    for column, (version, modified) in json.loads(raw).items():
+        stamps[column] = (version, datetime.fromisoformat(modified) if modified else None)
+    return stamps, (None, None)
+
+
+def _dump_stamps(stamps: Mapping[str, Stamp]) -> str:
+    return json.dumps({c: [v, m.isoformat() if m else None] for c, (v, m) in sorted(stamps.items())},
+                      separators=(",", ":"))
+
+
 def _older(plan: WritePlan, version: int | None, modified: datetime | None) -> bool | None:
     """True: the plan is older than the stored state; False: same or newer; None: not comparable."""
     src = plan.source
@@ -365,28 +394,32 @@ class OutcomeStore:
             return False
         return True
 
-    async def claim(self, plan: WritePlan) -> bool:
+    async def claim(self, plan: WritePlan) -> frozenset[str]:
         src = plan.source
-        if src.row_version is None and src.modified_on is None:
-            return True  # nothing to order by: never stale
+        columns = plan.columns
+        if (src.row_version is None and src.modified_on is None) or not columns:
+            return frozenset()  # nothing to order by, or nothing a later change could supersede
         table = await self._table("rowstate")
         pk, rk = record_key(src.record_id), safe_key(src.table)
+        mine: Stamp = (src.row_version, src.modified_on)
         for _ in range(CLAIM_ATTEMPTS):
             try:
                 current = await self._call("read the row state", table.get_entity(pk, rk))
             except ResourceNotFoundError:
                 current = None
-            version = _plain(current.get("Version")) if current is not None else None
-            modified = current.get("ModifiedOn") if current is not None else None
-            if current is not None:
-                if _older(plan, version, modified):
-                    return False
-                if not _newer(plan, version, modified):
-                    return True  # the same version again (a redelivery after a failure): let it through
+            stamps, fallback = _stamps(current)
+            superseded = frozenset(c for c in columns if _older(plan, *stamps.get(c, fallback)))
+            advance = [c for c in columns - superseded if _newer(plan, *stamps.get(c, fallback))]
+            if not advance:
+                return superseded  # nothing newer to record (a redelivery of the same version, or all stale)
+            stamps.update(dict.fromkeys(advance, mine))
+            row = fallback if current is None else (_plain(current.get("Version")), current.get("ModifiedOn"))
+            if _newer(plan, *row):
+                row = mine
             entity = _entity({
                 "PartitionKey": pk, "RowKey": rk,
-                "Version": _int64(src.row_version if src.row_version is not None else version),
-                "ModifiedOn": src.modified_on if src.modified_on is not None else modified,
+                "Version": _int64(row[0]), "ModifiedOn": row[1],
+                "Columns": _dump_stamps(stamps),
                 "UpdatedAt": datetime.now(UTC),
                 "RequestId": src.request_id,
             })
@@ -401,7 +434,7 @@ class OutcomeStore:
                 continue  # another instance got there first: read again and compare again
             except ResourceNotFoundError:
                 continue  # deleted under us: start over
-            return True
+            return superseded
         raise WritebackError(Reason.CONFLICT,
                              f"the row state of {src.table} {src.record_id} kept changing in Table Storage "
                              f"through {CLAIM_ATTEMPTS} re-reads")

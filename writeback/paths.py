@@ -101,10 +101,15 @@ def format_path(path: Path) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Assignment:
-    """Set `path` to `value`; `None` removes what the path names (a cleared column)."""
+    """Set `path` to `value`; `None` removes what the path names (a cleared column).
+
+    `column` is the Dataverse column the value comes from (None for constants and the row identifier): the
+    row state orders writes per column, so a late change can be narrowed to the columns no newer change wrote.
+    """
 
     path: Path
     value: JSONValue
+    column: str | None = None
 
     @property
     def element(self) -> str:

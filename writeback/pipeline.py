@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, TypeVar
 
-from writeback.decide import Decision, WritePlan, plan_message
+from writeback.decide import Decision, WritePlan, narrow, plan_message
 from writeback.errors import WritebackError
 from writeback.maps import MapSet
 from writeback.reasons import Kind, Reason
@@ -96,8 +96,10 @@ class Ledger(Protocol):
         """True when this message (MessageId / RequestId) already ended written or skipped."""
         ...
 
-    async def claim(self, plan: WritePlan) -> bool:
-        """Advance the row's last-seen version to the plan's (ETag-guarded). False: a newer one was written."""
+    async def claim(self, plan: WritePlan) -> frozenset[str]:
+        """Advance the row's per-column versions to the plan's (ETag-guarded) where the plan is newer.
+
+        Returns the plan's columns that a newer change of the row already claimed (empty: write it all)."""
         ...
 
     async def record(self, envelope: Envelope, result: Result) -> None:
@@ -156,14 +158,14 @@ class Pipeline:
         try:
             key = message_key(envelope, decision)
             if self.ledger is not None:
-                if key and await self.ledger.seen(key):
-                    return Result("skipped", Reason.DUPLICATE, "This message was already processed.", decision)
-                if not await self.ledger.claim(plan):
-                    return Result("skipped", Reason.STALE, "A newer change of this row was already written.",
-                                  decision)
+                admitted = await _admit_one(self.ledger, key, decision)
+                if isinstance(admitted, Result):
+                    return admitted
+                decision = admitted
             if self.delivery is None:
                 raise WritebackError(Reason.CONFIG_ERROR, "no delivery target is configured")
-            delivered = await self.delivery.deliver(plan)
+            assert decision.plan is not None
+            delivered = await self.delivery.deliver(decision.plan)
         except WritebackError as exc:
             return result_for(decision, exc.reason, exc.detail)
         return Result("written", None, decision.detail, decision, resource=delivered.resource,
@@ -196,6 +198,7 @@ class Pipeline:
             if key is not None:
                 first_of[key] = i
             writes.append(i)
+        writes = _in_row_order(decisions, writes)
         slots = asyncio.Semaphore(self.settings.max_concurrency)
         if self.ledger is not None:
             writes = await self._admit(envelopes, decisions, writes, results, slots)
@@ -239,15 +242,14 @@ class Pipeline:
                 decision = decisions[i]
                 assert decision.plan is not None
                 try:
-                    key = message_key(envelopes[i], decision)
-                    if key and await ledger.seen(key):
-                        results[i] = Result("skipped", Reason.DUPLICATE, "This message was already processed.",
-                                            decision)
-                    elif not await ledger.claim(decision.plan):
-                        results[i] = Result("skipped", Reason.STALE,
-                                            "A newer change of this row was already written.", decision)
+                    admitted = await _admit_one(ledger, message_key(envelopes[i], decision), decision)
                 except WritebackError as exc:
                     results[i] = result_for(decision, exc.reason, exc.detail)
+                    continue
+                if isinstance(admitted, Result):
+                    results[i] = admitted
+                else:
+                    decisions[i] = admitted
 
         await _bounded(slots, [admit_row(indexes) for indexes in rows.values()])
         return [i for i in writes if results[i] is None]
@@ -290,6 +292,46 @@ class Pipeline:
                                   provenance=result.provenance, issues=result.issues,
                                   duration_ms=result.duration_ms)
         return result
+
+
+async def _admit_one(ledger: Ledger, key: str | None, decision: Decision) -> Decision | Result:
+    """The duplicate and stale checks of one write: the decision to deliver (narrowed to the columns no newer
+    change wrote), or the skip."""
+    assert decision.plan is not None
+    if key and await ledger.seen(key):
+        return Result("skipped", Reason.DUPLICATE, "This message was already processed.", decision)
+    superseded = await ledger.claim(decision.plan)
+    narrowed = narrow(decision, superseded) if superseded else decision
+    if narrowed is None:
+        return Result("skipped", Reason.STALE, "A newer change of this row already wrote every column this "
+                      "change carries.", decision)
+    return narrowed
+
+
+def _in_row_order(decisions: Sequence[Decision], writes: list[int]) -> list[int]:
+    """`writes` with each row's changes in Dataverse order (create first, then by version): Service Bus does not
+    keep a row's messages in order, and applying them in order within a batch means none is narrowed or
+    `stale` only because the broker swapped them. Each row keeps the positions its changes had."""
+    rows: dict[tuple[str, str, str], list[int]] = {}
+    for i in writes:
+        plan = decisions[i].plan
+        assert plan is not None
+        rows.setdefault(_row_key(plan), []).append(i)
+    position = {i: n for n, i in enumerate(writes)}
+    ordered = list(writes)
+    for indexes in rows.values():
+        if len(indexes) > 1:
+            for slot, i in zip(indexes, sorted(indexes, key=lambda i: _change_order(decisions[i])), strict=True):
+                ordered[position[slot]] = i
+    return ordered
+
+
+def _change_order(decision: Decision) -> tuple[int, int, float]:
+    plan = decision.plan
+    assert plan is not None
+    src = plan.source
+    modified = src.modified_on.timestamp() if src.modified_on is not None else 0.0
+    return (plan.operation != "create", src.row_version if src.row_version is not None else 0, modified)
 
 
 def _row_key(plan: WritePlan) -> tuple[str, str, str]:

@@ -41,6 +41,7 @@ class Reason(StrEnum):
     PAYLOAD_DROPPED = "payload-dropped"
     FHIR_REJECTED = "fhir-rejected"
     TARGET_MISSING = "target-missing"
+    TARGET_PENDING = "target-pending"
     CONFLICT = "conflict"
     PROVENANCE_FAILED = "provenance-failed"
     FHIR_UNAVAILABLE = "fhir-unavailable"
@@ -77,7 +78,8 @@ REASONS: dict[Reason, ReasonInfo] = {
         Kind.SKIP, "The same message (MessageId/RequestId) was already processed.",
         "Nothing: Service Bus delivered it twice and it was written once."),
     Reason.STALE: ReasonInfo(
-        Kind.SKIP, "An update older than one already written for the same row arrived late.",
+        Kind.SKIP, "A change arrived after a newer change of the same row that wrote every column it carries "
+        "(an older change of other columns is still written, narrowed to them).",
         "Nothing: the newer state is already on the FHIR server."),
     Reason.INVALID_CONTACT_TYPE: ReasonInfo(
         Kind.REJECT, "A contact whose Contact Type is missing or is not Patient or Practitioner.",
@@ -101,8 +103,15 @@ REASONS: dict[Reason, ReasonInfo] = {
         Kind.REJECT, "The FHIR server refused the resource (400/422); the detail has its issue codes.",
         "Read the OperationOutcome in the outcome log, fix the data or map, then resubmit."),
     Reason.TARGET_MISSING: ReasonInfo(
-        Kind.REJECT, "The FHIR resource to update does not exist (404, or no row identifier match).",
-        "Check the row's FHIR id column; clear it to create the resource anew, then resubmit."),
+        Kind.REJECT, "The FHIR resource to update does not exist (404 on its FHIR id, or gone), or more than one "
+        "resource carries the row identifier.",
+        "Check the row's FHIR id column (clear it to create the resource anew) or merge the duplicates, then "
+        "resubmit."),
+    Reason.TARGET_PENDING: ReasonInfo(
+        Kind.TRANSIENT, "No FHIR resource carries the row identifier yet: the update (or identifier row) came "
+        "before the Create of its row (or of its parent) was written.",
+        "Usually none: redelivery retries after the Create. If dead-lettered, resubmit the row's Create first "
+        "(or save a row that predates writeback in Dataverse), then resubmit."),
     Reason.CONFLICT: ReasonInfo(
         Kind.TRANSIENT, "The resource kept changing on the server (412/409) through every re-apply.",
         "Usually none: redelivery retries. If it persists, find what else writes the resource."),

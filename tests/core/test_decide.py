@@ -6,6 +6,7 @@ Bodies are built with `devtools.messages.context`, the encoder the shipped sampl
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from datetime import date
 from decimal import Decimal
@@ -32,7 +33,7 @@ from devtools.samples import (
 from writeback.decide import Decision, WritePlan, plan_message
 from writeback.maps import MapSet, load_maps
 from writeback.paths import apply
-from writeback.reasons import Reason
+from writeback.reasons import REASONS, Reason
 from writeback.settings import DEFAULT_MAPS_DIR, Settings
 
 PUBLIC = Path(__file__).resolve().parents[3] / "shared" / "samples" / "dataverse-public"
@@ -763,3 +764,11 @@ def test_decision_as_json_shape():
     assert out["changes"] == ["telecom"] and out["resource"]["resourceType"] == "Patient"
     skip = plan(sample("08_patient_consent_withheld.json")).as_json()
     assert skip["reason"] == "consent-withheld" and skip["resource"] is None and skip["changes"] is None
+
+
+def test_readme_reason_table_is_the_reason_catalogue() -> None:
+    """Administrators read the reason table in the README: it must say what the code does, code by code."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = re.findall(r"^\| `([a-z-]+)` \| (\w+) \| (.*?) \| (.*?) \|$", readme, re.MULTILINE)
+    assert {code: (kind, meaning, action) for code, kind, meaning, action in rows} == {
+        reason.value: (info.kind.value, info.meaning, info.action) for reason, info in REASONS.items()}

@@ -117,9 +117,52 @@ async def test_modified_on_orders_rows_without_version(store: OutcomeStore, maps
     newer = plan_for(update_body(record, None, modified=t0 + timedelta(minutes=5)), maps)
     older = plan_for(update_body(record, None, modified=t0), maps)
     assert newer.source.row_version is None and newer.source.modified_on is not None
-    assert await store.claim(newer)
-    assert not await store.claim(older)
-    assert await store.claim(newer)  # equal: not stale
+    assert await store.claim(newer) == frozenset()
+    assert await store.claim(older) == {"telephone1"}  # the same column, written by a newer change
+    assert await store.claim(newer) == frozenset()  # equal: not stale
+
+
+async def test_an_older_update_of_other_columns_still_writes_them(store: OutcomeStore, maps: MapSet) -> None:
+    """Updates carry only their changed columns: a late older change is narrowed, never dropped whole."""
+    record = new_id()
+    delivery = FakeDelivery()
+    pipeline = Pipeline(maps, SETTINGS, delivery, store)
+    newer = Envelope(update_body(record, 8, address1_city="Newer City", telephone1="+1 206 555 0008"),
+                     message_id="v8")
+    older = Envelope(update_body(record, 7, telephone1="+1 206 555 0007", emailaddress1="p7@example.org"),
+                     message_id="v7")
+    assert (await pipeline.process(newer)).state == "written"
+    late = await pipeline.process(older)
+    assert (late.state, late.reason) == ("written", None)
+    assert "not telephone1" in late.detail
+    sent = delivery.plans[-1]
+    assert sent.columns == {"emailaddress1"} and sent.changes == ("telecom",)
+    assert all(a.column != "telephone1" for a in sent.assignments)
+    state = await store.row_state("contact", record)
+    assert state is not None and state["Version"] == 8
+    stamps = json.loads(state["Columns"])
+    assert stamps["telephone1"][0] == 8 and stamps["emailaddress1"][0] == 7 and stamps["address1_city"][0] == 8
+    stale = await pipeline.process(Envelope(update_body(record, 6, telephone1="+1 206 555 0006",
+                                                        address1_city="Old City"), message_id="v6"))
+    assert (stale.state, stale.reason) == ("skipped", Reason.STALE)
+    assert len(delivery.plans) == 2
+
+
+async def test_row_state_from_before_per_column_stamps_orders_the_whole_row(
+        store: OutcomeStore, maps: MapSet, azurite_tables: Azurite, prefix: str) -> None:
+    """A row state an earlier release wrote (row version only) keeps its row-wide ordering: nothing is
+    treated as never written."""
+    record = new_id()
+    service = TableServiceClient.from_connection_string(azurite_tables.connection_string)
+    await store.ensure_tables()
+    service.get_table_client(table_names(prefix)["rowstate"]).create_entity(
+        {"PartitionKey": record, "RowKey": "contact", "Version": 10})
+    assert await store.claim(plan_for(update_body(record, 9, emailaddress1="old@example.org"), maps)) == {
+        "emailaddress1"}
+    assert await store.claim(plan_for(update_body(record, 11, emailaddress1="new@example.org"), maps)) == set()
+    state = await store.row_state("contact", record)
+    assert state is not None and state["Version"] == 11 and json.loads(state["Columns"]) == {
+        "emailaddress1": [11, None]}
 
 
 class _PausingStore(OutcomeStore):
@@ -151,12 +194,12 @@ async def test_concurrent_claim_race_two_ledgers(azurite_tables: Azurite, maps: 
     assert isinstance(slow, _PausingStore)
     fast = OutcomeStore.from_settings(settings)
     try:
-        assert await base.claim(plan_for(update_body(record, 4), maps))
+        assert await base.claim(plan_for(update_body(record, 4), maps)) == frozenset()
         a = asyncio.create_task(slow.claim(plan_for(update_body(record, 5), maps)))
         await asyncio.wait_for(slow.read_done.wait(), 10)
-        assert await fast.claim(plan_for(update_body(record, 6), maps))
+        assert await fast.claim(plan_for(update_body(record, 6), maps)) == frozenset()
         slow.go.set()
-        assert await asyncio.wait_for(a, 10) is False
+        assert await asyncio.wait_for(a, 10) == {"telephone1"}
         assert slow.reads == 2  # the 412 made it read again
         state = await base.row_state("contact", record)
         assert state is not None and state["Version"] == 6
@@ -174,13 +217,13 @@ async def test_many_concurrent_claims_end_at_the_newest(azurite_tables: Azurite,
         versions = list(range(1, 21))
         random.Random(7).shuffle(versions)
         plans = {v: plan_for(update_body(record, v), maps) for v in versions}
-        won = await asyncio.gather(*(ledgers[i % 2].claim(plans[v]) for i, v in enumerate(versions)))
-        by_version = dict(zip(versions, won, strict=True))
-        assert by_version[20] is True
+        superseded = await asyncio.gather(*(ledgers[i % 2].claim(plans[v]) for i, v in enumerate(versions)))
+        by_version = dict(zip(versions, superseded, strict=True))
+        assert by_version[20] == frozenset()
         state = await ledgers[1].row_state("contact", record)
         assert state is not None and state["Version"] == 20
         for v in (1, 10, 19):  # once 20 is stored, every older version is stale on either instance
-            assert await ledgers[v % 2].claim(plans[v]) is False
+            assert await ledgers[v % 2].claim(plans[v]) == {"telephone1"}
     finally:
         for ledger in ledgers:
             await ledger.aclose()

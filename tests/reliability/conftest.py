@@ -85,7 +85,17 @@ class Broker:
     async def _deliver(self, item: Queued) -> None:
         self.deliveries += 1
         FIGURES["deliveries"] += 1
-        result = await self.pipeline.process(item.envelope)
+        await self._settle(item, await self.pipeline.process(item.envelope))
+
+    async def _deliver_batch(self, items: list[Queued]) -> None:
+        """One invocation of the batch trigger: `process_many`, then each message settled on its own result."""
+        self.deliveries += len(items)
+        FIGURES["deliveries"] += len(items)
+        results = await self.pipeline.process_many([item.envelope for item in items])
+        for item, result in zip(items, results, strict=True):
+            await self._settle(item, result)
+
+    async def _settle(self, item: Queued, result: Result) -> None:
         self.results.setdefault(item.seq, []).append(result)
         settlement = result.settlement
         if settlement == "complete":
@@ -108,12 +118,17 @@ class Broker:
         if self.after is not None:
             await self.after(item, result)
 
-    async def run(self, concurrency: int = 1) -> None:
-        """Deliver until the queue is empty; with concurrency > 1, several receivers at once."""
+    async def run(self, concurrency: int = 1, batch: int = 0) -> None:
+        """Deliver until the queue is empty; with concurrency > 1, several receivers at once; with batch > 0,
+        up to `batch` messages per invocation (the cardinality-many trigger)."""
 
         async def receiver() -> None:
             while self.queue:
-                await self._deliver(self.queue.popleft())
+                if batch:
+                    items = [self.queue.popleft() for _ in range(min(batch, len(self.queue)))]
+                    await self._deliver_batch(items)
+                else:
+                    await self._deliver(self.queue.popleft())
 
         await asyncio.gather(*(receiver() for _ in range(concurrency)))
 

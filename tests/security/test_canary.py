@@ -136,8 +136,8 @@ async def test_no_canary_in_logs_outcomes_dead_letters_exceptions_or_cli(
         await run("bad-secret", create_message(*canary_row()), expect={Reason.UNAUTHORIZED},
                   FHIR_CLIENT_SECRET="Qzcanary-secret")
         missing_id, missing = canary_row()
-        await run("target-missing", update_message(missing_id, missing, {"lastname": "Qzcanarylast-Gone"}),
-                  expect={Reason.TARGET_MISSING})
+        await run("target-pending", update_message(missing_id, missing, {"lastname": "Qzcanarylast-Gone"}),
+                  expect={Reason.TARGET_PENDING})
         await run("target-missing-by-id", update_message(missing_id, {**missing, "msemr_azurefhirid": "gone-1"},
                                                          {"lastname": "Qzcanarylast-Gone"}),
                   Fault(method="GET", url_contains="/Patient/gone-1", status=404, body=echo(404)),
