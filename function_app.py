@@ -1,9 +1,12 @@
 """Azure Functions entry point (Python v2 programming model).
 
-One Service Bus queue trigger; the package does the rest (writeback.functions). Settlement is explicit
+One Service Bus queue trigger with `cardinality=many`: each invocation gets up to host.json's
+`extensions.serviceBus.maxMessageBatchSize` messages as a list, and the package does the rest
+(writeback.functions.handle_batch), settling every message on its own outcome. Settlement is explicit
 (`auto_complete_messages=False`): the extension import below registers the SDK-type binding that provides
-`ServiceBusReceivedMessage` and `ServiceBusMessageActions`. The connection `ServiceBusConnection` is either a
-connection string or, identity-based, `ServiceBusConnection__fullyQualifiedNamespace`.
+`ServiceBusReceivedMessage` (a list of them for a batch) and `ServiceBusMessageActions`. The connection
+`ServiceBusConnection` is either a connection string or, identity-based,
+`ServiceBusConnection__fullyQualifiedNamespace`.
 """
 
 import azure.functions as func
@@ -15,8 +18,9 @@ app = func.FunctionApp()
 
 
 @app.function_name("writeback")
-@app.service_bus_queue_trigger(arg_name="message", queue_name="%WRITEBACK_QUEUE_NAME%",
-                               connection="ServiceBusConnection", auto_complete_messages=False)
-async def writeback(message: servicebus.ServiceBusReceivedMessage,
+@app.service_bus_queue_trigger(arg_name="messages", queue_name="%WRITEBACK_QUEUE_NAME%",
+                               connection="ServiceBusConnection", cardinality=func.Cardinality.MANY,
+                               auto_complete_messages=False)
+async def writeback(messages: list[servicebus.ServiceBusReceivedMessage],
                     message_actions: servicebus.ServiceBusMessageActions) -> None:
-    await functions.handle(message, message_actions)
+    await functions.handle_batch(messages, message_actions)

@@ -54,6 +54,11 @@ param duplicateDetectionWindow string = 'PT10M'
 @maxValue(1000)
 param maximumInstanceCount int = 40
 
+@description('Most messages one function invocation receives and processes together (FHIR batch bundles); each is still settled on its own outcome. The whole batch must finish within lockDuration.')
+@minValue(1)
+@maxValue(1000)
+param maxMessageBatchSize int = 100
+
 @description('Memory of one instance in MB.')
 @allowed([
   512
@@ -253,6 +258,7 @@ module functionApp 'modules/functionapp.bicep' = {
     fhirUrl: effectiveFhirUrl
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
+    maxMessageBatchSize: maxMessageBatchSize
     writebackTarget: writebackTarget
     ignoreUserIds: ignoreUserIds
     writebackAgent: writebackAgent

@@ -21,7 +21,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -386,6 +386,25 @@ class FhirDelivery:
         return Delivered(versioned, provenance_ref, issues)
 
 
+class FhirTarget(FhirDelivery):
+    """The function's FHIR delivery: one plan as `FhirDelivery`'s direct requests, several as FHIR batch
+    bundles (`bundles.BatchDelivery`), so a batch of one costs no bundle round trip."""
+
+    def __init__(self, client: FhirClient) -> None:
+        super().__init__(client)
+        from writeback.bundles import BatchDelivery  # noqa: PLC0415 - bundles imports this module
+
+        self.batch = BatchDelivery(client)
+
+    async def deliver_many(self, plans: Sequence[WritePlan]) -> list[Delivered | WritebackError]:
+        if len(plans) != 1:
+            return await self.batch.deliver_many(plans)
+        try:
+            return [await self.deliver(plans[0])]
+        except WritebackError as exc:
+            return [exc]
+
+
 class AlternateDelivery:
     """`pipeline.Delivery` to a user-defined endpoint (e.g. a Logic App): the validated resource and its
     Provenance go out together as one FHIR transaction bundle, the Provenance pointing at the resource's
@@ -432,7 +451,8 @@ def new_http_client(settings: Settings) -> httpx.AsyncClient:
 
 
 def build_delivery(settings: Settings) -> tuple[Delivery, Callable[[], Awaitable[None]]]:
-    """The configured delivery and a callable that closes what it opened."""
+    """The configured delivery and a callable that closes what it opened. The FHIR target also delivers many
+    plans at once (`deliver_many`, for `Pipeline.process_many`); the alternate endpoint takes one at a time."""
     http = new_http_client(settings)
     tokens: TokenProvider
     delivery: Delivery
@@ -442,7 +462,7 @@ def build_delivery(settings: Settings) -> tuple[Delivery, Callable[[], Awaitable
         delivery = AlternateDelivery(settings.alternate_url, http, tokens, settings)
     else:
         tokens = fhir_tokens(settings)
-        delivery = FhirDelivery(FhirClient(settings.fhir_url, http, tokens, settings))
+        delivery = FhirTarget(FhirClient(settings.fhir_url, http, tokens, settings))
 
     async def aclose() -> None:
         await tokens.aclose()

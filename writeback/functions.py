@@ -1,21 +1,25 @@
-"""The Azure Functions adapter: one Service Bus message in, exactly one explicit settlement out.
+"""The Azure Functions adapter: a batch of Service Bus messages in, exactly one explicit settlement each out.
 
-`function_app.py` hands every `ServiceBusReceivedMessage` (azurefunctions-extensions-bindings-servicebus,
-trigger with `auto_complete_messages=False`) and the `ServiceBusMessageActions` to `handle`, which
+`function_app.py` hands the list of `ServiceBusReceivedMessage` of one invocation (azurefunctions-extensions-
+bindings-servicebus, trigger with `cardinality=many` and `auto_complete_messages=False`) and the
+`ServiceBusMessageActions` to `handle_batch`, which
 
 1. builds the process-wide singletons once, lazily: settings, entity maps, the FHIR delivery (one shared
    httpx client, from `writeback.fhir_client.build_delivery`) and the Table Storage ledger;
-2. turns the message into a `pipeline.Envelope` and runs `Pipeline.process` (the same path as the CLI);
-3. settles exactly once, by `Result.settlement`:
+2. turns each message into a `pipeline.Envelope` and runs `Pipeline.process_many` over the readable ones
+   (FHIR batch bundles; rows in order; a RequestId repeated within the batch is written once);
+3. settles each message exactly once, by its own `Result.settlement`:
    written / skipped → complete; permanent (reject) → dead-letter at once, `deadletter_reason` = the reason
    code, description = the detail (never patient data); transient → abandon (Service Bus redelivers, and
    dead-letters after the queue's MaxDeliveryCount); configuration fault → abandon, never dead-letter;
 4. logs one structured record per message whose `extra` fields become Application Insights
    customDimensions (see docs/operations.md).
 
-A configuration fault found while building the singletons (missing or invalid setting, unreadable or invalid
-entity map) abandons the message and logs one error naming the setting or the map file; nothing is cached,
-so the next message tries again.
+A message the binding hands over unreadable is abandoned on its own; the rest of the batch goes on. A
+configuration fault found while building the singletons (missing or invalid setting, unreadable or invalid
+entity map) abandons every message of the batch and logs one error naming the setting or the map file;
+nothing is cached, so the next invocation tries again. An unexpected error (a bug) abandons every message not
+yet settled. `handle` is the same path for a single message.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import asyncio
 import logging
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -156,9 +160,13 @@ def _log_outcome(dims: Mapping[str, Any], detail: str) -> None:
     text = ("writeback outcome=%s reason=%s table=%s record=%s message_id=%s correlation=%s settlement=%s "
             "duration_ms=%s: %s")
     if outcome == "config-error":
+        count = int(dims.get("messages", 1))
+        kept = ("The message was abandoned and stays on the queue; fix the configuration (python -m writeback "
+                "check-config) and it is processed again." if count == 1 else
+                f"All {count} messages of the batch were abandoned and stay on the queue; fix the configuration "
+                "(python -m writeback check-config) and they are processed again.")
         text = ("writeback outcome=%s reason=%s table=%s record=%s message_id=%s correlation=%s settlement=%s "
-                "duration_ms=%s: configuration error: %s. The message was abandoned and stays on the queue; "
-                "fix the configuration (python -m writeback check-config) and it is processed again.")
+                "duration_ms=%s: configuration error: %s. " + kept)
     log.log(_LEVEL.get(outcome, logging.ERROR), text, outcome, dims["reason"] or "-", dims["table"] or "-",
             dims["record_id"] or "-", dims["message_id"] or "-", dims["correlation_id"] or "-",
             dims["settlement"], dims["duration_ms"], detail, extra=dict(dims))
@@ -182,7 +190,7 @@ def description_for(result: Result) -> str:
 
 
 class FunctionApp:
-    """Process-wide singletons, built lazily once, and the per-message handler."""
+    """Process-wide singletons, built lazily once, and the batch (and single-message) handler."""
 
     def __init__(self, env: Mapping[str, str] | None = None, *, delivery_factory: DeliveryFactory | None = None,
                  ledger_factory: LedgerFactory | None = None) -> None:
@@ -221,32 +229,57 @@ class FunctionApp:
             await runtime.aclose()
 
     async def handle(self, message: Any, actions: MessageActions) -> Result | None:
-        """Process one message and settle it exactly once. Returns the result (None if none was reached)."""
+        """Process one message and settle it exactly once: a batch of one."""
+        (result,) = await self.handle_batch([message], actions)
+        return result
+
+    async def handle_batch(self, messages: Sequence[Any], actions: MessageActions) -> list[Result | None]:
+        """Process a batch and settle each message exactly once on its own outcome. Returns the results in
+        input order (None where none was reached: unreadable, configuration fault, unexpected error)."""
         started = time.perf_counter()
-        try:
-            envelope = envelope_of(message)
-        except Exception as exc:  # the binding handed over something unreadable: keep it, say so
-            self._unexpected(actions, message, Envelope(b""), exc)
-            return None
+        results: list[Result | None] = [None] * len(messages)
+        readable: dict[int, Envelope] = {}
+        for index, message in enumerate(messages):
+            try:
+                readable[index] = envelope_of(message)
+            except Exception as exc:  # the binding handed over something unreadable: keep it, say so
+                self._unexpected(actions, message, Envelope(b""), exc)
+        if not readable:
+            return results
         try:
             runtime = await self.runtime()
-        except WritebackError as exc:  # ConfigError / MapError: keep the message, say what to fix
-            settled = self._settle(actions, message, "abandon")
-            elapsed = round((time.perf_counter() - started) * 1000, 2)
-            reason = exc.reason if exc.reason.kind == Kind.CONFIG else Reason.CONFIG_ERROR
-            _log_outcome(dimensions(envelope, None, settled, reason=reason.value, duration_ms=elapsed), exc.detail)
-            return None
+        except WritebackError as exc:  # ConfigError / MapError: keep the messages, say what to fix
+            self._config_fault(actions, [(messages[i], e) for i, e in readable.items()], exc, started)
+            return results
         except Exception as exc:
-            self._unexpected(actions, message, envelope, exc)
-            return None
+            for index, envelope in readable.items():
+                self._unexpected(actions, messages[index], envelope, exc)
+            return results
+        unsettled = dict(readable)
         try:
-            result = await runtime.pipeline.process(envelope)
-        except Exception as exc:  # a bug, not a message fault: keep the message (abandon), never lose it
-            self._unexpected(actions, message, envelope, exc)
-            return None
-        settled = self._settle(actions, message, result.settlement, result)
-        _log_outcome(dimensions(envelope, result, settled), result.detail)
-        return result
+            done = await runtime.pipeline.process_many(list(readable.values()))
+            for (index, envelope), result in zip(readable.items(), done, strict=True):
+                settled = self._settle(actions, messages[index], result.settlement, result)
+                del unsettled[index]
+                results[index] = result
+                _log_outcome(dimensions(envelope, result, settled), result.detail)
+        except Exception as exc:  # a bug, not a message fault: keep what is unsettled (abandon), never lose it
+            for index, envelope in unsettled.items():
+                self._unexpected(actions, messages[index], envelope, exc)
+        return results
+
+    def _config_fault(self, actions: MessageActions, batch: list[tuple[Any, Envelope]], exc: WritebackError,
+                      started: float) -> None:
+        """Abandon the whole batch; one error for it, since every message failed for the same reason."""
+        failed = [kind for kind in (self._settle(actions, m, "abandon") for m, _ in batch) if kind != "abandon"]
+        elapsed = round((time.perf_counter() - started) * 1000, 2)
+        reason = exc.reason if exc.reason.kind == Kind.CONFIG else Reason.CONFIG_ERROR
+        dims = dimensions(batch[0][1], None, failed[0] if failed else "abandon", reason=reason.value,
+                          duration_ms=elapsed, messages=len(batch))
+        if len(batch) > 1:
+            dims["message_id"] = ""
+            dims["message_ids"] = ",".join(envelope.message_id or "" for _, envelope in batch)
+        _log_outcome(dims, exc.detail)
 
     def _unexpected(self, actions: MessageActions, message: Any, envelope: Envelope, exc: BaseException) -> None:
         settled = self._settle(actions, message, "abandon")
@@ -278,8 +311,13 @@ _APP = FunctionApp()
 
 
 async def handle(message: Any, actions: MessageActions) -> None:
-    """Entry point for `function_app.py`."""
+    """Entry point for a single message (a trigger with cardinality one)."""
     await _APP.handle(message, actions)
+
+
+async def handle_batch(messages: Sequence[Any], actions: MessageActions) -> None:
+    """Entry point for `function_app.py` (a trigger with cardinality many)."""
+    await _APP.handle_batch(messages, actions)
 
 
 def default_app() -> FunctionApp:

@@ -100,6 +100,11 @@ param alternateScope string = ''
 @description('Name of the Key Vault secret holding the alternate endpoint client secret (stored by the operator, not by this template).')
 param alternateClientSecretName string = 'alternate-client-secret'
 
+@description('Most messages one invocation of the batch trigger receives (host.json extensions.serviceBus.maxMessageBatchSize).')
+@minValue(1)
+@maxValue(1000)
+param maxMessageBatchSize int = 100
+
 @description('Extra or overriding app settings (name: value). Never put a secret here: use a @Microsoft.KeyVault(SecretUri=...) reference.')
 param appSettingOverrides object = {}
 
@@ -152,6 +157,9 @@ var appSettings = {
   WRITEBACK_MAX_CONCURRENCY: ''
   WRITEBACK_BUNDLE_SIZE: ''
   // --- Not in SETTINGS: platform and SDK settings ---
+  // Messages per invocation of the batch trigger. The host reads AzureFunctionsJobHost__* as host.json overrides,
+  // so the batch size is a deployment parameter rather than a change to the code package.
+  AzureFunctionsJobHost__extensions__serviceBus__maxMessageBatchSize: string(maxMessageBatchSize)
   // DefaultAzureCredential/ManagedIdentityCredential in the app pick the user-assigned identity from this.
   AZURE_CLIENT_ID: identityClientId
   // Telemetry with Entra ID (local auth is disabled on the component, so the instrumentation key in the

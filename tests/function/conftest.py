@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import pytest
 
 import function_app
-from devtools.services import Azurite
+from devtools.services import Azurite, FhirDevServer
 from tests.function.helpers import FakeDelivery
 from tests.outcomes.conftest import new_prefix
 from writeback import functions
+from writeback.outcomes import OutcomeRow, OutcomeStore, outcome_settings
 from writeback.pipeline import Delivery
 from writeback.settings import SETTINGS, Settings
 
@@ -32,10 +34,11 @@ class MockMessageActions:
 
     calls: list[Settlement] = field(default_factory=list)
     fail: bool = False
+    fail_for: list[Any] = field(default_factory=list)  # messages whose settlement fails (the others succeed)
 
     def _record(self, settlement: Settlement) -> None:
         self.calls.append(settlement)
-        if self.fail:
+        if self.fail or any(settlement.message is m for m in self.fail_for):
             raise RuntimeError("the host lost the message lock")
 
     def complete(self, message: Any) -> None:
@@ -50,6 +53,12 @@ class MockMessageActions:
 
     def defer(self, message: Any) -> None:  # pragma: no cover - never used by the app
         self._record(Settlement("defer", message))
+
+    def of(self, message: Any) -> Settlement:
+        """The single settlement of one message of a batch (fails if it had zero or several)."""
+        mine = [c for c in self.calls if c.message is message]
+        assert len(mine) == 1, f"expected exactly one settlement, got {[c.kind for c in mine]}"
+        return mine[0]
 
     @property
     def only(self) -> Settlement:
@@ -120,3 +129,48 @@ async def fake_app(outcome_env: str, fake_factory: FakeFactory,
     monkeypatch.setattr(functions, "_APP", app)
     yield app
     await app.aclose()
+
+
+# ---- end to end: the real delivery and ledger against the FHIR dev server and Azurite ----------------------
+
+ROW_SYSTEM = "urn:dataverse:contact"  # the identifier system of the shipped contact map
+
+
+@pytest.fixture
+def live_env(clean_env: pytest.MonkeyPatch, azurite_tables: Azurite, fhir_server: FhirDevServer) -> FhirDevServer:
+    """Settings for the dev servers: the FHIR server behind its OAuth endpoint, fresh outcome tables."""
+    clean_env.setenv("FHIR_URL", fhir_server.base_url)
+    clean_env.setenv("FHIR_TOKEN_URL", fhir_server.token_url)
+    clean_env.setenv("FHIR_CLIENT_ID", fhir_server.client_id)
+    clean_env.setenv("FHIR_CLIENT_SECRET", fhir_server.client_secret)
+    clean_env.setenv("OUTCOMES_CONNECTION_STRING", azurite_tables.connection_string)
+    clean_env.setenv("OUTCOMES_TABLE_PREFIX", new_prefix())
+    return fhir_server
+
+
+@pytest.fixture
+async def live_app(live_env: FhirDevServer, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[functions.FunctionApp]:
+    """The process-wide app exactly as in Azure (real delivery, real ledger), configured for the dev servers."""
+    app = functions.FunctionApp()
+    monkeypatch.setattr(functions, "_APP", app)
+    yield app
+    await app.aclose()
+
+
+@pytest.fixture(scope="module")
+def fhir(fhir_server: FhirDevServer) -> Iterator[httpx.Client]:
+    token = httpx.post(fhir_server.token_url, data={"grant_type": "client_credentials"},
+                       auth=(fhir_server.client_id, fhir_server.client_secret)).json()["access_token"]
+    with httpx.Client(base_url=fhir_server.base_url, timeout=30.0,
+                      headers={"Authorization": f"Bearer {token}", "Accept": "application/fhir+json"}) as client:
+        yield client
+
+
+async def rows_of(record_id: str) -> list[OutcomeRow]:
+    async with OutcomeStore.from_settings(outcome_settings()) as store:
+        return await store.query(record_id=record_id)
+
+
+def patients_of(fhir: httpx.Client, record_id: str) -> list[dict[str, Any]]:
+    bundle = fhir.get("/Patient", params={"identifier": f"{ROW_SYSTEM}|{record_id}"}).json()
+    return [entry["resource"] for entry in bundle.get("entry", [])]

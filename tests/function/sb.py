@@ -10,6 +10,7 @@ function under test gets the very `ServiceBusReceivedMessage` type and values it
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -57,16 +58,35 @@ def amqp_content(body: bytes, *, message_id: str, content_type: str | None, corr
     return lock_token.bytes_le + _header(delivery_count) + _delivery_annotations(lock_token) + encoded
 
 
-def received_message(body: bytes | str, *, message_id: str | None = None,
-                     content_type: str | None = "application/json", correlation_id: str | None = None,
-                     application_properties: dict[str, Any] | None = None, delivery_count: int = 1,
-                     lock_token: uuid.UUID | None = None) -> Any:
-    """A `ServiceBusReceivedMessage` decoded by the extension from host-format bytes."""
+def host_content(body: bytes | str, *, message_id: str | None = None,
+                 content_type: str | None = "application/json", correlation_id: str | None = None,
+                 application_properties: dict[str, Any] | None = None, delivery_count: int = 1,
+                 lock_token: uuid.UUID | None = None) -> bytes:
+    """The `model_binding_data` content the host sends for one message."""
     raw = body.encode() if isinstance(body, str) else body
-    content = amqp_content(raw, message_id=message_id or uuid.uuid4().hex, content_type=content_type,
-                           correlation_id=correlation_id, application_properties=application_properties,
-                           delivery_count=delivery_count, lock_token=lock_token or uuid.uuid4())
-    datum = Datum(ModelBindingData(content), "model_binding_data")
+    return amqp_content(raw, message_id=message_id or uuid.uuid4().hex, content_type=content_type,
+                        correlation_id=correlation_id, application_properties=application_properties,
+                        delivery_count=delivery_count, lock_token=lock_token or uuid.uuid4())
+
+
+def received_message(body: bytes | str, **kw: Any) -> Any:
+    """A `ServiceBusReceivedMessage` decoded by the extension from host-format bytes (`host_content`'s keywords)."""
+    datum = Datum(ModelBindingData(host_content(body, **kw)), "model_binding_data")
     message = ServiceBusConverter.decode(datum, trigger_metadata=None, pytype=ServiceBusReceivedMessage)
     assert message is not None
     return message
+
+
+class CollectionModelBindingData:
+    """The shape of the worker's `collection_model_binding_data` (a batch trigger, cardinality many)."""
+
+    def __init__(self, contents: Sequence[bytes]) -> None:
+        self.model_binding_data = [ModelBindingData(content) for content in contents]
+
+
+def received_batch(contents: Sequence[bytes]) -> list[Any]:
+    """The list of `ServiceBusReceivedMessage` the extension decodes for one invocation of a batch trigger."""
+    datum = Datum(CollectionModelBindingData(contents), "collection_model_binding_data")
+    messages = ServiceBusConverter.decode(datum, trigger_metadata=None, pytype=list[ServiceBusReceivedMessage])
+    assert isinstance(messages, list) and len(messages) == len(contents)
+    return messages

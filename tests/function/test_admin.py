@@ -7,21 +7,9 @@ import uuid
 
 import pytest
 
-from devtools.services import Azurite, FhirDevServer
+from devtools.services import FhirDevServer
 from tests.function.sb import received_message
-from tests.outcomes.conftest import new_prefix
 from writeback import cli
-
-
-@pytest.fixture
-def live_env(clean_env: pytest.MonkeyPatch, azurite_tables: Azurite, fhir_server: FhirDevServer) -> FhirDevServer:
-    clean_env.setenv("FHIR_URL", fhir_server.base_url)
-    clean_env.setenv("FHIR_TOKEN_URL", fhir_server.token_url)
-    clean_env.setenv("FHIR_CLIENT_ID", fhir_server.client_id)
-    clean_env.setenv("FHIR_CLIENT_SECRET", fhir_server.client_secret)
-    clean_env.setenv("OUTCOMES_CONNECTION_STRING", azurite_tables.connection_string)
-    clean_env.setenv("OUTCOMES_TABLE_PREFIX", new_prefix())
-    return fhir_server
 
 
 def test_check_config_offline(live_env: FhirDevServer, capsys: pytest.CaptureFixture[str]) -> None:

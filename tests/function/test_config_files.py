@@ -36,6 +36,8 @@ def test_host_json_tunes_explicit_settlement() -> None:
     assert service_bus["autoCompleteMessages"] is False
     assert isinstance(service_bus["maxConcurrentCalls"], int) and service_bus["maxConcurrentCalls"] >= 1
     assert service_bus["maxAutoLockRenewalDuration"]
+    # messages per invocation of the batch trigger (cardinality many); the Bicep default matches (tests/infra)
+    assert isinstance(service_bus["maxMessageBatchSize"], int) and 1 <= service_bus["maxMessageBatchSize"] <= 1000
     assert "logLevel" in host["logging"]
 
 

@@ -5,61 +5,20 @@ Nothing is faked but the settlement API (MockMessageActions; Service Bus settlem
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
-import pytest
 
-from devtools.services import Azurite, FhirDevServer
-from tests.function.conftest import MockMessageActions, UserFunction
+from tests.function.conftest import ROW_SYSTEM, MockMessageActions, UserFunction, patients_of, rows_of
 from tests.function.helpers import FIRST, LAST, consent_body, create_body, new_id, reject_body, update_body
 from tests.function.sb import received_message
-from tests.outcomes.conftest import new_prefix
 from writeback import functions
 from writeback.outcomes import OutcomeRow, OutcomeStore, outcome_settings
-
-ROW_SYSTEM = "urn:dataverse:contact"  # the identifier system of the shipped contact map
-
-
-@pytest.fixture
-async def live_app(clean_env: pytest.MonkeyPatch, azurite_tables: Azurite,
-                   fhir_server: FhirDevServer) -> AsyncIterator[functions.FunctionApp]:
-    """The process-wide app exactly as in Azure (real delivery, real ledger), configured for the dev servers."""
-    clean_env.setenv("FHIR_URL", fhir_server.base_url)
-    clean_env.setenv("FHIR_TOKEN_URL", fhir_server.token_url)
-    clean_env.setenv("FHIR_CLIENT_ID", fhir_server.client_id)
-    clean_env.setenv("FHIR_CLIENT_SECRET", fhir_server.client_secret)
-    clean_env.setenv("OUTCOMES_CONNECTION_STRING", azurite_tables.connection_string)
-    clean_env.setenv("OUTCOMES_TABLE_PREFIX", new_prefix())
-    app = functions.FunctionApp()
-    clean_env.setattr(functions, "_APP", app)
-    yield app
-    await app.aclose()
-
-
-@pytest.fixture(scope="module")
-def fhir(fhir_server: FhirDevServer) -> Iterator[httpx.Client]:
-    token = httpx.post(fhir_server.token_url, data={"grant_type": "client_credentials"},
-                       auth=(fhir_server.client_id, fhir_server.client_secret)).json()["access_token"]
-    with httpx.Client(base_url=fhir_server.base_url, timeout=30.0,
-                      headers={"Authorization": f"Bearer {token}", "Accept": "application/fhir+json"}) as client:
-        yield client
-
-
-async def rows_of(record_id: str) -> list[OutcomeRow]:
-    async with OutcomeStore.from_settings(outcome_settings()) as store:
-        return await store.query(record_id=record_id)
-
-
-def patients_of(fhir: httpx.Client, record_id: str) -> list[dict[str, Any]]:
-    bundle = fhir.get("/Patient", params={"identifier": f"{ROW_SYSTEM}|{record_id}"}).json()
-    return [entry["resource"] for entry in bundle.get("entry", [])]
 
 
 async def deliver(fn: UserFunction, body: bytes, **kw: Any) -> MockMessageActions:
     actions = MockMessageActions()
-    await fn(message=received_message(body, **kw), message_actions=actions)
+    await fn(messages=[received_message(body, **kw)], message_actions=actions)
     return actions
 
 

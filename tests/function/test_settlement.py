@@ -1,5 +1,7 @@
 """The real decorated function, realistic Service Bus messages, a mocked settlement API: one settlement each.
 
+Each test hands the batch trigger a batch of one (tests/function/test_batch_trigger.py covers larger batches).
+
 Written and skipped → complete; permanent → dead-letter with the reason code; transient → abandon;
 configuration fault → abandon plus one error naming the setting. The outcome log is real (Azurite).
 """
@@ -8,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import typing
 from pathlib import Path
 
 import pytest
+from azurefunctions.extensions.bindings.servicebus import ServiceBusConverter, ServiceBusMessageActions
 
 import function_app
 from tests.function.conftest import FakeFactory, MockMessageActions, UserFunction
@@ -33,12 +37,18 @@ async def history(record_id: str) -> list[tuple[str, str | None]]:
         return [(r.outcome, r.reason) for r in await store.query(record_id=record_id)]
 
 
-def test_binding_is_explicit_settlement_on_the_configured_queue() -> None:
-    binding = json.loads(function_app.writeback.build().get_function_json())["bindings"]
-    assert binding == [{"direction": "IN", "type": "serviceBusTrigger", "name": "message",
+def test_binding_is_a_batch_trigger_with_explicit_settlement_on_the_configured_queue() -> None:
+    function = function_app.writeback.build()
+    binding = json.loads(function.get_function_json())["bindings"]
+    assert binding == [{"direction": "IN", "type": "serviceBusTrigger", "name": "messages",
                         "connection": "ServiceBusConnection", "queueName": "%WRITEBACK_QUEUE_NAME%",
-                        "autoCompleteMessages": False}]
-    assert function_app.writeback.build().get_function_name() == "writeback"
+                        "cardinality": "MANY", "autoCompleteMessages": False}]
+    assert function.get_function_name() == "writeback"
+    # The extension binds a list of its SDK type for a batch (collection_model_binding_data), and the
+    # settlement client beside it.
+    hints = typing.get_type_hints(function.get_user_function())
+    assert ServiceBusConverter.check_input_type_annotation(hints["messages"])
+    assert hints["message_actions"] is ServiceBusMessageActions
 
 
 async def test_written_completes(fake_app: functions.FunctionApp, user_function: UserFunction,
@@ -46,7 +56,7 @@ async def test_written_completes(fake_app: functions.FunctionApp, user_function:
     record = new_id()
     message = received_message(create_body(record, version=4), message_id="sb-written")
     caplog.set_level(logging.INFO, "writeback")
-    await user_function(message=message, message_actions=actions)
+    await user_function(messages=[message], message_actions=actions)
     assert actions.only.kind == "complete" and actions.only.message is message
     assert await history(record) == [("written", None)]
     [rec] = outcome_records(caplog)
@@ -62,7 +72,7 @@ async def test_written_completes(fake_app: functions.FunctionApp, user_function:
 async def test_skipped_completes(fake_app: functions.FunctionApp, user_function: UserFunction,
                                  actions: MockMessageActions, fake_factory: FakeFactory) -> None:
     record = new_id()
-    await user_function(message=received_message(consent_body(record)), message_actions=actions)
+    await user_function(messages=[received_message(consent_body(record))], message_actions=actions)
     assert actions.only.kind == "complete"
     assert fake_factory.delivery.plans == []
     assert await history(record) == [("skipped", "consent-withheld")]
@@ -74,8 +84,8 @@ async def test_duplicate_completes_without_second_write(fake_app: functions.Func
     record, request = new_id(), new_id()
     body = create_body(record, request_id=request)
     first, second = MockMessageActions(), MockMessageActions()
-    await user_function(message=received_message(body, message_id="one"), message_actions=first)
-    await user_function(message=received_message(body, message_id="two"), message_actions=second)
+    await user_function(messages=[received_message(body, message_id="one")], message_actions=first)
+    await user_function(messages=[received_message(body, message_id="two")], message_actions=second)
     assert first.only.kind == "complete" and second.only.kind == "complete"
     assert len(fake_factory.delivery.plans) == 1
     assert await history(record) == [("skipped", "duplicate"), ("written", None)]
@@ -84,8 +94,8 @@ async def test_duplicate_completes_without_second_write(fake_app: functions.Func
 async def test_stale_completes(fake_app: functions.FunctionApp, user_function: UserFunction) -> None:
     record = new_id()
     newer, older = MockMessageActions(), MockMessageActions()
-    await user_function(message=received_message(update_body(record, 12)), message_actions=newer)
-    await user_function(message=received_message(update_body(record, 11)), message_actions=older)
+    await user_function(messages=[received_message(update_body(record, 12))], message_actions=newer)
+    await user_function(messages=[received_message(update_body(record, 11))], message_actions=older)
     assert newer.only.kind == "complete" and older.only.kind == "complete"
     assert await history(record) == [("skipped", "stale"), ("written", None)]
 
@@ -95,7 +105,7 @@ async def test_permanent_dead_letters_with_reason(fake_app: functions.FunctionAp
                                                   caplog: pytest.LogCaptureFixture) -> None:
     record = new_id()
     caplog.set_level(logging.INFO, "writeback")
-    await user_function(message=received_message(reject_body(record)), message_actions=actions)
+    await user_function(messages=[received_message(reject_body(record))], message_actions=actions)
     settled = actions.only
     assert (settled.kind, settled.reason) == ("deadletter", "invalid-contact-type")
     assert settled.description and record in settled.description
@@ -113,7 +123,7 @@ async def test_permanent_dead_letters_with_reason(fake_app: functions.FunctionAp
 async def test_unreadable_bodies_dead_letter(fake_app: functions.FunctionApp, user_function: UserFunction,
                                             actions: MockMessageActions, body: bytes, content_type: str,
                                             reason: str) -> None:
-    await user_function(message=received_message(body, content_type=content_type), message_actions=actions)
+    await user_function(messages=[received_message(body, content_type=content_type)], message_actions=actions)
     assert (actions.only.kind, actions.only.reason) == ("deadletter", reason)
 
 
@@ -124,7 +134,7 @@ async def test_payload_dropped_property_dead_letters(fake_app: functions.Functio
     body["PostEntityImages"] = []
     message = received_message(json.dumps(body), application_properties={
         "MessageMaxSizeExceeded": True, CLAIMS + "EntityLogicalName": "contact"})
-    await user_function(message=message, message_actions=actions)
+    await user_function(messages=[message], message_actions=actions)
     assert (actions.only.kind, actions.only.reason) == ("deadletter", "payload-dropped")
 
 
@@ -135,12 +145,13 @@ async def test_transient_abandons(fake_app: functions.FunctionApp, user_function
     first, redelivered = MockMessageActions(), MockMessageActions()
     body = update_body(record, 5)
     caplog.set_level(logging.INFO, "writeback")
-    await user_function(message=received_message(body, message_id="t"), message_actions=first)
+    await user_function(messages=[received_message(body, message_id="t")], message_actions=first)
     assert first.only.kind == "abandon"
     warn = outcome_records(caplog)[0]
     assert warn.levelno == logging.WARNING and warn.__dict__["reason"] == "fhir-unavailable"
     # Service Bus delivers it again: the same version is not stale, so it goes through this time.
-    await user_function(message=received_message(body, message_id="t", delivery_count=2), message_actions=redelivered)
+    again = received_message(body, message_id="t", delivery_count=2)
+    await user_function(messages=[again], message_actions=redelivered)
     assert redelivered.only.kind == "complete"
     assert await history(record) == [("written", None), ("retry", "fhir-unavailable")]
 
@@ -150,7 +161,7 @@ async def test_unauthorized_is_config_error_abandon(fake_app: functions.Function
                                                     caplog: pytest.LogCaptureFixture) -> None:
     fake_factory.delivery.fail = [Reason.UNAUTHORIZED]
     caplog.set_level(logging.INFO, "writeback")
-    await user_function(message=received_message(create_body(new_id())), message_actions=actions)
+    await user_function(messages=[received_message(create_body(new_id()))], message_actions=actions)
     assert actions.only.kind == "abandon"
     [rec] = outcome_records(caplog)
     assert rec.levelno == logging.ERROR and rec.__dict__["outcome"] == "config-error"
@@ -164,7 +175,7 @@ async def test_missing_setting_abandons_with_one_error(outcome_env: str, user_fu
     app = functions.FunctionApp(delivery_factory=fake_factory)  # FHIR_URL is not set
     monkeypatch.setattr(functions, "_APP", app)
     caplog.set_level(logging.DEBUG)
-    await user_function(message=received_message(create_body(new_id()), message_id="cfg"), message_actions=actions)
+    await user_function(messages=[received_message(create_body(new_id()), message_id="cfg")], message_actions=actions)
     assert actions.only.kind == "abandon"
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1
@@ -175,7 +186,7 @@ async def test_missing_setting_abandons_with_one_error(outcome_env: str, user_fu
     # Fixed without a restart of the test process: the next message builds the app and is written.
     monkeypatch.setenv("FHIR_URL", "http://127.0.0.1:9/fhir")
     again = MockMessageActions()
-    await user_function(message=received_message(create_body(new_id())), message_actions=again)
+    await user_function(messages=[received_message(create_body(new_id()))], message_actions=again)
     assert again.only.kind == "complete" and fake_factory.built == 1
     await app.aclose()
 
@@ -189,7 +200,7 @@ async def test_invalid_maps_abandon_naming_the_file(outcome_env: str, user_funct
     monkeypatch.setenv("WRITEBACK_MAPS_DIR", str(tmp_path))
     monkeypatch.setattr(functions, "_APP", functions.FunctionApp(delivery_factory=fake_factory))
     caplog.set_level(logging.INFO)
-    await user_function(message=received_message(create_body(new_id())), message_actions=actions)
+    await user_function(messages=[received_message(create_body(new_id()))], message_actions=actions)
     assert actions.only.kind == "abandon"
     [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert "contact.yaml" in error.getMessage()
@@ -200,7 +211,7 @@ async def test_invalid_setting_value_names_it(outcome_env: str, user_function: U
                                               fake_factory: FakeFactory, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("FHIR_URL", "http://fhir.example.org")  # plain http off loopback
     monkeypatch.setattr(functions, "_APP", functions.FunctionApp(delivery_factory=fake_factory))
-    await user_function(message=received_message(create_body(new_id())), message_actions=actions)
+    await user_function(messages=[received_message(create_body(new_id()))], message_actions=actions)
     assert actions.only.kind == "abandon"
     [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert "setting FHIR_URL must use https" in error.getMessage()
@@ -218,7 +229,7 @@ async def test_outcome_store_outage_abandons(clean_env: pytest.MonkeyPatch, user
                      f"TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1;")
     app = functions.FunctionApp(delivery_factory=fake_factory)
     clean_env.setattr(functions, "_APP", app)
-    await user_function(message=received_message(create_body(new_id())), message_actions=actions)
+    await user_function(messages=[received_message(create_body(new_id()))], message_actions=actions)
     assert actions.only.kind == "abandon"
     assert fake_factory.delivery.plans == []  # nothing was written without the duplicate/stale checks
     await app.aclose()
@@ -232,7 +243,7 @@ async def test_unexpected_error_abandons_without_its_text(fake_app: functions.Fu
         raise ValueError(f"bad value {FIRST}")
 
     monkeypatch.setattr(fake_factory.delivery, "deliver", broken)
-    await user_function(message=received_message(create_body(new_id())), message_actions=actions)
+    await user_function(messages=[received_message(create_body(new_id()))], message_actions=actions)
     assert actions.only.kind == "abandon"
     [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert "ValueError" in error.getMessage() and FIRST not in error.getMessage()
@@ -242,7 +253,7 @@ async def test_settlement_failure_is_logged_not_raised(fake_app: functions.Funct
                                                        user_function: UserFunction,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     actions = MockMessageActions(fail=True)
-    await user_function(message=received_message(consent_body(new_id())), message_actions=actions)
+    await user_function(messages=[received_message(consent_body(new_id()))], message_actions=actions)
     assert actions.only.kind == "complete"
     assert any("settlement complete failed" in r.getMessage() for r in caplog.records)
 
@@ -250,7 +261,7 @@ async def test_settlement_failure_is_logged_not_raised(fake_app: functions.Funct
 async def test_singletons_are_built_once(fake_app: functions.FunctionApp, user_function: UserFunction,
                                          fake_factory: FakeFactory) -> None:
     for _ in range(3):
-        await user_function(message=received_message(consent_body(new_id())), message_actions=MockMessageActions())
+        await user_function(messages=[received_message(consent_body(new_id()))], message_actions=MockMessageActions())
     assert fake_factory.built == 1
     runtime = await fake_app.runtime()
     assert runtime is await fake_app.runtime()

@@ -56,6 +56,9 @@ KEY_VAULT_REFERENCE = "@Microsoft.KeyVault(SecretUri="
 
 # App settings the Bicep may set although the code does not declare them: the platform's and SDKs' own.
 PLATFORM_SETTINGS = {"AZURE_CLIENT_ID", "APPLICATIONINSIGHTS_AUTHENTICATION_STRING"}
+# The Functions host reads `AzureFunctionsJobHost__<path>` as an override of host.json's <path>.
+HOST_JSON_OVERRIDE = "AzureFunctionsJobHost__"
+BATCH_SIZE_SETTING = HOST_JSON_OVERRIDE + "extensions__serviceBus__maxMessageBatchSize"
 
 
 # --- syntax tree helpers -------------------------------------------------------------------------------
@@ -431,13 +434,26 @@ def test_runtime_storage_is_identity_based():
 
 def test_bicep_sets_no_undeclared_setting():
     declared_names = {s.name for s in SETTINGS}
-    prefixes = tuple(s.name.split("__")[0] + "__" for s in SETTINGS if s.host_only)
+    prefixes = (*(s.name.split("__")[0] + "__" for s in SETTINGS if s.host_only), HOST_JSON_OVERRIDE)
     extra = [
         name
         for name in app_settings()
         if name not in declared_names and name not in PLATFORM_SETTINGS and not name.startswith(prefixes)
     ]
     assert not extra, f"settings not declared in writeback/settings.py (typo?): {extra}"
+
+
+def test_batch_size_is_a_parameter_defaulting_to_host_json():
+    """Messages per invocation of the batch trigger: one parameter from main.bicep to the host.json override."""
+    host = json.loads((ROOT / "host.json").read_text())["extensions"]["serviceBus"]["maxMessageBatchSize"]
+    assert text(app_settings()[BATCH_SIZE_SETTING]) == "string(maxMessageBatchSize)"
+    call = module_call("modules/functionapp.bicep")
+    assert call.value is not None
+    assert text(path_get(call.value, "params", "maxMessageBatchSize")) == "maxMessageBatchSize"
+    for path in (INFRA / "main.bicep", MODULES / "functionapp.bicep"):
+        param = declared(path, "param")["maxMessageBatchSize"]
+        assert param.value is not None and int(text(param.value)) == host, f"{path.name}: default is not {host}"
+        assert {"minValue", "maxValue"} <= set(decorators_of(param.node)), f"{path.name}: unbounded"
 
 
 def test_secret_settings_are_empty_or_key_vault_references():

@@ -1,0 +1,265 @@
+"""The batch trigger (cardinality many): the real decorated function gets the list the extension decodes from the
+host's `collection_model_binding_data`, and every message is settled exactly once on its own outcome.
+
+Settlement is the mocked `ServiceBusMessageActions` (it is a gRPC call into the Functions host); the outcome log
+is real (Azurite), and the end-to-end test writes to the real FHIR dev server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import httpx
+import pytest
+
+from devtools.messages import context
+from tests.function.conftest import FakeFactory, MockMessageActions, UserFunction, patients_of, rows_of
+from tests.function.helpers import FIRST, LAST, consent_body, create_body, new_id, patient, reject_body, update_body
+from tests.function.sb import host_content, received_batch
+from writeback import functions
+from writeback.decide import WritePlan
+from writeback.fhir_client import FhirDelivery, build_delivery
+from writeback.pipeline import Delivered
+from writeback.settings import Settings
+
+SYNC_USER = "7d2e4f60-1a3b-4c5d-8e9f-0a1b2c3d4e5f"  # the FHIR-to-Dataverse sync's application user
+
+
+def echo_body(record_id: str) -> bytes:
+    """A create made by the sync's own user: skipped as `echo` when that user is in WRITEBACK_IGNORE_USER_IDS."""
+    row = patient(record_id, 1)
+    return json.dumps(context("Create", "contact", record_id, row, post=row, user_id=SYNC_USER)).encode()
+
+
+def batch(*bodies: bytes, **ids: bytes) -> list[Any]:
+    """One invocation's messages, decoded by the extension; keyword bodies get that name as their MessageId."""
+    contents = [host_content(body) for body in bodies]
+    contents += [host_content(body, message_id=name) for name, body in ids.items()]
+    return received_batch(contents)
+
+
+def outcome_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "writeback.function" and r.getMessage().startswith(
+        "writeback outcome=")]
+
+
+async def history(record_id: str) -> list[tuple[str, str | None]]:
+    """The outcome rows of one Dataverse row; sorted, since one batch records its messages concurrently."""
+    return sorted(((r.outcome, r.reason) for r in await rows_of(record_id)), key=repr)
+
+
+async def test_mixed_batch_settles_each_message_on_its_own_outcome(
+        fake_app: functions.FunctionApp, user_function: UserFunction, fake_factory: FakeFactory,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("WRITEBACK_IGNORE_USER_IDS", SYNC_USER)
+    created, other, updated, withheld, echoed, rejected = (new_id() for _ in range(6))
+    messages = batch(create_body(created), create_body(other), update_body(updated, 7), consent_body(withheld),
+                     echo_body(echoed), reject_body(rejected))
+    actions = MockMessageActions()
+    caplog.set_level(logging.INFO, "writeback")
+    await user_function(messages=messages, message_actions=actions)
+
+    assert len(actions.calls) == len(messages)
+    assert [actions.of(m).kind for m in messages] == ["complete"] * 5 + ["deadletter"]
+    dead = actions.of(messages[-1])
+    assert dead.reason == "invalid-contact-type"
+    assert dead.description and rejected in dead.description and FIRST not in dead.description
+    assert len(fake_factory.delivery.plans) == 3
+    assert await history(created) == [("written", None)]
+    assert await history(other) == [("written", None)]
+    assert await history(updated) == [("written", None)]
+    assert await history(withheld) == [("skipped", "consent-withheld")]
+    assert await history(echoed) == [("skipped", "echo")]
+    assert await history(rejected) == [("dead-lettered", "invalid-contact-type")]
+    # One structured record per message, as for a single message, in the batch's order.
+    records = outcome_records(caplog)
+    assert [(r.__dict__["record_id"], r.__dict__["outcome"], r.__dict__["reason"], r.__dict__["settlement"])
+            for r in records] == [
+        (created, "written", "", "complete"), (other, "written", "", "complete"),
+        (updated, "written", "", "complete"), (withheld, "skipped", "consent-withheld", "complete"),
+        (echoed, "skipped", "echo", "complete"), (rejected, "dead-lettered", "invalid-contact-type", "deadletter")]
+    assert [r.__dict__["message_id"] for r in records] == [m.message_id for m in messages]
+    assert all(FIRST not in r.getMessage() and LAST not in r.getMessage() for r in records)
+
+
+async def test_two_changes_of_one_row_are_applied_in_order(fake_app: functions.FunctionApp,
+                                                           user_function: UserFunction,
+                                                           fake_factory: FakeFactory) -> None:
+    record, unrelated = new_id(), new_id()
+    messages = batch(create_body(record, version=1), create_body(unrelated),
+                     update_body(record, 2, telephone1="+1 206 555 0202"),
+                     update_body(record, 3, telephone1="+1 206 555 0303"))
+    actions = MockMessageActions()
+    await user_function(messages=messages, message_actions=actions)
+    assert [actions.of(m).kind for m in messages] == ["complete"] * 4
+    mine = [p for p in fake_factory.delivery.plans if p.target.identifier_value == record]
+    assert [p.operation for p in mine] == ["create", "update", "update"]
+    assert [p.source.row_version for p in mine] == [1, 2, 3]
+    assert await history(record) == [("written", None)] * 3
+
+
+async def test_a_duplicate_within_the_batch_is_written_once(fake_app: functions.FunctionApp,
+                                                            user_function: UserFunction,
+                                                            fake_factory: FakeFactory) -> None:
+    record, request = new_id(), new_id()
+    body = create_body(record, request_id=request)
+    messages = batch(first=body, again=body)  # Service Bus delivered Dataverse's one post twice
+    actions = MockMessageActions()
+    await user_function(messages=messages, message_actions=actions)
+    assert [actions.of(m).kind for m in messages] == ["complete", "complete"]
+    assert len(fake_factory.delivery.plans) == 1
+    assert await history(record) == [("skipped", "duplicate"), ("written", None)]
+
+
+async def test_a_configuration_fault_abandons_the_whole_batch_with_one_error(
+        outcome_env: str, user_function: UserFunction, fake_factory: FakeFactory,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    app = functions.FunctionApp(delivery_factory=fake_factory)  # FHIR_URL is not set
+    monkeypatch.setattr(functions, "_APP", app)
+    messages = batch(a=create_body(new_id()), b=consent_body(new_id()), c=reject_body(new_id()))
+    actions = MockMessageActions()
+    caplog.set_level(logging.DEBUG)
+    await user_function(messages=messages, message_actions=actions)
+    assert [actions.of(m).kind for m in messages] == ["abandon"] * 3
+    [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    text = error.getMessage()
+    assert "FHIR_URL" in text and "All 3 messages of the batch were abandoned" in text
+    assert error.__dict__["outcome"] == "config-error" and error.__dict__["messages"] == 3
+    assert error.__dict__["message_ids"] == "a,b,c" and error.exc_info is None
+    assert fake_factory.built == 0
+    await app.aclose()
+
+
+async def test_an_unreadable_message_is_abandoned_alone(fake_app: functions.FunctionApp,
+                                                        user_function: UserFunction,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    first, last = new_id(), new_id()
+    # A model_binding_data without content: the extension hands over None in its place.
+    messages = received_batch([host_content(create_body(first)), b"", host_content(consent_body(last))])
+    assert messages[1] is None
+    actions = MockMessageActions()
+    await user_function(messages=messages, message_actions=actions)
+    assert [actions.of(m).kind for m in messages] == ["complete", "abandon", "complete"]
+    assert await history(first) == [("written", None)]
+    assert await history(last) == [("skipped", "consent-withheld")]
+    [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "unexpected AttributeError" in error.getMessage() and "abandoned" in error.getMessage()
+
+
+async def test_a_failed_settlement_does_not_stop_the_others(fake_app: functions.FunctionApp,
+                                                            user_function: UserFunction,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    records = [new_id() for _ in range(3)]
+    messages = batch(create_body(records[0]), reject_body(records[1]), consent_body(records[2]))
+    actions = MockMessageActions(fail_for=[messages[1]])  # its lock was lost
+    caplog.set_level(logging.INFO, "writeback")
+    await user_function(messages=messages, message_actions=actions)
+    assert [actions.of(m).kind for m in messages] == ["complete", "deadletter", "complete"]
+    assert any("settlement deadletter failed" in r.getMessage() for r in caplog.records)
+    assert [r.__dict__["settlement"] for r in outcome_records(caplog)] == ["complete", "deadletter-failed", "complete"]
+    assert await history(records[0]) == [("written", None)]
+
+
+async def test_an_unexpected_error_abandons_every_unsettled_message(
+        fake_app: functions.FunctionApp, user_function: UserFunction, fake_factory: FakeFactory,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    async def broken(plan: WritePlan) -> Delivered:
+        raise ValueError(f"bad value {FIRST}")
+
+    monkeypatch.setattr(fake_factory.delivery, "deliver", broken)
+    messages = batch(create_body(new_id()), consent_body(new_id()), reject_body(new_id()))
+    actions = MockMessageActions()
+    await user_function(messages=messages, message_actions=actions)
+    assert [actions.of(m).kind for m in messages] == ["abandon"] * 3
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 3 and all("ValueError" in r.getMessage() for r in errors)
+    assert all(FIRST not in r.getMessage() for r in errors)
+
+
+async def test_the_fhir_target_sends_one_plan_directly_and_several_in_bundles(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    delivery, aclose = build_delivery(Settings.from_env({"FHIR_URL": "http://127.0.0.1:9/fhir"}))
+    direct: list[WritePlan] = []
+    bundled: list[list[WritePlan]] = []
+
+    async def deliver(self: FhirDelivery, plan: WritePlan) -> Delivered:
+        direct.append(plan)
+        return Delivered("Patient/p/_history/1", "Provenance/v/_history/1")
+
+    async def deliver_many(plans: list[WritePlan]) -> list[Delivered]:
+        bundled.append(plans)
+        return [Delivered("Patient/p/_history/1", "Provenance/v/_history/1")] * len(plans)
+
+    monkeypatch.setattr(FhirDelivery, "deliver", deliver)
+    monkeypatch.setattr(delivery, "batch", type("Batch", (), {"deliver_many": staticmethod(deliver_many)})())
+    plans = [object(), object()]
+    try:
+        many = getattr(delivery, "deliver_many")  # noqa: B009 - not part of the Delivery protocol
+        assert len(await many(plans[:1])) == 1 and direct == plans[:1] and bundled == []
+        assert len(await many(plans)) == 2 and bundled == [plans]
+    finally:
+        await aclose()
+    alternate, close_alternate = build_delivery(Settings.from_env({
+        "WRITEBACK_TARGET": "alternate", "ALTERNATE_ENDPOINT_URL": "https://alt.example.org/writeback",
+        "ALTERNATE_TOKEN_URL": "https://login.example.org/token", "ALTERNATE_CLIENT_ID": "c",
+        "ALTERNATE_CLIENT_SECRET": "s"}))
+    await close_alternate()
+    assert not hasattr(alternate, "deliver_many")  # one at a time: process_many keeps rows in order itself
+
+
+async def test_batch_end_to_end(live_app: functions.FunctionApp, user_function: UserFunction,
+                                fhir: httpx.Client) -> None:
+    """Creates, updates (one of a resource written earlier, two of a row created in the same batch), a duplicate,
+    a skip and a reject in one invocation: FHIR batch bundles to the dev server, outcome rows in Azurite."""
+    existing = new_id()
+    earlier = MockMessageActions()
+    await user_function(messages=batch(create_body(existing, version=1)), message_actions=earlier)
+    assert earlier.only.kind == "complete"
+
+    lone, twice, repeated, withheld, rejected = (new_id() for _ in range(5))
+    request = new_id()
+    messages = batch(
+        create_body(lone, version=1),
+        update_body(existing, 2, telephone1="+1 206 555 0102"),
+        create_body(twice, version=1),
+        update_body(twice, 2, telephone1="+1 206 555 0202"),
+        create_body(repeated, version=1, request_id=request),
+        create_body(repeated, version=1, request_id=request),
+        consent_body(withheld),
+        reject_body(rejected),
+    )
+    actions = MockMessageActions()
+    await user_function(messages=messages, message_actions=actions)
+
+    assert [actions.of(m).kind for m in messages] == ["complete"] * 7 + ["deadletter"]
+    assert actions.of(messages[-1]).reason == "invalid-contact-type"
+    assert await history(lone) == [("written", None)]
+    assert await history(existing) == [("written", None)] * 2
+    assert await history(twice) == [("written", None)] * 2
+    assert await history(repeated) == [("skipped", "duplicate"), ("written", None)]
+    assert await history(withheld) == [("skipped", "consent-withheld")]
+    assert await history(rejected) == [("dead-lettered", "invalid-contact-type")]
+    assert patients_of(fhir, withheld) == [] and patients_of(fhir, rejected) == []
+
+    for record in (lone, existing, twice, repeated):
+        [resource] = patients_of(fhir, record)  # one resource per row, whatever the batch held
+        assert resource["name"][0]["family"] == LAST
+    phones = {record: [t["value"] for t in patients_of(fhir, record)[0].get("telecom", [])]
+              for record in (existing, twice)}
+    assert phones == {existing: ["+1 206 555 0102"], twice: ["+1 206 555 0202"]}  # the later change won
+
+    # Every write has its Provenance on the server, naming the very version written.
+    written = [row for record in (lone, existing, twice, repeated) for row in await rows_of(record)
+               if row.outcome == "written"]
+    assert len(written) == 6
+    for row in written:
+        assert row.resource and "/_history/" in row.resource and row.provenance
+        assert row.settlement == "complete" and row.message_id
+        provenance = fhir.get(f"/{row.provenance.split('/_history/')[0]}").json()
+        assert provenance["resourceType"] == "Provenance"
+        assert [t["reference"] for t in provenance["target"]] == [row.resource]
+        version = fhir.get(f"/{row.resource}")
+        assert version.status_code == 200, row.resource
+    assert {row.message_id for row in written} == {m.message_id for m in [earlier.only.message, *messages[:5]]}
