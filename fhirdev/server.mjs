@@ -25,6 +25,7 @@ import {
   isResourceType,
   normalizeOperationOutcome,
   notFound,
+  Operator,
   OperationOutcomeError,
   unauthorized,
   unsupportedMediaType,
@@ -61,11 +62,38 @@ indexSearchParameterBundle(readJson('fhir/r4/search-parameters.json'));
 // the stored history array in place, which scrambles the order on every other call.
 // createResourceSync is internal to MemoryRepository (hence the exact version pin): fail loudly
 // rather than silently skip validation if an upgrade renames it.
-if (typeof MemoryRepository.prototype.createResourceSync !== 'function') {
-  throw new Error('MemoryRepository.createResourceSync not found: re-check server.mjs against this Medplum');
+for (const internal of ['createResourceSync', 'searchSync']) {
+  if (typeof MemoryRepository.prototype[internal] !== 'function') {
+    throw new Error(`MemoryRepository.${internal} not found: re-check server.mjs against this Medplum`);
+  }
+}
+
+// `identifier=system|value` searches (every conditional create and every update's read) are answered
+// from an index, as a production FHIR service answers them, instead of Medplum's scan over every
+// resource of the type (linear in what the server holds). The index maps each identifier any version
+// ever carried to resource ids; it only narrows the candidates, and Medplum's own matcher still decides
+// on the current version, so results are exactly those of the scan.
+function identifierKey(resourceType, system, value) {
+  return `${resourceType}\u0000${String(system).toLowerCase()}\u0000${String(value).toLowerCase()}`;
+}
+
+function indexedIdentifier(request) {
+  const filters = request.filters ?? [];
+  if (filters.length !== 1 || request.include || request.revInclude) return undefined;
+  const [filter] = filters;
+  if (filter.code !== 'identifier' || filter.operator !== Operator.EQUALS) return undefined;
+  const value = String(filter.value);
+  const bar = value.indexOf('|');
+  // Plain system|value only: OR lists, escapes and system-less tokens go to the full scan.
+  if (bar <= 0 || bar === value.length - 1 || /[,\\$]/.test(value) || value.indexOf('|', bar + 1) >= 0) {
+    return undefined;
+  }
+  return identifierKey(request.resourceType, value.slice(0, bar), value.slice(bar + 1));
 }
 
 class ValidatingMemoryRepository extends MemoryRepository {
+  identifierIndex = new Map(); // identifierKey -> Set of ids
+
   createResourceSync(resource, options, update = false) {
     const candidate = { ...resource };
     // FHIR create ignores a client-supplied id; bundle entries with urn:uuid fullUrls get a
@@ -74,7 +102,40 @@ class ValidatingMemoryRepository extends MemoryRepository {
       delete candidate.id;
     }
     validateResource(candidate); // throws OperationOutcomeError (400) with the issues
-    return super.createResourceSync(candidate, options, update);
+    const stored = super.createResourceSync(candidate, options, update);
+    for (const identifier of stored.identifier ?? []) {
+      if (identifier?.system && identifier?.value) {
+        const key = identifierKey(stored.resourceType, identifier.system, identifier.value);
+        let ids = this.identifierIndex.get(key);
+        if (!ids) this.identifierIndex.set(key, (ids = new Set()));
+        ids.add(stored.id);
+      }
+    }
+    return stored;
+  }
+
+  searchSync(request) {
+    const key = indexedIdentifier(request);
+    if (key === undefined) return super.searchSync(request);
+    const all = this.resources;
+    const ofType = all.get(request.resourceType);
+    const candidates = new Map();
+    for (const id of this.identifierIndex.get(key) ?? []) {
+      const resource = ofType?.get(id);
+      if (resource) candidates.set(id, resource);
+    }
+    // searchSync is synchronous, so nothing else sees the narrowed view.
+    this.resources = new Map([[request.resourceType, candidates]]);
+    try {
+      return super.searchSync(request);
+    } finally {
+      this.resources = all;
+    }
+  }
+
+  clear() {
+    super.clear();
+    this.identifierIndex.clear();
   }
 
   async readHistory(resourceType, id) {

@@ -213,6 +213,31 @@ def test_conditional_create_twice_yields_one_resource(fhir: httpx.Client) -> Non
     assert search.json()["total"] == 1
 
 
+def test_identifier_search_follows_the_current_version_like_a_full_scan(fhir: httpx.Client) -> None:
+    """Identifier searches are answered from the server's index; the answers must be those of a full scan
+    (an OR list, which the index does not take, is the scan), also after the identifier changes."""
+
+    def ids(query: str) -> list[str]:
+        response = fhir.get(f"Patient?{query}")
+        assert response.status_code == 200, response.text
+        return sorted(e["resource"]["id"] for e in response.json().get("entry", []))
+
+    old, new, other = unique_identifier(), unique_identifier(), unique_identifier()
+    created = fhir.post("Patient", json={"resourceType": "Patient", "identifier": [old, other]}).json()
+    twin = fhir.post("Patient", json={"resourceType": "Patient", "identifier": [other]}).json()
+    token = f"identifier={old['system']}|{old['value']}"
+    assert ids(token) == ids(f"{token},urn:none|none") == [created["id"]]
+    assert ids(f"identifier={other['system']}|{other['value']}") == sorted([created["id"], twin["id"]])
+
+    moved = {**created, "identifier": [new]}
+    assert fhir.put(f"Patient/{created['id']}", json=moved).status_code == 200
+    assert ids(token) == ids(f"{token},urn:none|none") == []
+    assert ids(f"identifier={new['system']}|{new['value']}") == [created["id"]]
+    assert ids(f"identifier={other['system']}|{other['value']}") == [twin["id"]]
+    assert fhir.delete(f"Patient/{twin['id']}").status_code in (200, 204)
+    assert ids(f"identifier={other['system']}|{other['value']}") == []
+
+
 def test_update_with_stale_if_match_fails_with_412(fhir: httpx.Client) -> None:
     created = create_patient(fhir, active=True)
     patient = created.json()

@@ -138,14 +138,21 @@ class BatchDelivery:
     async def deliver_many(self, plans: Sequence[WritePlan]) -> list[Delivered | WritebackError]:
         """One outcome per plan, in order: the write and its Provenance, or the error with its reason code."""
         outcomes: list[Outcome | None] = [None] * len(plans)
-        for wave in waves(plans):
-            await self._wave([(i, plans[i]) for i in wave], outcomes)
+        provenances: list[asyncio.Task[None]] = []
+        try:
+            for wave in waves(plans):
+                written = await self._wave([(i, plans[i]) for i in wave], outcomes)
+                # A Provenance changes no resource a later wave touches: it goes out alongside that wave.
+                provenances.append(asyncio.create_task(self._provenance(written, outcomes)))
+        finally:
+            await asyncio.gather(*provenances)
         assert all(o is not None for o in outcomes)
         return [o for o in outcomes if o is not None]
 
     # ---- one wave: no resource twice ---------------------------------------------------------------
 
-    async def _wave(self, items: list[tuple[int, WritePlan]], outcomes: list[Outcome | None]) -> None:
+    async def _wave(self, items: list[tuple[int, WritePlan]], outcomes: list[Outcome | None]) -> list[_Written]:
+        """The writes of one wave; returns what was written (its Provenance still to send)."""
         stamp = self.client.stamp
         creates = [(i, p) for i, p in items if p.operation == "create"]
         updates = [(i, p) for i, p in items if p.operation != "create"]
@@ -162,7 +169,7 @@ class BatchDelivery:
             except WritebackError as exc:
                 outcomes[index] = exc
         await self._update(updates, answers[len(creates):], written, outcomes)
-        await self._provenance(written, outcomes)
+        return written
 
     def _created(self, index: int, plan: WritePlan, answer: Answer | WritebackError) -> _Written:
         if isinstance(answer, WritebackError):

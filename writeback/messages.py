@@ -25,6 +25,7 @@ MAX_VALUE_DEPTH = 12  # An Entity inside an EntityCollection inside an Entity is
 
 _DATE = re.compile(r"^/Date\((-?\d{1,15})([+-]\d{4})?\)/$")
 # A UTF-16 surrogate, escaped or raw: valid only in pairs; a lone one cannot be written out as UTF-8 again.
+_CANONICAL_GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _SURROGATE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|[\ud800-\udfff]")
 
 
@@ -112,6 +113,8 @@ def parse_guid(raw: object, where: str) -> str:
     value = _unwrap_primitive(raw)
     if not isinstance(value, str):
         raise _fail(f"{where} is not a GUID string")
+    if _CANONICAL_GUID.fullmatch(value):  # the form Dataverse sends; uuid.UUID for the rest (braces, urn:)
+        return value.lower()
     try:
         return str(uuid.UUID(value))
     except ValueError:
@@ -331,7 +334,7 @@ def decode_body(body: bytes | str, content_type: str | None = None) -> Mapping[s
         raise _fail(f"body is not valid JSON{where}") from None
     if not isinstance(data, dict):
         raise _fail("body is not a JSON object")
-    if _SURROGATE.search(text):
+    if (not text.isascii() or "\\u" in text) and _SURROGATE.search(text):  # most bodies: neither
         try:
             json.dumps(data, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
