@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -231,11 +231,7 @@ class Pipeline:
         """The ledger's duplicate and stale checks; the writes still to make. Per row in input order."""
         ledger = self.ledger
         assert ledger is not None
-        rows: dict[tuple[str, str, str], list[int]] = {}
-        for i in writes:
-            plan = decisions[i].plan
-            assert plan is not None
-            rows.setdefault(_row_key(plan), []).append(i)
+        rows = _by_row(writes, [d.plan for d in decisions])
 
         async def admit_row(indexes: list[int]) -> None:
             for i in indexes:
@@ -268,9 +264,7 @@ class Pipeline:
             return outcomes
         # One message at a time per row (order kept), rows concurrently.
         outcomes = [WritebackError(Reason.CONFIG_ERROR, "not delivered")] * len(plans)
-        rows: dict[tuple[str, str, str], list[int]] = {}
-        for i, plan in enumerate(plans):
-            rows.setdefault(_row_key(plan), []).append(i)
+        rows = _by_row(range(len(plans)), plans)
 
         async def deliver_row(indexes: list[int]) -> None:
             for i in indexes:
@@ -312,11 +306,7 @@ def _in_row_order(decisions: Sequence[Decision], writes: list[int]) -> list[int]
     """`writes` with each row's changes in Dataverse order (create first, then by version): Service Bus does not
     keep a row's messages in order, and applying them in order within a batch means none is narrowed or
     `stale` only because the broker swapped them. Each row keeps the positions its changes had."""
-    rows: dict[tuple[str, str, str], list[int]] = {}
-    for i in writes:
-        plan = decisions[i].plan
-        assert plan is not None
-        rows.setdefault(_row_key(plan), []).append(i)
+    rows = _by_row(writes, [d.plan for d in decisions])
     position = {i: n for n, i in enumerate(writes)}
     ordered = list(writes)
     for indexes in rows.values():
@@ -334,9 +324,15 @@ def _change_order(decision: Decision) -> tuple[int, int, float]:
     return (plan.operation != "create", src.row_version if src.row_version is not None else 0, modified)
 
 
-def _row_key(plan: WritePlan) -> tuple[str, str, str]:
-    target = plan.target
-    return target.resource_type, target.identifier_system, target.identifier_value
+def _by_row(indexes: Iterable[int], plans: Sequence[WritePlan | None]) -> dict[tuple[str, str, str], list[int]]:
+    """`indexes` grouped by the FHIR resource their plan writes, each group in the given order."""
+    rows: dict[tuple[str, str, str], list[int]] = {}
+    for i in indexes:
+        plan = plans[i]
+        assert plan is not None
+        target = plan.target
+        rows.setdefault((target.resource_type, target.identifier_system, target.identifier_value), []).append(i)
+    return rows
 
 
 async def _bounded(slots: asyncio.Semaphore, work: Sequence[Awaitable[_T]]) -> list[_T]:
