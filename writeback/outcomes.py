@@ -263,17 +263,19 @@ def _stamps(current: Mapping[str, Any] | None) -> tuple[dict[str, Stamp], Stamp]
     """The per-column stamps of a row state, and the stamp of a column it has none for.
 
     A row state written before per-column stamps existed holds only the row's version: every column counts
-    as written at that version (the old, row-wide ordering), never as unwritten.
+    as written at that version (the old, row-wide ordering), never as unwritten, also after the first
+    per-column claim (kept under the key ``*``, which no Dataverse column can have).
     """
     if current is None:
         return {}, (None, None)
     raw = current.get("Columns")
     if not raw:
-        return {}, (_plain(current.get("Version")), current.get("ModifiedOn"))
+        legacy: Stamp = (_plain(current.get("Version")), current.get("ModifiedOn"))
+        return {"*": legacy}, legacy
     stamps: dict[str, Stamp] = {}
     for column, (version, modified) in json.loads(raw).items():
         stamps[column] = (version, datetime.fromisoformat(modified) if modified else None)
-    return stamps, (None, None)
+    return stamps, stamps.get("*", (None, None))
 
 
 def _dump_stamps(stamps: Mapping[str, Stamp]) -> str:

@@ -162,7 +162,10 @@ async def test_row_state_from_before_per_column_stamps_orders_the_whole_row(
     assert await store.claim(plan_for(update_body(record, 11, emailaddress1="new@example.org"), maps)) == set()
     state = await store.row_state("contact", record)
     assert state is not None and state["Version"] == 11 and json.loads(state["Columns"]) == {
-        "emailaddress1": [11, None]}
+        "*": [10, None], "emailaddress1": [11, None]}
+    # Still row-wide for every other column: version 10 may have written it.
+    assert await store.claim(plan_for(update_body(record, 9, telephone1="+1 206 555 0009"), maps)) == {
+        "telephone1"}
 
 
 class _PausingStore(OutcomeStore):
