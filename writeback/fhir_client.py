@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json as stdjson
 import logging
 import random
 import time
@@ -25,6 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
+import orjson
 
 from writeback.auth import OAuthClientCredentials, TokenProvider, fhir_tokens
 from writeback.decide import WritePlan
@@ -105,10 +107,19 @@ def _json(response: httpx.Response) -> dict[str, Any] | None:
     if not response.content:
         return None
     try:
-        data = response.json()
-    except ValueError:
+        # orjson: decoding batch answers was an eighth of the end-to-end time with the standard library.
+        data = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
         return None
     return data if isinstance(data, dict) else None
+
+
+def encode(body: Any) -> bytes:
+    """A request body as compact UTF-8 JSON (what httpx's `json=` sends), through orjson."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # integers beyond 64 bits, which orjson refuses; the standard library does not
+        return stdjson.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 def _strip_meta(resource: Mapping[str, Any]) -> dict[str, Any]:
@@ -225,6 +236,7 @@ class FhirClient:
         started, slept, budget = time.monotonic(), 0.0, self.settings.retry_max_seconds
         attempt = 0
         refreshed = False
+        content = None if json is None else encode(json)
         while True:
             send_headers = {"Accept": FHIR_JSON, **(headers or {})}
             if json is not None:
@@ -234,7 +246,7 @@ class FhirClient:
             failure: str
             wait: float | None = None
             try:
-                response = await self.http.request(method, url, json=json, headers=send_headers,
+                response = await self.http.request(method, url, content=content, headers=send_headers,
                                                    timeout=self.settings.timeout_seconds)
             except httpx.TransportError as exc:
                 failure = type(exc).__name__
