@@ -6,6 +6,12 @@ and retried a bounded number of times (then `conflict`); an update that changes 
 write gets its Provenance (deterministic id, `PUT`) naming the version written. Per-entry errors get the same
 reason codes and details as the single-request path (the mapping lives in `fhir_client` and is shared).
 
+An update whose resource this call already wrote (a row's Create and then its Update in one batch) starts
+from the copy the server answered that write with, not from a read: the `If-Match` on that version makes it
+as safe as a read (a change in between is a 412, then read and re-applied like any conflict), and it saves
+the read's round trip. An update that would change nothing in that copy is still read (only the server's copy
+decides that nothing needs writing). The copies live only as long as the call.
+
 Grouping rules:
 - No two entries for the same resource in one bundle (same type and row identifier, or same logical id): the
   second plan for a resource goes to a later *wave*, and waves run one after the other, so plans for one row
@@ -56,6 +62,8 @@ from writeback.reasons import Reason
 
 BATCH_HEADERS = {"x-bundle-processing-logic": "parallel"}
 Outcome = Delivered | WritebackError
+Current = tuple[dict[str, Any], str]  # a resource as the server holds it, and its version
+Known = dict[tuple[str, ...], Current]  # what this call wrote, by `_cache_key`
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +103,25 @@ def _keys(plan: WritePlan) -> tuple[tuple[str, ...], ...]:
     target = plan.target
     by_row = (target.resource_type, "row", target.identifier_system, target.identifier_value)
     return (by_row, (target.resource_type, "id", target.fhir_id)) if target.fhir_id else (by_row,)
+
+
+def _cache_key(plan: WritePlan) -> tuple[str, ...]:
+    """Where an update finds the copy of its resource this call wrote: by logical id when the plan names one,
+    else by row identifier (so a row's Create and its Update meet)."""
+    target = plan.target
+    if target.fhir_id:
+        return (target.resource_type, "id", target.fhir_id)
+    return (target.resource_type, "row", target.identifier_system, target.identifier_value)
+
+
+def _remember(known: Known, plan: WritePlan, resource: dict[str, Any] | None, version: str) -> None:
+    """Keep the copy a write answered with, if the server sent one (`Prefer: return=minimal` sends none)."""
+    if resource is None or not resource.get("id"):
+        return
+    if resource.get("resourceType") != plan.resource_type:
+        return
+    known[_cache_key(plan)] = (resource, version)
+    known[(plan.resource_type, "id", str(resource["id"]))] = (resource, version)
 
 
 def waves(plans: Sequence[WritePlan]) -> list[list[int]]:
@@ -139,9 +166,10 @@ class BatchDelivery:
         """One outcome per plan, in order: the write and its Provenance, or the error with its reason code."""
         outcomes: list[Outcome | None] = [None] * len(plans)
         provenances: list[asyncio.Task[None]] = []
+        known: Known = {}
         try:
             for wave in waves(plans):
-                written = await self._wave([(i, plans[i]) for i in wave], outcomes)
+                written = await self._wave([(i, plans[i]) for i in wave], outcomes, known)
                 # A Provenance changes no resource a later wave touches: it goes out alongside that wave.
                 provenances.append(asyncio.create_task(self._provenance(written, outcomes)))
         finally:
@@ -151,27 +179,37 @@ class BatchDelivery:
 
     # ---- one wave: no resource twice ---------------------------------------------------------------
 
-    async def _wave(self, items: list[tuple[int, WritePlan]], outcomes: list[Outcome | None]) -> list[_Written]:
+    async def _wave(self, items: list[tuple[int, WritePlan]], outcomes: list[Outcome | None],
+                    known: Known) -> list[_Written]:
         """The writes of one wave; returns what was written (its Provenance still to send)."""
         stamp = self.client.stamp
         creates = [(i, p) for i, p in items if p.operation == "create"]
         updates = [(i, p) for i, p in items if p.operation != "create"]
+        for _, p in updates:
+            if _cache_key(p) in known and _no_op(p, known[_cache_key(p)]):
+                # "Nothing to write" is only ever concluded from the server's copy: another system may have
+                # changed these elements since our write.
+                del known[_cache_key(p)]
+        unread = [(i, p) for i, p in updates if _cache_key(p) not in known]
         entries: list[dict[str, Any]] = [
             {"resource": stamp(p.resource),
              "request": {"method": "POST", "url": p.resource_type, "ifNoneExist": p.target.search}}
             for _, p in creates]
-        entries += [_read_entry(p) for _, p in updates]
+        entries += [_read_entry(p) for _, p in unread]
         answers = await self.send(entries)
         written: list[_Written] = []
         for (index, plan), answer in zip(creates, answers[:len(creates)], strict=True):
             try:
-                written.append(self._created(index, plan, answer))
+                written.append(self._created(index, plan, answer, known))
             except WritebackError as exc:
                 outcomes[index] = exc
-        await self._update(updates, answers[len(creates):], written, outcomes)
+        reads = iter(answers[len(creates):])
+        currents = [known[_cache_key(p)] if _cache_key(p) in known else _current_or_error(p, next(reads))
+                    for _, p in updates]
+        await self._update(updates, currents, written, outcomes, known)
         return written
 
-    def _created(self, index: int, plan: WritePlan, answer: Answer | WritebackError) -> _Written:
+    def _created(self, index: int, plan: WritePlan, answer: Answer | WritebackError, known: Known) -> _Written:
         if isinstance(answer, WritebackError):
             raise answer
         if answer.status == 412:  # as FhirClient.create
@@ -182,26 +220,28 @@ class BatchDelivery:
         resource_id = (answer.resource or {}).get("id") or id_from_location(answer.location)
         if not resource_id or not version:
             raise unnamed_create()
+        _remember(known, plan, answer.resource, version)
         return _Written(index, plan, f"{plan.resource_type}/{resource_id}/_history/{version}",
                         answer.status == 201, _entry_issues(answer))
 
-    async def _update(self, updates: list[tuple[int, WritePlan]], reads: Sequence[Answer | WritebackError],
-                      written: list[_Written], outcomes: list[Outcome | None]) -> None:
+    async def _update(self, updates: list[tuple[int, WritePlan]], currents: Sequence[Current | WritebackError],
+                      written: list[_Written], outcomes: list[Outcome | None], known: Known) -> None:
         pending = updates
         for attempt in range(self.settings.conflict_retries + 1):
             if attempt:
                 reads = await self.send([_read_entry(p) for _, p in pending])
+                currents = [_current_or_error(p, a) for (_, p), a in zip(pending, reads, strict=True)]
             puts: list[tuple[int, WritePlan, str]] = []
             entries: list[dict[str, Any]] = []
-            for (index, plan), answer in zip(pending, reads, strict=True):
-                try:
-                    current, version = _current(plan, answer)
-                except WritebackError as exc:
-                    outcomes[index] = exc
+            for (index, plan), found in zip(pending, currents, strict=True):
+                if isinstance(found, WritebackError):
+                    outcomes[index] = found
                     continue
+                current, version = found
                 merged = apply(current, [*plan.assignments, plan.target.identity])
                 resource_id = str(current.get("id"))
                 if unchanged(merged, current):
+                    _remember(known, plan, current, version)
                     written.append(_Written(index, plan, f"{plan.resource_type}/{resource_id}/_history/{version}",
                                             False, ()))
                     continue
@@ -226,6 +266,7 @@ class BatchDelivery:
                     if not new_version:
                         outcomes[index] = unversioned_update()
                     else:
+                        _remember(known, plan, put.resource, new_version)
                         written.append(_Written(index, plan,
                                                 f"{plan.resource_type}/{resource_id}/_history/{new_version}",
                                                 False, _entry_issues(put)))
@@ -320,7 +361,18 @@ def _read_entry(plan: WritePlan) -> dict[str, Any]:
     return {"request": {"method": "GET", "url": read_path(plan)}}
 
 
-def _current(plan: WritePlan, answer: Answer | WritebackError) -> tuple[dict[str, Any], str]:
+def _no_op(plan: WritePlan, current: Current) -> bool:
+    return unchanged(apply(current[0], [*plan.assignments, plan.target.identity]), current[0])
+
+
+def _current_or_error(plan: WritePlan, answer: Answer | WritebackError) -> Current | WritebackError:
+    try:
+        return _current(plan, answer)
+    except WritebackError as exc:
+        return exc
+
+
+def _current(plan: WritePlan, answer: Answer | WritebackError) -> Current:
     """What an update applies to, from a read or search entry, with FhirClient.read_target's errors."""
     if isinstance(answer, WritebackError):
         raise answer

@@ -165,3 +165,93 @@ async def test_same_message_twice_in_one_batch_writes_one_resource(rig_factory, 
     assert [r.state for r in results] == ["written", "written"]
     assert results[0].resource == results[1].resource
     assert len(fhir.search(f"Patient?identifier=urn:dataverse:contact|{row_id}")) == 1
+
+
+def _entries(transport_requests: list[httpx.Request]) -> list[dict[str, Any]]:
+    """Every batch entry the pipeline sent, in order."""
+    sent = [json.loads(r.content) for r in transport_requests if r.method == "POST" and r.content]
+    return [e for body in sent if body.get("resourceType") == "Bundle" for e in body.get("entry", [])]
+
+
+async def test_an_update_after_its_create_in_one_batch_starts_from_the_written_copy(rig_factory, fhir: Fhir):
+    rig, pipeline = _batch_rig(rig_factory)
+    row_id, row = new_patient(lastname="Oncewright")
+    results = await _send_many(pipeline, [
+        create_message(row_id, row),
+        update_message(row_id, row, {"telephone1": "+1 555 0311", "versionnumber": 11}),
+    ])
+
+    assert [r.state for r in results] == ["written", "written"]
+    (patient,) = fhir.search(f"Patient?identifier=urn:dataverse:contact|{row_id}")
+    assert patient["name"][0]["family"] == "Oncewright"
+    assert {"system": "phone", "use": "work", "value": "+1 555 0311"} in patient["telecom"]
+    assert results[1].resource is not None
+    assert results[1].resource.endswith(f"/_history/{patient['meta']['versionId']}")
+    for result in results:
+        _check_provenance(fhir, result)
+    # No read went out: the update was applied to the copy the create answered with, guarded by If-Match.
+    writes = [e["request"] for e in _entries(rig.transport.requests)
+              if not e["request"]["url"].startswith("Provenance")]
+    assert [w["method"] for w in writes] == ["POST", "PUT"]
+    assert results[0].resource is not None
+    assert writes[1]["ifMatch"] == f'W/"{results[0].resource.rsplit("/", 1)[1]}"'
+
+
+def _after_the_create(change: Callable[[], None]) -> Fault:
+    """Another system changes the resource right after the server answered our create (the answer we keep
+    is then already out of date)."""
+    def rewrite(request: httpx.Request, response: httpx.Response) -> httpx.Response:
+        change()
+        return response
+
+    return Fault(method="POST", url_contains="/fhir/R4", rewrite=rewrite)
+
+
+async def test_a_change_made_elsewhere_between_create_and_update_is_kept(rig_factory, fhir: Fhir):
+    """The written copy is only a starting point: another system's change in between is a 412, then a read."""
+    rig, pipeline = _batch_rig(rig_factory)
+    row_id, row = new_patient()
+
+    def someone_else_writes() -> None:
+        (current,) = fhir.search(f"Patient?identifier=urn:dataverse:contact|{row_id}")
+        current["birthDate"] = "1971-02-03"
+        fhir.put(current)
+
+    rig.transport.add(_after_the_create(someone_else_writes))
+    results = await _send_many(pipeline, [
+        create_message(row_id, row),
+        update_message(row_id, row, {"telephone1": "+1 555 0312", "versionnumber": 11}),
+    ])
+
+    assert [r.state for r in results] == ["written", "written"], results[1].detail
+    (patient,) = fhir.search(f"Patient?identifier=urn:dataverse:contact|{row_id}")
+    assert patient["birthDate"] == "1971-02-03"
+    assert {"system": "phone", "use": "work", "value": "+1 555 0312"} in patient["telecom"]
+    _check_provenance(fhir, results[1])
+
+
+async def test_an_update_that_changes_nothing_in_the_written_copy_is_still_checked_on_the_server(
+        rig_factory, fhir: Fhir):
+    """The phone went A → B → A in Dataverse; B reached FHIR another way (another instance) right after our
+    create. The last update (B → A) changes nothing in the copy our create was answered with, yet must be
+    written: only the server's copy may decide that nothing needs writing."""
+    rig, pipeline = _batch_rig(rig_factory)
+    row_id, row = new_patient(telephone1="+1 555 0313")
+
+    def someone_else_writes() -> None:
+        (current,) = fhir.search(f"Patient?identifier=urn:dataverse:contact|{row_id}")
+        for telecom in current["telecom"]:
+            if telecom["system"] == "phone" and telecom.get("use") == "work":
+                telecom["value"] = "+1 555 9999"
+        fhir.put(current)
+
+    rig.transport.add(_after_the_create(someone_else_writes))
+    results = await _send_many(pipeline, [
+        create_message(row_id, row),
+        update_message(row_id, {**row, "telephone1": "+1 555 9999", "versionnumber": 11},
+                       {"telephone1": "+1 555 0313", "versionnumber": 12}),
+    ])
+
+    assert [r.state for r in results] == ["written", "written"], results[1].detail
+    (patient,) = fhir.search(f"Patient?identifier=urn:dataverse:contact|{row_id}")
+    assert {"system": "phone", "use": "work", "value": "+1 555 0313"} in patient["telecom"]
