@@ -34,6 +34,7 @@ from writeback.auth import TokenProvider, fhir_tokens
 from writeback.bundles import Answer, BatchDelivery, waves
 from writeback.decide import WritePlan
 from writeback.fhir_client import FhirClient, new_http_client, read_path
+from writeback.functions import settle_long_lived
 from writeback.maps import MapSet, load_maps
 from writeback.paths import apply
 from writeback.pipeline import Envelope, Pipeline, Result
@@ -266,6 +267,7 @@ def peak_rss_mb() -> float:
 
 async def main() -> dict[str, Any]:
     maps = load_maps(DEFAULT_MAPS_DIR)
+    settle_long_lived()  # as the function does once its first invocation has built what it keeps
     log(f"cores: {os.cpu_count()}  python {sys.version.split()[0]}")
     log("1. core path (parse → decide → map → validate → build requests), one core")
     scaling = {n: core(maps, n) for n in sorted({*CORE_SCALES, CORE_N})}
