@@ -10,7 +10,7 @@ An update whose resource this call already wrote (a row's Create and then its Up
 from the copy the server answered that write with, not from a read: the `If-Match` on that version makes it
 as safe as a read (a change in between is a 412, then read and re-applied like any conflict), and it saves
 the read's round trip. An update that would change nothing in that copy is still read (only the server's copy
-decides that nothing needs writing). The copies live only as long as the call.
+decides that nothing needs writing). The copies live only as long as the batch (the caller's `memo`).
 
 Grouping rules:
 - No two entries for the same resource in one bundle (same type and row identifier, or same logical id): the
@@ -64,6 +64,7 @@ BATCH_HEADERS = {"x-bundle-processing-logic": "parallel"}
 Outcome = Delivered | WritebackError
 Current = tuple[dict[str, Any], str]  # a resource as the server holds it, and its version
 Known = dict[tuple[str, ...], Current]  # what this call wrote, by `_cache_key`
+_COPIES = "bundles.copies"  # where `Known` lives in a batch's memo
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,11 +163,14 @@ class BatchDelivery:
             raise outcome
         return outcome
 
-    async def deliver_many(self, plans: Sequence[WritePlan]) -> list[Delivered | WritebackError]:
-        """One outcome per plan, in order: the write and its Provenance, or the error with its reason code."""
+    async def deliver_many(self, plans: Sequence[WritePlan],
+                           memo: dict[Any, Any] | None = None) -> list[Delivered | WritebackError]:
+        """One outcome per plan, in order: the write and its Provenance, or the error with its reason code.
+
+        `memo` carries the copies written across the calls of one batch (`Pipeline.process_many`)."""
         outcomes: list[Outcome | None] = [None] * len(plans)
         provenances: list[asyncio.Task[None]] = []
-        known: Known = {}
+        known: Known = {} if memo is None else memo.setdefault(_COPIES, {})
         try:
             for wave in waves(plans):
                 written = await self._wave([(i, plans[i]) for i in wave], outcomes, known)

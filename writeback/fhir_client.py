@@ -408,9 +408,10 @@ class FhirTarget(FhirDelivery):
 
         self.batch = BatchDelivery(client)
 
-    async def deliver_many(self, plans: Sequence[WritePlan]) -> list[Delivered | WritebackError]:
-        if len(plans) != 1:
-            return await self.batch.deliver_many(plans)
+    async def deliver_many(self, plans: Sequence[WritePlan],
+                           memo: dict[Any, Any] | None = None) -> list[Delivered | WritebackError]:
+        if len(plans) != 1 or memo:  # a batch that already wrote: its bundles know the copies they wrote
+            return await self.batch.deliver_many(plans, memo)
         try:
             return [await self.deliver(plans[0])]
         except WritebackError as exc:

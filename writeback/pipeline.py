@@ -22,6 +22,9 @@ from writeback.settings import Settings
 
 log = logging.getLogger("writeback")
 _T = TypeVar("_T")
+# Planning gives the event loop a turn this often (messages) while writes are in flight: a turn costs a few
+# microseconds, and without it the answers wait until the whole batch is planned.
+_YIELD_EVERY = 4
 
 State = Literal["written", "skipped", "dead-lettered", "retry", "config-error"]
 _STATE_BY_KIND: dict[Kind, State] = {
@@ -118,6 +121,18 @@ def result_for(decision: Decision, reason: Reason, detail: str, **kw: Any) -> Re
     return Result(_STATE_BY_KIND[reason.kind], reason, detail, decision, **kw)
 
 
+@dataclass(slots=True)
+class _Batch:
+    """One `process_many` call: its messages, their decisions and results (by index), the bound on its
+    concurrent I/O, and what the delivery keeps across the call's writes (`memo`: the copies it wrote)."""
+
+    envelopes: Sequence[Envelope]
+    decisions: list[Decision]
+    results: list[Result | None]
+    slots: asyncio.Semaphore
+    memo: dict[Any, Any] = field(default_factory=dict)
+
+
 class Pipeline:
     def __init__(
         self, maps: MapSet, settings: Settings, delivery: Delivery | None, ledger: Ledger | None = None
@@ -180,38 +195,54 @@ class Pipeline:
         the writes go through the delivery's `deliver_many` (FHIR batch bundles) when it has one; every
         outcome is recorded. A message repeated within the call (same RequestId) is written once: the copy
         is skipped as a duplicate when the first ended written or skipped, else it shares the first's result.
+
+        Planning is CPU work and writing is mostly waiting for the server, so the two overlap: a Create is
+        first in its row's order whatever else the batch holds, so the first Create of each row is written
+        as soon as a bundle's worth is planned, while the rest is still being planned. Everything else waits
+        until the whole batch is planned and the early Creates are written, then goes in row order.
         """
         started = time.perf_counter()
-        decisions = [self.plan(e) for e in envelopes]
-        results: list[Result | None] = [None] * len(envelopes)
+        batch = _Batch(envelopes, [], [None] * len(envelopes), asyncio.Semaphore(self.settings.max_concurrency))
+        decisions, results = batch.decisions, batch.results
         writes: list[int] = []
         first_of: dict[str, int] = {}
         copies: list[tuple[int, int]] = []
-        for i, decision in enumerate(decisions):
-            if decision.decision != "write":
-                results[i] = await self._process(envelopes[i], decision)
-                continue
-            key = message_key(envelopes[i], decision) if self.ledger is not None else None
-            if key is not None and key in first_of:
-                copies.append((i, first_of[key]))
-                continue
-            if key is not None:
-                first_of[key] = i
-            writes.append(i)
-        writes = _in_row_order(decisions, writes)
-        slots = asyncio.Semaphore(self.settings.max_concurrency)
-        if self.ledger is not None:
-            writes = await self._admit(envelopes, decisions, writes, results, slots)
-        plans = [decisions[i].plan for i in writes]
-        assert all(p is not None for p in plans)
-        outcomes = await self._deliver_all([p for p in plans if p is not None], slots)
-        for i, outcome in zip(writes, outcomes, strict=True):
-            decision = decisions[i]
-            if isinstance(outcome, WritebackError):
-                results[i] = result_for(decision, outcome.reason, outcome.detail)
-            else:
-                results[i] = Result("written", None, decision.detail, decision, resource=outcome.resource,
-                                    provenance=outcome.provenance, issues=outcome.issues)
+        early: list[int] = []
+        early_rows: set[tuple[str, str, str]] = set()
+        flights: list[asyncio.Task[None]] = []
+        try:
+            for i, envelope in enumerate(envelopes):
+                if flights and i % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # one turn of the event loop: the bundles in flight move on
+                decision = self.plan(envelope)
+                decisions.append(decision)
+                if decision.decision != "write" or decision.plan is None:
+                    results[i] = await self._process(envelope, decision)
+                    continue
+                key = message_key(envelope, decision) if self.ledger is not None else None
+                if key is not None and key in first_of:
+                    copies.append((i, first_of[key]))
+                    continue
+                if key is not None:
+                    first_of[key] = i
+                row = _row_of(decision.plan)
+                if decision.plan.operation == "create" and row not in early_rows:
+                    early_rows.add(row)
+                    early.append(i)
+                    if len(early) >= self.settings.bundle_size:
+                        flights.append(asyncio.create_task(self._write(batch, early)))
+                        early = []
+                else:
+                    writes.append(i)
+            if early:
+                flights.append(asyncio.create_task(self._write(batch, early)))
+        finally:
+            # Every write started is awaited before anything else happens, even when planning failed.
+            landed = await asyncio.gather(*flights, return_exceptions=True)
+        for failure in landed:
+            if isinstance(failure, BaseException):
+                raise failure
+        await self._write(batch, _in_row_order(decisions, writes))
         for i, first in copies:
             earlier = results[first]
             assert earlier is not None
@@ -223,14 +254,29 @@ class Pipeline:
         done = [_with_duration(r, started) for r in results if r is not None]
         assert len(done) == len(envelopes)
         if self.ledger is not None:
-            done = await _bounded(slots, [self._record(e, r) for e, r in zip(envelopes, done, strict=True)])
+            done = await _bounded(batch.slots, [self._record(e, r) for e, r in zip(envelopes, done, strict=True)])
         return done
 
-    async def _admit(self, envelopes: Sequence[Envelope], decisions: list[Decision], writes: list[int],
-                     results: list[Result | None], slots: asyncio.Semaphore) -> list[int]:
+    async def _write(self, batch: _Batch, writes: list[int]) -> None:
+        """Admit (ledger) and deliver `writes`, each row's in the order given; fills their results."""
+        if self.ledger is not None:
+            writes = await self._admit(batch, writes)
+        plans = [batch.decisions[i].plan for i in writes]
+        assert all(p is not None for p in plans)
+        outcomes = await self._deliver_all([p for p in plans if p is not None], batch.slots, batch.memo)
+        for i, outcome in zip(writes, outcomes, strict=True):
+            decision = batch.decisions[i]
+            if isinstance(outcome, WritebackError):
+                batch.results[i] = result_for(decision, outcome.reason, outcome.detail)
+            else:
+                batch.results[i] = Result("written", None, decision.detail, decision, resource=outcome.resource,
+                                    provenance=outcome.provenance, issues=outcome.issues)
+
+    async def _admit(self, batch: _Batch, writes: list[int]) -> list[int]:
         """The ledger's duplicate and stale checks; the writes still to make. Per row in input order."""
         ledger = self.ledger
         assert ledger is not None
+        decisions, results = batch.decisions, batch.results
         rows = _by_row(writes, [d.plan for d in decisions])
 
         async def admit_row(indexes: list[int]) -> None:
@@ -238,7 +284,7 @@ class Pipeline:
                 decision = decisions[i]
                 assert decision.plan is not None
                 try:
-                    admitted = await _admit_one(ledger, message_key(envelopes[i], decision), decision)
+                    admitted = await _admit_one(ledger, message_key(batch.envelopes[i], decision), decision)
                 except WritebackError as exc:
                     results[i] = result_for(decision, exc.reason, exc.detail)
                     continue
@@ -247,11 +293,11 @@ class Pipeline:
                 else:
                     decisions[i] = admitted
 
-        await _bounded(slots, [admit_row(indexes) for indexes in rows.values()])
+        await _bounded(batch.slots, [admit_row(indexes) for indexes in rows.values()])
         return [i for i in writes if results[i] is None]
 
-    async def _deliver_all(self, plans: list[WritePlan],
-                           slots: asyncio.Semaphore) -> list[Delivered | WritebackError]:
+    async def _deliver_all(self, plans: list[WritePlan], slots: asyncio.Semaphore,
+                           memo: dict[Any, Any]) -> list[Delivered | WritebackError]:
         if not plans:
             return []
         delivery = self.delivery
@@ -260,7 +306,7 @@ class Pipeline:
             return [error] * len(plans)
         deliver_many = getattr(delivery, "deliver_many", None)
         if deliver_many is not None:
-            outcomes: list[Delivered | WritebackError] = await deliver_many(plans)
+            outcomes: list[Delivered | WritebackError] = await deliver_many(plans, memo)
             return outcomes
         # One message at a time per row (order kept), rows concurrently.
         outcomes = [WritebackError(Reason.CONFIG_ERROR, "not delivered")] * len(plans)
@@ -324,14 +370,19 @@ def _change_order(decision: Decision) -> tuple[int, int, float]:
     return (plan.operation != "create", src.row_version if src.row_version is not None else 0, modified)
 
 
+def _row_of(plan: WritePlan) -> tuple[str, str, str]:
+    """The FHIR resource a plan writes, by row identifier."""
+    target = plan.target
+    return target.resource_type, target.identifier_system, target.identifier_value
+
+
 def _by_row(indexes: Iterable[int], plans: Sequence[WritePlan | None]) -> dict[tuple[str, str, str], list[int]]:
     """`indexes` grouped by the FHIR resource their plan writes, each group in the given order."""
     rows: dict[tuple[str, str, str], list[int]] = {}
     for i in indexes:
         plan = plans[i]
         assert plan is not None
-        target = plan.target
-        rows.setdefault((target.resource_type, target.identifier_system, target.identifier_value), []).append(i)
+        rows.setdefault(_row_of(plan), []).append(i)
     return rows
 
 

@@ -255,3 +255,48 @@ async def test_an_update_that_changes_nothing_in_the_written_copy_is_still_check
     assert [r.state for r in results] == ["written", "written"], results[1].detail
     (patient,) = fhir.search(f"Patient?identifier=urn:dataverse:contact|{row_id}")
     assert {"system": "phone", "use": "work", "value": "+1 555 0313"} in patient["telecom"]
+
+
+async def test_creates_go_out_while_the_batch_is_still_planned_and_rows_keep_their_order(rig_factory, fhir: Fhir):
+    """Planning and writing overlap: Creates are written a bundle at a time while later messages are still
+    being planned; the rest waits for the whole batch, so a row's update that arrived before its Create, and
+    two updates in reverse order, still land in Dataverse order."""
+    rig, pipeline = _batch_rig(rig_factory, WRITEBACK_BUNDLE_SIZE="2")
+    events: list[str] = []
+    plan = pipeline.plan
+
+    def planned(envelope: Envelope) -> Any:
+        events.append("plan")
+        return plan(envelope)
+
+    async def sent(request: httpx.Request) -> None:
+        events.append("send")
+
+    pipeline.plan = planned  # type: ignore[method-assign]
+    rig.transport.add(Fault(method="POST", url_contains="/fhir/R4", before=sent, times=-1))
+    a_id, a = new_patient(lastname="Ordway")
+    others = [new_patient() for _ in range(24)]
+    v11 = {**a, "telephone1": "+1 555 0411", "versionnumber": 11}
+    bodies: list[dict[str, Any] | str] = [
+        context("Update", "contact", a_id, {"address1_city": "Eugene", "versionnumber": 12},
+                pre=v11, post={**v11, "address1_city": "Eugene", "versionnumber": 12}),
+        *[create_message(i, row) for i, row in others[:3]],
+        create_message(a_id, a),
+        *[create_message(i, row) for i, row in others[3:]],
+        update_message(a_id, a, {"telephone1": "+1 555 0411", "versionnumber": 11}),
+    ]
+    assert rig.client.tokens is not None
+    await rig.client.tokens.token()  # (fetching the first token takes turns of its own)
+    results = await _send_many(pipeline, bodies)
+
+    assert [r.state for r in results] == ["written"] * len(bodies), [r.detail for r in results]
+    assert events.index("send") < len(events) - 1 - events[::-1].index("plan")  # a write before the last plan
+    (patient,) = fhir.search(f"Patient?identifier=urn:dataverse:contact|{a_id}")
+    assert patient["address"][0]["city"] == "Eugene"
+    assert {"system": "phone", "use": "work", "value": "+1 555 0411"} in patient["telecom"]
+    # Dataverse order: the Create, then version 11, then version 12 (each Provenance names its own version).
+    history = [e["resource"]["meta"]["versionId"] for e in fhir.get(f"Patient/{patient['id']}/_history")["entry"]]
+    written = [str(r.resource).rsplit("/", 1)[1] for r in (results[0], results[-1], results[4])]
+    assert history == written  # newest first
+    for result in results:
+        _check_provenance(fhir, result)
