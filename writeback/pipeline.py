@@ -24,7 +24,7 @@ log = logging.getLogger("writeback")
 _T = TypeVar("_T")
 # Planning gives the event loop a turn this often (messages) while writes are in flight: a turn costs a few
 # microseconds, and without it the answers wait until the whole batch is planned.
-_YIELD_EVERY = 4
+_YIELD_EVERY = 2
 
 State = Literal["written", "skipped", "dead-lettered", "retry", "config-error"]
 _STATE_BY_KIND: dict[Kind, State] = {
