@@ -189,12 +189,11 @@ class BatchDelivery:
         stamp = self.client.stamp
         creates = [(i, p) for i, p in items if p.operation == "create"]
         updates = [(i, p) for i, p in items if p.operation != "create"]
-        for _, p in updates:
-            if _cache_key(p) in known and _no_op(p, known[_cache_key(p)]):
-                # "Nothing to write" is only ever concluded from the server's copy: another system may have
-                # changed these elements since our write.
-                del known[_cache_key(p)]
-        unread = [(i, p) for i, p in updates if _cache_key(p) not in known]
+        copies: list[Current | None] = [known.get(_cache_key(p)) for _, p in updates]
+        # "Nothing to write" is only ever concluded from the server's copy: another system may have changed
+        # these elements since our write.
+        copies = [None if c is not None and _no_op(p, c) else c for (_, p), c in zip(updates, copies, strict=True)]
+        unread = [(i, p) for (i, p), c in zip(updates, copies, strict=True) if c is None]
         entries: list[dict[str, Any]] = [
             {"resource": stamp(p.resource),
              "request": {"method": "POST", "url": p.resource_type, "ifNoneExist": p.target.search}}
@@ -208,8 +207,8 @@ class BatchDelivery:
             except WritebackError as exc:
                 outcomes[index] = exc
         reads = iter(answers[len(creates):])
-        currents = [known[_cache_key(p)] if _cache_key(p) in known else _current_or_error(p, next(reads))
-                    for _, p in updates]
+        currents = [c if c is not None else _current_or_error(p, next(reads))
+                    for (_, p), c in zip(updates, copies, strict=True)]
         await self._update(updates, currents, written, outcomes, known)
         return written
 
