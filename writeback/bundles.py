@@ -190,9 +190,12 @@ class BatchDelivery:
         creates = [(i, p) for i, p in items if p.operation == "create"]
         updates = [(i, p) for i, p in items if p.operation != "create"]
         copies: list[Current | None] = [known.get(_cache_key(p)) for _, p in updates]
-        # "Nothing to write" is only ever concluded from the server's copy: another system may have changed
-        # these elements since our write.
-        copies = [None if c is not None and _no_op(p, c) else c for (_, p), c in zip(updates, copies, strict=True)]
+        merges = [None if c is None else _merged(p, c[0]) for (_, p), c in zip(updates, copies, strict=True)]
+        for n, (held, merged) in enumerate(zip(copies, merges, strict=True)):
+            # "Nothing to write" is only ever concluded from the server's copy: another system may have changed
+            # these elements since our write.
+            if held is not None and merged is not None and unchanged(merged, held[0]):
+                copies[n] = merges[n] = None
         unread = [(i, p) for (i, p), c in zip(updates, copies, strict=True) if c is None]
         entries: list[dict[str, Any]] = [
             {"resource": stamp(p.resource),
@@ -209,7 +212,7 @@ class BatchDelivery:
         reads = iter(answers[len(creates):])
         currents = [c if c is not None else _current_or_error(p, next(reads))
                     for (_, p), c in zip(updates, copies, strict=True)]
-        await self._update(updates, currents, written, outcomes, known)
+        await self._update(updates, currents, written, outcomes, known, merges=merges)
         return written
 
     def _created(self, index: int, plan: WritePlan, answer: Answer | WritebackError, known: Known) -> _Written:
@@ -228,20 +231,23 @@ class BatchDelivery:
                         answer.status == 201, _entry_issues(answer))
 
     async def _update(self, updates: list[tuple[int, WritePlan]], currents: Sequence[Current | WritebackError],
-                      written: list[_Written], outcomes: list[Outcome | None], known: Known) -> None:
+                      written: list[_Written], outcomes: list[Outcome | None], known: Known, *,
+                      merges: Sequence[dict[str, Any] | None]) -> None:
+        """`merges`: for the first attempt, each update already applied to its current copy (None: not yet)."""
         pending = updates
         for attempt in range(self.settings.conflict_retries + 1):
             if attempt:
                 reads = await self.send([_read_entry(p) for _, p in pending])
                 currents = [_current_or_error(p, a) for (_, p), a in zip(pending, reads, strict=True)]
+                merges = [None] * len(pending)
             puts: list[tuple[int, WritePlan, str]] = []
             entries: list[dict[str, Any]] = []
-            for (index, plan), found in zip(pending, currents, strict=True):
+            for (index, plan), found, ready in zip(pending, currents, merges, strict=True):
                 if isinstance(found, WritebackError):
                     outcomes[index] = found
                     continue
                 current, version = found
-                merged = apply(current, [*plan.assignments, plan.target.identity])
+                merged = ready if ready is not None else _merged(plan, current)
                 resource_id = str(current.get("id"))
                 if unchanged(merged, current):
                     _remember(known, plan, current, version)
@@ -364,8 +370,9 @@ def _read_entry(plan: WritePlan) -> dict[str, Any]:
     return {"request": {"method": "GET", "url": read_path(plan)}}
 
 
-def _no_op(plan: WritePlan, current: Current) -> bool:
-    return unchanged(apply(current[0], [*plan.assignments, plan.target.identity]), current[0])
+def _merged(plan: WritePlan, current: dict[str, Any]) -> dict[str, Any]:
+    """What an update writes: the server's copy with the plan's elements (and the row identifier) applied."""
+    return apply(current, [*plan.assignments, plan.target.identity])
 
 
 def _current_or_error(plan: WritePlan, answer: Answer | WritebackError) -> Current | WritebackError:

@@ -201,6 +201,18 @@ def test_input_is_not_mutated():
     assert before == snapshot  # the result shares no container with the input
 
 
+def test_assigned_values_are_not_shared_with_the_result():
+    """A map's constant (a whole CodeableConcept, say) lands in every Create: an assignment beneath it, or a
+    change to one resource, must not reach the map's value or the next resource."""
+    constant = {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}
+    plan = [a("code", constant), a("code.text", "Heart rate")]
+    first = apply({"resourceType": "Observation"}, plan)
+    first["code"]["coding"][0]["code"] = "changed"
+    second = apply({"resourceType": "Observation"}, plan)
+    assert constant == {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}
+    assert second["code"] == {"coding": [{"system": "http://loinc.org", "code": "8867-4"}], "text": "Heart rate"}
+
+
 def test_assignments_apply_in_order():
     out = apply({"resourceType": "Patient"}, [a("gender", "male"), a("gender", "female")])
     assert out["gender"] == "female"
