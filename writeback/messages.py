@@ -259,10 +259,13 @@ def parse_entity(raw: object, where: str, depth: int = 0) -> Entity:
         raise _fail(f"{where} has no LogicalName")
     raw_id = raw.get("Id")
     entity_id = None if raw_id is None else parse_guid(raw_id, f"{where}.Id")
-    attributes = {
-        key: parse_value(value, f"{where}.Attributes[{label(key)}]", depth + 1)
-        for key, value in _pairs(raw.get("Attributes"), f"{where}.Attributes")
-    }
+    attributes: dict[str, Value] = {}
+    for key, value in _pairs(raw.get("Attributes"), f"{where}.Attributes"):
+        try:
+            # Where a value sits is named only when it is unreadable: the name costs more than most values.
+            attributes[key] = parse_value(value, "", depth + 1)
+        except WritebackError as exc:
+            raise _fail(f"{where}.Attributes[{label(key)}]{exc.detail}") from None
     formatted = {k: v for k, v in _pairs(raw.get("FormattedValues"), f"{where}.FormattedValues")
                  if isinstance(v, str)}
     return Entity(logical, entity_id, attributes, formatted)
