@@ -155,3 +155,28 @@ def test_error_text_never_echoes_values():
     with pytest.raises(WritebackError) as info:
         parse_message(body)
     assert "Jane" not in str(info.value) and "1970" not in str(info.value)
+
+
+def test_an_unreadable_value_is_named_by_where_it_sits():
+    """The administrator reading a dead-letter is told which column of which image holds the bad value."""
+    def body(attributes: list[dict[str, object]]) -> str:
+        target = {"__type": "Entity:http://schemas.microsoft.com/xrm/2011/Contracts", "LogicalName": "contact",
+                  "Id": "3f0c6a2e-8d1b-4e5f-a6b7-c8d9e0f1a2b3", "Attributes": attributes}
+        return json.dumps({"MessageName": "Update", "PrimaryEntityName": "contact",
+                           "PrimaryEntityId": "3f0c6a2e-8d1b-4e5f-a6b7-c8d9e0f1a2b3",
+                           "InputParameters": [{"key": "Target", "value": target}]})
+
+    def detail(attributes: list[dict[str, object]]) -> str:
+        with pytest.raises(WritebackError) as info:
+            parse_message(body(attributes))
+        assert info.value.reason == Reason.MALFORMED_MESSAGE
+        return info.value.detail
+
+    assert detail([{"key": "birthdate", "value": {"__type": "DateTime:#System", "__value": "1970-01-01"}}]) == (
+        "InputParameters[Target].Attributes[birthdate] is not a /Date(...)/ value")
+    nested = {"__type": "EntityCollection:http://schemas.microsoft.com/xrm/2011/Contracts", "Entities": [
+        {"LogicalName": "activityparty", "Attributes": [
+            {"key": "partyid", "value": {"__type": "EntityReference:http://schemas.microsoft.com/xrm/2011/Contracts",
+                                         "LogicalName": "contact", "Id": "Jane Doe"}}]}]}
+    assert detail([{"key": "to", "value": nested}]) == (
+        "InputParameters[Target].Attributes[to].Entities[].Attributes[partyid].Id is not a valid GUID")
