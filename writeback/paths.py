@@ -129,7 +129,7 @@ def _set(node: JSONValue, path: Path, value: JSONValue) -> JSONValue:
     """Return `node` with `path` set; containers along the path are created or pruned."""
     if not path:
         # A copy: a later assignment under this one must not reach into the plan's (or the map's) value.
-        return tree_copy(value)
+        return _tree_copy(value)
     seg, rest = path[0], path[1:]
     if isinstance(seg, Field):
         obj: dict[str, Any] = node if isinstance(node, dict) else {}
@@ -169,20 +169,20 @@ def _set(node: JSONValue, path: Path, value: JSONValue) -> JSONValue:
     return items
 
 
-def tree_copy(node: JSONValue) -> JSONValue:
+def _tree_copy(node: JSONValue) -> JSONValue:
     """A copy of a JSON tree: every dict and list new, the leaves shared (they are immutable). What
     `copy.deepcopy` gives for JSON, several times faster: JSON has no shared or cyclic parts to keep a memo for,
     and an update applies its assignments to a copy of the server's resource in the hot path."""
     if isinstance(node, dict):
-        return {key: tree_copy(value) for key, value in node.items()}
+        return {key: _tree_copy(value) for key, value in node.items()}
     if isinstance(node, list):
-        return [tree_copy(value) for value in node]
+        return [_tree_copy(value) for value in node]
     return node
 
 
 def apply(resource: dict[str, Any], assignments: Iterable[Assignment]) -> dict[str, Any]:
     """A new resource: `resource` with every assignment applied in order (the input is not changed)."""
-    result: dict[str, Any] = tree_copy(resource)
+    result: dict[str, Any] = _tree_copy(resource)
     for assignment in assignments:
         result = _set(result, assignment.path, assignment.value)
     return result
