@@ -163,20 +163,23 @@ class BatchDelivery:
             raise outcome
         return outcome
 
-    async def deliver_many(self, plans: Sequence[WritePlan],
-                           memo: dict[Any, Any] | None = None) -> list[Delivered | WritebackError]:
+    async def deliver_many(self, plans: Sequence[WritePlan], memo: dict[Any, Any] | None = None,
+                           written: asyncio.Event | None = None) -> list[Delivered | WritebackError]:
         """One outcome per plan, in order: the write and its Provenance, or the error with its reason code.
 
-        `memo` carries the copies written across the calls of one batch (`Pipeline.process_many`)."""
+        `memo` carries the copies written across the calls of one batch (`Pipeline.process_many`); `written`
+        is set once every write has been answered, while the last Provenances may still be on their way."""
         outcomes: list[Outcome | None] = [None] * len(plans)
         provenances: list[asyncio.Task[None]] = []
         known: Known = {} if memo is None else memo.setdefault(_COPIES, {})
         try:
             for wave in waves(plans):
-                written = await self._wave([(i, plans[i]) for i in wave], outcomes, known)
+                done = await self._wave([(i, plans[i]) for i in wave], outcomes, known)
                 # A Provenance changes no resource a later wave touches: it goes out alongside that wave.
-                provenances.append(asyncio.create_task(self._provenance(written, outcomes)))
+                provenances.append(asyncio.create_task(self._provenance(done, outcomes)))
         finally:
+            if written is not None:
+                written.set()
             await asyncio.gather(*provenances)
         assert all(o is not None for o in outcomes)
         return [o for o in outcomes if o is not None]

@@ -408,14 +408,18 @@ class FhirTarget(FhirDelivery):
 
         self.batch = BatchDelivery(client)
 
-    async def deliver_many(self, plans: Sequence[WritePlan],
-                           memo: dict[Any, Any] | None = None) -> list[Delivered | WritebackError]:
+    async def deliver_many(self, plans: Sequence[WritePlan], memo: dict[Any, Any] | None = None,
+                           written: asyncio.Event | None = None) -> list[Delivered | WritebackError]:
+        """As `BatchDelivery.deliver_many`."""
         if len(plans) != 1 or memo:  # a batch that already wrote: its bundles know the copies they wrote
-            return await self.batch.deliver_many(plans, memo)
+            return await self.batch.deliver_many(plans, memo, written)
         try:
             return [await self.deliver(plans[0])]
         except WritebackError as exc:
             return [exc]
+        finally:
+            if written is not None:
+                written.set()
 
 
 class AlternateDelivery:

@@ -199,7 +199,8 @@ class Pipeline:
         Planning is CPU work and writing is mostly waiting for the server, so the two overlap: a Create is
         first in its row's order whatever else the batch holds, so the first Create of each row is written
         as soon as a bundle's worth is planned, while the rest is still being planned. Everything else waits
-        until the whole batch is planned and the early Creates are written, then goes in row order.
+        until the whole batch is planned and the early Creates are written (their Provenances may still be
+        on their way: they change no resource), then goes in row order.
         """
         started = time.perf_counter()
         batch = _Batch(envelopes, [], [None] * len(envelopes), asyncio.Semaphore(self.settings.max_concurrency))
@@ -210,6 +211,12 @@ class Pipeline:
         early: list[int] = []
         early_rows: set[tuple[str, str, str]] = set()
         flights: list[asyncio.Task[None]] = []
+        written: list[asyncio.Event] = []
+
+        def fly(indexes: list[int]) -> None:
+            written.append(asyncio.Event())
+            flights.append(asyncio.create_task(self._write(batch, indexes, written[-1])))
+
         try:
             for i, envelope in enumerate(envelopes):
                 if flights and i % _YIELD_EVERY == 0:
@@ -230,19 +237,20 @@ class Pipeline:
                     early_rows.add(row)
                     early.append(i)
                     if len(early) >= self.settings.bundle_size:
-                        flights.append(asyncio.create_task(self._write(batch, early)))
+                        fly(early)
                         early = []
                 else:
                     writes.append(i)
             if early:
-                flights.append(asyncio.create_task(self._write(batch, early)))
+                fly(early)
+            await asyncio.gather(*(event.wait() for event in written))
+            flights.append(asyncio.create_task(self._write(batch, _in_row_order(decisions, writes))))
         finally:
             # Every write started is awaited before anything else happens, even when planning failed.
             landed = await asyncio.gather(*flights, return_exceptions=True)
         for failure in landed:
             if isinstance(failure, BaseException):
                 raise failure
-        await self._write(batch, _in_row_order(decisions, writes))
         for i, first in copies:
             earlier = results[first]
             assert earlier is not None
@@ -257,13 +265,19 @@ class Pipeline:
             done = await _bounded(batch.slots, [self._record(e, r) for e, r in zip(envelopes, done, strict=True)])
         return done
 
-    async def _write(self, batch: _Batch, writes: list[int]) -> None:
-        """Admit (ledger) and deliver `writes`, each row's in the order given; fills their results."""
-        if self.ledger is not None:
-            writes = await self._admit(batch, writes)
-        plans = [batch.decisions[i].plan for i in writes]
-        assert all(p is not None for p in plans)
-        outcomes = await self._deliver_all([p for p in plans if p is not None], batch.slots, batch.memo)
+    async def _write(self, batch: _Batch, writes: list[int], written: asyncio.Event | None = None) -> None:
+        """Admit (ledger) and deliver `writes`, each row's in the order given; fills their results. `written` is
+        set once every write has been answered (or has failed), their Provenances perhaps still on the way."""
+        try:
+            if self.ledger is not None:
+                writes = await self._admit(batch, writes)
+            plans = [batch.decisions[i].plan for i in writes]
+            assert all(p is not None for p in plans)
+            outcomes = await self._deliver_all([p for p in plans if p is not None], batch.slots, batch.memo,
+                                               written)
+        finally:
+            if written is not None:
+                written.set()
         for i, outcome in zip(writes, outcomes, strict=True):
             decision = batch.decisions[i]
             if isinstance(outcome, WritebackError):
@@ -296,8 +310,8 @@ class Pipeline:
         await _bounded(batch.slots, [admit_row(indexes) for indexes in rows.values()])
         return [i for i in writes if results[i] is None]
 
-    async def _deliver_all(self, plans: list[WritePlan], slots: asyncio.Semaphore,
-                           memo: dict[Any, Any]) -> list[Delivered | WritebackError]:
+    async def _deliver_all(self, plans: list[WritePlan], slots: asyncio.Semaphore, memo: dict[Any, Any],
+                           written: asyncio.Event | None) -> list[Delivered | WritebackError]:
         if not plans:
             return []
         delivery = self.delivery
@@ -306,7 +320,7 @@ class Pipeline:
             return [error] * len(plans)
         deliver_many = getattr(delivery, "deliver_many", None)
         if deliver_many is not None:
-            outcomes: list[Delivered | WritebackError] = await deliver_many(plans, memo)
+            outcomes: list[Delivered | WritebackError] = await deliver_many(plans, memo, written)
             return outcomes
         # One message at a time per row (order kept), rows concurrently.
         outcomes = [WritebackError(Reason.CONFIG_ERROR, "not delivered")] * len(plans)

@@ -3,6 +3,7 @@ bundles). Each message keeps its own Result; bundle entries map back to their me
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from typing import Any
@@ -298,5 +299,36 @@ async def test_creates_go_out_while_the_batch_is_still_planned_and_rows_keep_the
     history = [e["resource"]["meta"]["versionId"] for e in fhir.get(f"Patient/{patient['id']}/_history")["entry"]]
     written = [str(r.resource).rsplit("/", 1)[1] for r in (results[0], results[-1], results[4])]
     assert history == written  # newest first
+    for result in results:
+        _check_provenance(fhir, result)
+
+
+async def test_later_writes_do_not_wait_for_the_early_creates_provenance(rig_factory, fhir: Fhir):
+    """The rest of a batch starts once the early Creates are answered: their Provenances change no resource,
+    so an update of a created row goes out while those Provenances are still on their way."""
+    rig, pipeline = _batch_rig(rig_factory)
+    events: list[str] = []
+
+    async def watch(request: httpx.Request) -> None:
+        entries = json.loads(request.content).get("entry", [])
+        urls = {e["request"]["method"] + " " + e["request"]["url"].split("/")[0] for e in entries}
+        if urls == {"PUT Provenance"} and "provenance held" not in events:
+            events.append("provenance held")
+            await asyncio.sleep(0.5)  # a slow answer to the first Provenance bundle
+            events.append("provenance released")
+        elif "PUT Patient" in urls:
+            events.append("update sent")
+
+    rig.transport.add(Fault(method="POST", url_contains="/fhir/R4", before=watch, times=-1))
+    row_id, row = new_patient()
+    other_id, other = new_patient()
+    results = await _send_many(pipeline, [
+        create_message(row_id, row),
+        create_message(other_id, other),
+        update_message(row_id, row, {"telephone1": "+1 555 0414", "versionnumber": 11}),
+    ])
+
+    assert [r.state for r in results] == ["written"] * 3, [r.detail for r in results]
+    assert events == ["provenance held", "update sent", "provenance released"]
     for result in results:
         _check_provenance(fhir, result)

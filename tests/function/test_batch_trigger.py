@@ -188,7 +188,7 @@ async def test_the_fhir_target_sends_one_plan_directly_and_several_in_bundles(
         direct.append(plan)
         return Delivered("Patient/p/_history/1", "Provenance/v/_history/1")
 
-    async def deliver_many(plans: list[WritePlan], memo: object = None) -> list[Delivered]:
+    async def deliver_many(plans: list[WritePlan], memo: object = None, written: object = None) -> list[Delivered]:
         bundled.append(plans)
         return [Delivered("Patient/p/_history/1", "Provenance/v/_history/1")] * len(plans)
 
