@@ -243,6 +243,7 @@ class Pipeline:
                     writes.append(i)
             if early:
                 fly(early)
+            # The rest starts from what the early Creates wrote; their Provenances may still be on the way.
             await asyncio.gather(*(event.wait() for event in written))
             flights.append(asyncio.create_task(self._write(batch, _in_row_order(decisions, writes))))
         finally:
