@@ -17,6 +17,9 @@ from urllib.parse import urlsplit
 from writeback.errors import ConfigError
 
 DEFAULT_MAPS_DIR = Path(__file__).parent / "maps"
+# Seconds an invocation keeps, after its deadline and before its messages' lock expires, to settle them and to
+# schedule the retries of what it did not finish.
+DEADLINE_MARGIN_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -31,12 +34,15 @@ class SettingSpec:
 
 SETTINGS: tuple[SettingSpec, ...] = (
     # --- Service Bus trigger (read by the Functions host) ---
-    SettingSpec("WRITEBACK_QUEUE_NAME", "Service Bus queue the Dataverse service endpoint posts to.",
-                "dataverse-writeback", host_only=True),
+    SettingSpec("WRITEBACK_QUEUE_NAME", "Service Bus queue the Dataverse service endpoint posts to; retries are "
+                "scheduled back onto it.", "dataverse-writeback", host_only=True),
     SettingSpec("ServiceBusConnection__fullyQualifiedNamespace",
-                "Service Bus namespace host (identity-based trigger connection), e.g. "
-                "`contoso.servicebus.windows.net`. Locally `ServiceBusConnection` (a connection string) "
+                "Service Bus namespace host (identity-based trigger connection, also used to schedule retries), "
+                "e.g. `contoso.servicebus.windows.net`. Locally `ServiceBusConnection` (a connection string) "
                 "may be set instead.", host_only=True),
+    SettingSpec("PYTHON_ISOLATE_WORKER_DEPENDENCIES", "`1`: the Python worker loads the app's own protobuf and "
+                "grpcio (the Service Bus extension needs newer ones than the 3.11/3.12 worker bundles).", "1",
+                host_only=True),
     SettingSpec("AzureWebJobsStorage", "Storage for the Functions runtime (`UseDevelopmentStorage=true` "
                 "with Azurite); in Azure identity-based `AzureWebJobsStorage__accountName`.", host_only=True),
     # --- Decision ---
@@ -85,6 +91,18 @@ SETTINGS: tuple[SettingSpec, ...] = (
     # --- Throughput ---
     SettingSpec("WRITEBACK_MAX_CONCURRENCY", "Messages processed at once within one invocation.", "16"),
     SettingSpec("WRITEBACK_BUNDLE_SIZE", "Most entries in one FHIR batch bundle.", "50"),
+    # --- Retries and the invocation deadline ---
+    SettingSpec("WRITEBACK_RETRY_FIRST_SECONDS", "Delay before the first retry of a transient failure; each "
+                "further retry waits twice as long, up to WRITEBACK_RETRY_MAX_DELAY_SECONDS.", "15"),
+    SettingSpec("WRITEBACK_RETRY_MAX_DELAY_SECONDS", "Longest delay between two retries of one message.", "900"),
+    SettingSpec("WRITEBACK_RETRY_WINDOW_HOURS", "How long a message keeps being retried (from its first "
+                "delivery) before it is dead-lettered as `retries-exhausted`.", "24"),
+    SettingSpec("WRITEBACK_LOCK_DURATION_SECONDS", "The queue's lock duration (Bicep `lockDurationSeconds`): "
+                "an invocation stops working on its batch well inside it and reschedules what is unfinished.",
+                "300"),
+    SettingSpec("WRITEBACK_CONSENT_UNKNOWN", "What a row that belongs to a patient (child row, clinical row) does "
+                "while that patient's consent is not known yet: `retry` (wait for the patient's contact message, "
+                "then `consent-unknown`) or `skip` (skip it as `consent-unknown` at once).", "retry"),
 )
 
 SPEC_BY_NAME = {s.name: s for s in SETTINGS}
@@ -161,6 +179,15 @@ class Settings:
     outcomes_table_prefix: str = "writeback"
     max_concurrency: int = 16
     bundle_size: int = 50
+    retry_first_seconds: float = 15.0
+    retry_max_delay_seconds: float = 900.0
+    retry_window_hours: float = 24.0
+    lock_duration_seconds: float = 300.0
+    consent_unknown: str = "retry"
+    queue_name: str = "dataverse-writeback"
+    servicebus_namespace: str = ""
+    servicebus_connection_string: str = field(default="", repr=False)
+    servicebus_client_id: str = ""
 
     @classmethod
     def for_planning(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -170,7 +197,11 @@ class Settings:
             part.strip().lower() for part in _get(env, "WRITEBACK_IGNORE_USER_IDS").split(",") if part.strip()
         )
         maps_dir = Path(_get(env, "WRITEBACK_MAPS_DIR") or DEFAULT_MAPS_DIR)
-        return cls(maps_dir=maps_dir, ignore_user_ids=ids, consent_column=_get(env, "WRITEBACK_CONSENT_COLUMN"))
+        consent_unknown = _get(env, "WRITEBACK_CONSENT_UNKNOWN").lower()
+        if consent_unknown not in ("retry", "skip"):
+            raise ConfigError("WRITEBACK_CONSENT_UNKNOWN", "must be `retry` or `skip`")
+        return cls(maps_dir=maps_dir, ignore_user_ids=ids, consent_column=_get(env, "WRITEBACK_CONSENT_COLUMN"),
+                   consent_unknown=consent_unknown)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, need_outcomes: bool = False) -> Settings:
@@ -225,6 +256,16 @@ class Settings:
         prefix = _get(env, "OUTCOMES_TABLE_PREFIX")
         if not prefix.isalnum() or not prefix[:1].isalpha() or len(prefix) > 40:
             raise ConfigError("OUTCOMES_TABLE_PREFIX", "must be letters and digits, starting with a letter")
+        first = _int(env, "WRITEBACK_RETRY_FIRST_SECONDS", 1, 3600)
+        longest = _int(env, "WRITEBACK_RETRY_MAX_DELAY_SECONDS", 1, 86400)
+        if longest < first:
+            raise ConfigError("WRITEBACK_RETRY_MAX_DELAY_SECONDS",
+                              "must not be less than WRITEBACK_RETRY_FIRST_SECONDS")
+        lock = _int(env, "WRITEBACK_LOCK_DURATION_SECONDS", 30, 300)
+        timeout = _int(env, "FHIR_TIMEOUT_SECONDS", 1, 600)
+        if timeout + DEADLINE_MARGIN_SECONDS >= lock:
+            raise ConfigError("FHIR_TIMEOUT_SECONDS", f"must leave room inside WRITEBACK_LOCK_DURATION_SECONDS "
+                              f"({lock} s) for a request and the settlement margin ({DEADLINE_MARGIN_SECONDS:.0f} s)")
         return cls(
             maps_dir=base.maps_dir,
             ignore_user_ids=base.ignore_user_ids,
@@ -235,7 +276,7 @@ class Settings:
             fhir_client_secret=secret,
             fhir_token_url=token_url,
             fhir_scope=_get(env, "FHIR_SCOPE") or (f"{fhir_url}/.default" if fhir_url else ""),
-            timeout_seconds=float(_int(env, "FHIR_TIMEOUT_SECONDS", 1, 600)),
+            timeout_seconds=float(timeout),
             max_retries=_int(env, "FHIR_MAX_RETRIES", 0, 20),
             retry_max_seconds=float(_int(env, "FHIR_RETRY_MAX_SECONDS", 1, 3600)),
             conflict_retries=_int(env, "FHIR_CONFLICT_RETRIES", 0, 50),
@@ -249,7 +290,23 @@ class Settings:
             outcomes_table_prefix=prefix,
             max_concurrency=_int(env, "WRITEBACK_MAX_CONCURRENCY", 1, 512),
             bundle_size=_int(env, "WRITEBACK_BUNDLE_SIZE", 1, 500),
+            retry_first_seconds=float(first),
+            retry_max_delay_seconds=float(longest),
+            retry_window_hours=float(_int(env, "WRITEBACK_RETRY_WINDOW_HOURS", 1, 24 * 13)),
+            lock_duration_seconds=float(lock),
+            consent_unknown=base.consent_unknown,
+            queue_name=_get(env, "WRITEBACK_QUEUE_NAME"),
+            servicebus_namespace=(env.get("ServiceBusConnection__fullyQualifiedNamespace") or "").strip(),
+            servicebus_connection_string=(env.get("ServiceBusConnection") or "").strip(),
+            servicebus_client_id=(env.get("ServiceBusConnection__clientId") or "").strip(),
         )
+
+    @property
+    def invocation_seconds(self) -> float:
+        """How long one invocation works on its batch, counted from the moment its messages were locked: the
+        lock duration less the margin for the last request in flight, the settlements and the scheduled retries
+        (docs/operations.md, "Timing")."""
+        return self.lock_duration_seconds - self.timeout_seconds - DEADLINE_MARGIN_SECONDS
 
 
 def redacted(env: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -156,6 +156,14 @@ var appSettings = {
   // --- Throughput ---
   WRITEBACK_MAX_CONCURRENCY: ''
   WRITEBACK_BUNDLE_SIZE: ''
+  // --- Retries and the invocation deadline ---
+  WRITEBACK_RETRY_FIRST_SECONDS: ''
+  WRITEBACK_RETRY_MAX_DELAY_SECONDS: ''
+  WRITEBACK_RETRY_WINDOW_HOURS: ''
+  WRITEBACK_LOCK_DURATION_SECONDS: '' // default 300 = the queue's lockDuration (PT5M)
+  WRITEBACK_CONSENT_UNKNOWN: ''
+  // The Service Bus extension needs protobuf/grpcio newer than the 3.11/3.12 worker bundles: load the app's own.
+  PYTHON_ISOLATE_WORKER_DEPENDENCIES: '1'
   // --- Not in SETTINGS: platform and SDK settings ---
   // Messages per invocation of the batch trigger. The host reads AzureFunctionsJobHost__* as host.json overrides,
   // so the batch size is a deployment parameter rather than a change to the code package.
