@@ -9,18 +9,23 @@ One Service Bus queue trigger with `cardinality=many`: each invocation gets up t
 `ServiceBusConnection__fullyQualifiedNamespace`.
 """
 
+import typing
+
 import azure.functions as func
 from azurefunctions.extensions.bindings import servicebus
 
-from writeback import functions
+from writeback import functions, telemetry
 
+telemetry.configure()
 app = func.FunctionApp()
 
 
+# typing.List, not list[...]: the Python worker's load check accepts classes and typing generics only, and rejects
+# a builtin generic with "invalid non-type annotation" (tests/worker drives the real worker to keep it so).
 @app.function_name("writeback")
 @app.service_bus_queue_trigger(arg_name="messages", queue_name="%WRITEBACK_QUEUE_NAME%",
                                connection="ServiceBusConnection", cardinality=func.Cardinality.MANY,
                                auto_complete_messages=False)
-async def writeback(messages: list[servicebus.ServiceBusReceivedMessage],
+async def writeback(messages: typing.List[servicebus.ServiceBusReceivedMessage],  # noqa: UP006
                     message_actions: servicebus.ServiceBusMessageActions) -> None:
     await functions.handle_batch(messages, message_actions)

@@ -1,8 +1,9 @@
 """A fault-injecting httpx transport for tests: sits in front of a real server and misbehaves on cue.
 
-Rules are tried in order; a rule matches a request by method and URL substring and fires a bounded number of
-times. It can answer in the server's place (status, headers, body), raise a transport error, delay, run a
-side action first (e.g. a concurrent write), or rewrite the real server's answer.
+Rules are tried in order; a rule matches a request by method and URL substring (and, optionally, by a piece of
+its body, its path's end, and while a condition holds, e.g. an outage on the test's clock) and fires a bounded
+number of times. It can answer in the server's place (status, headers, body), raise a transport error, delay,
+run a side action first (e.g. a concurrent write), or rewrite the real server's answer.
 """
 
 from __future__ import annotations
@@ -30,10 +31,22 @@ class Fault:
     delay: float = 0.0
     before: Callable[[httpx.Request], Awaitable[None]] | None = None
     rewrite: Rewrite | None = None
+    # Fires only while this says so (e.g. an outage that ends at a time on the test's clock).
+    active: Callable[[], bool] | None = None
+    # Fires only for a request whose body contains this (e.g. one entry of a batch bundle).
+    body_contains: bytes = b""
+    # Fires only for a request whose path ends so (e.g. "/R4": a batch bundle posted to the base URL).
+    path_endswith: str = ""
     fired: int = 0
 
     def matches(self, request: httpx.Request) -> bool:
         if self.times != -1 and self.fired >= self.times:
+            return False
+        if self.active is not None and not self.active():
+            return False
+        if self.body_contains and self.body_contains not in request.content:
+            return False
+        if self.path_endswith and not request.url.path.endswith(self.path_endswith):
             return False
         if self.method and request.method != self.method:
             return False

@@ -40,8 +40,10 @@ param queueName string = 'dataverse-writeback'
 @maxValue(2000)
 param maxDeliveryCount int = 10
 
-@description('Peek-lock duration of the queue (ISO 8601, at most PT5M).')
-param lockDuration string = 'PT5M'
+@description('Peek-lock duration of the queue in seconds (Service Bus allows at most 300). The same value is the app setting WRITEBACK_LOCK_DURATION_SECONDS: each invocation stops working on its batch at lockDurationSeconds - FHIR_TIMEOUT_SECONDS - 30 s (docs/operations.md, Timing); batch triggers get no lock renewal.')
+@minValue(30)
+@maxValue(300)
+param lockDurationSeconds int = 300
 
 @description('Time to live of a queued message (ISO 8601); expired messages are dead-lettered.')
 param messageTimeToLive string = 'P14D'
@@ -54,10 +56,18 @@ param duplicateDetectionWindow string = 'PT10M'
 @maxValue(1000)
 param maximumInstanceCount int = 40
 
-@description('Most messages one function invocation receives and processes together (FHIR batch bundles); each is still settled on its own outcome. The whole batch must finish within lockDuration.')
+@description('Most messages one function invocation receives and processes together (FHIR batch bundles); each is still settled on its own outcome. What a batch has not finished by its deadline inside the lock is rescheduled.')
 @minValue(1)
 @maxValue(1000)
 param maxMessageBatchSize int = 100
+
+@description('Python version of the function app (Flex Consumption offers 3.11 to 3.13 for new apps).')
+@allowed([
+  '3.11'
+  '3.12'
+  '3.13'
+])
+param pythonVersion string = '3.11'
 
 @description('Memory of one instance in MB.')
 @allowed([
@@ -195,7 +205,7 @@ module serviceBus 'modules/servicebus.bicep' = {
     location: location
     tags: allTags
     maxDeliveryCount: maxDeliveryCount
-    lockDuration: lockDuration
+    lockDurationSeconds: lockDurationSeconds
     defaultMessageTimeToLive: messageTimeToLive
     duplicateDetectionHistoryTimeWindow: duplicateDetectionWindow
     logAnalyticsWorkspaceId: monitoring.outputs.logAnalyticsWorkspaceId
@@ -259,6 +269,8 @@ module functionApp 'modules/functionapp.bicep' = {
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
     maxMessageBatchSize: maxMessageBatchSize
+    lockDurationSeconds: lockDurationSeconds
+    pythonVersion: pythonVersion
     writebackTarget: writebackTarget
     ignoreUserIds: ignoreUserIds
     writebackAgent: writebackAgent
@@ -281,6 +293,7 @@ module alerts 'modules/alerts.bicep' = {
   scope: rg
   params: {
     namePrefix: 'writeback-${resourceToken}'
+    location: location
     tags: allTags
     serviceBusNamespaceId: serviceBus.outputs.namespaceId
     queueName: serviceBus.outputs.queueName

@@ -331,7 +331,10 @@ class BatchDelivery:
                 for i in todo:
                     out[i] = exc
                 break
-            body = self.client.check(response, "batch") if not response.is_success else json_of(response)
+            if not response.is_success:
+                await self._refused_whole(entries, todo, response.status_code, json_of(response), out)
+                break
+            body = json_of(response)
             listed = (body or {}).get("entry")
             if not isinstance(listed, list) or len(listed) != len(todo):
                 error = WritebackError(Reason.FHIR_REJECTED, "the FHIR server's batch answer does not match the batch")
@@ -367,6 +370,32 @@ class BatchDelivery:
             await self.client._sleep(delay)
             slept += delay
         return [a if a is not None else WritebackError(Reason.FHIR_REJECTED, "no answer") for a in out]
+
+
+    async def _refused_whole(self, entries: Sequence[dict[str, Any]], todo: list[int], status: int,
+                             body: dict[str, Any] | None, out: list[Answer | WritebackError | None]) -> None:
+        """The server refused the bundle as a whole (400, 413, 422, ...): one entry it cannot take must not take
+        the others down, on this delivery and on every retry. The bundle is halved until the refused entry
+        stands alone (a 413 halves until each part is small enough); that entry gets the refusal as its own."""
+        if status in (404, 405):
+            error = WritebackError(Reason.CONFIG_ERROR, f"the FHIR server does not take batch bundles at FHIR_URL "
+                                   f"(HTTP {status}); check the base URL")
+            for i in todo:
+                out[i] = error
+            return
+        if len(todo) == 1:
+            [i] = todo
+            request = entries[i].get("request") or {}
+            what = f"{request.get('method', 'request')} {str(request.get('url', '')).split('?', maxsplit=1)[0]}"
+            out[i] = (WritebackError(Reason.FHIR_REJECTED, f"the FHIR server refused the {what} as too large "
+                                     "(HTTP 413)") if status == 413 else refused(status, body, what))
+            return
+        half = len(todo) // 2
+        parts = [todo[:half], todo[half:]]
+        answered = await asyncio.gather(*(self._bundle([entries[i] for i in part]) for part in parts))
+        for part, answers in zip(parts, answered, strict=True):
+            for i, answer in zip(part, answers, strict=True):
+                out[i] = answer
 
 
 def _read_entry(plan: WritePlan) -> dict[str, Any]:

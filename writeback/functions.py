@@ -5,21 +5,25 @@ bindings-servicebus, trigger with `cardinality=many` and `auto_complete_messages
 `ServiceBusMessageActions` to `handle_batch`, which
 
 1. builds the process-wide singletons once, lazily: settings, entity maps, the FHIR delivery (one shared
-   httpx client, from `writeback.fhir_client.build_delivery`) and the Table Storage ledger;
-2. turns each message into a `pipeline.Envelope` and runs `Pipeline.process_many` over the readable ones
-   (FHIR batch bundles; rows in order; a RequestId repeated within the batch is written once);
-3. settles each message exactly once, by its own `Result.settlement`:
-   written / skipped → complete; permanent (reject) → dead-letter at once, `deadletter_reason` = the reason
-   code, description = the detail (never patient data); transient → abandon (Service Bus redelivers, and
-   dead-letters after the queue's MaxDeliveryCount); configuration fault → abandon, never dead-letter;
+   httpx client, from `writeback.fhir_client.build_delivery`) and the Table Storage ledger; and, apart from
+   them, the retry scheduler (Service Bus sender), so a configuration fault can still be retried;
+2. turns each message into a `pipeline.Envelope` and runs `Pipeline.process_many` over the readable ones,
+   under a deadline inside the messages' lock (batch triggers get no lock renewal: `FunctionApp.deadline`);
+3. settles each message exactly once, as soon as its outcome is recorded, in a worker thread (settlement is a
+   synchronous gRPC call into the host; the event loop goes on with the rest of the batch):
+   written / skipped → complete; permanent (reject) → dead-letter, `deadletter_reason` = the reason code,
+   description = the detail (never patient data); transient, configuration fault, or not finished by the
+   deadline → a copy is scheduled on the queue with a growing delay and the message completed
+   (`writeback.retry`), and past the retry window it is dead-lettered as `retries-exhausted`;
 4. logs one structured record per message whose `extra` fields become Application Insights
    customDimensions (see docs/operations.md).
 
 A message the binding hands over unreadable is abandoned on its own; the rest of the batch goes on. A
 configuration fault found while building the singletons (missing or invalid setting, unreadable or invalid
-entity map) abandons every message of the batch and logs one error naming the setting or the map file;
-nothing is cached, so the next invocation tries again. An unexpected error (a bug) abandons every message not
-yet settled. `handle` is the same path for a single message.
+entity map) reschedules every message of the batch and logs one error naming the setting or the map file;
+nothing is cached, so the next invocation tries again. Where no retry can be scheduled (no Service Bus
+connection, or the send fails), messages are abandoned instead: redelivered at once, never lost. An
+unexpected error (a bug) abandons every message not yet settled. `handle` is the same path for one message.
 """
 
 from __future__ import annotations
@@ -32,13 +36,17 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from writeback.decide import Decision
 from writeback.errors import WritebackError
 from writeback.maps import MapSet, load_maps
 from writeback.pipeline import Delivery, Envelope, Ledger, Pipeline, Result
 from writeback.reasons import Kind, Reason
-from writeback.settings import Settings
+from writeback.retry import ATTEMPT, GiveUp, RetryPolicy, batch_jitter, next_step
+from writeback.scheduler import Copy, Scheduler
+from writeback.settings import DEADLINE_MARGIN_SECONDS, Settings
 
 log = logging.getLogger("writeback.function")
 
@@ -46,6 +54,7 @@ MAX_DESCRIPTION = 1000  # characters of the dead-letter error description
 
 DeliveryFactory = Callable[[Settings], tuple[Delivery, Callable[[], Awaitable[None]]]]
 LedgerFactory = Callable[[Settings], tuple[Ledger, Callable[[], Awaitable[None]]]]
+SchedulerFactory = Callable[[Settings], Scheduler]
 
 
 class MessageActions(Protocol):
@@ -115,6 +124,8 @@ def envelope_of(message: Any) -> Envelope:
     enqueued = message.enqueued_time_utc
     content_type = message.content_type
     message_id = message.message_id
+    correlation = getattr(message, "correlation_id", None)
+    locked = getattr(message, "locked_until_utc", None)
     return Envelope(
         body=_body(message),
         properties=properties,
@@ -122,7 +133,9 @@ def envelope_of(message: Any) -> Envelope:
         message_id=_text(message_id) if message_id is not None else None,
         # 0 = not reported: extension 1.0.0b2 decodes the AMQP message without its header section.
         delivery_count=count if isinstance(count, int) else 0,
-        enqueued_at=enqueued.timestamp() if enqueued is not None else None,
+        enqueued_at=enqueued.timestamp() if isinstance(enqueued, datetime) else None,
+        correlation_id=_text(correlation) if correlation else None,
+        locked_until=locked.timestamp() if isinstance(locked, datetime) else None,
     )
 
 
@@ -163,9 +176,9 @@ def _log_outcome(dims: Mapping[str, Any], detail: str) -> None:
             "duration_ms=%s: %s")
     if outcome == "config-error":
         count = int(dims.get("messages", 1))
-        kept = ("The message was abandoned and stays on the queue; fix the configuration (python -m writeback "
+        kept = ("The message is retried with a growing delay; fix the configuration (python -m writeback "
                 "check-config) and it is processed again." if count == 1 else
-                f"All {count} messages of the batch were abandoned and stay on the queue; fix the configuration "
+                f"All {count} messages of the batch are retried with a growing delay; fix the configuration "
                 "(python -m writeback check-config) and they are processed again.")
         text = ("writeback outcome=%s reason=%s table=%s record=%s message_id=%s correlation=%s settlement=%s "
                 "duration_ms=%s: configuration error: %s. " + kept)
@@ -210,16 +223,45 @@ def settle_long_lived() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _default_scheduler(settings: Settings) -> Scheduler:
+    from writeback.scheduler import ServiceBusScheduler  # noqa: PLC0415 - keeps azure-servicebus off the path
+
+    return ServiceBusScheduler(settings)
+
+
+@dataclass
+class _Retrying:
+    """A message of the batch to put back on the queue (or to give up), with the outcome that sent it there."""
+
+    index: int
+    envelope: Envelope
+    reason: Reason
+    detail: str
+    result: Result | None
+
+
 class FunctionApp:
-    """Process-wide singletons, built lazily once, and the batch (and single-message) handler."""
+    """Process-wide singletons, built lazily once, and the batch (and single-message) handler.
+
+    `clock` (UTC now) and `margin_seconds` (kept between the invocation's deadline and the end of its lock) are
+    the knobs the reliability suite turns; the app uses the defaults."""
 
     def __init__(self, env: Mapping[str, str] | None = None, *, delivery_factory: DeliveryFactory | None = None,
-                 ledger_factory: LedgerFactory | None = None) -> None:
+                 ledger_factory: LedgerFactory | None = None, scheduler_factory: SchedulerFactory | None = None,
+                 clock: Callable[[], datetime] = _utcnow, margin_seconds: float = DEADLINE_MARGIN_SECONDS) -> None:
         self._env = env
         self._delivery_factory = delivery_factory or _default_delivery
         self._ledger_factory = ledger_factory or _default_ledger
+        self._scheduler_factory = scheduler_factory or _default_scheduler
+        self._clock = clock
+        self._margin = margin_seconds
         self._runtime: Runtime | None = None
         self._lock: asyncio.Lock | None = None
+        self._retries: tuple[Settings, Scheduler | None, str] | None = None
 
     async def runtime(self) -> Runtime:
         """The singletons; a configuration fault raises ConfigError/MapError and is not cached."""
@@ -241,92 +283,230 @@ class FunctionApp:
         except BaseException:
             await close_ledger()
             raise
-        pipeline = Pipeline(maps, settings, delivery, ledger)
+        pipeline = Pipeline(maps, settings, delivery, ledger, clock=self._clock)
         settle_long_lived()
         return Runtime(settings, maps, pipeline, [close_ledger, close_delivery])
+
+    def retry_side(self) -> tuple[Settings, Scheduler | None, str]:
+        """The retry settings and the scheduler, built apart from the runtime (and from each other's faults):
+        a message that met a wrong FHIR setting must still be put back on the queue. Without a scheduler (no
+        Service Bus connection configured) the third item says why, and retries fall back to abandon."""
+        if self._retries is None:
+            settings = Settings.for_retries(self._env)
+            try:
+                self._retries = (settings, self._scheduler_factory(settings), "")
+            except WritebackError as exc:
+                self._retries = (settings, None, exc.detail)
+        return self._retries
 
     async def aclose(self) -> None:
         runtime, self._runtime = self._runtime, None
         if runtime is not None:
             await runtime.aclose()
+        retries, self._retries = self._retries, None
+        if retries is not None and retries[1] is not None:
+            await retries[1].aclose()
 
     async def handle(self, message: Any, actions: MessageActions) -> Result | None:
         """Process one message and settle it exactly once: a batch of one."""
         (result,) = await self.handle_batch([message], actions)
         return result
 
+    def deadline(self, envelopes: Iterable[Envelope], settings: Settings) -> float:
+        """Seconds this invocation may work on its batch: until the earliest lock of the batch ends, less
+        FHIR_TIMEOUT_SECONDS and the margin for settling and scheduling; never more than
+        `Settings.invocation_seconds` (the lock may have been taken before the invocation started)."""
+        budget = settings.lock_duration_seconds - settings.timeout_seconds - self._margin
+        ends = [e.locked_until for e in envelopes if e.locked_until is not None]
+        if ends:
+            budget = min(budget, min(ends) - self._clock().timestamp() - settings.timeout_seconds - self._margin)
+        return max(budget, 0.5)
+
     async def handle_batch(self, messages: Sequence[Any], actions: MessageActions) -> list[Result | None]:
         """Process a batch and settle each message exactly once on its own outcome. Returns the results in
         input order (None where none was reached: unreadable, configuration fault, unexpected error)."""
         started = time.perf_counter()
+        settler = _Settler(actions, messages)
         results: list[Result | None] = [None] * len(messages)
         readable: dict[int, Envelope] = {}
         for index, message in enumerate(messages):
             try:
                 readable[index] = envelope_of(message)
             except Exception as exc:  # the binding handed over something unreadable: keep it, say so
-                self._unexpected(actions, message, Envelope(b""), exc)
-        if not readable:
-            return results
+                self._unexpected(settler, index, Envelope(b""), exc)
+        retry_settings, _, _ = self.retry_side()
+        retrying: list[_Retrying] = []
         try:
-            runtime = await self.runtime()
-        except WritebackError as exc:  # ConfigError / MapError: keep the messages, say what to fix
-            self._config_fault(actions, [(messages[i], e) for i, e in readable.items()], exc, started)
-            return results
-        except Exception as exc:
-            for index, envelope in readable.items():
-                self._unexpected(actions, messages[index], envelope, exc)
-            return results
-        unsettled = dict(readable)
-        try:
-            done = await runtime.pipeline.process_many(list(readable.values()))
-            for (index, envelope), result in zip(readable.items(), done, strict=True):
-                settled = self._settle(actions, messages[index], result.settlement, result)
-                del unsettled[index]
-                results[index] = result
-                _log_outcome(dimensions(envelope, result, settled), result.detail)
+            if readable:
+                try:
+                    runtime = await self.runtime()
+                except WritebackError as exc:  # ConfigError / MapError: keep the messages, say what to fix
+                    reason = exc.reason if exc.reason.kind == Kind.CONFIG else Reason.CONFIG_ERROR
+                    self._log_config_fault(list(readable.values()), exc, reason, started)
+                    retrying = [_Retrying(i, e, reason, exc.detail, None) for i, e in readable.items()]
+                else:
+                    retrying = await self._process(runtime, readable, settler, results)
+            await self._reschedule(retrying, settler, retry_settings)
         except Exception as exc:  # a bug, not a message fault: keep what is unsettled (abandon), never lose it
-            for index, envelope in unsettled.items():
-                self._unexpected(actions, messages[index], envelope, exc)
+            for index in settler.unsettled():
+                self._unexpected(settler, index, readable.get(index, Envelope(b"")), exc)
+        finally:
+            await settler.drain()
         return results
 
-    def _config_fault(self, actions: MessageActions, batch: list[tuple[Any, Envelope]], exc: WritebackError,
-                      started: float) -> None:
-        """Abandon the whole batch; one error for it, since every message failed for the same reason."""
-        failed = [kind for kind in (self._settle(actions, m, "abandon") for m, _ in batch) if kind != "abandon"]
+    async def _process(self, runtime: Runtime, readable: dict[int, Envelope], settler: _Settler,
+                       results: list[Result | None]) -> list[_Retrying]:
+        """Run the batch through the pipeline until it is done or the deadline comes; settle what ends complete
+        or dead-lettered as soon as it is recorded; return what is to be retried."""
+        order = list(readable)
+        envelopes = [readable[i] for i in order]
+        retrying: list[_Retrying] = []
+        finished: set[int] = set()
+
+        async def emit(position: int, result: Result) -> None:
+            index = order[position]
+            results[index] = result
+            finished.add(index)
+            if result.settlement == "reschedule":
+                assert result.reason is not None
+                retrying.append(_Retrying(index, envelopes[position], result.reason, result.detail, result))
+                return
+            envelope = envelopes[position]
+            settler.settle(index, result.settlement, result,
+                           lambda settled: _log_outcome(dimensions(envelope, result, settled), result.detail))
+
+        budget = self.deadline(envelopes, runtime.settings)
+        try:
+            async with asyncio.timeout(budget):
+                await runtime.pipeline.process_many(envelopes, emit)
+        except TimeoutError:
+            detail = (f"The invocation's deadline ({budget:.0f} s, inside the message lock) came before this "
+                      "message was finished; rescheduled.")
+            for position, index in enumerate(order):
+                if index not in finished:
+                    result = runtime.pipeline.unfinished(envelopes[position], detail)
+                    results[index] = result
+                    retrying.append(_Retrying(index, envelopes[position], Reason.DEADLINE_REACHED, detail, result))
+        return retrying
+
+    async def _reschedule(self, retrying: list[_Retrying], settler: _Settler, settings: Settings) -> None:
+        """Schedule a delayed copy of each message and complete it; past the retry window, dead-letter it.
+        Copies go out before the originals are completed: a crash in between duplicates, never loses."""
+        if not retrying:
+            return
+        _, scheduler, why_not = self.retry_side()
+        policy = RetryPolicy.of(settings)
+        now, jitter = self._clock(), batch_jitter()
+        copies: list[tuple[_Retrying, Copy]] = []
+        for item in retrying:
+            step = next_step(policy, properties=item.envelope.properties, message_id=item.envelope.message_id,
+                             enqueued_at=item.envelope.enqueued_at, now=now, jitter=jitter)
+            if isinstance(step, GiveUp):
+                detail = step.description(item.reason.value, item.detail)
+                given_up = Result("dead-lettered", Reason.RETRIES_EXHAUSTED, detail,
+                                  item.result.decision if item.result else Decision("reject", None, ""))
+                settler.settle(item.index, "deadletter", given_up, _logger(item.envelope, given_up, detail))
+                continue
+            body = item.envelope.body
+            copies.append((item, Copy(body.encode() if isinstance(body, str) else body, step.message_id, step.at,
+                                      item.envelope.content_type, item.envelope.correlation_id, step.properties)))
+        if not copies:
+            return
+        kind = "abandon"
+        if scheduler is None:
+            log.error("writeback retries cannot be scheduled (%s): %d message(s) abandoned, Service Bus redelivers "
+                      "them at once", why_not, len(copies), extra={"outcome": "retry", "settlement": "abandon"})
+        else:
+            try:
+                await scheduler.schedule([copy for _, copy in copies])
+                kind = "complete"
+            except Exception as exc:
+                log.error("writeback scheduling %d retry copies failed (%s); the messages were abandoned and Service "
+                          "Bus redelivers them at once", len(copies), _where(exc),
+                          extra={"outcome": "retry", "settlement": "abandon", "error": type(exc).__name__})
+        for item, copy in copies:
+            more = {"retry_attempt": int(copy.properties[ATTEMPT]), "retry_at": copy.at.isoformat()}
+            settler.settle(item.index, kind, None,
+                           _logger(item.envelope, item.result, item.detail, **more) if item.result else None)
+
+    def _log_config_fault(self, envelopes: list[Envelope], exc: WritebackError, reason: Reason,
+                          started: float) -> None:
+        """One error for the whole batch, since every message failed for the same reason."""
         elapsed = round((time.perf_counter() - started) * 1000, 2)
-        reason = exc.reason if exc.reason.kind == Kind.CONFIG else Reason.CONFIG_ERROR
-        dims = dimensions(batch[0][1], None, failed[0] if failed else "abandon", reason=reason.value,
-                          duration_ms=elapsed, messages=len(batch))
-        if len(batch) > 1:
+        dims = dimensions(envelopes[0], None, "reschedule", reason=reason.value, duration_ms=elapsed,
+                          messages=len(envelopes))
+        if len(envelopes) > 1:
             dims["message_id"] = ""
-            dims["message_ids"] = ",".join(envelope.message_id or "" for _, envelope in batch)
+            dims["message_ids"] = ",".join(envelope.message_id or "" for envelope in envelopes)
         _log_outcome(dims, exc.detail)
 
-    def _unexpected(self, actions: MessageActions, message: Any, envelope: Envelope, exc: BaseException) -> None:
-        settled = self._settle(actions, message, "abandon")
-        log.error("writeback outcome=retry reason=- message_id=%s settlement=%s: unexpected %s; the message was "
-                  "abandoned and Service Bus redelivers it", envelope.message_id or "-", settled, _where(exc),
-                  extra={"message_id": envelope.message_id or "", "outcome": "retry", "settlement": settled,
-                         "error": type(exc).__name__})
+    def _unexpected(self, settler: _Settler, index: int, envelope: Envelope, exc: BaseException) -> None:
+        where = _where(exc)
 
-    def _settle(self, actions: MessageActions, message: Any, kind: str, result: Result | None = None) -> str:
-        """One settlement call. A failure (lock lost, host gone) is logged: the broker redelivers on lock expiry,
-        and the ledger turns the repeat into `duplicate`."""
+        def report(settled: str) -> None:
+            log.error("writeback outcome=retry reason=- message_id=%s settlement=%s: unexpected %s; the message was "
+                      "abandoned and Service Bus redelivers it", envelope.message_id or "-", settled, where,
+                      extra={"message_id": envelope.message_id or "", "outcome": "retry", "settlement": settled,
+                             "error": type(exc).__name__})
+
+        settler.settle(index, "abandon", None, report)
+
+
+def _logger(envelope: Envelope, result: Result, detail: str, **more: Any) -> Callable[[str], None]:
+    """Logs a message's outcome record once its settlement call has returned."""
+    return lambda settled: _log_outcome(dimensions(envelope, result, settled, **more), detail)
+
+
+class _Settler:
+    """Exactly one settlement call per message. The calls are synchronous gRPC calls into the host, so each runs
+    in a worker thread: the event loop goes on delivering the rest of the batch meanwhile. A failed call (lock
+    lost, host gone) is logged: the broker redelivers on lock expiry, and the ledger turns the repeat into
+    `duplicate`."""
+
+    def __init__(self, actions: MessageActions, messages: Sequence[Any]) -> None:
+        self._actions = actions
+        self._messages = messages
+        self._kinds: dict[int, str] = {}
+        self._calls: list[asyncio.Task[None]] = []
+
+    def unsettled(self) -> list[int]:
+        return [i for i in range(len(self._messages)) if i not in self._kinds]
+
+    def settle(self, index: int, kind: str, result: Result | None = None,
+               then: Callable[[str], None] | None = None) -> None:
+        """Start the settlement of message `index` (once: a later call is ignored). `then` is called with what
+        happened (`complete`, `deadletter`, `abandon`, or that with `-failed`), e.g. to log the outcome."""
+        if index in self._kinds:
+            return
+        self._kinds[index] = kind
+        self._calls.append(asyncio.create_task(self._run(self._messages[index], kind, result, then)))
+
+    async def _run(self, message: Any, kind: str, result: Result | None, then: Callable[[str], None] | None) -> None:
+        done = await asyncio.to_thread(self._call, message, kind, result)
+        if then is not None:
+            then(kind if done else f"{kind}-failed")
+
+    def _call(self, message: Any, kind: str, result: Result | None) -> bool:
         try:
             if kind == "complete":
-                actions.complete(message)
+                self._actions.complete(message)
             elif kind == "deadletter":
                 assert result is not None and result.reason is not None
-                actions.deadletter(message, deadletter_reason=result.reason.value,
-                                   deadletter_error_description=description_for(result))
+                self._actions.deadletter(message, deadletter_reason=result.reason.value,
+                                         deadletter_error_description=description_for(result))
             else:
-                actions.abandon(message)
+                self._actions.abandon(message)
         except Exception as exc:
             log.error("writeback settlement %s failed (%s); Service Bus redelivers the message when its lock "
                       "expires", kind, _where(exc), extra={"settlement": kind, "error": type(exc).__name__})
-            return f"{kind}-failed"
-        return kind
+            return False
+        return True
+
+    async def drain(self) -> None:
+        """Wait for every settlement call started (they finish even if the invocation is being cancelled)."""
+        while self._calls:
+            calls, self._calls = self._calls, []
+            await asyncio.gather(*calls, return_exceptions=True)
 
 
 _APP = FunctionApp()

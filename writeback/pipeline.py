@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, TypeVar
 
 from writeback.decide import Decision, WritePlan, narrow, plan_message
 from writeback.errors import WritebackError
 from writeback.maps import MapSet
 from writeback.reasons import Kind, Reason
+from writeback.retry import GiveUp, RetryPolicy, next_step
 from writeback.settings import Settings
 
 log = logging.getLogger("writeback")
@@ -71,6 +73,8 @@ class Envelope:
     message_id: str | None = None
     delivery_count: int = 1
     enqueued_at: float | None = None
+    correlation_id: str | None = None
+    locked_until: float | None = None  # when the broker's lock on this delivery ends (epoch seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +90,12 @@ class Result:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
-    def settlement(self) -> Literal["complete", "deadletter", "abandon"]:
+    def settlement(self) -> Literal["complete", "deadletter", "reschedule"]:
+        """complete (written, skipped); deadletter; reschedule: a copy is scheduled with a delay and the
+        message completed (`writeback.retry`), or, where no copy can be scheduled, it is abandoned."""
         if self.state in ("written", "skipped"):
             return "complete"
-        return "deadletter" if self.state == "dead-lettered" else "abandon"
+        return "deadletter" if self.state == "dead-lettered" else "reschedule"
 
 
 class Ledger(Protocol):
@@ -133,14 +139,37 @@ class _Batch:
     memo: dict[Any, Any] = field(default_factory=dict)
 
 
+Emit = Callable[[int, Result], Awaitable[None]]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def give_up(envelope: Envelope, result: Result, policy: RetryPolicy, now: datetime) -> Result:
+    """A transient or configuration outcome past the retry window becomes `retries-exhausted` (dead-letter)."""
+    if result.settlement != "reschedule":
+        return result
+    step = next_step(policy, properties=envelope.properties, message_id=envelope.message_id,
+                     enqueued_at=envelope.enqueued_at, now=now)
+    if not isinstance(step, GiveUp):
+        return result
+    last = result.reason.value if result.reason else "unknown"
+    return replace(result, state="dead-lettered", reason=Reason.RETRIES_EXHAUSTED,
+                   detail=step.description(last, result.detail))
+
+
 class Pipeline:
     def __init__(
-        self, maps: MapSet, settings: Settings, delivery: Delivery | None, ledger: Ledger | None = None
+        self, maps: MapSet, settings: Settings, delivery: Delivery | None, ledger: Ledger | None = None,
+        clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.maps = maps
         self.settings = settings
         self.delivery = delivery
         self.ledger = ledger
+        self.clock = clock
+        self.retry_policy = RetryPolicy.of(settings)
 
     def plan(self, envelope: Envelope) -> Decision:
         return plan_message(envelope.body, envelope.properties, self.maps, self.settings, envelope.content_type)
@@ -149,7 +178,7 @@ class Pipeline:
         started = time.perf_counter()
         decision = self.plan(envelope)
         result = await self._process(envelope, decision)
-        result = _with_duration(result, started)
+        result = give_up(envelope, _with_duration(result, started), self.retry_policy, self.clock())
         if self.ledger is not None:
             try:
                 await self.ledger.record(envelope, result)
@@ -187,7 +216,7 @@ class Pipeline:
                       provenance=delivered.provenance, issues=delivered.issues)
 
 
-    async def process_many(self, envelopes: Sequence[Envelope]) -> list[Result]:
+    async def process_many(self, envelopes: Sequence[Envelope], emit: Emit | None = None) -> list[Result]:
         """Many messages in one go, each with its own `Result`, in input order.
 
         Same semantics as `process` message by message: skips and rejects need no I/O; the ledger's duplicate
@@ -201,6 +230,9 @@ class Pipeline:
         as soon as a bundle's worth is planned, while the rest is still being planned. Everything else waits
         until the whole batch is planned and the early Creates are written (their Provenances may still be
         on their way: they change no resource), then goes in row order.
+
+        `emit(index, result)` is awaited for each message once its outcome is final and recorded, so the caller
+        can settle it while the rest of the batch is still being recorded.
         """
         started = time.perf_counter()
         batch = _Batch(envelopes, [], [None] * len(envelopes), asyncio.Semaphore(self.settings.max_concurrency))
@@ -260,11 +292,23 @@ class Pipeline:
                                     decisions[i])
             else:
                 results[i] = replace(earlier, decision=decisions[i])
-        done = [_with_duration(r, started) for r in results if r is not None]
+        now = self.clock()
+        done = [give_up(e, _with_duration(r, started), self.retry_policy, now)
+                for e, r in zip(envelopes, results, strict=True) if r is not None]
         assert len(done) == len(envelopes)
-        if self.ledger is not None:
-            done = await _bounded(batch.slots, [self._record(e, r) for e, r in zip(envelopes, done, strict=True)])
-        return done
+
+        async def finish(index: int, result: Result) -> Result:
+            if self.ledger is not None:
+                result = await self._record(envelopes[index], result)
+            if emit is not None:
+                await emit(index, result)
+            return result
+
+        return await _bounded(batch.slots, [finish(i, r) for i, r in enumerate(done)])
+
+    def unfinished(self, envelope: Envelope, detail: str) -> Result:
+        """The outcome of a message the invocation's deadline stopped (its plan, for the log, is pure work)."""
+        return Result("retry", Reason.DEADLINE_REACHED, detail, self.plan(envelope))
 
     async def _write(self, batch: _Batch, writes: list[int], written: asyncio.Event | None = None) -> None:
         """Admit (ledger) and deliver `writes`, each row's in the order given; fills their results. `written` is

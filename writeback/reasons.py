@@ -1,8 +1,9 @@
 """The reason codes: every skip, reject and failure carries one, and the README documents each.
 
 Each code belongs to one class, and the class alone decides how a message is settled:
-skip → complete; reject → dead-letter at once; transient → abandon (Service Bus redelivers, then
-dead-letters after MaxDeliveryCount); config → abandon and log one error naming the setting.
+skip → complete; reject → dead-letter at once; transient and config → a copy is scheduled on the queue with a
+growing delay and the message completed (`writeback.retry`), until the retry window is over: then
+`retries-exhausted` (dead-letter). A config fault also logs one error naming the setting.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class Reason(StrEnum):
     OUTCOME_STORE_UNAVAILABLE = "outcome-store-unavailable"
     UNAUTHORIZED = "unauthorized"
     CONFIG_ERROR = "config-error"
+    DEADLINE_REACHED = "deadline-reached"
+    CONSENT_UNKNOWN = "consent-unknown"
+    RETRIES_EXHAUSTED = "retries-exhausted"
 
     @property
     def info(self) -> ReasonInfo:
@@ -110,24 +114,40 @@ REASONS: dict[Reason, ReasonInfo] = {
     Reason.TARGET_PENDING: ReasonInfo(
         Kind.TRANSIENT, "No FHIR resource carries the row identifier yet: the update (or identifier row) came "
         "before the Create of its row (or of its parent) was written.",
-        "Usually none: redelivery retries after the Create. If dead-lettered, resubmit the row's Create first "
+        "Usually none: it is retried with a growing delay until the Create is written. If it ends as "
+        "retries-exhausted, resubmit the row's Create first "
         "(or save a row that predates writeback in Dataverse), then resubmit."),
     Reason.CONFLICT: ReasonInfo(
         Kind.TRANSIENT, "The resource kept changing on the server (412/409) through every re-apply.",
-        "Usually none: redelivery retries. If it persists, find what else writes the resource."),
+        "Usually none: it is retried with a growing delay. If it persists, find what else writes the resource."),
     Reason.PROVENANCE_FAILED: ReasonInfo(
         Kind.TRANSIENT, "The resource was written but its Provenance could not be.",
-        "Redelivery retries; if dead-lettered, check the server's Provenance support, then resubmit."),
+        "None: it is retried with a growing delay; if it persists, check the server's Provenance support."),
     Reason.FHIR_UNAVAILABLE: ReasonInfo(
         Kind.TRANSIENT, "The FHIR server kept answering 429/5xx, timing out or refusing connections.",
-        "Check the FHIR service's health; messages retry and can be resubmitted from the dead-letter queue."),
+        "Check the FHIR service's health; messages are retried with a growing delay for the retry window."),
     Reason.OUTCOME_STORE_UNAVAILABLE: ReasonInfo(
         Kind.TRANSIENT, "Table Storage (outcome log and row state) could not be reached.",
-        "Check the storage account and the function's role on it; messages retry."),
+        "Check the storage account and the function's role on it; messages are retried with a growing delay."),
     Reason.UNAUTHORIZED: ReasonInfo(
         Kind.CONFIG, "The FHIR server or token endpoint refused our credentials (401/403).",
-        "Fix the client id/secret or the identity's FHIR Data Contributor role; messages stay on the queue."),
+        "Fix the client id/secret or the identity's FHIR Data Contributor role; messages are retried meanwhile."),
     Reason.CONFIG_ERROR: ReasonInfo(
         Kind.CONFIG, "A setting or entity map is missing or invalid; the detail names it.",
-        "Fix the named setting or map file; messages stay on the queue."),
+        "Fix the named setting or map file; messages are retried meanwhile."),
+    Reason.DEADLINE_REACHED: ReasonInfo(
+        Kind.TRANSIENT, "The invocation reached its deadline inside the message lock before this message was "
+        "finished; it was rescheduled rather than worked on past the lock.",
+        "Usually none: it is retried. If it recurs, lower maxMessageBatchSize or look at the FHIR service's latency."),
+    Reason.CONSENT_UNKNOWN: ReasonInfo(
+        Kind.TRANSIENT, "The row belongs to a patient (an identifier or clinical row) whose consent is not known "
+        "yet: no message of that patient's contact row has been seen (skipped at once instead when "
+        "WRITEBACK_CONSENT_UNKNOWN is skip).",
+        "Usually none: it is retried until the contact's message has been seen. If it persists, save the "
+        "patient's contact row in Dataverse, then resubmit."),
+    Reason.RETRIES_EXHAUSTED: ReasonInfo(
+        Kind.REJECT, "A transient failure or configuration fault lasted through the whole retry window "
+        "(WRITEBACK_RETRY_WINDOW_HOURS, default 24 h); the description names the last reason.",
+        "Fix what the last reason names (see its row in this table), then resubmit: python -m writeback resubmit "
+        "--reason retries-exhausted."),
 }

@@ -91,6 +91,11 @@ SETTINGS: tuple[SettingSpec, ...] = (
     # --- Throughput ---
     SettingSpec("WRITEBACK_MAX_CONCURRENCY", "Messages processed at once within one invocation.", "16"),
     SettingSpec("WRITEBACK_BUNDLE_SIZE", "Most entries in one FHIR batch bundle.", "50"),
+    # --- Telemetry ---
+    SettingSpec("APPLICATIONINSIGHTS_CONNECTION_STRING", "Application Insights connection string (the Bicep sets it "
+                "from the component). Empty: no telemetry is exported (locally, in tests).", ""),
+    SettingSpec("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "`ClientId=<identity>;Authorization=AAD`: telemetry is "
+                "ingested with Microsoft Entra ID as that managed identity. Empty: instrumentation-key ingestion.", ""),
     # --- Retries and the invocation deadline ---
     SettingSpec("WRITEBACK_RETRY_FIRST_SECONDS", "Delay before the first retry of a transient failure; each "
                 "further retry waits twice as long, up to WRITEBACK_RETRY_MAX_DELAY_SECONDS.", "15"),
@@ -295,6 +300,31 @@ class Settings:
             retry_window_hours=float(_int(env, "WRITEBACK_RETRY_WINDOW_HOURS", 1, 24 * 13)),
             lock_duration_seconds=float(lock),
             consent_unknown=base.consent_unknown,
+            queue_name=_get(env, "WRITEBACK_QUEUE_NAME"),
+            servicebus_namespace=(env.get("ServiceBusConnection__fullyQualifiedNamespace") or "").strip(),
+            servicebus_connection_string=(env.get("ServiceBusConnection") or "").strip(),
+            servicebus_client_id=(env.get("ServiceBusConnection__clientId") or "").strip(),
+        )
+
+    @classmethod
+    def for_retries(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Only what scheduling a retry needs, each value falling back to its default when it is invalid: a
+        message must still be retried, not lost, when the fault it met is a wrong setting."""
+        env = os.environ if env is None else env
+
+        def number(name: str, low: int, high: int) -> float:
+            try:
+                return float(_int(env, name, low, high))
+            except ConfigError:
+                return float(SPEC_BY_NAME[name].default or 0)
+
+        first = number("WRITEBACK_RETRY_FIRST_SECONDS", 1, 3600)
+        return cls(
+            retry_first_seconds=first,
+            retry_max_delay_seconds=max(first, number("WRITEBACK_RETRY_MAX_DELAY_SECONDS", 1, 86400)),
+            retry_window_hours=number("WRITEBACK_RETRY_WINDOW_HOURS", 1, 24 * 13),
+            lock_duration_seconds=number("WRITEBACK_LOCK_DURATION_SECONDS", 30, 300),
+            timeout_seconds=number("FHIR_TIMEOUT_SECONDS", 1, 600),
             queue_name=_get(env, "WRITEBACK_QUEUE_NAME"),
             servicebus_namespace=(env.get("ServiceBusConnection__fullyQualifiedNamespace") or "").strip(),
             servicebus_connection_string=(env.get("ServiceBusConnection") or "").strip(),

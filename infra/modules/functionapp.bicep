@@ -53,9 +53,11 @@ param keyVaultUri string
 @description('Base URL of the FHIR service.')
 param fhirUrl string
 
-@description('Python version of the Flex Consumption runtime.')
+@description('Python version of the Flex Consumption runtime (3.11 to 3.13 for new apps).')
 @allowed([
   '3.11'
+  '3.12'
+  '3.13'
 ])
 param pythonVersion string = '3.11'
 
@@ -104,6 +106,11 @@ param alternateClientSecretName string = 'alternate-client-secret'
 @minValue(1)
 @maxValue(1000)
 param maxMessageBatchSize int = 100
+
+@description('Peek-lock duration of the queue in seconds (servicebus.bicep); the app setting WRITEBACK_LOCK_DURATION_SECONDS, from which each invocation derives its deadline.')
+@minValue(30)
+@maxValue(300)
+param lockDurationSeconds int = 300
 
 @description('Extra or overriding app settings (name: value). Never put a secret here: use a @Microsoft.KeyVault(SecretUri=...) reference.')
 param appSettingOverrides object = {}
@@ -160,7 +167,8 @@ var appSettings = {
   WRITEBACK_RETRY_FIRST_SECONDS: ''
   WRITEBACK_RETRY_MAX_DELAY_SECONDS: ''
   WRITEBACK_RETRY_WINDOW_HOURS: ''
-  WRITEBACK_LOCK_DURATION_SECONDS: '' // default 300 = the queue's lockDuration (PT5M)
+  // The queue's lock duration, from the same parameter as the queue itself: the invocation deadline depends on it.
+  WRITEBACK_LOCK_DURATION_SECONDS: string(lockDurationSeconds)
   WRITEBACK_CONSENT_UNKNOWN: ''
   // The Service Bus extension needs protobuf/grpcio newer than the 3.11/3.12 worker bundles: load the app's own.
   PYTHON_ISOLATE_WORKER_DEPENDENCIES: '1'
@@ -171,8 +179,16 @@ var appSettings = {
   // DefaultAzureCredential/ManagedIdentityCredential in the app pick the user-assigned identity from this.
   AZURE_CLIENT_ID: identityClientId
   // Telemetry with Entra ID (local auth is disabled on the component, so the instrumentation key in the
-  // connection string, added below, cannot ingest anything on its own).
+  // connection string, added below, cannot ingest anything on its own). The Azure Monitor exporter reads this
+  // too and authenticates with this managed identity (role Monitoring Metrics Publisher on the component).
   APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
+  // OpenTelemetry (host.json telemetryMode OpenTelemetry): the Python worker configures the Azure Monitor
+  // distro (azure-monitor-opentelemetry, in requirements.txt) and streams the app's log records itself, with
+  // their `extra` fields as customDimensions; the host then stops forwarding the same records as plain text.
+  PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY: 'true'
+  // No dependency telemetry per HTTP call: httpx spans would carry FHIR search URLs with row ids, azure_sdk
+  // one span per Table Storage call. Same list as writeback/telemetry.py DISABLED_INSTRUMENTATIONS.
+  OTEL_PYTHON_DISABLED_INSTRUMENTATIONS: 'azure_sdk,django,fastapi,flask,httpx,psycopg2,requests,urllib,urllib3'
 }
 
 // Every value above is known when the deployment starts (a for-expression requires it); the one runtime

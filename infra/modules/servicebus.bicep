@@ -3,9 +3,10 @@
 // Dataverse service endpoints authenticate to Service Bus with a SAS key only (no Entra ID option), so
 // local (SAS) authentication stays enabled on the namespace. The only SAS rule deployed is a send-only
 // rule on the queue itself: it cannot listen, manage, or reach any other entity. The function app does
-// not use SAS at all: it connects with its managed identity (Azure Service Bus Data Receiver/Sender on
-// the queue, see roles.bicep). No key is ever output; the operator reads the rule's key when registering
-// the service endpoint (docs/deploy.md).
+// not use SAS at all: it connects with its managed identity (Azure Service Bus Data Receiver on the queue for
+// the trigger, Data Sender to schedule retries of transient failures on the same queue and to resubmit
+// dead-lettered messages; see roles.bicep). No key is ever output; the operator reads the rule's key when
+// registering the service endpoint (docs/deploy.md).
 
 @description('Name of the Service Bus namespace.')
 param namespaceName string
@@ -27,8 +28,14 @@ param sendRuleName string = 'dataverse-send'
 @maxValue(2000)
 param maxDeliveryCount int = 10
 
-@description('Peek-lock duration (ISO 8601, at most PT5M). The Functions host renews the lock while a message is processed.')
-param lockDuration string = 'PT5M'
+// The Functions host does NOT renew the locks of a batch trigger (cardinality many): maxAutoLockRenewalDuration
+// applies to single-message functions only. An invocation therefore has to finish, settle and reschedule its
+// batch within this one lock; the app's deadline is derived from the same parameter
+// (WRITEBACK_LOCK_DURATION_SECONDS).
+@description('Peek-lock duration in seconds (Service Bus allows at most 300). Batch triggers get no lock renewal: the whole invocation, settlements included, must fit in it.')
+@minValue(30)
+@maxValue(300)
+param lockDurationSeconds int = 300
 
 @description('Time to live of a message (ISO 8601). Expired messages are dead-lettered, never dropped.')
 param defaultMessageTimeToLive string = 'P14D'
@@ -62,7 +69,7 @@ resource queue 'Microsoft.ServiceBus/namespaces/queues@2024-01-01' = {
   name: queueName
   properties: {
     maxDeliveryCount: maxDeliveryCount
-    lockDuration: lockDuration
+    lockDuration: 'PT${lockDurationSeconds}S'
     defaultMessageTimeToLive: defaultMessageTimeToLive
     deadLetteringOnMessageExpiration: true
     requiresDuplicateDetection: true

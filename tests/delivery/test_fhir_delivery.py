@@ -120,7 +120,7 @@ async def test_update_of_a_resource_that_does_not_exist_is_target_missing(rig: R
     # No resource carries the row identifier: the row's Create may still be on its way, so retry, not reject.
     by_identifier = await rig.send(update_message(row_id, row, {"lastname": "Nobody"}))
     assert (by_identifier.state, by_identifier.reason, by_identifier.settlement) == (
-        "retry", Reason.TARGET_PENDING, "abandon")
+        "retry", Reason.TARGET_PENDING, "reschedule")
     assert (await rig.send(create_message(row_id, row))).state == "written"
     assert (await rig.send(update_message(row_id, row, {"lastname": "Nobody"}))).state == "written"
     # A FHIR id the server does not have is a real miss: nothing will come to fix it.
@@ -261,7 +261,7 @@ async def test_a_bad_client_secret_is_unauthorized_a_configuration_fault(rig_fac
     row_id, row = new_patient()
     result = await rig.send(create_message(row_id, row))
     assert (result.state, result.reason) == ("config-error", Reason.UNAUTHORIZED)
-    assert result.settlement == "abandon"  # never dead-lettered: the message waits for the fix
+    assert result.settlement == "reschedule"  # never dead-lettered: the message waits for the fix
     assert "not-the-secret" not in result.detail
 
 

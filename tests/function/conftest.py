@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +16,7 @@ from tests.outcomes.conftest import new_prefix
 from writeback import functions
 from writeback.outcomes import OutcomeRow, OutcomeStore, outcome_settings
 from writeback.pipeline import Delivery
+from writeback.scheduler import Copy
 from writeback.settings import SETTINGS, Settings
 
 
@@ -120,12 +121,38 @@ def fake_factory() -> FakeFactory:
     return FakeFactory()
 
 
+@dataclass
+class RecordingScheduler:
+    """Stands in for the Service Bus sender that schedules retry copies (no broker runs here): it keeps what it
+    was asked to schedule, or fails like an unreachable namespace when `fail` is set."""
+
+    copies: list[Copy] = field(default_factory=list)
+    fail: bool = False
+    closed: bool = False
+
+    async def schedule(self, copies: Sequence[Copy]) -> None:
+        if self.fail:
+            raise ConnectionError("injected: the Service Bus namespace cannot be reached")
+        self.copies.extend(copies)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+    def factory(self, settings: Settings) -> RecordingScheduler:
+        return self
+
+
 @pytest.fixture
-async def fake_app(outcome_env: str, fake_factory: FakeFactory,
+def scheduler() -> RecordingScheduler:
+    return RecordingScheduler()
+
+
+@pytest.fixture
+async def fake_app(outcome_env: str, fake_factory: FakeFactory, scheduler: RecordingScheduler,
                    monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[functions.FunctionApp]:
-    """The process-wide app with the fake delivery (FHIR_URL set but never called)."""
+    """The process-wide app with the fake delivery (FHIR_URL set but never called) and a recording scheduler."""
     monkeypatch.setenv("FHIR_URL", "http://127.0.0.1:9/fhir")
-    app = functions.FunctionApp(delivery_factory=fake_factory)
+    app = functions.FunctionApp(delivery_factory=fake_factory, scheduler_factory=scheduler.factory)
     monkeypatch.setattr(functions, "_APP", app)
     yield app
     await app.aclose()

@@ -7,15 +7,25 @@ is real (Azurite), and the end-to-end test writes to the real FHIR dev server.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import threading
+import time
 from typing import Any
 
 import httpx
 import pytest
 
 from devtools.messages import context
-from tests.function.conftest import FakeFactory, MockMessageActions, UserFunction, patients_of, rows_of
+from tests.function.conftest import (
+    FakeFactory,
+    MockMessageActions,
+    RecordingScheduler,
+    UserFunction,
+    patients_of,
+    rows_of,
+)
 from tests.function.helpers import FIRST, LAST, consent_body, create_body, new_id, patient, reject_body, update_body
 from tests.function.sb import host_content, received_batch
 from writeback import functions
@@ -73,14 +83,15 @@ async def test_mixed_batch_settles_each_message_on_its_own_outcome(
     assert await history(withheld) == [("skipped", "consent-withheld")]
     assert await history(echoed) == [("skipped", "echo")]
     assert await history(rejected) == [("dead-lettered", "invalid-contact-type")]
-    # One structured record per message, as for a single message, in the batch's order.
+    # One structured record per message, as for a single message, each logged once its settlement returned
+    # (settlements run concurrently, so in no particular order).
     records = outcome_records(caplog)
-    assert [(r.__dict__["record_id"], r.__dict__["outcome"], r.__dict__["reason"], r.__dict__["settlement"])
-            for r in records] == [
+    assert sorted((r.__dict__["record_id"], r.__dict__["outcome"], r.__dict__["reason"], r.__dict__["settlement"])
+                  for r in records) == sorted([
         (created, "written", "", "complete"), (other, "written", "", "complete"),
         (updated, "written", "", "complete"), (withheld, "skipped", "consent-withheld", "complete"),
-        (echoed, "skipped", "echo", "complete"), (rejected, "dead-lettered", "invalid-contact-type", "deadletter")]
-    assert [r.__dict__["message_id"] for r in records] == [m.message_id for m in messages]
+        (echoed, "skipped", "echo", "complete"), (rejected, "dead-lettered", "invalid-contact-type", "deadletter")])
+    assert sorted(r.__dict__["message_id"] for r in records) == sorted(m.message_id for m in messages)
     assert all(FIRST not in r.getMessage() and LAST not in r.getMessage() for r in records)
 
 
@@ -113,19 +124,20 @@ async def test_a_duplicate_within_the_batch_is_written_once(fake_app: functions.
     assert await history(record) == [("skipped", "duplicate"), ("written", None)]
 
 
-async def test_a_configuration_fault_abandons_the_whole_batch_with_one_error(
-        outcome_env: str, user_function: UserFunction, fake_factory: FakeFactory,
+async def test_a_configuration_fault_retries_the_whole_batch_with_one_error(
+        outcome_env: str, user_function: UserFunction, fake_factory: FakeFactory, scheduler: RecordingScheduler,
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    app = functions.FunctionApp(delivery_factory=fake_factory)  # FHIR_URL is not set
+    app = functions.FunctionApp(delivery_factory=fake_factory, scheduler_factory=scheduler.factory)  # no FHIR_URL
     monkeypatch.setattr(functions, "_APP", app)
     messages = batch(a=create_body(new_id()), b=consent_body(new_id()), c=reject_body(new_id()))
     actions = MockMessageActions()
     caplog.set_level(logging.DEBUG)
     await user_function(messages=messages, message_actions=actions)
-    assert [actions.of(m).kind for m in messages] == ["abandon"] * 3
+    assert [actions.of(m).kind for m in messages] == ["complete"] * 3
+    assert sorted(c.message_id for c in scheduler.copies) == ["a~r1", "b~r1", "c~r1"]
     [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
     text = error.getMessage()
-    assert "FHIR_URL" in text and "All 3 messages of the batch were abandoned" in text
+    assert "FHIR_URL" in text and "All 3 messages of the batch are retried" in text
     assert error.__dict__["outcome"] == "config-error" and error.__dict__["messages"] == 3
     assert error.__dict__["message_ids"] == "a,b,c" and error.exc_info is None
     assert fake_factory.built == 0
@@ -158,7 +170,8 @@ async def test_a_failed_settlement_does_not_stop_the_others(fake_app: functions.
     await user_function(messages=messages, message_actions=actions)
     assert [actions.of(m).kind for m in messages] == ["complete", "deadletter", "complete"]
     assert any("settlement deadletter failed" in r.getMessage() for r in caplog.records)
-    assert [r.__dict__["settlement"] for r in outcome_records(caplog)] == ["complete", "deadletter-failed", "complete"]
+    assert sorted((r.__dict__["record_id"], r.__dict__["settlement"]) for r in outcome_records(caplog)) == sorted([
+        (records[0], "complete"), (records[1], "deadletter-failed"), (records[2], "complete")])
     assert await history(records[0]) == [("written", None)]
 
 
@@ -263,3 +276,39 @@ async def test_batch_end_to_end(live_app: functions.FunctionApp, user_function: 
         version = fhir.get(f"/{row.resource}")
         assert version.status_code == 200, row.resource
     assert {row.message_id for row in written} == {m.message_id for m in [earlier.only.message, *messages[:5]]}
+
+
+async def test_settlement_calls_do_not_block_the_event_loop(fake_app: functions.FunctionApp,
+                                                            user_function: UserFunction) -> None:
+    """A settlement is a synchronous gRPC call into the host: while one blocks, the rest of the batch moves on."""
+    loop_thread = threading.get_ident()
+    ticks = 0
+    blocked_loop: list[str] = []
+
+    class SlowHost(MockMessageActions):
+        def complete(self, message: Any) -> None:
+            if threading.get_ident() == loop_thread:
+                blocked_loop.append("complete ran on the event loop's thread")
+            seen = ticks
+            deadline = time.monotonic() + 5
+            while ticks == seen and time.monotonic() < deadline:  # the loop must tick while this call waits
+                time.sleep(0.005)
+            if ticks == seen:
+                blocked_loop.append("the event loop did not run while a settlement call was in progress")
+            super().complete(message)
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.001)
+            ticks += 1
+
+    messages = batch(*(consent_body(new_id()) for _ in range(4)))
+    actions = SlowHost()
+    beat = asyncio.create_task(ticker())
+    try:
+        await user_function(messages=messages, message_actions=actions)
+    finally:
+        beat.cancel()
+    assert blocked_loop == []
+    assert [actions.of(m).kind for m in messages] == ["complete"] * 4

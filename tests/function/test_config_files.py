@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
+from typing import Any
 
-from writeback.settings import SETTINGS, Settings
+from writeback.settings import SETTINGS, SPEC_BY_NAME, Settings
 
 REPO = Path(__file__).resolve().parents[2]
 HOST_OWN = {"FUNCTIONS_WORKER_RUNTIME", "ServiceBusConnection"}  # read by the Functions host, not by writeback
@@ -28,22 +30,73 @@ def test_sample_lists_exactly_the_settings() -> None:
     assert settings.outcomes_connection_string and settings.target == "fhir"
 
 
+def _seconds(timespan: str) -> float:
+    """host.json's `[d.]hh:mm:ss[.fff]` as seconds."""
+    match = re.fullmatch(r"(?:(\d+)\.)?(\d+):(\d+):(\d+(?:\.\d+)?)", timespan)
+    assert match, f"not a timespan: {timespan!r}"
+    days, hours, minutes, seconds = match.groups()
+    return int(days or 0) * 86400 + int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+def _host() -> dict[str, Any]:
+    host: dict[str, Any] = json.loads((REPO / "host.json").read_text(encoding="utf-8"))
+    return host
+
+
 def test_host_json_tunes_explicit_settlement() -> None:
-    host = json.loads((REPO / "host.json").read_text(encoding="utf-8"))
+    host = _host()
     assert host["version"] == "2.0"
     assert host["extensionBundle"]["id"] == "Microsoft.Azure.Functions.ExtensionBundle"
     service_bus = host["extensions"]["serviceBus"]
     assert service_bus["autoCompleteMessages"] is False
-    assert isinstance(service_bus["maxConcurrentCalls"], int) and service_bus["maxConcurrentCalls"] >= 1
-    assert service_bus["maxAutoLockRenewalDuration"]
     # messages per invocation of the batch trigger (cardinality many); the Bicep default matches (tests/infra)
     assert isinstance(service_bus["maxMessageBatchSize"], int) and 1 <= service_bus["maxMessageBatchSize"] <= 1000
+    # a prefetched message is locked while it waits in the buffer: its lock would run before the invocation starts
+    assert service_bus["prefetchCount"] == 0
     assert "logLevel" in host["logging"]
+
+
+def test_host_json_has_no_setting_a_batch_trigger_ignores() -> None:
+    """The Service Bus extension applies these to single-message functions only (its ServiceBusOptions say so):
+    set here they would suggest a lock renewal or a concurrency limit that a batch trigger does not have."""
+    service_bus = _host()["extensions"]["serviceBus"]
+    for single_only in ("maxConcurrentCalls", "maxAutoLockRenewalDuration", "maxConcurrentSessions",
+                        "maxConcurrentCallsPerSession", "sessionIdleTimeout"):
+        assert single_only not in service_bus, f"{single_only} does nothing for a batch trigger"
+    # Filling batches by waiting (minMessageBatchSize/maxBatchWaitTime) holds the messages' locks meanwhile, and
+    # the host refuses a minimum above maxMessageBatchSize, a deployment parameter: not used (docs/operations.md).
+    assert "minMessageBatchSize" not in service_bus and "maxBatchWaitTime" not in service_bus
+
+
+def test_function_timeout_outlasts_the_lock() -> None:
+    """The host must never kill an invocation before its own deadline inside the lock (docs/operations.md,
+    Timing): functionTimeout is a backstop for a hung invocation, not the limit the app works to."""
+    lock_seconds = float(SPEC_BY_NAME["WRITEBACK_LOCK_DURATION_SECONDS"].default or 0)
+    assert lock_seconds == 300
+    assert _seconds(_host()["functionTimeout"]) >= lock_seconds
+
+
+def test_host_exports_opentelemetry() -> None:
+    """The worker streams the app's log records as OpenTelemetry (customDimensions from `extra`); the Application
+    Insights SDK's sampling settings are not read in that mode, so none are kept."""
+    host = _host()
+    assert host["telemetryMode"] == "OpenTelemetry"
+    assert "applicationInsights" not in host["logging"]
 
 
 def test_function_app_stays_small() -> None:
     source = (REPO / "function_app.py").read_text(encoding="utf-8")
     tree = ast.parse(source)
     code = [node for node in tree.body if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))]
-    assert len(code) <= 6
+    assert len(code) <= 8
     assert "from azurefunctions.extensions.bindings import servicebus" in source
+
+
+def test_function_app_configures_telemetry_when_it_starts() -> None:
+    """`writeback.telemetry.configure()` runs at import, when the worker indexes function_app.py: libraries
+    quieted and, in Azure, Application Insights set up before the first message (docs/operations.md, section 6)."""
+    tree = ast.parse((REPO / "function_app.py").read_text(encoding="utf-8"))
+    calls = [node.value for node in tree.body if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)]
+    assert any(ast.unparse(call.func) == "telemetry.configure" for call in calls), (
+        "function_app.py must call telemetry.configure() at module level"
+    )

@@ -2,8 +2,10 @@
 
 Each test hands the batch trigger a batch of one (tests/function/test_batch_trigger.py covers larger batches).
 
-Written and skipped → complete; permanent → dead-letter with the reason code; transient → abandon;
-configuration fault → abandon plus one error naming the setting. The outcome log is real (Azurite).
+Written and skipped → complete; permanent → dead-letter with the reason code; transient and configuration fault
+→ a delayed copy scheduled and the message completed (abandon where no copy can be scheduled), plus one error
+naming the setting for a configuration fault. The outcome log is real (Azurite); the Service Bus sender that
+schedules the copies is a recording stand-in (no broker runs here).
 """
 
 from __future__ import annotations
@@ -11,18 +13,20 @@ from __future__ import annotations
 import json
 import logging
 import typing
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from azurefunctions.extensions.bindings.servicebus import ServiceBusConverter, ServiceBusMessageActions
 
 import function_app
-from tests.function.conftest import FakeFactory, MockMessageActions, UserFunction
+from tests.function.conftest import FakeFactory, MockMessageActions, RecordingScheduler, UserFunction
 from tests.function.helpers import FIRST, LAST, consent_body, create_body, new_id, reject_body, update_body
 from tests.function.sb import received_message
 from writeback import functions
 from writeback.outcomes import OutcomeStore, outcome_settings
 from writeback.reasons import Reason
+from writeback.scheduler import Copy
 
 REPO = Path(__file__).resolve().parents[2]
 CLAIMS = "http://schemas.microsoft.com/xrm/2011/Claims/"
@@ -138,81 +142,140 @@ async def test_payload_dropped_property_dead_letters(fake_app: functions.Functio
     assert (actions.only.kind, actions.only.reason) == ("deadletter", "payload-dropped")
 
 
-async def test_transient_abandons(fake_app: functions.FunctionApp, user_function: UserFunction,
-                                  fake_factory: FakeFactory, caplog: pytest.LogCaptureFixture) -> None:
+def redelivered(copy: Copy) -> object:
+    """The scheduled copy as the trigger receives it when its time has come."""
+    return received_message(copy.body, message_id=copy.message_id, content_type=copy.content_type,
+                            application_properties=dict(copy.properties))
+
+
+async def test_transient_schedules_a_delayed_copy_and_completes(
+        fake_app: functions.FunctionApp, user_function: UserFunction, fake_factory: FakeFactory,
+        scheduler: RecordingScheduler, caplog: pytest.LogCaptureFixture) -> None:
     record = new_id()
     fake_factory.delivery.fail = [Reason.FHIR_UNAVAILABLE]
-    first, redelivered = MockMessageActions(), MockMessageActions()
+    first, second = MockMessageActions(), MockMessageActions()
     body = update_body(record, 5)
     caplog.set_level(logging.INFO, "writeback")
+    before = datetime.now(UTC)
     await user_function(messages=[received_message(body, message_id="t")], message_actions=first)
-    assert first.only.kind == "abandon"
+    # Not redelivered at once (that burns MaxDeliveryCount in seconds): a copy waits 15 s (less jitter).
+    assert first.only.kind == "complete"
+    [copy] = scheduler.copies
+    assert copy.body == body and copy.message_id == "t~r1" and copy.content_type == "application/json"
+    assert copy.properties["writeback-attempt"] == 1 and copy.properties["writeback-original-message-id"] == "t"
+    assert timedelta(seconds=11) <= copy.at - before <= timedelta(seconds=16)
     warn = outcome_records(caplog)[0]
     assert warn.levelno == logging.WARNING and warn.__dict__["reason"] == "fhir-unavailable"
-    # Service Bus delivers it again: the same version is not stale, so it goes through this time.
-    again = received_message(body, message_id="t", delivery_count=2)
-    await user_function(messages=[again], message_actions=redelivered)
-    assert redelivered.only.kind == "complete"
+    assert warn.__dict__["settlement"] == "complete" and warn.__dict__["retry_attempt"] == 1
+    # The copy arrives when its time has come: the same version is not stale, so it goes through this time.
+    await user_function(messages=[redelivered(copy)], message_actions=second)
+    assert second.only.kind == "complete" and len(scheduler.copies) == 1
     assert await history(record) == [("written", None), ("retry", "fhir-unavailable")]
 
 
-async def test_unauthorized_is_config_error_abandon(fake_app: functions.FunctionApp, user_function: UserFunction,
+async def test_without_a_scheduler_a_transient_failure_is_abandoned(
+        outcome_env: str, user_function: UserFunction, fake_factory: FakeFactory, actions: MockMessageActions,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("FHIR_URL", "http://127.0.0.1:9/fhir")
+    app = functions.FunctionApp(delivery_factory=fake_factory)  # no Service Bus connection is set
+    monkeypatch.setattr(functions, "_APP", app)
+    fake_factory.delivery.fail = [Reason.FHIR_UNAVAILABLE]
+    caplog.set_level(logging.INFO, "writeback")
+    await user_function(messages=[received_message(create_body(new_id()))], message_actions=actions)
+    assert actions.only.kind == "abandon"  # redelivered at once by Service Bus: never lost
+    [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "ServiceBusConnection" in error.getMessage() and "abandoned" in error.getMessage()
+    await app.aclose()
+
+
+async def test_a_failing_scheduler_abandons_instead(fake_app: functions.FunctionApp, user_function: UserFunction,
+                                                    fake_factory: FakeFactory, scheduler: RecordingScheduler,
+                                                    actions: MockMessageActions) -> None:
+    fake_factory.delivery.fail = [Reason.FHIR_UNAVAILABLE]
+    scheduler.fail = True
+    await user_function(messages=[received_message(create_body(new_id()))], message_actions=actions)
+    assert actions.only.kind == "abandon" and scheduler.copies == []
+
+
+async def test_past_the_retry_window_it_is_dead_lettered(fake_app: functions.FunctionApp,
+                                                         user_function: UserFunction, fake_factory: FakeFactory,
+                                                         scheduler: RecordingScheduler,
+                                                         actions: MockMessageActions) -> None:
+    record = new_id()
+    fake_factory.delivery.fail = [Reason.FHIR_UNAVAILABLE]
+    started = (datetime.now(UTC) - timedelta(hours=24, minutes=1)).isoformat()
+    message = received_message(update_body(record, 3), message_id="m~r40", application_properties={
+        "writeback-attempt": 40, "writeback-first-enqueued": started, "writeback-original-message-id": "m"})
+    await user_function(messages=[message], message_actions=actions)
+    assert (actions.only.kind, actions.only.reason) == ("deadletter", "retries-exhausted")
+    assert actions.only.description and "fhir-unavailable" in actions.only.description
+    assert "40 time(s)" in actions.only.description and scheduler.copies == []
+    assert await history(record) == [("dead-lettered", "retries-exhausted")]
+
+
+async def test_unauthorized_is_config_error_retried(fake_app: functions.FunctionApp, user_function: UserFunction,
                                                     fake_factory: FakeFactory, actions: MockMessageActions,
+                                                    scheduler: RecordingScheduler,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     fake_factory.delivery.fail = [Reason.UNAUTHORIZED]
     caplog.set_level(logging.INFO, "writeback")
     await user_function(messages=[received_message(create_body(new_id()))], message_actions=actions)
-    assert actions.only.kind == "abandon"
+    assert actions.only.kind == "complete" and len(scheduler.copies) == 1
     [rec] = outcome_records(caplog)
     assert rec.levelno == logging.ERROR and rec.__dict__["outcome"] == "config-error"
     assert "configuration error" in rec.getMessage() and "unauthorized" in rec.getMessage()
 
 
-async def test_missing_setting_abandons_with_one_error(outcome_env: str, user_function: UserFunction,
-                                                       actions: MockMessageActions, fake_factory: FakeFactory,
-                                                       monkeypatch: pytest.MonkeyPatch,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
-    app = functions.FunctionApp(delivery_factory=fake_factory)  # FHIR_URL is not set
+async def test_missing_setting_is_retried_with_one_error(outcome_env: str, user_function: UserFunction,
+                                                         actions: MockMessageActions, fake_factory: FakeFactory,
+                                                         scheduler: RecordingScheduler,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    app = functions.FunctionApp(delivery_factory=fake_factory, scheduler_factory=scheduler.factory)  # no FHIR_URL
     monkeypatch.setattr(functions, "_APP", app)
     caplog.set_level(logging.DEBUG)
     await user_function(messages=[received_message(create_body(new_id()), message_id="cfg")], message_actions=actions)
-    assert actions.only.kind == "abandon"
+    assert actions.only.kind == "complete" and [c.message_id for c in scheduler.copies] == ["cfg~r1"]
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1
     text = errors[0].getMessage()
-    assert "FHIR_URL" in text and "abandoned" in text and errors[0].exc_info is None
+    assert "FHIR_URL" in text and "retried" in text and errors[0].exc_info is None
     assert errors[0].__dict__["outcome"] == "config-error" and errors[0].__dict__["reason"] == "config-error"
     assert fake_factory.built == 0
-    # Fixed without a restart of the test process: the next message builds the app and is written.
+    # Fixed without a restart of the process: the copy builds the app and is written.
     monkeypatch.setenv("FHIR_URL", "http://127.0.0.1:9/fhir")
     again = MockMessageActions()
-    await user_function(messages=[received_message(create_body(new_id()))], message_actions=again)
+    await user_function(messages=[redelivered(scheduler.copies[0])], message_actions=again)
     assert again.only.kind == "complete" and fake_factory.built == 1
     await app.aclose()
 
 
-async def test_invalid_maps_abandon_naming_the_file(outcome_env: str, user_function: UserFunction,
-                                                    actions: MockMessageActions, fake_factory: FakeFactory,
-                                                    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                    caplog: pytest.LogCaptureFixture) -> None:
+async def test_invalid_maps_are_retried_naming_the_file(outcome_env: str, user_function: UserFunction,
+                                                        actions: MockMessageActions, fake_factory: FakeFactory,
+                                                        scheduler: RecordingScheduler,
+                                                        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "contact.yaml").write_text("table: [unclosed\n", encoding="utf-8")
     monkeypatch.setenv("FHIR_URL", "http://127.0.0.1:9/fhir")
     monkeypatch.setenv("WRITEBACK_MAPS_DIR", str(tmp_path))
-    monkeypatch.setattr(functions, "_APP", functions.FunctionApp(delivery_factory=fake_factory))
+    monkeypatch.setattr(functions, "_APP", functions.FunctionApp(delivery_factory=fake_factory,
+                                                                 scheduler_factory=scheduler.factory))
     caplog.set_level(logging.INFO)
     await user_function(messages=[received_message(create_body(new_id()))], message_actions=actions)
-    assert actions.only.kind == "abandon"
+    assert actions.only.kind == "complete" and len(scheduler.copies) == 1
     [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert "contact.yaml" in error.getMessage()
 
 
 async def test_invalid_setting_value_names_it(outcome_env: str, user_function: UserFunction,
                                               actions: MockMessageActions, monkeypatch: pytest.MonkeyPatch,
-                                              fake_factory: FakeFactory, caplog: pytest.LogCaptureFixture) -> None:
+                                              fake_factory: FakeFactory, scheduler: RecordingScheduler,
+                                              caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("FHIR_URL", "http://fhir.example.org")  # plain http off loopback
-    monkeypatch.setattr(functions, "_APP", functions.FunctionApp(delivery_factory=fake_factory))
+    monkeypatch.setattr(functions, "_APP", functions.FunctionApp(delivery_factory=fake_factory,
+                                                                 scheduler_factory=scheduler.factory))
     await user_function(messages=[received_message(create_body(new_id()))], message_actions=actions)
-    assert actions.only.kind == "abandon"
+    assert actions.only.kind == "complete" and len(scheduler.copies) == 1
     [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert "setting FHIR_URL must use https" in error.getMessage()
 

@@ -22,7 +22,7 @@ import tree_sitter_bicep
 import yaml
 from tree_sitter import Language, Node, Parser
 
-from writeback.settings import SETTINGS
+from writeback.settings import SETTINGS, SPEC_BY_NAME
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -55,7 +55,12 @@ GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}
 KEY_VAULT_REFERENCE = "@Microsoft.KeyVault(SecretUri="
 
 # App settings the Bicep may set although the code does not declare them: the platform's and SDKs' own.
-PLATFORM_SETTINGS = {"AZURE_CLIENT_ID", "APPLICATIONINSIGHTS_AUTHENTICATION_STRING"}
+PLATFORM_SETTINGS = {
+    "AZURE_CLIENT_ID",
+    "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+    "PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY",  # read by the Python worker
+    "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS",  # read by azure-monitor-opentelemetry
+}
 # The Functions host reads `AzureFunctionsJobHost__<path>` as an override of host.json's <path>.
 HOST_JSON_OVERRIDE = "AzureFunctionsJobHost__"
 BATCH_SIZE_SETTING = HOST_JSON_OVERRIDE + "extensions__serviceBus__maxMessageBatchSize"
@@ -112,6 +117,20 @@ def path_get(obj: Node, *keys: str) -> Node:
     for key in keys:
         node = props(node)[key]
     return node
+
+
+def decorator_argument(decl: Node, name: str) -> str | None:
+    """The argument text of decorator `@name(...)` written just before a declaration, else None."""
+    prev = decl.prev_sibling
+    while prev is not None and prev.type == "comment":
+        prev = prev.prev_sibling
+    if prev is None or prev.type != "decorators":
+        return None
+    for deco in prev.named_children:
+        call = deco.named_children[0]
+        if call.type == "call_expression" and text(call.named_children[0]) == name:
+            return text(call.named_children[1]).strip("()").strip()
+    return None
 
 
 def decorators_of(decl: Node) -> list[str]:
@@ -408,11 +427,19 @@ def _is_secret_safe(value: Node, variables: dict[str, Declaration]) -> bool:
     return False
 
 
+def site_only_settings() -> set[str]:
+    """Settings the site appends to `appSettingsList` itself: values read from a resource at deployment time
+    (the Application Insights connection string), which the `appSettings` object cannot hold."""
+    site = _resource(MODULES / "functionapp.bicep", "Microsoft.Web/sites")
+    listed = text(path_get(site, "properties", "siteConfig", "appSettings"))
+    return set(re.findall(r"name:\s*'([^']+)'", listed))
+
+
 def test_every_declared_setting_is_set_by_bicep():
     settings = app_settings()
     missing = []
     for spec in SETTINGS:
-        if spec.name in settings:
+        if spec.name in settings or spec.name in site_only_settings():
             continue
         # A host connection (e.g. AzureWebJobsStorage) is set in its identity-based form `<name>__<property>`.
         if spec.host_only and any(name.startswith(spec.name + "__") for name in settings):
@@ -528,8 +555,53 @@ def test_monitoring_and_alerts():
         (criterion,) = path_get(alert.value, "properties", "criteria", "allOf").named_children
         c = props(criterion)
         metrics[string_value(c["metricName"])] = (string_value(c["operator"]), text(c["threshold"]))
-    assert metrics.get("DeadletteredMessages") == ("GreaterThan", "0")
-    assert metrics.get("requests/failed") == ("GreaterThan", "0")
+    # Messages the broker dead-lettered itself (deliveries exhausted, expired) never reach the code: the metric.
+    assert metrics == {"DeadletteredMessages": ("GreaterThan", "0")}, (
+        "the handler catches every error, so a failed-requests/executions alert could never fire"
+    )
+
+
+def outcome_alert_queries() -> dict[str, str]:
+    """Resource symbol → KQL of each log alert rule in alerts.bicep."""
+    found = {}
+    for rule in resources(MODULES / "alerts.bicep"):
+        if rule.resource_type != "Microsoft.Insights/scheduledQueryRules":
+            continue
+        assert rule.value is not None
+        (criterion,) = path_get(rule.value, "properties", "criteria", "allOf").named_children
+        query = string_value(props(criterion)["query"])
+        assert query is not None, f"{rule.name}: the query must be a literal (tests/telemetry checks its fields)"
+        found[rule.name] = query
+    return found
+
+
+@pytest.mark.parametrize("outcome", ["dead-lettered", "config-error"])
+def test_an_outcome_alert_fires_on_the_first_such_outcome(outcome: str):
+    """Log alerts on the function's own outcome records (OpenTelemetry traces, customDimensions), on the
+    Application Insights component, notifying the optional action group."""
+    rules = {r.name: r for r in resources(MODULES / "alerts.bicep")}
+    matches = [name for name, query in outcome_alert_queries().items()
+               if f'tostring(customDimensions["outcome"]) == "{outcome}"' in query]
+    assert len(matches) == 1, f"one log alert must fire on outcome {outcome}"
+    rule = rules[matches[0]].value
+    assert rule is not None
+    properties = props(path_get(rule, "properties"))
+    assert text(properties["scopes"]).replace(" ", "").replace("\n", "") == "[applicationInsightsId]"
+    assert text(properties["enabled"]) == "true"
+    (criterion,) = path_get(rule, "properties", "criteria", "allOf").named_children
+    c = props(criterion)
+    assert string_value(c["operator"]) == "GreaterThan" and text(c["threshold"]) == "0"
+    assert string_value(c["timeAggregation"]) == "Count"
+    assert text(properties["actions"]) == "logActions"
+    actions = declared(MODULES / "alerts.bicep", "var")["logActions"].value
+    assert actions is not None and "actionGroup.id" in text(actions)
+    assert string_value(properties["windowSize"]) == "PT15M"
+    # the rule runs where the component is
+    assert text(props(rule)["location"]) == "location"
+    call = module_call("modules/alerts.bicep")
+    assert call.value is not None
+    assert text(path_get(call.value, "params", "location")) == "location"
+    assert text(path_get(call.value, "params", "applicationInsightsId")) == "monitoring.outputs.applicationInsightsId"
 
 
 def test_flex_consumption_python_app():
@@ -540,8 +612,17 @@ def test_flex_consumption_python_app():
     site = _resource(path, "Microsoft.Web/sites")
     runtime = path_get(site, "properties", "functionAppConfig", "runtime")
     assert string_value(props(runtime)["name"]) == "python"
-    python = declared(path, "param")["pythonVersion"].value
-    assert python is not None and string_value(python) == "3.11"
+    assert text(props(runtime)["version"]) == "pythonVersion"
+    for file in (path, INFRA / "main.bicep"):
+        param = declared(file, "param")["pythonVersion"]
+        assert param.value is not None and string_value(param.value) == "3.11", f"{file.name}: default"
+        allowed = decorator_argument(param.node, "allowed")
+        assert allowed is not None and re.findall(r"'([^']*)'", allowed) == ["3.11", "3.12", "3.13"], (
+            f"{file.name}: Flex Consumption offers Python 3.11 to 3.13 for new apps"
+        )
+    call = module_call("modules/functionapp.bicep")
+    assert call.value is not None
+    assert text(path_get(call.value, "params", "pythonVersion")) == "pythonVersion"
     assert text(path_get(site, "properties", "httpsOnly")) == "true"
     auth = path_get(site, "properties", "functionAppConfig", "deployment", "storage", "authentication")
     assert string_value(props(auth)["type"]) == "UserAssignedIdentity"
@@ -568,3 +649,61 @@ def test_parameters_file_matches_main_bicep():
     assert set(parameters) <= set(main_params), set(parameters) - set(main_params)
     required = {name for name, p in main_params.items() if p.value is None}
     assert required <= set(parameters), f"required parameters missing from main.parameters.json: {required}"
+
+
+# --- timing and telemetry settings (issue 13) ---------------------------------------------------------------------
+
+
+def test_one_lock_duration_parameter_sets_the_queue_and_the_app_setting():
+    """The queue's lock and the app's WRITEBACK_LOCK_DURATION_SECONDS (from which each invocation derives its
+    deadline) come from one integer parameter, at most Service Bus's 300 s; its default is the setting's."""
+    setting_default = int(SPEC_BY_NAME["WRITEBACK_LOCK_DURATION_SECONDS"].default or 0)
+    for path in (INFRA / "main.bicep", MODULES / "servicebus.bicep", MODULES / "functionapp.bicep"):
+        params = declared(path, "param")
+        assert "lockDuration" not in params, f"{path.name}: the ISO 8601 lockDuration parameter is gone"
+        param = params["lockDurationSeconds"]
+        assert "int" in text(param.node).split("=")[0], f"{path.name}: lockDurationSeconds must be an int"
+        assert param.value is not None and int(text(param.value)) == setting_default == 300
+        assert decorator_argument(param.node, "maxValue") == "300", f"{path.name}: Service Bus allows at most PT5M"
+        assert decorator_argument(param.node, "minValue") is not None
+    for module in ("modules/servicebus.bicep", "modules/functionapp.bicep"):
+        call = module_call(module)
+        assert call.value is not None
+        assert text(path_get(call.value, "params", "lockDurationSeconds")) == "lockDurationSeconds", module
+    queue = _resource(MODULES / "servicebus.bicep", "Microsoft.ServiceBus/namespaces/queues")
+    assert text(path_get(queue, "properties", "lockDuration")) == "'PT${lockDurationSeconds}S'"
+    assert text(app_settings()["WRITEBACK_LOCK_DURATION_SECONDS"]) == "string(lockDurationSeconds)"
+
+
+def test_servicebus_comment_does_not_promise_lock_renewal():
+    source = (MODULES / "servicebus.bicep").read_text()
+    assert "renews the lock" not in source
+    assert "NOT renew the locks of a batch trigger" in source
+
+
+def test_app_exports_opentelemetry_with_the_managed_identity():
+    """The worker configures the Azure Monitor distro (PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY), which
+    authenticates with the app's identity (APPLICATIONINSIGHTS_AUTHENTICATION_STRING); the instrumentations
+    switched off are the ones writeback.telemetry switches off when it configures the distro itself."""
+    from writeback.telemetry import DISABLED_INSTRUMENTATIONS
+
+    settings = app_settings()
+    assert string_value(settings["PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY"]) == "true"
+    assert text(settings["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"]) == (
+        "'ClientId=${identityClientId};Authorization=AAD'"
+    )
+    disabled = string_value(settings["OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"])
+    assert disabled is not None and disabled.split(",") == list(DISABLED_INSTRUMENTATIONS)
+    assert string_value(settings["PYTHON_ISOLATE_WORKER_DEPENDENCIES"]) == "1"
+    # The connection string is read from the component at deployment, never passed through an output.
+    site = _resource(MODULES / "functionapp.bicep", "Microsoft.Web/sites")
+    assert "appInsights.properties.ConnectionString" in text(path_get(site, "properties", "siteConfig", "appSettings"))
+
+
+def test_sender_role_says_why_it_is_kept():
+    why = "scheduling retries of transient failures on the same queue, and resubmitting dead-lettered messages"
+    readme = (INFRA / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if SERVICE_BUS_DATA_SENDER in line)
+    assert why in row
+    roles_source = (MODULES / "roles.bicep").read_text()
+    assert "schedule retries of transient failures" in roles_source

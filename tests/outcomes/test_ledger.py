@@ -99,7 +99,7 @@ async def test_stale_update_is_skipped_equal_version_goes_through(store: Outcome
     pipeline = Pipeline(maps, SETTINGS, delivery, store)
     v10 = Envelope(update_body(record, 10), message_id="v10")
     first = await pipeline.process(v10)
-    assert (first.state, first.reason, first.settlement) == ("retry", Reason.FHIR_UNAVAILABLE, "abandon")
+    assert (first.state, first.reason, first.settlement) == ("retry", Reason.FHIR_UNAVAILABLE, "reschedule")
     again = await pipeline.process(v10)  # the redelivery after the transient failure: same version, not stale
     assert again.state == "written"
     late = await pipeline.process(Envelope(update_body(record, 9), message_id="v9"))
@@ -259,7 +259,7 @@ async def test_failures_are_one_status_group(store: OutcomeStore, maps: MapSet) 
     assert (r2.state, r2.reason) == ("retry", Reason.FHIR_UNAVAILABLE)
     failed = await store.query(status="failed")
     assert [(r.outcome, r.reason, r.settlement) for r in failed] == [
-        ("retry", "fhir-unavailable", "abandon"), ("dead-lettered", "invalid-contact-type", "deadletter")]
+        ("retry", "fhir-unavailable", "reschedule"), ("dead-lettered", "invalid-contact-type", "deadletter")]
     assert await store.query(status="written") == []
     assert r2.decision.message is not None
     assert not await store.seen(r2.decision.message.request_id or "")  # a failure may come again
@@ -297,7 +297,7 @@ async def test_outage_is_outcome_store_unavailable(azurite_tables: Azurite, maps
         assert info.value.reason == Reason.OUTCOME_STORE_UNAVAILABLE
         result = await pipeline.process(Envelope(create_body(new_id()), message_id="during"))
         assert (result.state, result.reason, result.settlement) == (
-            "retry", Reason.OUTCOME_STORE_UNAVAILABLE, "abandon")
+            "retry", Reason.OUTCOME_STORE_UNAVAILABLE, "reschedule")
     finally:
         azurite_tables.start()
     again = await pipeline.process(Envelope(create_body(new_id()), message_id="after"))

@@ -172,7 +172,7 @@ async def test_no_canary_in_logs_outcomes_dead_letters_exceptions_or_cli(
     found = {where: leaks(text) for where, text in texts.items() if leaks(text)}
     FIGURES["leaked"] += sum(len(v) for v in found.values())
     assert not found, found
-    assert results["written"].state == "written" and results["fhir-unavailable"].settlement == "abandon"
+    assert results["written"].state == "written" and results["fhir-unavailable"].settlement == "reschedule"
 
 
 def cli_output(name: str, path: Path) -> dict[str, str]:

@@ -1,0 +1,135 @@
+"""When a message that could not be finished is tried again, and when it is given up. Pure: no I/O.
+
+Service Bus redelivers an abandoned message at once, so a failure that lasts longer than a few seconds (the
+FHIR service or Table Storage down, a token endpoint unreachable, a setting wrong, an update that came before
+its row's Create) would burn the queue's MaxDeliveryCount in moments and land in the dead-letter queue. Instead
+the function completes the message and schedules a copy of it on the same queue (`ScheduledEnqueueTimeUtc`),
+with a growing delay: `WRITEBACK_RETRY_FIRST_SECONDS`, doubling up to `WRITEBACK_RETRY_MAX_DELAY_SECONDS`,
+until `WRITEBACK_RETRY_WINDOW_HOURS` after the message was first enqueued; then it is dead-lettered as
+`retries-exhausted` with the last reason in its description.
+
+The copy carries the body, content type and application properties of the original (Dataverse's own, so the
+duplicate check on RequestId keeps working), plus:
+
+- ``writeback-attempt``: how many times the message has been rescheduled (1 on the first copy);
+- ``writeback-first-enqueued``: when the original was first enqueued (ISO 8601, UTC), for the window;
+- ``writeback-original-message-id``: the MessageId of the message Dataverse posted.
+
+Its MessageId is the original's with ``~r<attempt>``: the queue drops a message whose MessageId it saw in its
+duplicate-detection window, so a copy under the original id would be dropped (lost), while a copy under an id
+derived from the attempt makes a crash between "schedule the copy" and "complete the original" harmless: the
+original is redelivered, its copy is scheduled again under the same id, and the queue drops the second one.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from writeback.settings import Settings
+
+ATTEMPT = "writeback-attempt"
+FIRST_ENQUEUED = "writeback-first-enqueued"
+ORIGINAL_ID = "writeback-original-message-id"
+MAX_MESSAGE_ID = 128  # Service Bus limit
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    first: timedelta = timedelta(seconds=15)
+    longest: timedelta = timedelta(seconds=900)
+    window: timedelta = timedelta(hours=24)
+
+    @classmethod
+    def of(cls, settings: Settings) -> RetryPolicy:
+        return cls(timedelta(seconds=settings.retry_first_seconds),
+                   timedelta(seconds=settings.retry_max_delay_seconds),
+                   timedelta(hours=settings.retry_window_hours))
+
+    def delay(self, attempt: int, jitter: float = 1.0) -> timedelta:
+        """The wait before retry number `attempt` (1-based). `jitter` in (0, 1] spreads the retries of many
+        messages that failed together (an outage) so they do not all come back in the same second."""
+        doubled: timedelta = self.first * (2 ** min(max(attempt - 1, 0), 30))
+        return min(self.longest, doubled) * jitter
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Schedule a copy of the message at `at` under `message_id`, with `properties`."""
+
+    attempt: int
+    at: datetime
+    message_id: str
+    properties: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    """The retry window is over: dead-letter the message as `retries-exhausted`."""
+
+    attempts: int
+    waited: timedelta
+
+    def description(self, last_reason: str, last_detail: str) -> str:
+        hours = self.waited.total_seconds() / 3600
+        return (f"Retried {self.attempts} time(s) over {hours:.1f} h (WRITEBACK_RETRY_WINDOW_HOURS) without "
+                f"success; last reason {last_reason}: {last_detail}")
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", errors="replace")
+    return str(value)
+
+
+def attempts_so_far(properties: Mapping[str, Any] | None) -> int:
+    raw = (properties or {}).get(ATTEMPT)
+    try:
+        return max(0, int(_text(raw))) if raw is not None else 0
+    except ValueError:
+        return 0
+
+
+def first_enqueued(properties: Mapping[str, Any] | None, enqueued_at: float | None, now: datetime) -> datetime:
+    raw = (properties or {}).get(FIRST_ENQUEUED)
+    if raw is not None:
+        try:
+            when = datetime.fromisoformat(_text(raw))
+        except ValueError:
+            when = None
+        if when is not None:
+            return when if when.tzinfo else when.replace(tzinfo=UTC)
+    if enqueued_at is not None:
+        return datetime.fromtimestamp(enqueued_at, UTC)
+    return now
+
+
+def original_id(properties: Mapping[str, Any] | None, message_id: str | None) -> str:
+    raw = (properties or {}).get(ORIGINAL_ID)
+    return _text(raw) if raw is not None else (message_id or "")
+
+
+def next_step(policy: RetryPolicy, *, properties: Mapping[str, Any] | None, message_id: str | None,
+              enqueued_at: float | None, now: datetime, jitter: float = 1.0) -> Retry | GiveUp:
+    """What happens to a message that ended transient (or in a configuration fault) on this delivery."""
+    done = attempts_so_far(properties)
+    first = first_enqueued(properties, enqueued_at, now)
+    waited = now - first
+    if waited >= policy.window:
+        return GiveUp(done, waited)
+    attempt = done + 1
+    original = original_id(properties, message_id)
+    suffix = f"~r{attempt}"
+    copy_id = (original[: MAX_MESSAGE_ID - len(suffix)] if original else "writeback") + suffix
+    ours = (ATTEMPT, FIRST_ENQUEUED, ORIGINAL_ID)
+    kept = {_text(k): v for k, v in (properties or {}).items() if _text(k) not in ours}
+    props = {**kept, ATTEMPT: attempt, FIRST_ENQUEUED: first.astimezone(UTC).isoformat(), ORIGINAL_ID: original}
+    return Retry(attempt, now + policy.delay(attempt, jitter), copy_id, props)
+
+
+def batch_jitter(rng: random.Random | None = None) -> float:
+    """One jitter factor per invocation (copies of one batch with the same attempt go out together)."""
+    return (rng or random).uniform(0.8, 1.0)  # spreading load, not security
