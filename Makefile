@@ -1,19 +1,21 @@
 # Two commands matter: `make demo` and `make test`. Each sets up what it needs from a fresh clone.
-# The first interpreter that really runs and is 3.11+ (a pyenv shim may exist without its Python).
+# The first interpreter that really runs and is 3.11 to 3.13, what Flex Consumption offers for new apps (a pyenv
+# shim may exist without its Python).
 PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
-	$$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { command -v $$p; break; }; done)
+	$$p -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))' 2>/dev/null \
+	&& { command -v $$p; break; }; done)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NODE_STAMP := fhirdev/node_modules/.fhirdev-installed
 CHECKOV_STAMP := .venv-checkov/.installed
 
-.PHONY: demo test setup lint typecheck audit unit bench clean
+.PHONY: demo test setup lint typecheck audit unit worker-toolchain bench clean
 
 setup: $(STAMP) $(NODE_STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
+	@$(PYTHON) -c 'import sys; sys.exit(0 if (3, 11) <= sys.version_info[:2] <= (3, 13) else "Python 3.11 to 3.13 is required")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	@touch $@
@@ -41,7 +43,13 @@ audit: $(STAMP)
 		echo "pip-audit: WARNING: the vulnerability service was unreachable; $$(grep -c 'could not be audited' .audit.log) packages not audited"; \
 	else head -1 .audit.log; fi
 
-unit: setup $(CHECKOV_STAMP)
+# What the real-worker tests (tests/worker) run with, under build/worker/: a venv of the app's requirements per
+# installed Python 3.11 to 3.13, the worker library, the host's gRPC stubs. Built here so its progress shows (cold:
+# about a minute per Python version, from PyPI); then reused, a check of a few stamps.
+worker-toolchain: setup
+	@$(PY) -m tests.worker.toolchain
+
+unit: setup $(CHECKOV_STAMP) worker-toolchain
 	$(PY) -m pytest
 
 test: lint typecheck audit unit
@@ -53,4 +61,4 @@ bench: setup
 	@$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) .venv-checkov fhirdev/node_modules .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-checkov fhirdev/node_modules .mypy_cache .ruff_cache .pytest_cache build/worker
