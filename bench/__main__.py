@@ -1,17 +1,30 @@
 """`python -m bench` (`make bench`): how fast, and is it right.
 
-1. Core path, one process on one core: parse → decide → map → validate → build the requests (bundle entries,
-   JSON-encoded as they would be sent) over a seeded corpus mixing every mapped table, creates and updates.
+1. Core path, one process on one core, the median of BENCH_CORE_REPEATS (3) runs: parse → decide → map →
+   validate → row facts (consent gates, parents' FHIR ids) → build the requests the write path sends first (the
+   read of each write's resource, by id or by row identifier, and the searches of lookups not resolved yet; for a
+   Create of a row the batch itself creates, a resource known absent, the `PUT <Type>/<uuid5(table, row)>`
+   converged from nothing), JSON-encoded in bundles as they would be sent. Of several whole-row changes of one
+   row only the newest is built, as `Pipeline.process_many` does, and a resource an earlier write of the batch
+   goes to is not read (a later wave starts from the copy that write is answered with).
 2. End to end against the FHIR dev server, each run on a fresh server with the same messages:
-   - pipeline: `Pipeline.process_many` + `BatchDelivery` (batch bundles, pooled keep-alive client),
+   - pipeline: `Pipeline.process_many` + `BatchDelivery` (batch bundles: reads, `converge`, `PUT` with `ifMatch`,
+     Provenance `PUT`s alongside the next wave; pooled keep-alive client),
    - baseline: what the original product did (bench/baseline.py),
-   - server ceiling: the same resources and Provenances pre-rendered and sent as batch bundles with the pooled
-     client and the same concurrency, no mapping and no reads.
+   - server ceiling: the same resources and Provenances, pre-rendered (recorded from an untimed pipeline run on a
+     server of its own), sent as batch bundles in the same waves with the pooled client and the same
+     concurrency: `PUT <Type>/<uuid5 id>` for a row's first write, `PUT <Type>/<id>` for later ones, each
+     wave's Provenance `PUT`s alongside the next wave; no reads, no mapping, no converging.
    The pipeline and the ceiling run BENCH_REPEATS times (7), alternating; the medians are reported.
-   After each run every write is checked on the server (resource, its Provenance naming that version, no
-   duplicates); correctness is part of the result.
+   After each run the outcome of every message and the server are checked (`check_results`, `verify`);
+   correctness is part of the result.
 3. Scaling: core path and pipeline end to end at 100 … 10,000 messages.
 4. The baseline, last (peak memory is taken before it: see `main`).
+
+The machine's 1-minute load average is printed at the start and with every end-to-end run. The benchmark itself
+keeps about two processes busy (its Python and the dev server), so ~2 during the runs is its own; well above
+that, or above ~0.5 at the start, something else competes for this machine's two cores and the figures measure
+that too.
 
 The last line printed is one JSON object with the headline figures.
 """
@@ -25,35 +38,47 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bench.baseline import run_baseline
 from bench.corpus import generate
 from devtools.services import FhirDevServer, fhir_dev_server
 from writeback.auth import TokenProvider, fhir_tokens
-from writeback.bundles import Answer, BatchDelivery, waves
-from writeback.decide import WritePlan
-from writeback.fhir_client import FhirClient, new_http_client, read_path
+from writeback.bundles import Answer, BatchDelivery
+from writeback.converge import ItemEdit, RowEdit, converge
+from writeback.decide import Decision, Target, WritePlan
+from writeback.errors import WritebackError
+from writeback.facts import facts_of, merged, resolve
+from writeback.fhir_client import FhirClient, encode, new_http_client, read_path
 from writeback.functions import settle_long_lived
+from writeback.mapping import resolve_refs
 from writeback.maps import MapSet, load_maps
-from writeback.paths import apply
+from writeback.marks import Version, item_of, mark_of, marks_in
+from writeback.paths import Assignment
 from writeback.pipeline import Envelope, Pipeline, Result
-from writeback.provenance import build_provenance
+from writeback.provenance import provenance_id
+from writeback.reasons import Reason
 from writeback.settings import DEFAULT_MAPS_DIR, Settings
 
 CORE_N = int(os.environ.get("BENCH_CORE_N", "5000"))
 E2E_N = int(os.environ.get("BENCH_E2E_N", "1000"))
 INVOCATION = int(os.environ.get("BENCH_INVOCATION", "1000"))  # messages per process_many call (one trigger batch)
 REPEATS = int(os.environ.get("BENCH_REPEATS", "7"))  # runs of the pipeline and of the ceiling (median counts)
-VERIFY_CHUNK = 500  # writes checked per round of reads
+CORE_REPEATS = int(os.environ.get("BENCH_CORE_REPEATS", "3"))  # runs of the core path per size (median counts)
+VERIFY_CHUNK = 500  # entries per round of reads when verifying
 CORE_SCALES = (100, 1000, 10000)
 E2E_SCALES = (100, 1000, 10000)
 
 
 def log(text: str) -> None:
     print(text, flush=True)
+
+
+def load() -> str:
+    """The 1-minute load average (see the module docstring for how to read it)."""
+    return f"{os.getloadavg()[0]:.2f}"
 
 
 def settings_for(server: FhirDevServer) -> Settings:
@@ -63,40 +88,85 @@ def settings_for(server: FhirDevServer) -> Settings:
     })
 
 
+def _order(plan: WritePlan) -> tuple[int, float]:
+    source = plan.source
+    return (source.row_version if source.row_version is not None else -1,
+            source.modified_on.timestamp() if source.modified_on is not None else -1.0)
+
+
+def _newest_per_row(plans: Iterable[WritePlan]) -> list[WritePlan]:
+    """Of several whole-row changes of one row, the newest (what `Pipeline.process_many` writes)."""
+    kept: dict[Any, WritePlan] = {}
+    for n, plan in enumerate(plans):
+        edit = plan.writes[0].edit
+        key: Any = (plan.source.table, plan.source.record_id) if plan.full and isinstance(edit, RowEdit) else n
+        if key in kept and _order(plan) == _order(kept[key]):
+            key = n  # not comparable: both are written
+        if key not in kept or _order(plan) > _order(kept[key]):
+            kept[key] = plan
+    return list(kept.values())
+
+
 # ---- 1. core path ---------------------------------------------------------------------------------------
 
 
 def build_requests(pipeline: Pipeline, envelopes: Sequence[Envelope], client: FhirClient, size: int) -> int:
-    """parse → decide → map → validate, then the first batch of each write (conditional create or read entry),
+    """What `Pipeline.process_many` does before its first round trip, and the entries that round trip sends,
     JSON-encoded in bundles of `size`. Returns the bytes that would be sent."""
+    maps, settings = pipeline.maps, pipeline.settings
+    decisions = [pipeline.plan(e) for e in envelopes]
+    known = merged(f for f in (facts_of(d.message, maps, settings) for d in decisions if d.message is not None)
+                   if f is not None)
+    created = {(d.message.table, d.message.record_id) for d in decisions
+               if d.message is not None and d.message.message_name == "Create"}
+    plans = [p for p in (resolve(d, known, maps, settings, created=created).plan for d in decisions) if p is not None]
     entries: list[dict[str, Any]] = []
-    for envelope in envelopes:
-        decision = pipeline.plan(envelope)
-        plan = decision.plan
-        if plan is None:
-            continue
-        if plan.operation == "create":
-            entries.append({"resource": client.stamp(plan.resource),
-                            "request": {"method": "POST", "url": plan.resource_type,
-                                        "ifNoneExist": plan.target.search}})
-        else:
-            entries.append({"request": {"method": "GET", "url": read_path(plan)}})
+    searched: set[Any] = set()
+    targeted: set[tuple[str, str, str]] = set()
+    for plan in _newest_per_row(plans):
+        for write in plan.writes:
+            target, edit = write.target, write.edit
+            resource = (target.resource_type, target.identifier_system, target.identifier_value)
+            if resource in targeted:
+                continue  # a later wave: it starts from the copy the earlier write is answered with, no read
+            targeted.add(resource)
+            if isinstance(edit, RowEdit) and edit.create and target.fhir_id is None \
+                    and (plan.source.table, plan.source.record_id) in created:
+                if plan.refs:
+                    edit = replace(edit, owned=tuple(Assignment(a.path, resolve_refs(a.value, plan.ref_ids), a.column)
+                                                     for a in edit.owned))
+                decided = converge(None, edit, target.resource_type, target.new_id)
+                assert decided.resource is not None
+                entries.append({"resource": client.stamp(decided.resource),
+                                "request": {"method": "PUT", "url": f"{target.resource_type}/{target.new_id}"}})
+            else:
+                entries.append({"request": {"method": "GET", "url": read_path(target)}})
+        for ref in plan.refs:
+            if ref not in plan.ref_ids and ref not in searched:
+                searched.add(ref)
+                entries.append({"request": {"method": "GET", "url": f"{ref.resource_type}?identifier="
+                                            f"{ref.system}|{ref.row_id}&_count=2"}})
     sent = 0
     for i in range(0, len(entries), size):
-        sent += len(json.dumps({"resourceType": "Bundle", "type": "batch", "entry": entries[i:i + size]}))
+        sent += len(encode({"resourceType": "Bundle", "type": "batch", "entry": entries[i:i + size]}))
     return sent
 
 
 def core(maps: MapSet, count: int, seed: int = 7) -> dict[str, float]:
+    """The median of CORE_REPEATS runs over the same corpus (one run is at the mercy of the machine's noise)."""
     settings = Settings.for_planning({})
     pipeline = Pipeline(maps, settings, None)
     client = FhirClient("http://fhir.invalid/R4", None, None, settings)  # type: ignore[arg-type]  # stamp() only
     envelopes = generate(count, seed)
     build_requests(pipeline, envelopes[:50], client, settings.bundle_size)  # warm up
-    gc.collect()
-    wall, cpu = time.perf_counter(), time.process_time()
-    build_requests(pipeline, envelopes, client, settings.bundle_size)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    runs = []
+    for _ in range(CORE_REPEATS):
+        gc.collect()
+        wall, cpu = time.perf_counter(), time.process_time()
+        for i in range(0, len(envelopes), INVOCATION):  # one trigger batch at a time, as the function gets them
+            build_requests(pipeline, envelopes[i:i + INVOCATION], client, settings.bundle_size)
+        runs.append((time.perf_counter() - wall, time.process_time() - cpu))
+    wall, cpu = sorted(runs)[len(runs) // 2]
     return {"messages": count, "seconds": wall, "cpu_seconds": cpu, "msgs_per_s": count / wall,
             "us_per_msg": wall / count * 1e6}
 
@@ -108,7 +178,7 @@ def core(maps: MapSet, count: int, seed: int = 7) -> dict[str, float]:
 class Run:
     name: str
     messages: int
-    writes: int
+    writes: int  # versions written (each with its Provenance)
     seconds: float
     verified: bool
     problems: list[str]
@@ -124,17 +194,104 @@ async def _tokens(settings: Settings) -> TokenProvider:
     return tokens
 
 
-async def run_pipeline(maps: MapSet, server: FhirDevServer, envelopes: list[Envelope]) -> tuple[float, list[Result]]:
+@dataclass
+class _Write:
+    """One resource write the pipeline made: its entry (resource pre-rendered) and its Provenance's body."""
+
+    resource_type: str
+    entry: dict[str, Any]
+    provenance: dict[str, Any]
+
+
+@dataclass
+class Recording:
+    """What a pipeline run sent: per `process_many` call, the reads its writes start from (their If-Match needs
+    the version: a write protocol without them could not order anything) and its waves of resource writes."""
+
+    invocations: list[list[list[_Write]]] = field(default_factory=list)
+    reads: list[list[dict[str, Any]]] = field(default_factory=list)
+
+    @property
+    def writes(self) -> int:
+        return sum(len(wave) for waves_ in self.invocations for wave in waves_)
+
+
+class RecordingDelivery(BatchDelivery):
+    """`BatchDelivery` that keeps every resource `PUT` the server took and the Provenance written for it."""
+
+    def __init__(self, client: FhirClient) -> None:
+        super().__init__(client)
+        self.waves: list[list[list[tuple[dict[str, Any], str]]]] = []  # (entry, versioned) per wave, per call
+        self.reads: list[list[dict[str, Any]]] = []  # the read entries per call
+        self.provenances: dict[str, dict[str, Any]] = {}  # by the version they name
+        self._open = False  # a call's reads (sent ahead, while it is planned) or writes are being recorded
+
+    def _call(self) -> None:
+        if not self._open:
+            self.waves.append([])
+            self.reads.append([])
+            self._open = True
+
+    def prefetch(self, targets: Sequence[Target], memo: dict[Any, Any]) -> None:
+        self._call()
+        super().prefetch(targets, memo)
+
+    async def deliver_many(self, plans: Sequence[WritePlan], memo: dict[Any, Any] | None = None,
+                           leases: Any = None, landed: Any = None) -> list[Any]:
+        self._call()
+        try:
+            return await super().deliver_many(plans, memo, leases, landed)
+        finally:
+            self._open = False
+
+    async def send(self, entries: Sequence[dict[str, Any]]) -> list[Answer | WritebackError]:
+        answers = await super().send(entries)
+        wave: list[tuple[dict[str, Any], str]] = []
+        for entry, answer in zip(entries, answers, strict=True):
+            request = entry["request"]
+            if request["method"] == "GET" and not request["url"].startswith("Provenance/") \
+                    and "_history" not in request["url"]:
+                self.reads[-1].append(entry)
+            if request["method"] != "PUT" or not isinstance(answer, Answer) or not answer.ok:
+                continue
+            if request["url"].startswith("Provenance/"):
+                self.provenances[entry["resource"]["target"][0]["reference"]] = entry["resource"]
+            elif (versioned := _versioned(answer, request["url"])) is not None:
+                wave.append((entry, versioned))
+        if wave:
+            self.waves[-1].append(wave)
+        return answers
+
+    def recording(self) -> Recording:
+        out = Recording(reads=self.reads)
+        for call in self.waves:
+            out.invocations.append([])
+            for wave in call:
+                writes = []
+                for entry, versioned in wave:
+                    request = {k: v for k, v in entry["request"].items() if k != "ifMatch"}  # no reads: no version
+                    writes.append(_Write(request["url"].split("/")[0], {"resource": entry["resource"],
+                                                                         "request": request},
+                                         self.provenances[versioned]))
+                out.invocations[-1].append(writes)
+        return out
+
+
+async def run_pipeline(maps: MapSet, server: FhirDevServer, envelopes: list[Envelope],
+                       record: bool = False) -> tuple[float, list[Result], Recording | None]:
     settings = settings_for(server)
     http = new_http_client(settings)
     tokens = await _tokens(settings)
     try:
-        pipeline = Pipeline(maps, settings, BatchDelivery(FhirClient(settings.fhir_url, http, tokens, settings)))
+        client = FhirClient(settings.fhir_url, http, tokens, settings)
+        delivery = RecordingDelivery(client) if record else BatchDelivery(client)
+        pipeline = Pipeline(maps, settings, delivery)
         started = time.perf_counter()
         results: list[Result] = []
         for i in range(0, len(envelopes), INVOCATION):
             results += await pipeline.process_many(envelopes[i:i + INVOCATION])
-        return time.perf_counter() - started, results
+        seconds = time.perf_counter() - started
+        return seconds, results, delivery.recording() if isinstance(delivery, RecordingDelivery) else None
     finally:
         await tokens.aclose()
         await http.aclose()
@@ -152,119 +309,247 @@ async def run_baseline_timed(maps: MapSet, server: FhirDevServer,
         await tokens.aclose()
 
 
-async def run_ceiling(maps: MapSet, server: FhirDevServer, envelopes: list[Envelope]) -> tuple[float, list[str]]:
-    """The same resource and Provenance writes, pre-rendered (not timed), as fast as batch bundles go."""
+def _versioned(answer: Answer | WritebackError, url: str) -> str | None:
+    if not isinstance(answer, Answer) or not answer.ok:
+        return None
+    version = answer.etag.removeprefix("W/").strip('"') or str(((answer.resource or {}).get("meta") or {})
+                                                               .get("versionId") or "")
+    return f"{url}/_history/{version}" if version else None
+
+
+async def run_ceiling(server: FhirDevServer, recording: Recording) -> tuple[float, list[str], list[str]]:
+    """What the pipeline sent, pre-rendered, as fast as batch bundles go: each call's reads (all at once), then
+    its writes wave after wave, each wave's Provenances (their id and target naming the version this server
+    answered with: the only work left) alongside the next wave. No planning, no mapping, no decisions."""
     settings = settings_for(server)
-    planner = Pipeline(maps, settings, None)
-    plans = [p for p in (planner.plan(e).plan for e in envelopes) if p is not None]
     http = new_http_client(settings)
     tokens = await _tokens(settings)
-    client = FhirClient(settings.fhir_url, http, tokens, settings)
-    sender = BatchDelivery(client)
+    sender = BatchDelivery(FhirClient(settings.fhir_url, http, tokens, settings))
     problems: list[str] = []
+    versions: list[str] = []
+
+    async def provenances(writes: list[_Write], answers: list[Answer | WritebackError]) -> None:
+        entries = []
+        for write, answer in zip(writes, answers, strict=True):
+            versioned = _versioned(answer, write.entry["request"]["url"])
+            if versioned is None:
+                problems.append(f"ceiling write failed: {answer}")
+                continue
+            versions.append(versioned)
+            p = {**write.provenance, "id": provenance_id(versioned), "target": [{"reference": versioned}]}
+            entries.append({"resource": p, "request": {"method": "PUT", "url": f"Provenance/{p['id']}"}})
+        for answer in await sender.send(entries):
+            if not isinstance(answer, Answer) or not answer.ok:
+                problems.append(f"ceiling provenance failed: {answer}")
+
     try:
-        prepared = []
-        for wave in waves(plans):
-            writes = []
-            for i in wave:
-                plan = plans[i]
-                resource = client.stamp(apply(plan.resource, [plan.target.identity]))
-                if plan.operation == "create":
-                    request = {"method": "POST", "url": plan.resource_type, "ifNoneExist": plan.target.search}
-                else:  # conditional update: the server finds the resource itself, no read round trip
-                    request = {"method": "PUT", "url": f"{plan.resource_type}?{plan.target.search}"}
-                writes.append({"resource": resource, "request": request})
-            prepared.append((wave, writes))
         started = time.perf_counter()
-        for wave, writes in prepared:
-            answers = await sender.send(writes)
-            provenances = []
-            for i, answer in zip(wave, answers, strict=True):
-                if not isinstance(answer, Answer) or not answer.ok or answer.resource is None:
-                    problems.append(f"ceiling write failed: {answer}")
-                    continue
-                versioned = f"{answer.resource['resourceType']}/{answer.resource['id']}/_history/" \
-                            f"{answer.resource['meta']['versionId']}"
-                p = build_provenance(plans[i], versioned, created=answer.status == 201, agent="",
-                                     meta_source=settings.meta_source)
-                provenances.append({"resource": p, "request": {"method": "PUT", "url": f"Provenance/{p['id']}"}})
-            for answer in await sender.send(provenances):
-                if not isinstance(answer, Answer) or not answer.ok:
-                    problems.append(f"ceiling provenance failed: {answer}")
-        return time.perf_counter() - started, problems
+        for invocation, reads in zip(recording.invocations, recording.reads, strict=True):
+            pending: list[asyncio.Task[None]] = []
+            for answer in await sender.send(reads):
+                if not isinstance(answer, Answer) or answer.status >= 500:
+                    problems.append(f"ceiling read failed: {answer}")
+            try:
+                for writes in invocation:
+                    answers = await sender.send([w.entry for w in writes])
+                    pending.append(asyncio.create_task(provenances(writes, answers)))
+            finally:
+                await asyncio.gather(*pending)
+        return time.perf_counter() - started, versions, problems
     finally:
         await tokens.aclose()
         await http.aclose()
 
 
-async def verify(maps: MapSet, server: FhirDevServer, envelopes: list[Envelope],
-                 results: list[Result] | None) -> tuple[int, list[str]]:
-    """Every write message: written; its resource version exists; its Provenance exists and names that version;
-    one resource per row. `results` None (ceiling): only the last two, by search."""
+# ---- verification -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """A Dataverse row as FHIR must hold it: its own resource, or (a child row) one item in its parent's."""
+
+    table: str
+    row_id: str
+    target: Target  # its resource, or its parent's
+    element: str | None  # the parent's element holding the item (a child row), else None
+    newest: Version
+
+
+def expected_rows(decisions: Sequence[Decision]) -> list[Row]:
+    rows: dict[tuple[str, str], Row] = {}
+    for d in decisions:
+        plan = d.plan
+        if plan is None:
+            continue
+        write = plan.writes[0]  # a child row that moved: its new parent
+        element = write.edit.element if isinstance(write.edit, ItemEdit) else None
+        key = (plan.source.table, plan.source.record_id)
+        version = plan.source.version
+        known = rows.get(key)
+        if known is None or (version.compare(known.newest) or 0) > 0:
+            rows[key] = Row(key[0], key[1], write.target, element, version)
+    return list(rows.values())
+
+
+def check_results(decisions: Sequence[Decision], results: Sequence[Result], invocation: int) -> tuple[list[str],
+                                                                                                        list[str]]:
+    """Per message: written → the versions it wrote (to check on the server), its Provenance named after the
+    first; skipped `stale` → a newer message of its row in the same `process_many` call was written; nothing
+    else is expected of this corpus. Returns the versions written and the problems."""
+    problems: list[str] = []
+    versions: list[str] = []
+    if len(results) != len(decisions):
+        return versions, [f"{len(results)} results for {len(decisions)} messages"]
+    for i, (d, r) in enumerate(zip(decisions, results, strict=True)):
+        what = f"#{i} {d.table} {d.record_id} {d.message.message_name if d.message else '?'}"
+        if d.plan is None:
+            problems.append(f"{what}: planned {d.decision} {d.reason} {d.detail}")
+        elif r.state == "written":
+            if not r.resource or "/_history/" not in r.resource:
+                problems.append(f"{what}: written, no version ({r.resource})")
+                continue
+            also = [str(v) for v in r.extra.get("also", [])]
+            versions += [r.resource, *also]
+            if str(r.provenance).split("/_history/")[0] != f"Provenance/{provenance_id(r.resource)}":
+                problems.append(f"{what}: Provenance {r.provenance} is not the one of {r.resource}")
+        elif r.state == "skipped" and r.reason is Reason.STALE:
+            lo = i // invocation * invocation
+            plan = d.plan
+            newer = [j for j in range(lo, min(lo + invocation, len(decisions)))
+                     if (o := decisions[j].plan) is not None and j != i
+                     and (o.source.table, o.source.record_id) == (plan.source.table, plan.source.record_id)
+                     and (o.source.version.compare(plan.source.version) or 0) > 0 and results[j].state == "written"]
+            if not newer:
+                problems.append(f"{what}: stale, but no newer message of its row in its batch was written")
+        else:
+            problems.append(f"{what}: {r.state} {r.reason.value if r.reason else ''} {r.detail}")
+    return versions, problems
+
+
+async def verify(maps: MapSet, server: FhirDevServer, envelopes: Sequence[Envelope],
+                 versions: Sequence[str]) -> list[str]:
+    """On the server: every version written exists and has its Provenance (the one whose id it names), naming
+    that version; every row has exactly one resource (a child row: one item in its parent), under its own id,
+    holding the row's newest version; Provenances in all: as many as versions written (so exactly one each)."""
     settings = settings_for(server)
     planner = Pipeline(maps, settings, None)
-    decisions = [planner.plan(e) for e in envelopes]
-    plans: list[WritePlan] = [d.plan for d in decisions if d.plan is not None]
+    rows = expected_rows([planner.plan(e) for e in envelopes])
     http = new_http_client(settings)
     tokens = await _tokens(settings)
     sender = BatchDelivery(FhirClient(settings.fhir_url, http, tokens, settings))
     problems: list[str] = []
     try:
-        if results is not None:
-            if len(results) != len(envelopes):
-                problems.append(f"{len(results)} results for {len(envelopes)} messages")
-            written = [r for r, d in zip(results, decisions, strict=False) if d.plan is not None]
-            for r in written:
-                if r.state != "written":
-                    problems.append(f"{r.decision.table} {r.decision.record_id}: {r.state} {r.reason} {r.detail}")
-            ok = [r for r in written if r.state == "written" and r.resource and r.provenance]
-            for start in range(0, len(ok), VERIFY_CHUNK):  # a chunk at a time: peak memory is the pipeline's
-                chunk = ok[start:start + VERIFY_CHUNK]
-                reads = [{"request": {"method": "GET", "url": r.resource}} for r in chunk]
-                reads += [{"request": {"method": "GET", "url": str(r.provenance).split("/_history")[0]}}
-                          for r in chunk]
-                answers = await sender.send(reads)
-                for r, res, prov in zip(chunk, answers[:len(chunk)], answers[len(chunk):], strict=True):
-                    if not isinstance(res, Answer) or not res.ok:
-                        problems.append(f"missing {r.resource}")
-                    if not isinstance(prov, Answer) or not prov.ok or prov.resource is None:
-                        problems.append(f"missing {r.provenance}")
-                    elif prov.resource.get("target") != [{"reference": r.resource}]:
-                        problems.append(f"{r.provenance} names {prov.resource.get('target')}, not {r.resource}")
-        rows = sorted({(p.resource_type, p.target.search) for p in plans})
-        answers = await sender.send([{"request": {"method": "GET", "url": f"{t}?{s}&_count=3&_elements=id"}}
-                                     for t, s in rows])
-        for (t, s), answer in zip(rows, answers, strict=True):
-            found = len((answer.resource or {}).get("entry") or []) if isinstance(answer, Answer) else -1
-            if found != 1:
-                problems.append(f"{found} {t} for {s}")
+        if len(set(versions)) != len(versions):
+            problems.append(f"{len(versions) - len(set(versions))} versions reported written twice")
+        for start in range(0, len(versions), VERIFY_CHUNK):  # a chunk at a time: peak memory is the pipeline's
+            chunk = versions[start:start + VERIFY_CHUNK]
+            answers = await sender.send([{"request": {"method": "GET", "url": v}} for v in chunk]
+                                        + [{"request": {"method": "GET", "url": f"Provenance/{provenance_id(v)}"}}
+                                           for v in chunk])
+            for v, res, prov in zip(chunk, answers[:len(chunk)], answers[len(chunk):], strict=True):
+                if not isinstance(res, Answer) or not res.ok:
+                    problems.append(f"version {v} not found: {_status(res)}")
+                if not isinstance(prov, Answer) or not prov.ok or prov.resource is None:
+                    problems.append(f"no Provenance for {v}: {_status(prov)}")
+                elif prov.resource.get("target") != [{"reference": v}]:
+                    problems.append(f"Provenance of {v} names {prov.resource.get('target')}")
+        for start in range(0, len(rows), VERIFY_CHUNK):
+            part = rows[start:start + VERIFY_CHUNK]
+            answers = await sender.send([{"request": {"method": "GET", "url": f"{row.target.resource_type}?"
+                                                      f"{row.target.search}&_count=3"}} for row in part])
+            for row, answer in zip(part, answers, strict=True):
+                problems += _check_row(row, answer)
         count = await sender.send([{"request": {"method": "GET", "url": "Provenance?_summary=count"}}])
         total = count[0].resource.get("total") if isinstance(count[0], Answer) and count[0].resource else None
-        if total != len(plans):
-            problems.append(f"{total} Provenances on the server for {len(plans)} writes")
-        return len(plans), problems
+        if total != len(versions):
+            problems.append(f"{total} Provenances on the server for {len(versions)} versions written")
+        return problems
     finally:
         await tokens.aclose()
         await http.aclose()
 
 
-async def e2e(maps: MapSet, kind: str, envelopes: list[Envelope]) -> Run:
+def _status(answer: Answer | WritebackError) -> str:
+    return f"HTTP {answer.status}" if isinstance(answer, Answer) else answer.detail
+
+
+def _check_row(row: Row, answer: Answer | WritebackError) -> list[str]:
+    what = f"{row.table} {row.row_id}"
+    if not isinstance(answer, Answer) or not answer.ok or answer.resource is None:
+        return [f"{what}: search failed: {_status(answer)}"]
+    found = [e.get("resource") or {} for e in answer.resource.get("entry") or []]
+    if len(found) != 1:
+        return [f"{what}: {len(found)} {row.target.resource_type} with {row.target.search}"]
+    resource = found[0]
+    newest = row.newest.text()
+    if row.element is None:
+        if resource.get("id") != row.target.new_id:
+            return [f"{what}: {row.target.resource_type}/{resource.get('id')}, not under the row's id "
+                    f"{row.target.new_id}"]
+        mark = mark_of(resource, row.table, row.row_id)
+        held = mark.version.text() if mark else None
+        return [] if held == newest else [f"{what}: holds version {held}, not the newest {newest}"]
+    items = [i for i in resource.get(row.element) or [] if isinstance(i, dict)
+             and any((m.table, m.row_id) == (row.table, row.row_id) for m in marks_in(i))]
+    if len(items) != 1:
+        return [f"{what}: {len(items)} items in {row.target.resource_type}.{row.element} of {row.target.table} "
+                f"{row.target.identifier_value}"]
+    item = item_of(items, row.table, row.row_id)
+    mark = mark_of(item, row.table, row.row_id) if item is not None else None
+    held = mark.version.text() if mark else None
+    return [] if held == newest else [f"{what}: its item holds version {held}, not the newest {newest}"]
+
+
+async def e2e(maps: MapSet, kind: str, envelopes: list[Envelope], recording: Recording | None = None) -> Run:
+    """One run on a fresh server; `kind` pipeline, baseline or ceiling (which replays `recording`)."""
     with fhir_dev_server() as server:
-        results: list[Result] | None
         problems: list[str] = []
-        if kind == "pipeline":
-            seconds, results = await run_pipeline(maps, server, envelopes)
-        elif kind == "baseline":
-            seconds, results = await run_baseline_timed(maps, server, envelopes)
+        states = ""
+        before = load()
+        if kind == "ceiling":
+            assert recording is not None
+            seconds, versions, problems = await run_ceiling(server, recording)
+            if len(versions) != recording.writes:
+                problems.append(f"{len(versions)} of {recording.writes} recorded writes made")
         else:
-            seconds, problems = await run_ceiling(maps, server, envelopes)
-            results = None
-        writes, found = await verify(maps, server, envelopes, results)
-        problems += found
-    run = Run(kind, len(envelopes), writes, seconds, not problems, problems)
-    log(f"  {kind:<9} {run.messages:>6} msgs ({writes} writes) in {seconds:6.2f}s = {run.msgs_per_s:8.1f} msgs/s"
-        f"  verified={run.verified}" + (f"  problems={len(problems)}: {problems[:3]}" if problems else ""))
+            if kind == "pipeline":
+                seconds, results, _ = await run_pipeline(maps, server, envelopes)
+                invocation = INVOCATION
+            else:
+                seconds, results = await run_baseline_timed(maps, server, envelopes)
+                invocation = 1  # one message at a time
+            planner = Pipeline(maps, settings_for(server), None)
+            versions, problems = check_results([planner.plan(e) for e in envelopes], results, invocation)
+            states = " " + _states(results)
+        problems += await verify(maps, server, envelopes, versions)
+    run = Run(kind, len(envelopes), len(versions), seconds, not problems, problems)
+    log(f"  {kind:<9} {run.messages:>6} msgs ({run.writes} writes) in {seconds:6.2f}s = {run.msgs_per_s:8.1f} msgs/s"
+        f"  load {before}{states}  verified={run.verified}"
+        + (f"  problems={len(problems)}: {problems[:3]}" if problems else ""))
     return run
+
+
+def _states(results: Sequence[Result]) -> str:
+    counts: dict[str, int] = {}
+    for r in results:
+        key = r.state + (f"/{r.reason.value}" if r.reason else "")
+        counts[key] = counts.get(key, 0) + 1
+    return " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+
+
+async def record(maps: MapSet, envelopes: list[Envelope]) -> tuple[Recording, Run]:
+    """The ceiling's writes: what an (untimed, verified) pipeline run on a server of its own wrote."""
+    with fhir_dev_server() as server:
+        seconds, results, recording = await run_pipeline(maps, server, envelopes, record=True)
+        assert recording is not None
+        planner = Pipeline(maps, settings_for(server), None)
+        versions, problems = check_results([planner.plan(e) for e in envelopes], results, INVOCATION)
+        problems += await verify(maps, server, envelopes, versions)
+    if recording.writes != len(versions):
+        problems.append(f"{recording.writes} writes recorded for {len(versions)} versions written")
+    log(f"  recorded {recording.writes} writes in {sum(len(i) for i in recording.invocations)} waves for the "
+        f"ceiling  verified={not problems}" + (f"  problems={len(problems)}: {problems[:3]}" if problems else ""))
+    return recording, Run("recorded", len(envelopes), len(versions), seconds, not problems, problems)
 
 
 def _median(runs: list[Run]) -> Run:
@@ -277,10 +562,11 @@ def peak_rss_mb() -> float:
 
 
 async def main() -> dict[str, Any]:
+    started_load = load()
     maps = load_maps(DEFAULT_MAPS_DIR)
     settle_long_lived()  # as the function does once its first invocation has built what it keeps
-    log(f"cores: {os.cpu_count()}  python {sys.version.split()[0]}")
-    log("1. core path (parse → decide → map → validate → build requests), one core")
+    log(f"cores: {os.cpu_count()}  python {sys.version.split()[0]}  load average {load()}")
+    log("1. core path (parse → decide → map → validate → row facts → build the first requests), one core")
     scaling = {n: core(maps, n) for n in sorted({*CORE_SCALES, CORE_N})}
     headline = scaling[CORE_N]
     log(f"  {CORE_N} msgs: {headline['msgs_per_s']:.0f} msgs/s ({headline['us_per_msg']:.0f} µs/msg, "
@@ -290,11 +576,12 @@ async def main() -> dict[str, Any]:
     envelopes = generate(E2E_N, seed=11)
     # A run of 1,000 messages takes well under a second, so one run is at the mercy of the machine's noise:
     # the pipeline and the ceiling run REPEATS times, alternating, and the median of each counts.
+    recording, recorded = await record(maps, envelopes)
     pipelines: list[Run] = []
     ceilings: list[Run] = []
     for _ in range(REPEATS):
         pipelines.append(await e2e(maps, "pipeline", envelopes))
-        ceilings.append(await e2e(maps, "ceiling", envelopes))
+        ceilings.append(await e2e(maps, "ceiling", envelopes, recording))
     pipeline, ceiling = _median(pipelines), _median(ceilings)
     log(f"  median of {REPEATS}: pipeline {pipeline.msgs_per_s:.1f} msgs/s, ceiling {ceiling.msgs_per_s:.1f} msgs/s "
         f"= {pipeline.msgs_per_s / ceiling.msgs_per_s:.0%} of the ceiling")
@@ -317,7 +604,7 @@ async def main() -> dict[str, Any]:
     baseline = await e2e(maps, "baseline", envelopes)
     log(f"  pipeline / baseline = {pipeline.msgs_per_s / baseline.msgs_per_s:.1f} times")
 
-    runs = [*pipelines, baseline, *ceilings, *e2e_scaling.values()]
+    runs = [recorded, *pipelines, baseline, *ceilings, *e2e_scaling.values()]
     return {
         "pipeline_msgs_per_s": round(headline["msgs_per_s"], 1),
         "pipeline_messages": CORE_N,
@@ -328,12 +615,15 @@ async def main() -> dict[str, Any]:
         "e2e_vs_ceiling": round(pipeline.msgs_per_s / ceiling.msgs_per_s, 3),
         "e2e_messages": E2E_N,
         "e2e_writes": pipeline.writes,
+        "ceiling_writes": ceiling.writes,
         "verified": all(r.verified for r in runs),
         "verified_runs": {r.name + ("" if r.messages == E2E_N else f"_{r.messages}"): all(
             o.verified for o in runs if (o.name, o.messages) == (r.name, r.messages)) for r in runs},
         "e2e_runs": REPEATS,
         "peak_rss_mb": round(peak, 1),
         "cores": os.cpu_count(),
+        "load_avg_start": float(started_load),
+        "load_avg_end": float(load()),
     }
 
 

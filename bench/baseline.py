@@ -1,6 +1,6 @@
-"""What the original product does: one message at a time, the resource written, then its Provenance as a
-separate request, and a new connection (a fresh httpx client) for every request. Tokens are cached even here,
-so the comparison is not flattered by token fetches."""
+"""What the original product did: one message at a time, each request on a new connection (a fresh httpx
+client), each step of the write (the read, the write, then its Provenance) a round trip of its own. Tokens are
+cached even here, so the comparison is not flattered by token fetches."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 import httpx
 
 from writeback.auth import TokenProvider
-from writeback.fhir_client import FhirClient, FhirDelivery
+from writeback.bundles import BatchDelivery
+from writeback.fhir_client import FhirClient
 from writeback.maps import MapSet
 from writeback.pipeline import Envelope, Pipeline, Result
 from writeback.settings import Settings
@@ -27,7 +28,7 @@ async def run_baseline(maps: MapSet, settings: Settings, tokens: TokenProvider,
                        envelopes: list[Envelope]) -> list[Result]:
     http = FreshConnectionPerRequest()
     try:
-        pipeline = Pipeline(maps, settings, FhirDelivery(FhirClient(settings.fhir_url, http, tokens, settings)))
+        pipeline = Pipeline(maps, settings, BatchDelivery(FhirClient(settings.fhir_url, http, tokens, settings)))
         return [await pipeline.process(e) for e in envelopes]
     finally:
         await http.aclose()

@@ -4,6 +4,10 @@ Per "patient unit": the contact's Create, then (some of) its phone Update, its m
 update of the Patient), an Encounter and an Observation; Practitioner Creates in between. Dependent messages
 always follow the row they need, as Dataverse would send them. `salt` makes every identifier distinct, so runs
 against one server never collide.
+
+The images are those of steps registered as docs/deploy.md asks: every Create carries its post image (the whole
+new row), every Update its pre image and its post image (the whole row before and after), so every write is a
+whole-row write (the convergent path), never the Target-only fallback.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ def generate(count: int, seed: int = 7, salt: str = "") -> list[Envelope]:
     def emit(body: dict[str, object]) -> None:
         out.append(Envelope(json.dumps(body).encode(), message_id=str(body["RequestId"])))
 
+    def create(table: str, row_id: str, row: dict[str, object], when: datetime) -> None:
+        """A Create as the step sends it: the new row as Target and as post image."""
+        emit(context("Create", table, row_id, row, post=row, user_id=CLINICIAN, request_id=rid(), created=when))
+
     while len(out) < count:
         when = T0 + timedelta(minutes=len(out))
         contact = rid()
@@ -53,38 +61,37 @@ def generate(count: int, seed: int = 7, salt: str = "") -> list[Envelope]:
             "address1_stateorprovince": state, "address1_postalcode": postal, "address1_country": "US",
             "versionnumber": 1000, "modifiedon": when,
         }
-        emit(context("Create", "contact", contact, row, post=row, user_id=CLINICIAN, request_id=rid(), created=when))
+        create("contact", contact, row, when)
         if rng.random() < 0.5:
+            # An Update's Target holds the changed columns; its pre and post images hold the whole row.
             changed = {"telephone1": f"+1 206 555 {rng.randrange(10000):04d}", "versionnumber": 1001,
                        "modifiedon": when + timedelta(seconds=30)}
             emit(context("Update", "contact", contact, changed, pre=row, post={**row, **changed}, user_id=CLINICIAN,
                          request_id=rid(), created=when))
         if rng.random() < 0.4:
             ident = rid()
-            emit(context("Create", "msemr_medicalidentifier", ident, {
+            create("msemr_medicalidentifier", ident, {
                 "msemr_medicalidentifierid": ident, "msemr_assignee": Lookup("contact", contact),
                 "msemr_identifiersystem": "http://hospital.example.org/mrn",
                 "msemr_value": f"MRN-{rng.randrange(10**7):07d}", "msemr_use": Choice(935000001),
-                "msemr_type": Choice(935000003), "versionnumber": 3001}, user_id=CLINICIAN, request_id=rid(),
-                created=when))
+                "msemr_type": Choice(935000003), "versionnumber": 3001}, when)
         if rng.random() < 0.4:
             practitioner = rid()
-            emit(context("Create", "contact", practitioner, {
+            create("contact", practitioner, {
                 "contactid": practitioner, "msemr_contacttype": PRACTITIONER, "firstname": rng.choice(GIVEN),
                 "lastname": rng.choice(FAMILY), "gendercode": Choice(1 + rng.randrange(2)),
                 "telephone1": f"+1 206 555 {rng.randrange(10000):04d}", "emailaddress1": "dr@example.org",
-                "versionnumber": 2001}, user_id=CLINICIAN, request_id=rid(), created=when))
+                "versionnumber": 2001}, when)
         encounter = rid()
-        emit(context("Create", "msemr_encounter", encounter, {
+        create("msemr_encounter", encounter, {
             "msemr_encounterid": encounter, "msemr_name": "Outpatient visit",
             "msemr_encounterstatus": Choice(935000005), "msemr_encounterclass": Choice(935000001),
             "msemr_subjectpatient": Lookup("contact", contact), "msemr_encounterstartdate": when,
             "msemr_encounterenddate": when + timedelta(minutes=30),
-            "msemr_encounteridentifier": f"ENC-{rng.randrange(10**6)}", "versionnumber": 4001},
-            user_id=CLINICIAN, request_id=rid(), created=when))
+            "msemr_encounteridentifier": f"ENC-{rng.randrange(10**6)}", "versionnumber": 4001}, when)
         for _ in range(rng.randrange(1, 3)):
             observation = rid()
-            emit(context("Create", "msemr_observation", observation, {
+            create("msemr_observation", observation, {
                 "msemr_observationid": observation, "msemr_description": "Heart rate",
                 "msemr_status": Choice(935000002), "msemr_code": Lookup("msemr_codeableconcept", CODE_HEART_RATE),
                 "msemr_subjecttypepatient": Lookup("contact", contact),
@@ -92,5 +99,5 @@ def generate(count: int, seed: int = 7, salt: str = "") -> list[Envelope]:
                 "msemr_effectivetypedatetime": when, "msemr_issueddate": when + timedelta(minutes=5),
                 "msemr_valuetypequantityvalue": Decimal(str(50 + rng.randrange(60))),
                 "msemr_valuequantityunit": "beats/minute", "msemr_valuequantitysystem": "http://unitsofmeasure.org",
-                "versionnumber": 5001}, user_id=CLINICIAN, request_id=rid(), created=when))
+                "versionnumber": 5001}, when)
     return out[:count]

@@ -1,24 +1,27 @@
-"""Many writes at once: plans grouped into FHIR `batch` bundles, each entry's outcome mapped back to its plan.
+"""Writes as FHIR `batch` bundles: each message's plan carried out entry by entry, each outcome mapped back.
 
-The semantics are `FhirDelivery`'s, entry by entry: a create is a conditional create (`request.ifNoneExist`);
-an update is read → apply the planned elements → `PUT` with `request.ifMatch`, and a 412/409 entry is re-read
-and retried a bounded number of times (then `conflict`); an update that changes nothing writes nothing; every
-write gets its Provenance (deterministic id, `PUT`) naming the version written. Per-entry errors get the same
-reason codes and details as the single-request path (the mapping lives in `fhir_client` and is shared).
+A plan is one or two `Write`s (`writeback.decide`); each is a job here, run as a read-modify-write:
 
-An update whose resource this call already wrote (a row's Create and then its Update in one batch) starts
-from the copy the server answered that write with, not from a read: the `If-Match` on that version makes it
-as safe as a read (a change in between is a 412, then read and re-applied like any conflict), and it saves
-the read's round trip. An update that would change nothing in that copy is still read (only the server's copy
-decides that nothing needs writing). The copies live only as long as the batch (the caller's `memo`).
+1. read the resource (by logical id, else by the row identifier), unless this call already holds the copy the
+   server answered an earlier write with; look up the FHIR ids of lookups not known yet, in the same bundle;
+2. `writeback.converge` decides on that copy: write (the edit applied), or nothing (`stale`: the copy holds a
+   newer version of the row; `same`: this version; `unchanged`: these values), or `absent`;
+3. write: `PUT <Type>/<id>` with `ifMatch` on the version read; a 412/409 entry (someone wrote in between) is
+   read again and decided again, a bounded number of times (then `conflict`). A resource that does not exist yet
+   is created under the row's own id (`PUT <Type>/<uuid5(table, row)>`), by one caller at a time (`Leases`);
+4. every version written gets its Provenance, whose id is derived from that version (`PUT`, so a retry
+   replaces it), sent alongside the next wave. A message tried again that finds its version already there
+   (`same`, or `stale` after a newer change) checks that the version it wrote earlier has its Provenance, and
+   writes it if not (the first try's Provenance may have failed).
 
 Grouping rules:
-- No two entries for the same resource in one bundle (same type and row identifier, or same logical id): the
-  second plan for a resource goes to a later *wave*, and waves run one after the other, so plans for one row
-  are applied in the order given. Bundles within a wave run concurrently, at most `max_concurrency` at a time.
-- At most `bundle_size` entries per bundle; each bundle is one `FhirClient.request` (auth, retries of the whole
-  request) with `x-bundle-processing-logic: parallel`. Entries answered 408/429/5xx are resent, bounded like a
-  single request's retries, then `fhir_unavailable`.
+- No two jobs for the same resource in one bundle: a later job for a resource goes to a later *wave*, and waves
+  run one after the other, in the order given. Bundles within a wave run concurrently, at most
+  `max_concurrency` at a time. At most `bundle_size` entries per bundle; each bundle is one
+  `FhirClient.request` (auth, retries of the whole request) with `x-bundle-processing-logic: parallel`. Entries
+  answered 408/429/5xx are resent, bounded like a single request's retries, then `fhir_unavailable`.
+- A bundle the server refuses as a whole (400, 413, ...) is halved until the entry it refuses stands alone: one
+  bad entry does not take the others down.
 """
 
 from __future__ import annotations
@@ -26,20 +29,20 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from writeback.decide import WritePlan
-from writeback.errors import WritebackError
+from writeback.converge import Converged, Edit, ItemEdit, RemoveItem, RowEdit, converge
+from writeback.decide import Target, WritePlan, resource_id
+from writeback.errors import NotApplied, WritebackError
 from writeback.fhir_client import (
     BACKOFF_BASE_SECONDS,
     BACKOFF_CAP_SECONDS,
     RETRY_STATUSES,
     FhirClient,
-    ambiguous_create,
+    being_created,
     found_target,
-    id_from_location,
     issues_of,
     json_of,
     kept_changing,
@@ -48,23 +51,26 @@ from writeback.fhir_client import (
     read_path,
     refused,
     target_gone,
-    unchanged,
-    unnamed_create,
+    target_pending,
     unversioned_read,
     unversioned_update,
     vanished,
     version_from,
 )
-from writeback.paths import apply
-from writeback.pipeline import Delivered, Issue
-from writeback.provenance import build_provenance
+from writeback.mapping import RowRef, resolve_refs
+from writeback.marks import MOVED, Version, item_of, mark_of
+from writeback.paths import Assignment
+from writeback.pipeline import Delivered, Issue, Leases
+from writeback.provenance import build_provenance, provenance_id
 from writeback.reasons import Reason
 
 BATCH_HEADERS = {"x-bundle-processing-logic": "parallel"}
 Outcome = Delivered | WritebackError
 Current = tuple[dict[str, Any], str]  # a resource as the server holds it, and its version
-Known = dict[tuple[str, ...], Current]  # what this call wrote, by `_cache_key`
+Known = dict[tuple[str, ...], Current]  # the copies this call read or wrote, by `_keys`
 _COPIES = "bundles.copies"  # where `Known` lives in a batch's memo
+_READS = "bundles.reads"  # read path → the read sent ahead of the writes (`prefetch`), in a batch's memo
+HISTORY_DEPTH = 50  # versions looked through for a version whose Provenance may be missing
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,13 +82,14 @@ class Answer:
     etag: str
     location: str
     outcome: dict[str, Any] | None
+    resent: bool = False  # the bundle went out more than once: an earlier copy may have been applied
 
     @property
     def ok(self) -> bool:
         return 200 <= self.status < 300
 
 
-def _answer(entry: object) -> Answer:
+def _answer(entry: object, resent: bool = False) -> Answer:
     entry = entry if isinstance(entry, dict) else {}
     response = entry.get("response") if isinstance(entry.get("response"), dict) else {}
     assert isinstance(response, dict)
@@ -91,7 +98,7 @@ def _answer(entry: object) -> Answer:
     resource = entry.get("resource")
     outcome = response.get("outcome")
     return Answer(status, resource if isinstance(resource, dict) else None, str(response.get("etag") or ""),
-                  str(response.get("location") or ""), outcome if isinstance(outcome, dict) else None)
+                  str(response.get("location") or ""), outcome if isinstance(outcome, dict) else None, resent)
 
 
 def _entry_issues(answer: Answer) -> tuple[Issue, ...]:
@@ -100,37 +107,17 @@ def _entry_issues(answer: Answer) -> tuple[Issue, ...]:
     return tuple(i for i in issues_of(body) if not (i.code == "informational" and not i.expression and not i.details))
 
 
-def _keys(plan: WritePlan) -> tuple[tuple[str, ...], ...]:
-    target = plan.target
+def _keys(target: Target) -> tuple[tuple[str, ...], ...]:
     by_row = (target.resource_type, "row", target.identifier_system, target.identifier_value)
     return (by_row, (target.resource_type, "id", target.fhir_id)) if target.fhir_id else (by_row,)
 
 
-def _cache_key(plan: WritePlan) -> tuple[str, ...]:
-    """Where an update finds the copy of its resource this call wrote: by logical id when the plan names one,
-    else by row identifier (so a row's Create and its Update meet)."""
-    target = plan.target
-    if target.fhir_id:
-        return (target.resource_type, "id", target.fhir_id)
-    return (target.resource_type, "row", target.identifier_system, target.identifier_value)
-
-
-def _remember(known: Known, plan: WritePlan, resource: dict[str, Any] | None, version: str) -> None:
-    """Keep the copy a write answered with, if the server sent one (`Prefer: return=minimal` sends none)."""
-    if resource is None or not resource.get("id"):
-        return
-    if resource.get("resourceType") != plan.resource_type:
-        return
-    known[_cache_key(plan)] = (resource, version)
-    known[(plan.resource_type, "id", str(resource["id"]))] = (resource, version)
-
-
-def waves(plans: Sequence[WritePlan]) -> list[list[int]]:
-    """Indexes of `plans` in waves: no resource twice in a wave, each resource's plans in input order."""
+def waves(targets: Sequence[Target]) -> list[list[int]]:
+    """Indexes of `targets` in waves: no resource twice in a wave, each resource's jobs in input order."""
     last: dict[tuple[str, ...], int] = {}
     grouped: list[list[int]] = []
-    for index, plan in enumerate(plans):
-        keys = _keys(plan)
+    for index, target in enumerate(targets):
+        keys = _keys(target)
         wave = max((last.get(k, -1) for k in keys), default=-1) + 1
         for k in keys:
             last[k] = wave
@@ -140,22 +127,73 @@ def waves(plans: Sequence[WritePlan]) -> list[list[int]]:
     return grouped
 
 
+class LocalLeases:
+    """`Leases` within one process: what the CLI and the benchmark use when no Table Storage is configured (the
+    function always has the ledger's, which holds across instances)."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+
+    async def acquire(self, key: str, seconds: float) -> bool:
+        now = time.monotonic()
+        if self._until.get(key, 0.0) > now:
+            return False
+        self._until[key] = now + seconds
+        return True
+
+    async def release(self, key: str) -> None:
+        self._until.pop(key, None)
+
+
+@dataclass(slots=True)
+class _Job:
+    plan_index: int
+    plan: WritePlan
+    target: Target
+    edit: Edit
+    current: Current | None = None
+    absent: bool = False
+    copied: bool = False  # `current` is the copy an earlier write of this call was answered with, not a read
+    outcome: _Written | Converged | WritebackError | None = None
+    provenance: str | WritebackError | None = None
+    owed: bool = False  # its Provenance is looked for (and written where missing) in the resource's history
+
+
 @dataclass(slots=True)
 class _Written:
-    index: int
-    plan: WritePlan
     versioned: str
     created: bool
     issues: tuple[Issue, ...]
 
 
-class BatchDelivery:
-    """`pipeline.Delivery` with `deliver_many`: FHIR batch bundles over one `FhirClient`."""
+@dataclass(slots=True)
+class _Batch:
+    known: Known
+    ids: dict[RowRef, str | None] = field(default_factory=dict)  # lookups resolved by search in this call
+    leases: Leases = field(default_factory=LocalLeases)
+    reads: dict[str, asyncio.Task[Answer | WritebackError]] = field(default_factory=dict)  # sent ahead
 
-    def __init__(self, client: FhirClient) -> None:
+
+class BatchDelivery:
+    """`pipeline.Delivery` over one `FhirClient`: one plan, or many at once (`deliver_many`)."""
+
+    def __init__(self, client: FhirClient, leases: Leases | None = None) -> None:
         self.client = client
         self.settings = client.settings
+        self.leases = leases or LocalLeases()
         self._slots = asyncio.Semaphore(self.settings.max_concurrency)
+
+    def prefetch(self, targets: Sequence[Target], memo: dict[Any, Any]) -> None:
+        """Send the reads the writes of these targets will start from, now, while the caller goes on (planning the
+        rest of a batch); `deliver_many` with the same memo takes the answers. A read is only a starting point:
+        the If-Match of the write catches whatever changed after it."""
+        reads: dict[str, asyncio.Task[Answer | WritebackError]] = memo.setdefault(_READS, {})
+        paths = list(dict.fromkeys(p for p in (read_path(t) for t in targets) if p not in reads))
+        if not paths:
+            return
+        sent = asyncio.ensure_future(self.send([{"request": {"method": "GET", "url": path}} for path in paths]))
+        for n, path in enumerate(paths):
+            reads[path] = asyncio.ensure_future(_nth(sent, n))
 
     async def deliver(self, plan: WritePlan) -> Delivered:
         (outcome,) = await self.deliver_many([plan])
@@ -164,143 +202,251 @@ class BatchDelivery:
         return outcome
 
     async def deliver_many(self, plans: Sequence[WritePlan], memo: dict[Any, Any] | None = None,
-                           written: asyncio.Event | None = None) -> list[Delivered | WritebackError]:
-        """One outcome per plan, in order: the write and its Provenance, or the error with its reason code.
-
-        `memo` carries the copies written across the calls of one batch (`Pipeline.process_many`); `written`
-        is set once every write has been answered, while the last Provenances may still be on their way."""
-        outcomes: list[Outcome | None] = [None] * len(plans)
+                           leases: Leases | None = None, landed: asyncio.Event | None = None,
+                           ) -> list[Delivered | WritebackError]:
+        """One outcome per plan, in order. `memo` carries the copies read and written across the calls of one
+        batch (`Pipeline.process_many`); `leases` are the ledger's when the caller has one; `landed` is set once
+        every resource is written (the Provenance records may still be on their way)."""
+        batch = _Batch({} if memo is None else memo.setdefault(_COPIES, {}), leases=leases or self.leases,
+                       reads={} if memo is None else memo.setdefault(_READS, {}))
+        jobs = [_Job(i, plan, write.target, write.edit) for i, plan in enumerate(plans) for write in plan.writes]
         provenances: list[asyncio.Task[None]] = []
-        known: Known = {} if memo is None else memo.setdefault(_COPIES, {})
         try:
-            for wave in waves(plans):
-                done = await self._wave([(i, plans[i]) for i in wave], outcomes, known)
+            for wave in waves([job.target for job in jobs]):
+                done = await self._wave([jobs[i] for i in wave], batch)
                 # A Provenance changes no resource a later wave touches: it goes out alongside that wave.
-                provenances.append(asyncio.create_task(self._provenance(done, outcomes)))
+                provenances.append(asyncio.create_task(self._provenance(done)))
+            if landed is not None:
+                landed.set()
         finally:
-            if written is not None:
-                written.set()
             await asyncio.gather(*provenances)
-        assert all(o is not None for o in outcomes)
-        return [o for o in outcomes if o is not None]
+        await self._heal([job for job in jobs if job.owed or (isinstance(job.outcome, Converged) and (
+            job.outcome.kind == "same" or (job.outcome.kind == "stale" and job.plan.source.retried)))])
+        by_plan: list[list[_Job]] = [[] for _ in plans]
+        for job in jobs:
+            by_plan[job.plan_index].append(job)
+        return [_outcome(plan, mine) for plan, mine in zip(plans, by_plan, strict=True)]
 
     # ---- one wave: no resource twice ---------------------------------------------------------------
 
-    async def _wave(self, items: list[tuple[int, WritePlan]], outcomes: list[Outcome | None],
-                    known: Known) -> list[_Written]:
-        """The writes of one wave; returns what was written (its Provenance still to send)."""
-        stamp = self.client.stamp
-        creates = [(i, p) for i, p in items if p.operation == "create"]
-        updates = [(i, p) for i, p in items if p.operation != "create"]
-        copies: list[Current | None] = [known.get(_cache_key(p)) for _, p in updates]
-        merges = [None if c is None else _merged(p, c[0]) for (_, p), c in zip(updates, copies, strict=True)]
-        for n, (held, merged) in enumerate(zip(copies, merges, strict=True)):
-            # "Nothing to write" is only ever concluded from the server's copy: another system may have changed
-            # these elements since our write.
-            if held is not None and merged is not None and unchanged(merged, held[0]):
-                copies[n] = merges[n] = None
-        unread = [(i, p) for (i, p), c in zip(updates, copies, strict=True) if c is None]
-        entries: list[dict[str, Any]] = [
-            {"resource": stamp(p.resource),
-             "request": {"method": "POST", "url": p.resource_type, "ifNoneExist": p.target.search}}
-            for _, p in creates]
-        entries += [_read_entry(p) for _, p in unread]
-        answers = await self.send(entries)
-        written: list[_Written] = []
-        for (index, plan), answer in zip(creates, answers[:len(creates)], strict=True):
-            try:
-                written.append(self._created(index, plan, answer, known))
-            except WritebackError as exc:
-                outcomes[index] = exc
-        reads = iter(answers[len(creates):])
-        currents = [c if c is not None else _current_or_error(p, next(reads))
-                    for (_, p), c in zip(updates, copies, strict=True)]
-        await self._update(updates, currents, written, outcomes, known, merges=merges)
-        return written
-
-    def _created(self, index: int, plan: WritePlan, answer: Answer | WritebackError, known: Known) -> _Written:
-        if isinstance(answer, WritebackError):
-            raise answer
-        if answer.status == 412:  # as FhirClient.create
-            raise ambiguous_create()
-        if not answer.ok:
-            raise refused(answer.status, answer.outcome, "create")
-        version = version_from(answer.etag, answer.resource)
-        resource_id = (answer.resource or {}).get("id") or id_from_location(answer.location)
-        if not resource_id or not version:
-            raise unnamed_create()
-        _remember(known, plan, answer.resource, version)
-        return _Written(index, plan, f"{plan.resource_type}/{resource_id}/_history/{version}",
-                        answer.status == 201, _entry_issues(answer))
-
-    async def _update(self, updates: list[tuple[int, WritePlan]], currents: Sequence[Current | WritebackError],
-                      written: list[_Written], outcomes: list[Outcome | None], known: Known, *,
-                      merges: Sequence[dict[str, Any] | None]) -> None:
-        """`merges`: for the first attempt, each update already applied to its current copy (None: not yet)."""
-        pending = updates
+    async def _wave(self, jobs: list[_Job], batch: _Batch) -> list[_Job]:
+        """The jobs of one wave; returns those that wrote (their Provenance still to send)."""
+        unread = []
+        for job in jobs:
+            known = batch.known.get(_keys(job.target)[0]) or next(
+                (batch.known[k] for k in _keys(job.target)[1:] if k in batch.known), None)
+            ahead = batch.reads.pop(read_path(job.target), None) if known is None else None
+            if ahead is not None:
+                self._take_read(job, await ahead, batch)
+            elif known is None:
+                unread.append(job)
+            else:
+                job.current, job.copied = known, True
+        searches = self._unresolved_refs(jobs, batch)
+        answers = await self.send([_read_entry(job.target) for job in unread] + [_search_entry(r) for r in searches])
+        for job, answer in zip(unread, answers, strict=False):
+            self._take_read(job, answer, batch)
+        gated = {gate for job in jobs for gate in job.plan.gates}
+        for ref, answer in zip(searches, answers[len(unread):], strict=True):
+            found = _found_id(ref, answer)
+            if found is None and (ref.table, ref.row_id) in gated:
+                # A patient whose consent is known (the gate passed) and that no resource carries yet: its own
+                # message creates it under the row's id, so that is the id to refer to.
+                found = resource_id(ref.table, ref.row_id)
+            batch.ids[ref] = found
+        written: list[_Job] = []
+        pending = [job for job in jobs if job.outcome is None]
         for attempt in range(self.settings.conflict_retries + 1):
             if attempt:
-                reads = await self.send([_read_entry(p) for _, p in pending])
-                currents = [_current_or_error(p, a) for (_, p), a in zip(pending, reads, strict=True)]
-                merges = [None] * len(pending)
-            puts: list[tuple[int, WritePlan, str]] = []
-            entries: list[dict[str, Any]] = []
-            for (index, plan), found, ready in zip(pending, currents, merges, strict=True):
-                if isinstance(found, WritebackError):
-                    outcomes[index] = found
-                    continue
-                current, version = found
-                merged = ready if ready is not None else _merged(plan, current)
-                resource_id = str(current.get("id"))
-                if unchanged(merged, current):
-                    _remember(known, plan, current, version)
-                    written.append(_Written(index, plan, f"{plan.resource_type}/{resource_id}/_history/{version}",
-                                            False, ()))
-                    continue
-                puts.append((index, plan, resource_id))
-                entries.append({"resource": self.client.stamp(merged),
-                                "request": {"method": "PUT", "url": f"{plan.resource_type}/{resource_id}",
-                                            "ifMatch": f'W/"{version}"'}})
-            pending = []
-            if not puts:
-                break
-            for (index, plan, resource_id), put in zip(puts, await self.send(entries), strict=True):
-                if isinstance(put, WritebackError):
-                    outcomes[index] = put
-                elif put.status in (409, 412):
-                    pending.append((index, plan))  # changed concurrently: re-read and re-apply
-                elif put.status in (404, 410):
-                    outcomes[index] = vanished(plan, resource_id)
-                elif not put.ok:
-                    outcomes[index] = refused(put.status, put.outcome, "update")
-                else:
-                    new_version = version_from(put.etag, put.resource)
-                    if not new_version:
-                        outcomes[index] = unversioned_update()
-                    else:
-                        _remember(known, plan, put.resource, new_version)
-                        written.append(_Written(index, plan,
-                                                f"{plan.resource_type}/{resource_id}/_history/{new_version}",
-                                                False, _entry_issues(put)))
+                for job, answer in zip(pending, await self.send([_read_entry(j.target) for j in pending]),
+                                       strict=True):
+                    job.current, job.absent = None, False
+                    self._take_read(job, answer, batch)
+                pending = [job for job in pending if job.outcome is None]
+            pending = await self._write(pending, batch, written)
             if not pending:
                 break
-        for index, plan in pending:
-            outcomes[index] = kept_changing(plan, self.settings)
+        for job in pending:
+            job.outcome = kept_changing(job.target, self.settings)
+        return written
 
-    async def _provenance(self, written: list[_Written], outcomes: list[Outcome | None]) -> None:
+    def _unresolved_refs(self, jobs: list[_Job], batch: _Batch) -> list[RowRef]:
+        refs: dict[RowRef, None] = {}
+        for job in jobs:
+            for ref in job.plan.refs:
+                if ref not in job.plan.ref_ids and ref not in batch.ids:
+                    refs[ref] = None
+        return list(refs)
+
+    def _take_read(self, job: _Job, answer: Answer | WritebackError, batch: _Batch) -> None:
+        try:
+            found = _current(job.target, answer)
+        except WritebackError as exc:
+            job.outcome = exc
+            return
+        if found is None:
+            job.absent = True
+        else:
+            job.current = found
+            _remember(batch.known, job.target, *found)
+
+    async def _write(self, jobs: list[_Job], batch: _Batch, written: list[_Job]) -> list[_Job]:
+        """Decide each job on its copy and send the writes; returns the jobs to read and decide again (412)."""
+        puts: list[tuple[_Job, str, bool]] = []
+        entries: list[dict[str, Any]] = []
+        creates: list[tuple[_Job, dict[str, Any]]] = []
+        again: list[_Job] = []
+        for job in jobs:
+            target = job.target
+            if job.absent and target.fhir_id and not isinstance(job.edit, RemoveItem):
+                job.outcome = target_gone(target)
+                continue
+            current = job.current[0] if job.current is not None else None
+            decided = converge(current, _resolved(job.edit, job.plan, batch), target.resource_type,
+                               target.new_id or resource_id(target.table, target.identifier_value))
+            if decided.kind == "absent":
+                job.outcome = target_pending(target)
+            elif decided.kind != "write" and job.copied:
+                # Only the server's copy may say that nothing needs writing: another system may have changed the
+                # resource since this call wrote it.
+                job.copied = False
+                again.append(job)
+            elif decided.kind != "write":
+                job.outcome = decided
+            elif job.current is None:
+                assert decided.resource is not None
+                creates.append((job, decided.resource))
+            else:
+                assert decided.resource is not None
+                resource_id_ = str(job.current[0].get("id"))
+                puts.append((job, resource_id_, False))
+                entries.append({"resource": self.client.stamp(decided.resource),
+                                "request": {"method": "PUT", "url": f"{target.resource_type}/{resource_id_}",
+                                            "ifMatch": f'W/"{job.current[1]}"'}})
+        if creates:
+            # Long enough for the create's request with all its retries (then it is answered, or it was cancelled
+            # at the invocation's deadline, inside the lock).
+            lease = self.settings.retry_max_seconds + self.settings.timeout_seconds
+            held = await asyncio.gather(*(batch.leases.acquire(f"{job.target.resource_type}/{resource['id']}", lease)
+                                          for job, resource in creates))
+            for (job, resource), mine in zip(creates, held, strict=True):
+                if not mine:
+                    job.outcome = being_created(job.target)
+                    continue
+                puts.append((job, str(resource["id"]), True))
+                entries.append({"resource": self.client.stamp(resource),
+                                "request": {"method": "PUT", "url": f"{job.target.resource_type}/{resource['id']}"}})
+        answered = await self.send(entries)
+        # A create the server refused frees its lease at once: nothing was written, the next try may create. One
+        # that was applied keeps it until it expires, so that a writer that read "absent" before it cannot PUT an
+        # older state over it (it gets `conflict`, and its retry reads the resource); one whose answer never
+        # came keeps it too: it may yet be applied.
+        await asyncio.gather(*(batch.leases.release(f"{job.target.resource_type}/{resource_id_}")
+                               for (job, resource_id_, created), put in zip(puts, answered, strict=True)
+                               if created and (isinstance(put, NotApplied) or (isinstance(put, Answer) and
+                                                                              not put.ok))))
+        for (job, resource_id_, created), put in zip(puts, answered, strict=True):
+            if isinstance(put, WritebackError):
+                job.outcome = put
+            elif put.status in (409, 412):
+                job.copied = False
+                again.append(job)  # changed concurrently: read it again and decide again
+            elif put.status in (404, 410):
+                job.outcome = vanished(job.target, resource_id_)
+            elif not put.ok:
+                job.outcome = refused(put.status, put.outcome, "update" if not created else "create")
+            else:
+                version = version_from(put.etag, put.resource)
+                if not version:
+                    job.outcome = unversioned_update()
+                    continue
+                if put.resource is not None:
+                    _remember(batch.known, job.target, put.resource, version)
+                    if job.target.fhir_id is None:
+                        job.target = replace(job.target, fhir_id=resource_id_)
+                job.outcome = _Written(f"{job.target.resource_type}/{resource_id_}/_history/{version}", created,
+                                       _entry_issues(put))
+                if created and put.resent:
+                    # The create went out twice: the first may have made the resource and the second another
+                    # version of it. Which version is the CREATE is read from its history (`_heal`).
+                    job.owed = True
+                else:
+                    written.append(job)
+        return again
+
+    async def _provenance(self, jobs: list[_Job]) -> None:
         settings = self.settings
-        provenances = [build_provenance(w.plan, w.versioned, created=w.created, agent=settings.agent,
-                                        meta_source=settings.meta_source) for w in written]
-        entries = [{"resource": p, "request": {"method": "PUT", "url": f"Provenance/{p['id']}"}} for p in provenances]
-        for w, provenance, answer in zip(written, provenances, await self.send(entries), strict=True):
+        made = []
+        for job in jobs:
+            assert isinstance(job.outcome, _Written)
+            made.append(build_provenance(job.plan.source, job.outcome.versioned, created=job.outcome.created,
+                                         agent=settings.agent, meta_source=settings.meta_source))
+        entries = [{"resource": p, "request": {"method": "PUT", "url": f"Provenance/{p['id']}"}} for p in made]
+        for job, provenance, answer in zip(jobs, made, await self.send(entries), strict=True):
             if isinstance(answer, WritebackError):
-                outcomes[w.index] = provenance_unwritten(answer)
+                job.provenance = provenance_unwritten(answer)
             elif not answer.ok:
-                outcomes[w.index] = provenance_refused(answer.status, answer.outcome)
+                job.provenance = provenance_refused(answer.status, answer.outcome)
             else:
                 version = version_from(answer.etag, answer.resource) or ""
-                reference = f"Provenance/{provenance['id']}" + (f"/_history/{version}" if version else "")
-                outcomes[w.index] = Delivered(w.versioned, reference, w.issues)
+                job.provenance = f"Provenance/{provenance['id']}" + (f"/_history/{version}" if version else "")
+
+    async def _heal(self, jobs: list[_Job]) -> None:
+        """Every version that took a job's row version must have its one Provenance: a message that finds its
+        version in place (`same`: its earlier try, a resent request or another copy of it wrote it; or, tried
+        again, `stale`) may have written a version whose Provenance failed or was never sent."""
+        located = [(job, rid) for job in jobs if (rid := _resource_id(job))]
+        if not located:
+            return
+        histories = await self.send([{"request": {"method": "GET", "url": f"{job.target.resource_type}/{rid}/"
+                                                  f"_history?_count={HISTORY_DEPTH}"}} for job, rid in located])
+        owed: list[tuple[_Job, str, bool]] = []
+        for (job, _), answer in zip(located, histories, strict=True):
+            if isinstance(answer, Answer) and answer.ok and answer.resource is not None:
+                owed += [(job, versioned, first) for versioned, first in self._versions_of(job, answer.resource)]
+            elif job.owed:
+                job.provenance = WritebackError(Reason.PROVENANCE_FAILED, "the history of a resource created by a "
+                                                "resent request could not be read to write its Provenance")
+        found = await self.send([{"request": {"method": "GET", "url": f"Provenance/{provenance_id(v)}"}}
+                                 for _, v, _ in owed])
+        missing = [(job, v, first) for (job, v, first), answer in zip(owed, found, strict=True)
+                   if isinstance(answer, Answer) and answer.status in (404, 410)]
+        settings = self.settings
+        made = [build_provenance(job.plan.source, v, created=first, agent=settings.agent,
+                                 meta_source=settings.meta_source) for job, v, first in missing]
+        answers = await self.send([{"resource": p, "request": {"method": "PUT", "url": f"Provenance/{p['id']}"}}
+                                   for p in made])
+        failed = {id(job) for (job, _, _), answer in zip(missing, answers, strict=True)
+                  if isinstance(answer, WritebackError) or not answer.ok}
+        for job, versioned, first in missing:
+            if id(job) not in failed and isinstance(job.outcome, Converged):
+                # It found its own version in place, with no Provenance: this message's earlier try (or resent
+                # request) wrote it. It did write, and now the version has its Provenance.
+                job.outcome = _Written(versioned, first, ())
+                job.provenance = f"Provenance/{provenance_id(versioned)}"
+        for job, _ in located:
+            if id(job) in failed:
+                job.provenance = WritebackError(Reason.PROVENANCE_FAILED, "the Provenance of a version this message "
+                                                "wrote could not be written")
+            elif job.owed and isinstance(job.outcome, _Written) and job.provenance is None:
+                job.provenance = f"Provenance/{provenance_id(job.outcome.versioned)}"
+
+    def _versions_of(self, job: _Job, history: Mapping[str, Any]) -> list[tuple[str, bool]]:
+        """The versions in a history bundle (newest first) written by this product (meta.source) that hold this
+        job's row version, each with whether it is the version that created the resource."""
+        resources = [e.get("resource") for e in history.get("entry") or [] if isinstance(e, dict)]
+        oldest_first = [r for r in reversed(resources) if isinstance(r, dict)]
+        complete = len(resources) < HISTORY_DEPTH  # else the oldest version shown is not the first
+        want = job.edit.mark.version
+        out: list[tuple[str, bool]] = []
+        for n, resource in enumerate(oldest_first):
+            held = _marked(resource, job.edit)
+            ours = (resource.get("meta") or {}).get("source") == self.settings.meta_source
+            version = str((resource.get("meta") or {}).get("versionId") or "")
+            if held is not None and held.compare(want) == 0 and ours and version:
+                out.append((f"{job.target.resource_type}/{resource.get('id')}/_history/{version}",
+                            n == 0 and complete))
+        return out
 
     # ---- bundles ---------------------------------------------------------------------------------
 
@@ -343,8 +489,9 @@ class BatchDelivery:
                 break
             again: list[int] = []
             failure = 0
+            resent = bool(response.extensions.get("writeback.resent"))
             for i, raw in zip(todo, listed, strict=True):
-                answer = _answer(raw)
+                answer = _answer(raw, resent)
                 if answer.status in RETRY_STATUSES:
                     again.append(i)
                     failure = answer.status
@@ -364,8 +511,8 @@ class BatchDelivery:
                 for i in todo:
                     method = str(entries[i]["request"]["method"])
                     where = str(entries[i]["request"]["url"]).split("?", maxsplit=1)[0]
-                    out[i] = WritebackError(Reason.FHIR_UNAVAILABLE,
-                                            f"{method} {where} kept failing (HTTP {failure}) after {attempt} tries")
+                    out[i] = NotApplied(Reason.FHIR_UNAVAILABLE,
+                                        f"{method} {where} kept failing (HTTP {failure}) after {attempt} tries")
                 break
             await self.client._sleep(delay)
             slept += delay
@@ -398,29 +545,100 @@ class BatchDelivery:
                 out[i] = answer
 
 
-def _read_entry(plan: WritePlan) -> dict[str, Any]:
-    return {"request": {"method": "GET", "url": read_path(plan)}}
+def _resource_id(job: _Job) -> str:
+    if job.current is not None and job.current[0].get("id"):
+        return str(job.current[0]["id"])
+    return job.target.fhir_id or ""
 
 
-def _merged(plan: WritePlan, current: dict[str, Any]) -> dict[str, Any]:
-    """What an update writes: the server's copy with the plan's elements (and the row identifier) applied."""
-    return apply(current, [*plan.assignments, plan.target.identity])
+def _marked(resource: Mapping[str, Any], edit: Edit) -> Version | None:
+    """The version of the edit's row that a copy holds (on the resource, on its item, or as a tombstone)."""
+    table, row_id = edit.mark.table, edit.mark.row_id
+    if isinstance(edit, RowEdit):
+        mark = mark_of(dict(resource), table, row_id)
+    elif isinstance(edit, ItemEdit):
+        item = item_of(resource.get(edit.element) or [], table, row_id)
+        mark = mark_of(item, table, row_id) if item is not None else None
+    else:
+        mark = mark_of(dict(resource), table, row_id, MOVED)
+    return mark.version if mark is not None else None
 
 
-def _current_or_error(plan: WritePlan, answer: Answer | WritebackError) -> Current | WritebackError:
-    try:
-        return _current(plan, answer)
-    except WritebackError as exc:
-        return exc
+def _resolved(edit: Edit, plan: WritePlan, batch: _Batch) -> Edit:
+    """The edit with its lookups as FHIR references (`Type/<id>` where the id is known)."""
+    if isinstance(edit, RemoveItem) or not plan.refs:
+        return edit
+    ids = {**batch.ids, **plan.ref_ids}
+    owned = tuple(Assignment(a.path, resolve_refs(a.value, ids), a.column) if isinstance(a.value, RowRef) else a
+                  for a in edit.owned)
+    return replace(edit, owned=owned)
 
 
-def _current(plan: WritePlan, answer: Answer | WritebackError) -> Current:
-    """What an update applies to, from a read or search entry, with FhirClient.read_target's errors."""
+def _outcome(plan: WritePlan, jobs: list[_Job]) -> Outcome:
+    """A plan's outcome from its jobs: the first error, else what was written, else why nothing was."""
+    for job in jobs:
+        if isinstance(job.outcome, WritebackError):
+            return job.outcome
+        if isinstance(job.provenance, WritebackError):
+            return job.provenance
+    ids = tuple((job.target.row, f"{job.target.resource_type}/{fid}") for job in jobs if (
+        fid := str(job.current[0].get("id") or "") if job.current is not None else job.target.fhir_id))
+    written = [job for job in jobs if isinstance(job.outcome, _Written)]
+    if written:
+        first = written[0]
+        assert isinstance(first.outcome, _Written) and isinstance(first.provenance, str)
+        also = tuple(str(job.outcome.versioned) for job in written[1:] if isinstance(job.outcome, _Written))
+        return Delivered(first.outcome.versioned, first.provenance, first.outcome.issues, also=also, ids=ids)
+    kinds = [job.outcome.kind for job in jobs if isinstance(job.outcome, Converged)]
+    held = next((job.outcome.held for job in jobs if isinstance(job.outcome, Converged) and job.outcome.held), None)
+    if "stale" in kinds:
+        detail = (f"The FHIR server already holds a newer version of this row ({held.text() if held else '?'}); "
+                  "this change is part of it.")
+        return Delivered(skipped=Reason.STALE, detail=detail, ids=ids)
+    detail = ("The FHIR server already holds this version of the row." if "same" in kinds
+              else "The FHIR server already holds these values.")
+    return Delivered(skipped=Reason.NO_CHANGE, detail=detail, ids=ids)
+
+
+async def _nth(answers: Awaitable[list[Answer | WritebackError]], n: int) -> Answer | WritebackError:
+    return (await answers)[n]
+
+
+def _read_entry(target: Target) -> dict[str, Any]:
+    return {"request": {"method": "GET", "url": read_path(target)}}
+
+
+def _search_entry(ref: RowRef) -> dict[str, Any]:
+    return {"request": {"method": "GET",
+                        "url": f"{ref.resource_type}?identifier={ref.system}|{ref.row_id}&_count=2"}}
+
+
+def _found_id(ref: RowRef, answer: Answer | WritebackError) -> str | None:
+    """The id of the one resource a lookup's search found."""
+    if isinstance(answer, Answer) and answer.ok and answer.resource is not None:
+        found = [e["resource"] for e in answer.resource.get("entry") or []
+                 if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+                 and e["resource"].get("resourceType") == ref.resource_type]
+        if len(found) == 1 and found[0].get("id"):
+            return str(found[0]["id"])
+    return None
+
+
+def _remember(known: Known, target: Target, resource: dict[str, Any], version: str) -> None:
+    if resource.get("resourceType") != target.resource_type or not resource.get("id"):
+        return
+    for key in _keys(target):
+        known[key] = (resource, version)
+    known[(target.resource_type, "id", str(resource["id"]))] = (resource, version)
+
+
+def _current(target: Target, answer: Answer | WritebackError) -> Current | None:
+    """What a write applies to, from a read or search entry; None when the resource does not exist."""
     if isinstance(answer, WritebackError):
         raise answer
-    if plan.target.fhir_id:
+    if target.fhir_id:
         if answer.status in (404, 410):
-            raise target_gone(plan)
+            return None
         if not answer.ok:
             raise refused(answer.status, answer.outcome, "read")
         version = version_from(answer.etag, answer.resource)
@@ -429,4 +647,4 @@ def _current(plan: WritePlan, answer: Answer | WritebackError) -> Current:
         return answer.resource, version
     if not answer.ok:
         raise refused(answer.status, answer.outcome, "search")
-    return found_target(plan, answer.resource or {})
+    return found_target(target, answer.resource or {})

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, timedelta
 from pathlib import Path
@@ -24,10 +25,11 @@ from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusRece
 from writeback.auth import OAuthClientCredentials, TokenProvider, fhir_tokens
 from writeback.decide import plan_message
 from writeback.errors import ConfigError, WritebackError
-from writeback.fhir_client import build_delivery
+from writeback.fhir_client import build_delivery, encode
 from writeback.maps import MapSet, load_maps
 from writeback.outcomes import OutcomeRow, OutcomeStore, outcome_settings
 from writeback.pipeline import Envelope, Pipeline
+from writeback.retry import MAX_MESSAGE_ID, ORIGINAL_ID, original_id
 from writeback.settings import Settings, redacted
 
 EXIT_OK = 0
@@ -73,7 +75,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     settings = Settings.for_planning()
     maps = load_for_cli(args.maps, settings)
     decision = plan_message(_read_bytes(args.file), read_properties(args.properties), maps, settings)
-    print(json.dumps(decision.as_json(), indent=2, ensure_ascii=False))
+    print(encode(decision.as_json(), indent=True).decode("utf-8"))
     return EXIT_REJECT if decision.decision == "reject" else EXIT_OK
 
 
@@ -267,9 +269,14 @@ def _requeued(message: ServiceBusReceivedMessage) -> ServiceBusMessage:
         if name not in _DLQ_PROPERTIES:
             props[name] = value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
     props["writeback-resubmitted-from"] = message.dead_letter_reason or "unknown"
+    original = original_id({str(k): v for k, v in props.items()}, message.message_id)
+    props[ORIGINAL_ID] = original
+    # Not under its own MessageId: the queue's duplicate detection drops a MessageId it saw within its window
+    # (10 minutes), so a message dead-lettered and resubmitted within it would be lost.
+    suffix = f"~s{int(time.time())}"
     return ServiceBusMessage(b"".join(message.body), application_properties=props,
                              content_type=message.content_type, correlation_id=message.correlation_id,
-                             message_id=message.message_id, subject=message.subject)
+                             message_id=original[: MAX_MESSAGE_ID - len(suffix)] + suffix, subject=message.subject)
 
 
 def resubmit_dead_letters(client: ServiceBusClient, queue: str, *, reason: str | None = None, limit: int = 100,

@@ -1,28 +1,56 @@
 """One decision per message, write / skip / reject, with a reason code. Pure: no I/O.
 
 `plan_message` is the whole core path (parse → decide → map → validate) that the dry run, the CLI, the
-function and the benchmark all call.
+function and the benchmark all call. A write is a `WritePlan`: one `Write` per FHIR resource the message
+changes (two when a child row moves to another parent), each an `Edit` that `writeback.converge` applies to the
+server's copy inside the read-modify-write.
+
+With the row's post-image (every Create, and every Update whose step registers a post image) the plan carries
+the row's whole state: every element the map owns is set to the row's current value or cleared, so a gate
+opening (consent given, a contact type becoming mapped) writes the whole row and any write heals an earlier
+miss. Without it (Target only) the plan carries only the columns in the Target, as before, and says so.
+
+What the plan needs from other rows (their FHIR id, a patient's consent) it names in `needs`, `gates` and
+`refs`; `writeback.facts.resolve` fills it in from what is known about those rows before anything is written.
 """
 
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
+from writeback.converge import Edit, ItemEdit, RemoveItem, RowEdit
 from writeback.errors import WritebackError
-from writeback.mapping import Row, build_assignments, choice_key, convert, present, render, validate
+from writeback.mapping import (
+    Row,
+    RowRef,
+    build_assignments,
+    check_invariants,
+    choice_key,
+    render,
+    validate,
+)
 from writeback.maps import EntityMap, MapSet
+from writeback.marks import Mark, Version
 from writeback.messages import EntityRef, Message, label, parse_message
-from writeback.paths import Assignment, Select
-from writeback.paths import Field as PathField
+from writeback.paths import KEEP, Assignment, Field, Index, Select
 from writeback.reasons import Reason
 from writeback.settings import Settings
 
 DecisionKind = Literal["write", "skip", "reject"]
+RowKey = tuple[str, str]  # (table, row id)
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+# Resource ids of the rows this product creates: the same row always gets the same id (PUT Type/<id>), so a
+# Create processed twice, or on two instances at once, cannot make two resources.
+RESOURCE_NAMESPACE = uuid.UUID("2f1d6c3e-7a8b-4c5d-9e0f-1a2b3c4d5e6f")
+
+
+def resource_id(table: str, row_id: str) -> str:
+    return str(uuid.uuid5(RESOURCE_NAMESPACE, f"{table}/{row_id.lower()}"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,45 +67,84 @@ class Source:
     organization_id: str | None
     row_version: int | None
     modified_on: datetime | None
+    retried: bool = False  # a later try of this message: a version it wrote earlier may lack its Provenance
+
+    @property
+    def version(self) -> Version:
+        return Version(self.row_version, self.modified_on)
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """How to find the FHIR resource: by logical id when the row has one, else by the row identifier."""
+    """How to find the FHIR resource: by logical id when known, else by the row identifier; `new_id` is the id
+    it is created under when there is none."""
 
     resource_type: str
     fhir_id: str | None
     identifier_system: str
     identifier_value: str
+    new_id: str = ""
+    table: str = ""  # the table of the row the resource stands for (the parent, for a child row's item)
 
     @property
     def search(self) -> str:
         return f"identifier={self.identifier_system}|{self.identifier_value}"
 
     @property
+    def row(self) -> RowKey:
+        return self.table, self.identifier_value
+
+    @property
     def identity(self) -> Assignment:
         """The row identifier every written resource carries, so the row can always be found again."""
-        path = (PathField("identifier"), Select((("system", self.identifier_system),)), PathField("value"))
-        return Assignment(path, self.identifier_value)
+        path = (Field("identifier"), Select((("system", self.identifier_system),)), Field("value"))
+        return Assignment(path, self.identifier_value, "*")  # "*": this product's, no Dataverse column
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    target: Target
+    edit: Edit
 
 
 @dataclass(frozen=True, slots=True)
 class WritePlan:
     operation: Literal["create", "update"]
-    target: Target
-    assignments: tuple[Assignment, ...]
-    resource: dict[str, Any]
+    writes: tuple[Write, ...]
+    resource: dict[str, Any]  # what the message says about the resource: the dry run's view, validated
     changes: tuple[str, ...]
     source: Source
+    full: bool = True
+    cleared: tuple[str, ...] = ()
+    gates: tuple[RowKey, ...] = ()  # rows whose (patient) consent must be Yes
+    refs: tuple[RowRef, ...] = ()  # lookups to resolve to FHIR references
+    ref_ids: Mapping[RowRef, str] = field(default_factory=dict)  # those already resolved
+
+    @property
+    def target(self) -> Target:
+        return self.writes[0].target
 
     @property
     def resource_type(self) -> str:
         return self.target.resource_type
 
     @property
+    def assignments(self) -> tuple[Assignment, ...]:
+        edit = self.writes[0].edit
+        return () if isinstance(edit, RemoveItem) else edit.owned
+
+    @property
     def columns(self) -> frozenset[str]:
-        """The Dataverse columns this write carries (what the row state orders per column)."""
-        return frozenset(a.column for a in self.assignments if a.column is not None)
+        """The Dataverse columns this write carries (what a Target-only write is ordered by, per column)."""
+        return frozenset(a.column for a in self.assignments if a.column is not None and a.column != "*")
+
+    @property
+    def needs(self) -> frozenset[RowKey]:
+        """Every row whose facts this plan uses: its own, its parents', its gates', its lookups'."""
+        rows = {(self.source.table, self.source.record_id), *self.gates}
+        rows.update(w.target.row for w in self.writes)
+        rows.update((r.table, r.row_id) for r in self.refs)
+        return frozenset(rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +167,7 @@ class Decision:
 
     def as_json(self) -> dict[str, Any]:
         """The dry-run object of `python -m writeback plan`."""
+        plan = self.plan
         return {
             "decision": self.decision,
             "reason": self.reason.value if self.reason else None,
@@ -108,8 +176,10 @@ class Decision:
             "recordId": self.record_id,
             "message": self.message.message_name if self.message else None,
             "resourceType": self.resource_type,
-            "resource": self.plan.resource if self.plan else None,
-            "changes": list(self.plan.changes) if self.plan else None,
+            "resource": plan.resource if plan else None,
+            "changes": list(plan.changes) if plan else None,
+            "cleared": list(plan.cleared) if plan else None,
+            "wholeRow": plan.full if plan else None,
         }
 
 
@@ -121,25 +191,53 @@ def _reject(reason: Reason, detail: str, message: Message | None, resource_type:
     return Decision("reject", reason, detail, message, resource_type=resource_type)
 
 
-def _row_version(row: Row) -> int | None:
+def row_version(row: Row) -> int | None:
     value = row.get("versionnumber")
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _modified_on(row: Row) -> datetime | None:
+def modified_on(row: Row) -> datetime | None:
     value = row.get("modifiedon")
     return value if isinstance(value, datetime) else None
 
 
-def _consented(value: object) -> bool:
+def consented(value: object) -> bool:
     key = choice_key(value)  # type: ignore[arg-type]
     return key in ("true", "1")
 
 
-def _is_echo(message: Message, settings: Settings) -> bool:
+def is_echo(message: Message, settings: Settings) -> bool:
     users = {message.initiating_user_id, message.user_id, message.properties.initiating_user,
              message.properties.user}
     return any(u is not None and u.lower() in settings.ignore_user_ids for u in users)
+
+
+def row_state(message: Message) -> tuple[Row, dict[str, Any], bool]:
+    """The row before (pre image) and after, and whether "after" is the row's whole state.
+
+    After = pre ⊕ Target ⊕ post: an Update's Target holds every column the save changed (a cleared one as
+    null), so a column it does not hold still has its pre-image value, and the post image, the row as saved, has
+    the last word. Images leave out empty columns and hold only the columns their step registers, so a column in
+    none of the three is not known: whole-row writes leave its element as it is (`mapping.build_assignments`).
+    With a post image (or on Create, whose Target is the new row) the state is whole."""
+    old: Row = dict(message.pre_image.attributes) if message.pre_image else {}
+    new: dict[str, Any] = dict(old)
+    for image in (message.target, message.post_image):
+        if image is not None:
+            new.update(image.attributes)
+    return old, new, message.post_image is not None or message.message_name == "Create"
+
+
+def resource_type_of(entity_map: EntityMap, row: Row) -> str | None:
+    if entity_map.resource_type is not None:
+        return entity_map.resource_type
+    key = choice_key(row.get(entity_map.choice_column or ""))
+    return entity_map.choices.get(key) if key is not None else None
+
+
+def fhir_id_of(entity_map: EntityMap, row: Row) -> str | None:
+    value = row.get(entity_map.fhir_id_column)
+    return value if isinstance(value, str) and _FHIR_ID.match(value) else None
 
 
 def decide(message: Message, maps: MapSet, settings: Settings) -> Decision:
@@ -150,130 +248,208 @@ def decide(message: Message, maps: MapSet, settings: Settings) -> Decision:
     if message.message_name not in entity_map.messages:
         return _skip(Reason.UNSUPPORTED_MESSAGE,
                      f"Message {message.message_name[:40]} is not supported for table {message.table}.", message)
-    if _is_echo(message, settings):
-        return _skip(Reason.ECHO, "The change was made by the sync's own user (WRITEBACK_IGNORE_USER_IDS).",
-                     message)
+    if is_echo(message, settings):
+        return _skip(Reason.ECHO, "The change was made by the sync's own user (WRITEBACK_IGNORE_USER_IDS); what "
+                     "it says about the row (FHIR id, type, consent) is kept.", message)
     if message.payload_dropped or (message.target is None and message.post_image is None):
         if message.payload_dropped:
             return _reject(Reason.PAYLOAD_DROPPED, "Dataverse dropped the payload (MessageMaxSizeExceeded).",
                            message)
         return _reject(Reason.MALFORMED_MESSAGE, f"{message.message_name} has no Target entity.", message)
 
-    old: Row = dict(message.pre_image.attributes) if message.pre_image else {}
-    new: dict[str, Any] = dict(old)
-    for image in (message.post_image, message.target):
-        if image is not None:
-            new.update(image.attributes)
-
-    resource_type = entity_map.resource_type
+    old, new, full = row_state(message)
+    resource_type = resource_type_of(entity_map, new)
     if resource_type is None:
         key = choice_key(new.get(entity_map.choice_column or ""))
-        resource_type = entity_map.choices.get(key) if key is not None else None
-        if resource_type is None:
-            missing = key is None
-            detail = (f"Column {entity_map.choice_column} is {'not in the message' if missing else 'not a mapped type'}"
-                      f" for {message.table} {message.record_id}; only "
-                      f"{', '.join(sorted(set(entity_map.choices.values())))} can be written.")
-            return _reject(Reason.INVALID_CONTACT_TYPE, detail, message)
+        detail = (f"Column {entity_map.choice_column} is {'not in the message' if key is None else 'not a mapped type'}"
+                  f" for {message.table} {message.record_id}; only "
+                  f"{', '.join(sorted(set(entity_map.choices.values())))} can be written.")
+        return _reject(Reason.INVALID_CONTACT_TYPE, detail, message)
 
     if resource_type in entity_map.consent_types:
         column = entity_map.consent_column or settings.consent_column
-        if not _consented(new.get(column)):
+        if not consented(new.get(column)):
             state = "is not Yes" if column in new else "is not in the message"
             return _skip(Reason.CONSENT_WITHHELD, f"Consent column {column} {state}.", message, resource_type)
 
     try:
-        return _plan(message, entity_map, resource_type, old, new)
+        return _plan(message, entity_map, maps=maps, settings=settings, resource_type=resource_type, old=old,
+                     new=new, full=full)
     except WritebackError as exc:
         return _reject(exc.reason, exc.detail, message, resource_type)
 
 
-def _plan(message: Message, entity_map: EntityMap, resource_type: str, old: Row, new: Row) -> Decision:
+def _relevant(entity_map: EntityMap, settings: Settings, resource_type: str) -> set[str]:
+    """The columns whose change matters: the mapped ones, and those that open or close a gate or move the row."""
+    columns = {a.column for a in entity_map.attributes
+               if a.column and (a.only_for is None or resource_type in a.only_for)}
+    columns.add(entity_map.fhir_id_column)
+    if entity_map.choice_column:
+        columns.add(entity_map.choice_column)
+    if entity_map.consent_types:
+        columns.add(entity_map.consent_column or settings.consent_column)
+    if entity_map.expansion is not None:
+        columns.add(entity_map.expansion.parent_link)
+    return columns
+
+
+def _gates(entity_map: EntityMap, maps: MapSet, resource_type: str, row: Row) -> list[RowKey]:
+    """Rows of patients this row belongs to (a lookup to a table whose map asks for consent): their consent
+    decides whether this row is written."""
+    gates: list[RowKey] = []
+    for attr in entity_map.attributes:
+        if attr.action != "lookup" or (attr.only_for is not None and resource_type not in attr.only_for):
+            continue
+        value = row.get(attr.column or "")
+        referenced = maps.get(attr.reference_table or "")
+        if isinstance(value, EntityRef) and referenced is not None and attr.reference_type in referenced.consent_types:
+            gates.append((referenced.table, value.id))
+    return gates
+
+
+def _refs(assignments: tuple[Assignment, ...]) -> tuple[RowRef, ...]:
+    return tuple(dict.fromkeys(a.value for a in assignments if isinstance(a.value, RowRef)))
+
+
+def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Settings, resource_type: str,
+          old: Row, new: Row, full: bool) -> Decision:
     is_create = message.message_name == "Create"
+    version = Version(row_version(new), modified_on(new))
+    mark = Mark(message.table, message.record_id, version)
+    target_columns = set(message.target.attributes) if message.target is not None else set()
     mapped = {a.column for a in entity_map.attributes if a.column}
-    columns: set[str] | None = None
-    if not is_create:
-        if message.pre_image is not None:
-            columns = {c for c in mapped if c in new and new.get(c) != old.get(c)}
-        else:
-            columns = {c for c in mapped if message.target and c in message.target.attributes}
+    if not is_create and message.pre_image is not None:
+        relevant = _relevant(entity_map, settings, resource_type)
+        if not any(new.get(c) != old.get(c) for c in relevant):  # a cleared column is absent from the image
+            return _skip(Reason.NO_CHANGE, "The update changes no mapped column (nor the row's type, consent, "
+                         "FHIR id or parent).", message, resource_type)
+    columns = None if full else {c for c in mapped if c in target_columns}
+    if columns is not None and not columns:
+        return _skip(Reason.NO_CHANGE, "The update changes no mapped column.", message, resource_type)
 
     expansion = entity_map.expansion
+    gates = _gates(entity_map, maps, resource_type, new)
     if expansion is not None:
-        link = new.get(expansion.parent_link)
-        if not isinstance(link, EntityRef):
-            return _reject(Reason.MISSING_PARENT_LINK,
-                           f"Column {expansion.parent_link} (the link to the parent {expansion.parent_table}) "
-                           "is empty.", message, resource_type)
-        key_attr = next(a for a in entity_map.attributes if a.target == expansion.key)
-        key_value = old.get(key_attr.column or "") if present(old.get(key_attr.column or "")) else None
-        key_value = key_value if key_value is not None else new.get(key_attr.column or "")
-        if not present(key_value):
-            return _reject(Reason.MISSING_PARENT_LINK,
-                           f"Column {key_attr.column} (which names this row's {expansion.element} in the parent) "
-                           "is empty.", message, resource_type)
-        prefix = (PathField(expansion.element), Select(((expansion.key, str(convert(key_attr, key_value))),)))
-        if columns is not None and not columns:
-            return _skip(Reason.NO_CHANGE, "The update changes no mapped column.", message, resource_type)
-        assignments = build_assignments(entity_map, resource_type, new, columns, prefix)
-        target = Target(resource_type, None, expansion.parent_system, link.id)
-        operation: Literal["create", "update"] = "update"
-    else:
-        if columns is not None and not columns:
-            return _skip(Reason.NO_CHANGE, "The update changes no mapped column.", message, resource_type)
-        assignments = build_assignments(entity_map, resource_type, new, columns)
-        fhir_id = new.get(entity_map.fhir_id_column)
-        if not (isinstance(fhir_id, str) and _FHIR_ID.match(fhir_id)):
-            fhir_id = None
-        target = Target(resource_type, fhir_id, entity_map.identifier_system, message.record_id)
-        operation = "create" if is_create and fhir_id is None else "update"
+        return _plan_item(message, entity_map, maps=maps, resource_type=resource_type, old=old, new=new, full=full,
+                          columns=columns, mark=mark, gates=gates)
 
-    if not assignments:
+    assignments = tuple(build_assignments(entity_map, resource_type, new, columns, full=full,
+                                          keep_absent=full and not is_create))
+    if is_create and not any(a.value is not None for a in assignments if a.column is not None):
         return _skip(Reason.NO_CHANGE, "The row has no value in any mapped column.", message, resource_type)
-    source = Source(
-        table=message.table, record_id=message.record_id, message_name=message.message_name,
-        row_system=entity_map.identifier_system if expansion is None else f"urn:dataverse:{message.table}",
-        initiating_user_id=message.initiating_user_id, correlation_id=message.correlation_id,
-        request_id=message.request_id, organization_id=message.organization_id,
-        row_version=_row_version(new), modified_on=_modified_on(new),
-    )
-    plan = _write_plan(operation, target, tuple(assignments), source)
+    target = Target(resource_type, fhir_id_of(entity_map, new), entity_map.identifier_system, message.record_id,
+                    resource_id(message.table, message.record_id), message.table)
+    refs = _refs(assignments)
+    rendered = render(resource_type, [*assignments, target.identity] if full else assignments, full=full)
+    owned = {a.element: a.column for a in assignments if a.column is not None and a.column != "*"
+             and a.value is not KEEP}
+    validate(rendered, partial=True, required=owned if full else None)
+    check_invariants(rendered)
+    # Without lookups the rendered state is what a create writes: `converge` starts from it, not from scratch.
+    edit = RowEdit(mark, assignments, target.identity, full, create=full, rendered=rendered if full and not refs
+                   else None)
+    source = _source(message, entity_map.identifier_system, new)
+    plan = WritePlan("create" if is_create else "update", (Write(target, edit),), rendered,
+                     _changes(assignments, full), source, full, _cleared(assignments), tuple(gates), refs)
     return Decision("write", None, _describe(plan), message, plan, resource_type)
 
 
-def _write_plan(operation: Literal["create", "update"], target: Target, assignments: tuple[Assignment, ...],
-                source: Source) -> WritePlan:
-    # A created resource carries the row identifier, so the row can always be found again.
-    resource = render(target.resource_type, [*assignments, target.identity] if operation == "create" else assignments)
-    validate(resource, partial=operation == "update")
-    changes = tuple(sorted({a.element for a in assignments} | ({"identifier"} if operation == "create" else set())))
-    return WritePlan(operation, target, assignments, resource, changes, source)
+def _item_fields(entity_map: EntityMap, resource_type: str, row: Row) -> dict[str, Any]:
+    """The plain top-level fields a row's item has (e.g. an identifier's system and value): what an item the
+    ingest put there, without this product's mark, is recognised by."""
+    if not row:
+        return {}
+    try:
+        item = render(resource_type, build_assignments(entity_map, resource_type, row, None))
+    except WritebackError:
+        return {}
+    return {k: v for k, v in item.items() if k != "resourceType" and isinstance(v, str | int | bool)}
+
+
+def _plan_item(message: Message, entity_map: EntityMap, *, maps: MapSet, resource_type: str, old: Row, new: Row,
+               full: bool, columns: set[str] | None, mark: Mark, gates: list[RowKey]) -> Decision:
+    expansion = entity_map.expansion
+    assert expansion is not None
+    link, before = new.get(expansion.parent_link), old.get(expansion.parent_link)
+    if not isinstance(link, EntityRef):
+        return _reject(Reason.MISSING_PARENT_LINK,
+                       f"Column {expansion.parent_link} (the link to the parent {expansion.parent_table}) is empty.",
+                       message, resource_type)
+    parent_map = maps.get(expansion.parent_table)
+    assert parent_map is not None
+
+    def parent_target(row_id: str) -> Target:
+        return Target(resource_type, None, expansion.parent_system, row_id,
+                      resource_id(expansion.parent_table, row_id), expansion.parent_table)
+
+    owned = tuple(build_assignments(entity_map, resource_type, new, columns, full=full,
+                                    keep_absent=full and message.message_name != "Create"))
+    known = tuple(k for k in (_item_fields(entity_map, resource_type, old),
+                              _item_fields(entity_map, resource_type, new)) if k)
+    writes = [Write(parent_target(link.id), ItemEdit(mark, expansion.element, owned, full, known))]
+    moved = isinstance(before, EntityRef) and before.id != link.id
+    if moved:
+        assert isinstance(before, EntityRef)
+        writes.append(Write(parent_target(before.id), RemoveItem(mark, expansion.element, known[:1])))
+    parent_gates = [(expansion.parent_table, link.id)] if parent_map.consent_types else []
+    item = render(resource_type, [Assignment((Field(expansion.element), Index(0), *a.path), a.value, a.column)
+                                  for a in owned if a.value is not None and a.value is not KEEP])
+    validate(item, partial=True)
+    check_invariants(item)
+    source = _source(message, f"urn:dataverse:{message.table}", new)
+    changes = (expansion.element,)
+    plan = WritePlan("update", tuple(writes), item, changes, source, full, (),
+                     tuple(dict.fromkeys([*parent_gates, *gates])), _refs(owned))
+    detail = _describe(plan)
+    if moved:
+        detail = detail[:-1] + f"; moved from {expansion.parent_table} {before.id}."  # type: ignore[union-attr]
+    return Decision("write", None, detail, message, plan, resource_type)
+
+
+def _source(message: Message, row_system: str, row: Row) -> Source:
+    return Source(
+        table=message.table, record_id=message.record_id, message_name=message.message_name, row_system=row_system,
+        initiating_user_id=message.initiating_user_id, correlation_id=message.correlation_id,
+        request_id=message.request_id, organization_id=message.organization_id,
+        row_version=row_version(row), modified_on=modified_on(row),
+    )
+
+
+def _changes(assignments: tuple[Assignment, ...], full: bool) -> tuple[str, ...]:
+    names = {a.element for a in assignments if a.value is not None and a.value is not KEEP}
+    return tuple(sorted(names | ({"identifier"} if full else set())))
+
+
+def _cleared(assignments: tuple[Assignment, ...]) -> tuple[str, ...]:
+    set_ = {a.element for a in assignments if a.value is not None}
+    return tuple(sorted({a.element for a in assignments if a.value is None} - set_))
 
 
 def _describe(plan: WritePlan) -> str:
     verb = "Create" if plan.operation == "create" else "Update"
-    return f"{verb} {plan.resource_type} ({', '.join(plan.changes)})."
+    what = f"{verb} {plan.resource_type} ({', '.join(plan.changes)}"
+    what += f"; cleared {', '.join(plan.cleared)})" if plan.cleared else ")"
+    if not plan.full:
+        what += ": Target only (no post image on the step), only the columns in the message"
+    return what + "."
 
 
 def narrow(decision: Decision, superseded: frozenset[str]) -> Decision | None:
-    """The write without the columns a newer change of the row already wrote; None when nothing is left.
-
-    Updates carry only their changed columns, so an older update arriving after a newer one must still write
-    the columns the newer one did not touch (else its change is lost), and must not write the others back.
-    A create is kept whole: a conditional create never overwrites an existing resource, and while it does not
-    exist yet the newer update is still pending (target-missing) and writes its columns afterwards.
-    """
+    """A Target-only write without the columns a newer change of the row already wrote; None when nothing is
+    left. (A whole-row write is ordered by the version marked in the resource instead: never narrowed.)"""
     plan = decision.plan
     assert plan is not None
     dropped = plan.columns & superseded
-    if not dropped:
+    if not dropped or plan.full:
         return decision
-    kept = tuple(a for a in plan.assignments if a.column is None or a.column not in dropped)
+    write = plan.writes[0]
+    edit = write.edit
+    assert isinstance(edit, RowEdit | ItemEdit)
+    kept = tuple(a for a in edit.owned if a.column is None or a.column not in dropped)
     if not any(a.column is not None for a in kept):
         return None
-    if plan.operation == "create":
-        return decision
-    narrowed = _write_plan(plan.operation, plan.target, kept, plan.source)
+    narrowed = replace(plan, writes=(replace(write, edit=replace(edit, owned=kept)), *plan.writes[1:]),
+                       changes=tuple(sorted({a.element for a in kept if a.value is not None})))
     detail = (f"{_describe(narrowed)[:-1]}; not {', '.join(sorted(dropped))}: a newer change of the row "
               "already wrote them.")
     return replace(decision, plan=narrowed, detail=detail)

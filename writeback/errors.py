@@ -14,6 +14,11 @@ class WritebackError(Exception):
         self.detail = detail
 
 
+class NotApplied(WritebackError):
+    """A write the server answered, every time it was sent, without applying it (e.g. 503): unlike a request
+    whose answer never came, it is known not to have changed anything."""
+
+
 class ConfigError(WritebackError):
     """A missing or invalid setting or map: the message is kept (abandoned), never dead-lettered."""
 

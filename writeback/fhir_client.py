@@ -1,16 +1,13 @@
-"""The FHIR adapter: turns a `WritePlan` into idempotent, concurrency-safe writes plus their Provenance.
+"""The FHIR adapter: the REST client (auth, bounded retries) and the errors every write shares.
 
-- Create: conditional create on the Dataverse-row identifier (`If-None-Exist`), so a redelivered Create
-  finds the resource its first delivery made instead of making a second one.
-- Update: read → apply only the planned elements → `PUT` with `If-Match: W/"<vid>"`. A concurrent change
-  (412, or 409 on servers that answer so) is re-read and re-applied a bounded number of times. Elements no
-  map owns are carried over untouched, and an update that changes nothing writes nothing.
-- Every resource we write has `meta.source` set, so the other sync direction can ignore our writes.
-- Provenance goes in with a deterministic id (`PUT`), so a retried Provenance never duplicates.
-- 429/5xx/timeouts/connection errors are retried with exponential backoff and jitter, honouring
-  `Retry-After`, bounded in count and total time.
+Writes go out as FHIR batch bundles (`writeback.bundles.BatchDelivery`): each is a read-modify-write with
+`If-Match` whose content `writeback.converge` decides on the copy just read, so a concurrent change (412, or
+409 on servers that answer so) is read again and decided again; a create is `PUT <Type>/<id>` with an id
+derived from the row, so it cannot make a second resource. Every resource written has `meta.source` set, so
+the other sync direction can ignore our writes; every version written gets its Provenance.
 
-One pooled `httpx.AsyncClient` per process; see `build_delivery`.
+429/5xx/timeouts/connection errors are retried with exponential backoff and jitter, honouring `Retry-After`,
+bounded in count and total time. One pooled `httpx.AsyncClient` per process; see `build_delivery`.
 """
 
 from __future__ import annotations
@@ -20,17 +17,20 @@ import email.utils
 import json as stdjson
 import logging
 import random
+import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
+from decimal import Decimal
 from typing import Any
 
 import httpx
 import orjson
 
 from writeback.auth import OAuthClientCredentials, TokenProvider, fhir_tokens
-from writeback.decide import WritePlan
-from writeback.errors import WritebackError
+from writeback.decide import Target, WritePlan
+from writeback.errors import NotApplied, WritebackError
+from writeback.mapping import resolve_refs
 from writeback.paths import apply
 from writeback.pipeline import Delivered, Delivery, Issue
 from writeback.provenance import build_provenance
@@ -103,27 +103,45 @@ def _problem(body: Mapping[str, Any] | None) -> str:
     return "; ".join(parts)
 
 
+# A decimal whose text ends in 0 after the point ("72.50"): its precision is part of its FHIR value.
+_SCALED_DECIMAL = re.compile(rb"[0-9]\.[0-9]*0(?=[\s,}\]])")
+
+
 def _json(response: httpx.Response) -> dict[str, Any] | None:
     if not response.content:
         return None
     try:
-        # orjson: decoding batch answers was an eighth of the end-to-end time with the standard library.
-        data = orjson.loads(response.content)
-    except orjson.JSONDecodeError:
+        if _SCALED_DECIMAL.search(response.content):
+            # Read back and written again, "72.50" must stay 72.50, which a float cannot hold.
+            data = stdjson.loads(response.content, parse_float=Decimal)
+        else:
+            # orjson: decoding batch answers was an eighth of the end-to-end time with the standard library.
+            data = orjson.loads(response.content)
+    except ValueError:
         return None
     return data if isinstance(data, dict) else None
 
 
-def encode(body: Any) -> bytes:
-    """A request body as compact UTF-8 JSON (what httpx's `json=` sends), through orjson."""
+def _exact(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return orjson.Fragment(str(value).encode())
+    raise TypeError
+
+
+def _stdlib_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return float(value)
+    raise TypeError(type(value).__name__)
+
+
+def encode(body: Any, *, indent: bool = False) -> bytes:
+    """A request body as compact UTF-8 JSON (what httpx's `json=` sends), through orjson; decimals as written.
+    `indent`: for people to read (the dry run)."""
     try:
-        return orjson.dumps(body)
+        return orjson.dumps(body, default=_exact, option=orjson.OPT_INDENT_2 if indent else None)
     except TypeError:  # integers beyond 64 bits, which orjson refuses; the standard library does not
-        return stdjson.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
-
-
-def _strip_meta(resource: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in resource.items() if k != "meta"}
+        return stdjson.dumps(body, ensure_ascii=False, separators=(",", ":") if not indent else None,
+                             indent=2 if indent else None, allow_nan=False, default=_stdlib_default).encode()
 
 
 def refused(status: int, body: Mapping[str, Any] | None, what: str) -> WritebackError:
@@ -148,17 +166,13 @@ def provenance_unwritten(exc: WritebackError) -> WritebackError:
     return WritebackError(Reason.PROVENANCE_FAILED, f"Provenance not written: {exc.detail}")
 
 
-def found_target(plan: WritePlan, bundle: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
-    """The one resource a search by row identifier found, and its version."""
-    target = plan.target
+def found_target(target: Target, bundle: Mapping[str, Any]) -> tuple[dict[str, Any], str] | None:
+    """The one resource a search by row identifier found, and its version; None when there is none."""
     found = [e["resource"] for e in bundle.get("entry") or []
              if isinstance(e, dict) and isinstance(e.get("resource"), dict)
              and e["resource"].get("resourceType") == target.resource_type]
     if not found:
-        # Service Bus does not keep a row's messages in order: its Create may simply not be written yet.
-        raise WritebackError(Reason.TARGET_PENDING,
-                             f"no {target.resource_type} carries the identifier of Dataverse row "
-                             f"{target.identifier_value} yet")
+        return None
     if len(found) > 1:
         raise WritebackError(Reason.TARGET_MISSING,
                              f"more than one {target.resource_type} carries the identifier of Dataverse row "
@@ -170,8 +184,13 @@ def found_target(plan: WritePlan, bundle: Mapping[str, Any]) -> tuple[dict[str, 
     return resource, version
 
 
-def target_gone(plan: WritePlan) -> WritebackError:
-    target = plan.target
+def target_pending(target: Target) -> WritebackError:
+    # Service Bus does not keep messages in order: the row's (or its parent's) Create may not be written yet.
+    return WritebackError(Reason.TARGET_PENDING, f"no {target.resource_type} for {target.table or 'Dataverse row'} "
+                          f"{target.identifier_value} exists on the FHIR server yet")
+
+
+def target_gone(target: Target) -> WritebackError:
     return WritebackError(Reason.TARGET_MISSING,
                           f"{target.resource_type}/{target.fhir_id} does not exist on the FHIR server")
 
@@ -180,31 +199,23 @@ def unversioned_read() -> WritebackError:
     return WritebackError(Reason.FHIR_REJECTED, "the FHIR server's read answer has no resource version")
 
 
-def ambiguous_create() -> WritebackError:
-    return WritebackError(Reason.TARGET_MISSING, "more than one resource carries the row identifier")
+def vanished(target: Target, resource_id: str) -> WritebackError:
+    return WritebackError(Reason.TARGET_MISSING, f"{target.resource_type}/{resource_id} no longer exists")
 
 
-def unnamed_create() -> WritebackError:
-    return WritebackError(Reason.FHIR_REJECTED, "the FHIR server's create answer names no id or version")
-
-
-def vanished(plan: WritePlan, resource_id: str) -> WritebackError:
-    return WritebackError(Reason.TARGET_MISSING, f"{plan.resource_type}/{resource_id} no longer exists")
+def being_created(target: Target) -> WritebackError:
+    return WritebackError(Reason.CONFLICT, f"another instance is creating the {target.resource_type} of "
+                          f"{target.table} {target.identifier_value}; tried again after the delay")
 
 
 def unversioned_update() -> WritebackError:
     return WritebackError(Reason.FHIR_REJECTED, "the FHIR server's update answer has no version")
 
 
-def kept_changing(plan: WritePlan, settings: Settings) -> WritebackError:
+def kept_changing(target: Target, settings: Settings) -> WritebackError:
     return WritebackError(Reason.CONFLICT,
-                          f"{plan.resource_type} kept changing on the server through "
+                          f"{target.resource_type} kept changing on the server through "
                           f"{settings.conflict_retries + 1} attempts")
-
-
-def unchanged(merged: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
-    """An update that changes nothing writes nothing (meta aside)."""
-    return _strip_meta(merged) == _strip_meta(current)
 
 
 issues_of = _issues
@@ -236,6 +247,7 @@ class FhirClient:
         started, slept, budget = time.monotonic(), 0.0, self.settings.retry_max_seconds
         attempt = 0
         refreshed = False
+        unanswered = False  # a try got no answer: the server may have applied it
         content = None if json is None else encode(json)
         while True:
             send_headers = {"Accept": FHIR_JSON, **(headers or {})}
@@ -250,6 +262,7 @@ class FhirClient:
                                                    timeout=self.settings.timeout_seconds)
             except httpx.TransportError as exc:
                 failure = type(exc).__name__
+                unanswered = True
             else:
                 if response.status_code in (401, 403):
                     if self.tokens is not None and not refreshed and response.status_code == 401:
@@ -259,6 +272,8 @@ class FhirClient:
                     raise WritebackError(Reason.UNAUTHORIZED,
                                          f"the FHIR server refused our credentials (HTTP {response.status_code})")
                 if response.status_code not in RETRY_STATUSES:
+                    # Sent more than once: the server may have applied an earlier copy whose answer was lost.
+                    response.extensions["writeback.resent"] = attempt > 0
                     return response
                 failure = f"HTTP {response.status_code}"
                 wait = _retry_after(response)
@@ -268,28 +283,11 @@ class FhirClient:
             spent = max(time.monotonic() - started, slept)
             if attempt > self.settings.max_retries or spent + delay > budget:
                 where = path.split("?", maxsplit=1)[0]
-                raise WritebackError(Reason.FHIR_UNAVAILABLE,
-                                     f"{method} {where} kept failing ({failure}) after {attempt} tries")
+                kind = WritebackError if unanswered else NotApplied
+                raise kind(Reason.FHIR_UNAVAILABLE, f"{method} {where} kept failing ({failure}) after {attempt} tries")
             log.info("retrying FHIR request", extra={"attempt": attempt, "failure": failure, "delay_s": delay})
             await self._sleep(delay)
             slept += delay
-
-    # ---- reading ---------------------------------------------------------------------------------
-
-    async def read_target(self, plan: WritePlan) -> tuple[dict[str, Any], str]:
-        """The resource an update applies to, and its version: by logical id, else by row identifier."""
-        target = plan.target
-        if target.fhir_id:
-            response = await self.request("GET", read_path(plan))
-            if response.status_code in (404, 410):
-                raise target_gone(plan)
-            body = self.check(response, "read")
-            version = _version_of(response, body)
-            if body is None or version is None:
-                raise unversioned_read()
-            return body, version
-        response = await self.request("GET", read_path(plan))
-        return found_target(plan, self.check(response, "search") or {})
 
     def check(self, response: httpx.Response, what: str) -> dict[str, Any] | None:
         body = _json(response)
@@ -306,60 +304,9 @@ class FhirClient:
             meta.pop(key, None)
         return {**resource, "meta": meta}
 
-    async def create(self, plan: WritePlan) -> tuple[str, str, bool, tuple[Issue, ...]]:
-        """Conditional create. Returns (id, version, created, issues); created False: it already existed."""
-        resource = self.stamp(plan.resource)
-        response = await self.request("POST", plan.resource_type, json=resource, headers={
-            "If-None-Exist": plan.target.search, "Prefer": "return=representation"})
-        if response.status_code == 412:  # several resources carry the row identifier: the server cannot pick
-            raise ambiguous_create()
-        body = self.check(response, "create")
-        version = _version_of(response, body)
-        resource_id = (body or {}).get("id") or _id_from_location(response.headers.get("Location", ""))
-        if not resource_id or not version:
-            raise unnamed_create()
-        return str(resource_id), version, response.status_code == 201, _issues(body)
 
-    async def update(self, plan: WritePlan) -> tuple[str, str, bool, tuple[Issue, ...]]:
-        """Read-modify-write under If-Match. Returns (id, version, changed, issues)."""
-        for _ in range(self.settings.conflict_retries + 1):
-            current, version = await self.read_target(plan)
-            merged = apply(current, [*plan.assignments, plan.target.identity])
-            resource_id = str(current.get("id"))
-            if unchanged(merged, current):
-                return resource_id, version, False, ()
-            response = await self.request(
-                "PUT", f"{plan.resource_type}/{resource_id}", json=self.stamp(merged),
-                headers={"If-Match": f'W/"{version}"', "Prefer": "return=representation"})
-            if response.status_code in (409, 412):
-                log.info("concurrent change, re-reading", extra={"resource_type": plan.resource_type})
-                continue
-            if response.status_code in (404, 410):
-                raise vanished(plan, resource_id)
-            body = self.check(response, "update")
-            new_version = _version_of(response, body)
-            if not new_version:
-                raise unversioned_update()
-            return resource_id, new_version, True, _issues(body)
-        raise kept_changing(plan, self.settings)
-
-    async def put_provenance(self, provenance: dict[str, Any]) -> str:
-        try:
-            response = await self.request("PUT", f"Provenance/{provenance['id']}", json=provenance)
-        except WritebackError as exc:
-            if exc.reason is Reason.UNAUTHORIZED:
-                raise
-            raise provenance_unwritten(exc) from None
-        body = _json(response)
-        if not response.is_success:
-            raise provenance_refused(response.status_code, body)
-        version = _version_of(response, body) or ""
-        return f"Provenance/{provenance['id']}" + (f"/_history/{version}" if version else "")
-
-
-def read_path(plan: WritePlan) -> str:
-    """The read an update starts from: by logical id, else a search by row identifier."""
-    target = plan.target
+def read_path(target: Target) -> str:
+    """The read a write starts from: by logical id, else a search by row identifier."""
     if target.fhir_id:
         return f"{target.resource_type}/{target.fhir_id}"
     return f"{target.resource_type}?{target.search}&_count=2"
@@ -378,50 +325,6 @@ def _id_from_location(location: str) -> str | None:
     return parts[-1] if parts and parts[-1] else None
 
 
-class FhirDelivery:
-    """`pipeline.Delivery` against a FHIR server."""
-
-    def __init__(self, client: FhirClient) -> None:
-        self.client = client
-
-    async def deliver(self, plan: WritePlan) -> Delivered:
-        if plan.operation == "create":
-            resource_id, version, created, issues = await self.client.create(plan)
-        else:
-            resource_id, version, _, issues = await self.client.update(plan)
-            created = False
-        versioned = f"{plan.resource_type}/{resource_id}/_history/{version}"
-        settings = self.client.settings
-        provenance = build_provenance(plan, versioned, created=created, agent=settings.agent,
-                                      meta_source=settings.meta_source)
-        provenance_ref = await self.client.put_provenance(provenance)
-        return Delivered(versioned, provenance_ref, issues)
-
-
-class FhirTarget(FhirDelivery):
-    """The function's FHIR delivery: one plan as `FhirDelivery`'s direct requests, several as FHIR batch
-    bundles (`bundles.BatchDelivery`), so a batch of one costs no bundle round trip."""
-
-    def __init__(self, client: FhirClient) -> None:
-        super().__init__(client)
-        from writeback.bundles import BatchDelivery  # noqa: PLC0415 - bundles imports this module
-
-        self.batch = BatchDelivery(client)
-
-    async def deliver_many(self, plans: Sequence[WritePlan], memo: dict[Any, Any] | None = None,
-                           written: asyncio.Event | None = None) -> list[Delivered | WritebackError]:
-        """As `BatchDelivery.deliver_many`."""
-        if len(plans) != 1 or memo:  # a batch that already wrote: its bundles know the copies they wrote
-            return await self.batch.deliver_many(plans, memo, written)
-        try:
-            return [await self.deliver(plans[0])]
-        except WritebackError as exc:
-            return [exc]
-        finally:
-            if written is not None:
-                written.set()
-
-
 class AlternateDelivery:
     """`pipeline.Delivery` to a user-defined endpoint (e.g. a Logic App): the validated resource and its
     Provenance go out together as one FHIR transaction bundle, the Provenance pointing at the resource's
@@ -433,7 +336,7 @@ class AlternateDelivery:
 
     async def deliver(self, plan: WritePlan) -> Delivered:
         settings = self.client.settings
-        resource = self.client.stamp(apply(plan.resource, [plan.target.identity]))
+        resource = self.client.stamp(resolve_refs(apply(plan.resource, [plan.target.identity]), plan.ref_ids))
         full_url = f"urn:uuid:{uuid.uuid4()}"
         # An update carries only the changed elements, as the overview's writeback does; the endpoint merges.
         method = "POST" if plan.operation == "create" else "PUT"
@@ -479,7 +382,9 @@ def build_delivery(settings: Settings) -> tuple[Delivery, Callable[[], Awaitable
         delivery = AlternateDelivery(settings.alternate_url, http, tokens, settings)
     else:
         tokens = fhir_tokens(settings)
-        delivery = FhirTarget(FhirClient(settings.fhir_url, http, tokens, settings))
+        from writeback.bundles import BatchDelivery  # noqa: PLC0415 - bundles imports this module
+
+        delivery = BatchDelivery(FhirClient(settings.fhir_url, http, tokens, settings))
 
     async def aclose() -> None:
         await tokens.aclose()

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from datetime import date, datetime
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -17,7 +18,7 @@ from pydantic import ValidationError
 from writeback.errors import WritebackError
 from writeback.maps import AttributeMap, EntityMap
 from writeback.messages import Entity, EntityRef, Money, Opaque, OptionSet, Value
-from writeback.paths import Assignment, Select, apply
+from writeback.paths import KEEP, Assignment, Select, apply, apply_state
 from writeback.paths import Field as PathField
 from writeback.reasons import Reason
 
@@ -30,7 +31,39 @@ def _invalid(detail: str) -> WritebackError:
 
 
 def present(value: Value) -> bool:
-    return value is not None and value not in ("", ())
+    """A value Dataverse holds: not empty, not only whitespace (a form's blank field)."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    return value is not None and value != ()
+
+
+@dataclass(frozen=True, slots=True)
+class RowRef:
+    """A lookup to another Dataverse row, to become a FHIR Reference once that row's FHIR id is looked up
+    (`writeback.facts`): `Patient/<id>` when known, else the identifier-only reference (the last resort)."""
+
+    table: str
+    row_id: str
+    resource_type: str
+    system: str
+
+    def reference(self, fhir_id: str | None) -> dict[str, Any]:
+        identifier = {"system": self.system, "value": self.row_id}
+        if fhir_id:
+            return {"reference": f"{self.resource_type}/{fhir_id}", "type": self.resource_type,
+                    "identifier": identifier}
+        return {"type": self.resource_type, "identifier": identifier}
+
+
+def resolve_refs(node: Any, ids: Mapping[RowRef, str | None]) -> Any:
+    """`node` with every RowRef replaced by its reference (ids missing from `ids`: identifier-only)."""
+    if isinstance(node, RowRef):
+        return node.reference(ids.get(node))
+    if isinstance(node, dict):
+        return {k: resolve_refs(v, ids) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return [resolve_refs(v, ids) for v in node]
+    return node
 
 
 def _choice_key(value: Value) -> str | None:
@@ -47,16 +80,18 @@ def choice_key(value: Value) -> str | None:
     return _choice_key(value)
 
 
-def _number(value: Value) -> int | float | None:
+def _number(value: Value) -> int | float | Decimal | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, Money):
         value = value.value
     if isinstance(value, Decimal):
         try:  # an exponent beyond the decimal context (e.g. 1E+1000000) overflows: no FHIR decimal either
-            return int(value) if abs(value) < 2**53 and value == value.to_integral_value() else float(value)
+            if abs(value) >= Decimal(10) ** 28:
+                return None
         except ArithmeticError:
             return None
+        return value  # kept as Decimal: FHIR decimals keep their precision ("72.50" is not 72.5)
     if isinstance(value, int | float):
         return value
     return None
@@ -73,7 +108,9 @@ def convert(attr: AttributeMap, value: Value) -> Any:
     if attr.action == "lookup":
         if not isinstance(value, EntityRef):
             raise _invalid(f"column {column} is not a lookup")
-        return {"type": attr.reference_type, "identifier": {"system": attr.reference_system, "value": value.id}}
+        assert attr.reference_type is not None and attr.reference_system is not None
+        return RowRef(attr.reference_table or value.logical_name, value.id, attr.reference_type,
+                      attr.reference_system)
     if attr.type == "id" and isinstance(value, EntityRef):
         return value.id  # a lookup to a code table: the row id is the code, the table's system its system
     if isinstance(value, Opaque | Entity | EntityRef | tuple):
@@ -86,6 +123,8 @@ def convert(attr: AttributeMap, value: Value) -> Any:
             kind = "decimal"
         elif isinstance(value, OptionSet):
             return value.value
+        elif isinstance(value, str):
+            return value.strip()
         else:
             return value
     if kind == "date":
@@ -102,12 +141,14 @@ def convert(attr: AttributeMap, value: Value) -> Any:
         raise _invalid(f"column {column} is not a date and time")
     if kind in ("string", "code"):
         if isinstance(value, str):
-            return value.strip() if kind == "code" else value
+            return value.strip()
         if isinstance(value, int | Decimal) and not isinstance(value, bool):
             return str(value)
         raise _invalid(f"column {column} is not text")
     if kind in ("decimal", "integer"):
         number = _number(value)
+        if kind == "integer" and isinstance(number, Decimal) and number == number.to_integral_value():
+            number = int(number)
         if number is None or (kind == "integer" and not isinstance(number, int)):
             raise _invalid(f"column {column} is not a {kind}")
         return number
@@ -128,12 +169,20 @@ def build_assignments(
     row: Row,
     columns: set[str] | None,
     prefix: tuple[PathField | Select, ...] = (),
+    *,
+    full: bool = False,
+    keep_absent: bool = False,
 ) -> list[Assignment]:
-    """Assignments for the mapped columns in `columns` (every mapped column with a value when None)."""
+    """Assignments for the mapped columns in `columns` (every mapped column with a value when None).
+
+    `full`: the row's whole state: every mapped column the row holds (an empty one as None: its element is
+    cleared), and the constants (`default` without a column). `keep_absent`: a column the row does not hold at all
+    (in no image of an Update) is not known: its element is left as it is (`KEEP`, which keeps a list position in
+    place); on a Create, whose Target holds every column of the new row, an absent column is empty."""
     out: list[Assignment] = []
     for attr in attributes_for(entity_map, resource_type):
         if attr.column is None:
-            if columns is None:  # a constant default belongs to a Create only
+            if columns is None:  # a constant belongs to a Create or to a whole state
                 out.append(Assignment(prefix + attr.path, attr.default))
             continue
         if columns is not None and attr.column not in columns:
@@ -143,7 +192,9 @@ def build_assignments(
             out.append(Assignment(prefix + attr.path, convert(attr, value), attr.column))
         elif attr.default is not None:
             out.append(Assignment(prefix + attr.path, attr.default, attr.column))
-        elif columns is not None:
+        elif keep_absent and attr.column not in row:
+            out.append(Assignment(prefix + attr.path, KEEP, attr.column))
+        elif columns is not None or full:
             out.append(Assignment(prefix + attr.path, None, attr.column))  # cleared in Dataverse: cleared in FHIR
     return out
 
@@ -158,23 +209,84 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def validate(resource: dict[str, Any], *, partial: bool) -> None:
+def validate(resource: dict[str, Any], *, partial: bool, required: Mapping[str, str] | None = None) -> None:
     """fhir.resources (R4B ≅ R4) structural validation; the error names the element, never the value.
 
-    `partial`: the resource holds only the elements one update changes, so required elements may be absent.
+    `partial`: the resource holds only the elements the map owns, so required elements may be absent, except
+    those in `required` (owned element → the column that feeds it): a row's whole state that leaves one of those
+    empty cannot make a valid resource (Encounter.class, Observation.code, ...).
     """
     model = get_fhir_model_class(resource["resourceType"])
     try:
         model.model_validate(resource)
     except ValidationError as exc:
-        problems = [e for e in exc.errors() if not (partial and e.get("type") == "missing")]
+        problems = []
+        for error in exc.errors():
+            loc = tuple(error.get("loc", ()))
+            missing = "missing" in str(error.get("type", ""))
+            if missing and partial and not (required and len(loc) == 1 and str(loc[0]) in required):
+                continue
+            problems.append(error)
         if problems:
             first = problems[0]
-            where = _loc(tuple(first.get("loc", ()))) or "(resource)"
+            loc = tuple(first.get("loc", ()))
+            where = _loc(loc) or "(resource)"
+            if "missing" in str(first.get("type", "")) and required and str(loc[0]) in required:
+                raise _invalid(f"{resource['resourceType']}.{where} is required, and column {required[str(loc[0])]} "
+                               "that gives it is empty") from None
             raise _invalid(f"{resource['resourceType']}.{where} is invalid ({first.get('type', 'error')})") from None
     except (ValueError, TypeError) as exc:  # validators in fhir.resources may raise plain errors
         raise _invalid(f"{resource['resourceType']} failed validation ({type(exc).__name__})") from None
 
 
-def render(resource_type: str, assignments: Iterable[Assignment]) -> dict[str, Any]:
-    return apply({"resourceType": resource_type}, assignments)
+def render(resource_type: str, assignments: Iterable[Assignment], *, full: bool = False) -> dict[str, Any]:
+    """What the assignments put in an empty resource (lookups as identifier-only references)."""
+    base: dict[str, Any] = {"resourceType": resource_type}
+    assignments = list(assignments)
+    rendered = apply_state(base, assignments) if full else apply(base, assignments)
+    if not any(isinstance(a.value, RowRef) for a in assignments):
+        return rendered
+    out: dict[str, Any] = resolve_refs(rendered, {})
+    return out
+
+
+def _when(text: str) -> tuple[datetime, int] | None:
+    """A FHIR date/dateTime/instant as an instant and its precision (characters), for comparisons."""
+    try:
+        if len(text) == 4:
+            return datetime(int(text), 1, 1, tzinfo=UTC), 4
+        if len(text) == 7:
+            return datetime(int(text[:4]), int(text[5:7]), 1, tzinfo=UTC), 7
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)), len(text)
+
+
+def _backwards(start: str, end: str) -> bool:
+    """per-1: end before start, compared at the precision both have."""
+    a, b = _when(start), _when(end)
+    if a is None or b is None:
+        return False
+    if a[1] > 10 and b[1] > 10:
+        return b[0] < a[0]
+    n = min(a[1], b[1], 10)
+    return end[:n] < start[:n]
+
+
+def check_invariants(resource: Mapping[str, Any]) -> None:
+    """FHIR invariants fhir.resources does not check, for the elements maps write. per-1: a Period's end is not
+    before its start."""
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            start, end = node.get("start"), node.get("end")
+            if isinstance(start, str) and isinstance(end, str) and _backwards(start, end):
+                raise _invalid(f"{where} ends before it starts (FHIR invariant per-1)")
+            for key, value in node.items():
+                walk(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i}]")
+
+    walk(resource, str(resource.get("resourceType", "(resource)")))

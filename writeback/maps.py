@@ -84,7 +84,9 @@ class ExpansionSpec(_Strict):
     parent_table: str
     parent_link: str
     element: str
-    key: str
+    # Earlier maps found a child row's item by the value of this field; items are now found by the mark naming
+    # their Dataverse row (two rows with the same system coexist). Accepted and unused, so old maps still load.
+    key: str | None = None
 
 
 class EntityMapSpec(_Strict):
@@ -122,6 +124,7 @@ class AttributeMap:
     default: str | int | float | bool | None
     reference_type: str | None
     reference_system: str | None
+    reference_table: str | None  # the table whose map produces reference_type (whose rows the lookup names)
     only_for: frozenset[str] | None
 
     @property
@@ -136,7 +139,7 @@ class Expansion:
     parent_table: str
     parent_link: str
     element: str
-    key: str
+    key: str | None
     parent_system: str
     parent_fhir_id_column: str
 
@@ -278,7 +281,7 @@ def _compile(file: str, spec: EntityMapSpec, specs: Mapping[str, tuple[str, Enti
         only_for = frozenset(attr.only_for) if attr.only_for else None
         if only_for and not only_for <= types:
             raise MapError(file, f"{where}.only_for", "names a resource type this map does not produce")
-        ref_system = None
+        ref_system = ref_table = None
         if attr.action == "lookup":
             assert attr.resource is not None
             _check_resource(file, f"{where}.resource", attr.resource)
@@ -287,14 +290,12 @@ def _compile(file: str, spec: EntityMapSpec, specs: Mapping[str, tuple[str, Enti
             if referenced is None or referenced.identity is None:
                 raise MapError(file, f"{where}.resource", f"no map produces {attr.resource}, so rows cannot be "
                                "referenced by their Dataverse identifier")
-            ref_system = referenced.identity.identifier_system
+            ref_system, ref_table = referenced.identity.identifier_system, referenced.table
         attributes.append(AttributeMap(
             column=attr.column, path=path, target=attr.target, action=attr.action, type=attr.type,
             values=dict(attr.values or {}), default=attr.value, reference_type=attr.resource,
-            reference_system=ref_system, only_for=only_for,
+            reference_system=ref_system, reference_table=ref_table, only_for=only_for,
         ))
-    if expansion is not None and not any(a.target == expansion.key for a in attributes):
-        raise MapError(file, "expansion.key", f"no attribute targets the key element {expansion.key!r}")
     consent_types = frozenset(spec.consent.applies_to) if spec.consent else frozenset()
     return EntityMap(
         file=file, table=spec.table, writeback=spec.writeback, messages=frozenset(spec.messages),

@@ -17,25 +17,30 @@ Implements `writeback.pipeline.Ledger` over azure-data-tables (async) and the qu
     their parent: RowKey ``<parent RowKey>-<nnn>``, ``Kind`` = ``issue``. Parent and children are written in
     one entity-group transaction, so a reader never sees half an outcome.
 
-``messages``  Duplicate detection. PartitionKey = the message key (Dataverse RequestId, else the Service Bus
-    MessageId; hashed when it holds characters Table Storage refuses in keys), RowKey ``m``. Written only when a
-    delivery ended written or skipped: a message that failed may and must come again.
+``messages``  Duplicate detection. PartitionKey = the message key (Dataverse RequestId with the table and row id,
+    else the MessageId Dataverse posted; hashed when it holds characters Table Storage refuses in keys), RowKey
+    ``m``. Written only when a delivery ended written or skipped: a message that failed may and must come again.
 
-``rowstate``  Per Dataverse row, the version that last wrote each column, for the `stale` check.
-    PartitionKey = record id, RowKey = table logical name; ``Columns`` (JSON: column → [versionnumber,
-    modifiedon]) and, for people reading it, the row's newest ``Version`` and ``ModifiedOn``. Per column,
-    because an update carries only the columns it changed: an older update arriving late still writes the
-    columns no newer change wrote, and is `stale` only when a newer change wrote all of them. Advanced with
-    ETag concurrency (If-Match): a writer whose read went out of date gets 412, re-reads and compares again.
+``rowstate``  Per Dataverse row (PartitionKey = record id, RowKey = table logical name), two things:
+    - its facts (`writeback.facts`): ``FactsVersion``, ``ResourceType``, ``Consent``, ``FhirId``, ``Written``
+      (`Type/<id>` of the resource found or written for it), ``Parent`` (a child row's parent): what other rows'
+      writes need to know about it, merged by version;
+    - for Target-only writes and child rows, the version that last wrote each column (``Columns``: JSON column →
+      [versionnumber, modifiedon]; ``Version``, ``ModifiedOn`` for people reading it), so an older change arriving
+      late writes only the columns no newer change wrote, and is `stale` when a newer change wrote all of them.
+    Both are advanced with ETag concurrency (If-Match, MERGE): a writer whose read went out of date gets 412,
+    re-reads and compares again. Create leases (one per resource to create, PartitionKey = `Type/<id>`, RowKey
+    ``lease``, ``Until``) live in the same table.
 
 No row holds patient data: only ids, names of tables and messages, codes, counts, times, and the `detail`
 texts, which the core keeps free of values. Every Table Storage failure becomes
-`WritebackError(Reason.OUTCOME_STORE_UNAVAILABLE)` (transient: the message is abandoned and retried).
+`WritebackError(Reason.OUTCOME_STORE_UNAVAILABLE)` (transient: the message is retried after a delay).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -59,8 +64,10 @@ from azure.data.tables import EdmType, EntityProperty, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
 from azure.identity.aio import DefaultAzureCredential
 
-from writeback.decide import WritePlan
+from writeback.decide import RowKey, WritePlan
 from writeback.errors import ConfigError, WritebackError
+from writeback.facts import RowFacts
+from writeback.marks import Version
 from writeback.pipeline import Envelope, Result, State, message_key
 from writeback.reasons import Reason
 from writeback.settings import SPEC_BY_NAME, Settings, require_secure_url
@@ -76,6 +83,7 @@ STATUS_OF_STATE: dict[State, Status] = {
 }
 
 CLAIM_ATTEMPTS = 6  # read-compare-write rounds on 412/409 before giving up (transient)
+FACT_READS = 16  # row state reads or writes of one batch in flight at once
 MAX_ISSUE_ROWS = 99  # an entity-group transaction holds at most 100 entities: the parent + 99 issues
 MAX_TEXT = 2000  # characters of `detail` kept per row (Table Storage allows 32K; the log needs far less)
 _INVERT = 10**16 - 1  # microseconds since the epoch fit in 16 digits until the year 2286
@@ -253,6 +261,16 @@ def _group(entities: Iterable[Mapping[str, Any]]) -> list[OutcomeRow]:
     return rows
 
 
+def _facts_of(row: RowKey, entity: Mapping[str, Any]) -> RowFacts | None:
+    if not any(k in entity for k in ("FactsVersion", "ResourceType", "Consent", "FhirId", "Written", "Parent")):
+        return None
+    consent = entity.get("Consent")
+    kind = entity.get("ResourceType")
+    return RowFacts(row[0], row[1], Version.parse(str(entity.get("FactsVersion") or "")),
+                    str(kind) if isinstance(kind, str) else None, consent if isinstance(consent, bool) else None,
+                    entity.get("FhirId") or None, entity.get("Written") or None, entity.get("Parent") or None)
+
+
 # ---- the ledger --------------------------------------------------------------------------------------------
 
 
@@ -428,9 +446,9 @@ class OutcomeStore:
             try:
                 if current is None:
                     await self._call("claim the row", table.create_entity(entity))
-                else:
+                else:  # MERGE: the row's facts (learn) share the entity
                     await self._call("claim the row", table.update_entity(
-                        entity, mode=UpdateMode.REPLACE, etag=current.metadata["etag"],
+                        entity, mode=UpdateMode.MERGE, etag=current.metadata["etag"],
                         match_condition=MatchConditions.IfNotModified))
             except (ResourceModifiedError, ResourceExistsError):
                 continue  # another instance got there first: read again and compare again
@@ -440,6 +458,93 @@ class OutcomeStore:
         raise WritebackError(Reason.CONFLICT,
                              f"the row state of {src.table} {src.record_id} kept changing in Table Storage "
                              f"through {CLAIM_ATTEMPTS} re-reads")
+
+    async def facts(self, rows: Iterable[RowKey]) -> dict[RowKey, RowFacts]:
+        table = await self._table("rowstate")
+        slots = asyncio.Semaphore(FACT_READS)
+
+        async def one(row: RowKey) -> RowFacts | None:
+            async with slots:
+                try:
+                    entity = await self._call("read the row state", table.get_entity(record_key(row[1]),
+                                                                                       safe_key(row[0])))
+                except ResourceNotFoundError:
+                    return None
+            return _facts_of(row, entity)
+
+        found = await asyncio.gather(*(one(row) for row in rows))
+        return {fact.key: fact for fact in found if fact is not None}
+
+    async def learn(self, facts: Iterable[RowFacts]) -> None:
+        table = await self._table("rowstate")
+        slots = asyncio.Semaphore(FACT_READS)
+
+        async def one(fact: RowFacts) -> None:
+            async with slots:
+                await self._learn(table, fact)
+
+        await asyncio.gather(*(one(fact) for fact in facts))
+
+    async def _learn(self, table: TableClient, fact: RowFacts) -> None:
+        pk, rk = record_key(fact.row_id), safe_key(fact.table)
+        for _ in range(CLAIM_ATTEMPTS):
+            try:
+                current = await self._call("read the row state", table.get_entity(pk, rk))
+            except ResourceNotFoundError:
+                current = None
+            known = _facts_of(fact.key, current) if current is not None else None
+            merged = fact if known is None else known.merge(fact)
+            if merged == known:
+                return
+            entity = _entity({
+                "PartitionKey": pk, "RowKey": rk, "FactsVersion": merged.version.text() or None,
+                "ResourceType": merged.resource_type, "Consent": merged.consent, "FhirId": merged.fhir_id,
+                "Written": merged.written, "Parent": merged.parent, "UpdatedAt": datetime.now(UTC),
+            })
+            try:
+                if current is None:
+                    await self._call("keep the row's facts", table.create_entity(entity))
+                else:
+                    await self._call("keep the row's facts", table.update_entity(
+                        entity, mode=UpdateMode.MERGE, etag=current.metadata["etag"],
+                        match_condition=MatchConditions.IfNotModified))
+            except (ResourceModifiedError, ResourceExistsError, ResourceNotFoundError):
+                continue  # another instance wrote it meanwhile: merge with theirs
+            return
+        raise WritebackError(Reason.CONFLICT, f"the row state of {fact.table} {fact.row_id} kept changing in Table "
+                             f"Storage through {CLAIM_ATTEMPTS} re-reads")
+
+    async def acquire(self, key: str, seconds: float) -> bool:
+        """The create lease of one resource: an entity that one instance inserts (atomic), or takes over with
+        its ETag once it has expired (a holder that crashed)."""
+        table = await self._table("rowstate")
+        pk, rk = safe_key(key), "lease"
+        now = datetime.now(UTC)
+        entity = {"PartitionKey": pk, "RowKey": rk, "Until": now + timedelta(seconds=seconds)}
+        try:
+            await self._call("take the create lease", table.create_entity(entity))
+            return True
+        except ResourceExistsError:
+            pass
+        try:
+            held = await self._call("read the create lease", table.get_entity(pk, rk))
+        except ResourceNotFoundError:
+            return False
+        until = held.get("Until")
+        if isinstance(until, datetime) and until > now:
+            return False
+        try:
+            await self._call("take over the create lease", table.update_entity(
+                entity, mode=UpdateMode.REPLACE, etag=held.metadata["etag"],
+                match_condition=MatchConditions.IfNotModified))
+        except (ResourceModifiedError, ResourceNotFoundError):
+            return False
+        return True
+
+    async def release(self, key: str) -> None:
+        table = await self._table("rowstate")
+        with contextlib.suppress(ResourceNotFoundError, WritebackError):  # gone already, or it expires on its own
+            await self._call("release the create lease", table.delete_entity(safe_key(key), "lease"))
 
     async def record(self, envelope: Envelope, result: Result) -> None:
         now = datetime.now(UTC)

@@ -1,10 +1,19 @@
 """Element paths into FHIR JSON, and applying values at them.
 
-A path names exactly the part of a resource a map owns, e.g. `telecom[system=phone,use=work].value` or
-`name[use=official].given[1]`. A selector `[k=v,...]` picks the list item whose fields match (and creates it
+A path names exactly the part of a resource a map owns, e.g. `telecom[system=phone,use?=work].value` or
+`name[use?=official].given[1]`. A selector `[k=v,...]` picks the list item whose fields match (and creates it
 with those fields when none does); an index `[n]` picks a position. Applying the same assignments to an empty
 resource gives what a Create writes; applying them to the server's copy gives what an Update writes, leaving
 every element no path names untouched.
+
+`k?=v` marks a key that records from other systems often leave out (`use` on names, telecoms and addresses of
+records ingested from FHIR): when no item matches, `adopt` takes the item that has no such key (the one the
+ingest put there) instead of adding a parallel one, and writes the key on it, so it matches from then on.
+
+`apply_state` writes a row's whole state: every path a map owns gets the row's value or is cleared; the
+positions a map names in one list (`given[0]`, `given[1]`) are written as that list's leading items, without
+holes (clearing the first name keeps the middle name); a constant (`default` without a column) is written only
+inside an element that holds a value of the row.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ class Index:
 @dataclass(frozen=True, slots=True)
 class Select:
     match: tuple[tuple[str, str], ...]
+    optional: frozenset[str] = frozenset()  # keys an ingested item may lack (`k?=v`)
 
 
 Segment = Field | Index | Select
@@ -77,12 +87,17 @@ def parse_path(text: str) -> Path:
                 segments.append(Index(int(inner)))
                 continue
             pairs: list[tuple[str, str]] = []
+            optional: set[str] = set()
             for cond in inner.split(","):
                 key, eq, value = cond.partition("=")
-                if not eq or not _KEY.match(key.strip()) or not value.strip():
+                key = key.strip()
+                if key.endswith("?"):
+                    key = key[:-1].strip()
+                    optional.add(key)
+                if not eq or not _KEY.match(key) or not value.strip():
                     raise PathError(f"has an invalid selector [{inner}]")
-                pairs.append((key.strip(), value.strip()))
-            segments.append(Select(tuple(pairs)))
+                pairs.append((key, value.strip()))
+            segments.append(Select(tuple(pairs), frozenset(optional)))
     return tuple(segments)
 
 
@@ -94,7 +109,7 @@ def format_path(path: Path) -> str:
         elif isinstance(seg, Index):
             out += f"[{seg.position}]"
         else:
-            out += "[" + ",".join(f"{k}={v}" for k, v in seg.match) + "]"
+            out += "[" + ",".join(f"{k}{'?' if k in seg.optional else ''}={v}" for k, v in seg.match) + "]"
     return out
 
 
@@ -121,6 +136,31 @@ def _matches(item: object, select: Select) -> bool:
     return isinstance(item, dict) and all(str(item.get(k)) == v for k, v in select.match)
 
 
+def _compatible(item: object, select: Select) -> bool:
+    """The item an ingest left without the optional keys: every key either matches or is optional and absent."""
+    return isinstance(item, dict) and all(
+        str(item.get(k)) == v or (k in select.optional and k not in item) for k, v in select.match)
+
+
+class _Keep:
+    """The value of a column no image holds: its element stays as the server has it."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP: Any = _Keep()
+
+
+@dataclass(frozen=True, slots=True)
+class OwnedPrefix:
+    """The value of a list whose first `count` positions a map owns: `values` (the row's, in position order, None
+    for an empty column) become its leading items, holes closed; items past `count` are kept as they are."""
+
+    values: tuple[JSONValue, ...]
+    count: int
+
+
 def _is_empty(value: object) -> bool:
     return value is None or value in ({}, [])
 
@@ -128,6 +168,11 @@ def _is_empty(value: object) -> bool:
 def _set(node: JSONValue, path: Path, value: JSONValue) -> JSONValue:
     """Return `node` with `path` set; containers along the path are created or pruned."""
     if not path:
+        if isinstance(value, OwnedPrefix):
+            current = node if isinstance(node, list) else []
+            kept = current[value.count:]
+            values = [current[i] if v is KEEP and i < len(current) else v for i, v in enumerate(value.values)]
+            return [_tree_copy(v) for v in values if v is not None and v is not KEEP] + kept
         # A copy: a later assignment under this one must not reach into the plan's (or the map's) value.
         return _tree_copy(value)
     seg, rest = path[0], path[1:]
@@ -185,4 +230,88 @@ def apply(resource: dict[str, Any], assignments: Iterable[Assignment]) -> dict[s
     result: dict[str, Any] = _tree_copy(resource)
     for assignment in assignments:
         result = _set(result, assignment.path, assignment.value)
+    return result
+
+
+def _navigate(node: JSONValue, path: Path) -> JSONValue:
+    """What `path` names in `node` (exact selector matches only), or None."""
+    for seg in path:
+        if isinstance(seg, Field):
+            node = node.get(seg.name) if isinstance(node, dict) else None
+        elif isinstance(seg, Index):
+            node = node[seg.position] if isinstance(node, list) and seg.position < len(node) else None
+        else:
+            node = next((item for item in node if _matches(item, seg)), None) if isinstance(node, list) else None
+        if node is None:
+            return None
+    return node
+
+
+def adopt(resource: dict[str, Any], assignments: Iterable[Assignment]) -> None:
+    """Give each selector with optional keys (`use?=official`) the item an ingest put there when no item matches
+    it: among the items that lack those keys and that no other selector of this write took, the one already
+    holding the value to write, else the first; the selector's keys are written on it. Only for a value, never
+    to clear. Changes `resource` in place (a copy the caller owns)."""
+    groups: dict[Path, list[Assignment]] = {}
+    for assignment in assignments:
+        for i, seg in enumerate(assignment.path):
+            if isinstance(seg, Select):
+                groups.setdefault(assignment.path[: i + 1], []).append(assignment)
+    claimed: set[int] = set()
+    pending: list[tuple[Path, list[Assignment], list[Any]]] = []
+    for prefix, members in groups.items():
+        items = _navigate(resource, prefix[:-1])
+        if not isinstance(items, list):
+            continue
+        select = prefix[-1]
+        assert isinstance(select, Select)
+        exact = next((item for item in items if _matches(item, select)), None)
+        if exact is not None:
+            claimed.add(id(exact))
+        elif select.optional and any(m.value is not None and m.value is not KEEP for m in members):
+            pending.append((prefix, members, items))
+    for prefix, members, items in pending:
+        select = prefix[-1]
+        assert isinstance(select, Select)
+        free = [item for item in items if id(item) not in claimed and _compatible(item, select)]
+        if not free:
+            continue
+        depth = len(prefix)
+        holding = [item for item in free if all(
+            m.value is None or m.value is KEEP or isinstance(m.value, OwnedPrefix)
+            or _navigate(item, m.path[depth:]) == m.value for m in members)]
+        chosen = (holding or free)[0]
+        claimed.add(id(chosen))
+        for key, value in select.match:
+            chosen.setdefault(key, value)
+
+
+def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment]) -> dict[str, Any]:
+    """A new resource: `resource` with a row's whole state written (see the module docstring)."""
+    values: list[Assignment] = []
+    constants: list[Assignment] = []
+    lists: dict[Path, dict[int, JSONValue]] = {}
+    for assignment in assignments:
+        last = assignment.path[-1]
+        if assignment.column is None and assignment.value is not None:
+            constants.append(assignment)
+        elif isinstance(last, Index):
+            lists.setdefault(assignment.path[:-1], {})[last.position] = assignment.value
+        elif assignment.value is not KEEP:
+            values.append(assignment)
+    for prefix, positions in lists.items():
+        if all(v is KEEP for v in positions.values()):
+            continue
+        count = max(positions) + 1
+        owned = OwnedPrefix(tuple(positions.get(i, KEEP) for i in range(count)), count)
+        values.append(Assignment(prefix, owned, "*"))
+    result: dict[str, Any] = _tree_copy(resource)
+    adopt(result, [*values, *constants])
+    for constant in constants:  # cleared first: it stays only where the row still has a value beside it
+        result = _set(result, constant.path, None)
+    for assignment in values:
+        result = _set(result, assignment.path, assignment.value)
+    for constant in constants:
+        if len(constant.path) == 1 or isinstance(_navigate(result, constant.path[:-1]), dict):
+            result = _set(result, constant.path, constant.value)
     return result

@@ -1,32 +1,34 @@
-"""The imperative shell around the pure core: one message in, exactly one `Result` out.
+"""The imperative shell around the pure core: messages in, exactly one `Result` each out.
 
-plan (pure) → duplicate / stale checks (ledger) → write + Provenance (delivery) → record (ledger).
-Every entry point (the function, `python -m writeback process`, the demo, the benchmark) goes through
-`Pipeline.process`, so they cannot drift apart.
+plan (pure) → the facts of the rows they depend on (row state) → resolve (pure: consent gates, parents' and
+lookups' FHIR ids) → duplicate checks (ledger) → writes + Provenance (delivery) → facts learned and outcomes
+recorded (ledger). Every entry point (the function, `python -m writeback process`, the demo, the benchmark)
+goes through `Pipeline.process_many`, so they cannot drift apart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, TypeVar
 
-from writeback.decide import Decision, WritePlan, narrow, plan_message
+from writeback.converge import ItemEdit, RowEdit
+from writeback.decide import Decision, RowKey, WritePlan, narrow, plan_message
 from writeback.errors import WritebackError
+from writeback.facts import RowFacts, facts_of, merged, resolve
 from writeback.maps import MapSet
 from writeback.reasons import Kind, Reason
-from writeback.retry import GiveUp, RetryPolicy, next_step
+from writeback.retry import GiveUp, RetryPolicy, attempts_so_far, next_step, original_id
 from writeback.settings import Settings
 
 log = logging.getLogger("writeback")
 _T = TypeVar("_T")
-# Planning gives the event loop a turn this often (messages) while writes are in flight: a turn costs a few
-# microseconds, and without it the answers wait until the whole batch is planned.
-_YIELD_EVERY = 2
+PLAN_SLICE = 50  # messages planned between two turns of the event loop (the reads of a slice go out meanwhile)
 
 State = Literal["written", "skipped", "dead-lettered", "retry", "config-error"]
 _STATE_BY_KIND: dict[Kind, State] = {
@@ -50,16 +52,31 @@ class Issue:
 
 @dataclass(frozen=True, slots=True)
 class Delivered:
-    """What the delivery adapter reports for a successful write."""
+    """What the delivery reports for a plan it carried out: the version written and its Provenance, or, when the
+    server already held this version of the row (or a newer one, or these very values), the skip reason."""
 
-    resource: str  # versioned reference, e.g. Patient/123/_history/<vid>
-    provenance: str  # Provenance/<id>/_history/<vid>
+    resource: str = ""  # versioned reference, e.g. Patient/123/_history/<vid>
+    provenance: str = ""  # Provenance/<id>/_history/<vid>
     issues: tuple[Issue, ...] = ()
+    skipped: Reason | None = None  # stale / no-change: nothing was written
+    detail: str = ""
+    also: tuple[str, ...] = ()  # further versions written by the same message (a child row moved between parents)
+    ids: tuple[tuple[tuple[str, str], str], ...] = ()  # ((table, row id), "Type/<id>") of rows' resources found
+
+
+class Leases(Protocol):
+    """Who creates a resource: one caller at a time per resource, for `seconds` (creates are unconditional
+    PUTs of a row's own id, so two at once would let an older state overwrite a newer one)."""
+
+    async def acquire(self, key: str, seconds: float) -> bool: ...
+
+    async def release(self, key: str) -> None: ...
 
 
 class Delivery(Protocol):
     async def deliver(self, plan: WritePlan) -> Delivered:
-        """Write the plan and its Provenance; raise WritebackError with a reason code on failure."""
+        """Carry out the plan, with a Provenance per version written; raise WritebackError with a reason code
+        on failure."""
         ...
 
 
@@ -99,16 +116,33 @@ class Result:
 
 
 class Ledger(Protocol):
-    """Exactly-once effect on at-least-once delivery, and the outcome log. Implemented over Table Storage."""
+    """Exactly-once effect on at-least-once delivery, the row state and the outcome log. Implemented over Table
+    Storage (`writeback.outcomes.OutcomeStore`)."""
 
     async def seen(self, message_key: str) -> bool:
-        """True when this message (MessageId / RequestId) already ended written or skipped."""
+        """True when this message (RequestId + row, else MessageId) already ended written or skipped."""
         ...
 
     async def claim(self, plan: WritePlan) -> frozenset[str]:
-        """Advance the row's per-column versions to the plan's (ETag-guarded) where the plan is newer.
+        """For a Target-only plan: advance the row's per-column versions (ETag-guarded) where the plan is newer.
 
         Returns the plan's columns that a newer change of the row already claimed (empty: write it all)."""
+        ...
+
+    async def facts(self, rows: Iterable[RowKey]) -> dict[RowKey, RowFacts]:
+        """What is known about these rows (those with nothing known are left out)."""
+        ...
+
+    async def learn(self, facts: Iterable[RowFacts]) -> None:
+        """Keep these facts, merged with what is stored (the newer version's values win)."""
+        ...
+
+    async def acquire(self, key: str, seconds: float) -> bool:
+        """The create lease of one resource (`Leases`), across instances."""
+        ...
+
+    async def release(self, key: str) -> None:
+        """Give the create lease back (the create was answered)."""
         ...
 
     async def record(self, envelope: Envelope, result: Result) -> None:
@@ -117,26 +151,17 @@ class Ledger(Protocol):
 
 
 def message_key(envelope: Envelope, decision: Decision) -> str | None:
-    """The identity of a delivery for duplicate detection: Dataverse's RequestId, else the broker's id."""
-    if decision.message is not None and decision.message.request_id:
-        return decision.message.request_id
-    return envelope.message_id
+    """The identity of a delivery for duplicate detection: Dataverse's RequestId with the row it is about (one
+    request of a bulk operation, CreateMultiple/UpdateMultiple, changes many rows), else the MessageId Dataverse
+    posted (a retry copy carries it as a property)."""
+    message = decision.message
+    if message is not None and message.request_id:
+        return f"{message.request_id}.{message.table}.{message.record_id}"
+    return original_id(envelope.properties, envelope.message_id) or None
 
 
 def result_for(decision: Decision, reason: Reason, detail: str, **kw: Any) -> Result:
     return Result(_STATE_BY_KIND[reason.kind], reason, detail, decision, **kw)
-
-
-@dataclass(slots=True)
-class _Batch:
-    """One `process_many` call: its messages, their decisions and results (by index), the bound on its
-    concurrent I/O, and what the delivery keeps across the call's writes (`memo`: the copies it wrote)."""
-
-    envelopes: Sequence[Envelope]
-    decisions: list[Decision]
-    results: list[Result | None]
-    slots: asyncio.Semaphore
-    memo: dict[Any, Any] = field(default_factory=dict)
 
 
 Emit = Callable[[int, Result], Awaitable[None]]
@@ -159,7 +184,71 @@ def give_up(envelope: Envelope, result: Result, policy: RetryPolicy, now: dateti
                    detail=step.description(last, result.detail))
 
 
+def _attempt(envelope: Envelope) -> int:
+    """How many times this message was tried before: its retry copies' count, and the broker's redeliveries."""
+    return attempts_so_far(envelope.properties) + max(envelope.delivery_count - 1, 0)
+
+
+def _retried(envelope: Envelope) -> bool:
+    return _attempt(envelope) > 0
+
+
+def _row_of(plan: WritePlan) -> tuple[str, str, str]:
+    """The FHIR resource a plan's (first) write goes to, by row identifier."""
+    target = plan.target
+    return target.resource_type, target.identifier_system, target.identifier_value
+
+
+@dataclass
+class _Batch:
+    """One `process_many` call as it goes: decisions and results by message, the facts the batch says (`local`)
+    and has read (`stored`) and learned by writing, duplicates, and what the delivery keeps across the call."""
+
+    envelopes: Sequence[Envelope]
+    results: list[Result | None]
+    decisions: list[Decision] = field(default_factory=list)
+    local: dict[RowKey, RowFacts] = field(default_factory=dict)
+    stored: dict[RowKey, RowFacts] = field(default_factory=dict)
+    learned: list[RowFacts] = field(default_factory=list)
+    created: set[RowKey] = field(default_factory=set)
+    first_of: dict[str, int] = field(default_factory=dict)
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    flown: set[int] = field(default_factory=set)  # written (or being written) early
+    memo: dict[Any, Any] = field(default_factory=dict)
+
+
+# Where a message names its row: read off the body's text before it is planned, to know which rows have more
+# than one message in the batch (a regex over the bytes is a tiny fraction of parsing them).
+_ROW_FIELDS = re.compile(rb'"(MessageName|PrimaryEntityName|PrimaryEntityId)"\s*:\s*"([^"]{1,100})"')
+
+
+def _rows_of(envelopes: Sequence[Envelope]) -> dict[RowKey, list[str]]:
+    """(table, row id) → the message names of that row's messages in the batch (unreadable bodies: none)."""
+    rows: dict[RowKey, list[str]] = {}
+    for envelope in envelopes:
+        body = envelope.body.encode() if isinstance(envelope.body, str) else envelope.body
+        found = {name.decode(): value.decode(errors="replace") for name, value in _ROW_FIELDS.findall(body[:4096])}
+        if "PrimaryEntityName" in found and "PrimaryEntityId" in found:
+            key = (found["PrimaryEntityName"].lower(), found["PrimaryEntityId"].lower())
+            rows.setdefault(key, []).append(found.get("MessageName", ""))
+    return rows
+
+
+def _early(decision: Decision, rows: Mapping[RowKey, list[str]]) -> bool:
+    """A write that can go before the batch is planned: the only message of its row in the batch, writing the
+    row's own resource (nothing later in the batch changes that resource's state or its order)."""
+    plan = decision.plan
+    if decision.decision != "write" or plan is None or not plan.full or len(plan.writes) != 1:
+        return False
+    if not isinstance(plan.writes[0].edit, RowEdit):
+        return False
+    return len(rows.get((plan.source.table, plan.source.record_id), ())) == 1
+
+
 class Pipeline:
+    """Without a ledger (the CLI's `process`, the benchmark) the row facts and create leases live in this
+    process only; the function always has the Table Storage ledger."""
+
     def __init__(
         self, maps: MapSet, settings: Settings, delivery: Delivery | None, ledger: Ledger | None = None,
         clock: Callable[[], datetime] = _utcnow,
@@ -170,121 +259,86 @@ class Pipeline:
         self.ledger = ledger
         self.clock = clock
         self.retry_policy = RetryPolicy.of(settings)
+        self._facts: dict[RowKey, RowFacts] = {}  # without a ledger
+        self._leases: Leases | None = ledger
+        self._slots = asyncio.Semaphore(settings.max_concurrency)
 
     def plan(self, envelope: Envelope) -> Decision:
         return plan_message(envelope.body, envelope.properties, self.maps, self.settings, envelope.content_type)
 
     async def process(self, envelope: Envelope) -> Result:
-        started = time.perf_counter()
-        decision = self.plan(envelope)
-        result = await self._process(envelope, decision)
-        result = give_up(envelope, _with_duration(result, started), self.retry_policy, self.clock())
-        if self.ledger is not None:
-            try:
-                await self.ledger.record(envelope, result)
-            except WritebackError as exc:
-                # The write happened or was refused; only the log failed. Redelivery is safe (duplicate check).
-                if result.state in ("written", "skipped"):
-                    result = result_for(decision, exc.reason, exc.detail, resource=result.resource,
-                                        provenance=result.provenance, issues=result.issues,
-                                        duration_ms=result.duration_ms)
+        (result,) = await self.process_many([envelope])
         return result
 
-    async def _process(self, envelope: Envelope, decision: Decision) -> Result:
-        if decision.decision == "skip":
-            assert decision.reason is not None
-            return Result("skipped", decision.reason, decision.detail, decision)
-        if decision.decision == "reject":
-            assert decision.reason is not None
-            return result_for(decision, decision.reason, decision.detail)
-        plan = decision.plan
-        assert plan is not None
-        try:
-            key = message_key(envelope, decision)
-            if self.ledger is not None:
-                admitted = await _admit_one(self.ledger, key, decision)
-                if isinstance(admitted, Result):
-                    return admitted
-                decision = admitted
-            if self.delivery is None:
-                raise WritebackError(Reason.CONFIG_ERROR, "no delivery target is configured")
-            assert decision.plan is not None
-            delivered = await self.delivery.deliver(decision.plan)
-        except WritebackError as exc:
-            return result_for(decision, exc.reason, exc.detail)
-        return Result("written", None, decision.detail, decision, resource=delivered.resource,
-                      provenance=delivered.provenance, issues=delivered.issues)
-
+    def unfinished(self, envelope: Envelope, detail: str) -> Result:
+        """The outcome of a message the invocation's deadline stopped (its plan, for the log, is pure work)."""
+        return Result("retry", Reason.DEADLINE_REACHED, detail, self.plan(envelope))
 
     async def process_many(self, envelopes: Sequence[Envelope], emit: Emit | None = None) -> list[Result]:
         """Many messages in one go, each with its own `Result`, in input order.
 
-        Same semantics as `process` message by message: skips and rejects need no I/O; the ledger's duplicate
-        and stale checks run per row in input order (rows concurrently, at most `max_concurrency` at a time);
-        the writes go through the delivery's `deliver_many` (FHIR batch bundles) when it has one; every
-        outcome is recorded. A message repeated within the call (same RequestId) is written once: the copy
-        is skipped as a duplicate when the first ended written or skipped, else it shares the first's result.
-
-        Planning is CPU work and writing is mostly waiting for the server, so the two overlap: a Create is
-        first in its row's order whatever else the batch holds, so the first Create of each row is written
-        as soon as a bundle's worth is planned, while the rest is still being planned. Everything else waits
-        until the whole batch is planned and the early Creates are written (their Provenances may still be
-        on their way: they change no resource), then goes in row order.
-
-        `emit(index, result)` is awaited for each message once its outcome is final and recorded, so the caller
-        can settle it while the rest of the batch is still being recorded.
+        Skips and rejects need no I/O. Planning (CPU work) goes a slice at a time, and the server is not left
+        idle meanwhile: each slice's reads go out at once, and its writes that depend on nothing later in the
+        batch (a row's only message in the batch, whose own resource it writes) are written while the next
+        slices are planned. Everything else waits for the whole batch: the facts of every row it depends on are
+        read once (what the batch itself says about a row is as new or newer, and wins); a message repeated
+        within the call (same RequestId and row) is written once; of several whole-row changes of one row only
+        the newest is written (it holds the older ones' changes), the older are `stale`. Writes go through the
+        delivery's `deliver_many` (FHIR batch bundles); every outcome is recorded, and what the batch taught
+        about its rows is kept. `emit(index, result)` is awaited for each message once its outcome is final and
+        recorded, so the caller can settle it while the rest is still being recorded.
         """
         started = time.perf_counter()
-        batch = _Batch(envelopes, [], [None] * len(envelopes), asyncio.Semaphore(self.settings.max_concurrency))
-        decisions, results = batch.decisions, batch.results
-        writes: list[int] = []
-        first_of: dict[str, int] = {}
-        copies: list[tuple[int, int]] = []
-        early: list[int] = []
-        early_rows: set[tuple[str, str, str]] = set()
+        batch = _Batch(envelopes, [None] * len(envelopes))
+        rows = _rows_of(envelopes)
+        batch.created = {(table, row) for (table, row), names in rows.items() if "Create" in names}
+        prefetch = getattr(self.delivery, "prefetch", None)
         flights: list[asyncio.Task[None]] = []
-        written: list[asyncio.Event] = []
-
-        def fly(indexes: list[int]) -> None:
-            written.append(asyncio.Event())
-            flights.append(asyncio.create_task(self._write(batch, indexes, written[-1])))
-
+        landed: list[asyncio.Event] = []  # set when a flight's resources are written (its Provenance may follow)
         try:
-            for i, envelope in enumerate(envelopes):
-                if flights and i % _YIELD_EVERY == 0:
-                    await asyncio.sleep(0)  # one turn of the event loop: the bundles in flight move on
-                decision = self.plan(envelope)
-                decisions.append(decision)
-                if decision.decision != "write" or decision.plan is None:
-                    results[i] = await self._process(envelope, decision)
-                    continue
-                key = message_key(envelope, decision) if self.ledger is not None else None
-                if key is not None and key in first_of:
-                    copies.append((i, first_of[key]))
-                    continue
-                if key is not None:
-                    first_of[key] = i
-                row = _row_of(decision.plan)
-                if decision.plan.operation == "create" and row not in early_rows:
-                    early_rows.add(row)
-                    early.append(i)
-                    if len(early) >= self.settings.bundle_size:
-                        fly(early)
-                        early = []
-                else:
-                    writes.append(i)
-            if early:
-                fly(early)
-            # The rest starts from what the early Creates wrote; their Provenances may still be on the way.
-            await asyncio.gather(*(event.wait() for event in written))
-            flights.append(asyncio.create_task(self._write(batch, _in_row_order(decisions, writes))))
-        finally:
-            # Every write started is awaited before anything else happens, even when planning failed.
-            landed = await asyncio.gather(*flights, return_exceptions=True)
-        for failure in landed:
-            if isinstance(failure, BaseException):
-                raise failure
-        for i, first in copies:
+            for first in range(0, len(envelopes), PLAN_SLICE):
+                planned = [self.plan(e) for e in envelopes[first:first + PLAN_SLICE]]
+                batch.decisions += planned
+                merged((f for d in planned if d.message is not None
+                        and (f := facts_of(d.message, self.maps, self.settings)) is not None), into=batch.local)
+                if prefetch is not None:
+                    prefetch([w.target for d in planned if d.decision == "write" and d.plan is not None
+                              for w in d.plan.writes], batch.memo)
+                early = [first + n for n, d in enumerate(planned) if _early(d, rows)]
+                if early:
+                    batch.flown.update(early)
+                    landed.append(asyncio.Event())
+                    flights.append(asyncio.create_task(self._fly(batch, early, dict(batch.local), landed[-1])))
+                await asyncio.sleep(0)  # one turn of the event loop: the reads and early writes go out
+            # Every write's facts (early ones too: a write the early facts could not decide comes back here).
+            wanted = set(batch.local)
+            for d in batch.decisions:
+                if d.decision == "write" and d.plan is not None:
+                    wanted.update(d.plan.needs)
+            try:
+                stored: dict[RowKey, RowFacts] | None = await self._read_facts(wanted)
+            except WritebackError as exc:
+                stored, unread = None, exc
+            # The rest writes resources the early writes may touch: they go once those are answered. A Provenance
+            # changes no resource, so the early writes' Provenance may still be on its way.
+            await asyncio.gather(*(event.wait() for event in landed))
+        except BaseException:
+            await asyncio.gather(*flights, return_exceptions=True)
+            raise
+        rest = [i for i, r in enumerate(batch.results) if r is None and i not in batch.flown]
+        if stored is None:
+            for i in rest:
+                if batch.decisions[i].decision == "write":
+                    batch.results[i] = result_for(batch.decisions[i], unread.reason, unread.detail)
+            stored = {}
+        batch.stored.update(stored)
+        known = merged(batch.local.values(), into=dict(stored))
+        writes = self._resolved(batch, [i for i in rest if batch.results[i] is None], known)
+        writes = self._newest_per_row(batch.decisions, batch.results, writes)
+        await self._write(batch, writes)
+        await asyncio.gather(*flights)
+        decisions, results = batch.decisions, batch.results
+        for i, first in batch.copies:
             earlier = results[first]
             assert earlier is not None
             if earlier.state in ("written", "skipped"):
@@ -292,6 +346,7 @@ class Pipeline:
                                     decisions[i])
             else:
                 results[i] = replace(earlier, decision=decisions[i])
+        await self._keep_facts(batch.stored, merged(batch.learned, into=dict(batch.local)))
         now = self.clock()
         done = [give_up(e, _with_duration(r, started), self.retry_policy, now)
                 for e, r in zip(envelopes, results, strict=True) if r is not None]
@@ -304,82 +359,187 @@ class Pipeline:
                 await emit(index, result)
             return result
 
-        return await _bounded(batch.slots, [finish(i, r) for i, r in enumerate(done)])
+        return await _bounded(self._slots, [finish(i, r) for i, r in enumerate(done)])
 
-    def unfinished(self, envelope: Envelope, detail: str) -> Result:
-        """The outcome of a message the invocation's deadline stopped (its plan, for the log, is pure work)."""
-        return Result("retry", Reason.DEADLINE_REACHED, detail, self.plan(envelope))
-
-    async def _write(self, batch: _Batch, writes: list[int], written: asyncio.Event | None = None) -> None:
-        """Admit (ledger) and deliver `writes`, each row's in the order given; fills their results. `written` is
-        set once every write has been answered (or has failed), their Provenances perhaps still on the way."""
+    async def _fly(self, batch: _Batch, indexes: list[int], local: dict[RowKey, RowFacts],
+                   landed: asyncio.Event) -> None:
+        """Write a slice's early writes while the next slices are planned. A write its facts cannot decide yet
+        (a patient's consent not known so far) is left to the rest of the batch, which knows more. `landed` is
+        set once the resources are written, or nothing will be."""
         try:
-            if self.ledger is not None:
-                writes = await self._admit(batch, writes)
-            plans = [batch.decisions[i].plan for i in writes]
-            assert all(p is not None for p in plans)
-            outcomes = await self._deliver_all([p for p in plans if p is not None], batch.slots, batch.memo,
-                                               written)
+            await self._fly_now(batch, indexes, local, landed)
         finally:
-            if written is not None:
-                written.set()
-        for i, outcome in zip(writes, outcomes, strict=True):
-            decision = batch.decisions[i]
-            if isinstance(outcome, WritebackError):
-                batch.results[i] = result_for(decision, outcome.reason, outcome.detail)
-            else:
-                batch.results[i] = Result("written", None, decision.detail, decision, resource=outcome.resource,
-                                    provenance=outcome.provenance, issues=outcome.issues)
+            landed.set()
 
-    async def _admit(self, batch: _Batch, writes: list[int]) -> list[int]:
-        """The ledger's duplicate and stale checks; the writes still to make. Per row in input order."""
-        ledger = self.ledger
-        assert ledger is not None
-        decisions, results = batch.decisions, batch.results
-        rows = _by_row(writes, [d.plan for d in decisions])
+    async def _fly_now(self, batch: _Batch, indexes: list[int], local: dict[RowKey, RowFacts],
+                       landed: asyncio.Event) -> None:
+        wanted: set[RowKey] = set()
+        for i in indexes:
+            plan = batch.decisions[i].plan
+            assert plan is not None
+            wanted.update(plan.needs)
+        try:
+            stored = await self._read_facts(wanted)
+        except WritebackError:
+            batch.flown.difference_update(indexes)  # the rest of the batch reads them again and reports
+            return
+        batch.stored.update(stored)
+        known = merged(local.values(), into=dict(stored))
+        await self._write(batch, self._resolved(batch, indexes, known, early=True), landed)
 
-        async def admit_row(indexes: list[int]) -> None:
-            for i in indexes:
-                decision = decisions[i]
-                assert decision.plan is not None
-                try:
-                    admitted = await _admit_one(ledger, message_key(batch.envelopes[i], decision), decision)
-                except WritebackError as exc:
-                    results[i] = result_for(decision, exc.reason, exc.detail)
+    def _resolved(self, batch: _Batch, indexes: list[int], known: Mapping[RowKey, RowFacts], *,
+                  early: bool = False) -> list[int]:
+        """Resolve the decisions (facts of other rows), settle what is not a write, set duplicates aside; the
+        writes to make. `early`: a decision that is not a write is left as it was, for the rest of the batch."""
+        writes: list[int] = []
+        for i in indexes:
+            envelope = batch.envelopes[i]
+            decision = resolve(batch.decisions[i], known, self.maps, self.settings, attempt=_attempt(envelope),
+                               created=batch.created)
+            if decision.decision != "write" or decision.plan is None:
+                if early:
+                    batch.flown.discard(i)
                     continue
-                if isinstance(admitted, Result):
-                    results[i] = admitted
-                else:
-                    decisions[i] = admitted
+                batch.decisions[i], batch.results[i] = decision, self._settled(decision)
+                continue
+            if _retried(envelope):
+                decision = replace(decision, plan=replace(decision.plan,
+                                                          source=replace(decision.plan.source, retried=True)))
+            batch.decisions[i] = decision
+            key = message_key(envelope, decision)
+            if key is not None and key in batch.first_of:
+                batch.copies.append((i, batch.first_of[key]))
+                batch.results[i] = Result("skipped", Reason.DUPLICATE, "", decision)  # placeholder, set at the end
+                continue
+            if key is not None:
+                batch.first_of[key] = i
+            writes.append(i)
+        return writes
 
-        await _bounded(batch.slots, [admit_row(indexes) for indexes in rows.values()])
+    async def _write(self, batch: _Batch, writes: list[int], landed: asyncio.Event | None = None) -> None:
+        """Admit (ledger) and deliver `writes`; fill their results and the facts learned."""
+        decisions, results = batch.decisions, batch.results
+        if self.ledger is not None:
+            writes = await self._admit(batch.envelopes, decisions, results, writes)
+        plans = [decisions[i].plan for i in writes]
+        delivered = await self._deliver([p for p in plans if p is not None], batch.memo, landed)
+        for i, outcome in zip(writes, delivered, strict=True):
+            decision = decisions[i]
+            if isinstance(outcome, WritebackError):
+                results[i] = result_for(decision, outcome.reason, outcome.detail)
+                continue
+            batch.learned += [RowFacts(table, row_id, written=reference)
+                              for (table, row_id), reference in outcome.ids]
+            if outcome.skipped is not None:
+                results[i] = Result("skipped", outcome.skipped, outcome.detail, decision)
+            else:
+                results[i] = Result("written", None, decision.detail, decision, resource=outcome.resource,
+                                    provenance=outcome.provenance, issues=outcome.issues,
+                                    extra={"also": list(outcome.also)} if outcome.also else {})
+
+    def _settled(self, decision: Decision) -> Result:
+        assert decision.reason is not None
+        if decision.decision == "skip":
+            return Result("skipped", decision.reason, decision.detail, decision)
+        return result_for(decision, decision.reason, decision.detail)
+
+    async def _read_facts(self, rows: set[RowKey]) -> dict[RowKey, RowFacts]:
+        if self.ledger is None:
+            return {row: self._facts[row] for row in rows if row in self._facts}
+        return await self.ledger.facts(rows)
+
+    async def _keep_facts(self, stored: dict[RowKey, RowFacts] | None, learned: dict[RowKey, RowFacts]) -> None:
+        """Keep what the batch taught about its rows, where it adds to what is stored."""
+        changed = [fact for key, fact in learned.items()
+                   if stored is None or key not in stored or stored[key].merge(fact) != stored[key]]
+        if not changed:
+            return
+        if self.ledger is None:
+            merged(changed, into=self._facts)
+            return
+        try:
+            await self.ledger.learn(changed)
+        except WritebackError as exc:  # the facts are learned again from the next message of the row
+            log.warning("row facts not kept (%s)", exc.detail, extra={"reason": exc.reason.value})
+
+    def _newest_per_row(self, decisions: list[Decision], results: list[Result | None], writes: list[int]) -> list[int]:
+        """Of several whole-row writes of one row in the batch, the newest: it holds the others' changes."""
+        newest: dict[tuple[str, str, str], int] = {}
+        for i in writes:
+            plan = decisions[i].plan
+            assert plan is not None
+            if not (plan.full and isinstance(plan.writes[0].edit, RowEdit)):
+                continue
+            row = _row_of(plan)
+            other = newest.get(row)
+            if other is None:
+                newest[row] = i
+                continue
+            older, newer = sorted((other, i), key=lambda n: _order(decisions[n]))
+            if _order(decisions[older]) == _order(decisions[newer]):
+                continue  # not comparable (no version): both are written, in the order given
+            newest[row] = newer
+            results[older] = Result("skipped", Reason.STALE, "A newer change of this row in the same batch holds "
+                                    "this one's changes; that one is written.", decisions[older])
         return [i for i in writes if results[i] is None]
 
-    async def _deliver_all(self, plans: list[WritePlan], slots: asyncio.Semaphore, memo: dict[Any, Any],
-                           written: asyncio.Event | None) -> list[Delivered | WritebackError]:
+    async def _admit(self, envelopes: Sequence[Envelope], decisions: list[Decision], results: list[Result | None],
+                     writes: list[int]) -> list[int]:
+        """The ledger's duplicate check, and for Target-only writes and child rows the order by row state."""
+        ledger = self.ledger
+        assert ledger is not None
+
+        async def admit(i: int) -> None:
+            decision = decisions[i]
+            try:
+                key = message_key(envelopes[i], decision)
+                if key and await ledger.seen(key):
+                    results[i] = Result("skipped", Reason.DUPLICATE, "This message was already processed.", decision)
+                    return
+                plan = decision.plan
+                assert plan is not None
+                child = isinstance(plan.writes[0].edit, ItemEdit)
+                if plan.full and not child:
+                    return  # ordered by the version marked in its resource, inside the write
+                superseded = await ledger.claim(plan)
+                if plan.full and superseded:
+                    # A child row's versions may sit in different parents: a newer change that moved it away from
+                    # a parent that had no resource yet could leave no tombstone there, so the row state orders it.
+                    results[i] = Result("skipped", Reason.STALE, "A newer change of this row was already taken on.",
+                                        decision)
+                    return
+                narrowed = narrow(decision, superseded)
+            except WritebackError as exc:
+                results[i] = result_for(decision, exc.reason, exc.detail)
+                return
+            if narrowed is None:
+                results[i] = Result("skipped", Reason.STALE, "A newer change of the row already wrote every column "
+                                    "this change carries.", decision)
+            else:
+                decisions[i] = narrowed
+
+        await _bounded(self._slots, [admit(i) for i in writes])
+        return [i for i in writes if results[i] is None]
+
+    async def _deliver(self, plans: list[WritePlan], memo: dict[Any, Any],
+                       landed: asyncio.Event | None = None) -> list[Delivered | WritebackError]:
         if not plans:
             return []
         delivery = self.delivery
         if delivery is None:
-            error = WritebackError(Reason.CONFIG_ERROR, "no delivery target is configured")
-            return [error] * len(plans)
+            return [WritebackError(Reason.CONFIG_ERROR, "no delivery target is configured")] * len(plans)
         deliver_many = getattr(delivery, "deliver_many", None)
         if deliver_many is not None:
-            outcomes: list[Delivered | WritebackError] = await deliver_many(plans, memo, written)
+            outcomes: list[Delivered | WritebackError] = await deliver_many(plans, memo, self._leases, landed)
             return outcomes
-        # One message at a time per row (order kept), rows concurrently.
-        outcomes = [WritebackError(Reason.CONFIG_ERROR, "not delivered")] * len(plans)
-        rows = _by_row(range(len(plans)), plans)
 
-        async def deliver_row(indexes: list[int]) -> None:
-            for i in indexes:
-                try:
-                    outcomes[i] = await delivery.deliver(plans[i])
-                except WritebackError as exc:
-                    outcomes[i] = exc
+        async def one(plan: WritePlan) -> Delivered | WritebackError:
+            try:
+                return await delivery.deliver(plan)
+            except WritebackError as exc:
+                return exc
 
-        await _bounded(slots, [deliver_row(indexes) for indexes in rows.values()])
-        return outcomes
+        return await _bounded(self._slots, [one(plan) for plan in plans])
 
     async def _record(self, envelope: Envelope, result: Result) -> Result:
         assert self.ledger is not None
@@ -393,56 +553,12 @@ class Pipeline:
         return result
 
 
-async def _admit_one(ledger: Ledger, key: str | None, decision: Decision) -> Decision | Result:
-    """The duplicate and stale checks of one write: the decision to deliver (narrowed to the columns no newer
-    change wrote), or the skip."""
-    assert decision.plan is not None
-    if key and await ledger.seen(key):
-        return Result("skipped", Reason.DUPLICATE, "This message was already processed.", decision)
-    superseded = await ledger.claim(decision.plan)
-    narrowed = narrow(decision, superseded) if superseded else decision
-    if narrowed is None:
-        return Result("skipped", Reason.STALE, "A newer change of this row already wrote every column this "
-                      "change carries.", decision)
-    return narrowed
-
-
-def _in_row_order(decisions: Sequence[Decision], writes: list[int]) -> list[int]:
-    """`writes` with each row's changes in Dataverse order (create first, then by version): Service Bus does not
-    keep a row's messages in order, and applying them in order within a batch means none is narrowed or
-    `stale` only because the broker swapped them. Each row keeps the positions its changes had."""
-    rows = _by_row(writes, [d.plan for d in decisions])
-    position = {i: n for n, i in enumerate(writes)}
-    ordered = list(writes)
-    for indexes in rows.values():
-        if len(indexes) > 1:
-            for slot, i in zip(indexes, sorted(indexes, key=lambda i: _change_order(decisions[i])), strict=True):
-                ordered[position[slot]] = i
-    return ordered
-
-
-def _change_order(decision: Decision) -> tuple[int, int, float]:
+def _order(decision: Decision) -> tuple[int, float]:
     plan = decision.plan
     assert plan is not None
-    src = plan.source
-    modified = src.modified_on.timestamp() if src.modified_on is not None else 0.0
-    return (plan.operation != "create", src.row_version if src.row_version is not None else 0, modified)
-
-
-def _row_of(plan: WritePlan) -> tuple[str, str, str]:
-    """The FHIR resource a plan writes, by row identifier."""
-    target = plan.target
-    return target.resource_type, target.identifier_system, target.identifier_value
-
-
-def _by_row(indexes: Iterable[int], plans: Sequence[WritePlan | None]) -> dict[tuple[str, str, str], list[int]]:
-    """`indexes` grouped by the FHIR resource their plan writes, each group in the given order."""
-    rows: dict[tuple[str, str, str], list[int]] = {}
-    for i in indexes:
-        plan = plans[i]
-        assert plan is not None
-        rows.setdefault(_row_of(plan), []).append(i)
-    return rows
+    source = plan.source
+    return (source.row_version if source.row_version is not None else -1,
+            source.modified_on.timestamp() if source.modified_on is not None else -1.0)
 
 
 async def _bounded(slots: asyncio.Semaphore, work: Sequence[Awaitable[_T]]) -> list[_T]:

@@ -2,8 +2,9 @@
 
 `target` names the exact version written; `entity` (role source) names the Dataverse row and its version;
 the agents are this integration (assembler) and the Dataverse user who made the change (author). The id is
-derived from the change and the version written, so a retried Provenance replaces itself instead of
-piling up duplicates.
+derived from the version written alone, so each version has exactly one Provenance: a retried Provenance
+replaces itself, and two instances that wrote nothing new (their write found its version already there) have no
+Provenance of their own to write over the one of the instance that did.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ DATAVERSE_USER_SYSTEM = "urn:dataverse:systemuser"
 _NAMESPACE = uuid.UUID("6f1c1f0e-2b9a-4f41-9a57-3c1d0b7e5a21")
 
 
-def provenance_id(source: Source, versioned_target: str) -> str:
-    change = source.request_id or f"{source.table}/{source.record_id}/{source.row_version}/{source.modified_on}"
-    return str(uuid.uuid5(_NAMESPACE, f"{change}|{versioned_target}"))
+def provenance_id(versioned_target: str) -> str:
+    """The one Provenance of a version (`Patient/<id>/_history/<vid>`)."""
+    return str(uuid.uuid5(_NAMESPACE, versioned_target))
 
 
 def agent_reference(agent: str, meta_source: str) -> dict[str, Any]:
@@ -41,7 +42,7 @@ def row_version_text(source: Source) -> str:
 
 
 def build_provenance(
-    plan: WritePlan,
+    plan: WritePlan | Source,
     versioned_target: str,
     *,
     created: bool,
@@ -49,7 +50,7 @@ def build_provenance(
     meta_source: str,
     recorded: datetime | None = None,
 ) -> dict[str, Any]:
-    source = plan.source
+    source = plan.source if isinstance(plan, WritePlan) else plan
     operation = "CREATE" if created else "UPDATE"
     agents: list[dict[str, Any]] = [{
         "type": {"coding": [{"system": PARTICIPANT_TYPE, "code": "assembler", "display": "Assembler"}]},
@@ -63,7 +64,7 @@ def build_provenance(
     when = (recorded or datetime.now(UTC)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return {
         "resourceType": "Provenance",
-        "id": provenance_id(source, versioned_target),
+        "id": provenance_id(versioned_target),
         "meta": {"source": meta_source},
         "target": [{"reference": versioned_target}],
         "recorded": when,

@@ -70,20 +70,23 @@ REASONS: dict[Reason, ReasonInfo] = {
         Kind.SKIP, "The message (e.g. Delete) is not in the map's supported messages.",
         "Nothing; or add the message to the map's `messages` and resubmit."),
     Reason.CONSENT_WITHHELD: ReasonInfo(
-        Kind.SKIP, "The patient's consent column (Azure FHIR Sync Enabled) is not Yes.",
-        "Nothing: the patient has not consented. Once consent is given, the next change is written."),
+        Kind.SKIP, "The patient's consent column (Azure FHIR Sync Enabled) is not Yes; for a row that belongs to "
+        "a patient (an identifier, an encounter), that patient's.",
+        "Nothing: the patient has not consented. When consent is given, the contact's whole row is written; a child "
+        "or clinical row is written at its next save."),
     Reason.ECHO: ReasonInfo(
         Kind.SKIP, "The change was made by a user in WRITEBACK_IGNORE_USER_IDS (the sync's own user).",
         "Nothing: this stops loops between the two sync directions."),
     Reason.NO_CHANGE: ReasonInfo(
-        Kind.SKIP, "An Update that changes no mapped column.",
+        Kind.SKIP, "Nothing to write: the update changes no mapped column (nor type, consent, FHIR id or parent), "
+        "or the FHIR server already holds this version of the row, or these very values.",
         "Nothing; map the column if it should be written back."),
     Reason.DUPLICATE: ReasonInfo(
-        Kind.SKIP, "The same message (MessageId/RequestId) was already processed.",
+        Kind.SKIP, "The same message (RequestId and row, else MessageId) was already processed.",
         "Nothing: Service Bus delivered it twice and it was written once."),
     Reason.STALE: ReasonInfo(
-        Kind.SKIP, "A change arrived after a newer change of the same row that wrote every column it carries "
-        "(an older change of other columns is still written, narrowed to them).",
+        Kind.SKIP, "The FHIR server already holds a newer version of the row (or a newer change in the same batch "
+        "does), which includes this change; a Target-only change is narrowed to the columns no newer change wrote.",
         "Nothing: the newer state is already on the FHIR server."),
     Reason.INVALID_CONTACT_TYPE: ReasonInfo(
         Kind.REJECT, "A contact whose Contact Type is missing or is not Patient or Practitioner.",
@@ -112,8 +115,8 @@ REASONS: dict[Reason, ReasonInfo] = {
         "Check the row's FHIR id column (clear it to create the resource anew) or merge the duplicates, then "
         "resubmit."),
     Reason.TARGET_PENDING: ReasonInfo(
-        Kind.TRANSIENT, "No FHIR resource carries the row identifier yet: the update (or identifier row) came "
-        "before the Create of its row (or of its parent) was written.",
+        Kind.TRANSIENT, "The resource to write into does not exist yet: an identifier row came before its "
+        "patient's Create was written (or a Target-only update before its row's Create).",
         "Usually none: it is retried with a growing delay until the Create is written. If it ends as "
         "retries-exhausted, resubmit the row's Create first "
         "(or save a row that predates writeback in Dataverse), then resubmit."),

@@ -17,7 +17,8 @@ from writeback.settings import DEFAULT_MAPS_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ROOT / ".venv" / "bin" / "python"
-KEYS = {"decision", "reason", "detail", "table", "recordId", "message", "resourceType", "resource", "changes"}
+KEYS = {"decision", "reason", "detail", "table", "recordId", "message", "resourceType", "resource", "changes",
+        "cleared", "wholeRow"}
 
 # Every shipped sample and what the dry run says about it.
 EXPECTED: dict[str, tuple[int, str, str | None, str | None]] = {
@@ -102,9 +103,11 @@ def test_write_output_names_the_row_and_the_change(sample_runs):
     out = sample_runs["02_patient_update_phone.json"].json()
     assert (out["table"], out["recordId"], out["message"]) == (
         "contact", "0c9a1e52-7b1d-4f6e-9a3c-5d2e8f4b6a10", "Update")
-    assert out["changes"] == ["telecom"]
-    assert out["resource"] == {"resourceType": "Patient",
-                               "telecom": [{"system": "phone", "use": "work", "value": "+1 206 555 0177"}]}
+    assert out["wholeRow"] is True and "telecom" in out["changes"] and out["cleared"] == []
+    # The whole row as the map renders it: what FHIR holds for every element the map owns after the write.
+    assert {"system": "phone", "use": "work", "value": "+1 206 555 0177"} in out["resource"]["telecom"]
+    assert out["resource"]["identifier"] == [{"system": "urn:dataverse:contact",
+                                              "value": "0c9a1e52-7b1d-4f6e-9a3c-5d2e8f4b6a10"}]
 
 
 def test_broken_body_has_no_row(sample_runs):

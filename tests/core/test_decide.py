@@ -30,9 +30,10 @@ from devtools.samples import (
     SYNC_USER,
     T0,
 )
-from writeback.decide import Decision, WritePlan, plan_message
+from writeback.converge import converge
+from writeback.decide import Decision, WritePlan, plan_message, resource_id
 from writeback.maps import MapSet, load_maps
-from writeback.paths import apply
+from writeback.marks import mark_of, strip_marks
 from writeback.reasons import REASONS, Reason
 from writeback.settings import DEFAULT_MAPS_DIR, Settings
 
@@ -326,11 +327,12 @@ def test_missing_parent_link_names_the_lookup():
     assert "msemr_assignee" in d.detail and "contact" in d.detail
 
 
-def test_expansion_row_without_its_key_column():
+def test_an_identifier_without_a_system_is_written():
+    """FHIR allows an identifier without a system; the item is found by its Dataverse row, not by its system."""
     body = context("Create", "msemr_medicalidentifier", IDENTIFIER, {
         "msemr_assignee": Lookup("contact", PATIENT), "msemr_value": "M1"})
-    d = plan(body)
-    assert d.reason is Reason.MISSING_PARENT_LINK and "msemr_identifiersystem" in d.detail
+    p = written(plan(body))
+    assert p.resource["identifier"] == [{"value": "M1"}]
 
 
 @pytest.mark.parametrize(("table", "row_id", "row", "named", "secret"), [
@@ -470,10 +472,10 @@ def test_patient_create_writes_every_mapped_column_and_the_row_identifier():
 def test_row_with_a_fhir_id_updates_that_resource():
     d = plan(context("Create", "contact", PATIENT, patient_row(msemr_azurefhirid="pat-123")))
     p = written(d)
-    assert p.operation == "update" and p.target.fhir_id == "pat-123"
+    assert p.target.fhir_id == "pat-123"  # the record came from FHIR: its resource is that one
     assert "id" not in p.resource  # the server owns the id; the target carries it
     bad = written(plan(context("Create", "contact", PATIENT, patient_row(msemr_azurefhirid="not an id!"))))
-    assert bad.target.fhir_id is None and bad.operation == "create"
+    assert bad.target.fhir_id is None and bad.target.new_id == resource_id("contact", PATIENT)
 
 
 def test_practitioner_create():
@@ -500,29 +502,41 @@ def test_observation_create():
     assert r["issued"] == "2026-11-02T09:45:00Z" and r["effectiveDateTime"] == "2026-11-02T09:30:00Z"
 
 
+def merged(p: WritePlan, server: dict[str, Any], n: int = 0) -> dict[str, Any]:
+    """What the plan's write `n` makes of the server's copy (what the delivery would PUT)."""
+    write = p.writes[n]
+    decided = converge(server, write.edit, write.target.resource_type, write.target.new_id)
+    assert decided.kind == "write" and decided.resource is not None, decided
+    return decided.resource
+
+
 def test_medical_identifier_updates_its_parent_patient():
     p = written(plan(sample("04_medicalidentifier_create.json")))
-    assert p.operation == "update" and p.resource_type == "Patient"
+    assert p.resource_type == "Patient"
     assert (p.target.identifier_system, p.target.identifier_value, p.target.fhir_id) == (
         "urn:dataverse:contact", PATIENT, None)
     assert p.resource["identifier"] == [{
         "system": "http://hospital.example.org/mrn", "value": "MRN-0042731", "use": "official",
         "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]}}]
-    merged = apply(server_patient(), p.assignments)
-    assert merged["identifier"][0] == {"system": "urn:dataverse:contact", "value": PATIENT}
-    assert len(merged["identifier"]) == 2  # the existing MRN item is updated in place, not duplicated
+    after = merged(p, server_patient())
+    assert after["identifier"][0] == {"system": "urn:dataverse:contact", "value": PATIENT}
+    # The MRN the ingest put there (same system and value) is taken over, not duplicated, and marked as the row's.
+    assert len(after["identifier"]) == 2
+    assert strip_marks(after["identifier"][1])["type"]["coding"][0]["code"] == "MR"
+    assert mark_of(after["identifier"][1], "msemr_medicalidentifier", IDENTIFIER) is not None
 
 
-def test_medical_identifier_system_change_moves_the_same_item():
+def test_medical_identifier_system_change_updates_the_same_item():
     old = {"msemr_assignee": Lookup("contact", PATIENT), "msemr_identifiersystem": "http://hospital.example.org/mrn",
-           "msemr_value": "MRN-0042731"}
+           "msemr_value": "MRN-0042731", "versionnumber": 1}
     new_system = "http://hospital.example.org/mrn-v2"
     body = context("Update", "msemr_medicalidentifier", IDENTIFIER, {"msemr_identifiersystem": new_system},
-                   pre=old, post={**old, "msemr_identifiersystem": new_system})
+                   pre=old, post={**old, "msemr_identifiersystem": new_system, "versionnumber": 2})
     p = written(plan(body))
-    merged = apply(server_patient(), p.assignments)
-    assert merged["identifier"] == [{"system": "urn:dataverse:contact", "value": PATIENT},
-                                    {"system": new_system, "value": "MRN-0042731", "use": "official"}]
+    after = strip_marks(merged(p, server_patient()))
+    assert after["identifier"] == [{"system": "urn:dataverse:contact", "value": PATIENT},
+                                   {"system": new_system, "value": "MRN-0042731", "use": "official"}]
+    # msemr_use is in neither image (not registered, or empty and unchanged): not known, so `use` is left alone.
 
 
 # ---- map actions (a test map set with every type) -------------------------------------------
@@ -639,14 +653,15 @@ def test_fhir_validation_failure_names_the_element_never_the_value(action_maps):
 
 
 @pytest.mark.parametrize(("raw", "expected"), [
-    (Decimal("72"), 72),  # Money
-    ({"__type": "Decimal:#System", "__value": "72.50"}, 72.5),
-    (36.6, 36.6),
+    (Decimal("72"), Decimal("72.0")),  # Money, as Dataverse sends it (72.0)
+    ({"__type": "Decimal:#System", "__value": "72.50"}, Decimal("72.50")),  # precision kept: 72.50, not 72.5
+    (36.6, Decimal("36.6")),
     (5, 5),
 ])
 def test_copy_decimal(action_maps, raw, expected):
     quantity = element(measure(action_maps, new_amount=raw), "valueQuantity")
     assert quantity["value"] == expected and type(quantity["value"]) is type(expected)
+    assert str(quantity["value"]) == str(expected)
 
 
 def test_copy_instant_datetime_and_id(action_maps):
@@ -685,21 +700,26 @@ def test_default_values(action_maps):
 # ---- update diffs ------------------------------------------------------------------------------
 
 
-def test_pre_and_post_images_plan_only_the_changed_column():
+def test_an_update_with_a_post_image_writes_the_whole_row():
+    """With the post-image every element the map owns is written with the row's current value (or cleared), so
+    a write heals whatever an earlier message could not write."""
     p = written(plan(sample("02_patient_update_phone.json")))
-    assert p.operation == "update"
-    assert p.resource == {"resourceType": "Patient",
-                          "telecom": [{"system": "phone", "use": "work", "value": "+1 206 555 0177"}]}
-    assert p.changes == ("telecom",)
-    assert [a.element for a in p.assignments] == ["telecom"]
+    assert p.operation == "update" and p.full
+    assert {"system": "phone", "use": "work", "value": "+1 206 555 0177"} in p.resource["telecom"]
+    assert p.resource["name"] == [{"use": "official", "family": "Quintero", "given": ["Rosalind", "Elsie"]}]
+    assert p.changes == ("address", "birthDate", "gender", "identifier", "name", "telecom")
     assert p.source.row_version == 1002
 
 
-def test_unchanged_columns_in_the_target_are_not_planned():
-    body = patient_update({"firstname": "Rosalind", "lastname": "Quintero-Hale", "gendercode": Choice(2)})
-    p = written(plan(body))
-    assert p.resource == {"resourceType": "Patient", "name": [{"use": "official", "family": "Quintero-Hale"}]}
-    assert p.changes == ("name",)
+def test_an_update_that_changes_no_mapped_or_gate_column_is_no_change():
+    body = patient_update({"description": "Prefers mornings", "versionnumber": 1002})
+    assert plan(body).reason is Reason.NO_CHANGE
+    # ... but a change of consent, type or FHIR id is a gate: the whole row is written.
+    for gate in ({"msemr_azurefhirid": "pat-9"}, {"msemr_contacttype": PRACTITIONER_TYPE}):
+        assert plan(patient_update({**gate, "versionnumber": 1002})).decision == "write"
+    withdrawn = patient_update({"msemr_azurefhirsyncenabled": True, "versionnumber": 1002},
+                               pre={"msemr_azurefhirsyncenabled": False})
+    assert written(plan(withdrawn)).full  # consent given: the whole row
 
 
 def test_target_only_update_plans_the_columns_in_the_target():
@@ -716,19 +736,19 @@ def test_target_only_update_plans_the_columns_in_the_target():
 def test_cleared_column_removes_the_element():
     body = context("Update", "msemr_encounter", ENCOUNTER, {"msemr_encounterenddate": None})
     p = written(plan(body))
-    assert p.changes == ("period",) and p.resource == {"resourceType": "Encounter"}
+    assert not p.full and p.cleared == ("period",) and p.resource == {"resourceType": "Encounter"}
+    assert plan(body).as_json()["cleared"] == ["period"]  # the dry run says what a clear removes
     server = {"resourceType": "Encounter", "id": "enc-1", "status": "finished",
               "period": {"start": "2026-11-02T09:30:00Z", "end": "2026-11-02T10:30:00Z"}}
-    assert apply(server, p.assignments) == {"resourceType": "Encounter", "id": "enc-1", "status": "finished",
-                                             "period": {"start": "2026-11-02T09:30:00Z"}}
+    assert merged(p, server) == {"resourceType": "Encounter", "id": "enc-1", "status": "finished",
+                                 "period": {"start": "2026-11-02T09:30:00Z"},
+                                 "identifier": [{"system": "urn:dataverse:msemr_encounter", "value": ENCOUNTER}]}
 
 
 def test_cleared_phone_removes_its_telecom_item_only():
-    p = written(plan(patient_update({"telephone1": None})))
-    assert p.changes == ("telecom",)
-    merged = apply(server_patient(), p.assignments)
-    assert merged["telecom"] == [{"system": "phone", "use": "mobile", "value": "+1 206 555 0199"},
-                                 {"system": "email", "value": "r.quintero@example.org"}]
+    p = written(plan(patient_update({"telephone1": None, "versionnumber": 1002})))
+    assert merged(p, server_patient())["telecom"] == [{"system": "phone", "use": "mobile", "value": "+1 206 555 0199"},
+                                                      {"system": "email", "value": "r.quintero@example.org"}]
 
 
 def test_server_only_elements_are_never_planned():
@@ -736,15 +756,14 @@ def test_server_only_elements_are_never_planned():
                            "msemr_azurefhirlastupdatedon": T0, "versionnumber": 1002, "modifiedon": T0})
     p = written(plan(body))
     assert p.target.fhir_id == "pat-1"
-    assert set(p.resource) == {"resourceType", "name"}
-    assert p.changes == ("name",)
+    assert not {"id", "meta", "text", "communication"} & set(p.resource)
     before = server_patient()
-    merged = apply(before, p.assignments)
+    after = strip_marks(merged(p, before))
     for name in ("id", "meta", "text", "extension", "communication", "identifier", "gender", "birthDate",
                  "telecom"):
-        assert merged[name] == before[name], name
-    assert merged["name"] == [{"use": "official", "family": "Quintero-Hale", "given": ["Rosalind", "Elsie"]},
-                              {"use": "nickname", "given": ["Roz"]}]
+        assert after[name] == before[name], name
+    assert after["name"] == [{"use": "official", "family": "Quintero-Hale", "given": ["Rosalind", "Elsie"]},
+                             {"use": "nickname", "given": ["Roz"]}]
 
 
 def test_update_of_an_expansion_row_with_no_mapped_change():
@@ -761,7 +780,7 @@ def test_decision_as_json_shape():
     assert out["decision"] == "write" and out["reason"] is None
     assert (out["table"], out["recordId"], out["message"], out["resourceType"]) == (
         "contact", PATIENT, "Update", "Patient")
-    assert out["changes"] == ["telecom"] and out["resource"]["resourceType"] == "Patient"
+    assert "telecom" in out["changes"] and out["resource"]["resourceType"] == "Patient" and out["wholeRow"]
     skip = plan(sample("08_patient_consent_withheld.json")).as_json()
     assert skip["reason"] == "consent-withheld" and skip["resource"] is None and skip["changes"] is None
 

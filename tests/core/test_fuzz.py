@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from devtools.messages import CONTRACTS
 from devtools.samples import SAMPLES, SYNC_USER
 from writeback.decide import Decision, plan_message
+from writeback.fhir_client import encode
 from writeback.maps import load_maps
 from writeback.reasons import Reason
 from writeback.settings import DEFAULT_MAPS_DIR, Settings
@@ -109,7 +110,7 @@ def check(decision: Decision) -> None:
         assert decision.plan is None
     assert isinstance(decision.detail, str) and 0 < len(decision.detail) <= 1000
     # What the dry run prints and the outcome log stores: strict JSON, encodable as UTF-8.
-    json.dumps(decision.as_json(), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    encode(decision.as_json())  # what `python -m writeback plan` prints must always encode
 
 
 def run(body: bytes | str, props: dict[str, Any] | None = None, which: int = 0,

@@ -66,7 +66,7 @@ def test_compiled_paths_and_value_maps():
     maps = load_maps(DEFAULT_MAPS_DIR)
     by_column = {a.column: a for a in maps.maps["contact"].attributes}
     assert by_column["telephone1"].path == (
-        Field("telecom"), Select((("system", "phone"), ("use", "work"))), Field("value"))
+        Field("telecom"), Select((("system", "phone"), ("use", "work")), frozenset({"use"})), Field("value"))
     # YAML reads `1:` as an int; keys are compared as text with the row's values.
     assert dict(by_column["gendercode"].values) == {"1": "male", "2": "female", "935000000": "other",
                                                     "935000001": "unknown"}
@@ -156,8 +156,8 @@ START = "{column: msemr_encounterstartdate, target: period.start, type: dateTime
     pytest.param("contact.yaml", edit("contact.yaml", "935000001: Practitioner", "935000001: Doctor"),
                  "resource.values.935000001", ["Doctor"], id="choice-to-unsupported-type"),
     pytest.param("msemr_medicalidentifier.yaml",
-                 edit("msemr_medicalidentifier.yaml", "key: system", "key: assigner"), "expansion.key",
-                 ["assigner"], id="expansion-key-not-targeted"),
+                 edit("msemr_medicalidentifier.yaml", "element: identifier", "element: identifer"),
+                 "expansion.element", ["identifer"], id="expansion-element-unknown"),
     pytest.param("msemr_medicalidentifier.yaml",
                  edit("msemr_medicalidentifier.yaml", "target: period.start", 'target: "period[start"'),
                  "attributes[4].target", ["path"], id="expansion-bad-path"),

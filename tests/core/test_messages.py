@@ -75,7 +75,7 @@ def test_all_fields_create():
     attrs = m.target.attributes if m.target else {}
     assert attrs["shko_choices"] == (OptionSet(342490001), OptionSet(342490002))
     assert attrs["shko_currency"] == Money(Decimal("100"))
-    assert attrs["shko_decimal"] == 10.12
+    assert attrs["shko_decimal"] == Decimal("10.12") and str(attrs["shko_decimal"]) == "10.12"  # exact
     assert attrs["shko_boolean"] is False
 
 

@@ -15,7 +15,8 @@ from devtools.faults import FaultyTransport
 from devtools.messages import Choice, context
 from devtools.services import FhirDevServer
 from writeback.auth import fhir_tokens
-from writeback.fhir_client import FhirClient, FhirTarget
+from writeback.bundles import BatchDelivery
+from writeback.fhir_client import FhirClient
 from writeback.maps import MapSet, load_maps
 from writeback.pipeline import Envelope, Pipeline, Result
 from writeback.settings import DEFAULT_MAPS_DIR, Settings
@@ -67,7 +68,7 @@ async def rig_factory(fhir_server: FhirDevServer, maps: MapSet) -> AsyncIterator
 
         client = FhirClient(settings.fhir_url, http, tokens, settings, sleep=record_sleep)
         opened.append((http, tokens))
-        return Rig(server, settings, transport, client, Pipeline(maps, settings, FhirTarget(client)), sleeps)
+        return Rig(server, settings, transport, client, Pipeline(maps, settings, BatchDelivery(client)), sleeps)
 
     yield make
     for http, tokens in opened:

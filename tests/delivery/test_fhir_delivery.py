@@ -1,5 +1,6 @@
-"""Delivery against the real FHIR dev server (Medplum's engine): idempotent creates, partial updates under
-optimistic concurrency, Provenance, auth and retries. Faults are injected by an httpx transport in front of it."""
+"""Delivery against the real FHIR dev server (Medplum's engine): creates under the row's own id, whole-row
+updates under optimistic concurrency that keep what no map owns, Provenance, auth and retries. Faults are
+injected by an httpx transport in front of it, on whole bundles or on single entries of a bundle."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any
 
 import httpx
 
-from devtools.faults import Fault
+from devtools.faults import EntryFault, Fault
+from devtools.messages import Choice, context
 from devtools.services import fhir_dev_server
 from tests.delivery.conftest import Fhir, Rig, create_message, new_patient, update_message
 from writeback.fhir_client import build_delivery
@@ -60,15 +62,15 @@ async def test_provenance_names_the_exact_version_written(rig: Rig, fhir: Fhir):
     assert provenance["meta"]["source"] == "urn:test:writeback"
 
 
-async def test_the_same_create_delivered_twice_makes_one_resource(rig: Rig, fhir: Fhir):
+async def test_the_same_create_delivered_twice_makes_one_resource_and_one_version(rig: Rig, fhir: Fhir):
     row_id, row = new_patient()
     message = create_message(row_id, row)
     first = await rig.send(message)
     second = await rig.send(message)
-    assert first.state == second.state == "written"
-    found = fhir.search(f"Patient?identifier=urn:dataverse:contact|{row_id}")
-    assert len(found) == 1
-    assert first.resource == second.resource  # the redelivery recognised the resource it made
+    assert first.state == "written"
+    assert (second.state, second.reason) == ("skipped", Reason.NO_CHANGE)  # that version is already there
+    [found] = fhir.search(f"Patient?identifier=urn:dataverse:contact|{row_id}")
+    assert first.resource == f"Patient/{found['id']}/_history/{found['meta']['versionId']}"
 
 
 async def test_update_changes_only_its_elements_and_server_data_survives(rig: Rig, fhir: Fhir):
@@ -78,7 +80,8 @@ async def test_update_changes_only_its_elements_and_server_data_survives(rig: Ri
     _, resource_id, _ = _id_and_version(created.resource)
     # Another system adds data no map owns.
     current = fhir.get(f"Patient/{resource_id}")
-    current["extension"] = [{"url": "http://example.org/favourite-colour", "valueString": "teal"}]
+    theirs = {"url": "http://example.org/favourite-colour", "valueString": "teal"}
+    current["extension"].append(theirs)
     current["name"].append({"use": "nickname", "given": ["Birdie"]})
     current["communication"] = [{"language": {"text": "Welsh"}}]
     current["telecom"].append({"system": "fax", "value": "+1 555 0199"})
@@ -89,7 +92,7 @@ async def test_update_changes_only_its_elements_and_server_data_survives(rig: Ri
     assert result.state == "written", result.detail
     assert result.resource is not None
     patient = fhir.get(result.resource)
-    assert patient["extension"] == current["extension"]
+    assert theirs in patient["extension"]
     assert {"use": "nickname", "given": ["Birdie"]} in patient["name"]
     assert patient["communication"] == current["communication"]
     telecom = patient["telecom"]
@@ -109,23 +112,31 @@ async def test_update_finds_its_target_by_the_fhir_id_column(rig: Rig, fhir: Fhi
     assert created.resource is not None
     _, resource_id, _ = _id_and_version(created.resource)
     synced = {**row, "msemr_azurefhirid": resource_id}
-    result = await rig.send(update_message(row_id, synced, {"lastname": "Castellanos-Reyes"}))
+    result = await rig.send(update_message(row_id, synced, {"lastname": "Castellanos-Reyes", "versionnumber": 11}))
     assert result.state == "written"
     assert fhir.get(f"Patient/{resource_id}")["name"][0]["family"] == "Castellanos-Reyes"
-    assert any(r.url.path.endswith(f"/Patient/{resource_id}") and r.method == "GET" for r in rig.transport.requests)
+    assert {"method": "GET", "url": f"Patient/{resource_id}"} in [e["request"] for e in rig.transport.entries]
 
 
-async def test_update_of_a_resource_that_does_not_exist_is_target_missing(rig: Rig):
+async def test_an_update_before_its_create_writes_the_whole_row_a_target_only_one_waits(rig: Rig, fhir: Fhir):
     row_id, row = new_patient()
-    # No resource carries the row identifier: the row's Create may still be on its way, so retry, not reject.
-    by_identifier = await rig.send(update_message(row_id, row, {"lastname": "Nobody"}))
-    assert (by_identifier.state, by_identifier.reason, by_identifier.settlement) == (
-        "retry", Reason.TARGET_PENDING, "reschedule")
-    assert (await rig.send(create_message(row_id, row))).state == "written"
-    assert (await rig.send(update_message(row_id, row, {"lastname": "Nobody"}))).state == "written"
+    # With its post-image an update knows the whole row: it creates the resource the Create would have.
+    early = await rig.send(update_message(row_id, row, {"lastname": "Early", "versionnumber": 11}))
+    assert early.state == "written", early.detail
+    [patient] = fhir.search(f"Patient?identifier=urn:dataverse:contact|{row_id}")
+    assert patient["name"][0]["family"] == "Early"
+    late = await rig.send(create_message(row_id, row))  # version 10 comes after 11: nothing older overwrites
+    assert (late.state, late.reason) == ("skipped", Reason.STALE)
+    assert fhir.get(f"Patient/{patient['id']}")["name"][0]["family"] == "Early"
+    # Without images (Target only), nothing but the changed columns is known: it waits for the Create.
+    other_id, _ = new_patient()
+    target_only = context("Update", "contact", other_id, {"lastname": "Nobody", "msemr_contacttype": Choice(935000000),
+                                                           "msemr_azurefhirsyncenabled": True})
+    pending = await rig.send(target_only)
+    assert (pending.state, pending.reason, pending.settlement) == ("retry", Reason.TARGET_PENDING, "reschedule")
     # A FHIR id the server does not have is a real miss: nothing will come to fix it.
     by_id = await rig.send(update_message(row_id, {**row, "msemr_azurefhirid": "does-not-exist"},
-                                          {"lastname": "Nobody"}))
+                                          {"lastname": "Nobody", "versionnumber": 12}))
     assert (by_id.state, by_id.reason) == ("dead-lettered", Reason.TARGET_MISSING)
 
 
@@ -137,41 +148,42 @@ async def test_a_concurrent_change_between_read_and_write_is_detected_and_reappl
 
     async def someone_else_writes(_: httpx.Request) -> None:
         other = fhir.get(f"Patient/{resource_id}")
-        other["gender"] = "female"
+        other["active"] = True
         await asyncio.to_thread(fhir.put, other)
 
-    fault = rig.transport.add(Fault(method="PUT", url_contains=f"/Patient/{resource_id}", before=someone_else_writes))
-    result = await rig.send(update_message(row_id, row, {"mobilephone": "+1 555 0142"}))
+    fault = rig.transport.add(Fault(method="POST", path_endswith="/R4", body_contains=b'"ifMatch"',
+                                    before=someone_else_writes))
+    result = await rig.send(update_message(row_id, row, {"mobilephone": "+1 555 0142", "versionnumber": 11}))
     assert fault.fired == 1
     assert result.state == "written", result.detail
-    puts = [r for r in rig.transport.requests if r.method == "PUT" and f"/Patient/{resource_id}" in str(r.url)]
+    puts = [e for e in rig.transport.entries if e["request"] == {
+        "method": "PUT", "url": f"Patient/{resource_id}", "ifMatch": e["request"].get("ifMatch")}]
     assert len(puts) == 2  # the first was refused (412), the change re-applied on the new version
     patient = fhir.get(f"Patient/{resource_id}")
-    assert patient["gender"] == "female"  # the concurrent change survived
+    assert patient["active"] is True  # the concurrent change (of an element no map owns) survived
     assert {"system": "phone", "use": "mobile", "value": "+1 555 0142"} in patient["telecom"]
 
 
 async def test_a_resource_that_keeps_changing_ends_in_conflict(rig: Rig):
     row_id, row = new_patient()
     await rig.send(create_message(row_id, row))
-    rig.transport.add(Fault(method="PUT", url_contains="/Patient/", status=412, times=-1,
-                            body={"resourceType": "OperationOutcome",
-                                  "issue": [{"severity": "error", "code": "conflict"}]}))
-    result = await rig.send(update_message(row_id, row, {"lastname": "Again"}))
+    rig.transport.add_entry(EntryFault(method="PUT", url_contains="Patient/", status=412, times=-1,
+                                       outcome={"resourceType": "OperationOutcome",
+                                                "issue": [{"severity": "error", "code": "conflict"}]}))
+    result = await rig.send(update_message(row_id, row, {"lastname": "Again", "versionnumber": 11}))
     assert (result.state, result.reason) == ("retry", Reason.CONFLICT)
 
 
 async def test_operation_outcome_warnings_are_kept_with_the_result(rig: Rig):
-    def with_warnings(request: httpx.Request, response: httpx.Response) -> httpx.Response:
+    def with_warnings(entry: dict[str, Any]) -> dict[str, Any]:
         outcome: dict[str, Any] = {"resourceType": "OperationOutcome", "issue": [
             {"severity": "warning", "code": "business-rule", "diagnostics": CANARY,
              "expression": ["Patient.telecom[0]"]},
             {"severity": "information", "code": "informational", "details": {"coding": [{"code": "MSG_UPDATED"}]}},
         ]}
-        headers = {k: v for k, v in response.headers.items() if k.lower() in ("etag", "location", "last-modified")}
-        return httpx.Response(response.status_code, headers=headers, json=outcome, request=request)
+        return {**entry, "response": {**entry["response"], "outcome": outcome}}
 
-    rig.transport.add(Fault(method="POST", url_contains="/Patient", rewrite=with_warnings))
+    rig.transport.add_entry(EntryFault(method="PUT", url_contains="Patient/", rewrite=with_warnings))
     row_id, row = new_patient()
     result = await rig.send(create_message(row_id, row))
     assert result.state == "written", result.detail
@@ -183,8 +195,8 @@ async def test_operation_outcome_warnings_are_kept_with_the_result(rig: Rig):
 
 
 async def test_429_and_503_with_retry_after_are_retried_then_succeed(rig: Rig, fhir: Fhir):
-    rig.transport.add(Fault(method="POST", url_contains="/Patient", status=429, headers={"Retry-After": "2"}))
-    rig.transport.add(Fault(method="POST", url_contains="/Patient", status=503, headers={"Retry-After": "1"}))
+    rig.transport.add(Fault(method="POST", path_endswith="/R4", status=429, headers={"Retry-After": "2"}))
+    rig.transport.add(Fault(method="POST", path_endswith="/R4", status=503, headers={"Retry-After": "1"}))
     row_id, row = new_patient()
     result = await rig.send(create_message(row_id, row))
     assert result.state == "written", result.detail
@@ -193,8 +205,8 @@ async def test_429_and_503_with_retry_after_are_retried_then_succeed(rig: Rig, f
 
 
 async def test_connection_errors_and_timeouts_are_retried_with_backoff(rig: Rig):
-    rig.transport.add(Fault(method="POST", url_contains="/Patient", error=httpx.ConnectError))
-    rig.transport.add(Fault(method="POST", url_contains="/Patient", error=httpx.ReadTimeout))
+    rig.transport.add(Fault(method="POST", path_endswith="/R4", error=httpx.ConnectError))
+    rig.transport.add(Fault(method="POST", path_endswith="/R4", error=httpx.ReadTimeout))
     row_id, row = new_patient()
     result = await rig.send(create_message(row_id, row))
     assert result.state == "written"
@@ -202,7 +214,7 @@ async def test_connection_errors_and_timeouts_are_retried_with_backoff(rig: Rig)
 
 
 async def test_a_persistent_503_ends_as_fhir_unavailable(rig: Rig):
-    rig.transport.add(Fault(method="POST", url_contains="/Patient", status=503, times=-1))
+    rig.transport.add(Fault(method="POST", path_endswith="/R4", status=503, times=-1))
     row_id, row = new_patient()
     result = await rig.send(create_message(row_id, row))
     assert (result.state, result.reason) == ("retry", Reason.FHIR_UNAVAILABLE)
@@ -211,7 +223,7 @@ async def test_a_persistent_503_ends_as_fhir_unavailable(rig: Rig):
 
 async def test_retrying_stops_at_the_total_time_bound(rig_factory):
     rig = rig_factory(FHIR_MAX_RETRIES="10", FHIR_RETRY_MAX_SECONDS="5")
-    rig.transport.add(Fault(method="POST", url_contains="/Patient", status=429, headers={"Retry-After": "3"}, times=-1))
+    rig.transport.add(Fault(method="POST", path_endswith="/R4", status=429, headers={"Retry-After": "3"}, times=-1))
     row_id, row = new_patient()
     result = await rig.send(create_message(row_id, row))
     assert result.reason == Reason.FHIR_UNAVAILABLE
@@ -219,7 +231,7 @@ async def test_retrying_stops_at_the_total_time_bound(rig_factory):
 
 
 async def test_a_refused_resource_is_fhir_rejected_without_the_servers_diagnostics(rig: Rig):
-    rig.transport.add(Fault(method="POST", url_contains="/Patient", status=422, body={
+    rig.transport.add_entry(EntryFault(method="PUT", url_contains="Patient/", status=422, outcome={
         "resourceType": "OperationOutcome",
         "issue": [{"severity": "error", "code": "invariant", "diagnostics": CANARY, "expression": ["Patient.name"]}]}))
     row_id, row = new_patient()
@@ -229,17 +241,21 @@ async def test_a_refused_resource_is_fhir_rejected_without_the_servers_diagnosti
     assert CANARY not in result.detail
 
 
-async def test_a_failed_provenance_is_its_own_outcome_and_a_redelivery_completes_it(rig: Rig, fhir: Fhir):
-    fault = rig.transport.add(Fault(method="PUT", url_contains="/Provenance/", status=500, times=4))
+async def test_a_failed_provenance_is_its_own_outcome_and_the_retry_writes_it(rig: Rig, fhir: Fhir):
+    fault = rig.transport.add_entry(EntryFault(method="PUT", url_contains="Provenance/", status=500, times=4))
     row_id, row = new_patient()
     message = create_message(row_id, row)
     failed = await rig.send(message)
     assert (failed.state, failed.reason) == ("retry", Reason.PROVENANCE_FAILED)
     assert fault.fired == 4
-    again = await rig.send(message)  # Service Bus redelivers the abandoned message
-    assert again.state == "written" and again.provenance
+    [patient] = fhir.search(f"Patient?identifier=urn:dataverse:contact|{row_id}")
+    versioned = f"Patient/{patient['id']}/_history/{patient['meta']['versionId']}"
+    assert not fhir.search(f"Provenance?target={versioned}")
+    again = await rig.send(message, delivery_count=2)  # the retry finds its version in place ...
+    assert (again.state, again.reason, again.resource) == ("written", None, versioned)
+    [provenance] = fhir.search(f"Provenance?target={versioned}")  # ... and writes the Provenance it owes
+    assert provenance["activity"]["coding"][0]["code"] == "CREATE"
     assert len(fhir.search(f"Patient?identifier=urn:dataverse:contact|{row_id}")) == 1
-    assert fhir.get(again.provenance.split("/_history")[0])["target"] == [{"reference": again.resource}]
 
 
 async def test_the_token_is_fetched_once_cached_and_refreshed_before_expiry(rig_factory):
@@ -266,7 +282,7 @@ async def test_a_bad_client_secret_is_unauthorized_a_configuration_fault(rig_fac
 
 
 async def test_a_403_from_the_fhir_server_is_unauthorized(rig: Rig):
-    rig.transport.add(Fault(method="POST", url_contains="/Patient", status=403, times=-1))
+    rig.transport.add(Fault(method="POST", path_endswith="/R4", status=403, times=-1))
     row_id, row = new_patient()
     result = await rig.send(create_message(row_id, row))
     assert (result.state, result.reason) == ("config-error", Reason.UNAUTHORIZED)

@@ -52,6 +52,19 @@ def update_body(record_id: str, version: int | None, request_id: str | None = No
                               request_id=request_id)).encode()
 
 
+def target_only_body(record_id: str, version: int | None, request_id: str | None = None,
+                     modified: datetime | None = None, **changes: object) -> bytes:
+    """An Update from a step registered without images: the Target holds the changed columns only (here with
+    the contact type and consent, which such a step must send for a contact to be written at all)."""
+    changes = changes or {"telephone1": f"+1 206 555 {version or 0:04d}"}
+    target: dict[str, object] = {"msemr_contacttype": PATIENT, "msemr_azurefhirsyncenabled": True, **changes}
+    if version is not None:
+        target["versionnumber"] = version
+    if modified is not None:
+        target["modifiedon"] = modified
+    return json.dumps(context("Update", "contact", record_id, target, request_id=request_id)).encode()
+
+
 def reject_body(record_id: str) -> bytes:
     """A related person: `invalid-contact-type` (permanent)."""
     row = patient(record_id, 1, msemr_contacttype=RELATED)

@@ -29,8 +29,9 @@ from tests.function.conftest import (
 from tests.function.helpers import FIRST, LAST, consent_body, create_body, new_id, patient, reject_body, update_body
 from tests.function.sb import host_content, received_batch
 from writeback import functions
+from writeback.bundles import BatchDelivery
 from writeback.decide import WritePlan
-from writeback.fhir_client import FhirDelivery, build_delivery
+from writeback.fhir_client import build_delivery
 from writeback.pipeline import Delivered
 from writeback.settings import Settings
 
@@ -95,20 +96,18 @@ async def test_mixed_batch_settles_each_message_on_its_own_outcome(
     assert all(FIRST not in r.getMessage() and LAST not in r.getMessage() for r in records)
 
 
-async def test_two_changes_of_one_row_are_applied_in_order(fake_app: functions.FunctionApp,
-                                                           user_function: UserFunction,
-                                                           fake_factory: FakeFactory) -> None:
+async def test_of_several_whole_row_changes_in_a_batch_only_the_newest_is_written(
+        fake_app: functions.FunctionApp, user_function: UserFunction, fake_factory: FakeFactory) -> None:
+    """Each carries the row's whole state, so the newest holds the others' changes: one write, one version."""
     record, unrelated = new_id(), new_id()
-    messages = batch(create_body(record, version=1), create_body(unrelated),
-                     update_body(record, 2, telephone1="+1 206 555 0202"),
-                     update_body(record, 3, telephone1="+1 206 555 0303"))
+    messages = batch(update_body(record, 3, telephone1="+1 206 555 0303"), create_body(unrelated),
+                     create_body(record, version=1), update_body(record, 2, telephone1="+1 206 555 0202"))
     actions = MockMessageActions()
     await user_function(messages=messages, message_actions=actions)
     assert [actions.of(m).kind for m in messages] == ["complete"] * 4
     mine = [p for p in fake_factory.delivery.plans if p.target.identifier_value == record]
-    assert [p.operation for p in mine] == ["create", "update", "update"]
-    assert [p.source.row_version for p in mine] == [1, 2, 3]
-    assert await history(record) == [("written", None)] * 3
+    assert [(p.operation, p.source.row_version) for p in mine] == [("update", 3)]
+    assert await history(record) == [("skipped", "stale"), ("skipped", "stale"), ("written", None)]
 
 
 async def test_a_duplicate_within_the_batch_is_written_once(fake_app: functions.FunctionApp,
@@ -191,41 +190,23 @@ async def test_an_unexpected_error_abandons_every_unsettled_message(
     assert all(FIRST not in r.getMessage() for r in errors)
 
 
-async def test_the_fhir_target_sends_one_plan_directly_and_several_in_bundles(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_fhir_target_writes_in_bundles_and_the_alternate_one_at_a_time() -> None:
     delivery, aclose = build_delivery(Settings.from_env({"FHIR_URL": "http://127.0.0.1:9/fhir"}))
-    direct: list[WritePlan] = []
-    bundled: list[list[WritePlan]] = []
-
-    async def deliver(self: FhirDelivery, plan: WritePlan) -> Delivered:
-        direct.append(plan)
-        return Delivered("Patient/p/_history/1", "Provenance/v/_history/1")
-
-    async def deliver_many(plans: list[WritePlan], memo: object = None, written: object = None) -> list[Delivered]:
-        bundled.append(plans)
-        return [Delivered("Patient/p/_history/1", "Provenance/v/_history/1")] * len(plans)
-
-    monkeypatch.setattr(FhirDelivery, "deliver", deliver)
-    monkeypatch.setattr(delivery, "batch", type("Batch", (), {"deliver_many": staticmethod(deliver_many)})())
-    plans = [object(), object()]
-    try:
-        many = getattr(delivery, "deliver_many")  # noqa: B009 - not part of the Delivery protocol
-        assert len(await many(plans[:1])) == 1 and direct == plans[:1] and bundled == []
-        assert len(await many(plans)) == 2 and bundled == [plans]
-    finally:
-        await aclose()
+    await aclose()
+    assert isinstance(delivery, BatchDelivery)
     alternate, close_alternate = build_delivery(Settings.from_env({
         "WRITEBACK_TARGET": "alternate", "ALTERNATE_ENDPOINT_URL": "https://alt.example.org/writeback",
         "ALTERNATE_TOKEN_URL": "https://login.example.org/token", "ALTERNATE_CLIENT_ID": "c",
         "ALTERNATE_CLIENT_SECRET": "s"}))
     await close_alternate()
-    assert not hasattr(alternate, "deliver_many")  # one at a time: process_many keeps rows in order itself
+    assert not hasattr(alternate, "deliver_many")  # one at a time
 
 
 async def test_batch_end_to_end(live_app: functions.FunctionApp, user_function: UserFunction,
                                 fhir: httpx.Client) -> None:
-    """Creates, updates (one of a resource written earlier, two of a row created in the same batch), a duplicate,
-    a skip and a reject in one invocation: FHIR batch bundles to the dev server, outcome rows in Azurite."""
+    """Creates, updates (one of a resource written earlier, one of a row created in the same batch: only its
+    newest state is written), a duplicate, a skip and a reject in one invocation: FHIR batch bundles to the dev
+    server, outcome rows in Azurite."""
     existing = new_id()
     earlier = MockMessageActions()
     await user_function(messages=batch(create_body(existing, version=1)), message_actions=earlier)
@@ -250,7 +231,7 @@ async def test_batch_end_to_end(live_app: functions.FunctionApp, user_function: 
     assert actions.of(messages[-1]).reason == "invalid-contact-type"
     assert await history(lone) == [("written", None)]
     assert await history(existing) == [("written", None)] * 2
-    assert await history(twice) == [("written", None)] * 2
+    assert await history(twice) == [("skipped", "stale"), ("written", None)]  # one write of its newest state
     assert await history(repeated) == [("skipped", "duplicate"), ("written", None)]
     assert await history(withheld) == [("skipped", "consent-withheld")]
     assert await history(rejected) == [("dead-lettered", "invalid-contact-type")]
@@ -266,7 +247,7 @@ async def test_batch_end_to_end(live_app: functions.FunctionApp, user_function: 
     # Every write has its Provenance on the server, naming the very version written.
     written = [row for record in (lone, existing, twice, repeated) for row in await rows_of(record)
                if row.outcome == "written"]
-    assert len(written) == 6
+    assert len(written) == 5
     for row in written:
         assert row.resource and "/_history/" in row.resource and row.provenance
         assert row.settlement == "complete" and row.message_id
@@ -275,7 +256,8 @@ async def test_batch_end_to_end(live_app: functions.FunctionApp, user_function: 
         assert [t["reference"] for t in provenance["target"]] == [row.resource]
         version = fhir.get(f"/{row.resource}")
         assert version.status_code == 200, row.resource
-    assert {row.message_id for row in written} == {m.message_id for m in [earlier.only.message, *messages[:5]]}
+    assert {row.message_id for row in written} == {m.message_id for m in [
+        earlier.only.message, messages[0], messages[1], messages[3], messages[4]]}
 
 
 async def test_settlement_calls_do_not_block_the_event_loop(fake_app: functions.FunctionApp,

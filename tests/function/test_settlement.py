@@ -95,7 +95,7 @@ async def test_duplicate_completes_without_second_write(fake_app: functions.Func
     assert await history(record) == [("skipped", "duplicate"), ("written", None)]
 
 
-async def test_stale_completes(fake_app: functions.FunctionApp, user_function: UserFunction) -> None:
+async def test_stale_completes(live_app: functions.FunctionApp, user_function: UserFunction) -> None:
     record = new_id()
     newer, older = MockMessageActions(), MockMessageActions()
     await user_function(messages=[received_message(update_body(record, 12))], message_actions=newer)

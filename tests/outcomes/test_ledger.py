@@ -12,7 +12,7 @@ import pytest
 from azure.data.tables import TableServiceClient
 
 from devtools.services import Azurite
-from tests.function.helpers import FIRST, LAST, FakeDelivery, create_body, new_id, reject_body, update_body
+from tests.function.helpers import FIRST, LAST, FakeDelivery, create_body, new_id, reject_body, target_only_body
 from tests.outcomes.conftest import new_prefix, store_settings
 from writeback.decide import WritePlan, plan_message
 from writeback.errors import WritebackError
@@ -61,8 +61,9 @@ async def test_written_row_history_and_no_patient_data(store: OutcomeStore, maps
     assert [r.row_key for r in await store.query(status="written")] == [row.row_key]
     assert await store.query(status="failed") == []
 
-    state = await store.row_state("contact", record)
-    assert state is not None and state["Version"] == 7
+    state = await store.row_state("contact", record)  # what other rows' writes need to know about this row
+    assert state is not None and (state["FactsVersion"], state["ResourceType"], state["Consent"]) == (
+        "7", "Patient", True)
     assert await store.seen(row.message_key or "")
 
     raw = raw_entities(azurite_tables, prefix)
@@ -94,17 +95,19 @@ async def test_message_id_is_the_key_without_request_id(store: OutcomeStore) -> 
 
 
 async def test_stale_update_is_skipped_equal_version_goes_through(store: OutcomeStore, maps: MapSet) -> None:
+    """Target-only updates (no images on the step) are ordered per column by the ledger; whole-row updates by the
+    version marked in the FHIR resource (tests/delivery, tests/scenarios)."""
     record = new_id()
     delivery = FakeDelivery(fail=[Reason.FHIR_UNAVAILABLE])
     pipeline = Pipeline(maps, SETTINGS, delivery, store)
-    v10 = Envelope(update_body(record, 10), message_id="v10")
+    v10 = Envelope(target_only_body(record, 10), message_id="v10")
     first = await pipeline.process(v10)
     assert (first.state, first.reason, first.settlement) == ("retry", Reason.FHIR_UNAVAILABLE, "reschedule")
     again = await pipeline.process(v10)  # the redelivery after the transient failure: same version, not stale
     assert again.state == "written"
-    late = await pipeline.process(Envelope(update_body(record, 9), message_id="v9"))
+    late = await pipeline.process(Envelope(target_only_body(record, 9), message_id="v9"))
     assert (late.state, late.reason, late.settlement) == ("skipped", Reason.STALE, "complete")
-    newer = await pipeline.process(Envelope(update_body(record, 11), message_id="v11"))
+    newer = await pipeline.process(Envelope(target_only_body(record, 11), message_id="v11"))
     assert newer.state == "written"
     assert [p.source.row_version for p in delivery.plans] == [10, 10, 11]
     state = await store.row_state("contact", record)
@@ -114,8 +117,8 @@ async def test_stale_update_is_skipped_equal_version_goes_through(store: Outcome
 async def test_modified_on_orders_rows_without_version(store: OutcomeStore, maps: MapSet) -> None:
     record = new_id()
     t0 = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
-    newer = plan_for(update_body(record, None, modified=t0 + timedelta(minutes=5)), maps)
-    older = plan_for(update_body(record, None, modified=t0), maps)
+    newer = plan_for(target_only_body(record, None, modified=t0 + timedelta(minutes=5)), maps)
+    older = plan_for(target_only_body(record, None, modified=t0), maps)
     assert newer.source.row_version is None and newer.source.modified_on is not None
     assert await store.claim(newer) == frozenset()
     assert await store.claim(older) == {"telephone1"}  # the same column, written by a newer change
@@ -127,9 +130,9 @@ async def test_an_older_update_of_other_columns_still_writes_them(store: Outcome
     record = new_id()
     delivery = FakeDelivery()
     pipeline = Pipeline(maps, SETTINGS, delivery, store)
-    newer = Envelope(update_body(record, 8, address1_city="Newer City", telephone1="+1 206 555 0008"),
+    newer = Envelope(target_only_body(record, 8, address1_city="Newer City", telephone1="+1 206 555 0008"),
                      message_id="v8")
-    older = Envelope(update_body(record, 7, telephone1="+1 206 555 0007", emailaddress1="p7@example.org"),
+    older = Envelope(target_only_body(record, 7, telephone1="+1 206 555 0007", emailaddress1="p7@example.org"),
                      message_id="v7")
     assert (await pipeline.process(newer)).state == "written"
     late = await pipeline.process(older)
@@ -142,7 +145,7 @@ async def test_an_older_update_of_other_columns_still_writes_them(store: Outcome
     assert state is not None and state["Version"] == 8
     stamps = json.loads(state["Columns"])
     assert stamps["telephone1"][0] == 8 and stamps["emailaddress1"][0] == 7 and stamps["address1_city"][0] == 8
-    stale = await pipeline.process(Envelope(update_body(record, 6, telephone1="+1 206 555 0006",
+    stale = await pipeline.process(Envelope(target_only_body(record, 6, telephone1="+1 206 555 0006",
                                                         address1_city="Old City"), message_id="v6"))
     assert (stale.state, stale.reason) == ("skipped", Reason.STALE)
     assert len(delivery.plans) == 2
@@ -157,14 +160,14 @@ async def test_row_state_from_before_per_column_stamps_orders_the_whole_row(
     await store.ensure_tables()
     service.get_table_client(table_names(prefix)["rowstate"]).create_entity(
         {"PartitionKey": record, "RowKey": "contact", "Version": 10})
-    assert await store.claim(plan_for(update_body(record, 9, emailaddress1="old@example.org"), maps)) == {
+    assert await store.claim(plan_for(target_only_body(record, 9, emailaddress1="old@example.org"), maps)) == {
         "emailaddress1"}
-    assert await store.claim(plan_for(update_body(record, 11, emailaddress1="new@example.org"), maps)) == set()
+    assert await store.claim(plan_for(target_only_body(record, 11, emailaddress1="new@example.org"), maps)) == set()
     state = await store.row_state("contact", record)
     assert state is not None and state["Version"] == 11 and json.loads(state["Columns"]) == {
         "*": [10, None], "emailaddress1": [11, None]}
     # Still row-wide for every other column: version 10 may have written it.
-    assert await store.claim(plan_for(update_body(record, 9, telephone1="+1 206 555 0009"), maps)) == {
+    assert await store.claim(plan_for(target_only_body(record, 9, telephone1="+1 206 555 0009"), maps)) == {
         "telephone1"}
 
 
@@ -197,10 +200,10 @@ async def test_concurrent_claim_race_two_ledgers(azurite_tables: Azurite, maps: 
     assert isinstance(slow, _PausingStore)
     fast = OutcomeStore.from_settings(settings)
     try:
-        assert await base.claim(plan_for(update_body(record, 4), maps)) == frozenset()
-        a = asyncio.create_task(slow.claim(plan_for(update_body(record, 5), maps)))
+        assert await base.claim(plan_for(target_only_body(record, 4), maps)) == frozenset()
+        a = asyncio.create_task(slow.claim(plan_for(target_only_body(record, 5), maps)))
         await asyncio.wait_for(slow.read_done.wait(), 10)
-        assert await fast.claim(plan_for(update_body(record, 6), maps)) == frozenset()
+        assert await fast.claim(plan_for(target_only_body(record, 6), maps)) == frozenset()
         slow.go.set()
         assert await asyncio.wait_for(a, 10) == {"telephone1"}
         assert slow.reads == 2  # the 412 made it read again
@@ -219,7 +222,7 @@ async def test_many_concurrent_claims_end_at_the_newest(azurite_tables: Azurite,
         await ledgers[0].ensure_tables()
         versions = list(range(1, 21))
         random.Random(7).shuffle(versions)
-        plans = {v: plan_for(update_body(record, v), maps) for v in versions}
+        plans = {v: plan_for(target_only_body(record, v), maps) for v in versions}
         superseded = await asyncio.gather(*(ledgers[i % 2].claim(plans[v]) for i, v in enumerate(versions)))
         by_version = dict(zip(versions, superseded, strict=True))
         assert by_version[20] == frozenset()

@@ -1,6 +1,7 @@
 """Patient data never leaks: recognisable canary values in every patient field go through success, skip, reject
-and every failure path; logs (all loggers, DEBUG), every outcome-table entity, dead-letter descriptions
-(Result.detail/reason), exception texts and CLI output are searched for them."""
+and every failure path of the write path (FHIR batch bundles: faults on whole bundles and on single entries,
+whose OperationOutcomes echo the canaries as servers do); logs (all loggers, DEBUG), every outcome-table entity,
+dead-letter descriptions (Result.detail/reason), exception texts and CLI output are searched for them."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from typing import Any
 import httpx
 from azure.data.tables import TableServiceClient
 
-from devtools.faults import Fault
-from devtools.messages import Choice
+from devtools.faults import EntryFault, Fault
+from devtools.messages import Choice, context
 from devtools.services import Azurite
 from tests.delivery.conftest import Fhir, Rig, create_message, new_patient, update_message
+from tests.reliability.conftest import BundleFault
 from tests.reliability.figures import FIGURES
 from writeback.errors import WritebackError
 from writeback.outcomes import OutcomeStore
@@ -68,20 +70,23 @@ async def test_no_canary_in_logs_outcomes_dead_letters_exceptions_or_cli(
 
     async with OutcomeStore.from_settings(store_settings, retry_total=1, retry_backoff=0.05) as store:
 
-        async def run(name: str, body: bytes | str | dict[str, Any], *faults: Fault, expect: set[Reason | None],
-                      **overrides: str) -> Result:
+        async def run(name: str, body: bytes | str | dict[str, Any], *faults: Fault | EntryFault,
+                      expect: set[Reason | None], delivery_count: int = 1, **overrides: str) -> Result:
             rig = rig_factory(**overrides)
             for fault in faults:
-                rig.transport.add(fault)
+                if isinstance(fault, EntryFault):
+                    rig.transport.add_entry(fault)
+                else:
+                    rig.transport.add(fault)
             pipeline = Pipeline(rig.pipeline.maps, rig.settings, rig.pipeline.delivery, store)
             raw = json.dumps(body).encode() if isinstance(body, dict) else body
-            envelope = Envelope(raw, message_id=uuid.uuid4().hex)
+            envelope = Envelope(raw, message_id=uuid.uuid4().hex, delivery_count=delivery_count)
             result = await pipeline.process(envelope)
             assert result.reason in expect, (name, result.reason, result.detail)
             results[name] = result
             texts[f"{name}: result"] = f"{result.state} {result.reason} {result.detail} {result.issues!r}"
             # The exception the delivery raised, as a traceback would show it.
-            plan = pipeline.plan(envelope).plan
+            plan = result.decision.plan
             if plan is not None and result.state != "written":
                 try:
                     await rig.pipeline.delivery.deliver(plan)  # type: ignore[union-attr]
@@ -91,11 +96,18 @@ async def test_no_canary_in_logs_outcomes_dead_letters_exceptions_or_cli(
             return result
 
         row_id, row = canary_row()
-        await run("written", create_message(row_id, row), expect={None})
-        await run("duplicate", create_message(row_id, row, request_id=str(uuid.uuid4())), expect={None})
+        created = create_message(row_id, row)
+        await run("written", created, expect={None})
+        await run("duplicate", created, expect={Reason.DUPLICATE})  # the same message posted twice
+        await run("redelivered-create", create_message(row_id, row, request_id=str(uuid.uuid4())),
+                  expect={Reason.NO_CHANGE})  # another request of the same row version: already there
+        v11 = {**row, "telephone1": "+1 555 7301 999 0", "versionnumber": 11}
         await run("updated", update_message(row_id, row, {"telephone1": "+1 555 7301 999 0", "versionnumber": 11}),
                   expect={None})
-        await run("no-change", update_message(row_id, row, {"versionnumber": 12}), expect={Reason.NO_CHANGE})
+        await run("no-change", update_message(row_id, v11, {"versionnumber": 12}), expect={Reason.NO_CHANGE})
+        await run("stale", update_message(row_id, {**row, "versionnumber": 9},
+                                          {"lastname": "Qzcanarylast-Old", "versionnumber": 10}),
+                  expect={Reason.STALE})  # a state older than the one on the server, arriving late
         _, no_consent = canary_row(msemr_azurefhirsyncenabled=False)
         await run("consent-withheld", create_message(no_consent["contactid"], no_consent),
                   expect={Reason.CONSENT_WITHHELD})
@@ -112,35 +124,51 @@ async def test_no_canary_in_logs_outcomes_dead_letters_exceptions_or_cli(
         await run("malformed", text[: len(text) // 2].encode(), expect={Reason.MALFORMED_MESSAGE})
         await run("malformed-2", text.replace('"Attributes"', '"Attributes" "', 1).encode(),
                   expect={Reason.MALFORMED_MESSAGE})
+        # The server refuses one entry (its OperationOutcome echoes the values), or the whole bundle.
         await run("fhir-rejected", create_message(*canary_row()),
-                  Fault(method="POST", url_contains="/Patient", status=422, body=echo(422)),
+                  EntryFault(method="PUT", url_contains="Patient/", status=422, outcome=echo(422), times=-1),
                   expect={Reason.FHIR_REJECTED})
+        await run("fhir-rejected-bundle", create_message(*canary_row()),
+                  BundleFault(holding="create", status=400, body=echo(400), times=-1), expect={Reason.FHIR_REJECTED})
         await run("fhir-unavailable", create_message(*canary_row()),
-                  Fault(method="POST", url_contains="/Patient", status=503, body=echo(503), times=-1),
+                  Fault(method="POST", path_endswith="/R4", status=503, body=echo(503), times=-1),
+                  expect={Reason.FHIR_UNAVAILABLE})
+        await run("fhir-unavailable-entry", create_message(*canary_row()),
+                  EntryFault(method="GET", url_contains="Patient", status=503, outcome=echo(503), times=-1),
                   expect={Reason.FHIR_UNAVAILABLE})
         await run("connection-reset", create_message(*canary_row()),
-                  Fault(method="POST", url_contains="/Patient", error=httpx.ReadError, times=-1),
+                  Fault(method="POST", path_endswith="/R4", error=httpx.ReadError, times=-1),
                   expect={Reason.FHIR_UNAVAILABLE})
-        await run("conflict", update_message(row_id, row, {"lastname": "Qzcanarylast-Two", "versionnumber": 20}),
-                  Fault(method="PUT", url_contains="/Patient/", status=412, body=echo(412), times=-1),
+        await run("conflict", update_message(row_id, v11, {"lastname": "Qzcanarylast-Two", "versionnumber": 20}),
+                  EntryFault(method="PUT", url_contains="Patient/", status=412, outcome=echo(412), times=-1),
                   expect={Reason.CONFLICT})
         await run("provenance-failed", create_message(*canary_row()),
-                  Fault(method="PUT", url_contains="/Provenance/", status=500, body=echo(500), times=-1),
+                  EntryFault(method="PUT", url_contains="Provenance/", status=500, outcome=echo(500), times=-1),
                   expect={Reason.PROVENANCE_FAILED})
         await run("provenance-rejected", create_message(*canary_row()),
-                  Fault(method="PUT", url_contains="/Provenance/", status=400, body=echo(400), times=-1),
+                  EntryFault(method="PUT", url_contains="Provenance/", status=400, outcome=echo(400), times=-1),
                   expect={Reason.PROVENANCE_FAILED})
+        owing = create_message(*canary_row())
+        await run("provenance-bundle-failed", owing,
+                  BundleFault(holding="provenance", status=500, body=echo(500), times=-1),
+                  expect={Reason.PROVENANCE_FAILED})
+        # Its retry finds its version in place and owes that version's Provenance, which still fails.
+        await run("provenance-owed", owing,
+                  EntryFault(method="PUT", url_contains="Provenance/", status=400, outcome=echo(400), times=-1),
+                  expect={Reason.PROVENANCE_FAILED}, delivery_count=2)
         await run("unauthorized", create_message(*canary_row()),
-                  Fault(method="POST", url_contains="/Patient", status=403, body=echo(403), times=-1),
+                  Fault(method="POST", path_endswith="/R4", status=403, body=echo(403), times=-1),
                   expect={Reason.UNAUTHORIZED})
         await run("bad-secret", create_message(*canary_row()), expect={Reason.UNAUTHORIZED},
                   FHIR_CLIENT_SECRET="Qzcanary-secret")
         missing_id, missing = canary_row()
-        await run("target-pending", update_message(missing_id, missing, {"lastname": "Qzcanarylast-Gone"}),
-                  expect={Reason.TARGET_PENDING})
+        # Without images (Target only) nothing but the changed columns is known: it waits for the row's Create.
+        await run("target-pending", context("Update", "contact", missing_id, {
+            "lastname": "Qzcanarylast-Gone", "msemr_contacttype": Choice(935000000),
+            "msemr_azurefhirsyncenabled": True, "versionnumber": 11}), expect={Reason.TARGET_PENDING})
         await run("target-missing-by-id", update_message(missing_id, {**missing, "msemr_azurefhirid": "gone-1"},
-                                                         {"lastname": "Qzcanarylast-Gone"}),
-                  Fault(method="GET", url_contains="/Patient/gone-1", status=404, body=echo(404)),
+                                                         {"lastname": "Qzcanarylast-Gone", "versionnumber": 11}),
+                  EntryFault(method="GET", url_contains="Patient/gone-1", status=404, outcome=echo(404), times=-1),
                   expect={Reason.TARGET_MISSING})
 
     # Every entity of every table with the prefix.

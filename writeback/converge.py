@@ -1,0 +1,208 @@
+"""What one message does to one FHIR resource, decided against the server's copy. Pure: no I/O.
+
+An `Edit` is computed from a message alone (`writeback.decide`); `converge(current, edit)` is computed inside the
+read-modify-write, on every read (first try, after a 412, after a retry), and says what to write, if anything:
+
+- `RowEdit` (a row's own resource: contact → Patient, encounter row → Encounter): with the row's post-image
+  (`full`), every element the map owns is set to the row's current value or cleared, and what the map does not
+  own is kept; without it (a step registered without images), only the columns in the message's Target change,
+  positionally, as before (`full` False). Either way the row identifier is written, so the row can always be
+  found again.
+- `ItemEdit` (a child row inside its parent: a medical identifier in `Patient.identifier`): the item is found by
+  the mark that names the child row, never by its content, so two identifiers of one system coexist and
+  changing system or value updates that item. An item the ingest put there (no mark yet) is taken over when it
+  holds the row's previous (pre-image) or current values, instead of adding a parallel one.
+- `RemoveItem`: a child row moved to another parent leaves this one (with a tombstone).
+
+Order: the edit's version is compared with the version marked in the copy (`writeback.marks`): an older edit is
+`stale`, the same version is `same`; neither writes. A write that would change nothing is `unchanged` and writes
+nothing either. `absent`: the resource does not exist (only a full `RowEdit` may create it, `create`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from writeback.marks import MOVED, ROW, Mark, Version, item_of, mark_of, marks_in, with_mark
+from writeback.paths import Assignment, apply, apply_state
+
+Kind = Literal["write", "stale", "same", "unchanged", "absent"]
+_SERVER_META = ("versionId", "lastUpdated", "source")
+
+
+@dataclass(frozen=True, slots=True)
+class RowEdit:
+    mark: Mark
+    owned: tuple[Assignment, ...]
+    identity: Assignment
+    full: bool
+    create: bool = False  # may create the resource when there is none (the whole state is known)
+    rendered: Mapping[str, Any] | None = None  # the state on an empty resource, identity included, when known
+
+
+@dataclass(frozen=True, slots=True)
+class ItemEdit:
+    mark: Mark
+    element: str
+    owned: tuple[Assignment, ...]  # paths relative to the item
+    full: bool
+    known_as: tuple[Mapping[str, Any], ...] = ()  # what an unmarked item of this row looks like (pre/post image)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveItem:
+    mark: Mark
+    element: str
+    known_as: tuple[Mapping[str, Any], ...] = ()
+    # The old parent is a consented patient whose resource is (or will be) written: while it does not exist yet,
+    # the removal waits for it (`absent`), so it can leave its tombstone there; otherwise there is nothing to do.
+    awaited: bool = False
+
+
+Edit = RowEdit | ItemEdit | RemoveItem
+
+
+@dataclass(frozen=True, slots=True)
+class Converged:
+    kind: Kind
+    resource: dict[str, Any] | None = None  # what to write (kind "write")
+    held: Version | None = None  # the version the server's copy holds for the row
+    notes: tuple[str, ...] = field(default=())
+
+
+def _ordered(edit: Edit, held: Mark | None) -> Converged | None:
+    """`stale` / `same` when the copy already holds this version of the row or a newer one."""
+    if held is None:
+        return None
+    order = edit.mark.version.compare(held.version)
+    if order is None or order > 0:
+        return None
+    return Converged("stale" if order < 0 else "same", held=held.version)
+
+
+def _comparable(resource: Mapping[str, Any]) -> dict[str, Any]:
+    meta = {k: v for k, v in (resource.get("meta") or {}).items() if k not in _SERVER_META}
+    out = {k: v for k, v in resource.items() if k != "meta"}
+    if meta:
+        out["meta"] = meta
+    return out
+
+
+def _result(current: dict[str, Any], new: dict[str, Any], held: Mark | None,
+            notes: tuple[str, ...] = ()) -> Converged:
+    if _comparable(new) == _comparable(current):
+        return Converged("unchanged", held=held.version if held else None, notes=notes)
+    return Converged("write", new, held.version if held else None, notes)
+
+
+def converge(current: dict[str, Any] | None, edit: Edit, resource_type: str = "",
+             resource_id: str = "") -> Converged:
+    if isinstance(edit, RowEdit):
+        return _row(current, edit, resource_type, resource_id)
+    if current is None:
+        return Converged("same") if isinstance(edit, RemoveItem) and not edit.awaited else Converged("absent")
+    if isinstance(edit, ItemEdit):
+        return _item(current, edit)
+    return _remove(current, edit)
+
+
+def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, resource_id: str) -> Converged:
+    if current is None:
+        if not (edit.create and edit.full):
+            return Converged("absent")
+        if edit.rendered is not None:
+            new = {"resourceType": resource_type, "id": resource_id, **apply(dict(edit.rendered), ())}
+        else:
+            base: dict[str, Any] = {"resourceType": resource_type, "id": resource_id}
+            new = apply(apply_state(base, edit.owned), [edit.identity])
+        return Converged("write", with_mark(new, edit.mark, edit.mark.table, edit.mark.row_id))
+    held = mark_of(current, edit.mark.table, edit.mark.row_id)
+    ordered = _ordered(edit, held)
+    if ordered is not None:
+        return ordered
+    if edit.full:
+        new = apply(apply_state(current, edit.owned), [edit.identity])
+        new = with_mark(new, edit.mark, edit.mark.table, edit.mark.row_id)
+    else:  # Target only: the changed columns, and no mark (it is not the row's whole state)
+        new = apply(current, [*edit.owned, edit.identity])
+    return _result(current, new, held)
+
+
+def _matches_known(item: Mapping[str, Any], known: tuple[Mapping[str, Any], ...]) -> bool:
+    return any(k and all(item.get(key) == value for key, value in k.items()) for k in known)
+
+
+def _unmarked(items: list[Any], known: tuple[Mapping[str, Any], ...]) -> int | None:
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and not marks_in(item) and _matches_known(item, known):
+            return i
+    return None
+
+
+def _item(current: dict[str, Any], edit: ItemEdit) -> Converged:
+    table, row_id = edit.mark.table, edit.mark.row_id
+    items: list[Any] = list(current.get(edit.element) or [])
+    found = item_of(items, table, row_id)
+    index = next(i for i, item in enumerate(items) if item is found) if found is not None else None
+    held = mark_of(found, table, row_id) if found is not None else None
+    if found is None:
+        held = mark_of(current, table, row_id, MOVED)  # moved away by a newer change?
+        ordered = _ordered(edit, held)
+        if ordered is not None:
+            return ordered
+        index = _unmarked(items, edit.known_as)
+    else:
+        ordered = _ordered(edit, held)
+        if ordered is not None:
+            return ordered
+    base = dict(items[index]) if index is not None else {}
+    item = apply_state(base, edit.owned) if edit.full else apply(base, edit.owned)
+    item = with_mark(item, None, table, row_id)
+    new = {k: v for k, v in current.items()}
+    new = with_mark(new, None, table, row_id, MOVED)
+    if not item:  # every column of the row is empty: its item goes
+        if index is not None:
+            del items[index]
+        new = with_mark(new, edit.mark, table, row_id, MOVED)
+    else:
+        item = with_mark(item, edit.mark, table, row_id)
+        if index is not None:
+            items[index] = item
+        else:
+            items.append(item)
+    if items:
+        new[edit.element] = items
+    else:
+        new.pop(edit.element, None)
+    return _result(current, new, held)
+
+
+def _remove(current: dict[str, Any], edit: RemoveItem) -> Converged:
+    table, row_id = edit.mark.table, edit.mark.row_id
+    items: list[Any] = list(current.get(edit.element) or [])
+    found = item_of(items, table, row_id)
+    held = mark_of(found, table, row_id) if found is not None else mark_of(current, table, row_id, MOVED)
+    if held is not None:
+        order = edit.mark.version.compare(held.version)
+        if order is not None and order < 0:
+            return Converged("stale", held=held.version)  # a newer change put it (back) here
+    index = (next(i for i, item in enumerate(items) if item is found) if found is not None
+             else _unmarked(items, edit.known_as))
+    new = dict(current)
+    if index is not None:
+        del items[index]
+        if items:
+            new[edit.element] = items
+        else:
+            new.pop(edit.element, None)
+    elif held is not None and edit.mark.version.compare(held.version) in (0, None):
+        return Converged("same", held=held.version)
+    new = with_mark(new, edit.mark, table, row_id, MOVED)
+    return _result(current, new, held)
+
+
+def row_mark(resource: Mapping[str, Any]) -> list[Mark]:
+    """The row marks a resource carries at its top level (for the tests and the scenario checks)."""
+    return marks_in(dict(resource), ROW)

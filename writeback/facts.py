@@ -1,0 +1,176 @@
+"""What is known about a Dataverse row that other rows' writes depend on, and filling it into a plan. Pure.
+
+A medical identifier goes into its contact's Patient only while that patient consents; an Encounter refers to
+its patient as `Patient/<id>`. Neither message carries the contact's consent or FHIR id, so every contact's
+message (written, skipped, even an `echo` of a record the FHIR→Dataverse sync ingested) leaves its `RowFacts`
+behind: the row's type, consent and FHIR id (its `msemr_azurefhirid`, or the id this product wrote it under),
+stamped with the row version they come from, so an older message never overwrites newer facts. The pipeline
+keeps them in the row state (Table Storage) and in what the current batch says; `resolve` applies them to a
+plan: the consent gates, the parents' FHIR ids, the lookups' references.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field, replace
+
+from writeback.converge import ItemEdit, RemoveItem
+from writeback.decide import (
+    Decision,
+    RowKey,
+    Write,
+    consented,
+    fhir_id_of,
+    modified_on,
+    resource_id,
+    resource_type_of,
+    row_state,
+    row_version,
+)
+from writeback.mapping import RowRef
+from writeback.maps import MapSet
+from writeback.marks import Version
+from writeback.messages import EntityRef, Message
+from writeback.reasons import Reason
+from writeback.settings import Settings
+
+NOT_WRITABLE = ""  # resource_type of a row whose type no map writes (e.g. a contact that is a Related Person)
+
+
+@dataclass(frozen=True, slots=True)
+class RowFacts:
+    table: str
+    row_id: str
+    version: Version = field(default_factory=Version)
+    resource_type: str | None = None  # None: not known; NOT_WRITABLE: known, and no map writes it
+    consent: bool | None = None
+    fhir_id: str | None = None  # the row's msemr_azurefhirid: the record came from (or was synced to) FHIR
+    written: str | None = None  # `Type/<id>` of the resource this product found or wrote for the row
+    parent: str | None = None  # a child row's parent row (the medical identifier's contact)
+
+    @property
+    def key(self) -> RowKey:
+        return self.table, self.row_id
+
+    def id_for(self, resource_type: str) -> str | None:
+        """The FHIR id of the row's resource of that type (a contact that became a Practitioner was written as
+        a Patient before: that id is not the Practitioner's)."""
+        if self.fhir_id:
+            return self.fhir_id
+        if self.written and self.written.startswith(f"{resource_type}/"):
+            return self.written.split("/", 1)[1]
+        return None
+
+    def merge(self, other: RowFacts) -> RowFacts:
+        """These facts and `other` (of the same row): the newer version's values where it has them."""
+        order = self.version.compare(other.version)
+        newer, older = (other, self) if order is None or order <= 0 else (self, other)
+        return RowFacts(self.table, self.row_id, newer.version if newer.version.known else older.version,
+                        newer.resource_type if newer.resource_type is not None else older.resource_type,
+                        newer.consent if newer.consent is not None else older.consent,
+                        newer.fhir_id or older.fhir_id, newer.written or older.written,
+                        newer.parent if newer.parent is not None else older.parent)
+
+
+def facts_of(message: Message, maps: MapSet, settings: Settings) -> RowFacts | None:
+    """What a message says about its own row, whatever is decided about writing it."""
+    entity_map = maps.get(message.table)
+    if entity_map is None or message.payload_dropped:
+        return None
+    _, row, _ = row_state(message)
+    resource_type: str | None = None
+    if entity_map.resource_type is not None or (entity_map.choice_column or "") in row:
+        resource_type = resource_type_of(entity_map, row) or NOT_WRITABLE
+    consent = None
+    column = entity_map.consent_column or settings.consent_column
+    if entity_map.consent_types and column in row:
+        consent = consented(row.get(column))
+    parent = row.get(entity_map.expansion.parent_link) if entity_map.expansion is not None else None
+    return RowFacts(message.table, message.record_id, Version(row_version(row), modified_on(row)), resource_type,
+                    consent, fhir_id_of(entity_map, row), parent=parent.id if isinstance(parent, EntityRef) else None)
+
+
+def merged(facts: Iterable[RowFacts], into: dict[RowKey, RowFacts] | None = None) -> dict[RowKey, RowFacts]:
+    out = {} if into is None else into
+    for fact in facts:
+        known = out.get(fact.key)
+        out[fact.key] = fact if known is None else known.merge(fact)
+    return out
+
+
+# A row of a patient whose recorded consent is No, saved after that was recorded, waits this many retries before
+# it is skipped: the message giving consent may still be on its way (Service Bus keeps no order across rows).
+CONSENT_GRACE_RETRIES = 2
+
+
+def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, settings: Settings,
+            *, attempt: int = 0, created: AbstractSet[RowKey] = frozenset()) -> Decision:
+    """The plan with what other rows' facts decide: skipped while a patient it belongs to withholds consent (or
+    waiting while that is unknown), stale when a newer change moved a child row to another parent, its parents'
+    FHIR ids, its lookups' references. `attempt`: how many times this message was tried before. `created`: rows
+    whose Create is among the messages being processed: new rows, whose resource is (or will be) made under the
+    row's own id (`decide.resource_id`), so a lookup to one refers to that id."""
+    plan = decision.plan
+    if decision.decision != "write" or plan is None:
+        return decision
+    own = facts.get((plan.source.table, plan.source.record_id))
+    first = plan.writes[0]
+    if own is not None and own.parent is not None and isinstance(first.edit, ItemEdit) and \
+            own.parent != first.target.identifier_value and own.version.compare(plan.source.version) == 1:
+        return replace(decision, decision="skip", reason=Reason.STALE, plan=None,
+                       detail=f"A newer change of this row ({own.version.text()}) moved it to another "
+                       f"{first.target.table}.")
+    for table, row_id in plan.gates:
+        gate_map = maps.get(table)
+        fact = facts.get((table, row_id))
+        if fact is not None and fact.resource_type is not None and gate_map is not None and \
+                fact.resource_type not in gate_map.consent_types:
+            continue  # not a patient (a practitioner): no consent to ask
+        if fact is None or fact.consent is None:
+            detail = (f"The consent of the patient ({table} {row_id}) this row belongs to is not known yet: no "
+                      "message of that row has been seen.")
+            # "reject" with a transient reason: retried with a growing delay, like any transient outcome
+            return replace(decision, decision="skip" if settings.consent_unknown == "skip" else "reject",
+                           reason=Reason.CONSENT_UNKNOWN, detail=detail, plan=None)
+        if not fact.consent:
+            if attempt < CONSENT_GRACE_RETRIES and fact.version.compare(plan.source.version) == -1:
+                return replace(decision, decision="reject", reason=Reason.CONSENT_UNKNOWN, plan=None,
+                               detail=f"The patient ({table} {row_id}) this row belongs to had not consented when "
+                               "last seen, before this row was saved: waiting for a later consent.")
+            return replace(decision, decision="skip", reason=Reason.CONSENT_WITHHELD, plan=None,
+                           detail=f"The patient ({table} {row_id}) this row belongs to has not consented.")
+    writes: list[Write] = []
+    notes: list[str] = []
+    for write in plan.writes:
+        target, edit = write.target, write.edit
+        fact = facts.get(target.row)
+        if isinstance(edit, ItemEdit | RemoveItem) and fact is not None and fact.resource_type is not None \
+                and fact.resource_type != target.resource_type:
+            if isinstance(edit, RemoveItem):
+                continue  # the old parent holds no such resource: nothing to remove it from
+            return replace(decision, decision="skip", reason=Reason.NO_ENTITY_MAP, plan=None,
+                           detail=f"The parent {target.table} {target.identifier_value} is not a "
+                           f"{target.resource_type}; this table's map writes into {target.resource_type} only.")
+        if isinstance(edit, RemoveItem):
+            gate_map = maps.get(target.table)
+            if fact is not None and fact.consent is False and gate_map is not None and gate_map.consent_types:
+                notes.append(f"left on {target.table} {target.identifier_value} (that patient has not consented)")
+                continue
+            if fact is not None and fact.consent:
+                edit = replace(edit, awaited=True)
+        # Only a FHIR id the row came with (msemr_azurefhirid) changes how the resource is read: one this product
+        # wrote is found by the row identifier it carries, the read sent ahead while the batch was planned.
+        fhir_id = target.fhir_id or (fact.fhir_id if fact is not None else None)
+        writes.append(Write(replace(target, fhir_id=fhir_id), edit))
+    ref_ids: dict[RowRef, str] = {}
+    for ref in plan.refs:
+        fact = facts.get((ref.table, ref.row_id))
+        known = fact.id_for(ref.resource_type) if fact is not None else None
+        if known is None and (ref.table, ref.row_id) in created and (
+                fact is None or fact.resource_type in (None, ref.resource_type)):
+            known = resource_id(ref.table, ref.row_id)
+        if known:
+            ref_ids[ref] = known
+    detail = decision.detail if not notes else decision.detail[:-1] + "; " + "; ".join(notes) + "."
+    return replace(decision, detail=detail, plan=replace(plan, writes=tuple(writes), ref_ids=ref_ids))

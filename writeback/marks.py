@@ -1,0 +1,131 @@
+"""Which Dataverse row, at which version, produced what a FHIR resource holds: kept in the resource itself.
+
+Every resource this product writes for a row carries, as an extension, the row and the version (Dataverse
+`versionnumber`, else `modifiedon`) whose state it holds; every item a child row puts inside a parent (a
+medical identifier inside its patient's `Patient.identifier`) carries the same about that child row. A write
+compares its own version with the mark inside its read-modify-write (`If-Match`), after every 412 and every
+retry, so an older state never overwrites a newer one, whichever instance writes, and nothing outside the
+resource has to be claimed first. An item moved to another parent leaves a tombstone (the same extension under
+another URL) with the version that moved it, so an older change cannot put it back.
+
+    {"url": "urn:dataverse-fhir-writeback:row",
+     "extension": [{"url": "table", "valueString": "contact"},
+                   {"url": "id", "valueString": "<row id>"},
+                   {"url": "version", "valueString": "1234"}]}
+
+The version is text: `versionnumber` is a 64-bit number (FHIR `integer` is 32-bit), and a row without it is
+marked `@<modifiedon, ISO 8601>`. Pure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+ROW = "urn:dataverse-fhir-writeback:row"
+MOVED = "urn:dataverse-fhir-writeback:moved-away"
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """A Dataverse row version: `versionnumber` when the message has it, else `modifiedon`."""
+
+    number: int | None = None
+    modified: datetime | None = None
+
+    @property
+    def known(self) -> bool:
+        return self.number is not None or self.modified is not None
+
+    def text(self) -> str:
+        if self.number is not None:
+            return str(self.number)
+        return "@" + self.modified.isoformat() if self.modified is not None else ""
+
+    @classmethod
+    def parse(cls, text: str) -> Version:
+        if text.startswith("@"):
+            try:
+                return cls(modified=datetime.fromisoformat(text[1:]))
+            except ValueError:
+                return cls()
+        return cls(number=int(text)) if text.isdigit() else cls()
+
+    def compare(self, other: Version) -> int | None:
+        """-1, 0, 1 as self is older, the same, newer than `other`; None when they cannot be compared."""
+        if self.number is not None and other.number is not None:
+            return (self.number > other.number) - (self.number < other.number)
+        if self.modified is not None and other.modified is not None:
+            return (self.modified > other.modified) - (self.modified < other.modified)
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    table: str
+    row_id: str
+    version: Version
+
+    def extension(self, url: str = ROW) -> dict[str, Any]:
+        return {"url": url, "extension": [{"url": "table", "valueString": self.table},
+                                          {"url": "id", "valueString": self.row_id},
+                                          {"url": "version", "valueString": self.version.text()}]}
+
+
+def _parts(extension: dict[str, Any]) -> dict[str, str]:
+    return {str(e.get("url")): str(e.get("valueString", "")) for e in extension.get("extension") or []
+            if isinstance(e, dict)}
+
+
+def marks_in(node: dict[str, Any], url: str = ROW) -> list[Mark]:
+    """The marks (or tombstones) directly on `node` (a resource or a list item)."""
+    found = []
+    for extension in node.get("extension") or []:
+        if isinstance(extension, dict) and extension.get("url") == url:
+            parts = _parts(extension)
+            found.append(Mark(parts.get("table", ""), parts.get("id", ""), Version.parse(parts.get("version", ""))))
+    return found
+
+
+def mark_of(node: dict[str, Any], table: str, row_id: str, url: str = ROW) -> Mark | None:
+    return next((m for m in marks_in(node, url) if (m.table, m.row_id) == (table, row_id)), None)
+
+
+def with_mark(node: dict[str, Any], mark: Mark | None, table: str, row_id: str, url: str = ROW) -> dict[str, Any]:
+    """`node` (changed in place and returned) with its mark for the row replaced by `mark` (None: removed)."""
+    kept = [e for e in node.get("extension") or [] if not _is_for(e, url, table, row_id)]
+    if mark is not None:
+        kept.append(mark.extension(url))
+    if kept:
+        node["extension"] = kept
+    else:
+        node.pop("extension", None)
+    return node
+
+
+def _is_for(extension: object, url: str, table: str, row_id: str) -> bool:
+    if not isinstance(extension, dict) or extension.get("url") != url:
+        return False
+    parts = _parts(extension)
+    return (parts.get("table"), parts.get("id")) == (table, row_id)
+
+
+def item_of(items: Iterable[Any], table: str, row_id: str) -> dict[str, Any] | None:
+    """The list item a child row put there (found by its mark, never by its content)."""
+    return next((item for item in items if isinstance(item, dict) and mark_of(item, table, row_id)), None)
+
+
+def strip_marks(node: Any) -> Any:
+    """A copy without this product's marks and tombstones (to compare what the row's state says)."""
+    if isinstance(node, dict):
+        out = {k: strip_marks(v) for k, v in node.items() if k != "extension"}
+        kept = [strip_marks(e) for e in node.get("extension") or []
+                if not (isinstance(e, dict) and e.get("url") in (ROW, MOVED))]
+        if kept:
+            out["extension"] = kept
+        return out
+    if isinstance(node, list):
+        return [strip_marks(v) for v in node]
+    return node
