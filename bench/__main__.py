@@ -11,10 +11,11 @@
    - pipeline: `Pipeline.process_many` + `BatchDelivery` (batch bundles: reads, `converge`, `PUT` with `ifMatch`,
      Provenance `PUT`s alongside the next wave; pooled keep-alive client),
    - baseline: what the original product did (bench/baseline.py),
-   - server ceiling: the same resources and Provenances, pre-rendered (recorded from an untimed pipeline run on a
-     server of its own), sent as batch bundles in the same waves with the pooled client and the same
-     concurrency: `PUT <Type>/<uuid5 id>` for a row's first write, `PUT <Type>/<id>` for later ones, each
-     wave's Provenance `PUT`s alongside the next wave; no reads, no mapping, no converging.
+   - server ceiling: the same reads, resources and Provenances, pre-rendered (recorded from an untimed pipeline
+     run on a server of its own), sent with the pooled client and the same concurrency as the server takes them
+     best, whatever grouping the pipeline chose: per `process_many` call, its reads all at once in full batch
+     bundles, then its writes in the fewest waves (each resource's n-th write in wave n, full bundles), each
+     wave's Provenance `PUT`s alongside the next wave; no mapping, no deciding, no converging.
    The pipeline and the ceiling run BENCH_REPEATS times (7), alternating; the medians are reported.
    After each run the outcome of every message and the server are checked (`check_results`, `verify`);
    correctness is part of the result.
@@ -206,47 +207,46 @@ class _Write:
 @dataclass
 class Recording:
     """What a pipeline run sent: per `process_many` call, the reads its writes start from (their If-Match needs
-    the version: a write protocol without them could not order anything) and its waves of resource writes."""
+    the version: a write protocol without them could not order anything) and its resource writes, in the order
+    the server took them."""
 
-    invocations: list[list[list[_Write]]] = field(default_factory=list)
+    invocations: list[list[_Write]] = field(default_factory=list)
     reads: list[list[dict[str, Any]]] = field(default_factory=list)
 
     @property
     def writes(self) -> int:
-        return sum(len(wave) for waves_ in self.invocations for wave in waves_)
+        return sum(len(writes) for writes in self.invocations)
+
+    def waves(self, invocation: int) -> list[list[_Write]]:
+        """A call's writes as the fewest waves a server can take them in: each resource's n-th write in wave n
+        (its order kept), whatever bundles and flights the pipeline sent them in."""
+        out: list[list[_Write]] = []
+        seen: dict[str, int] = {}
+        for write in self.invocations[invocation]:
+            url = write.entry["request"]["url"]
+            n = seen[url] = seen.get(url, -1) + 1
+            if n == len(out):
+                out.append([])
+            out[n].append(write)
+        return out
 
 
 class RecordingDelivery(BatchDelivery):
-    """`BatchDelivery` that keeps every resource `PUT` the server took and the Provenance written for it."""
+    """`BatchDelivery` that keeps every read, every resource `PUT` the server took and the Provenance written for
+    it, per `process_many` call (`begin`)."""
 
     def __init__(self, client: FhirClient) -> None:
         super().__init__(client)
-        self.waves: list[list[list[tuple[dict[str, Any], str]]]] = []  # (entry, versioned) per wave, per call
+        self.writes: list[list[tuple[dict[str, Any], str]]] = []  # (entry, versioned) per call
         self.reads: list[list[dict[str, Any]]] = []  # the read entries per call
         self.provenances: dict[str, dict[str, Any]] = {}  # by the version they name
-        self._open = False  # a call's reads (sent ahead, while it is planned) or writes are being recorded
 
-    def _call(self) -> None:
-        if not self._open:
-            self.waves.append([])
-            self.reads.append([])
-            self._open = True
-
-    def prefetch(self, targets: Sequence[Target], memo: dict[Any, Any]) -> None:
-        self._call()
-        super().prefetch(targets, memo)
-
-    async def deliver_many(self, plans: Sequence[WritePlan], memo: dict[Any, Any] | None = None,
-                           leases: Any = None, landed: Any = None) -> list[Any]:
-        self._call()
-        try:
-            return await super().deliver_many(plans, memo, leases, landed)
-        finally:
-            self._open = False
+    def begin(self) -> None:
+        self.writes.append([])
+        self.reads.append([])
 
     async def send(self, entries: Sequence[dict[str, Any]]) -> list[Answer | WritebackError]:
         answers = await super().send(entries)
-        wave: list[tuple[dict[str, Any], str]] = []
         for entry, answer in zip(entries, answers, strict=True):
             request = entry["request"]
             if request["method"] == "GET" and not request["url"].startswith("Provenance/") \
@@ -257,23 +257,18 @@ class RecordingDelivery(BatchDelivery):
             if request["url"].startswith("Provenance/"):
                 self.provenances[entry["resource"]["target"][0]["reference"]] = entry["resource"]
             elif (versioned := _versioned(answer, request["url"])) is not None:
-                wave.append((entry, versioned))
-        if wave:
-            self.waves[-1].append(wave)
+                self.writes[-1].append((entry, versioned))
         return answers
 
     def recording(self) -> Recording:
         out = Recording(reads=self.reads)
-        for call in self.waves:
+        for call in self.writes:
             out.invocations.append([])
-            for wave in call:
-                writes = []
-                for entry, versioned in wave:
-                    request = {k: v for k, v in entry["request"].items() if k != "ifMatch"}  # no reads: no version
-                    writes.append(_Write(request["url"].split("/")[0], {"resource": entry["resource"],
-                                                                         "request": request},
-                                         self.provenances[versioned]))
-                out.invocations[-1].append(writes)
+            for entry, versioned in call:
+                request = {k: v for k, v in entry["request"].items() if k != "ifMatch"}  # no reads: no version
+                out.invocations[-1].append(_Write(request["url"].split("/")[0], {"resource": entry["resource"],
+                                                                                 "request": request},
+                                                  self.provenances[versioned]))
         return out
 
 
@@ -289,6 +284,8 @@ async def run_pipeline(maps: MapSet, server: FhirDevServer, envelopes: list[Enve
         started = time.perf_counter()
         results: list[Result] = []
         for i in range(0, len(envelopes), INVOCATION):
+            if isinstance(delivery, RecordingDelivery):
+                delivery.begin()
             results += await pipeline.process_many(envelopes[i:i + INVOCATION])
         seconds = time.perf_counter() - started
         return seconds, results, delivery.recording() if isinstance(delivery, RecordingDelivery) else None
@@ -319,8 +316,9 @@ def _versioned(answer: Answer | WritebackError, url: str) -> str | None:
 
 async def run_ceiling(server: FhirDevServer, recording: Recording) -> tuple[float, list[str], list[str]]:
     """What the pipeline sent, pre-rendered, as fast as batch bundles go: each call's reads (all at once), then
-    its writes wave after wave, each wave's Provenances (their id and target naming the version this server
-    answered with: the only work left) alongside the next wave. No planning, no mapping, no decisions."""
+    its writes in the fewest waves (`Recording.waves`: full bundles, whatever the pipeline's grouping was), each
+    wave's Provenances (their id and target naming the version this server answered with: the only work left)
+    alongside the next wave. No planning, no mapping, no decisions."""
     settings = settings_for(server)
     http = new_http_client(settings)
     tokens = await _tokens(settings)
@@ -344,13 +342,13 @@ async def run_ceiling(server: FhirDevServer, recording: Recording) -> tuple[floa
 
     try:
         started = time.perf_counter()
-        for invocation, reads in zip(recording.invocations, recording.reads, strict=True):
+        for invocation, reads in enumerate(recording.reads):
             pending: list[asyncio.Task[None]] = []
             for answer in await sender.send(reads):
                 if not isinstance(answer, Answer) or answer.status >= 500:
                     problems.append(f"ceiling read failed: {answer}")
             try:
-                for writes in invocation:
+                for writes in recording.waves(invocation):
                     answers = await sender.send([w.entry for w in writes])
                     pending.append(asyncio.create_task(provenances(writes, answers)))
             finally:
@@ -547,8 +545,9 @@ async def record(maps: MapSet, envelopes: list[Envelope]) -> tuple[Recording, Ru
         problems += await verify(maps, server, envelopes, versions)
     if recording.writes != len(versions):
         problems.append(f"{recording.writes} writes recorded for {len(versions)} versions written")
-    log(f"  recorded {recording.writes} writes in {sum(len(i) for i in recording.invocations)} waves for the "
-        f"ceiling  verified={not problems}" + (f"  problems={len(problems)}: {problems[:3]}" if problems else ""))
+    waves = sum(len(recording.waves(n)) for n in range(len(recording.invocations)))
+    log(f"  recorded {recording.writes} writes ({waves} waves) for the ceiling  verified={not problems}"
+        + (f"  problems={len(problems)}: {problems[:3]}" if problems else ""))
     return recording, Run("recorded", len(envelopes), len(versions), seconds, not problems, problems)
 
 

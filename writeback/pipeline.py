@@ -12,9 +12,11 @@ import asyncio
 import logging
 import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from heapq import heappop, heappush
 from typing import Any, Literal, Protocol, TypeVar
 
 from writeback.converge import ItemEdit, RowEdit
@@ -28,7 +30,7 @@ from writeback.settings import Settings
 
 log = logging.getLogger("writeback")
 _T = TypeVar("_T")
-PLAN_SLICE = 50  # messages planned between two turns of the event loop (the reads of a slice go out meanwhile)
+PLAN_SLICE = 50  # messages planned before their reads are sent and the writes now ready go out
 
 State = Literal["written", "skipped", "dead-lettered", "retry", "config-error"]
 _STATE_BY_KIND: dict[Kind, State] = {
@@ -213,36 +215,49 @@ class _Batch:
     created: set[RowKey] = field(default_factory=set)
     first_of: dict[str, int] = field(default_factory=dict)
     copies: list[tuple[int, int]] = field(default_factory=list)
-    flown: set[int] = field(default_factory=set)  # written (or being written) early
     memo: dict[Any, Any] = field(default_factory=dict)
+    # The resources being written, each with the event its last flight sets once they are: a flight that
+    # writes one of them waits for it (a create before the writes into it, no two writes racing each other).
+    busy: dict[tuple[str, str, str], asyncio.Event] = field(default_factory=dict)
 
 
-# Where a message names its row: read off the body's text before it is planned, to know which rows have more
-# than one message in the batch (a regex over the bytes is a tiny fraction of parsing them).
+# Where a message names its row: read off the body's text before it is planned, to know each row's last message
+# in the batch (a regex over the bytes is a tiny fraction of parsing them).
 _ROW_FIELDS = re.compile(rb'"(MessageName|PrimaryEntityName|PrimaryEntityId)"\s*:\s*"([^"]{1,100})"')
 
 
-def _rows_of(envelopes: Sequence[Envelope]) -> dict[RowKey, list[str]]:
-    """(table, row id) → the message names of that row's messages in the batch (unreadable bodies: none)."""
-    rows: dict[RowKey, list[str]] = {}
-    for envelope in envelopes:
+@dataclass
+class _Rows:
+    """The batch's rows, read ahead: each message's row (None: unreadable), each row's last message, the rows a
+    Create is among the messages for."""
+
+    of: list[RowKey | None]
+    last: dict[RowKey, int]
+    created: set[RowKey]
+
+
+def _rows_of(envelopes: Sequence[Envelope]) -> _Rows:
+    rows = _Rows([], {}, set())
+    for index, envelope in enumerate(envelopes):
         body = envelope.body.encode() if isinstance(envelope.body, str) else envelope.body
         found = {name.decode(): value.decode(errors="replace") for name, value in _ROW_FIELDS.findall(body[:4096])}
+        row: RowKey | None = None
         if "PrimaryEntityName" in found and "PrimaryEntityId" in found:
-            key = (found["PrimaryEntityName"].lower(), found["PrimaryEntityId"].lower())
-            rows.setdefault(key, []).append(found.get("MessageName", ""))
+            try:
+                record = str(uuid.UUID(found["PrimaryEntityId"]))  # as `messages.parse_guid` spells it
+            except ValueError:
+                record = found["PrimaryEntityId"].lower()
+            row = (found["PrimaryEntityName"].lower(), record)
+            rows.last[row] = index
+            if found.get("MessageName") == "Create":
+                rows.created.add(row)
+        rows.of.append(row)
     return rows
 
 
-def _early(decision: Decision, rows: Mapping[RowKey, list[str]]) -> bool:
-    """A write that can go before the batch is planned: the only message of its row in the batch, writing the
-    row's own resource (nothing later in the batch changes that resource's state or its order)."""
-    plan = decision.plan
-    if decision.decision != "write" or plan is None or not plan.full or len(plan.writes) != 1:
-        return False
-    if not isinstance(plan.writes[0].edit, RowEdit):
-        return False
-    return len(rows.get((plan.source.table, plan.source.record_id), ())) == 1
+def _resources(plan: WritePlan) -> set[tuple[str, str, str]]:
+    """The resources a plan writes, by the row identifier they are found by (known before its facts are read)."""
+    return {(w.target.resource_type, w.target.identifier_system, w.target.identifier_value) for w in plan.writes}
 
 
 class Pipeline:
@@ -277,13 +292,14 @@ class Pipeline:
     async def process_many(self, envelopes: Sequence[Envelope], emit: Emit | None = None) -> list[Result]:
         """Many messages in one go, each with its own `Result`, in input order.
 
-        Skips and rejects need no I/O. Planning (CPU work) goes a slice at a time, and the server is not left
-        idle meanwhile: each slice's reads go out at once, and its writes that depend on nothing later in the
-        batch (a row's only message in the batch, whose own resource it writes) are written while the next
-        slices are planned. Everything else waits for the whole batch: the facts of every row it depends on are
-        read once (what the batch itself says about a row is as new or newer, and wins); a message repeated
+        Skips and rejects need no I/O. Writes go while the rest of the batch is planned: a row's writes as soon as
+        every message of that row and of each row it depends on (its parent, the patient whose consent it needs,
+        its lookups) is planned, since then the facts the batch says about them are whole. The reads the writes
+        start from go out a slice at a time as they are planned. For each such group the facts stored for those
+        rows are read (what the batch itself says about a row is as new or newer, and wins); a message repeated
         within the call (same RequestId and row) is written once; of several whole-row changes of one row only
-        the newest is written (it holds the older ones' changes), the older are `stale`. Writes go through the
+        the newest is written (it holds the older ones' changes), the older are `stale`; a group that writes a
+        resource an earlier group writes waits until that one's resources are written. Writes go through the
         delivery's `deliver_many` (FHIR batch bundles); every outcome is recorded, and what the batch taught
         about its rows is kept. `emit(index, result)` is awaited for each message once its outcome is final and
         recorded, so the caller can settle it while the rest is still being recorded.
@@ -291,55 +307,53 @@ class Pipeline:
         started = time.perf_counter()
         batch = _Batch(envelopes, [None] * len(envelopes))
         rows = _rows_of(envelopes)
-        batch.created = {(table, row) for (table, row), names in rows.items() if "Create" in names}
+        batch.created = rows.created
         prefetch = getattr(self.delivery, "prefetch", None)
         flights: list[asyncio.Task[None]] = []
-        landed: list[asyncio.Event] = []  # set when a flight's resources are written (its Provenance may follow)
+        of_row: dict[RowKey, list[int]] = {}  # the planned writes of rows whose last message is still to come
+        waiting: list[tuple[int, int, list[int]]] = []  # (the last message they wait for, first index, writes)
+        ready: list[int] = []
         try:
-            for first in range(0, len(envelopes), PLAN_SLICE):
-                planned = [self.plan(e) for e in envelopes[first:first + PLAN_SLICE]]
-                batch.decisions += planned
-                merged((f for d in planned if d.message is not None
-                        and (f := facts_of(d.message, self.maps, self.settings)) is not None), into=batch.local)
-                if prefetch is not None:
-                    prefetch([w.target for d in planned if d.decision == "write" and d.plan is not None
-                              for w in d.plan.writes], batch.memo)
-                early = [first + n for n, d in enumerate(planned) if _early(d, rows)]
-                if early:
-                    batch.flown.update(early)
-                    landed.append(asyncio.Event())
-                    flights.append(asyncio.create_task(self._fly(batch, early, dict(batch.local), landed[-1])))
-                await asyncio.sleep(0)  # one turn of the event loop: the reads and early writes go out
-            # Every write's facts (early ones too: a write the early facts could not decide comes back here).
-            wanted = set(batch.local)
-            for d in batch.decisions:
-                if d.decision == "write" and d.plan is not None:
-                    wanted.update(d.plan.needs)
-            try:
-                stored: dict[RowKey, RowFacts] | None = await self._read_facts(wanted)
-            except WritebackError as exc:
-                stored, unread = None, exc
-            # The rest writes resources the early writes may touch: they go once those are answered. A Provenance
-            # changes no resource, so the early writes' Provenance may still be on its way.
-            await asyncio.gather(*(event.wait() for event in landed))
+            for index, envelope in enumerate(envelopes):
+                decision = self.plan(envelope)
+                batch.decisions.append(decision)
+                if decision.message is not None and (
+                        fact := facts_of(decision.message, self.maps, self.settings)) is not None:
+                    merged((fact,), into=batch.local)
+                if decision.decision != "write" or decision.plan is None:
+                    batch.results[index] = self._settled(decision)
+                row = rows.of[index]
+                if decision.plan is not None and decision.decision == "write":
+                    of_row.setdefault(row or ("", str(index)), []).append(index)
+                if row is None or rows.last[row] == index:
+                    mine = of_row.pop(row or ("", str(index)), None)
+                    if mine:
+                        needs = {key for i in mine for key in self._plan_of(batch, i).needs}
+                        heappush(waiting, (max((rows.last.get(key, -1) for key in needs), default=-1), mine[0],
+                                           mine))
+                while waiting and waiting[0][0] <= index:
+                    ready += heappop(waiting)[2]
+                if (index + 1) % PLAN_SLICE == 0 or index + 1 == len(envelopes):
+                    first = index + 1 - ((index % PLAN_SLICE) + 1)
+                    if prefetch is not None:
+                        prefetch([w.target for d in batch.decisions[first:] if d.decision == "write"
+                                  and d.plan is not None for w in d.plan.writes], batch.memo)
+                    if ready:
+                        flights.append(self._dispatch(batch, sorted(ready)))
+                        ready = []
+                if flights or prefetch is not None:
+                    # Between two messages (each well under a millisecond of CPU work), one turn of the event loop:
+                    # what is in flight takes its next step, so the server works while the batch is planned (a
+                    # planning thread would not do: the GIL makes each socket call of the loop wait for it).
+                    await asyncio.sleep(0)
+            assert not waiting and not of_row
+            await asyncio.gather(*flights)
         except BaseException:
             await asyncio.gather(*flights, return_exceptions=True)
             raise
-        rest = [i for i, r in enumerate(batch.results) if r is None and i not in batch.flown]
-        if stored is None:
-            for i in rest:
-                if batch.decisions[i].decision == "write":
-                    batch.results[i] = result_for(batch.decisions[i], unread.reason, unread.detail)
-            stored = {}
-        batch.stored.update(stored)
-        known = merged(batch.local.values(), into=dict(stored))
-        writes = self._resolved(batch, [i for i in rest if batch.results[i] is None], known)
-        writes = self._newest_per_row(batch.decisions, batch.results, writes)
-        await self._write(batch, writes)
-        await asyncio.gather(*flights)
         decisions, results = batch.decisions, batch.results
-        for i, first in batch.copies:
-            earlier = results[first]
+        for i, first_copy in batch.copies:
+            earlier = results[first_copy]
             assert earlier is not None
             if earlier.state in ("written", "skipped"):
                 results[i] = Result("skipped", Reason.DUPLICATE, "This message was already processed.",
@@ -361,45 +375,53 @@ class Pipeline:
 
         return await _bounded(self._slots, [finish(i, r) for i, r in enumerate(done)])
 
-    async def _fly(self, batch: _Batch, indexes: list[int], local: dict[RowKey, RowFacts],
+    @staticmethod
+    def _plan_of(batch: _Batch, index: int) -> WritePlan:
+        plan = batch.decisions[index].plan
+        assert plan is not None
+        return plan
+
+    def _dispatch(self, batch: _Batch, indexes: list[int]) -> asyncio.Task[None]:
+        """Start writing the messages at `indexes` (whole rows, their facts whole in the batch), after the
+        flights already writing any of the same resources."""
+        resources = {resource for i in indexes for resource in _resources(self._plan_of(batch, i))}
+        after = {batch.busy[resource] for resource in resources if resource in batch.busy}
+        landed = asyncio.Event()
+        batch.busy.update(dict.fromkeys(resources, landed))
+        return asyncio.create_task(self._fly(batch, indexes, after, landed))
+
+    async def _fly(self, batch: _Batch, indexes: list[int], after: set[asyncio.Event],
                    landed: asyncio.Event) -> None:
-        """Write a slice's early writes while the next slices are planned. A write its facts cannot decide yet
-        (a patient's consent not known so far) is left to the rest of the batch, which knows more. `landed` is
-        set once the resources are written, or nothing will be."""
+        """Read the facts the writes depend on, resolve them, and write once the flights before have written the
+        same resources. `landed` is set once the resources are written, or nothing will be."""
         try:
-            await self._fly_now(batch, indexes, local, landed)
+            wanted: set[RowKey] = set()
+            for i in indexes:
+                wanted.update(self._plan_of(batch, i).needs)
+            try:
+                stored = await self._read_facts(wanted)
+            except WritebackError as exc:
+                for i in indexes:
+                    batch.results[i] = result_for(batch.decisions[i], exc.reason, exc.detail)
+                return
+            batch.stored.update(stored)
+            known = merged(batch.local.values(), into=dict(stored))
+            writes = self._resolved(batch, indexes, known)
+            writes = self._newest_per_row(batch.decisions, batch.results, writes)
+            await asyncio.gather(*(event.wait() for event in after))
+            await self._write(batch, writes, landed)
         finally:
             landed.set()
 
-    async def _fly_now(self, batch: _Batch, indexes: list[int], local: dict[RowKey, RowFacts],
-                       landed: asyncio.Event) -> None:
-        wanted: set[RowKey] = set()
-        for i in indexes:
-            plan = batch.decisions[i].plan
-            assert plan is not None
-            wanted.update(plan.needs)
-        try:
-            stored = await self._read_facts(wanted)
-        except WritebackError:
-            batch.flown.difference_update(indexes)  # the rest of the batch reads them again and reports
-            return
-        batch.stored.update(stored)
-        known = merged(local.values(), into=dict(stored))
-        await self._write(batch, self._resolved(batch, indexes, known, early=True), landed)
-
-    def _resolved(self, batch: _Batch, indexes: list[int], known: Mapping[RowKey, RowFacts], *,
-                  early: bool = False) -> list[int]:
+    def _resolved(self, batch: _Batch, indexes: list[int], known: Mapping[RowKey, RowFacts]) -> list[int]:
         """Resolve the decisions (facts of other rows), settle what is not a write, set duplicates aside; the
-        writes to make. `early`: a decision that is not a write is left as it was, for the rest of the batch."""
+        writes to make."""
         writes: list[int] = []
         for i in indexes:
             envelope = batch.envelopes[i]
             decision = resolve(batch.decisions[i], known, self.maps, self.settings, attempt=_attempt(envelope),
                                created=batch.created)
             if decision.decision != "write" or decision.plan is None:
-                if early:
-                    batch.flown.discard(i)
-                    continue
                 batch.decisions[i], batch.results[i] = decision, self._settled(decision)
                 continue
             if _retried(envelope):

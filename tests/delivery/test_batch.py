@@ -292,3 +292,43 @@ async def test_later_writes_do_not_wait_for_the_earlier_waves_provenance(rig_fac
     assert events.index("child row sent") < events.index("provenance released")
     for result in results:
         _check_provenance(fhir, result)
+
+
+async def test_writes_start_while_the_batch_is_planned_and_a_later_child_row_waits_for_its_parents_create(
+        rig_factory, fhir: Fhir):
+    """A row's write goes out once every message of it (and of the rows it depends on) is planned, not after the
+    whole batch; a child row planned much later writes into the Patient its parent's Create made, after that
+    create (one resource, the item in it, its write ordered on the created version)."""
+    rig, pipeline = _batch_rig(rig_factory)
+    events: list[str] = []
+
+    class Watched(Pipeline):
+        def plan(self, envelope: Envelope) -> Any:
+            events.append("planned")
+            return super().plan(envelope)
+
+    watched = Watched(pipeline.maps, pipeline.settings, pipeline.delivery)
+
+    async def watch(request: httpx.Request) -> None:
+        entries = json.loads(request.content).get("entry", [])
+        if any(e["request"]["method"] == "PUT" and not e["request"]["url"].startswith("Provenance") for e in entries):
+            events.append("write sent")
+
+    rig.transport.add(Fault(method="POST", url_contains="/fhir/R4", before=watch, times=-1))
+    parent_id, parent = new_patient(lastname="Earlywright")
+    others = [create_message(*new_patient()) for _ in range(300)]
+    bodies: list[dict[str, Any] | str] = [create_message(parent_id, parent), *others,
+                                          identifier_message(parent_id, "555-01-0777")]
+    results = await _send_many(watched, bodies)
+
+    assert {r.state for r in results} == {"written"}, {r.detail for r in results if r.state != "written"}
+    planned_before_the_first_write = events[:events.index("write sent")].count("planned")
+    assert planned_before_the_first_write < len(bodies) - 1, "the first write waited for the whole batch"
+    (patient,) = fhir.search(f"Patient?identifier=urn:dataverse:contact|{parent_id}")
+    assert patient["name"][0]["family"] == "Earlywright"
+    assert "555-01-0777" in [i.get("value") for i in patient["identifier"]]
+    assert patient["meta"]["versionId"] == results[-1].resource.rsplit("/", 1)[1]  # type: ignore[union-attr]
+    history = fhir.get(f"Patient/{patient['id']}/_history")["entry"]
+    assert len(history) == 2  # the create, then the identifier written on it: no conflict, no third version
+    for result in (results[0], results[-1]):
+        _check_provenance(fhir, result)
