@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from writeback.marks import MOVED, ROW, Mark, Version, item_of, mark_of, marks_in, with_mark
+from writeback.marks import MOVED, Mark, Version, item_of, mark_of, marks_in, with_mark
 from writeback.paths import Assignment, apply, apply_state
 
 Kind = Literal["write", "stale", "same", "unchanged", "absent"]
@@ -201,8 +201,3 @@ def _remove(current: dict[str, Any], edit: RemoveItem) -> Converged:
         return Converged("same", held=held.version)
     new = with_mark(new, edit.mark, table, row_id, MOVED)
     return _result(current, new, held)
-
-
-def row_mark(resource: Mapping[str, Any]) -> list[Mark]:
-    """The row marks a resource carries at its top level (for the tests and the scenario checks)."""
-    return marks_in(dict(resource), ROW)

@@ -59,10 +59,6 @@ def _retry_after(response: httpx.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _version_of(response: httpx.Response, body: Mapping[str, Any] | None) -> str | None:
-    return version_from(response.headers.get("ETag", ""), body)
-
-
 def version_from(etag: str | None, body: Mapping[str, Any] | None) -> str | None:
     """The version a write or read answered with: the ETag, else `meta.versionId` (also for batch entries)."""
     if etag:
@@ -312,17 +308,6 @@ def read_path(target: Target) -> str:
     return f"{target.resource_type}?{target.search}&_count=2"
 
 
-def id_from_location(location: str) -> str | None:
-    return _id_from_location(location)
-
-
-def _id_from_location(location: str) -> str | None:
-    # .../Patient/<id>/_history/<vid>
-    parts = location.rstrip("/").split("/")
-    if "_history" in parts:
-        i = parts.index("_history")
-        return parts[i - 1] if i >= 1 else None
-    return parts[-1] if parts and parts[-1] else None
 
 
 class AlternateDelivery:

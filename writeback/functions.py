@@ -522,10 +522,6 @@ async def handle_batch(messages: Sequence[Any], actions: MessageActions) -> None
     await _APP.handle_batch(messages, actions)
 
 
-def default_app() -> FunctionApp:
-    return _APP
-
-
 async def reset() -> None:
     """Close and forget the process-wide singletons (tests; a worker never needs it)."""
     await _APP.aclose()
