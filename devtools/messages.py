@@ -74,7 +74,10 @@ def context(
     user_id: str = "3f0c6a2e-8d1b-4e5f-a6b7-c8d9e0f1a2b3",
     request_id: str | None = None,
     created: datetime | None = None,
+    parent: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`parent` is the ParentContext: the context of the operation this save ran inside (real bodies carry one,
+    naming its own message and row, before the top-level PrimaryEntityId; see `inside`)."""
     request_id = request_id or str(uuid.uuid4())
     inputs = [] if target is None else [{"key": "Target", "value": entity(table, row_id, target)}]
     return {
@@ -97,7 +100,7 @@ def context(
         "OwningExtension": {"Id": "2c28fe56-903e-eb11-a813-000d3ad9c2e1", "KeyAttributes": [],
                             "LogicalName": "sdkmessageprocessingstep",
                             "Name": f"Writeback: {message} of {table}", "RowVersion": None},
-        "ParentContext": None,
+        "ParentContext": parent,
         "PostEntityImages": [] if post is None else [{"key": "PostImage", "value": entity(table, row_id, post, False)}],
         "PreEntityImages": [] if pre is None else [{"key": "PreImage", "value": entity(table, row_id, pre, False)}],
         "PrimaryEntityId": row_id,
@@ -108,3 +111,9 @@ def context(
         "Stage": 40,
         "UserId": user_id,
     }
+
+
+def inside(message: str, table: str, row_id: str, **kw: Any) -> dict[str, Any]:
+    """A ParentContext: the operation a save ran inside, as Dataverse nests it (e.g. the Create of a patient whose
+    plug-in created an identifier row; the same operation at stage 30, as the public samples show)."""
+    return {**context(message, table, row_id, None, **kw), "Stage": 30}

@@ -359,12 +359,29 @@ def decode_body(body: bytes | str, content_type: str | None = None) -> Mapping[s
     return data
 
 
+def row_named(data: Mapping[str, Any]) -> tuple[str, str, bool] | None:
+    """The row a decoded body names at its top level (table, record id, whether the message is a Create), read
+    as `message_of` reads it; None when it names none. Nested contexts (ParentContext) name other rows."""
+    table = _unwrap_primitive(data.get("PrimaryEntityName"))
+    if not isinstance(table, str) or not table or "PrimaryEntityId" not in data:
+        return None
+    try:
+        record = parse_guid(data["PrimaryEntityId"], "PrimaryEntityId")
+    except WritebackError:
+        return None
+    return table.lower(), record, _unwrap_primitive(data.get("MessageName")) == "Create"
+
+
 def parse_message(
     body: bytes | str,
     properties: Mapping[str, Any] | None = None,
     content_type: str | None = None,
 ) -> Message:
-    data = decode_body(body, content_type)
+    return message_of(decode_body(body, content_type), properties)
+
+
+def message_of(data: Mapping[str, Any], properties: Mapping[str, Any] | None = None) -> Message:
+    """A decoded body (`decode_body`) and its application properties → the `Message`."""
     props = parse_properties(properties)
     name = _unwrap_primitive(data.get("MessageName"))
     table = _unwrap_primitive(data.get("PrimaryEntityName"))

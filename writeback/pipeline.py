@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -20,10 +18,11 @@ from heapq import heappop, heappush
 from typing import Any, Literal, Protocol, TypeVar
 
 from writeback.converge import ItemEdit, RowEdit
-from writeback.decide import Decision, RowKey, WritePlan, narrow, plan_message
+from writeback.decide import Decision, RowKey, WritePlan, decoded, narrow, plan_decoded, plan_message
 from writeback.errors import WritebackError
 from writeback.facts import RowFacts, facts_of, merged, resolve
 from writeback.maps import MapSet
+from writeback.messages import row_named
 from writeback.reasons import Kind, Reason
 from writeback.retry import GiveUp, RetryPolicy, attempts_so_far, next_step, original_id
 from writeback.settings import Settings
@@ -221,38 +220,36 @@ class _Batch:
     busy: dict[tuple[str, str, str], asyncio.Event] = field(default_factory=dict)
 
 
-# Where a message names its row: read off the body's text before it is planned, to know each row's last message
-# in the batch (a regex over the bytes is a tiny fraction of parsing them).
-_ROW_FIELDS = re.compile(rb'"(MessageName|PrimaryEntityName|PrimaryEntityId)"\s*:\s*"([^"]{1,100})"')
-
-
 @dataclass
 class _Rows:
-    """The batch's rows, read ahead: each message's row (None: unreadable), each row's last message, the rows a
-    Create is among the messages for."""
+    """The batch's bodies, read ahead: each message's decoded body and row (None: it names none), each row's
+    last message, the rows a Create is among the messages for."""
 
+    bodies: list[Mapping[str, Any] | WritebackError]
     of: list[RowKey | None]
     last: dict[RowKey, int]
     created: set[RowKey]
 
 
 def _rows_of(envelopes: Sequence[Envelope]) -> _Rows:
-    rows = _Rows([], {}, set())
+    rows = _Rows([], [], {}, set())
     for index, envelope in enumerate(envelopes):
-        body = envelope.body.encode() if isinstance(envelope.body, str) else envelope.body
-        found = {name.decode(): value.decode(errors="replace") for name, value in _ROW_FIELDS.findall(body[:4096])}
+        data = decoded(envelope.body, envelope.content_type)
+        named = None if isinstance(data, WritebackError) else row_named(data)
         row: RowKey | None = None
-        if "PrimaryEntityName" in found and "PrimaryEntityId" in found:
-            try:
-                record = str(uuid.UUID(found["PrimaryEntityId"]))  # as `messages.parse_guid` spells it
-            except ValueError:
-                record = found["PrimaryEntityId"].lower()
-            row = (found["PrimaryEntityName"].lower(), record)
+        if named is not None:
+            table, record, create = named
+            row = (table, record)
             rows.last[row] = index
-            if found.get("MessageName") == "Create":
+            if create:
                 rows.created.add(row)
+        rows.bodies.append(data)
         rows.of.append(row)
     return rows
+
+
+def _creates(plan: WritePlan) -> bool:
+    return any(isinstance(w.edit, RowEdit) and w.edit.create for w in plan.writes)
 
 
 def _resources(plan: WritePlan) -> set[tuple[str, str, str]]:
@@ -278,8 +275,11 @@ class Pipeline:
         self._leases: Leases | None = ledger
         self._slots = asyncio.Semaphore(settings.max_concurrency)
 
-    def plan(self, envelope: Envelope) -> Decision:
-        return plan_message(envelope.body, envelope.properties, self.maps, self.settings, envelope.content_type)
+    def plan(self, envelope: Envelope, body: Mapping[str, Any] | WritebackError | None = None) -> Decision:
+        """`body`: the envelope's body as `decoded` already read it, if it was."""
+        if body is None:
+            return plan_message(envelope.body, envelope.properties, self.maps, self.settings, envelope.content_type)
+        return plan_decoded(body, envelope.properties, self.maps, self.settings)
 
     async def process(self, envelope: Envelope) -> Result:
         (result,) = await self.process_many([envelope])
@@ -315,7 +315,8 @@ class Pipeline:
         ready: list[int] = []
         try:
             for index, envelope in enumerate(envelopes):
-                decision = self.plan(envelope)
+                decision = self.plan(envelope, rows.bodies[index])
+                rows.bodies[index] = {}  # planned: the decoded body is no longer needed
                 batch.decisions.append(decision)
                 if decision.message is not None and (
                         fact := facts_of(decision.message, self.maps, self.settings)) is not None:
@@ -408,6 +409,9 @@ class Pipeline:
             known = merged(batch.local.values(), into=dict(stored))
             writes = self._resolved(batch, indexes, known)
             writes = self._newest_per_row(batch.decisions, batch.results, writes)
+            # A row's own write (which may create its resource) before the items other rows write into it; the
+            # order between the two does not matter otherwise (they own different elements).
+            writes.sort(key=lambda i: (not _creates(self._plan_of(batch, i)), i))
             await asyncio.gather(*(event.wait() for event in after))
             await self._write(batch, writes, landed)
         finally:

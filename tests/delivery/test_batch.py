@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from devtools.faults import Fault
-from devtools.messages import Choice, Lookup, context
+from devtools.messages import Choice, Lookup, context, inside
 from tests.delivery.conftest import Fhir, Rig, create_message, new_patient, update_message
 from writeback.bundles import BatchDelivery, waves
 from writeback.pipeline import Envelope, Pipeline, Result
@@ -303,9 +303,9 @@ async def test_writes_start_while_the_batch_is_planned_and_a_later_child_row_wai
     events: list[str] = []
 
     class Watched(Pipeline):
-        def plan(self, envelope: Envelope) -> Any:
+        def plan(self, envelope: Envelope, body: Any = None) -> Any:
             events.append("planned")
-            return super().plan(envelope)
+            return super().plan(envelope, body)
 
     watched = Watched(pipeline.maps, pipeline.settings, pipeline.delivery)
 
@@ -332,3 +332,60 @@ async def test_writes_start_while_the_batch_is_planned_and_a_later_child_row_wai
     assert len(history) == 2  # the create, then the identifier written on it: no conflict, no third version
     for result in (results[0], results[-1]):
         _check_provenance(fhir, result)
+
+
+# Columns every contact has beside the mapped ones: a step registered with images of all columns sends them, so
+# a real body's images are long and its top-level PrimaryEntityId comes thousands of bytes in.
+_SYSTEM_COLUMNS: dict[str, Any] = {
+    "createdon": "/Date(1764489600000)/", "modifiedon": "/Date(1764489600000)/", "statecode": Choice(0),
+    "statuscode": Choice(1), "ownerid": Lookup("systemuser", "a0bde583-0537-eb11-bf68-0022489b563d"),
+    "owningbusinessunit": Lookup("businessunit", "c3ec0cc2-d836-eb11-bf68-0022489b563d"),
+    "createdby": Lookup("systemuser", "a0bde583-0537-eb11-bf68-0022489b563d"),
+    "modifiedby": Lookup("systemuser", "a0bde583-0537-eb11-bf68-0022489b563d"),
+    "transactioncurrencyid": Lookup("transactioncurrency", "3e1a2b4c-5d6e-4f70-8192-a3b4c5d6e7f8"),
+    "preferredcontactmethodcode": Choice(1), "donotemail": False, "donotphone": False, "donotpostalmail": False,
+    "donotbulkemail": False, "donotfax": False, "donotsendmm": False, "isprivate": False, "merged": False,
+    "participatesinworkflow": False, "creditonhold": False, "isbackofficecustomer": False,
+    "address1_addresstypecode": Choice(1), "address1_shippingmethodcode": Choice(1),
+    "address2_addresstypecode": Choice(1), "address2_shippingmethodcode": Choice(1),
+    "address1_freighttermscode": Choice(1), "address2_freighttermscode": Choice(1),
+    "customertypecode": Choice(1), "customersizecode": Choice(1), "shippingmethodcode": Choice(1),
+    "leadsourcecode": Choice(1), "paymenttermscode": Choice(1), "territorycode": Choice(1),
+    "educationcode": Choice(1), "familystatuscode": Choice(1), "haschildrencode": Choice(1),
+    "exchangerate": 1.0, "timezoneruleversionnumber": 4, "utcconversiontimezonecode": 85,
+    "address1_addressid": "5a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
+    "address2_addressid": "6b2c3d4e-5f6a-4b7c-9d8e-0f1a2b3c4d5e",
+    "address3_addressid": "7c3d4e5f-6a7b-4c8d-8e9f-1a2b3c4d5e6f",
+}
+
+
+async def test_real_shaped_bodies_are_grouped_by_their_own_row(rig_factory, fhir: Fhir):
+    """Bodies shaped as Dataverse posts them: images of every column (the top-level PrimaryEntityId thousands of
+    bytes in, as in the public samples) and a ParentContext naming the operation the save ran inside (here the
+    patient's Create, whose plug-in created the identifier row; the Update's own row again, at stage 30). Each
+    message counts for its own row: the patient's Create and Update are written as one version, the identifier
+    into the Patient the Create made, all in one batch."""
+    rig, pipeline = _batch_rig(rig_factory)
+    row_id, row = new_patient(lastname="Longbody", **_SYSTEM_COLUMNS)
+    created = create_message(row_id, row, parent=inside("Create", "contact", row_id))
+    identifier = identifier_message(row_id, "555-01-0888")
+    identifier["ParentContext"] = inside("Create", "contact", row_id)
+    changes = {"telephone1": "+1 555 0199", "versionnumber": 11}
+    updated = update_message(row_id, row, changes, parent=inside("Update", "contact", row_id))
+    bodies: list[dict[str, Any] | str] = [created, identifier, updated]
+    assert all(json.dumps(b).rfind('"PrimaryEntityId"') > 4096 for b in (created, updated))
+    results = await _send_many(pipeline, bodies)
+
+    assert [(r.state, r.reason) for r in results] == [("skipped", Reason.STALE), ("written", None),
+                                                      ("written", None)], [r.detail for r in results]
+    (patient,) = fhir.search(f"Patient?identifier=urn:dataverse:contact|{row_id}")
+    assert patient["name"][0]["family"] == "Longbody"
+    assert {"system": "phone", "use": "work", "value": "+1 555 0199"} in patient["telecom"]
+    assert "555-01-0888" in [i.get("value") for i in patient["identifier"]]
+    history = fhir.get(f"Patient/{patient['id']}/_history")["entry"]
+    assert len(history) == 2  # the row's newest state, then the identifier written into it
+    for result in results[1:]:
+        _check_provenance(fhir, result)
+    puts = [e for e in rig.transport.entries if e["request"]["method"] == "PUT"
+            and e["request"]["url"].startswith("Patient")]
+    assert len(puts) == 2

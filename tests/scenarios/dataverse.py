@@ -5,8 +5,9 @@ and a post-image of all columns sends them.
 It stands in for Dataverse, which cannot run here. What it keeps to: `versionnumber` grows across the
 organisation with every save; a Create's Target holds every column the new row has; an Update's Target holds
 the changed columns (and `modifiedon`, `versionnumber`), the pre-image the row before, the post-image the row
-after; images and Targets leave out empty columns; a save by the sync's application user (an ingest through the
-upsert API) is posted like any other; a bulk operation (UpdateMultiple) posts one message per row under one
+after; each body nests the ParentContext of the same operation at stage 30, as the public samples do; images
+and Targets leave out empty columns; a save by the sync's application user (an ingest through the upsert API) is
+posted like any other; a bulk operation (UpdateMultiple) posts one message per row under one
 RequestId.
 """
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from devtools.messages import Choice, Lookup, context
+from devtools.messages import Choice, Lookup, context, inside
 
 CLINICIAN = "3f0c6a2e-8d1b-4e5f-a6b7-c8d9e0f1a2b3"
 SYNC_USER = "9e7d5c3b-1a2f-4e6d-8c0b-7a5f3e1d9c2b"  # the FHIR→Dataverse sync's application user
@@ -67,7 +68,8 @@ class Dataverse:
         row = {_KEYS[table]: row_id, **{k: v for k, v in columns.items() if v is not None},
                "versionnumber": version, "modifiedon": when}
         self.rows[(table, row_id)] = row
-        body = context("Create", table, row_id, row, post=row, user_id=user, request_id=request_id, created=when)
+        body = context("Create", table, row_id, row, post=row, user_id=user, request_id=request_id, created=when,
+                       parent=inside("Create", table, row_id, user_id=user, request_id=request_id, created=when))
         return self._sent(body, table, row_id, version, row)
 
     def update(self, table: str, row_id: str, changes: Mapping[str, Any], *, user: str = CLINICIAN,
@@ -79,7 +81,8 @@ class Dataverse:
         self.rows[(table, row_id)] = after
         target = {**changes, "versionnumber": version, "modifiedon": when}
         body = context("Update", table, row_id, target, pre=before, post=after, user_id=user,
-                       request_id=request_id, created=when)
+                       request_id=request_id, created=when,
+                       parent=inside("Update", table, row_id, user_id=user, request_id=request_id, created=when))
         return self._sent(body, table, row_id, version, after)
 
     def _sent(self, body: dict[str, Any], table: str, row_id: str, version: int, row: dict[str, Any]) -> Sent:
