@@ -39,6 +39,7 @@ from writeback.errors import NotApplied, WritebackError
 from writeback.fhir_client import (
     BACKOFF_BASE_SECONDS,
     BACKOFF_CAP_SECONDS,
+    NOT_APPLIED_STATUSES,
     RETRY_STATUSES,
     FhirClient,
     being_created,
@@ -183,17 +184,19 @@ class BatchDelivery:
         self.leases = leases or LocalLeases()
         self._slots = asyncio.Semaphore(self.settings.max_concurrency)
 
-    def prefetch(self, targets: Sequence[Target], memo: dict[Any, Any]) -> None:
+    def prefetch(self, targets: Sequence[Target], memo: dict[Any, Any]) -> list[asyncio.Future[Any]]:
         """Send the reads the writes of these targets will start from, now, while the caller goes on (planning the
         rest of a batch); `deliver_many` with the same memo takes the answers. A read is only a starting point:
-        the If-Match of the write catches whatever changed after it."""
+        the If-Match of the write catches whatever changed after it. Returns what it started, for the caller to
+        cancel when it stops."""
         reads: dict[str, asyncio.Task[Answer | WritebackError]] = memo.setdefault(_READS, {})
         paths = list(dict.fromkeys(p for p in (read_path(t) for t in targets) if p not in reads))
         if not paths:
-            return
+            return []
         sent = asyncio.ensure_future(self.send([{"request": {"method": "GET", "url": path}} for path in paths]))
         for n, path in enumerate(paths):
             reads[path] = asyncio.ensure_future(_nth(sent, n))
+        return [sent, *(reads[path] for path in paths)]
 
     async def deliver(self, plan: WritePlan) -> Delivered:
         (outcome,) = await self.deliver_many([plan])
@@ -218,8 +221,12 @@ class BatchDelivery:
                 provenances.append(asyncio.create_task(self._provenance(done)))
             if landed is not None:
                 landed.set()
-        finally:
-            await asyncio.gather(*provenances)
+        except BaseException:
+            # Stopped (the invocation's deadline): nothing goes on past it. A version written without its
+            # Provenance is healed when the message is tried again.
+            await _cancelled(provenances)
+            raise
+        await asyncio.gather(*provenances)
         await self._heal([job for job in jobs if job.owed or (isinstance(job.outcome, Converged) and (
             job.outcome.kind == "same" or (job.outcome.kind == "stale" and job.plan.source.retried)))])
         by_plan: list[list[_Job]] = [[] for _ in plans]
@@ -247,13 +254,24 @@ class BatchDelivery:
         for job, answer in zip(unread, answers, strict=False):
             self._take_read(job, answer, batch)
         gated = {gate for job in jobs for gate in job.plan.gates}
+        unsearched: dict[RowRef, WritebackError] = {}
         for ref, answer in zip(searches, answers[len(unread):], strict=True):
+            if isinstance(answer, WritebackError) or not answer.ok:
+                # Not "no such resource": a reference made now would be the identifier-only last resort for
+                # no reason. The jobs that need it wait; nothing is kept, the next try searches again.
+                unsearched[ref] = answer if isinstance(answer, WritebackError) else refused(
+                    answer.status, answer.outcome, "search")
+                continue
             found = _found_id(ref, answer)
             if found is None and (ref.table, ref.row_id) in gated:
                 # A patient whose consent is known (the gate passed) and that no resource carries yet: its own
                 # message creates it under the row's id, so that is the id to refer to.
                 found = resource_id(ref.table, ref.row_id)
             batch.ids[ref] = found
+        for job in jobs:
+            failed = next((unsearched[ref] for ref in job.plan.refs if ref in unsearched), None)
+            if job.outcome is None and failed is not None:
+                job.outcome = failed
         written: list[_Job] = []
         pending = [job for job in jobs if job.outcome is None]
         for attempt in range(self.settings.conflict_retries + 1):
@@ -328,8 +346,13 @@ class BatchDelivery:
             # at the invocation's deadline, inside the lock).
             lease = self.settings.retry_max_seconds + self.settings.timeout_seconds
             held = await asyncio.gather(*(batch.leases.acquire(f"{job.target.resource_type}/{resource['id']}", lease)
-                                          for job, resource in creates))
+                                          for job, resource in creates), return_exceptions=True)
             for (job, resource), mine in zip(creates, held, strict=True):
+                if isinstance(mine, WritebackError):  # the lease store is out of reach: this create waits
+                    job.outcome = mine
+                    continue
+                if isinstance(mine, BaseException):
+                    raise mine
                 if not mine:
                     job.outcome = being_created(job.target)
                     continue
@@ -341,10 +364,15 @@ class BatchDelivery:
         # that was applied keeps it until it expires, so that a writer that read "absent" before it cannot PUT an
         # older state over it (it gets `conflict`, and its retry reads the resource); one whose answer never
         # came keeps it too: it may yet be applied.
-        await asyncio.gather(*(batch.leases.release(f"{job.target.resource_type}/{resource_id_}")
-                               for (job, resource_id_, created), put in zip(puts, answered, strict=True)
-                               if created and (isinstance(put, NotApplied) or (isinstance(put, Answer) and
-                                                                              not put.ok))))
+        released = await asyncio.gather(*(
+            batch.leases.release(f"{job.target.resource_type}/{resource_id_}")
+            for (job, resource_id_, created), put in zip(puts, answered, strict=True)
+            if created and (isinstance(put, NotApplied) or (isinstance(put, Answer) and not put.ok))),
+            return_exceptions=True)
+        # A lease not released expires on its own (the create then waits that long); only that is lost.
+        for failed in released:
+            if isinstance(failed, BaseException) and not isinstance(failed, WritebackError):
+                raise failed
         for (job, resource_id_, created), put in zip(puts, answered, strict=True):
             if isinstance(put, WritebackError):
                 job.outcome = put
@@ -362,8 +390,8 @@ class BatchDelivery:
                     continue
                 if put.resource is not None:
                     _remember(batch.known, job.target, put.resource, version)
-                    if job.target.fhir_id is None:
-                        job.target = replace(job.target, fhir_id=resource_id_)
+                if job.target.fhir_id is None:  # an answer without a body still names the resource it wrote
+                    job.target = replace(job.target, fhir_id=resource_id_)
                 job.outcome = _Written(f"{job.target.resource_type}/{resource_id_}/_history/{version}", created,
                                        _entry_issues(put))
                 if created and put.resent:
@@ -468,6 +496,7 @@ class BatchDelivery:
         out: list[Answer | WritebackError | None] = [None] * len(entries)
         todo = list(range(len(entries)))
         started, slept, attempt = time.monotonic(), 0.0, 0
+        maybe_applied: set[int] = set()  # entries an earlier answer does not rule out were applied
         while todo:
             bundle = {"resourceType": "Bundle", "type": "batch", "entry": [entries[i] for i in todo]}
             try:
@@ -491,10 +520,12 @@ class BatchDelivery:
             failure = 0
             resent = bool(response.extensions.get("writeback.resent"))
             for i, raw in zip(todo, listed, strict=True):
-                answer = _answer(raw, resent)
+                answer = _answer(raw, resent or i in maybe_applied)
                 if answer.status in RETRY_STATUSES:
                     again.append(i)
                     failure = answer.status
+                    if resent or answer.status not in NOT_APPLIED_STATUSES:
+                        maybe_applied.add(i)
                 elif answer.status in (401, 403):
                     out[i] = WritebackError(Reason.UNAUTHORIZED,
                                             f"the FHIR server refused our credentials (HTTP {answer.status})")
@@ -511,8 +542,9 @@ class BatchDelivery:
                 for i in todo:
                     method = str(entries[i]["request"]["method"])
                     where = str(entries[i]["request"]["url"]).split("?", maxsplit=1)[0]
-                    out[i] = NotApplied(Reason.FHIR_UNAVAILABLE,
-                                        f"{method} {where} kept failing (HTTP {failure}) after {attempt} tries")
+                    kind = WritebackError if i in maybe_applied else NotApplied
+                    out[i] = kind(Reason.FHIR_UNAVAILABLE,
+                                  f"{method} {where} kept failing (HTTP {failure}) after {attempt} tries")
                 break
             await self.client._sleep(delay)
             slept += delay
@@ -586,7 +618,10 @@ def _outcome(plan: WritePlan, jobs: list[_Job]) -> Outcome:
     written = [job for job in jobs if isinstance(job.outcome, _Written)]
     if written:
         first = written[0]
-        assert isinstance(first.outcome, _Written) and isinstance(first.provenance, str)
+        assert isinstance(first.outcome, _Written)
+        if not isinstance(first.provenance, str):  # a version owed its Provenance whose history was never read
+            return WritebackError(Reason.PROVENANCE_FAILED, "the Provenance of a version this message wrote "
+                                  "could not be written")
         also = tuple(str(job.outcome.versioned) for job in written[1:] if isinstance(job.outcome, _Written))
         return Delivered(first.outcome.versioned, first.provenance, first.outcome.issues, also=also, ids=ids)
     kinds = [job.outcome.kind for job in jobs if isinstance(job.outcome, Converged)]
@@ -598,6 +633,13 @@ def _outcome(plan: WritePlan, jobs: list[_Job]) -> Outcome:
     detail = ("The FHIR server already holds this version of the row." if "same" in kinds
               else "The FHIR server already holds these values.")
     return Delivered(skipped=Reason.NO_CHANGE, detail=detail, ids=ids)
+
+
+async def _cancelled(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    """Cancel `tasks` and wait until they have stopped."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _nth(answers: Awaitable[list[Answer | WritebackError]], n: int) -> Answer | WritebackError:
@@ -613,9 +655,9 @@ def _search_entry(ref: RowRef) -> dict[str, Any]:
                         "url": f"{ref.resource_type}?identifier={ref.system}|{ref.row_id}&_count=2"}}
 
 
-def _found_id(ref: RowRef, answer: Answer | WritebackError) -> str | None:
+def _found_id(ref: RowRef, answer: Answer) -> str | None:
     """The id of the one resource a lookup's search found."""
-    if isinstance(answer, Answer) and answer.ok and answer.resource is not None:
+    if answer.resource is not None:
         found = [e["resource"] for e in answer.resource.get("entry") or []
                  if isinstance(e, dict) and isinstance(e.get("resource"), dict)
                  and e["resource"].get("resourceType") == ref.resource_type]

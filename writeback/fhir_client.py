@@ -41,6 +41,9 @@ log = logging.getLogger("writeback.fhir")
 
 FHIR_JSON = "application/fhir+json"
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# Refusals that mean the request was not carried out (throttled, or not taken in); a 500, 502, 504 or 408 may
+# come after the server (or the one behind a gateway) applied it.
+NOT_APPLIED_STATUSES = frozenset({429, 503})
 BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_CAP_SECONDS = 30.0
 
@@ -243,7 +246,7 @@ class FhirClient:
         started, slept, budget = time.monotonic(), 0.0, self.settings.retry_max_seconds
         attempt = 0
         refreshed = False
-        unanswered = False  # a try got no answer: the server may have applied it
+        maybe_applied = False  # a try got no answer, or one that does not rule out that it was applied
         content = None if json is None else encode(json)
         while True:
             send_headers = {"Accept": FHIR_JSON, **(headers or {})}
@@ -258,7 +261,7 @@ class FhirClient:
                                                    timeout=self.settings.timeout_seconds)
             except httpx.TransportError as exc:
                 failure = type(exc).__name__
-                unanswered = True
+                maybe_applied = True
             else:
                 if response.status_code in (401, 403):
                     if self.tokens is not None and not refreshed and response.status_code == 401:
@@ -273,13 +276,14 @@ class FhirClient:
                     return response
                 failure = f"HTTP {response.status_code}"
                 wait = _retry_after(response)
+                maybe_applied |= response.status_code not in NOT_APPLIED_STATUSES
             attempt += 1
             backoff = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (attempt - 1))
             delay = wait if wait is not None else random.uniform(backoff / 2, backoff)  # noqa: S311 (jitter)
             spent = max(time.monotonic() - started, slept)
             if attempt > self.settings.max_retries or spent + delay > budget:
                 where = path.split("?", maxsplit=1)[0]
-                kind = WritebackError if unanswered else NotApplied
+                kind = WritebackError if maybe_applied else NotApplied
                 raise kind(Reason.FHIR_UNAVAILABLE, f"{method} {where} kept failing ({failure}) after {attempt} tries")
             log.info("retrying FHIR request", extra={"attempt": attempt, "failure": failure, "delay_s": delay})
             await self._sleep(delay)

@@ -310,6 +310,7 @@ class Pipeline:
         batch.created = rows.created
         prefetch = getattr(self.delivery, "prefetch", None)
         flights: list[asyncio.Task[None]] = []
+        reads: list[asyncio.Future[Any]] = []  # sent ahead by the delivery's `prefetch`
         of_row: dict[RowKey, list[int]] = {}  # the planned writes of rows whose last message is still to come
         waiting: list[tuple[int, int, list[int]]] = []  # (the last message they wait for, first index, writes)
         ready: list[int] = []
@@ -337,7 +338,7 @@ class Pipeline:
                 if (index + 1) % PLAN_SLICE == 0 or index + 1 == len(envelopes):
                     first = index + 1 - ((index % PLAN_SLICE) + 1)
                     if prefetch is not None:
-                        prefetch([w.target for d in batch.decisions[first:] if d.decision == "write"
+                        reads += prefetch([w.target for d in batch.decisions[first:] if d.decision == "write"
                                   and d.plan is not None for w in d.plan.writes], batch.memo)
                     if ready:
                         flights.append(self._dispatch(batch, sorted(ready)))
@@ -350,8 +351,13 @@ class Pipeline:
             assert not waiting and not of_row
             await asyncio.gather(*flights)
         except BaseException:
-            await asyncio.gather(*flights, return_exceptions=True)
+            # Stopped (the invocation's deadline) or failed: nothing of this call goes on past it.
+            for task in [*flights, *reads]:
+                task.cancel()
+            await asyncio.gather(*flights, *reads, return_exceptions=True)
             raise
+        for read in reads:  # sent ahead for a write that started from a copy it already had
+            read.cancel()
         decisions, results = batch.decisions, batch.results
         for i, first_copy in batch.copies:
             earlier = results[first_copy]

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from devtools.faults import FaultyTransport
-from devtools.messages import Choice, context
+from devtools.messages import Choice, Lookup, context
 from devtools.services import FhirDevServer
 from writeback.auth import fhir_tokens
 from writeback.bundles import BatchDelivery
@@ -132,3 +132,10 @@ def create_message(row_id: str, row: dict[str, Any], **kw: Any) -> dict[str, Any
 def update_message(row_id: str, before: dict[str, Any], changes: dict[str, Any], **kw: Any) -> dict[str, Any]:
     after = {**before, **changes}
     return context("Update", "contact", row_id, changes, pre=before, post=after, **kw)
+
+
+def identifier_message(parent: str, value: str, version: int = 1) -> dict[str, Any]:
+    row_id = new_patient()[0]
+    row = {"msemr_medicalidentifierid": row_id, "msemr_assignee": Lookup("contact", parent),
+           "msemr_identifiersystem": "urn:oid:2.16.840.1.113883.4.1", "msemr_value": value, "versionnumber": version}
+    return context("Create", "msemr_medicalidentifier", row_id, row, post=row)

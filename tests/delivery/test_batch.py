@@ -12,7 +12,7 @@ import httpx
 
 from devtools.faults import Fault
 from devtools.messages import Choice, Lookup, context, inside
-from tests.delivery.conftest import Fhir, Rig, create_message, new_patient, update_message
+from tests.delivery.conftest import Fhir, Rig, create_message, identifier_message, new_patient, update_message
 from writeback.bundles import BatchDelivery, waves
 from writeback.pipeline import Envelope, Pipeline, Result
 from writeback.reasons import Reason
@@ -173,13 +173,6 @@ def _entries(transport_requests: list[httpx.Request]) -> list[dict[str, Any]]:
     """Every batch entry the pipeline sent, in order."""
     sent = [json.loads(r.content) for r in transport_requests if r.method == "POST" and r.content]
     return [e for body in sent if body.get("resourceType") == "Bundle" for e in body.get("entry", [])]
-
-
-def identifier_message(parent: str, value: str, version: int = 1) -> dict[str, Any]:
-    row_id = new_patient()[0]
-    row = {"msemr_medicalidentifierid": row_id, "msemr_assignee": Lookup("contact", parent),
-           "msemr_identifiersystem": "urn:oid:2.16.840.1.113883.4.1", "msemr_value": value, "versionnumber": version}
-    return context("Create", "msemr_medicalidentifier", row_id, row, post=row)
 
 
 async def test_a_child_row_after_its_parents_create_in_one_batch_starts_from_the_written_copy(
