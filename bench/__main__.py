@@ -131,7 +131,7 @@ def build_requests(pipeline: Pipeline, envelopes: Sequence[Envelope], client: Fh
             if resource in targeted:
                 continue  # a later wave: it starts from the copy the earlier write is answered with, no read
             targeted.add(resource)
-            if isinstance(edit, RowEdit) and edit.create and target.fhir_id is None \
+            if isinstance(edit, RowEdit) and edit.full and target.fhir_id is None \
                     and (plan.source.table, plan.source.record_id) in created:
                 if plan.refs:
                     edit = replace(edit, owned=tuple(Assignment(a.path, resolve_refs(a.value, plan.ref_ids), a.column)

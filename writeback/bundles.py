@@ -81,7 +81,6 @@ class Answer:
     status: int
     resource: dict[str, Any] | None
     etag: str
-    location: str
     outcome: dict[str, Any] | None
     resent: bool = False  # the bundle went out more than once: an earlier copy may have been applied
 
@@ -99,7 +98,7 @@ def _answer(entry: object, resent: bool = False) -> Answer:
     resource = entry.get("resource")
     outcome = response.get("outcome")
     return Answer(status, resource if isinstance(resource, dict) else None, str(response.get("etag") or ""),
-                  str(response.get("location") or ""), outcome if isinstance(outcome, dict) else None, resent)
+                  outcome if isinstance(outcome, dict) else None, resent)
 
 
 def _entry_issues(answer: Answer) -> tuple[Issue, ...]:
@@ -232,7 +231,7 @@ class BatchDelivery:
         by_plan: list[list[_Job]] = [[] for _ in plans]
         for job in jobs:
             by_plan[job.plan_index].append(job)
-        return [_outcome(plan, mine) for plan, mine in zip(plans, by_plan, strict=True)]
+        return [_outcome(mine) for mine in by_plan]
 
     # ---- one wave: no resource twice ---------------------------------------------------------------
 
@@ -606,7 +605,7 @@ def _resolved(edit: Edit, plan: WritePlan, batch: _Batch) -> Edit:
     return replace(edit, owned=owned)
 
 
-def _outcome(plan: WritePlan, jobs: list[_Job]) -> Outcome:
+def _outcome(jobs: list[_Job]) -> Outcome:
     """A plan's outcome from its jobs: the first error, else what was written, else why nothing was."""
     for job in jobs:
         if isinstance(job.outcome, WritebackError):

@@ -22,7 +22,7 @@ nothing either. `absent`: the resource does not exist (only a full `RowEdit` may
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from writeback.marks import MOVED, Mark, Version, item_of, mark_of, marks_in, with_mark
@@ -37,8 +37,7 @@ class RowEdit:
     mark: Mark
     owned: tuple[Assignment, ...]
     identity: Assignment
-    full: bool
-    create: bool = False  # may create the resource when there is none (the whole state is known)
+    full: bool  # the row's whole state: it may also create the resource when there is none
     rendered: Mapping[str, Any] | None = None  # the state on an empty resource, identity included, when known
 
 
@@ -69,7 +68,6 @@ class Converged:
     kind: Kind
     resource: dict[str, Any] | None = None  # what to write (kind "write")
     held: Version | None = None  # the version the server's copy holds for the row
-    notes: tuple[str, ...] = field(default=())
 
 
 def _ordered(edit: Edit, held: Mark | None) -> Converged | None:
@@ -90,11 +88,10 @@ def _comparable(resource: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _result(current: dict[str, Any], new: dict[str, Any], held: Mark | None,
-            notes: tuple[str, ...] = ()) -> Converged:
+def _result(current: dict[str, Any], new: dict[str, Any], held: Mark | None) -> Converged:
     if _comparable(new) == _comparable(current):
-        return Converged("unchanged", held=held.version if held else None, notes=notes)
-    return Converged("write", new, held.version if held else None, notes)
+        return Converged("unchanged", held=held.version if held else None)
+    return Converged("write", new, held.version if held else None)
 
 
 def converge(current: dict[str, Any] | None, edit: Edit, resource_type: str = "",
@@ -110,7 +107,7 @@ def converge(current: dict[str, Any] | None, edit: Edit, resource_type: str = ""
 
 def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, resource_id: str) -> Converged:
     if current is None:
-        if not (edit.create and edit.full):
+        if not edit.full:
             return Converged("absent")
         if edit.rendered is not None:
             new = {"resourceType": resource_type, "id": resource_id, **apply(dict(edit.rendered), ())}

@@ -346,7 +346,7 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
     validate(rendered, partial=True, required=owned if full else None)
     check_invariants(rendered)
     # Without lookups the rendered state is what a create writes: `converge` starts from it, not from scratch.
-    edit = RowEdit(mark, assignments, target.identity, full, create=full, rendered=rendered if full and not refs
+    edit = RowEdit(mark, assignments, target.identity, full, rendered=rendered if full and not refs
                    else None)
     source = _source(message, entity_map.identifier_system, new)
     plan = WritePlan("create" if is_create else "update", (Write(target, edit),), rendered,

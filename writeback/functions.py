@@ -44,7 +44,7 @@ from writeback.errors import WritebackError
 from writeback.maps import MapSet, load_maps
 from writeback.pipeline import Delivery, Envelope, Ledger, Pipeline, Result
 from writeback.reasons import Kind, Reason
-from writeback.retry import ATTEMPT, GiveUp, RetryPolicy, batch_jitter, next_step
+from writeback.retry import ATTEMPT, GiveUp, RetryPolicy, batch_jitter, next_step, text_of
 from writeback.scheduler import Copy, Scheduler
 from writeback.settings import DEADLINE_MARGIN_SECONDS, Settings
 
@@ -97,12 +97,6 @@ class Runtime:
 # ---- Service Bus message → Envelope ------------------------------------------------------------------------
 
 
-def _text(value: object) -> str:
-    if isinstance(value, bytes | bytearray):
-        return bytes(value).decode("utf-8", errors="replace")
-    return str(value)
-
-
 def _body(message: Any) -> bytes | str:
     raw = message.body
     if isinstance(raw, bytes | bytearray):
@@ -119,7 +113,7 @@ def _body(message: Any) -> bytes | str:
 def envelope_of(message: Any) -> Envelope:
     """`ServiceBusReceivedMessage` → `Envelope`: body bytes, properties as str → str, broker facts."""
     raw_props = message.application_properties or {}
-    properties = {_text(k): _text(v) for k, v in raw_props.items() if v is not None}
+    properties = {text_of(k): text_of(v) for k, v in raw_props.items() if v is not None}
     count = message.delivery_count
     enqueued = message.enqueued_time_utc
     content_type = message.content_type
@@ -129,12 +123,12 @@ def envelope_of(message: Any) -> Envelope:
     return Envelope(
         body=_body(message),
         properties=properties,
-        content_type=_text(content_type) if content_type else None,
-        message_id=_text(message_id) if message_id is not None else None,
+        content_type=text_of(content_type) if content_type else None,
+        message_id=text_of(message_id) if message_id is not None else None,
         # 0 = not reported: extension 1.0.0b2 decodes the AMQP message without its header section.
         delivery_count=count if isinstance(count, int) else 0,
         enqueued_at=enqueued.timestamp() if isinstance(enqueued, datetime) else None,
-        correlation_id=_text(correlation) if correlation else None,
+        correlation_id=text_of(correlation) if correlation else None,
         locked_until=locked.timestamp() if isinstance(locked, datetime) else None,
     )
 

@@ -249,7 +249,7 @@ def _rows_of(envelopes: Sequence[Envelope]) -> _Rows:
 
 
 def _creates(plan: WritePlan) -> bool:
-    return any(isinstance(w.edit, RowEdit) and w.edit.create for w in plan.writes)
+    return any(isinstance(w.edit, RowEdit) and w.edit.full for w in plan.writes)
 
 
 def _resources(plan: WritePlan) -> set[tuple[str, str, str]]:
@@ -272,7 +272,6 @@ class Pipeline:
         self.clock = clock
         self.retry_policy = RetryPolicy.of(settings)
         self._facts: dict[RowKey, RowFacts] = {}  # without a ledger
-        self._leases: Leases | None = ledger
         self._slots = asyncio.Semaphore(settings.max_concurrency)
 
     def plan(self, envelope: Envelope, body: Mapping[str, Any] | WritebackError | None = None) -> Decision:
@@ -507,9 +506,12 @@ class Pipeline:
             if other is None:
                 newest[row] = i
                 continue
-            older, newer = sorted((other, i), key=lambda n: _order(decisions[n]))
-            if _order(decisions[older]) == _order(decisions[newer]):
-                continue  # not comparable (no version): both are written, in the order given
+            kept = decisions[other].plan
+            assert kept is not None
+            order = plan.source.version.compare(kept.source.version)
+            if not order:
+                continue  # the same version or none to compare: both are written, in the order given
+            older, newer = (other, i) if order > 0 else (i, other)
             newest[row] = newer
             results[older] = Result("skipped", Reason.STALE, "A newer change of this row in the same batch holds "
                                     "this one's changes; that one is written.", decisions[older])
@@ -562,7 +564,7 @@ class Pipeline:
             return [WritebackError(Reason.CONFIG_ERROR, "no delivery target is configured")] * len(plans)
         deliver_many = getattr(delivery, "deliver_many", None)
         if deliver_many is not None:
-            outcomes: list[Delivered | WritebackError] = await deliver_many(plans, memo, self._leases, landed)
+            outcomes: list[Delivered | WritebackError] = await deliver_many(plans, memo, self.ledger, landed)
             return outcomes
 
         async def one(plan: WritePlan) -> Delivered | WritebackError:
@@ -583,14 +585,6 @@ class Pipeline:
                                   provenance=result.provenance, issues=result.issues,
                                   duration_ms=result.duration_ms)
         return result
-
-
-def _order(decision: Decision) -> tuple[int, float]:
-    plan = decision.plan
-    assert plan is not None
-    source = plan.source
-    return (source.row_version if source.row_version is not None else -1,
-            source.modified_on.timestamp() if source.modified_on is not None else -1.0)
 
 
 async def _bounded(slots: asyncio.Semaphore, work: Sequence[Awaitable[_T]]) -> list[_T]:

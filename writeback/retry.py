@@ -79,7 +79,8 @@ class GiveUp:
                 f"success; last reason {last_reason}: {last_detail}")
 
 
-def _text(value: object) -> str:
+def text_of(value: object) -> str:
+    """A Service Bus property or header value as text (the SDK hands some over as bytes)."""
     if isinstance(value, bytes | bytearray):
         return bytes(value).decode("utf-8", errors="replace")
     return str(value)
@@ -88,7 +89,7 @@ def _text(value: object) -> str:
 def attempts_so_far(properties: Mapping[str, Any] | None) -> int:
     raw = (properties or {}).get(ATTEMPT)
     try:
-        return max(0, int(_text(raw))) if raw is not None else 0
+        return max(0, int(text_of(raw))) if raw is not None else 0
     except ValueError:
         return 0
 
@@ -97,7 +98,7 @@ def first_enqueued(properties: Mapping[str, Any] | None, enqueued_at: float | No
     raw = (properties or {}).get(FIRST_ENQUEUED)
     if raw is not None:
         try:
-            when = datetime.fromisoformat(_text(raw))
+            when = datetime.fromisoformat(text_of(raw))
         except ValueError:
             when = None
         if when is not None:
@@ -109,7 +110,7 @@ def first_enqueued(properties: Mapping[str, Any] | None, enqueued_at: float | No
 
 def original_id(properties: Mapping[str, Any] | None, message_id: str | None) -> str:
     raw = (properties or {}).get(ORIGINAL_ID)
-    return _text(raw) if raw is not None else (message_id or "")
+    return text_of(raw) if raw is not None else (message_id or "")
 
 
 def next_step(policy: RetryPolicy, *, properties: Mapping[str, Any] | None, message_id: str | None,
@@ -125,7 +126,7 @@ def next_step(policy: RetryPolicy, *, properties: Mapping[str, Any] | None, mess
     suffix = f"~r{attempt}"
     copy_id = (original[: MAX_MESSAGE_ID - len(suffix)] if original else "writeback") + suffix
     ours = (ATTEMPT, FIRST_ENQUEUED, ORIGINAL_ID)
-    kept = {_text(k): v for k, v in (properties or {}).items() if _text(k) not in ours}
+    kept = {text_of(k): v for k, v in (properties or {}).items() if text_of(k) not in ours}
     props = {**kept, ATTEMPT: attempt, FIRST_ENQUEUED: first.astimezone(UTC).isoformat(), ORIGINAL_ID: original}
     return Retry(attempt, now + policy.delay(attempt, jitter), copy_id, props)
 
