@@ -89,21 +89,16 @@ def settings_for(server: FhirDevServer) -> Settings:
     })
 
 
-def _order(plan: WritePlan) -> tuple[int, float]:
-    source = plan.source
-    return (source.row_version if source.row_version is not None else -1,
-            source.modified_on.timestamp() if source.modified_on is not None else -1.0)
-
-
 def _newest_per_row(plans: Iterable[WritePlan]) -> list[WritePlan]:
     """Of several whole-row changes of one row, the newest (what `Pipeline.process_many` writes)."""
     kept: dict[Any, WritePlan] = {}
     for n, plan in enumerate(plans):
         edit = plan.writes[0].edit
         key: Any = (plan.source.table, plan.source.record_id) if plan.full and isinstance(edit, RowEdit) else n
-        if key in kept and _order(plan) == _order(kept[key]):
-            key = n  # not comparable: both are written
-        if key not in kept or _order(plan) > _order(kept[key]):
+        order = plan.source.version.compare(kept[key].source.version) if key in kept else 1
+        if not order:
+            key = n  # the same version or none to compare: both are written
+        if key not in kept or order == 1:
             kept[key] = plan
     return list(kept.values())
 

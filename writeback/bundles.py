@@ -170,6 +170,7 @@ class _Written:
 class _Batch:
     known: Known
     ids: dict[RowRef, str | None] = field(default_factory=dict)  # lookups resolved by search in this call
+    unsearched: dict[RowRef, WritebackError] = field(default_factory=dict)  # searches that went unanswered
     leases: Leases = field(default_factory=LocalLeases)
     reads: dict[str, asyncio.Task[Answer | WritebackError]] = field(default_factory=dict)  # sent ahead
 
@@ -253,13 +254,12 @@ class BatchDelivery:
         for job, answer in zip(unread, answers, strict=False):
             self._take_read(job, answer, batch)
         gated = {gate for job in jobs for gate in job.plan.gates}
-        unsearched: dict[RowRef, WritebackError] = {}
         for ref, answer in zip(searches, answers[len(unread):], strict=True):
-            if isinstance(answer, WritebackError) or not answer.ok:
-                # Not "no such resource": a reference made now would be the identifier-only last resort for
-                # no reason. The jobs that need it wait; nothing is kept, the next try searches again.
-                unsearched[ref] = answer if isinstance(answer, WritebackError) else refused(
-                    answer.status, answer.outcome, "search")
+            if isinstance(answer, WritebackError):
+                # Unanswered (unreachable, 5xx through every retry): not "no such resource", and a reference made
+                # now would be the identifier-only last resort for no reason. The jobs that need it wait (their
+                # next try searches again); an answered refusal (a server that cannot search so) falls back.
+                batch.unsearched[ref] = answer
                 continue
             found = _found_id(ref, answer)
             if found is None and (ref.table, ref.row_id) in gated:
@@ -268,7 +268,7 @@ class BatchDelivery:
                 found = resource_id(ref.table, ref.row_id)
             batch.ids[ref] = found
         for job in jobs:
-            failed = next((unsearched[ref] for ref in job.plan.refs if ref in unsearched), None)
+            failed = next((batch.unsearched[ref] for ref in job.plan.refs if ref in batch.unsearched), None)
             if job.outcome is None and failed is not None:
                 job.outcome = failed
         written: list[_Job] = []
@@ -291,7 +291,7 @@ class BatchDelivery:
         refs: dict[RowRef, None] = {}
         for job in jobs:
             for ref in job.plan.refs:
-                if ref not in job.plan.ref_ids and ref not in batch.ids:
+                if ref not in job.plan.ref_ids and ref not in batch.ids and ref not in batch.unsearched:
                     refs[ref] = None
         return list(refs)
 
@@ -362,12 +362,12 @@ class BatchDelivery:
         # A create the server refused frees its lease at once: nothing was written, the next try may create. One
         # that was applied keeps it until it expires, so that a writer that read "absent" before it cannot PUT an
         # older state over it (it gets `conflict`, and its retry reads the resource); one whose answer never
-        # came keeps it too: it may yet be applied.
+        # came, or an earlier try of which may have been applied, keeps it too.
         released = await asyncio.gather(*(
             batch.leases.release(f"{job.target.resource_type}/{resource_id_}")
             for (job, resource_id_, created), put in zip(puts, answered, strict=True)
-            if created and (isinstance(put, NotApplied) or (isinstance(put, Answer) and not put.ok))),
-            return_exceptions=True)
+            if created and (isinstance(put, NotApplied) or (
+                isinstance(put, Answer) and not put.ok and not put.resent))), return_exceptions=True)
         # A lease not released expires on its own (the create then waits that long); only that is lost.
         for failed in released:
             if isinstance(failed, BaseException) and not isinstance(failed, WritebackError):
@@ -656,7 +656,7 @@ def _search_entry(ref: RowRef) -> dict[str, Any]:
 
 def _found_id(ref: RowRef, answer: Answer) -> str | None:
     """The id of the one resource a lookup's search found."""
-    if answer.resource is not None:
+    if answer.ok and answer.resource is not None:
         found = [e["resource"] for e in answer.resource.get("entry") or []
                  if isinstance(e, dict) and isinstance(e.get("resource"), dict)
                  and e["resource"].get("resourceType") == ref.resource_type]

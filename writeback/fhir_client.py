@@ -271,8 +271,9 @@ class FhirClient:
                     raise WritebackError(Reason.UNAUTHORIZED,
                                          f"the FHIR server refused our credentials (HTTP {response.status_code})")
                 if response.status_code not in RETRY_STATUSES:
-                    # Sent more than once: the server may have applied an earlier copy whose answer was lost.
-                    response.extensions["writeback.resent"] = attempt > 0
+                    # Sent before, and that try may have been applied (no answer, or one such as 500 that does not
+                    # rule it out): an earlier copy may have done what this answer says was done.
+                    response.extensions["writeback.resent"] = maybe_applied
                     return response
                 failure = f"HTTP {response.status_code}"
                 wait = _retry_after(response)

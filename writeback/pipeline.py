@@ -2,7 +2,8 @@
 
 plan (pure) → the facts of the rows they depend on (row state) → resolve (pure: consent gates, parents' and
 lookups' FHIR ids) → duplicate checks (ledger) → writes + Provenance (delivery) → facts learned and outcomes
-recorded (ledger). Every entry point (the function, `python -m writeback process`, the demo, the benchmark)
+recorded (ledger, where there is one: the function and the demo; `process` and the benchmark run without one).
+Every entry point (the function, `python -m writeback process`, the demo, the benchmark)
 goes through `Pipeline.process_many`, so they cannot drift apart.
 """
 
@@ -248,8 +249,8 @@ def _rows_of(envelopes: Sequence[Envelope]) -> _Rows:
     return rows
 
 
-def _creates(plan: WritePlan) -> bool:
-    return any(isinstance(w.edit, RowEdit) and w.edit.full for w in plan.writes)
+def _of_child_row(plan: WritePlan) -> bool:
+    return not isinstance(plan.writes[0].edit, RowEdit)
 
 
 def _resources(plan: WritePlan) -> set[tuple[str, str, str]]:
@@ -357,6 +358,7 @@ class Pipeline:
             raise
         for read in reads:  # sent ahead for a write that started from a copy it already had
             read.cancel()
+        await asyncio.gather(*reads, return_exceptions=True)
         decisions, results = batch.decisions, batch.results
         for i, first_copy in batch.copies:
             earlier = results[first_copy]
@@ -414,9 +416,10 @@ class Pipeline:
             known = merged(batch.local.values(), into=dict(stored))
             writes = self._resolved(batch, indexes, known)
             writes = self._newest_per_row(batch.decisions, batch.results, writes)
-            # A row's own write (which may create its resource) before the items other rows write into it; the
-            # order between the two does not matter otherwise (they own different elements).
-            writes.sort(key=lambda i: (not _creates(self._plan_of(batch, i)), i))
+            # Rows' own writes (a whole-row one may create the resource) before the items child rows write into
+            # resources: the two own different elements, so only creation cares about their order. Each kind
+            # keeps the order given (a row's writes whose versions cannot be compared go in that order).
+            writes.sort(key=lambda i: (_of_child_row(self._plan_of(batch, i)), i))
             await asyncio.gather(*(event.wait() for event in after))
             await self._write(batch, writes, landed)
         finally:

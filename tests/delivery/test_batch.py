@@ -382,3 +382,20 @@ async def test_real_shaped_bodies_are_grouped_by_their_own_row(rig_factory, fhir
     puts = [e for e in rig.transport.entries if e["request"]["method"] == "PUT"
             and e["request"]["url"].startswith("Patient")]
     assert len(puts) == 2
+
+
+async def test_a_rows_changes_that_cannot_be_ordered_by_version_are_written_in_the_order_given(
+        rig_factory, fhir: Fhir):
+    """A Target-only update (a step without images: no version) and then a whole-row update of the same row in
+    one batch: nothing says which is newer, so they go in the order they came, the whole row last."""
+    rig, pipeline = _batch_rig(rig_factory)
+    row_id, row = new_patient(lastname="Before")
+    assert (await rig.send(create_message(row_id, row))).state == "written"
+    target_only = context("Update", "contact", row_id, {"lastname": "Older", "msemr_contacttype": Choice(935000000),
+                                                        "msemr_azurefhirsyncenabled": True})
+    newer = update_message(row_id, row, {"lastname": "Newer", "versionnumber": 12})
+    results = await _send_many(pipeline, [target_only, newer])
+
+    assert [r.state for r in results] == ["written", "written"], [r.detail for r in results]
+    (patient,) = fhir.search(f"Patient?identifier=urn:dataverse:contact|{row_id}")
+    assert patient["name"][0]["family"] == "Newer"

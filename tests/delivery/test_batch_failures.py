@@ -202,3 +202,41 @@ async def test_the_deadline_stops_the_calls_work_including_provenance_still_on_i
             await _send_many(pipeline, [create_message(row_id, row), identifier_message(row_id, "555-01-0999")])
     assert answered == [], "the call went on past its deadline until the slow answers came"
     assert len(fhir.search(f"Patient?identifier=urn:dataverse:contact|{row_id}")) == 1
+
+
+async def test_a_create_only_ever_throttled_frees_its_lease(rig_factory, fhir: Fhir):
+    """A whole bundle answered 429, then the create entry answered 429 on every try: never applied, so its lease
+    is freed at once (the next try may create) rather than held as if it might have been."""
+    leases = LocalLeases()
+    rig, pipeline = _batch_rig(rig_factory, leases, FHIR_MAX_RETRIES="2")
+
+    async def then_throttle_the_entry(request: httpx.Request) -> None:
+        rig.transport.add_entry(EntryFault(method="PUT", url_contains="Patient/", status=429, times=-1))
+
+    rig.transport.add(Fault(method="POST", path_endswith="/R4", body_contains=b'"PUT"', status=429, times=1,
+                            before=then_throttle_the_entry))
+    row_id, row = new_patient()
+    (result,) = await _send_many(pipeline, [create_message(row_id, row)])
+
+    assert (result.state, result.reason) == ("retry", Reason.FHIR_UNAVAILABLE)
+    assert fhir.search(f"Patient?identifier=urn:dataverse:contact|{row_id}") == []
+    assert await leases.acquire(f"Patient/{resource_id('contact', row_id)}", 1)
+
+
+async def test_a_lookup_search_the_server_refuses_falls_back_to_an_identifier_reference(rig_factory, fhir: Fhir):
+    """A server that answers the search with a refusal (it cannot search that type by identifier) has answered:
+    the reference is written identifier-only, the documented last resort, instead of the message failing."""
+    _, writer = _batch_rig(rig_factory)
+    patient_id, patient = new_patient()
+    assert (await _send_many(writer, [create_message(patient_id, patient)]))[0].state == "written"
+    rig, reader = _batch_rig(rig_factory)
+    rig.transport.add_entry(EntryFault(method="GET", url_contains="Encounter?identifier", status=400, times=-1))
+    encounter_id = new_patient()[0]
+    observation_id, observation = _observation(patient_id, encounter_id)
+    consent = update_message(patient_id, patient, {"telephone1": "+1 555 0178", "versionnumber": 11})
+    results = await _send_many(reader, [consent, observation])
+
+    assert [r.state for r in results] == ["written", "written"], [r.detail for r in results]
+    (written,) = fhir.search(f"Observation?identifier=urn:dataverse:msemr_observation|{observation_id}")
+    assert "reference" not in written["encounter"]
+    assert written["encounter"]["identifier"] == {"system": "urn:dataverse:msemr_encounter", "value": encounter_id}
