@@ -49,16 +49,21 @@ def _line(name: str, result: Result) -> str:
 
 
 async def _read_back(server: FhirDevServer, results: list[Result]) -> None:
-    written = next((r for r in results if r.state == "written" and r.resource and r.provenance), None)
-    if written is None:
+    """The first resource written, as the server holds it now (after every sample), and the Provenance of the
+    last version the demo wrote of it."""
+    first = next((r for r in results if r.state == "written" and r.resource and r.provenance), None)
+    if first is None or first.resource is None:
         return
+    resource = first.resource.split("/_history/")[0]
+    last = [r for r in results if r.state == "written" and r.provenance and r.resource
+            and r.resource.startswith(resource + "/")][-1]
     async with httpx.AsyncClient() as http:
         token = (await http.post(server.token_url, data={"grant_type": "client_credentials"},
                                  auth=(server.client_id, server.client_secret))).json()["access_token"]
         headers = {"Authorization": f"Bearer {token}", "Accept": "application/fhir+json"}
-        for ref in (written.resource, written.provenance):
+        for ref, what in ((resource, "now"), (last.provenance, f"naming {last.resource}")):
             body = (await http.get(f"{server.base_url}/{ref}", headers=headers)).json()
-            print(f"\nRead back {ref}:")
+            print(f"\nRead back {ref} ({what}):")
             print(json.dumps(body, indent=2)[:2400])
 
 

@@ -313,4 +313,6 @@ output SERVICE_BUS_QUEUE_NAME string = serviceBus.outputs.queueName
 output SERVICE_BUS_SEND_RULE_NAME string = serviceBus.outputs.sendRuleName
 output KEY_VAULT_NAME string = keyVault.outputs.name
 output STORAGE_ACCOUNT_NAME string = storage.outputs.name
+// For `python -m writeback logs` from a workstation (an endpoint URL, no key).
+output OUTCOMES_TABLE_ENDPOINT string = storage.outputs.tableEndpoint
 output FHIR_URL string = effectiveFhirUrl

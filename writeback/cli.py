@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from azure.core.exceptions import AzureError
 from azure.identity import DefaultAzureCredential
 from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusReceivedMessage, ServiceBusSubQueue
 
@@ -29,6 +30,7 @@ from writeback.fhir_client import build_delivery, encode
 from writeback.maps import MapSet, load_maps
 from writeback.outcomes import OutcomeRow, OutcomeStore, outcome_settings
 from writeback.pipeline import Envelope, Pipeline
+from writeback.reasons import Reason
 from writeback.retry import MAX_MESSAGE_ID, ORIGINAL_ID, original_id
 from writeback.settings import Settings, redacted
 
@@ -247,15 +249,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def servicebus_client() -> ServiceBusClient:
-    """From SERVICEBUS_CONNECTION_STRING, else SERVICEBUS_NAMESPACE + DefaultAzureCredential (az login)."""
+    """From SERVICEBUS_CONNECTION_STRING, else SERVICEBUS_NAMESPACE (or azd's SERVICE_BUS_NAMESPACE: the bare name
+    or the host name) + DefaultAzureCredential (az login)."""
     conn = os.environ.get("SERVICEBUS_CONNECTION_STRING", "").strip()
     if conn:
         return ServiceBusClient.from_connection_string(conn)
-    namespace = os.environ.get("SERVICEBUS_NAMESPACE", "").strip()
+    namespace = (os.environ.get("SERVICEBUS_NAMESPACE") or os.environ.get("SERVICE_BUS_NAMESPACE") or "").strip()
+    if namespace and "." not in namespace:
+        namespace += ".servicebus.windows.net"
     if namespace:
         credential = DefaultAzureCredential(exclude_interactive_browser_credential=True)
         return ServiceBusClient(namespace, credential=credential)
-    raise ConfigError("SERVICEBUS_CONNECTION_STRING", "is not set (nor SERVICEBUS_NAMESPACE)")
+    raise ConfigError("SERVICEBUS_CONNECTION_STRING", "is not set (nor SERVICEBUS_NAMESPACE or SERVICE_BUS_NAMESPACE)")
 
 
 _DLQ_PROPERTIES = {"DeadLetterReason", "DeadLetterErrorDescription"}
@@ -312,13 +317,20 @@ def resubmit_dead_letters(client: ServiceBusClient, queue: str, *, reason: str |
 
 
 def cmd_resubmit(args: argparse.Namespace) -> int:
-    with servicebus_client() as client:
-        moved, left = resubmit_dead_letters(client, args.queue, reason=args.reason, limit=args.max)
+    queue = args.queue or os.environ.get("WRITEBACK_QUEUE_NAME", "").strip() or Settings().queue_name
+    try:
+        with servicebus_client() as client:
+            moved, left = resubmit_dead_letters(client, queue, reason=args.reason, limit=args.max)
+    except AzureError as exc:  # unreachable, no such queue, no sign-in, no rights: one line, no traceback
+        raise WritebackError(Reason.CONFIG_ERROR, f"Service Bus: {type(exc).__name__}: could not move the "
+                             f"dead-lettered messages of queue {queue} (check the namespace or connection string, "
+                             "the queue name, your sign-in and your Azure Service Bus Data Receiver and Data "
+                             "Sender roles)") from None
     for message in moved:
         print(f"  resubmitted message {message.message_id} (dead-letter reason {message.dead_letter_reason or '-'})")
     which = f" with reason {args.reason}" if args.reason else ""
-    print(f"Moved {len(moved)} dead-lettered message(s){which} from {args.queue}/$deadletterqueue back to "
-          f"{args.queue}." + (f" {left} other dead-lettered message(s) left in place." if left else ""))
+    print(f"Moved {len(moved)} dead-lettered message(s){which} from {queue}/$deadletterqueue back to "
+          f"{queue}." + (f" {left} other dead-lettered message(s) left in place." if left else ""))
     return EXIT_OK
 
 
@@ -337,7 +349,8 @@ def add_admin_commands(sub: Any) -> None:
                        help="also reach Table Storage, obtain a token and read the FHIR server's /metadata")
     check.set_defaults(run=cmd_check_config)
     resubmit = sub.add_parser("resubmit", help="move dead-lettered messages back to their queue after a fix")
-    resubmit.add_argument("--queue", required=True, help="the queue whose dead-letter queue is emptied")
+    resubmit.add_argument("--queue", help="the queue whose dead-letter queue is emptied (default: "
+                          "WRITEBACK_QUEUE_NAME, else dataverse-writeback)")
     resubmit.add_argument("--reason", metavar="CODE",
                           help="only messages dead-lettered with this reason code (e.g. fhir-rejected, "
                                "MaxDeliveryCountExceeded)")

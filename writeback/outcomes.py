@@ -396,6 +396,10 @@ class OutcomeStore:
         await self.ensure_tables()
         return self._tables[name]
 
+    def _reader(self, name: str) -> TableClient:
+        """A table to read only: never created here, so a reader role (Storage Table Data Reader) is enough."""
+        return self._tables[name] if self._ready else self._service.get_table_client(self._names[name])
+
     async def _call(self, what: str, op: Awaitable[T]) -> T:
         try:
             return await op
@@ -624,6 +628,8 @@ class OutcomeStore:
         try:
             async for entity in table.query_entities(flt, parameters=params):
                 yield dict(entity)
+        except ResourceNotFoundError:
+            return  # the table does not exist yet: nothing was recorded
         except AzureError as exc:
             raise _unavailable(exc, "read the outcome log") from None
 
@@ -650,10 +656,10 @@ class OutcomeStore:
         now = now or datetime.now(UTC)
         start = now - since
         if record_id is not None:
-            history = await self._table("history")
+            history = self._reader("history")
             rows = await self._partition(history, record_key(record_id), start, status, limit)
         else:
-            outcomes = await self._table("outcomes")
+            outcomes = self._reader("outcomes")
             days = []
             day = start.astimezone(UTC).date()
             while day <= now.astimezone(UTC).date():

@@ -40,6 +40,9 @@ SETTINGS: tuple[SettingSpec, ...] = (
                 "Service Bus namespace host (identity-based trigger connection, also used to schedule retries), "
                 "e.g. `contoso.servicebus.windows.net`. Locally `ServiceBusConnection` (a connection string) "
                 "may be set instead.", host_only=True),
+    SettingSpec("ServiceBusConnection__clientId", "Client id of the user-assigned managed identity the trigger "
+                "connection (and the retry scheduler) authenticates with; empty: the system-assigned identity.",
+                host_only=True),
     SettingSpec("PYTHON_ISOLATE_WORKER_DEPENDENCIES", "`1`: the Python worker loads the app's own protobuf and "
                 "grpcio (the Service Bus extension needs newer ones than the 3.11/3.12 worker bundles).", "1",
                 host_only=True),

@@ -1,7 +1,8 @@
 // Flex Consumption plan and the Python function app (code package: the repository root, deployed by azd).
 //
-// App settings: `appSettings` below sets EVERY setting declared in writeback/settings.py (SETTINGS), which is
-// the single source of truth for names; tests/infra/test_bicep.py fails if a declared name is missing here.
+// App settings: `appSettings` below sets every setting declared in writeback/settings.py (SETTINGS) except
+// AzureWebJobsStorage (identity-based instead, see below), which is the single source of truth for names;
+// tests/infra/test_bicep.py fails if a declared name is missing here.
 // Values left '' mean "use the default declared in writeback/settings.py", so defaults live in one place;
 // an operator overrides any of them with the appSettingOverrides parameter.
 // Secrets are never literals: a secret setting is '' or a Key Vault reference

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 
 import pytest
@@ -49,11 +50,26 @@ def test_check_config_connect_refused_credentials(live_env: FhirDevServer, monke
 
 
 def test_resubmit_needs_a_connection(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.delenv("SERVICEBUS_CONNECTION_STRING", raising=False)
-    monkeypatch.delenv("SERVICEBUS_NAMESPACE", raising=False)
-    assert cli.main(["resubmit", "--queue", "q"]) == 2
+    for name in ("SERVICEBUS_CONNECTION_STRING", "SERVICEBUS_NAMESPACE", "SERVICE_BUS_NAMESPACE"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(["resubmit"]) == 2  # the queue defaults to the app's (WRITEBACK_QUEUE_NAME)
     assert capsys.readouterr().err == (
-        "error: setting SERVICEBUS_CONNECTION_STRING is not set (nor SERVICEBUS_NAMESPACE)\n")
+        "error: setting SERVICEBUS_CONNECTION_STRING is not set (nor SERVICEBUS_NAMESPACE or SERVICE_BUS_NAMESPACE)\n")
+
+
+def test_resubmit_to_an_unreachable_namespace_is_one_line_not_a_traceback(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as unused:  # a loopback port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    monkeypatch.setenv("SERVICEBUS_CONNECTION_STRING", f"Endpoint=sb://127.0.0.1:{port};SharedAccessKeyName=Root"
+                       "ManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true;")
+    monkeypatch.setenv("WRITEBACK_QUEUE_NAME", "hospital-writeback")
+    assert cli.main(["resubmit", "--reason", "fhir-rejected"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: Service Bus: ServiceBusConnectionError: could not move the dead-lettered "
+                                   "messages of queue hospital-writeback")
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err and "SAS_KEY_VALUE" not in captured.err
 
 
 def test_requeued_copy_keeps_ids_and_drops_dead_letter_fields() -> None:

@@ -7,6 +7,7 @@ import json
 import time
 
 import pytest
+from azure.data.tables import TableServiceClient
 
 from devtools.services import Azurite
 from tests.function.helpers import FIRST, LAST, FakeDelivery, consent_body, create_body, new_id, reject_body
@@ -94,3 +95,18 @@ def test_logs_store_down_is_one_line(azurite_tables: Azurite, monkeypatch: pytes
     assert cli.main(["logs"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: Table Storage could not be used") and len(err.splitlines()) == 1
+
+
+def test_logs_reads_without_creating_tables(azurite_tables: Azurite, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """An administrator with Storage Table Data Reader only can read the log: `logs` never creates a table
+    (before the function has recorded anything, there is simply nothing to show)."""
+    prefix = new_prefix()
+    monkeypatch.setenv("OUTCOMES_CONNECTION_STRING", azurite_tables.connection_string)
+    monkeypatch.setenv("OUTCOMES_TABLE_PREFIX", prefix)
+    monkeypatch.delenv("OUTCOMES_TABLE_ENDPOINT", raising=False)
+    assert cli.main(["logs", "--since", "7d"]) == 0
+    assert cli.main(["logs", "--record", new_id()]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "0 outcome(s)"
+    with TableServiceClient.from_connection_string(azurite_tables.connection_string) as service:
+        assert [t.name for t in service.list_tables() if t.name.startswith(prefix)] == []
