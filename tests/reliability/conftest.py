@@ -10,7 +10,6 @@ import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
 from typing import Any
 
 import httpx
@@ -20,6 +19,7 @@ from devtools.faults import Fault
 from devtools.messages import context
 from devtools.services import Azurite
 from tests.delivery.conftest import Fhir, Rig, create_message, fhir, maps, new_patient, rig_factory, update_message
+from tests.expectations import expected_contact
 from tests.reliability.figures import FIGURES, report
 from writeback.marks import Version, mark_of
 from writeback.outcomes import OutcomeStore
@@ -302,13 +302,6 @@ class Row:
 
 # ---- the invariant --------------------------------------------------------------------------------------------
 
-GENDER = {1: "male", 2: "female", 935000000: "other", 935000001: "unknown"}
-
-
-def _text(value: Any) -> str | None:
-    return value.strip() if isinstance(value, str) and value.strip() else None
-
-
 def mapped_state(resource: Mapping[str, Any] | None) -> dict[str, Any]:
     """Every element the contact map owns, as the server holds it (None: no resource). A second official name,
     a second phone of one use or a second home address, parallel to the one the map owns, shows as a key of its
@@ -331,28 +324,6 @@ def mapped_state(resource: Mapping[str, Any] | None) -> dict[str, Any]:
             state[key if key not in state else f"second {key}"] = telecom.get("value")
     state |= {"given": name.get("given"), "family": name.get("family"), "birthDate": resource.get("birthDate"),
               "gender": resource.get("gender"), "address": home or None}
-    return {k: v for k, v in state.items() if v is not None}
-
-
-def expected_state(row: Mapping[str, Any]) -> dict[str, Any]:
-    """What a contact row's mapped columns say the server holds: a column absent from the row, or empty, is an
-    element absent from the resource (a whole-row write clears it)."""
-    given = [g for g in (_text(row.get("firstname")), _text(row.get("middlename"))) if g]
-    lines = [x for x in (_text(row.get(f"address1_line{n}")) for n in (1, 2, 3)) if x]
-    address = {k: v for k, v in {"line": lines or None, "city": _text(row.get("address1_city")),
-                                 "state": _text(row.get("address1_stateorprovince")),
-                                 "postalCode": _text(row.get("address1_postalcode")),
-                                 "country": _text(row.get("address1_country"))}.items() if v}
-    birth = row.get("birthdate")
-    gender = row.get("gendercode")
-    state = {
-        "given": given or None, "family": _text(row.get("lastname")),
-        "birthDate": birth.isoformat()[:10] if isinstance(birth, date | datetime) else None,
-        "gender": GENDER.get(int(gender)) if gender is not None else None,
-        "phone/work": _text(row.get("telephone1")), "phone/home": _text(row.get("telephone2")),
-        "phone/mobile": _text(row.get("mobilephone")), "email": _text(row.get("emailaddress1")),
-        "address": address or None,
-    }
     return {k: v for k, v in state.items() if v is not None}
 
 
@@ -471,8 +442,8 @@ def check_invariant(broker: Any, fhir: Fhir, last_rows: dict[str, dict[str, Any]
         if exempt:
             continue
         actual = mapped_state(found[0] if found else None)
-        if actual != expected_state(row):
-            problems.append(f"row {row_id}: final state {actual} != last Dataverse state {expected_state(row)}")
+        if actual != expected_contact(row):
+            problems.append(f"row {row_id}: final state {actual} != last Dataverse state {expected_contact(row)}")
             lost += 1
     for results in broker.results.values():
         for result in results:

@@ -21,6 +21,7 @@ import pytest
 
 from devtools.messages import Lookup, context
 from tests.delivery.conftest import Fhir, Rig
+from tests.expectations import expected_contact
 from tests.reliability.conftest import (
     BundleFault,
     Deliveries,
@@ -28,7 +29,6 @@ from tests.reliability.conftest import (
     bundle_entries,
     check_invariant,
     entry_kind,
-    expected_state,
     mapped_state,
 )
 from tests.reliability.figures import FIGURES
@@ -396,7 +396,7 @@ async def test_two_target_only_saves_of_one_column_on_two_instances(twins, fhir:
     await asyncio.gather(staged.deliver(x.pipeline, u1), meanwhile(gate, staged.deliver(y.pipeline, u2)))
 
     [patient] = fhir.search(f"Patient?identifier=urn:dataverse:contact|{row.id}")
-    assert mapped_state(patient) == expected_state(row.state)
+    assert mapped_state(patient) == expected_contact(row.state)
 
 
 @pytest.mark.xfail(strict=True, reason="a patient's consent is read from the row facts when the row is decided, not "

@@ -13,11 +13,11 @@ the expectations below say, column by column, where a contact's, identifier's an
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import date, datetime
 from typing import Any
 
 from devtools.messages import Lookup
 from tests.delivery.conftest import Fhir
+from tests.expectations import expected_contact, text
 from tests.scenarios.conftest import META_SOURCE
 
 # The extension the writeback documents for the Dataverse row (and version) a resource or an item stands for
@@ -27,6 +27,8 @@ MOVED = "urn:dataverse-fhir-writeback:moved-away"
 
 
 def strip_marks(node: Any) -> Any:
+    """The resource without the product's marks. Written here from the marks' documented URLs rather than
+    imported from `writeback.marks`: the check must not share the product's own reading of them."""
     if isinstance(node, dict):
         out = {k: strip_marks(v) for k, v in node.items() if k != "extension"}
         kept = [strip_marks(e) for e in node.get("extension", []) if e.get("url") not in (ROW, MOVED)]
@@ -37,40 +39,11 @@ def strip_marks(node: Any) -> Any:
         return [strip_marks(v) for v in node]
     return node
 
+
 ROW_SYSTEM = "urn:dataverse:contact"
 ENCOUNTER_SYSTEM = "urn:dataverse:msemr_encounter"
-GENDER = {1: "male", 2: "female"}
 ENCOUNTER_STATUS = {935000003: "in-progress", 935000005: "finished", 935000006: "cancelled"}
 ENCOUNTER_CLASS = {935000000: "IMP", 935000001: "AMB", 935000003: "EMER"}
-
-
-def _text(value: Any) -> str | None:
-    return value.strip() if isinstance(value, str) and value.strip() else None
-
-
-def _choice(value: Any) -> int | None:
-    return int(value) if value is not None else None
-
-
-def expected_contact(row: Mapping[str, Any]) -> dict[str, Any]:
-    """The elements of a contact's Patient/Practitioner that its columns own, from its Dataverse state."""
-    given = [g for g in (_text(row.get("firstname")), _text(row.get("middlename"))) if g]
-    phones = {"work": _text(row.get("telephone1")), "home": _text(row.get("telephone2")),
-              "mobile": _text(row.get("mobilephone"))}
-    lines = [x for x in (_text(row.get(f"address1_line{n}")) for n in (1, 2, 3)) if x]
-    address = {k: v for k, v in {"line": lines or None, "city": _text(row.get("address1_city")),
-                                 "state": _text(row.get("address1_stateorprovince")),
-                                 "postalCode": _text(row.get("address1_postalcode")),
-                                 "country": _text(row.get("address1_country"))}.items() if v}
-    birth = row.get("birthdate")
-    out = {
-        "family": _text(row.get("lastname")), "given": given or None,
-        "birthDate": birth.isoformat() if isinstance(birth, date | datetime) else None,
-        "gender": GENDER.get(_choice(row.get("gendercode")) or 0),
-        **{f"phone/{use}": value for use, value in phones.items()},
-        "email": _text(row.get("emailaddress1")), "address": address or None,
-    }
-    return {k: v for k, v in out.items() if v is not None}
 
 
 def actual_contact(resource: Mapping[str, Any]) -> dict[str, Any]:
@@ -149,8 +122,8 @@ def check_identifier(patients: Mapping[str, Mapping[str, Any]], row_id: str, row
     assert len(holders) == 1, f"identifier row {row_id} is in {len(holders)} places"
     contact, item = holders[0]
     assert contact == parent.row_id, "in the wrong patient"
-    assert item.get("system") == _text(row.get("msemr_identifiersystem"))
-    assert item.get("value") == _text(row.get("msemr_value"))
+    assert item.get("system") == text(row.get("msemr_identifiersystem"))
+    assert item.get("value") == text(row.get("msemr_value"))
 
 
 def check_provenance(fhir: Fhir, resource: Mapping[str, Any]) -> int:
