@@ -278,15 +278,19 @@ def check_invariants(resource: Mapping[str, Any]) -> None:
     """FHIR invariants fhir.resources does not check, for the elements maps write. per-1: a Period's end is not
     before its start."""
 
-    def walk(node: Any, where: str) -> None:
+    def walk(node: Any, where: tuple[str | int, ...]) -> None:
+        # `where` is a tuple, made into text only for the error: formatting it at every node was most of the cost.
         if isinstance(node, dict):
             start, end = node.get("start"), node.get("end")
             if isinstance(start, str) and isinstance(end, str) and _backwards(start, end):
-                raise _invalid(f"{where} ends before it starts (FHIR invariant per-1)")
+                raise _invalid(f"{resource.get('resourceType', '(resource)')}.{_loc(where)} ends before it starts "
+                               "(FHIR invariant per-1)")
             for key, value in node.items():
-                walk(value, f"{where}.{key}")
+                if isinstance(value, dict | list):
+                    walk(value, (*where, key))
         elif isinstance(node, list):
             for i, value in enumerate(node):
-                walk(value, f"{where}[{i}]")
+                if isinstance(value, dict | list):
+                    walk(value, (*where, i))
 
-    walk(resource, str(resource.get("resourceType", "(resource)")))
+    walk(resource, ())

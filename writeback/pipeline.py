@@ -413,7 +413,9 @@ class Pipeline:
                     batch.results[i] = result_for(batch.decisions[i], exc.reason, exc.detail)
                 return
             batch.stored.update(stored)
-            known = merged(batch.local.values(), into=dict(stored))
+            # Only the rows these plans use (`WritePlan.needs`, all `resolve` reads): the whole batch's facts,
+            # merged again for every flight, made this quadratic in the batch size.
+            known = merged((batch.local[key] for key in wanted if key in batch.local), into=dict(stored))
             writes = self._resolved(batch, indexes, known)
             writes = self._newest_per_row(batch.decisions, batch.results, writes)
             # Rows' own writes (a whole-row one may create the resource) before the items child rows write into
