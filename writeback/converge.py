@@ -39,6 +39,7 @@ class RowEdit:
     identity: Assignment
     full: bool  # the row's whole state: it may also create the resource when there is none
     rendered: Mapping[str, Any] | None = None  # the state on an empty resource, identity included, when known
+    before: tuple[Assignment, ...] = ()  # the row's state before the save (pre image): finds ingested items
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +121,7 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
     if ordered is not None:
         return ordered
     if edit.full:
-        new = apply(apply_state(current, edit.owned), [edit.identity])
+        new = apply(apply_state(current, edit.owned, edit.before), [edit.identity])
         new = with_mark(new, edit.mark, edit.mark.table, edit.mark.row_id)
     else:  # Target only: the changed columns, and no mark (it is not the row's whole state)
         new = apply(current, [*edit.owned, edit.identity])

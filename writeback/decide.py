@@ -212,16 +212,26 @@ def is_echo(message: Message, settings: Settings) -> bool:
     return any(u is not None and u.lower() in settings.ignore_user_ids for u in users)
 
 
+def whole_image(message: Message) -> bool:
+    """Whether the message's post image holds every column of its row that has a value, as the README has steps
+    register it (the map's columns and `versionnumber`). Dataverse leaves empty columns out of images, so a mapped
+    column such an image lacks is empty. An image without `versionnumber`, which Dataverse never leaves empty, was
+    registered with a narrower filter (the public samples have images of two columns): a column it lacks is not
+    known."""
+    return message.post_image is not None and "versionnumber" in message.post_image.attributes
+
+
 def row_state(message: Message) -> tuple[Row, dict[str, Any], bool]:
     """The row before (pre image) and after, and whether "after" is the row's whole state.
 
-    After = pre ⊕ Target ⊕ post: an Update's Target holds every column the save changed (a cleared one as
-    null), so a column it does not hold still has its pre-image value, and the post image, the row as saved, has
-    the last word. Images leave out empty columns and hold only the columns their step registers, so a column in
-    none of the three is not known: whole-row writes leave its element as it is (`mapping.build_assignments`).
-    With a post image (or on Create, whose Target is the new row) the state is whole."""
+    With a whole post image (`whole_image`), after = Target ⊕ post: the post image, the row as saved, has the last
+    word, and a column in neither is empty (the Target holds a cleared one as null). Otherwise after = pre ⊕ Target
+    ⊕ post: an Update's Target holds every column the save changed, so a column it does not hold still has its
+    pre-image value; a column in none of the three is not known, and whole-row writes leave its element as it is
+    (`mapping.build_assignments`). With a post image (or on Create, whose Target is the new row) the state is
+    whole."""
     old: Row = dict(message.pre_image.attributes) if message.pre_image else {}
-    new: dict[str, Any] = dict(old)
+    new: dict[str, Any] = {} if whole_image(message) else dict(old)
     for image in (message.target, message.post_image):
         if image is not None:
             new.update(image.attributes)
@@ -333,8 +343,8 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
         return _plan_item(message, entity_map, maps=maps, resource_type=resource_type, old=old, new=new, full=full,
                           columns=columns, mark=mark, gates=gates)
 
-    assignments = tuple(build_assignments(entity_map, resource_type, new, columns, full=full,
-                                          keep_absent=full and not is_create))
+    keep = full and not is_create and not whole_image(message)
+    assignments = tuple(build_assignments(entity_map, resource_type, new, columns, full=full, keep_absent=keep))
     if is_create and not any(a.value is not None for a in assignments if a.column is not None):
         return _skip(Reason.NO_CHANGE, "The row has no value in any mapped column.", message, resource_type)
     target = Target(resource_type, fhir_id_of(entity_map, new), entity_map.identifier_system, message.record_id,
@@ -347,23 +357,41 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
     check_invariants(rendered)
     # Without lookups the rendered state is what a create writes: `converge` starts from it, not from scratch.
     edit = RowEdit(mark, assignments, target.identity, full, rendered=rendered if full and not refs
-                   else None)
+                   else None, before=_before(entity_map, resource_type, old) if full else ())
     source = _source(message, entity_map.identifier_system, new)
     plan = WritePlan("create" if is_create else "update", (Write(target, edit),), rendered,
                      _changes(assignments, full), source, full, _cleared(assignments), tuple(gates), refs)
-    return Decision("write", None, _describe(plan), message, plan, resource_type)
+    return Decision("write", None, _describe(plan, narrow_image=keep), message, plan, resource_type)
+
+
+# What identifies an Identifier (or a ContactPoint) in FHIR: its system and value. `use` and `type` describe it and
+# are what the write sets, so an ingested item lacking them (or holding others) is still this row's item.
+_IDENTITY_FIELDS = ("system", "value")
+
+
+def _before(entity_map: EntityMap, resource_type: str, old: Row) -> tuple[Assignment, ...]:
+    """The row's mapped values before the save (pre image), which find the items an ingest put there
+    (`paths.adopt`); none when there is no pre image or it cannot be read as the map's values."""
+    if not old:
+        return ()
+    try:
+        return tuple(a for a in build_assignments(entity_map, resource_type, old, None) if a.column is not None)
+    except WritebackError:
+        return ()
 
 
 def _item_fields(entity_map: EntityMap, resource_type: str, row: Row) -> dict[str, Any]:
-    """The plain top-level fields a row's item has (e.g. an identifier's system and value): what an item the
-    ingest put there, without this product's mark, is recognised by."""
+    """What an item the ingest put there, without this product's mark, is recognised by: its system and value
+    where the item has them, else its plain top-level fields."""
     if not row:
         return {}
     try:
         item = render(resource_type, build_assignments(entity_map, resource_type, row, None))
     except WritebackError:
         return {}
-    return {k: v for k, v in item.items() if k != "resourceType" and isinstance(v, str | int | bool)}
+    plain = {k: v for k, v in item.items() if k != "resourceType" and isinstance(v, str | int | bool)}
+    identity = {k: plain[k] for k in _IDENTITY_FIELDS if k in plain}
+    return identity if len(identity) == len(_IDENTITY_FIELDS) else plain
 
 
 def _plan_item(message: Message, entity_map: EntityMap, *, maps: MapSet, resource_type: str, old: Row, new: Row,
@@ -382,8 +410,8 @@ def _plan_item(message: Message, entity_map: EntityMap, *, maps: MapSet, resourc
         return Target(resource_type, None, expansion.parent_system, row_id,
                       resource_id(expansion.parent_table, row_id), expansion.parent_table)
 
-    owned = tuple(build_assignments(entity_map, resource_type, new, columns, full=full,
-                                    keep_absent=full and message.message_name != "Create"))
+    keep = full and message.message_name != "Create" and not whole_image(message)
+    owned = tuple(build_assignments(entity_map, resource_type, new, columns, full=full, keep_absent=keep))
     known = tuple(k for k in (_item_fields(entity_map, resource_type, old),
                               _item_fields(entity_map, resource_type, new)) if k)
     writes = [Write(parent_target(link.id), ItemEdit(mark, expansion.element, owned, full, known))]
@@ -400,7 +428,7 @@ def _plan_item(message: Message, entity_map: EntityMap, *, maps: MapSet, resourc
     changes = (expansion.element,)
     plan = WritePlan("update", tuple(writes), item, changes, source, full, (),
                      tuple(dict.fromkeys([*parent_gates, *gates])), _refs(owned))
-    detail = _describe(plan)
+    detail = _describe(plan, narrow_image=keep)
     if moved:
         detail = detail[:-1] + f"; moved from {expansion.parent_table} {before.id}."  # type: ignore[union-attr]
     return Decision("write", None, detail, message, plan, resource_type)
@@ -425,12 +453,15 @@ def _cleared(assignments: tuple[Assignment, ...]) -> tuple[str, ...]:
     return tuple(sorted({a.element for a in assignments if a.value is None} - set_))
 
 
-def _describe(plan: WritePlan) -> str:
+def _describe(plan: WritePlan, *, narrow_image: bool = False) -> str:
     verb = "Create" if plan.operation == "create" else "Update"
     what = f"{verb} {plan.resource_type} ({', '.join(plan.changes)}"
     what += f"; cleared {', '.join(plan.cleared)})" if plan.cleared else ")"
     if not plan.full:
         what += ": Target only (no post image on the step), only the columns in the message"
+    elif narrow_image:
+        what += (": the post image has no versionnumber (registered narrower than the README asks), so a mapped "
+                 "column it does not hold is left as it is")
     return what + "."
 
 

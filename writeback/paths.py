@@ -247,16 +247,29 @@ def _navigate(node: JSONValue, path: Path) -> JSONValue:
     return node
 
 
-def adopt(resource: dict[str, Any], assignments: Iterable[Assignment]) -> None:
+def _holds(item: Any, members: Iterable[Assignment], depth: int) -> bool:
+    """Whether `item` holds every value `members` give (below the selector at `depth`), and they give one."""
+    given = [m for m in members if m.value is not None and m.value is not KEEP and not isinstance(m.value, OwnedPrefix)]
+    return bool(given) and all(_navigate(item, m.path[depth:]) == m.value for m in given)
+
+
+def adopt(resource: dict[str, Any], assignments: Iterable[Assignment], before: Iterable[Assignment] = ()) -> None:
     """Give each selector with optional keys (`use?=official`) the item an ingest put there when no item matches
-    it: among the items that lack those keys and that no other selector of this write took, the one already
-    holding the value to write, else the first; the selector's keys are written on it. Only for a value, never
-    to clear. Changes `resource` in place (a copy the caller owns)."""
+    it: among the items that lack those keys and that no other selector of this write took, the one holding the
+    row's values before this save (`before`, from the pre image: what the ingest copied into Dataverse), else the
+    one already holding the value to write, else the first; the selector's keys are written on it. A selector that
+    only clears takes an item only by its values before (it clears the phone that was the row's, never another).
+    Changes `resource` in place (a copy the caller owns)."""
     groups: dict[Path, list[Assignment]] = {}
     for assignment in assignments:
         for i, seg in enumerate(assignment.path):
             if isinstance(seg, Select):
                 groups.setdefault(assignment.path[: i + 1], []).append(assignment)
+    previous: dict[Path, list[Assignment]] = {}
+    for assignment in before:
+        for i, seg in enumerate(assignment.path):
+            if isinstance(seg, Select) and assignment.path[: i + 1] in groups:
+                previous.setdefault(assignment.path[: i + 1], []).append(assignment)
     claimed: set[int] = set()
     pending: list[tuple[Path, list[Assignment], list[Any]]] = []
     for prefix, members in groups.items():
@@ -268,26 +281,30 @@ def adopt(resource: dict[str, Any], assignments: Iterable[Assignment]) -> None:
         exact = next((item for item in items if _matches(item, select)), None)
         if exact is not None:
             claimed.add(id(exact))
-        elif select.optional and any(m.value is not None and m.value is not KEEP for m in members):
+        elif select.optional:
             pending.append((prefix, members, items))
     for prefix, members, items in pending:
         select = prefix[-1]
         assert isinstance(select, Select)
         free = [item for item in items if id(item) not in claimed and _compatible(item, select)]
-        if not free:
-            continue
         depth = len(prefix)
+        was = [item for item in free if _holds(item, previous.get(prefix, ()), depth)]
+        writes = any(m.value is not None and m.value is not KEEP for m in members)
         holding = [item for item in free if all(
             m.value is None or m.value is KEEP or isinstance(m.value, OwnedPrefix)
-            or _navigate(item, m.path[depth:]) == m.value for m in members)]
-        chosen = (holding or free)[0]
+            or _navigate(item, m.path[depth:]) == m.value for m in members)] if writes else []
+        chosen = next(iter(was or holding or (free if writes else [])), None)
+        if chosen is None:
+            continue
         claimed.add(id(chosen))
         for key, value in select.match:
             chosen.setdefault(key, value)
 
 
-def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment]) -> dict[str, Any]:
-    """A new resource: `resource` with a row's whole state written (see the module docstring)."""
+def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
+                before: Iterable[Assignment] = ()) -> dict[str, Any]:
+    """A new resource: `resource` with a row's whole state written (see the module docstring). `before`: the
+    row's state before the save, to recognise the items an ingest put there (`adopt`)."""
     values: list[Assignment] = []
     constants: list[Assignment] = []
     lists: dict[Path, dict[int, JSONValue]] = {}
@@ -306,7 +323,8 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment]) -> 
         owned = OwnedPrefix(tuple(positions.get(i, KEEP) for i in range(count)), count)
         values.append(Assignment(prefix, owned, "*"))
     result: dict[str, Any] = _tree_copy(resource)
-    adopt(result, [*values, *constants])
+    if len(result) > 1:  # an empty resource has no item to adopt
+        adopt(result, [*values, *constants], before)
     for constant in constants:  # cleared first: it stays only where the row still has a value beside it
         result = _set(result, constant.path, None)
     for assignment in values:

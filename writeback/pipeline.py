@@ -154,11 +154,15 @@ class Ledger(Protocol):
 
 def message_key(envelope: Envelope, decision: Decision) -> str | None:
     """The identity of a delivery for duplicate detection: Dataverse's RequestId with the row it is about (one
-    request of a bulk operation, CreateMultiple/UpdateMultiple, changes many rows), else the MessageId Dataverse
-    posted (a retry copy carries it as a property)."""
+    request of a bulk operation, CreateMultiple/UpdateMultiple, changes many rows), the message and the row version
+    it carries (a plug-in that updates the row inside its Create posts a Create and an Update under one
+    RequestId); else the MessageId Dataverse posted (a retry copy carries it as a property)."""
     message = decision.message
     if message is not None and message.request_id:
-        return f"{message.request_id}.{message.table}.{message.record_id}"
+        version = next((str(v) for image in (message.post_image, message.target) if image is not None
+                        and (v := image.attributes.get("versionnumber")) is not None), "")
+        return f"{message.request_id}.{message.table}.{message.record_id}.{message.message_name}" + (
+            f".{version}" if version else "")
     return original_id(envelope.properties, envelope.message_id) or None
 
 

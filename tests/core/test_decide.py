@@ -528,7 +528,7 @@ def test_medical_identifier_updates_its_parent_patient():
 
 def test_medical_identifier_system_change_updates_the_same_item():
     old = {"msemr_assignee": Lookup("contact", PATIENT), "msemr_identifiersystem": "http://hospital.example.org/mrn",
-           "msemr_value": "MRN-0042731", "versionnumber": 1}
+           "msemr_value": "MRN-0042731", "msemr_use": Choice(935000001), "versionnumber": 1}
     new_system = "http://hospital.example.org/mrn-v2"
     body = context("Update", "msemr_medicalidentifier", IDENTIFIER, {"msemr_identifiersystem": new_system},
                    pre=old, post={**old, "msemr_identifiersystem": new_system, "versionnumber": 2})
@@ -536,7 +536,28 @@ def test_medical_identifier_system_change_updates_the_same_item():
     after = strip_marks(merged(p, server_patient()))
     assert after["identifier"] == [{"system": "urn:dataverse:contact", "value": PATIENT},
                                    {"system": new_system, "value": "MRN-0042731", "use": "official"}]
-    # msemr_use is in neither image (not registered, or empty and unchanged): not known, so `use` is left alone.
+
+
+def test_a_column_a_whole_post_image_lacks_is_empty_one_a_narrow_image_lacks_is_not_known():
+    """Dataverse leaves empty columns out of images. A post image registered as the README asks (it holds
+    versionnumber) holds every column with a value, so `msemr_use` missing from it is empty and `use` is cleared;
+    one without versionnumber (a narrower registration, as in the public samples) does not tell, so `use` stays
+    and the outcome detail says why."""
+    old = {"msemr_assignee": Lookup("contact", PATIENT), "msemr_identifiersystem": "http://hospital.example.org/mrn",
+           "msemr_value": "MRN-0042731", "msemr_use": Choice(935000001), "versionnumber": 1}
+    value = {"msemr_value": "MRN-0042732"}
+    whole = {k: v for k, v in old.items() if k != "msemr_use"} | value | {"versionnumber": 2}
+    cleared = plan(context("Update", "msemr_medicalidentifier", IDENTIFIER, value, pre=old, post=whole))
+    after = strip_marks(merged(written(cleared), server_patient()))
+    assert after["identifier"][1] == {"system": "http://hospital.example.org/mrn", "value": "MRN-0042732"}
+    assert "no versionnumber" not in cleared.detail
+    narrow = {k: v for k, v in whole.items() if k != "versionnumber"}
+    kept = plan(context("Update", "msemr_medicalidentifier", IDENTIFIER, value | {"versionnumber": 2}, pre=old,
+                        post=narrow))
+    after = strip_marks(merged(written(kept), server_patient()))
+    assert after["identifier"][1] == {"system": "http://hospital.example.org/mrn", "value": "MRN-0042732",
+                                      "use": "official"}
+    assert "the post image has no versionnumber" in kept.detail
 
 
 # ---- map actions (a test map set with every type) -------------------------------------------

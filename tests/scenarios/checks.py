@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from devtools.messages import Lookup
+from devtools.messages import Choice, Lookup
 from tests.delivery.conftest import Fhir
 from tests.expectations import expected_contact, text
 from tests.scenarios.conftest import META_SOURCE
@@ -44,6 +44,7 @@ ROW_SYSTEM = "urn:dataverse:contact"
 ENCOUNTER_SYSTEM = "urn:dataverse:msemr_encounter"
 ENCOUNTER_STATUS = {935000003: "in-progress", 935000005: "finished", 935000006: "cancelled"}
 ENCOUNTER_CLASS = {935000000: "IMP", 935000001: "AMB", 935000003: "EMER"}
+IDENTIFIER_USE = {935000000: "usual", 935000001: "official", 935000002: "temp", 935000003: "secondary"}
 
 
 def actual_contact(resource: Mapping[str, Any]) -> dict[str, Any]:
@@ -124,6 +125,8 @@ def check_identifier(patients: Mapping[str, Mapping[str, Any]], row_id: str, row
     assert contact == parent.row_id, "in the wrong patient"
     assert item.get("system") == text(row.get("msemr_identifiersystem"))
     assert item.get("value") == text(row.get("msemr_value"))
+    use = row.get("msemr_use")
+    assert item.get("use") == (IDENTIFIER_USE[int(use)] if isinstance(use, Choice) else None)
 
 
 def check_provenance(fhir: Fhir, resource: Mapping[str, Any]) -> int:

@@ -125,8 +125,24 @@ def names_edited(dv: Dataverse, fhir: Fhir) -> Expect:
     return Expect([contact])
 
 
+def columns_cleared(dv: Dataverse, fhir: Fhir) -> Expect:
+    """Columns cleared, then other columns of the same rows edited. Dataverse leaves empty columns out of every
+    later image, so the later saves' images lack the cleared columns: their whole-row writes must still clear them
+    (the clearing save may be received after them, or in their batch, where it is stale)."""
+    contact, _ = dv.patient(middlename="Elsie", mobilephone="+1 555 0199", emailaddress1="w.c@example.org")
+    mrn, _ = dv.identifier(contact, MRN, "MRN-7001", msemr_use=Choice(935000001))
+    visit, _ = dv.encounter(contact, msemr_encounterenddate=T0 + timedelta(hours=2))
+    dv.update("contact", contact, {"middlename": None, "mobilephone": None})
+    dv.update("msemr_medicalidentifier", mrn, {"msemr_use": None})
+    dv.update("msemr_encounter", visit, {"msemr_encounterenddate": None})
+    dv.update("contact", contact, {"telephone1": "+1 555 0142"})
+    dv.update("msemr_medicalidentifier", mrn, {"msemr_value": "MRN-7001A"})
+    dv.update("msemr_encounter", visit, {"msemr_encounterstatus": Choice(935000005)})
+    return Expect([contact], [mrn], [visit])
+
+
 SEQUENCES: dict[str, Sequence] = {
     "admission": admission, "from-fhir": from_fhir, "consent-given-later": consent_given_later,
     "consent-withdrawn": consent_withdrawn, "identifiers-move": identifiers_move,
-    "becomes-practitioner": becomes_practitioner, "names-edited": names_edited,
+    "becomes-practitioner": becomes_practitioner, "names-edited": names_edited, "columns-cleared": columns_cleared,
 }
