@@ -399,10 +399,6 @@ def _plan_item(message: Message, entity_map: EntityMap, *, maps: MapSet, resourc
     expansion = entity_map.expansion
     assert expansion is not None
     link, before = new.get(expansion.parent_link), old.get(expansion.parent_link)
-    if not isinstance(link, EntityRef):
-        return _reject(Reason.MISSING_PARENT_LINK,
-                       f"Column {expansion.parent_link} (the link to the parent {expansion.parent_table}) is empty.",
-                       message, resource_type)
     parent_map = maps.get(expansion.parent_table)
     assert parent_map is not None
 
@@ -410,10 +406,24 @@ def _plan_item(message: Message, entity_map: EntityMap, *, maps: MapSet, resourc
         return Target(resource_type, None, expansion.parent_system, row_id,
                       resource_id(expansion.parent_table, row_id), expansion.parent_table)
 
-    keep = full and message.message_name != "Create" and not whole_image(message)
-    owned = tuple(build_assignments(entity_map, resource_type, new, columns, full=full, keep_absent=keep))
     known = tuple(k for k in (_item_fields(entity_map, resource_type, old),
                               _item_fields(entity_map, resource_type, new)) if k)
+    if not isinstance(link, EntityRef):
+        if isinstance(before, EntityRef):
+            # Unlinked: the row belongs to no parent now, so it leaves the one it had (with its tombstone).
+            source = _source(message, f"urn:dataverse:{message.table}", new)
+            plan = WritePlan("update", (Write(parent_target(before.id), RemoveItem(mark, expansion.element,
+                                                                                   known[:1])),),
+                             {"resourceType": resource_type}, (expansion.element,), source, full)
+            return Decision("write", None, f"Remove the {expansion.element} item of this row from "
+                            f"{expansion.parent_table} {before.id}: its column {expansion.parent_link} was cleared.",
+                            message, plan, resource_type)
+        return _reject(Reason.MISSING_PARENT_LINK,
+                       f"Column {expansion.parent_link} (the link to the parent {expansion.parent_table}) is empty.",
+                       message, resource_type)
+
+    keep = full and message.message_name != "Create" and not whole_image(message)
+    owned = tuple(build_assignments(entity_map, resource_type, new, columns, full=full, keep_absent=keep))
     writes = [Write(parent_target(link.id), ItemEdit(mark, expansion.element, owned, full, known))]
     moved = isinstance(before, EntityRef) and before.id != link.id
     if moved:

@@ -163,6 +163,9 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
         # wrote is found by the row identifier it carries, the read sent ahead while the batch was planned.
         fhir_id = target.fhir_id or (fact.fhir_id if fact is not None else None)
         writes.append(Write(replace(target, fhir_id=fhir_id), edit))
+    if not writes:  # an unlinked child row whose previous parent withholds consent, or is no such resource
+        return replace(decision, decision="skip", reason=Reason.CONSENT_WITHHELD if notes else Reason.NO_CHANGE,
+                       plan=None, detail=f"Nothing to write: {'; '.join(notes) or 'no item of it to remove'}.")
     ref_ids: dict[RowRef, str] = {}
     for ref in plan.refs:
         fact = facts.get((ref.table, ref.row_id))

@@ -190,6 +190,22 @@ async def test_06_an_identifier_moved_to_another_patient_leaves_the_first_and_re
         check_provenance(world.fhir, patient)
 
 
+async def test_06b_an_identifier_whose_patient_is_cleared_leaves_that_patient(world: World):
+    """The lookup to the patient is cleared: the row belongs to no patient, so its item leaves the one it was in
+    (a later save of the row, still without a patient, is `missing-parent-link`)."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    mrn, identified = dv.identifier(contact, MRN, "MRN-WRONG")
+    unlinked = dv.update("msemr_medicalidentifier", mrn, {"msemr_assignee": None})
+    results = await world.send_each(created, identified, unlinked)
+    assert states(results) == [("written", None)] * 3
+    patient = the_resource(world.fhir, "Patient", ROW_SYSTEM, contact)
+    assert identifier_items(patient, mrn) == []
+    check_provenance(world.fhir, patient)
+    again = dv.update("msemr_medicalidentifier", mrn, {"msemr_value": "MRN-STILL-NO-PATIENT"})
+    assert states(await world.send(again)) == [("dead-lettered", Reason.MISSING_PARENT_LINK)]
+
+
 # ---- 7. a contact changed from Patient to Practitioner ---------------------------------------------------------
 
 
