@@ -253,13 +253,23 @@ def _holds(item: Any, members: Iterable[Assignment], depth: int) -> bool:
     return bool(given) and all(_navigate(item, m.path[depth:]) == m.value for m in given)
 
 
-def adopt(resource: dict[str, Any], assignments: Iterable[Assignment], before: Iterable[Assignment] = ()) -> None:
+# Marks, for one `apply_state`, the item a selector that several items match takes (`adopt`). Not a FHIR key (FHIR
+# keys are letters and digits): it cannot clash with one, and it is removed before the resource is returned.
+_PICK = " pick"
+
+
+def adopt(resource: dict[str, Any], assignments: Iterable[Assignment],
+          before: Iterable[Assignment] = ()) -> dict[Path, Select]:
     """Give each selector with optional keys (`use?=official`) the item an ingest put there when no item matches
     it: among the items that lack those keys and that no other selector of this write took, the one holding the
     row's values before this save (`before`, from the pre image: what the ingest copied into Dataverse), else the
     one already holding the value to write, else the first; the selector's keys are written on it. A selector that
     only clears takes an item only by its values before (it clears the phone that was the row's, never another).
-    Changes `resource` in place (a copy the caller owns)."""
+
+    A selector that several items match (two emails for `telecom[system=email]`) takes, the same way, the one
+    holding the values before, else the new ones, else the first. When that is not the first, it is marked
+    (`_PICK`) and the returned selector (by prefix) names it. Changes `resource` in place (a copy the caller
+    owns)."""
     groups: dict[Path, list[Assignment]] = {}
     for assignment in assignments:
         for i, seg in enumerate(assignment.path):
@@ -271,6 +281,7 @@ def adopt(resource: dict[str, Any], assignments: Iterable[Assignment], before: I
             if isinstance(seg, Select) and assignment.path[: i + 1] in groups:
                 previous.setdefault(assignment.path[: i + 1], []).append(assignment)
     claimed: set[int] = set()
+    redirects: dict[Path, Select] = {}
     pending: list[tuple[Path, list[Assignment], list[Any]]] = []
     for prefix, members in groups.items():
         items = _navigate(resource, prefix[:-1])
@@ -278,9 +289,15 @@ def adopt(resource: dict[str, Any], assignments: Iterable[Assignment], before: I
             continue
         select = prefix[-1]
         assert isinstance(select, Select)
-        exact = next((item for item in items if _matches(item, select)), None)
-        if exact is not None:
-            claimed.add(id(exact))
+        matching = [item for item in items if _matches(item, select) and id(item) not in claimed]
+        if matching:
+            depth = len(prefix)
+            pick = next(iter([item for item in matching if _holds(item, previous.get(prefix, ()), depth)]
+                             or [item for item in matching if _holds(item, members, depth)]), matching[0])
+            if pick is not next(item for item in items if _matches(item, select)):
+                pick[_PICK] = "1"
+                redirects[prefix] = Select((*select.match, (_PICK, "1")), select.optional)
+            claimed.add(id(pick))
         elif select.optional:
             pending.append((prefix, members, items))
     for prefix, members, items in pending:
@@ -299,6 +316,17 @@ def adopt(resource: dict[str, Any], assignments: Iterable[Assignment], before: I
         claimed.add(id(chosen))
         for key, value in select.match:
             chosen.setdefault(key, value)
+    return redirects
+
+
+def _redirect(assignments: list[Assignment], redirects: dict[Path, Select]) -> list[Assignment]:
+    def one(a: Assignment) -> Assignment:
+        for prefix, select in redirects.items():
+            if a.path[:len(prefix)] == prefix:
+                return Assignment((*prefix[:-1], select, *a.path[len(prefix):]), a.value, a.column)
+        return a
+
+    return [one(a) for a in assignments]
 
 
 def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
@@ -323,8 +351,9 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
         owned = OwnedPrefix(tuple(positions.get(i, KEEP) for i in range(count)), count)
         values.append(Assignment(prefix, owned, "*"))
     result: dict[str, Any] = _tree_copy(resource)
-    if len(result) > 1:  # an empty resource has no item to adopt
-        adopt(result, [*values, *constants], before)
+    redirects = adopt(result, [*values, *constants], before) if len(result) > 1 else {}  # empty: nothing to adopt
+    if redirects:
+        values, constants = _redirect(values, redirects), _redirect(constants, redirects)
     for constant in constants:  # cleared first: it stays only where the row still has a value beside it
         result = _set(result, constant.path, None)
     for assignment in values:
@@ -332,4 +361,8 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
     for constant in constants:
         if len(constant.path) == 1 or isinstance(_navigate(result, constant.path[:-1]), dict):
             result = _set(result, constant.path, constant.value)
+    for prefix in redirects:
+        for item in _navigate(result, prefix[:-1]) or []:
+            if isinstance(item, dict):
+                item.pop(_PICK, None)
     return result

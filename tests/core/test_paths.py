@@ -223,3 +223,25 @@ def test_assignments_apply_in_order():
 def test_assignment_element_is_the_top_level_element():
     assert a("telecom[system=phone,use=work].value", "x").element == "telecom"
     assert a("birthDate", "x").element == "birthDate"
+
+
+# ---- apply_state: the item a selector takes when the ingest left several -------------------------------------
+
+EMAIL = parse_path("telecom[system=email].value")
+
+
+def test_of_several_items_a_selector_matches_it_takes_the_one_holding_the_rows_value_before():
+    from writeback.paths import apply_state
+
+    home, work = {"system": "email", "value": "a@home.example"}, {"system": "email", "value": "b@work.example"}
+    resource = {"resourceType": "Patient", "telecom": [home, work]}
+    out = apply_state(resource, [Assignment(EMAIL, "c@work.example", "emailaddress1")],
+                      before=[Assignment(EMAIL, "b@work.example", "emailaddress1")])
+    assert out["telecom"] == [home, {"system": "email", "value": "c@work.example"}]  # no marker left behind
+    assert resource["telecom"] == [home, work]  # the input is not changed
+    cleared = apply_state(resource, [Assignment(EMAIL, None, "emailaddress1")],
+                          before=[Assignment(EMAIL, "b@work.example", "emailaddress1")])
+    assert cleared["telecom"] == [home]
+    # Without a value before that any item holds, the selector keeps taking the first.
+    first = apply_state(resource, [Assignment(EMAIL, "c@work.example", "emailaddress1")])
+    assert first["telecom"] == [{"system": "email", "value": "c@work.example"}, work]

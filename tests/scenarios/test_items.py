@@ -159,6 +159,23 @@ async def test_04c_a_column_cleared_as_the_first_edit_clears_the_ingested_item(w
     assert patient["telecom"] == [{"system": "fax", "value": "+1 555 0179"}]  # the fax is not the map's
 
 
+async def test_04d_of_two_ingested_emails_the_one_dataverse_holds_is_the_rows(world: World):
+    """Another system keeps a home and a work email; the ingest copied the work one into emailaddress1. Every
+    later write sets that one, never the home email (`telecom[system=email]` matches both)."""
+    dv = world.dataverse
+    home = {"system": "email", "use": "home", "value": "imani.home@example.org"}
+    seeded = ingested_patient(world, telecom=[home, {"system": "email", "use": "work",
+                                                     "value": "imani@clinic.example.org"}])
+    contact, ingested = world.dataverse.patient(
+        user=SYNC_USER, fhir_id=seeded["id"], firstname="Imani", middlename="Grace", lastname="Okafor",
+        telephone1=None, birthdate=date(1979, 3, 14), gendercode=Choice(2), emailaddress1="imani@clinic.example.org")
+    renamed = dv.update("contact", contact, {"lastname": "Okafor-Bello"})
+    moved = dv.update("contact", contact, {"emailaddress1": "imani@hospital.example.org"})
+    assert states(await world.send_each(ingested, renamed, moved)) == [("skipped", "echo")] + [("written", None)] * 2
+    patient = world.fhir.get(f"Patient/{seeded['id']}")
+    assert patient["telecom"] == [home, {"system": "email", "use": "work", "value": "imani@hospital.example.org"}]
+
+
 # ---- 5. names are not placed by position ----------------------------------------------------------------------
 
 
