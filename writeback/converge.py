@@ -25,8 +25,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from writeback.mapping import choice_siblings
 from writeback.marks import MOVED, Mark, Version, item_of, mark_of, marks_in, with_mark
-from writeback.paths import Assignment, apply, apply_state
+from writeback.paths import KEEP, Assignment, apply, apply_state
 
 Kind = Literal["write", "stale", "same", "unchanged", "absent"]
 _SERVER_META = ("versionId", "lastUpdated", "source")
@@ -125,7 +126,21 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
         new = with_mark(new, edit.mark, edit.mark.table, edit.mark.row_id)
     else:  # Target only: the changed columns, and no mark (it is not the row's whole state)
         new = apply(current, [*edit.owned, edit.identity])
-    return _result(current, new, held)
+    return _result(current, _one_choice(new, edit.owned), held)
+
+
+def _one_choice(resource: dict[str, Any], owned: tuple[Assignment, ...]) -> dict[str, Any]:
+    """A type of a choice element written with a value replaces the element's other types the server's copy holds
+    (an Observation from FHIR with valueCodeableConcept, then a value string entered in Dataverse: one value[x])."""
+    siblings = choice_siblings(str(resource.get("resourceType")))
+    for assignment in owned:
+        element = assignment.element
+        if element in siblings and element in resource and assignment.value is not None \
+                and assignment.value is not KEEP:
+            for other in siblings[element]:
+                resource.pop(other, None)
+                resource.pop(f"_{other}", None)  # its primitive extension
+    return resource
 
 
 def _matches_known(item: Mapping[str, Any], known: tuple[Mapping[str, Any], ...]) -> bool:

@@ -5,6 +5,7 @@ Errors name the column and the problem, never the value: the value may be patien
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -237,6 +238,18 @@ def validate(resource: dict[str, Any], *, partial: bool, required: Mapping[str, 
             raise _invalid(f"{resource['resourceType']}.{where} is invalid ({first.get('type', 'error')})") from None
     except (ValueError, TypeError) as exc:  # validators in fhir.resources may raise plain errors
         raise _invalid(f"{resource['resourceType']} failed validation ({type(exc).__name__})") from None
+
+
+@functools.cache
+def choice_siblings(resource_type: str) -> Mapping[str, tuple[str, ...]]:
+    """Each type of a choice element of the resource (`value[x]`: valueQuantity, valueString, ...) → the element's
+    other types. A resource holds one type of a choice element at most (FHIR), so writing one removes the others."""
+    groups: dict[str, list[str]] = {}
+    for name, info in get_fhir_model_class(resource_type).model_fields.items():
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and isinstance(prefix := extra.get("one_of_many"), str):
+            groups.setdefault(prefix, []).append(info.alias or name)
+    return {one: tuple(other for other in group if other != one) for group in groups.values() for one in group}
 
 
 def render(resource_type: str, assignments: Iterable[Assignment], *, full: bool = False) -> dict[str, Any]:

@@ -485,6 +485,31 @@ def test_14f_the_dry_run_of_a_clear_shows_what_it_clears():
     assert Reason.NO_CHANGE not in (decision.reason,)
 
 
+async def test_14g_a_value_type_written_replaces_the_other_types_of_that_choice_element(world: World):
+    """An Observation from FHIR holds valueCodeableConcept and effectivePeriod; a clinician enters a value string
+    and an effective time in Dataverse. FHIR allows one type of value[x] and of effective[x]: the written ones
+    replace the others."""
+    dv = world.dataverse
+    seeded_patient = ingested_patient(world)
+    contact, ingested = ingest(world, seeded_patient)
+    seeded = world.fhir.put({
+        "resourceType": "Observation", "id": f"ext-{new_id()[:8]}", "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8302-2"}]},
+        "subject": {"reference": f"Patient/{seeded_patient['id']}"},
+        "effectivePeriod": {"start": "2026-11-29T08:00:00Z"}, "valueCodeableConcept": {"text": "positive"}})
+    observation = new_id()
+    row = {"msemr_status": Choice(935000002), "msemr_code": Lookup("msemr_codeableconcept", new_id()),
+           "msemr_subjecttypepatient": Lookup("contact", contact), "msemr_azurefhirid": seeded["id"],
+           "msemr_valuestring": "positive"}
+    echo = dv.create("msemr_observation", observation, row, user=SYNC_USER)
+    entered = dv.update("msemr_observation", observation, {"msemr_valuestring": "negative",
+                                                           "msemr_effectivetypedatetime": T0})
+    assert states(await world.send_each(ingested, echo, entered)) == [("skipped", "echo")] * 2 + [("written", None)]
+    written = world.fhir.get(f"Observation/{seeded['id']}")
+    assert sorted(k for k in written if k.startswith(("value", "effective"))) == ["effectiveDateTime", "valueString"]
+    assert written["valueString"] == "negative"
+
+
 # ---- columns cleared: Dataverse leaves them out of every later image --------------------------------------------
 
 
