@@ -303,7 +303,7 @@ def _relevant(entity_map: EntityMap, settings: Settings, resource_type: str) -> 
     return columns
 
 
-def _gates(entity_map: EntityMap, maps: MapSet, resource_type: str, row: Row) -> list[RowKey]:
+def gates_of(entity_map: EntityMap, maps: MapSet, resource_type: str, row: Row) -> list[RowKey]:
     """Rows of patients this row belongs to (a lookup to a table whose map asks for consent): their consent
     decides whether this row is written."""
     gates: list[RowKey] = []
@@ -338,7 +338,7 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
         return _skip(Reason.NO_CHANGE, "The update changes no mapped column.", message, resource_type)
 
     expansion = entity_map.expansion
-    gates = _gates(entity_map, maps, resource_type, new)
+    gates = gates_of(entity_map, maps, resource_type, new)
     if expansion is not None:
         return _plan_item(message, entity_map, maps=maps, resource_type=resource_type, old=old, new=new, full=full,
                           columns=columns, mark=mark, gates=gates)

@@ -15,13 +15,14 @@ from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 
-from writeback.converge import ItemEdit, RemoveItem
+from writeback.converge import ItemEdit, RemoveItem, RowEdit
 from writeback.decide import (
     Decision,
     RowKey,
     Write,
     consented,
     fhir_id_of,
+    gates_of,
     modified_on,
     resource_id,
     resource_type_of,
@@ -47,7 +48,9 @@ class RowFacts:
     consent: bool | None = None
     fhir_id: str | None = None  # the row's msemr_azurefhirid: the record came from (or was synced to) FHIR
     written: str | None = None  # `Type/<id>` of the resource this product found or wrote for the row
-    parent: str | None = None  # a child row's parent row (the medical identifier's contact)
+    # A child row's parent row (the medical identifier's contact), or the patient a clinical row belongs to (its
+    # subject): what a later message without that lookup (a step without images) still needs the consent of.
+    parent: str | None = None
 
     @property
     def key(self) -> RowKey:
@@ -86,9 +89,15 @@ def facts_of(message: Message, maps: MapSet, settings: Settings) -> RowFacts | N
     column = entity_map.consent_column or settings.consent_column
     if entity_map.consent_types and column in row:
         consent = consented(row.get(column))
-    parent = row.get(entity_map.expansion.parent_link) if entity_map.expansion is not None else None
+    parent: str | None = None
+    if entity_map.expansion is not None:
+        link = row.get(entity_map.expansion.parent_link)
+        parent = link.id if isinstance(link, EntityRef) else None
+    elif resource_type:
+        gates = gates_of(entity_map, maps, resource_type, row)
+        parent = gates[0][1] if gates else None
     return RowFacts(message.table, message.record_id, Version(row_version(row), modified_on(row)), resource_type,
-                    consent, fhir_id_of(entity_map, row), parent=parent.id if isinstance(parent, EntityRef) else None)
+                    consent, fhir_id_of(entity_map, row), parent=parent)
 
 
 def merged(facts: Iterable[RowFacts], into: dict[RowKey, RowFacts] | None = None) -> dict[RowKey, RowFacts]:
@@ -97,6 +106,22 @@ def merged(facts: Iterable[RowFacts], into: dict[RowKey, RowFacts] | None = None
         known = out.get(fact.key)
         out[fact.key] = fact if known is None else known.merge(fact)
     return out
+
+
+def remembered_gates(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet) -> tuple[RowKey, ...]:
+    """The patient whose consent a Target-only change of a clinical row needs, when its message does not carry
+    the lookup (a step without images sends only the changed columns): the one the row's earlier messages named
+    (`RowFacts.parent`)."""
+    plan = decision.plan
+    if plan is None or plan.gates or plan.full or not isinstance(plan.writes[0].edit, RowEdit):
+        return ()
+    own = facts.get((plan.source.table, plan.source.record_id))
+    entity_map = maps.get(plan.source.table)
+    if own is None or own.parent is None or entity_map is None:
+        return ()
+    table = next((a.reference_table for a in entity_map.attributes if a.action == "lookup" and a.reference_table
+                  and (m := maps.get(a.reference_table)) is not None and a.reference_type in m.consent_types), None)
+    return ((table, own.parent),) if table else ()
 
 
 # A row of a patient whose recorded consent is No, saved after that was recorded, waits this many retries before
@@ -116,12 +141,13 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
         return decision
     own = facts.get((plan.source.table, plan.source.record_id))
     first = plan.writes[0]
+    gates = plan.gates or remembered_gates(decision, facts, maps)
     if own is not None and own.parent is not None and isinstance(first.edit, ItemEdit) and \
             own.parent != first.target.identifier_value and own.version.compare(plan.source.version) == 1:
         return replace(decision, decision="skip", reason=Reason.STALE, plan=None,
                        detail=f"A newer change of this row ({own.version.text()}) moved it to another "
                        f"{first.target.table}.")
-    for table, row_id in plan.gates:
+    for table, row_id in gates:
         gate_map = maps.get(table)
         fact = facts.get((table, row_id))
         if fact is not None and fact.resource_type is not None and gate_map is not None and \

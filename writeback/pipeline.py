@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol, TypeVar
 from writeback.converge import ItemEdit, RowEdit
 from writeback.decide import Decision, RowKey, WritePlan, decoded, narrow, plan_decoded, plan_message
 from writeback.errors import WritebackError
-from writeback.facts import RowFacts, facts_of, merged, resolve
+from writeback.facts import RowFacts, facts_of, merged, remembered_gates, resolve
 from writeback.maps import MapSet
 from writeback.messages import row_named
 from writeback.reasons import Kind, Reason
@@ -412,14 +412,22 @@ class Pipeline:
                 wanted.update(self._plan_of(batch, i).needs)
             try:
                 stored = await self._read_facts(wanted)
+                # Only the rows these plans use (`WritePlan.needs`, all `resolve` reads): the whole batch's facts,
+                # merged again for every flight, made this quadratic in the batch size.
+                known = merged((batch.local[key] for key in wanted if key in batch.local), into=dict(stored))
+                # A Target-only change of a clinical row without its patient lookup: the patient its earlier
+                # messages named, known only now, is a second read.
+                later = {gate for i in indexes for gate in remembered_gates(batch.decisions[i], known, self.maps)
+                         if gate not in wanted}
+                if later:
+                    stored.update(more := await self._read_facts(later))
+                    merged((batch.local[key] for key in later if key in batch.local), into=known)
+                    merged(more.values(), into=known)
             except WritebackError as exc:
                 for i in indexes:
                     batch.results[i] = result_for(batch.decisions[i], exc.reason, exc.detail)
                 return
             batch.stored.update(stored)
-            # Only the rows these plans use (`WritePlan.needs`, all `resolve` reads): the whole batch's facts,
-            # merged again for every flight, made this quadratic in the batch size.
-            known = merged((batch.local[key] for key in wanted if key in batch.local), into=dict(stored))
             writes = self._resolved(batch, indexes, known)
             writes = self._newest_per_row(batch.decisions, batch.results, writes)
             # Rows' own writes (a whole-row one may create the resource) before the items child rows write into

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from dataclasses import replace
 from datetime import date, timedelta
 from typing import Any
 
@@ -95,6 +96,30 @@ async def test_02_after_consent_is_withdrawn_no_identifier_or_encounter_of_the_p
     patient = the_resource(world.fhir, "Patient", ROW_SYSTEM, contact)
     check_identifier({contact: patient}, ssn, None)
     assert resources_of(world.fhir, "Encounter", "urn:dataverse:msemr_encounter", encounter) == []
+
+
+def target_only(sent: Sent) -> Sent:
+    """The same save as a step registered without images posts it: the Target (the changed columns) only."""
+    return replace(sent, body={**sent.body, "PreEntityImages": [], "PostEntityImages": []}, raw=None)
+
+
+async def test_02b_a_target_only_change_of_a_clinical_row_obeys_the_consent_of_the_patient_it_named_before(
+        world: World):
+    """A step without images sends an encounter's status change without its subject lookup: the patient the
+    row's earlier messages named (kept in the row facts) still decides, and after the withdrawal nothing is
+    written."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    encounter, encounter_created = dv.encounter(contact)
+    await world.send_each(created, encounter_created)
+    withdrawn = dv.update("contact", contact, {"msemr_azurefhirsyncenabled": False})
+    assert states(await world.send(withdrawn)) == [("skipped", "consent-withheld")]
+    cancelled = target_only(dv.update("msemr_encounter", encounter, {"msemr_encounterstatus": Choice(935000006)}))
+    for attempt, expected in ((1, ("retry", "consent-unknown")), (2, ("retry", "consent-unknown")),
+                              (3, ("skipped", "consent-withheld"))):
+        assert states(await world.send(cancelled, delivery_count=attempt)) == [expected]
+    assert the_resource(world.fhir, "Encounter", "urn:dataverse:msemr_encounter", encounter)["status"] == \
+        "in-progress"
 
 
 # ---- 3. consent switched on: the whole current row is written --------------------------------------------------
