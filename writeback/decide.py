@@ -212,26 +212,34 @@ def is_echo(message: Message, settings: Settings) -> bool:
     return any(u is not None and u.lower() in settings.ignore_user_ids for u in users)
 
 
-def whole_image(message: Message) -> bool:
+def whole_image(message: Message, consent_column: str | None = None) -> bool:
     """Whether the message's post image holds every column of its row that has a value, as the README has steps
     register it (the map's columns and `versionnumber`). Dataverse leaves empty columns out of images, so a mapped
-    column such an image lacks is empty. An image without `versionnumber`, which Dataverse never leaves empty, was
-    registered with a narrower filter (the public samples have images of two columns): a column it lacks is not
-    known."""
-    return message.post_image is not None and "versionnumber" in message.post_image.attributes
+    column such an image lacks, and that neither the Target nor the pre image holds, is empty. An image without
+    `versionnumber`, which Dataverse never leaves empty, was registered with a narrower filter (the public samples
+    have images of two columns): a column it lacks is not known. Nor is an image whole that lacks a column the map
+    cannot do without and Dataverse never leaves empty (the consent column: a two-option column, never null)."""
+    image = message.post_image
+    if image is None or "versionnumber" not in image.attributes:
+        return False
+    return consent_column is None or consent_column in image.attributes
+
+
+def consent_column_of(entity_map: EntityMap, settings: Settings) -> str | None:
+    """The column holding a row's consent, for a map that asks for consent."""
+    return (entity_map.consent_column or settings.consent_column) if entity_map.consent_types else None
 
 
 def row_state(message: Message) -> tuple[Row, dict[str, Any], bool]:
     """The row before (pre image) and after, and whether "after" is the row's whole state.
 
-    With a whole post image (`whole_image`), after = Target ⊕ post: the post image, the row as saved, has the last
-    word, and a column in neither is empty (the Target holds a cleared one as null). Otherwise after = pre ⊕ Target
-    ⊕ post: an Update's Target holds every column the save changed, so a column it does not hold still has its
-    pre-image value; a column in none of the three is not known, and whole-row writes leave its element as it is
-    (`mapping.build_assignments`). With a post image (or on Create, whose Target is the new row) the state is
-    whole."""
+    After = pre ⊕ Target ⊕ post: an Update's Target holds every column the save changed (a cleared one as null),
+    so a column it does not hold still has its pre-image value, and the post image, the row as saved, has the last
+    word. A column in none of the three is empty when the post image is whole; otherwise it is not known, and
+    whole-row writes leave its element as it is (`mapping.build_assignments`). With a post image (or on Create,
+    whose Target is the new row) the state is whole."""
     old: Row = dict(message.pre_image.attributes) if message.pre_image else {}
-    new: dict[str, Any] = {} if whole_image(message) else dict(old)
+    new: dict[str, Any] = dict(old)
     for image in (message.target, message.post_image):
         if image is not None:
             new.update(image.attributes)
@@ -339,11 +347,12 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
 
     expansion = entity_map.expansion
     gates = gates_of(entity_map, maps, resource_type, new)
+    whole = whole_image(message, consent_column_of(entity_map, settings))
     if expansion is not None:
         return _plan_item(message, entity_map, maps=maps, resource_type=resource_type, old=old, new=new, full=full,
-                          columns=columns, mark=mark, gates=gates)
+                          columns=columns, mark=mark, gates=gates, whole=whole)
 
-    keep = full and not is_create and not whole_image(message)
+    keep = full and not is_create and not whole
     assignments = tuple(build_assignments(entity_map, resource_type, new, columns, full=full, keep_absent=keep))
     if is_create and not any(a.value is not None for a in assignments if a.column is not None):
         return _skip(Reason.NO_CHANGE, "The row has no value in any mapped column.", message, resource_type)
@@ -395,7 +404,7 @@ def _item_fields(entity_map: EntityMap, resource_type: str, row: Row) -> dict[st
 
 
 def _plan_item(message: Message, entity_map: EntityMap, *, maps: MapSet, resource_type: str, old: Row, new: Row,
-               full: bool, columns: set[str] | None, mark: Mark, gates: list[RowKey]) -> Decision:
+               full: bool, columns: set[str] | None, mark: Mark, gates: list[RowKey], whole: bool) -> Decision:
     expansion = entity_map.expansion
     assert expansion is not None
     link, before = new.get(expansion.parent_link), old.get(expansion.parent_link)
@@ -422,7 +431,7 @@ def _plan_item(message: Message, entity_map: EntityMap, *, maps: MapSet, resourc
                        f"Column {expansion.parent_link} (the link to the parent {expansion.parent_table}) is empty.",
                        message, resource_type)
 
-    keep = full and message.message_name != "Create" and not whole_image(message)
+    keep = full and message.message_name != "Create" and not whole
     owned = tuple(build_assignments(entity_map, resource_type, new, columns, full=full, keep_absent=keep))
     writes = [Write(parent_target(link.id), ItemEdit(mark, expansion.element, owned, full, known))]
     moved = isinstance(before, EntityRef) and before.id != link.id
@@ -470,8 +479,8 @@ def _describe(plan: WritePlan, *, narrow_image: bool = False) -> str:
     if not plan.full:
         what += ": Target only (no post image on the step), only the columns in the message"
     elif narrow_image:
-        what += (": the post image has no versionnumber (registered narrower than the README asks), so a mapped "
-                 "column it does not hold is left as it is")
+        what += (": the post image is registered narrower than the README asks (without versionnumber or the "
+                 "consent column), so a mapped column it does not hold is left as it is")
     return what + "."
 
 

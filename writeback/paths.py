@@ -261,13 +261,14 @@ _PICK = " pick"
 def adopt(resource: dict[str, Any], assignments: Iterable[Assignment],
           before: Iterable[Assignment] = ()) -> dict[Path, Select]:
     """Give each selector with optional keys (`use?=official`) the item an ingest put there when no item matches
-    it: among the items that lack those keys and that no other selector of this write took, the one holding the
-    row's values before this save (`before`, from the pre image: what the ingest copied into Dataverse), else the
-    one already holding the value to write, else the first; the selector's keys are written on it. A selector that
-    only clears takes an item only by its values before (it clears the phone that was the row's, never another).
+    it: among the items that lack those keys and that no other selector of this write took, the one already
+    holding the value to write, else the one holding the row's values before this save (`before`, from the pre
+    image: what the ingest copied into Dataverse), else the first; the selector's keys are written on it. A
+    selector that only clears takes an item only by its values before (it clears the phone that was the row's,
+    never another), after the selectors that write have chosen.
 
     A selector that several items match (two emails for `telecom[system=email]`) takes, the same way, the one
-    holding the values before, else the new ones, else the first. When that is not the first, it is marked
+    holding the new values, else the values before, else the first. When that is not the first, it is marked
     (`_PICK`) and the returned selector (by prefix) names it. Changes `resource` in place (a copy the caller
     owns)."""
     groups: dict[Path, list[Assignment]] = {}
@@ -292,14 +293,18 @@ def adopt(resource: dict[str, Any], assignments: Iterable[Assignment],
         matching = [item for item in items if _matches(item, select) and id(item) not in claimed]
         if matching:
             depth = len(prefix)
-            pick = next(iter([item for item in matching if _holds(item, previous.get(prefix, ()), depth)]
-                             or [item for item in matching if _holds(item, members, depth)]), matching[0])
+            pick = next(iter([item for item in matching if _holds(item, members, depth)]
+                             or [item for item in matching if _holds(item, previous.get(prefix, ()), depth)]),
+                        matching[0])
             if pick is not next(item for item in items if _matches(item, select)):
                 pick[_PICK] = "1"
                 redirects[prefix] = Select((*select.match, (_PICK, "1")), select.optional)
             claimed.add(id(pick))
         elif select.optional:
             pending.append((prefix, members, items))
+    # Selectors that write a value choose first: a number moved from one column to another (telephone1 to
+    # mobilephone in one save) is taken by the column that now holds it, not cleared by the one that held it.
+    pending.sort(key=lambda group: not any(m.value is not None and m.value is not KEEP for m in group[1]))
     for prefix, members, items in pending:
         select = prefix[-1]
         assert isinstance(select, Select)
@@ -310,7 +315,8 @@ def adopt(resource: dict[str, Any], assignments: Iterable[Assignment],
         holding = [item for item in free if all(
             m.value is None or m.value is KEEP or isinstance(m.value, OwnedPrefix)
             or _navigate(item, m.path[depth:]) == m.value for m in members)] if writes else []
-        chosen = next(iter(was or holding or (free if writes else [])), None)
+        # An item already holding the new value is taken before the one holding the old (no second copy of it).
+        chosen = next(iter(holding or was or (free if writes else [])), None)
         if chosen is None:
             continue
         claimed.add(id(chosen))

@@ -539,25 +539,26 @@ def test_medical_identifier_system_change_updates_the_same_item():
 
 
 def test_a_column_a_whole_post_image_lacks_is_empty_one_a_narrow_image_lacks_is_not_known():
-    """Dataverse leaves empty columns out of images. A post image registered as the README asks (it holds
-    versionnumber) holds every column with a value, so `msemr_use` missing from it is empty and `use` is cleared;
-    one without versionnumber (a narrower registration, as in the public samples) does not tell, so `use` stays
-    and the outcome detail says why."""
+    """Dataverse leaves empty columns out of images. `msemr_use` was cleared by an earlier save that FHIR never got
+    (it is in neither image now), while FHIR still holds `use`. A post image registered as the README asks (it
+    holds versionnumber) holds every column with a value, so `msemr_use` is empty and `use` is cleared; one
+    without versionnumber (a narrower registration, as in the public samples) does not tell, so `use` stays and
+    the outcome detail says why."""
     old = {"msemr_assignee": Lookup("contact", PATIENT), "msemr_identifiersystem": "http://hospital.example.org/mrn",
-           "msemr_value": "MRN-0042731", "msemr_use": Choice(935000001), "versionnumber": 1}
+           "msemr_value": "MRN-0042731", "versionnumber": 1}
     value = {"msemr_value": "MRN-0042732"}
-    whole = {k: v for k, v in old.items() if k != "msemr_use"} | value | {"versionnumber": 2}
+    whole = old | value | {"versionnumber": 2}
     cleared = plan(context("Update", "msemr_medicalidentifier", IDENTIFIER, value, pre=old, post=whole))
     after = strip_marks(merged(written(cleared), server_patient()))
     assert after["identifier"][1] == {"system": "http://hospital.example.org/mrn", "value": "MRN-0042732"}
-    assert "no versionnumber" not in cleared.detail
+    assert "registered narrower" not in cleared.detail
     narrow = {k: v for k, v in whole.items() if k != "versionnumber"}
     kept = plan(context("Update", "msemr_medicalidentifier", IDENTIFIER, value | {"versionnumber": 2}, pre=old,
                         post=narrow))
     after = strip_marks(merged(written(kept), server_patient()))
     assert after["identifier"][1] == {"system": "http://hospital.example.org/mrn", "value": "MRN-0042732",
                                       "use": "official"}
-    assert "the post image has no versionnumber" in kept.detail
+    assert "the post image is registered narrower than the README asks" in kept.detail
 
 
 # ---- map actions (a test map set with every type) -------------------------------------------
@@ -812,3 +813,15 @@ def test_readme_reason_table_is_the_reason_catalogue() -> None:
     rows = re.findall(r"^\| `([a-z-]+)` \| (\w+) \| (.*?) \| (.*?) \|$", readme, re.MULTILINE)
     assert {code: (kind, meaning, action) for code, kind, meaning, action in rows} == {
         reason.value: (info.kind.value, info.meaning, info.action) for reason, info in REASONS.items()}
+
+
+def test_a_post_image_without_the_consent_column_is_not_read_as_the_whole_row():
+    """The consent column is never empty in Dataverse: a post image without it was registered narrower, so the
+    consent (and every other column) the pre image holds still counts, for the contact as for its child rows."""
+    row = {"msemr_contacttype": Choice(935000000), "msemr_azurefhirsyncenabled": True, "firstname": "Wren",
+           "lastname": "Castellanos", "birthdate": date(1981, 4, 12), "versionnumber": 1}
+    post = {"lastname": "Castellanos-Hale", "msemr_contacttype": Choice(935000000), "versionnumber": 2}
+    decision = plan(context("Update", "contact", PATIENT, {"lastname": "Castellanos-Hale"}, pre=row, post=post))
+    assert decision.decision == "write" and "registered narrower" in decision.detail
+    resource = decision.as_json()["resource"]
+    assert resource["name"][0]["given"] == ["Wren"] and resource["birthDate"] == "1981-04-12"

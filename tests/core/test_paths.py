@@ -245,3 +245,28 @@ def test_of_several_items_a_selector_matches_it_takes_the_one_holding_the_rows_v
     # Without a value before that any item holds, the selector keeps taking the first.
     first = apply_state(resource, [Assignment(EMAIL, "c@work.example", "emailaddress1")])
     assert first["telecom"] == [{"system": "email", "value": "c@work.example"}, work]
+
+
+WORK = parse_path("telecom[system=phone,use?=work].value")
+MOBILE = parse_path("telecom[system=phone,use?=mobile].value")
+
+
+def test_an_ingested_number_moved_to_another_column_is_taken_by_that_column_not_cleared():
+    """telephone1's number (an ingested phone with a rank and a period) moves to mobilephone in one save: the
+    mobile selector takes it (it holds the new value) before the work selector, which only clears, could."""
+    from writeback.paths import apply_state
+
+    phone = {"system": "phone", "value": "+1 555 0170", "rank": 1, "period": {"start": "2020-01-01"}}
+    resource = {"resourceType": "Patient", "id": "x", "telecom": [phone]}
+    moved = [Assignment(WORK, None, "telephone1"), Assignment(MOBILE, "+1 555 0170", "mobilephone")]
+    out = apply_state(resource, moved, before=[Assignment(WORK, "+1 555 0170", "telephone1")])
+    assert out["telecom"] == [{**phone, "use": "mobile"}]
+
+
+def test_a_number_corrected_to_another_ingested_number_takes_that_item_with_no_second_copy():
+    from writeback.paths import apply_state
+
+    resource = {"resourceType": "Patient", "id": "x",
+                "telecom": [{"system": "phone", "value": "A"}, {"system": "phone", "value": "B"}]}
+    out = apply_state(resource, [Assignment(WORK, "B", "telephone1")], before=[Assignment(WORK, "A", "telephone1")])
+    assert out["telecom"] == [{"system": "phone", "value": "A"}, {"system": "phone", "value": "B", "use": "work"}]
