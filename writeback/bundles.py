@@ -171,6 +171,7 @@ class _Batch:
     known: Known
     ids: dict[RowRef, str | None] = field(default_factory=dict)  # lookups resolved by search in this call
     unsearched: dict[RowRef, WritebackError] = field(default_factory=dict)  # searches that went unanswered
+    missing: set[RowRef] = field(default_factory=set)  # searches answered: no such resource (yet)
     leases: Leases = field(default_factory=LocalLeases)
     reads: dict[str, asyncio.Task[Answer | WritebackError]] = field(default_factory=dict)  # sent ahead
 
@@ -262,6 +263,8 @@ class BatchDelivery:
                 batch.unsearched[ref] = answer
                 continue
             found = _found_id(ref, answer)
+            if found is None and answer.ok:
+                batch.missing.add(ref)
             if found is None and (ref.table, ref.row_id) in gated:
                 # A patient whose consent is known (the gate passed) and that no resource carries yet: its own
                 # message creates it under the row's id, so that is the id to refer to.
@@ -271,6 +274,13 @@ class BatchDelivery:
             failed = next((batch.unsearched[ref] for ref in job.plan.refs if ref in batch.unsearched), None)
             if job.outcome is None and failed is not None:
                 job.outcome = failed
+            awaited = next((ref for ref in job.plan.awaited if ref in batch.missing and batch.ids.get(ref) is None),
+                           None)
+            if job.outcome is None and awaited is not None:
+                job.outcome = WritebackError(
+                    Reason.TARGET_PENDING, f"The {awaited.resource_type} this row refers to ({awaited.table} "
+                    f"{awaited.row_id}) is not in FHIR yet: waiting for it, rather than refer to it by identifier "
+                    "only.")
         written: list[_Job] = []
         pending = [job for job in jobs if job.outcome is None]
         for attempt in range(self.settings.conflict_retries + 1):

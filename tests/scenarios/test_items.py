@@ -314,6 +314,26 @@ async def test_08b_an_ingested_identifier_is_taken_over_by_its_system_and_value_
     check_identifier({contact: patient}, mrn, dv.row("msemr_medicalidentifier", mrn))
 
 
+async def test_08c_an_observation_processed_before_its_encounter_waits_and_then_refers_to_it(world: World):
+    """Service Bus does not order rows: an Observation whose Encounter's Create is still to come waits (its
+    lookup names a row never seen) instead of referring to the Encounter by identifier only for good."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    encounter, encounter_created = dv.encounter(contact)
+    observation = new_id()
+    row = {"msemr_status": Choice(935000002), "msemr_code": Lookup("msemr_codeableconcept", new_id()),
+           "msemr_subjecttypepatient": Lookup("contact", contact),
+           "msemr_conexttypeencounter": Lookup("msemr_encounter", encounter), "msemr_valuestring": "positive"}
+    observed = dv.create("msemr_observation", observation, row)
+    await world.send(created)
+    assert states(await world.send(observed)) == [("retry", "target-pending")]
+    assert states(await world.send(encounter_created)) == [("written", None)]
+    assert states(await world.send(observed, delivery_count=2)) == [("written", None)]
+    found = the_resource(world.fhir, "Encounter", "urn:dataverse:msemr_encounter", encounter)
+    written = the_resource(world.fhir, "Observation", "urn:dataverse:msemr_observation", observation)
+    assert written["encounter"]["reference"] == f"Encounter/{found['id']}"
+
+
 # ---- 9. values FHIR already holds --------------------------------------------------------------------------------
 
 
