@@ -329,8 +329,12 @@ class BatchDelivery:
                 job.outcome = target_gone(target)
                 continue
             current = job.current[0] if job.current is not None else None
-            decided = converge(current, _resolved(job.edit, job.plan, batch), target.resource_type,
-                               target.new_id or resource_id(target.table, target.identifier_value))
+            try:
+                decided = converge(current, _resolved(job.edit, job.plan, batch), target.resource_type,
+                                   target.new_id or resource_id(target.table, target.identifier_value))
+            except WritebackError as exc:
+                job.outcome = exc
+                continue
             if decided.kind == "absent":
                 job.outcome = target_pending(target)
             elif decided.kind != "write" and job.copied:

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from writeback.mapping import choice_siblings
+from writeback.mapping import check_invariants, choice_siblings
 from writeback.marks import MOVED, Mark, Version, item_of, mark_of, marks_in, with_mark
 from writeback.paths import KEEP, Assignment, apply, apply_state
 
@@ -98,6 +98,8 @@ def _result(current: dict[str, Any], new: dict[str, Any], held: Mark | None) -> 
 
 def converge(current: dict[str, Any] | None, edit: Edit, resource_type: str = "",
              resource_id: str = "") -> Converged:
+    """Raises `WritebackError` (`invalid-resource`) when a Target-only change would break a FHIR invariant beside
+    what the server holds."""
     if isinstance(edit, RowEdit):
         return _row(current, edit, resource_type, resource_id)
     if current is None:
@@ -126,6 +128,9 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
         new = with_mark(new, edit.mark, edit.mark.table, edit.mark.row_id)
     else:  # Target only: the changed columns, and no mark (it is not the row's whole state)
         new = apply(current, [*edit.owned, edit.identity])
+        # The changed columns beside the values the server holds (an end date beside the start already there):
+        # checked here, where they meet. A whole row was checked when it was planned.
+        check_invariants(new)
     return _result(current, _one_choice(new, edit.owned), held)
 
 

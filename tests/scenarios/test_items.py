@@ -472,6 +472,20 @@ async def test_14a_an_encounter_that_ends_before_it_starts_is_refused(world: Wor
     assert "Encounter.period ends before it starts (FHIR invariant per-1)" in results[1].detail
 
 
+async def test_14a2_a_target_only_end_before_the_start_fhir_holds_is_refused(world: World):
+    """A step without images sends the new end date alone: it meets the start the server holds only in the write,
+    and is refused there (per-1), leaving FHIR as it was."""
+    contact, created = world.dataverse.patient()
+    encounter, encounter_created = world.dataverse.encounter(contact, msemr_encounterstartdate=T0)
+    await world.send_each(created, encounter_created)
+    backwards = target_only(world.dataverse.update("msemr_encounter", encounter,
+                                                   {"msemr_encounterenddate": T0 - timedelta(hours=2)}))
+    results = await world.send(backwards)
+    assert states(results) == [("dead-lettered", "invalid-resource")]
+    assert "Encounter.period ends before it starts (FHIR invariant per-1)" in results[0].detail
+    assert "end" not in the_resource(world.fhir, "Encounter", "urn:dataverse:msemr_encounter", encounter)["period"]
+
+
 async def test_14b_clearing_the_encounter_class_leaves_no_half_class(world: World):
     """Encounter.class is required (1..1): a cleared class column cannot be written as a class without a code
     (what the constant system alone made of it), nor as no class: the change is refused, saying why."""
