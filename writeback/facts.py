@@ -108,6 +108,22 @@ def merged(facts: Iterable[RowFacts], into: dict[RowKey, RowFacts] | None = None
     return out
 
 
+def _left_behind(decision: Decision, maps: MapSet, gate: RowKey) -> str:
+    """For a row moved to a patient who has not consented (its lookup changed in this save): FHIR still holds it
+    under the patient it had, which nothing of the new patient may change. Said, by ids only, so an administrator
+    can review it there."""
+    message, plan = decision.message, decision.plan
+    entity_map = maps.get(message.table) if message is not None else None
+    if message is None or message.pre_image is None or plan is None or entity_map is None:
+        return ""
+    before = gates_of(entity_map, maps, plan.resource_type, dict(message.pre_image.attributes))
+    moved = [old for old in before if old[0] == gate[0] and old != gate]
+    if not moved:
+        return ""
+    return (f" It was moved from {moved[0][0]} {moved[0][1]}: FHIR still holds it under that patient; review it "
+            "there.")
+
+
 def remembered_gates(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet) -> tuple[RowKey, ...]:
     """The patient whose consent a Target-only change of a clinical row needs, when its message does not carry
     the lookup (a step without images sends only the changed columns): the one the row's earlier messages named
@@ -170,7 +186,8 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
                                detail=f"The patient ({table} {row_id}) this row belongs to had not consented when "
                                "last seen, before this row was saved: waiting for a later consent.")
             return replace(decision, decision="skip", reason=Reason.CONSENT_WITHHELD, plan=None,
-                           detail=f"The patient ({table} {row_id}) this row belongs to has not consented.")
+                           detail=f"The patient ({table} {row_id}) this row belongs to has not consented."
+                           + _left_behind(decision, maps, (table, row_id)))
     writes: list[Write] = []
     notes: list[str] = []
     for write in plan.writes:

@@ -122,6 +122,19 @@ async def test_02b_a_target_only_change_of_a_clinical_row_obeys_the_consent_of_t
         "in-progress"
 
 
+async def test_02c_an_encounter_moved_to_a_patient_without_consent_says_where_fhir_still_holds_it(world: World):
+    """Nothing of a patient who has not consented is written, so FHIR keeps the encounter under the patient it was
+    moved from; the outcome says so, by ids, for an administrator to review (docs/convergence.md section 6)."""
+    dv = world.dataverse
+    (one, one_created), (other, other_created) = dv.patient(), dv.patient(consent=False)
+    encounter, encounter_created = dv.encounter(one)
+    await world.send_each(one_created, other_created, encounter_created)
+    moved = dv.update("msemr_encounter", encounter, {"msemr_subjectpatient": Lookup("contact", other)})
+    results = [(await world.send(moved, delivery_count=n))[0] for n in (1, 2, 3)]
+    assert states(results)[-1] == ("skipped", "consent-withheld")
+    assert f"It was moved from contact {one}: FHIR still holds it under that patient" in results[-1].detail
+
+
 # ---- 3. consent switched on: the whole current row is written --------------------------------------------------
 
 
