@@ -119,7 +119,7 @@ class WritePlan:
     gates: tuple[RowKey, ...] = ()  # rows whose (patient) consent must be Yes
     refs: tuple[RowRef, ...] = ()  # lookups to resolve to FHIR references
     ref_ids: Mapping[RowRef, str] = field(default_factory=dict)  # those already resolved
-    # Lookups to rows never seen, on an early try: when their search finds nothing the write waits for them
+    # Lookups to rows not written yet, on an early try: when their search finds nothing the write waits for them
     # (`target-pending`) rather than refer by identifier only (`facts.REFERENCE_GRACE_RETRIES`).
     awaited: frozenset[RowRef] = frozenset()
 

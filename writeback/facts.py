@@ -140,9 +140,9 @@ def remembered_gates(decision: Decision, facts: Mapping[RowKey, RowFacts], maps:
     return ((table, own.parent),) if table else ()
 
 
-# A lookup to a row never seen (an Observation processed before its Encounter's Create, which Service Bus does not
-# order) whose resource a search does not find waits this many retries (`target-pending`) before the reference is
-# made by identifier only, the last resort: that reference would stay so until the row is saved again.
+# A lookup to a row not written yet (an Observation processed before its Encounter's Create, which Service Bus does
+# not order) whose resource a search does not find waits this many retries (`target-pending`) before the reference
+# is made by identifier only, the last resort: that reference would stay so until the row is saved again.
 REFERENCE_GRACE_RETRIES = 2
 
 # A row of a patient whose recorded consent is No, saved after that was recorded, waits this many retries before
@@ -226,6 +226,7 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
     detail = decision.detail if not notes else decision.detail[:-1] + "; " + "; ".join(notes) + "."
     gated = set(gates)
     awaited = frozenset(ref for ref in plan.refs if ref not in ref_ids and attempt < REFERENCE_GRACE_RETRIES
-                        and (ref.table, ref.row_id) not in gated and (ref.table, ref.row_id) not in facts)
+                        and (ref.table, ref.row_id) not in gated
+                        and getattr(facts.get((ref.table, ref.row_id)), "resource_type", None) != NOT_WRITABLE)
     return replace(decision, detail=detail, plan=replace(plan, writes=tuple(writes), ref_ids=ref_ids,
                                                          awaited=awaited))

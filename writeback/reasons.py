@@ -118,7 +118,7 @@ REASONS: dict[Reason, ReasonInfo] = {
     Reason.TARGET_PENDING: ReasonInfo(
         Kind.TRANSIENT, "The resource to write into does not exist yet: an identifier row came before its "
         "patient's Create was written (or a Target-only update before its row's Create); or a row's lookup names a "
-        "row never seen (an Observation before its Encounter), which waits two retries, then refers to it by "
+        "row not written yet (an Observation before its Encounter), which waits two retries, then refers to it by "
         "identifier only.",
         "Usually none: it is retried with a growing delay until the Create is written. If it ends as "
         "retries-exhausted, resubmit the row's Create first "

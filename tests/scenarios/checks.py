@@ -42,7 +42,9 @@ def strip_marks(node: Any) -> Any:
 
 ROW_SYSTEM = "urn:dataverse:contact"
 ENCOUNTER_SYSTEM = "urn:dataverse:msemr_encounter"
-ENCOUNTER_STATUS = {935000003: "in-progress", 935000005: "finished", 935000006: "cancelled"}
+OBSERVATION_SYSTEM = "urn:dataverse:msemr_observation"
+OBSERVATION_STATUS = {935000002: "final", 935000003: "amended", 935000005: "cancelled"}
+ENCOUNTER_STATUS = {935000000: "planned", 935000003: "in-progress", 935000005: "finished", 935000006: "cancelled"}
 ENCOUNTER_CLASS = {935000000: "IMP", 935000001: "AMB", 935000003: "EMER"}
 IDENTIFIER_USE = {935000000: "usual", 935000001: "official", 935000002: "temp", 935000003: "secondary"}
 

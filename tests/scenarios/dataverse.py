@@ -36,6 +36,8 @@ _KEYS = {"contact": "contactid", "msemr_medicalidentifier": "msemr_medicalidenti
 def new_id() -> str:
     return str(uuid.uuid4())
 
+CODE_HEART_RATE = "1d4f7a29-8c3e-4b6a-9f2d-5e0c8b1a7f87"  # a row of msemr_codeableconcept
+
 
 @dataclass
 class Sent:
@@ -110,6 +112,19 @@ class Dataverse:
         row = {"msemr_assignee": Lookup("contact", patient), "msemr_identifiersystem": system, "msemr_value": value,
                **columns}
         return row_id, self.create("msemr_medicalidentifier", row_id, row, user=user)
+
+    def observation(self, patient: str, encounter: str | None = None, *, user: str = CLINICIAN,
+                    **columns: Any) -> tuple[str, Sent]:
+        """A heart-rate observation of the patient (in the encounter), its code a row of the code table."""
+        row_id = new_id()
+        row: dict[str, Any] = {"msemr_status": Choice(935000002),
+                               "msemr_code": Lookup("msemr_codeableconcept", CODE_HEART_RATE),
+                               "msemr_subjecttypepatient": Lookup("contact", patient),
+                               "msemr_effectivetypedatetime": T0, "msemr_valuetypequantityvalue": 72.5,
+                               "msemr_valuequantityunit": "beats/minute", **columns}
+        if encounter is not None:
+            row["msemr_conexttypeencounter"] = Lookup("msemr_encounter", encounter)
+        return row_id, self.create("msemr_observation", row_id, row, user=user)
 
     def encounter(self, patient: str, *, user: str = CLINICIAN, **columns: Any) -> tuple[str, Sent]:
         row_id = new_id()

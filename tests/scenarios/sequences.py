@@ -27,6 +27,7 @@ class Expect:
     contacts: list[str] = field(default_factory=list)
     identifiers: list[str] = field(default_factory=list)
     encounters: list[str] = field(default_factory=list)
+    observations: list[str] = field(default_factory=list)
     seeded: dict[str, dict[str, Any]] = field(default_factory=dict)  # contact row → the FHIR record it came from
     adopted: list[dict[str, Any]] = field(default_factory=list)  # seeded items an identifier row stands for
     # Sequences whose outcome depends on the order messages are received in (a child row saved around a consent
@@ -141,8 +142,35 @@ def columns_cleared(dv: Dataverse, fhir: Fhir) -> Expect:
     return Expect([contact], [mrn], [visit])
 
 
+def clinical(dv: Dataverse, fhir: Fhir) -> Expect:
+    """Two patients' encounters and observations: statuses, classes and values change, a value type switches, an
+    observation moves to another encounter and patient, an encounter to another patient; lookups that name rows
+    whose messages may come later (Service Bus does not order rows)."""
+    one, _ = dv.patient(lastname="Okafor")
+    other, _ = dv.patient(lastname="Moreau")
+    first, _ = dv.encounter(one, msemr_encounterstatus=Choice(935000000), msemr_encounterlength=30.5)
+    second, _ = dv.encounter(one)
+    rate, _ = dv.observation(one, first, msemr_comment="after exercise")
+    trace, _ = dv.observation(one, first, msemr_valuestring="trace", msemr_valuetypequantityvalue=None,
+                              msemr_valuequantityunit=None)
+    dv.update("msemr_encounter", first, {"msemr_encounterstatus": Choice(935000003),
+                                         "msemr_encounterclass": Choice(935000000)})
+    dv.update("msemr_observation", rate, {"msemr_valuetypequantityvalue": 73.25, "msemr_comment": None})
+    dv.update("msemr_observation", rate, {"msemr_conexttypeencounter": Lookup("msemr_encounter", second)})
+    dv.update("msemr_encounter", second, {"msemr_subjectpatient": Lookup("contact", other)})
+    dv.update("msemr_observation", rate, {"msemr_subjecttypepatient": Lookup("contact", other)})
+    dv.update("msemr_encounter", first, {"msemr_encounterstatus": Choice(935000005),
+                                         "msemr_encounterenddate": T0 + timedelta(hours=3),
+                                         "msemr_encounterlength": None})
+    dv.update("msemr_observation", trace, {"msemr_valuestring": None, "msemr_valuetypequantityvalue": 1.5,
+                                           "msemr_valuequantityunit": "mg", "msemr_status": Choice(935000003)})
+    dv.update("msemr_encounter", second, {"msemr_encounterclass": Choice(935000003)})
+    return Expect([one, other], [], [first, second], observations=[rate, trace])
+
+
 SEQUENCES: dict[str, Sequence] = {
     "admission": admission, "from-fhir": from_fhir, "consent-given-later": consent_given_later,
     "consent-withdrawn": consent_withdrawn, "identifiers-move": identifiers_move,
     "becomes-practitioner": becomes_practitioner, "names-edited": names_edited, "columns-cleared": columns_cleared,
+    "clinical": clinical,
 }

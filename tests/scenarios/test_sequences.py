@@ -14,6 +14,8 @@ from tests.scenarios.checks import (
     ENCOUNTER_CLASS,
     ENCOUNTER_STATUS,
     ENCOUNTER_SYSTEM,
+    OBSERVATION_STATUS,
+    OBSERVATION_SYSTEM,
     ROW_SYSTEM,
     check_contact,
     check_identifier,
@@ -69,9 +71,10 @@ def check_run(world: World, expect: Expect) -> int:
         parent_state = dv.row("contact", parent.row_id)
         consented = bool(parent_state.get(CONSENT))
         check_identifier(patients, identifier, row if consented and parent.row_id in patients else None)
+    encounters: dict[str, dict[str, Any]] = {}
     for encounter in expect.encounters:
         row = dv.row("msemr_encounter", encounter)
-        resource = the_resource(fhir, "Encounter", ENCOUNTER_SYSTEM, encounter)
+        resource = encounters[encounter] = the_resource(fhir, "Encounter", ENCOUNTER_SYSTEM, encounter)
         status, klass = row["msemr_encounterstatus"], row["msemr_encounterclass"]
         assert isinstance(status, Choice) and isinstance(klass, Choice)
         assert resource["status"] == ENCOUNTER_STATUS[int(status)]
@@ -79,9 +82,32 @@ def check_run(world: World, expect: Expect) -> int:
         subject = row["msemr_subjectpatient"]
         assert isinstance(subject, Lookup)
         assert resource["subject"]["reference"] == f"Patient/{patients[subject.row_id]['id']}"
-        assert ("end" in resource.get("period", {})) == bool(row.get("msemr_encounterenddate"))
+        period = resource.get("period", {})
+        assert period.get("start") == instant(row["msemr_encounterstartdate"])
+        assert period.get("end") == instant(row.get("msemr_encounterenddate"))
+        assert resource.get("length", {}).get("value") == row.get("msemr_encounterlength")
+        versions += check_provenance(fhir, resource)
+    for observation in expect.observations:
+        row = dv.row("msemr_observation", observation)
+        resource = the_resource(fhir, "Observation", OBSERVATION_SYSTEM, observation)
+        subject, context = row["msemr_subjecttypepatient"], row["msemr_conexttypeencounter"]
+        assert isinstance(subject, Lookup) and isinstance(context, Lookup)
+        assert resource["status"] == OBSERVATION_STATUS[int(row["msemr_status"])]
+        # Literal references, whatever order the rows' messages came in.
+        assert resource["subject"]["reference"] == f"Patient/{patients[subject.row_id]['id']}"
+        assert resource["encounter"]["reference"] == f"Encounter/{encounters[context.row_id]['id']}"
+        quantity = resource.get("valueQuantity", {})
+        assert quantity.get("value") == row.get("msemr_valuetypequantityvalue")
+        assert quantity.get("unit") == row.get("msemr_valuequantityunit")
+        assert resource.get("valueString") == row.get("msemr_valuestring")
+        assert resource.get("note") == ([{"text": row["msemr_comment"]}] if row.get("msemr_comment") else None)
         versions += check_provenance(fhir, resource)
     return versions
+
+
+def instant(value: Any) -> str | None:
+    """A Dataverse date and time as FHIR holds it (UTC, `Z`)."""
+    return value.isoformat().replace("+00:00", "Z") if value is not None else None
 
 
 @pytest.mark.parametrize("mode", MODES)
