@@ -85,7 +85,7 @@ async def _process_files(files: list[str], settings: Settings, maps: MapSet) -> 
     delivery, aclose = build_delivery(settings)
     worst = EXIT_OK
     try:
-        pipeline = Pipeline(maps, settings, delivery)
+        pipeline = Pipeline(maps, settings, delivery, one_shot=True)  # `process` retries nothing
         for name in files:
             result = await pipeline.process(Envelope(_read_bytes(name), message_id=Path(name).stem))
             print(json.dumps({

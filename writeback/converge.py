@@ -129,8 +129,10 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
     else:  # Target only: the changed columns, and no mark (it is not the row's whole state)
         new = apply(current, [*edit.owned, edit.identity])
         # The changed columns beside the values the server holds (an end date beside the start already there):
-        # checked here, where they meet. A whole row was checked when it was planned.
-        check_invariants(new)
+        # checked here, where they meet, in the elements the change writes only (what else the server's copy
+        # holds is not this change's to refuse). A whole row was checked when it was planned.
+        owned = {a.element for a in edit.owned}
+        check_invariants({"resourceType": new.get("resourceType"), **{k: v for k, v in new.items() if k in owned}})
     return _result(current, _one_choice(new, edit.owned), held)
 
 

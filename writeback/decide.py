@@ -204,6 +204,12 @@ def modified_on(row: Row) -> datetime | None:
     return value if isinstance(value, datetime) else None
 
 
+def version_of(message: Message, row: Row) -> Version:
+    """The row version a message carries: `versionnumber`, else `modifiedon`, else when the operation was created
+    (a message holding neither column still gets an order, and a mark the server accepts)."""
+    return Version(row_version(row), modified_on(row) or message.operation_created_on)
+
+
 def consented(value: object) -> bool:
     key = choice_key(value)  # type: ignore[arg-type]
     return key in ("true", "1")
@@ -335,7 +341,7 @@ def _refs(assignments: tuple[Assignment, ...]) -> tuple[RowRef, ...]:
 def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Settings, resource_type: str,
           old: Row, new: Row, full: bool) -> Decision:
     is_create = message.message_name == "Create"
-    version = Version(row_version(new), modified_on(new))
+    version = version_of(message, new)
     mark = Mark(message.table, message.record_id, version)
     target_columns = set(message.target.attributes) if message.target is not None else set()
     mapped = {a.column for a in entity_map.attributes if a.column}
@@ -461,7 +467,7 @@ def _source(message: Message, row_system: str, row: Row) -> Source:
         table=message.table, record_id=message.record_id, message_name=message.message_name, row_system=row_system,
         initiating_user_id=message.initiating_user_id, correlation_id=message.correlation_id,
         request_id=message.request_id, organization_id=message.organization_id,
-        row_version=row_version(row), modified_on=modified_on(row),
+        row_version=row_version(row), modified_on=modified_on(row) or message.operation_created_on,
     )
 
 

@@ -23,11 +23,10 @@ from writeback.decide import (
     consented,
     fhir_id_of,
     gates_of,
-    modified_on,
     resource_id,
     resource_type_of,
     row_state,
-    row_version,
+    version_of,
 )
 from writeback.mapping import RowRef
 from writeback.maps import MapSet
@@ -96,7 +95,7 @@ def facts_of(message: Message, maps: MapSet, settings: Settings) -> RowFacts | N
     elif resource_type:
         gates = gates_of(entity_map, maps, resource_type, row)
         parent = gates[0][1] if gates else None
-    return RowFacts(message.table, message.record_id, Version(row_version(row), modified_on(row)), resource_type,
+    return RowFacts(message.table, message.record_id, version_of(message, row), resource_type,
                     consent, fhir_id_of(entity_map, row), parent=parent)
 
 

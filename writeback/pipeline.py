@@ -21,7 +21,15 @@ from typing import Any, Literal, Protocol, TypeVar
 from writeback.converge import ItemEdit, RowEdit
 from writeback.decide import Decision, RowKey, WritePlan, decoded, narrow, plan_decoded, plan_message
 from writeback.errors import WritebackError
-from writeback.facts import RowFacts, facts_of, merged, remembered_gates, resolve
+from writeback.facts import (
+    CONSENT_GRACE_RETRIES,
+    REFERENCE_GRACE_RETRIES,
+    RowFacts,
+    facts_of,
+    merged,
+    remembered_gates,
+    resolve,
+)
 from writeback.maps import MapSet
 from writeback.messages import row_named
 from writeback.reasons import Kind, Reason
@@ -30,6 +38,8 @@ from writeback.settings import Settings
 
 log = logging.getLogger("writeback")
 _T = TypeVar("_T")
+# The attempt a one-shot pipeline decides every message as: past every grace period (`facts`).
+LAST_GRACE = max(CONSENT_GRACE_RETRIES, REFERENCE_GRACE_RETRIES)
 PLAN_SLICE = 50  # messages planned before their reads are sent and the writes now ready go out
 
 State = Literal["written", "skipped", "dead-lettered", "retry", "config-error"]
@@ -268,13 +278,16 @@ class Pipeline:
 
     def __init__(
         self, maps: MapSet, settings: Settings, delivery: Delivery | None, ledger: Ledger | None = None,
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Callable[[], datetime] = _utcnow, *, one_shot: bool = False,
     ) -> None:
+        """`one_shot`: nothing will be retried (the CLI's `process`), so nothing waits for a message that could
+        still come (a lookup's row, a consent given later): each message is decided as on its last try."""
         self.maps = maps
         self.settings = settings
         self.delivery = delivery
         self.ledger = ledger
         self.clock = clock
+        self.one_shot = one_shot
         self.retry_policy = RetryPolicy.of(settings)
         self._facts: dict[RowKey, RowFacts] = {}  # without a ledger
         self._slots = asyncio.Semaphore(settings.max_concurrency)
@@ -445,7 +458,8 @@ class Pipeline:
         writes: list[int] = []
         for i in indexes:
             envelope = batch.envelopes[i]
-            decision = resolve(batch.decisions[i], known, self.maps, self.settings, attempt=_attempt(envelope),
+            attempt = _attempt(envelope) if not self.one_shot else LAST_GRACE
+            decision = resolve(batch.decisions[i], known, self.maps, self.settings, attempt=attempt,
                                created=batch.created)
             if decision.decision != "write" or decision.plan is None:
                 batch.decisions[i], batch.results[i] = decision, self._settled(decision)

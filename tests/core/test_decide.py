@@ -825,3 +825,13 @@ def test_a_post_image_without_the_consent_column_is_not_read_as_the_whole_row():
     assert decision.decision == "write" and "registered narrower" in decision.detail
     resource = decision.as_json()["resource"]
     assert resource["name"][0]["given"] == ["Wren"] and resource["birthDate"] == "1981-04-12"
+
+
+def test_a_message_holding_neither_versionnumber_nor_modifiedon_is_ordered_by_when_its_operation_was_created():
+    """Its mark must still carry a version the server accepts (an empty one was refused as fhir-rejected)."""
+    from datetime import UTC, datetime
+
+    row = {"msemr_contacttype": Choice(935000000), "msemr_azurefhirsyncenabled": True, "lastname": "Okafor"}
+    when = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
+    decision = plan(context("Create", "contact", PATIENT, row, post=row, created=when))
+    assert decision.plan is not None and decision.plan.source.version.text() == "@" + when.isoformat()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +132,24 @@ def test_resubmit_against_a_real_namespace(capsys: pytest.CaptureFixture[str]) -
             for m in left:
                 if m.message_id and m.message_id.startswith(marker):
                     dlq.complete_message(m)
+
+
+def test_process_writes_an_observation_whose_encounter_is_nowhere_by_identifier(
+        live_env: FhirDevServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`process` retries nothing, so nothing waits for a message that could still come: a lookup to an Encounter
+    that is in no file given and not in FHIR is referred to by identifier at once, and the run exits 0."""
+    from devtools.messages import Choice, Lookup, context
+
+    patient, observation, encounter = (str(uuid.uuid4()) for _ in range(3))
+    row = {"msemr_contacttype": Choice(935000000), "msemr_azurefhirsyncenabled": True, "lastname": "Okafor"}
+    seen = {"msemr_status": Choice(935000002), "msemr_code": Lookup("msemr_codeableconcept", str(uuid.uuid4())),
+            "msemr_subjecttypepatient": Lookup("contact", patient),
+            "msemr_conexttypeencounter": Lookup("msemr_encounter", encounter), "msemr_valuestring": "trace"}
+    files = []
+    for name, body in (("patient", context("Create", "contact", patient, row, post=row)),
+                       ("observation", context("Create", "msemr_observation", observation, seen, post=seen))):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(body))
+    assert cli.main(["process", *map(str, files)]) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.count("written") >= 2, out

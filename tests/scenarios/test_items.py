@@ -499,6 +499,21 @@ async def test_14a2_a_target_only_end_before_the_start_fhir_holds_is_refused(wor
     assert "end" not in the_resource(world.fhir, "Encounter", "urn:dataverse:msemr_encounter", encounter)["period"]
 
 
+async def test_14a3_a_target_only_change_is_not_refused_for_what_it_does_not_write(world: World):
+    """Another system left a backwards period in an element no column maps to (statusHistory): a Target-only status
+    change is still written; only what the change writes is its to refuse."""
+    contact, created = world.dataverse.patient()
+    encounter, encounter_created = world.dataverse.encounter(contact, msemr_encounterstartdate=T0)
+    await world.send_each(created, encounter_created)
+    resource = the_resource(world.fhir, "Encounter", "urn:dataverse:msemr_encounter", encounter)
+    world.fhir.put({**resource, "statusHistory": [{"status": "planned", "period": {
+        "start": "2026-11-02T10:00:00Z", "end": "2026-11-02T08:00:00Z"}}]})
+    finished = target_only(world.dataverse.update("msemr_encounter", encounter,
+                                                  {"msemr_encounterstatus": Choice(935000005)}))
+    assert states(await world.send(finished)) == [("written", None)]
+    assert the_resource(world.fhir, "Encounter", "urn:dataverse:msemr_encounter", encounter)["status"] == "finished"
+
+
 async def test_14b_clearing_the_encounter_class_leaves_no_half_class(world: World):
     """Encounter.class is required (1..1): a cleared class column cannot be written as a class without a code
     (what the constant system alone made of it), nor as no class: the change is refused, saying why."""
