@@ -159,6 +159,10 @@ class Decision:
     plan: WritePlan | None = None
     resource_type: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # A Target-only change that does not hold the row's type (or consent): its decision for each type the map
+    # writes, and whether consent is to be taken from the row facts; `facts.resolve` picks (`_deferred`).
+    alternatives: Mapping[str, Decision] = field(default_factory=dict)
+    consent_from_facts: bool = False
 
     @property
     def table(self) -> str | None:
@@ -285,6 +289,10 @@ def decide(message: Message, maps: MapSet, settings: Settings) -> Decision:
         return _reject(Reason.MALFORMED_MESSAGE, f"{message.message_name} has no Target entity.", message)
 
     old, new, full = row_state(message)
+    if not full and message.message_name != "Create":
+        deferred = _deferred(message, entity_map, maps, settings, old=old, new=new)
+        if deferred is not None:
+            return deferred
     resource_type = resource_type_of(entity_map, new)
     if resource_type is None:
         key = choice_key(new.get(entity_map.choice_column or ""))
@@ -304,6 +312,37 @@ def decide(message: Message, maps: MapSet, settings: Settings) -> Decision:
                      new=new, full=full)
     except WritebackError as exc:
         return _reject(exc.reason, exc.detail, message, resource_type)
+
+
+def _deferred(message: Message, entity_map: EntityMap, maps: MapSet, settings: Settings, *, old: Row,
+              new: Row) -> Decision | None:
+    """A Target-only change (a step without images) holds only the columns the save changed: a contact's type and
+    consent, when it does not hold them, are what the row's earlier messages said (its row facts). It is planned
+    as each type the map writes, and `facts.resolve` picks the row's type and checks its consent there."""
+    type_column, consent_column = entity_map.choice_column, consent_column_of(entity_map, settings)
+    type_missing = type_column is not None and type_column not in new
+    consent_missing = consent_column is not None and consent_column not in new
+    if not type_missing and not consent_missing:
+        return None
+    known = resource_type_of(entity_map, new)
+    types = sorted(set(entity_map.choices.values())) if type_missing else [known] if known else []
+    decisions: dict[str, Decision] = {}
+    for resource_type in types:
+        if resource_type in entity_map.consent_types and not consent_missing and consent_column is not None \
+                and not consented(new.get(consent_column)):
+            decisions[resource_type] = _skip(Reason.CONSENT_WITHHELD, f"Consent column {consent_column} is not "
+                                             "Yes.", message, resource_type)
+            continue
+        try:
+            decisions[resource_type] = _plan(message, entity_map, maps=maps, settings=settings,
+                                             resource_type=resource_type, old=old, new=new, full=False)
+        except WritebackError as exc:
+            decisions[resource_type] = _reject(exc.reason, exc.detail, message, resource_type)
+    if not decisions:
+        return None
+    first = next((d for d in decisions.values() if d.decision == "write"), next(iter(decisions.values())))
+    return replace(first, alternatives=decisions if type_missing else {},
+                   consent_from_facts=consent_missing)
 
 
 def _relevant(entity_map: EntityMap, settings: Settings, resource_type: str) -> set[str]:

@@ -107,6 +107,40 @@ def merged(facts: Iterable[RowFacts], into: dict[RowKey, RowFacts] | None = None
     return out
 
 
+def _as_known(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, settings: Settings) -> Decision:
+    """A Target-only change without the row's type or consent (`decide._deferred`): its decision as the type the
+    row's facts know, gated by the consent they know."""
+    message = decision.message
+    assert message is not None
+    own = facts.get((message.table, message.record_id))
+    entity_map = maps.get(message.table)
+    chosen = decision
+    if decision.alternatives:
+        known = own.resource_type if own is not None else None
+        if known is None or known not in decision.alternatives:
+            column = entity_map.choice_column if entity_map is not None else None
+            if known is None:  # its Create (or any message with the type) may still be on its way
+                return replace(decision, decision="reject", reason=Reason.TARGET_PENDING, plan=None,
+                               alternatives={}, detail=f"Column {column} is not in the message (a step without "
+                               "images), and no earlier message of the row has told its type yet.")
+            return replace(decision, decision="reject", reason=Reason.INVALID_CONTACT_TYPE, plan=None,
+                           alternatives={}, detail=f"Column {column} is not in the message (a step without images), "
+                           f"and the row's type, from its earlier messages, is not one this map writes.")
+        chosen = decision.alternatives[known]
+    if decision.consent_from_facts and chosen.resource_type is not None and entity_map is not None \
+            and chosen.resource_type in entity_map.consent_types and chosen.decision == "write":
+        column = entity_map.consent_column or settings.consent_column
+        consent = own.consent if own is not None else None
+        if consent is None:
+            return replace(chosen, decision="reject", reason=Reason.CONSENT_UNKNOWN, plan=None,
+                           detail=f"Column {column} is not in the message (a step without images), and no earlier "
+                           "message of the row has told its consent yet.")
+        if not consent:
+            return replace(chosen, decision="skip", reason=Reason.CONSENT_WITHHELD, plan=None,
+                           detail=f"Consent column {column} was not Yes in the row's last message that held it.")
+    return replace(chosen, alternatives={}, consent_from_facts=False)
+
+
 def _left_behind(decision: Decision, maps: MapSet, gate: RowKey) -> str:
     """For a row moved to a patient who has not consented (its lookup changed in this save): FHIR still holds it
     under the patient it had, which nothing of the new patient may change. Said, by ids only, so an administrator
@@ -156,6 +190,8 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
     FHIR ids, its lookups' references. `attempt`: how many times this message was tried before. `created`: rows
     whose Create is among the messages being processed: new rows, whose resource is (or will be) made under the
     row's own id (`decide.resource_id`), so a lookup to one refers to that id."""
+    if decision.alternatives or decision.consent_from_facts:
+        decision = _as_known(decision, facts, maps, settings)
     plan = decision.plan
     if decision.decision != "write" or plan is None:
         return decision

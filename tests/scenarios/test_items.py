@@ -135,6 +135,24 @@ async def test_02c_an_encounter_moved_to_a_patient_without_consent_says_where_fh
     assert f"It was moved from contact {one}: FHIR still holds it under that patient" in results[-1].detail
 
 
+async def test_02d_a_target_only_contact_change_takes_type_and_consent_from_the_rows_earlier_messages(world: World):
+    """A step without images sends only the changed columns, never the contact's type or consent: they are what
+    the row's earlier messages said (it was dead-lettered invalid-contact-type)."""
+    dv = world.dataverse
+    patient, patient_created = dv.patient()
+    doctor, doctor_created = dv.patient(msemr_contacttype=PRACTITIONER)
+    withdrawn, withdrawn_created = dv.patient(consent=False)
+    await world.send_each(patient_created, doctor_created, withdrawn_created)
+    unknown, _ = dv.patient()  # its Create is not received (yet)
+    changes = [target_only(dv.update("contact", row, {"telephone1": "+1 555 0199"}))
+               for row in (patient, doctor, withdrawn)]
+    stranger = target_only(dv.update("contact", unknown, {"telephone1": "+1 555 0111"}))
+    assert states(await world.send(*changes, stranger)) == [
+        ("written", None), ("written", None), ("skipped", "consent-withheld"), ("retry", "target-pending")]
+    check_contact(world.fhir, patient, dv.row("contact", patient))
+    check_contact(world.fhir, doctor, dv.row("contact", doctor), resource_type="Practitioner")
+
+
 # ---- 3. consent switched on: the whole current row is written --------------------------------------------------
 
 
