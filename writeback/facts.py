@@ -131,8 +131,9 @@ def _as_known(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet
             and chosen.resource_type in entity_map.consent_types and chosen.decision == "write":
         column = entity_map.consent_column or settings.consent_column
         consent = own.consent if own is not None else None
-        if consent is None:
-            return replace(chosen, decision="reject", reason=Reason.CONSENT_UNKNOWN, plan=None,
+        if consent is None:  # as for a row of a patient whose consent is not known (WRITEBACK_CONSENT_UNKNOWN)
+            return replace(chosen, decision="skip" if settings.consent_unknown == "skip" else "reject",
+                           reason=Reason.CONSENT_UNKNOWN, plan=None,
                            detail=f"Column {column} is not in the message (a step without images), and no earlier "
                            "message of the row has told its consent yet.")
         if not consent:

@@ -835,3 +835,26 @@ def test_a_message_holding_neither_versionnumber_nor_modifiedon_is_ordered_by_wh
     when = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
     decision = plan(context("Create", "contact", PATIENT, row, post=row, created=when))
     assert decision.plan is not None and decision.plan.source.version.text() == "@" + when.isoformat()
+
+
+def test_a_target_only_contact_change_is_decided_by_the_type_and_consent_the_rows_facts_know():
+    """Pure half of test_02d: the message holds neither the contact's type nor its consent."""
+    from writeback.facts import RowFacts, resolve
+
+    body = context("Update", "contact", PATIENT, {"telephone1": "+1 555 0199", "versionnumber": 7})
+    decision = plan(body)
+    assert decision.decision == "write" and set(decision.alternatives) == {"Patient", "Practitioner"}
+    key = ("contact", PATIENT)
+
+    def facts(resource_type: str | None, consent: bool | None) -> dict[tuple[str, str], RowFacts]:
+        return {key: RowFacts(*key, resource_type=resource_type, consent=consent)}
+
+    doctor = resolve(decision, facts("Practitioner", None), MAPS, SETTINGS)
+    assert doctor.decision == "write" and doctor.plan is not None and doctor.plan.resource_type == "Practitioner"
+    assert resolve(decision, facts("Patient", True), MAPS, SETTINGS).decision == "write"
+    assert resolve(decision, facts("Patient", False), MAPS, SETTINGS).reason is Reason.CONSENT_WITHHELD
+    assert resolve(decision, facts(None, None), MAPS, SETTINGS).reason is Reason.TARGET_PENDING
+    unknown = resolve(decision, facts("Patient", None), MAPS, SETTINGS)
+    assert (unknown.decision, unknown.reason) == ("reject", Reason.CONSENT_UNKNOWN)
+    skip = Settings.for_planning({"WRITEBACK_CONSENT_UNKNOWN": "skip"})
+    assert resolve(decision, facts("Patient", None), MAPS, skip).decision == "skip"
