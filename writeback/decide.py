@@ -34,7 +34,7 @@ from writeback.mapping import (
     render,
     validate,
 )
-from writeback.maps import EntityMap, MapSet
+from writeback.maps import AttributeMap, EntityMap, MapSet
 from writeback.marks import Mark, Version
 from writeback.messages import EntityRef, Message, decode_body, label, message_of
 from writeback.paths import KEEP, Assignment, Field, Index, Select
@@ -359,17 +359,23 @@ def _relevant(entity_map: EntityMap, settings: Settings, resource_type: str) -> 
     return columns
 
 
+def gate_table(attr: AttributeMap, maps: MapSet) -> str | None:
+    """The table of the patient a lookup column names when that patient's consent gates the row, else None."""
+    referenced = maps.get(attr.reference_table or "") if attr.action == "lookup" else None
+    return referenced.table if referenced is not None and attr.reference_type in referenced.consent_types else None
+
+
 def gates_of(entity_map: EntityMap, maps: MapSet, resource_type: str, row: Row) -> list[RowKey]:
     """Rows of patients this row belongs to (a lookup to a table whose map asks for consent): their consent
     decides whether this row is written."""
     gates: list[RowKey] = []
     for attr in entity_map.attributes:
-        if attr.action != "lookup" or (attr.only_for is not None and resource_type not in attr.only_for):
+        if attr.only_for is not None and resource_type not in attr.only_for:
             continue
         value = row.get(attr.column or "")
-        referenced = maps.get(attr.reference_table or "")
-        if isinstance(value, EntityRef) and referenced is not None and attr.reference_type in referenced.consent_types:
-            gates.append((referenced.table, value.id))
+        table = gate_table(attr, maps)
+        if isinstance(value, EntityRef) and table is not None:
+            gates.append((table, value.id))
     return gates
 
 

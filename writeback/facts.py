@@ -22,6 +22,7 @@ from writeback.decide import (
     Write,
     consented,
     fhir_id_of,
+    gate_table,
     gates_of,
     resource_id,
     resource_type_of,
@@ -169,8 +170,7 @@ def remembered_gates(decision: Decision, facts: Mapping[RowKey, RowFacts], maps:
     entity_map = maps.get(plan.source.table)
     if own is None or own.parent is None or entity_map is None:
         return ()
-    table = next((a.reference_table for a in entity_map.attributes if a.action == "lookup" and a.reference_table
-                  and (m := maps.get(a.reference_table)) is not None and a.reference_type in m.consent_types), None)
+    table = next((t for t in (gate_table(a, maps) for a in entity_map.attributes) if t is not None), None)
     return ((table, own.parent),) if table else ()
 
 
