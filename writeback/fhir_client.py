@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import json as stdjson
 import logging
 import random
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,7 +23,7 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
-import orjson
+import msgspec
 
 from writeback.auth import OAuthClientCredentials, TokenProvider, fhir_tokens
 from writeback.decide import Target, WritePlan
@@ -102,45 +100,28 @@ def _problem(body: Mapping[str, Any] | None) -> str:
     return "; ".join(parts)
 
 
-# A decimal whose text ends in 0 after the point ("72.50"): its precision is part of its FHIR value.
-_SCALED_DECIMAL = re.compile(rb"[0-9]\.[0-9]*0(?=[\s,}\]])")
+# msgspec, one pass each way: every JSON number with a fraction or exponent is decoded as a Decimal, so a value
+# read back and written again keeps the text it had ("72.50" stays 72.50, which a float cannot hold), and a
+# Decimal is encoded as the number it holds.
+_DECODER = msgspec.json.Decoder(float_hook=Decimal)
+_ENCODER = msgspec.json.Encoder(decimal_format="number")
 
 
 def _json(response: httpx.Response) -> dict[str, Any] | None:
     if not response.content:
         return None
     try:
-        if _SCALED_DECIMAL.search(response.content):
-            # Read back and written again, "72.50" must stay 72.50, which a float cannot hold.
-            data = stdjson.loads(response.content, parse_float=Decimal)
-        else:
-            # orjson: decoding batch answers was an eighth of the end-to-end time with the standard library.
-            data = orjson.loads(response.content)
-    except ValueError:
+        data = _DECODER.decode(response.content)
+    except (msgspec.DecodeError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
 
-def _exact(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return orjson.Fragment(str(value).encode())
-    raise TypeError
-
-
-def _stdlib_default(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return float(value)
-    raise TypeError(type(value).__name__)
-
-
 def encode(body: Any, *, indent: bool = False) -> bytes:
-    """A request body as compact UTF-8 JSON (what httpx's `json=` sends), through orjson; decimals as written.
-    `indent`: for people to read (the dry run)."""
-    try:
-        return orjson.dumps(body, default=_exact, option=orjson.OPT_INDENT_2 if indent else None)
-    except TypeError:  # integers beyond 64 bits, which orjson refuses; the standard library does not
-        return stdjson.dumps(body, ensure_ascii=False, separators=(",", ":") if not indent else None,
-                             indent=2 if indent else None, allow_nan=False, default=_stdlib_default).encode()
+    """A request body as compact UTF-8 JSON (what httpx's `json=` sends); decimals as written. `indent`: for
+    people to read (the dry run)."""
+    encoded = _ENCODER.encode(body)
+    return msgspec.json.format(encoded, indent=2) if indent else encoded
 
 
 def refused(status: int, body: Mapping[str, Any] | None, what: str) -> WritebackError:

@@ -6,7 +6,6 @@ Every error text names fields, never their values.
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from collections.abc import Mapping
@@ -14,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, TypeAlias
+
+import msgspec
 
 from writeback.errors import WritebackError
 from writeback.reasons import Reason
@@ -27,6 +28,10 @@ _DATE = re.compile(r"^/Date\((-?\d{1,15})([+-]\d{4})?\)/$")
 # A UTF-16 surrogate, escaped or raw: valid only in pairs; a lone one cannot be written out as UTF-8 again.
 _CANONICAL_GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _SURROGATE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|[\ud800-\udfff]")
+# Decimals exactly as written ("72.50" keeps its precision, as a FHIR decimal does); lone surrogates, raw or
+# escaped, are refused as invalid text.
+_BODY = msgspec.json.Decoder(float_hook=Decimal)
+_AT_BYTE = re.compile(r"\(byte (\d+)\)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,20 +348,25 @@ def decode_body(body: bytes | str, content_type: str | None = None) -> Mapping[s
         raise WritebackError(Reason.UNSUPPORTED_FORMAT if not stripped.startswith("[") else Reason.MALFORMED_MESSAGE,
                              "body is not a JSON object")
     try:
-        data = json.loads(text, parse_float=Decimal)  # "72.50" keeps its precision (a FHIR decimal does)
-    except (ValueError, RecursionError) as exc:
-        where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
-        raise _fail(f"body is not valid JSON{where}") from None
+        data = _BODY.decode(text)
+    except (msgspec.DecodeError, UnicodeEncodeError) as exc:
+        if _SURROGATE.search(text):
+            raise _fail("body holds an unpaired UTF-16 surrogate (not valid Unicode text)") from None
+        raise _fail(f"body is not valid JSON{_where(text, exc)}") from None
+    except RecursionError:
+        raise _fail("body is nested too deeply") from None
     if not isinstance(data, dict):
         raise _fail("body is not a JSON object")
-    if (not text.isascii() or "\\u" in text) and _SURROGATE.search(text):  # most bodies: neither
-        try:
-            json.dumps(data, ensure_ascii=False, default=str).encode("utf-8")
-        except UnicodeEncodeError:
-            raise _fail("body holds an unpaired UTF-16 surrogate (not valid Unicode text)") from None
-        except (ValueError, RecursionError):
-            raise _fail("body is nested too deeply") from None
     return data
+
+
+def _where(text: str, error: Exception) -> str:
+    """" at line L column C" of a decoding error in `text`, where the decoder said which byte."""
+    found = _AT_BYTE.search(str(error))
+    if found is None:
+        return ""
+    before = text.encode("utf-8", "surrogatepass")[:int(found.group(1))].decode("utf-8", "replace")
+    return f" at line {before.count(chr(10)) + 1} column {len(before) - before.rfind(chr(10))}"
 
 
 def row_named(data: Mapping[str, Any]) -> tuple[str, str, bool] | None:
