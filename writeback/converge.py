@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from writeback.mapping import check_invariants, choice_siblings
 from writeback.marks import MOVED, Mark, Version, item_of, mark_of, marks_in, with_mark
-from writeback.paths import KEEP, Assignment, apply, apply_state
+from writeback.paths import KEEP, Assignment, apply, apply_changes, apply_state
 
 Kind = Literal["write", "stale", "same", "unchanged", "absent"]
 _SERVER_META = ("versionId", "lastUpdated", "source")
@@ -127,7 +127,7 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
         new = apply(apply_state(current, edit.owned, edit.before), [edit.identity])
         new = with_mark(new, edit.mark, edit.mark.table, edit.mark.row_id)
     else:  # Target only: the changed columns, and no mark (it is not the row's whole state)
-        new = apply(current, [*edit.owned, edit.identity])
+        new = apply_changes(current, [*edit.owned, edit.identity])
         # The changed columns beside the values the server holds (an end date beside the start already there):
         # checked here, where they meet, in the elements the change writes only (what else the server's copy
         # holds is not this change's to refuse). A whole row was checked when it was planned.
@@ -178,7 +178,7 @@ def _item(current: dict[str, Any], edit: ItemEdit) -> Converged:
         if ordered is not None:
             return ordered
     base = dict(items[index]) if index is not None else {}
-    item = apply_state(base, edit.owned) if edit.full else apply(base, edit.owned)
+    item = apply_state(base, edit.owned) if edit.full else apply_changes(base, edit.owned)
     item = with_mark(item, None, table, row_id)
     new = {k: v for k, v in current.items()}
     new = with_mark(new, None, table, row_id, MOVED)

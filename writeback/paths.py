@@ -335,6 +335,78 @@ def _redirect(assignments: list[Assignment], redirects: dict[Path, Select]) -> l
     return [one(a) for a in assignments]
 
 
+# In a FHIR datatype, the elements that describe another one: a Coding's display and version name its code in its
+# system; a Quantity's code is the coded form of its unit, and its unit the text of its code. When the map changes
+# the described value and does not own the describing one, the describing one (a display the ingest put there, a
+# UCUM code) would now misstate it, so it goes. Only below a resource's top level, where these are datatypes.
+_DESCRIBED_BY: dict[str, tuple[str, ...]] = {
+    "code": ("display", "version", "unit"),
+    "system": ("code", "display", "version"),
+    "unit": ("code",),
+}
+
+
+def _described(assignments: Iterable[Assignment]) -> list[Assignment]:
+    """The assignments whose value other elements may describe."""
+    return [a for a in assignments if len(a.path) > 1 and isinstance(a.path[-1], Field)
+            and a.path[-1].name in _DESCRIBED_BY and a.value is not KEEP]
+
+
+def _owns(assignments: Iterable[Assignment], prefix: Path) -> bool:
+    return any(a.path[:len(prefix)] == prefix for a in assignments)
+
+
+def _owns_item(assignments: Iterable[Assignment], list_path: Path, item: object, position: int) -> bool:
+    """Whether an assignment writes into this item of the list at `list_path` (by selector or position)."""
+    depth = len(list_path)
+    for a in assignments:
+        if len(a.path) > depth and a.path[:depth] == list_path:
+            seg = a.path[depth]
+            if (isinstance(seg, Select) and _matches(item, seg)) or (isinstance(seg, Index)
+                                                                     and seg.position == position):
+                return True
+    return False
+
+
+def _drop_stale(result: dict[str, Any], changed: Iterable[Assignment], assignments: list[Assignment]) -> None:
+    """Remove, in place, what described the values of `changed` (which did change) and no assignment owns. A
+    coding whose code or system changed also takes its concept's text and other codings with it: they named the
+    concept it no longer is (a LOINC body weight beside a code that now says heart rate)."""
+    for a in changed:
+        parent_path, leaf = a.path[:-1], a.path[-1]
+        assert isinstance(leaf, Field)
+        parent = _navigate(result, parent_path)
+        if isinstance(parent, dict):
+            for other in _DESCRIBED_BY[leaf.name]:
+                if other in parent and not _owns(assignments, (*parent_path, Field(other))):
+                    del parent[other]
+        if leaf.name not in ("code", "system") or len(a.path) < 4 or a.path[-3] != Field("coding"):
+            continue
+        concept = _navigate(result, a.path[:-3])
+        if not isinstance(concept, dict):
+            continue
+        if "text" in concept and not _owns(assignments, (*a.path[:-3], Field("text"))):
+            del concept["text"]
+        codings = concept.get("coding")
+        if isinstance(codings, list):
+            concept["coding"] = [c for i, c in enumerate(codings) if _owns_item(assignments, a.path[:-2], c, i)]
+
+
+def _changed(before: list[tuple[Assignment, JSONValue]], result: dict[str, Any]) -> list[Assignment]:
+    """Of the described values and what they were before the write, those the write changed."""
+    return [a for a, was in before
+            if was is not None and not isinstance(was, dict | list) and _navigate(result, a.path) != was]
+
+
+def apply_changes(resource: dict[str, Any], assignments: Iterable[Assignment]) -> dict[str, Any]:
+    """`apply`, and what described a value it changed goes with it (see `_DESCRIBED_BY`)."""
+    assignments = list(assignments)
+    before = [(a, _navigate(resource, a.path)) for a in _described(assignments)]
+    result = apply(resource, assignments)
+    _drop_stale(result, _changed(before, result), assignments)
+    return result
+
+
 def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
                 before: Iterable[Assignment] = ()) -> dict[str, Any]:
     """A new resource: `resource` with a row's whole state written (see the module docstring). `before`: the
@@ -360,10 +432,13 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
     redirects = adopt(result, [*values, *constants], before) if len(result) > 1 else {}  # empty: nothing to adopt
     if redirects:
         values, constants = _redirect(values, redirects), _redirect(constants, redirects)
+    described = [(a, _navigate(result, a.path)) for a in _described(values)] if len(result) > 1 else []
     for constant in constants:  # cleared first: it stays only where the row still has a value beside it
         result = _set(result, constant.path, None)
     for assignment in values:
         result = _set(result, assignment.path, assignment.value)
+    if described:
+        _drop_stale(result, _changed(described, result), [*values, *constants])
     for constant in constants:
         if len(constant.path) == 1 or isinstance(_navigate(result, constant.path[:-1]), dict):
             result = _set(result, constant.path, constant.value)

@@ -7,7 +7,18 @@ from typing import Any
 
 import pytest
 
-from writeback.paths import Assignment, Field, Index, PathError, Select, apply, format_path, parse_path
+from writeback.paths import (
+    Assignment,
+    Field,
+    Index,
+    PathError,
+    Select,
+    apply,
+    apply_changes,
+    apply_state,
+    format_path,
+    parse_path,
+)
 
 
 def a(path: str, value: Any) -> Assignment:
@@ -270,3 +281,64 @@ def test_a_number_corrected_to_another_ingested_number_takes_that_item_with_no_s
                 "telecom": [{"system": "phone", "value": "A"}, {"system": "phone", "value": "B"}]}
     out = apply_state(resource, [Assignment(WORK, "B", "telephone1")], before=[Assignment(WORK, "A", "telephone1")])
     assert out["telecom"] == [{"system": "phone", "value": "A"}, {"system": "phone", "value": "B", "use": "work"}]
+
+
+# ---- what described a changed value goes with it ------------------------------------------------------------------
+
+UCUM = "http://unitsofmeasure.org"
+CODES = "urn:dataverse:msemr_codeableconcept"
+
+
+def col(path: str, value: Any) -> Assignment:
+    """A row's column (a value without a column is a map's constant to `apply_state`)."""
+    return Assignment(parse_path(path), value, path)
+
+
+def observation() -> dict[str, Any]:
+    return {"resourceType": "Observation",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7", "display": "Body weight"},
+                                {"system": CODES, "code": "w"}], "text": "Body weight"},
+            "valueQuantity": {"value": 72, "unit": "kg", "system": UCUM, "code": "kg"}}
+
+
+def observation_state(code: str, unit: str | None) -> list[Assignment]:
+    return [col(f"code.coding[system={CODES}].code", code), col("valueQuantity.value", 72),
+            col("valueQuantity.unit", unit), col("valueQuantity.system", UCUM)]
+
+
+@pytest.mark.parametrize("write", [apply_state, apply_changes])
+def test_a_changed_unit_takes_the_code_of_the_old_unit_away(write):
+    assert write(observation(), observation_state("w", "lb"))["valueQuantity"] == \
+        {"value": 72, "unit": "lb", "system": UCUM}
+
+
+@pytest.mark.parametrize("write", [apply_state, apply_changes])
+def test_a_cleared_unit_takes_its_code_away_too(write):
+    assert write(observation(), observation_state("w", None))["valueQuantity"] == {"value": 72, "system": UCUM}
+
+
+@pytest.mark.parametrize("write", [apply_state, apply_changes])
+def test_a_changed_code_takes_the_concepts_text_and_other_codings_away(write):
+    assert write(observation(), observation_state("h", "kg"))["code"] == {"coding": [{"system": CODES, "code": "h"}]}
+
+
+@pytest.mark.parametrize("write", [apply_state, apply_changes])
+def test_values_written_as_they_were_keep_what_describes_them(write):
+    assert write(observation(), observation_state("w", "kg")) == observation()
+
+
+def test_a_coding_added_beside_the_ingests_keeps_it():
+    """No code of ours was there: adding one changes no concept, so the LOINC coding and the text stay."""
+    ingested = observation()
+    del ingested["code"]["coding"][1]
+    written = apply_state(ingested, observation_state("w", "kg"))
+    assert written["code"] == {"coding": [{"system": "http://loinc.org", "code": "29463-7", "display": "Body weight"},
+                                          {"system": CODES, "code": "w"}], "text": "Body weight"}
+
+
+def test_what_the_map_owns_is_written_not_dropped():
+    """A map that owns the display too writes it: only what no assignment owns goes."""
+    state = [col("class.code", "IMP"), col("class.display", "inpatient encounter")]
+    resource = {"resourceType": "Encounter", "class": {"system": "s", "code": "AMB", "display": "ambulatory",
+                                                       "version": "2"}}
+    assert apply_state(resource, state)["class"] == {"system": "s", "code": "IMP", "display": "inpatient encounter"}

@@ -8,6 +8,7 @@ import json
 import uuid
 from dataclasses import replace
 from datetime import date, timedelta
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -613,6 +614,64 @@ async def test_14g_a_value_type_written_replaces_the_other_types_of_that_choice_
     written = world.fhir.get(f"Observation/{seeded['id']}")
     assert sorted(k for k in written if k.startswith(("value", "effective"))) == ["effectiveDateTime", "valueString"]
     assert written["valueString"] == "negative"
+
+
+async def test_14h_what_described_a_value_that_changed_goes_with_it(world: World):
+    """An Observation from FHIR holds a LOINC coding and a text beside the code-table coding the map owns, and a
+    UCUM code beside the unit and value it owns. Edited in Dataverse: a changed unit takes the old unit's code
+    away (a value of 160 with code kg would say 160 kg); a changed code takes away what named the old code (the
+    LOINC coding and the text of body weight). An edit that leaves the code as it was keeps them."""
+    dv = world.dataverse
+    seeded_patient = ingested_patient(world)
+    contact, ingested = ingest(world, seeded_patient)
+    weight, other = new_id(), new_id()
+    seeded = world.fhir.put({
+        "resourceType": "Observation", "id": f"ext-{new_id()[:8]}", "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7", "display": "Body weight"},
+                            {"system": "urn:dataverse:msemr_codeableconcept", "code": weight}],
+                 "text": "Body weight"},
+        "subject": {"reference": f"Patient/{seeded_patient['id']}"},
+        "valueQuantity": {"value": 72.5, "unit": "kg", "system": "http://unitsofmeasure.org", "code": "kg"}})
+    observation = new_id()
+    row = {"msemr_status": Choice(935000002), "msemr_code": Lookup("msemr_codeableconcept", weight),
+           "msemr_subjecttypepatient": Lookup("contact", contact), "msemr_azurefhirid": seeded["id"],
+           "msemr_valuetypequantityvalue": Decimal("72.50"), "msemr_valuequantityunit": "kg",
+           "msemr_valuequantitysystem": "http://unitsofmeasure.org"}
+    echo = dv.create("msemr_observation", observation, row, user=SYNC_USER)
+    noted = dv.update("msemr_observation", observation, {"msemr_comment": "after lunch"})
+    relabelled = dv.update("msemr_observation", observation, {"msemr_valuetypequantityvalue": Decimal("160.0"),
+                                                              "msemr_valuequantityunit": "lb"})
+    assert states(await world.send_each(ingested, echo, noted, relabelled)) == \
+        [("skipped", "echo")] * 2 + [("written", None)] * 2
+    written = world.fhir.get(f"Observation/{seeded['id']}")
+    assert written["valueQuantity"] == {"value": 160.0, "unit": "lb",
+                                        "system": "http://unitsofmeasure.org"}
+    assert written["code"]["text"] == "Body weight"  # the code did not change
+    assert [c["code"] for c in written["code"]["coding"]] == ["29463-7", weight]
+    recoded = dv.update("msemr_observation", observation, {"msemr_code": Lookup("msemr_codeableconcept", other)})
+    assert states(await world.send(recoded)) == [("written", None)]
+    written = world.fhir.get(f"Observation/{seeded['id']}")
+    assert written["code"] == {"coding": [{"system": "urn:dataverse:msemr_codeableconcept", "code": other}]}
+    assert written["note"] == [{"text": "after lunch"}]
+
+
+async def test_14i_a_changed_encounter_class_loses_the_display_of_the_old_one(world: World):
+    dv = world.dataverse
+    seeded_patient = ingested_patient(world)
+    contact, ingested = ingest(world, seeded_patient)
+    seeded = world.fhir.put({
+        "resourceType": "Encounter", "id": f"ext-{new_id()[:8]}", "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB",
+                  "display": "ambulatory"},
+        "subject": {"reference": f"Patient/{seeded_patient['id']}"}})
+    encounter = new_id()
+    row = {"msemr_encounterstatus": Choice(935000004), "msemr_encounterclass": Choice(935000001),
+           "msemr_subjectpatient": Lookup("contact", contact), "msemr_azurefhirid": seeded["id"]}
+    echo = dv.create("msemr_encounter", encounter, row, user=SYNC_USER)
+    admitted = dv.update("msemr_encounter", encounter, {"msemr_encounterclass": Choice(935000000)})
+    assert states(await world.send_each(ingested, echo, admitted)) == [("skipped", "echo")] * 2 + [("written", None)]
+    written = world.fhir.get(f"Encounter/{seeded['id']}")
+    assert written["class"] == {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"}
 
 
 # ---- columns cleared: Dataverse leaves them out of every later image --------------------------------------------
