@@ -275,6 +275,16 @@ def fhir_id_of(entity_map: EntityMap, row: Row) -> str | None:
     return value if isinstance(value, str) and _FHIR_ID.match(value) else None
 
 
+def fhir_id_type(entity_map: EntityMap, old: Row, new: Row) -> str | None:
+    """The type of the resource the row's FHIR id names, as far as the message tells: the FHIR id column is set
+    when the row's resource is made or ingested, so an id the row already had before the save (pre image) under
+    another type is that type's (a contact ingested as a Patient, now a Practitioner: its id is the Patient's)."""
+    fhir_id, kind = fhir_id_of(entity_map, new), resource_type_of(entity_map, new)
+    if fhir_id is not None and old and fhir_id_of(entity_map, old) == fhir_id:
+        return resource_type_of(entity_map, old) or kind
+    return kind
+
+
 def decide(message: Message, maps: MapSet, settings: Settings) -> Decision:
     entity_map = maps.get(message.table)
     if entity_map is None or not entity_map.writeback:
@@ -414,7 +424,8 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
     assignments = tuple(build_assignments(entity_map, resource_type, new, columns, full=full, keep_absent=keep))
     if is_create and not any(a.value is not None for a in assignments if a.column is not None):
         return _skip(Reason.NO_CHANGE, "The row has no value in any mapped column.", message, resource_type)
-    target = Target(resource_type, fhir_id_of(entity_map, new), entity_map.identifier_system, message.record_id,
+    fhir_id = fhir_id_of(entity_map, new) if fhir_id_type(entity_map, old, new) in (None, resource_type) else None
+    target = Target(resource_type, fhir_id, entity_map.identifier_system, message.record_id,
                     resource_id(message.table, message.record_id), message.table)
     refs = _refs(assignments)
     rendered = render(resource_type, [*assignments, target.identity] if full else assignments, full=full)

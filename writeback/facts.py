@@ -22,6 +22,7 @@ from writeback.decide import (
     Write,
     consented,
     fhir_id_of,
+    fhir_id_type,
     gate_table,
     gates_of,
     resource_id,
@@ -51,16 +52,22 @@ class RowFacts:
     # A child row's parent row (the medical identifier's contact), or the patient a clinical row belongs to (its
     # subject): what a later message without that lookup (a step without images) still needs the consent of.
     parent: str | None = None
+    # The type of the resource `fhir_id` names (`decide.fhir_id_type`): the type the row had when it got the id.
+    fhir_type: str | None = None
 
     @property
     def key(self) -> RowKey:
         return self.table, self.row_id
 
+    def fhir_id_for(self, resource_type: str) -> str | None:
+        """The row's FHIR id (msemr_azurefhirid) when it names a resource of that type, or may (type unknown)."""
+        return self.fhir_id if self.fhir_id and self.fhir_type in (None, resource_type) else None
+
     def id_for(self, resource_type: str) -> str | None:
-        """The FHIR id of the row's resource of that type (a contact that became a Practitioner was written as
-        a Patient before: that id is not the Practitioner's)."""
-        if self.fhir_id:
-            return self.fhir_id
+        """The FHIR id of the row's resource of that type (a contact that became a Practitioner was a Patient
+        before: neither the id it was ingested under nor the one written then is the Practitioner's)."""
+        if known := self.fhir_id_for(resource_type):
+            return known
         if self.written and self.written.startswith(f"{resource_type}/"):
             return self.written.split("/", 1)[1]
         return None
@@ -69,11 +76,14 @@ class RowFacts:
         """These facts and `other` (of the same row): the newer version's values where it has them."""
         order = self.version.compare(other.version)
         newer, older = (other, self) if order is None or order <= 0 else (self, other)
+        # One FHIR id keeps the type it was given under (the older message saw it first); a new id its own.
+        fhir_type = (older.fhir_type or newer.fhir_type if newer.fhir_id == older.fhir_id
+                     else newer.fhir_type if newer.fhir_id else older.fhir_type)
         return RowFacts(self.table, self.row_id, newer.version if newer.version.known else older.version,
                         newer.resource_type if newer.resource_type is not None else older.resource_type,
                         newer.consent if newer.consent is not None else older.consent,
                         newer.fhir_id or older.fhir_id, newer.written or older.written,
-                        newer.parent if newer.parent is not None else older.parent)
+                        newer.parent if newer.parent is not None else older.parent, fhir_type)
 
 
 def facts_of(message: Message, maps: MapSet, settings: Settings) -> RowFacts | None:
@@ -81,7 +91,7 @@ def facts_of(message: Message, maps: MapSet, settings: Settings) -> RowFacts | N
     entity_map = maps.get(message.table)
     if entity_map is None or message.payload_dropped:
         return None
-    _, row, _ = row_state(message)
+    old, row, _ = row_state(message)
     resource_type: str | None = None
     if entity_map.resource_type is not None or (entity_map.choice_column or "") in row:
         resource_type = resource_type_of(entity_map, row) or NOT_WRITABLE
@@ -96,8 +106,10 @@ def facts_of(message: Message, maps: MapSet, settings: Settings) -> RowFacts | N
     elif resource_type:
         gates = gates_of(entity_map, maps, resource_type, row)
         parent = gates[0][1] if gates else None
+    fhir_id = fhir_id_of(entity_map, row)
     return RowFacts(message.table, message.record_id, version_of(message, row), resource_type,
-                    consent, fhir_id_of(entity_map, row), parent=parent)
+                    consent, fhir_id, parent=parent,
+                    fhir_type=fhir_id_type(entity_map, old, row) if fhir_id is not None else None)
 
 
 def merged(facts: Iterable[RowFacts], into: dict[RowKey, RowFacts] | None = None) -> dict[RowKey, RowFacts]:
@@ -204,12 +216,14 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
         return replace(decision, decision="skip", reason=Reason.STALE, plan=None,
                        detail=f"A newer change of this row ({own.version.text()}) moved it to another "
                        f"{first.target.table}.")
+    not_patients: set[RowKey] = set()
     for table, row_id in gates:
         gate_map = maps.get(table)
         fact = facts.get((table, row_id))
         if fact is not None and fact.resource_type is not None and gate_map is not None and \
                 fact.resource_type not in gate_map.consent_types:
-            continue  # not a patient (a practitioner): no consent to ask
+            not_patients.add((table, row_id))  # a practitioner: no consent to ask, and no patient's id to refer by
+            continue
         if fact is None or fact.consent is None:
             detail = (f"The consent of the patient ({table} {row_id}) this row belongs to is not known yet: no "
                       "message of that row has been seen.")
@@ -245,7 +259,11 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
                 edit = replace(edit, awaited=True)
         # Only a FHIR id the row came with (msemr_azurefhirid) changes how the resource is read: one this product
         # wrote is found by the row identifier it carries, the read sent ahead while the batch was planned.
-        fhir_id = target.fhir_id or (fact.fhir_id if fact is not None else None)
+        # An id the facts know to name a resource of another type (the row's type changed since) names none of
+        # this one: it is found or made by the row identifier.
+        fhir_id = target.fhir_id
+        if fact is not None and (fhir_id is None or fhir_id == fact.fhir_id):
+            fhir_id = fact.fhir_id_for(target.resource_type)
         writes.append(Write(replace(target, fhir_id=fhir_id), edit))
     if not writes:  # an unlinked child row whose previous parent withholds consent, or is no such resource
         return replace(decision, decision="skip", reason=Reason.CONSENT_WITHHELD if notes else Reason.NO_CHANGE,
@@ -264,5 +282,5 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
     awaited = frozenset(ref for ref in plan.refs if ref not in ref_ids and attempt < REFERENCE_GRACE_RETRIES
                         and (ref.table, ref.row_id) not in gated
                         and getattr(facts.get((ref.table, ref.row_id)), "resource_type", None) != NOT_WRITABLE)
-    return replace(decision, detail=detail, plan=replace(plan, writes=tuple(writes), ref_ids=ref_ids,
-                                                         awaited=awaited))
+    return replace(decision, detail=detail, plan=replace(plan, writes=tuple(writes), ref_ids=ref_ids, awaited=awaited,
+                                                         gates=tuple(g for g in plan.gates if g not in not_patients)))

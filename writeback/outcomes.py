@@ -22,7 +22,8 @@ Implements `writeback.pipeline.Ledger` over azure-data-tables (async) and the qu
     ``m``. Written only when a delivery ended written or skipped: a message that failed may and must come again.
 
 ``rowstate``  Per Dataverse row (PartitionKey = record id, RowKey = table logical name), two things:
-    - its facts (`writeback.facts`): ``FactsVersion``, ``ResourceType``, ``Consent``, ``FhirId``, ``Written``
+    - its facts (`writeback.facts`): ``FactsVersion``, ``ResourceType``, ``Consent``, ``FhirId`` (and
+      ``FhirType``, the type of the resource it names), ``Written``
       (`Type/<id>` of the resource found or written for it), ``Parent`` (a child row's parent): what other rows'
       writes need to know about it, merged by version;
     - for Target-only writes and child rows, the version that last wrote each column (``Columns``: JSON column →
@@ -262,13 +263,15 @@ def _group(entities: Iterable[Mapping[str, Any]]) -> list[OutcomeRow]:
 
 
 def _facts_of(row: RowKey, entity: Mapping[str, Any]) -> RowFacts | None:
-    if not any(k in entity for k in ("FactsVersion", "ResourceType", "Consent", "FhirId", "Written", "Parent")):
+    if not any(k in entity for k in ("FactsVersion", "ResourceType", "Consent", "FhirId", "Written", "Parent",
+                                     "FhirType")):
         return None
     consent = entity.get("Consent")
     kind = entity.get("ResourceType")
     return RowFacts(row[0], row[1], Version.parse(str(entity.get("FactsVersion") or "")),
                     str(kind) if isinstance(kind, str) else None, consent if isinstance(consent, bool) else None,
-                    entity.get("FhirId") or None, entity.get("Written") or None, entity.get("Parent") or None)
+                    entity.get("FhirId") or None, entity.get("Written") or None, entity.get("Parent") or None,
+                    entity.get("FhirType") or None)
 
 
 # ---- the ledger --------------------------------------------------------------------------------------------
@@ -503,7 +506,8 @@ class OutcomeStore:
             entity = _entity({
                 "PartitionKey": pk, "RowKey": rk, "FactsVersion": merged.version.text() or None,
                 "ResourceType": merged.resource_type, "Consent": merged.consent, "FhirId": merged.fhir_id,
-                "Written": merged.written, "Parent": merged.parent, "UpdatedAt": datetime.now(UTC),
+                "Written": merged.written, "Parent": merged.parent, "FhirType": merged.fhir_type,
+                "UpdatedAt": datetime.now(UTC),
             })
             try:
                 if current is None:

@@ -32,8 +32,10 @@ from devtools.samples import (
 )
 from writeback.converge import converge
 from writeback.decide import Decision, WritePlan, plan_message, resource_id
+from writeback.facts import facts_of, resolve
 from writeback.maps import MapSet, load_maps
 from writeback.marks import mark_of, strip_marks
+from writeback.messages import message_of
 from writeback.reasons import REASONS, Reason
 from writeback.settings import DEFAULT_MAPS_DIR, Settings
 
@@ -858,3 +860,32 @@ def test_a_target_only_contact_change_is_decided_by_the_type_and_consent_the_row
     assert (unknown.decision, unknown.reason) == ("reject", Reason.CONSENT_UNKNOWN)
     skip = Settings.for_planning({"WRITEBACK_CONSENT_UNKNOWN": "skip"})
     assert resolve(decision, facts("Patient", None), MAPS, skip).decision == "skip"
+
+
+# ---- a FHIR id names a resource of the type the row had when it got the id ----------------------------------------
+
+
+def test_a_fhir_id_from_before_a_type_change_names_the_old_types_resource():
+    """A contact ingested as a Patient (its msemr_azurefhirid is the Patient's) and then made a Practitioner: the
+    Practitioner is found by the row identifier, and the row's facts keep that the id is the Patient's, also
+    through later messages that carry it under the new type (merged in either order)."""
+    retyped = (patient_update({"msemr_contacttype": PRACTITIONER_TYPE, "versionnumber": 1002},
+                                     pre={"msemr_azurefhirid": "ext-1"}))
+    plan_ = written(plan(retyped))
+    assert (plan_.resource_type, plan_.target.fhir_id) == ("Practitioner", None)
+    renamed = (patient_update({"lastname": "Adeyemi", "versionnumber": 1003},
+                                     pre={"msemr_azurefhirid": "ext-1", "msemr_contacttype": PRACTITIONER_TYPE}))
+    older, newer = (facts_of(message_of(body, {}), MAPS, SETTINGS) for body in (retyped, renamed))
+    assert older is not None and newer is not None
+    assert (older.fhir_type, newer.fhir_type) == ("Patient", "Practitioner")  # each message alone
+    for first, second in ((older, newer), (newer, older)):
+        known = first.merge(second)
+        assert (known.resource_type, known.fhir_type) == ("Practitioner", "Patient")
+        assert known.id_for("Practitioner") is None and known.id_for("Patient") == "ext-1"
+        resolved = resolve(plan(renamed), {known.key: known}, MAPS, SETTINGS)
+        assert written(resolved).target.fhir_id is None
+
+
+def test_a_fhir_id_given_under_the_rows_type_is_used():
+    body = (patient_update({"lastname": "Adeyemi", "versionnumber": 1002}, pre={"msemr_azurefhirid": "ext-2"}))
+    assert written(plan(body)).target.fhir_id == "ext-2"
