@@ -398,13 +398,54 @@ def _changed(before: list[tuple[Assignment, JSONValue]], result: dict[str, Any])
             if was is not None and not isinstance(was, dict | list) and _navigate(result, a.path) != was]
 
 
-def apply_changes(resource: dict[str, Any], assignments: Iterable[Assignment]) -> dict[str, Any]:
-    """`apply`, and what described a value it changed goes with it (see `_DESCRIBED_BY`)."""
-    assignments = list(assignments)
-    before = [(a, _navigate(resource, a.path)) for a in _described(assignments)]
-    result = apply(resource, assignments)
-    _drop_stale(result, _changed(before, result), assignments)
+def _cleared(value: JSONValue) -> bool:
+    return value is None or (isinstance(value, OwnedPrefix) and all(v is None for v in value.values))
+
+
+def _drop_emptied_items(result: dict[str, Any], assignments: list[Assignment]) -> dict[str, Any]:
+    """Of a row's whole state: a list item whose every element the map owns is now empty, by a clear of this
+    write, goes. What the map owns in it was its content (a phone's number, a note's text); what is left only
+    qualified that (the phone's rank, the note's author) and alone is an empty item, or an invalid one
+    (Annotation.text is required: the server would refuse every later write of the row)."""
+    groups: dict[Path, list[Assignment]] = {}
+    for a in assignments:
+        for i, seg in enumerate(a.path[:-1]):
+            if isinstance(seg, Select | Index) and isinstance(a.path[i + 1], Field):
+                groups.setdefault(a.path[: i + 1], []).append(a)
+    for prefix, members in groups.items():
+        if not any(_cleared(m.value) for m in members) or any(m.value is KEEP for m in members):
+            continue
+        item = _navigate(result, prefix)
+        if not isinstance(item, dict) or any(not _is_empty(_navigate(item, m.path[len(prefix):])) for m in members):
+            continue
+        items = _navigate(result, prefix[:-1])
+        if isinstance(items, list):
+            result = _set(result, prefix[:-1], [other for other in items if other is not item] or None)
     return result
+
+
+def apply_changes(resource: dict[str, Any], assignments: Iterable[Assignment]) -> dict[str, Any]:
+    """`apply` for a change that carries only some columns (a step without images): a selector with optional keys
+    takes the item an ingest put there (`adopt`) instead of adding a parallel one, and what described a value it
+    changed goes with it (see `_DESCRIBED_BY`)."""
+    assignments = list(assignments)
+    result: dict[str, Any] = _tree_copy(resource)
+    redirects = adopt(result, assignments) if len(result) > 1 else {}
+    if redirects:
+        assignments = _redirect(assignments, redirects)
+    before = [(a, _navigate(result, a.path)) for a in _described(assignments)]
+    for assignment in assignments:
+        result = _set(result, assignment.path, assignment.value)
+    _drop_stale(result, _changed(before, result), assignments)
+    _unpick(result, redirects)
+    return result
+
+
+def _unpick(result: dict[str, Any], redirects: dict[Path, Select]) -> None:
+    for prefix in redirects:
+        for item in _navigate(result, prefix[:-1]) or []:
+            if isinstance(item, dict):
+                item.pop(_PICK, None)
 
 
 def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
@@ -439,11 +480,9 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
         result = _set(result, assignment.path, assignment.value)
     if described:
         _drop_stale(result, _changed(described, result), [*values, *constants])
+    result = _drop_emptied_items(result, values)
     for constant in constants:
         if len(constant.path) == 1 or isinstance(_navigate(result, constant.path[:-1]), dict):
             result = _set(result, constant.path, constant.value)
-    for prefix in redirects:
-        for item in _navigate(result, prefix[:-1]) or []:
-            if isinstance(item, dict):
-                item.pop(_PICK, None)
+    _unpick(result, redirects)
     return result

@@ -233,6 +233,20 @@ async def test_04d_of_two_ingested_emails_the_one_dataverse_holds_is_the_rows(wo
     assert patient["telecom"] == [home, {"system": "email", "use": "work", "value": "imani@hospital.example.org"}]
 
 
+async def test_04e_a_target_only_edit_of_a_record_from_fhir_takes_over_its_name_and_phone(world: World):
+    """A step without images sends only the changed columns: the use-less name and phone the ingest put there are
+    still the ones changed, not joined by a second official name without given names and a second phone."""
+    dv = world.dataverse
+    seeded = ingested_patient(world)
+    contact, ingested = ingest(world, seeded)
+    corrected = target_only(dv.update("contact", contact, {"lastname": "Okafor-Bello", "telephone1": "+1 555 0171"}))
+    assert states(await world.send_each(ingested, corrected)) == [("skipped", "echo"), ("written", None)]
+    patient = strip_marks(world.fhir.get(f"Patient/{seeded['id']}"))
+    assert patient["name"] == [{"family": "Okafor-Bello", "given": ["Imani", "Grace"], "use": "official"}]
+    assert [t for t in patient["telecom"] if t["system"] == "phone"] == [
+        {"system": "phone", "value": "+1 555 0171", "use": "work"}]
+
+
 # ---- 5. names are not placed by position ----------------------------------------------------------------------
 
 
@@ -307,6 +321,23 @@ async def test_07b_the_patient_resource_of_a_contact_that_became_a_practitioner_
     retyped = dv.update("contact", contact, {"msemr_contacttype": PRACTITIONER})
     await world.send_each(created, retyped)
     assert resources_of(world.fhir, "Patient", ROW_SYSTEM, contact) == []
+
+
+async def test_07c_a_patient_from_fhir_that_becomes_a_practitioner_is_written_as_one(world: World):
+    """The row's FHIR id (msemr_azurefhirid) is its Patient's, given when it was ingested as one: it names no
+    Practitioner. The change is written to the row's Practitioner, found or made by the row identifier, and so
+    are the row's later changes (which carry the same FHIR id), not dead-lettered `target-missing`."""
+    dv = world.dataverse
+    seeded = ingested_patient(world)
+    contact, ingested = ingest(world, seeded)
+    retyped = dv.update("contact", contact, {"msemr_contacttype": PRACTITIONER})
+    renamed = dv.update("contact", contact, {"lastname": "Adeyemi"})
+    assert states(await world.send_each(ingested, retyped)) == [("skipped", "echo"), ("written", None)]
+    assert states(await world.send(renamed)) == [("written", None)]
+    practitioner = check_contact(world.fhir, contact, dv.row("contact", contact), resource_type="Practitioner")
+    assert practitioner["name"][0]["family"] == "Adeyemi"
+    check_provenance(world.fhir, practitioner)
+    assert world.fhir.get(f"Patient/{seeded['id']}")["name"] == seeded["name"]  # the Patient is not written
 
 
 # ---- 8. child rows and references of a record that came from FHIR ---------------------------------------------
@@ -672,6 +703,51 @@ async def test_14i_a_changed_encounter_class_loses_the_display_of_the_old_one(wo
     assert states(await world.send_each(ingested, echo, admitted)) == [("skipped", "echo")] * 2 + [("written", None)]
     written = world.fhir.get(f"Encounter/{seeded['id']}")
     assert written["class"] == {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"}
+
+
+async def test_14j_a_cleared_comment_takes_its_note_and_a_cleared_phone_its_item(world: World):
+    """The note the ingest put there has an author and a time besides the text the map owns; the phone a rank.
+    Cleared in Dataverse, the note and the phone go: a note without text is invalid FHIR (Annotation.text is
+    required), which the server would refuse on every later save of the row, and a phone without a number is
+    none."""
+    dv = world.dataverse
+    seeded_patient = ingested_patient(world, telecom=[{"system": "phone", "value": "+1 555 0170", "rank": 1}])
+    contact, ingested = ingest(world, seeded_patient)
+    seeded = world.fhir.put({
+        "resourceType": "Observation", "id": f"ext-{new_id()[:8]}", "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}]},
+        "subject": {"reference": f"Patient/{seeded_patient['id']}"},
+        "note": [{"authorString": "Nurse K", "time": "2026-11-29T08:00:00Z", "text": "axillary"}]})
+    observation = new_id()
+    row = {"msemr_status": Choice(935000002), "msemr_code": Lookup("msemr_codeableconcept", new_id()),
+           "msemr_subjecttypepatient": Lookup("contact", contact), "msemr_azurefhirid": seeded["id"],
+           "msemr_comment": "axillary"}
+    echo = dv.create("msemr_observation", observation, row, user=SYNC_USER)
+    uncommented = dv.update("msemr_observation", observation, {"msemr_comment": None})
+    amended = dv.update("msemr_observation", observation, {"msemr_status": Choice(935000003)})
+    no_phone = dv.update("contact", contact, {"telephone1": None})
+    assert states(await world.send_each(ingested, echo, uncommented, amended, no_phone)) == \
+        [("skipped", "echo")] * 2 + [("written", None)] * 3
+    written = world.fhir.get(f"Observation/{seeded['id']}")
+    assert "note" not in written and written["status"] == "amended"
+    assert "telecom" not in world.fhir.get(f"Patient/{seeded_patient['id']}")
+
+
+async def test_14k_an_encounter_moved_to_a_practitioner_contact_refers_to_no_patient_that_does_not_exist(
+        world: World):
+    """Its subject lookup now names a contact that is a Practitioner: no Patient stands for that row, so the
+    reference is by identifier only, never a literal `Patient/<id>` of a resource that does not exist."""
+    dv = world.dataverse
+    patient, patient_created = dv.patient()
+    doctor, doctor_created = dv.patient(msemr_contacttype=PRACTITIONER, firstname="Doc")
+    encounter, encounter_created = dv.encounter(patient)
+    assert states(await world.send(patient_created, doctor_created, encounter_created)) == [("written", None)] * 3
+    moved = dv.update("msemr_encounter", encounter, {"msemr_subjectpatient": Lookup("contact", doctor)})
+    results = [(await world.send(moved, delivery_count=n))[0] for n in (1, 2, 3)]
+    assert ("written", None) in states(results)
+    subject = the_resource(world.fhir, "Encounter", "urn:dataverse:msemr_encounter", encounter)["subject"]
+    assert "reference" not in subject
+    assert subject["identifier"] == {"system": ROW_SYSTEM, "value": doctor}
 
 
 # ---- columns cleared: Dataverse leaves them out of every later image --------------------------------------------
