@@ -48,6 +48,9 @@ _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 # Resource ids of the rows this product creates: the same row always gets the same id (PUT Type/<id>), so a
 # Create processed twice, or on two instances at once, cannot make two resources.
 RESOURCE_NAMESPACE = uuid.UUID("2f1d6c3e-7a8b-4c5d-9e0f-1a2b3c4d5e6f")
+# The parent row of a Target-only change of a child row that does not hold its parent link: not known from the
+# message; `facts.resolve` puts the one the row's facts know in its place.
+PARENT_FROM_FACTS = ""
 
 
 # Cached: a row's id is asked for when its message is planned, again when it is written, and for a parent row by
@@ -496,9 +499,12 @@ def _plan_item(message: Message, entity_map: EntityMap, *, maps: MapSet, resourc
             return Decision("write", None, f"Remove the {expansion.element} item of this row from "
                             f"{expansion.parent_table} {before.id}: its column {expansion.parent_link} was cleared.",
                             message, plan, resource_type)
-        return _reject(Reason.MISSING_PARENT_LINK,
-                       f"Column {expansion.parent_link} (the link to the parent {expansion.parent_table}) is empty.",
-                       message, resource_type)
+        if full or expansion.parent_link in new:
+            return _reject(Reason.MISSING_PARENT_LINK, f"Column {expansion.parent_link} (the link to the parent "
+                           f"{expansion.parent_table}) is empty.", message, resource_type)
+        # A step without images sends the changed columns only: the parent is the one the row's earlier messages
+        # named (its row facts), filled in by `facts.resolve`.
+        link = EntityRef(PARENT_FROM_FACTS, expansion.parent_table, None)
 
     keep = full and message.message_name != "Create" and not whole
     owned = tuple(build_assignments(entity_map, resource_type, new, columns, full=full, keep_absent=keep))
@@ -507,7 +513,7 @@ def _plan_item(message: Message, entity_map: EntityMap, *, maps: MapSet, resourc
     if moved:
         assert isinstance(before, EntityRef)
         writes.append(Write(parent_target(before.id), RemoveItem(mark, expansion.element, known[:1])))
-    parent_gates = [(expansion.parent_table, link.id)] if parent_map.consent_types else []
+    parent_gates = [(expansion.parent_table, link.id)] if parent_map.consent_types and link.id else []
     item = render(resource_type, [Assignment((Field(expansion.element), Index(0), *a.path), a.value, a.column)
                                   for a in owned if a.value is not None and a.value is not KEEP])
     validate(item, partial=True)

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field, replace
 
 from writeback.converge import ItemEdit, RemoveItem, RowEdit
 from writeback.decide import (
+    PARENT_FROM_FACTS,
     Decision,
     RowKey,
     Write,
+    WritePlan,
     consented,
     fhir_id_of,
     fhir_id_type,
@@ -171,16 +173,25 @@ def _left_behind(decision: Decision, maps: MapSet, gate: RowKey) -> str:
             "there.")
 
 
+def _parent_from_facts(plan: WritePlan) -> bool:
+    return isinstance(plan.writes[0].edit, ItemEdit) and plan.target.identifier_value == PARENT_FROM_FACTS
+
+
 def remembered_gates(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet) -> tuple[RowKey, ...]:
     """The patient whose consent a Target-only change of a clinical row needs, when its message does not carry
     the lookup (a step without images sends only the changed columns): the one the row's earlier messages named
     (`RowFacts.parent`)."""
     plan = decision.plan
-    if plan is None or plan.gates or plan.full or not isinstance(plan.writes[0].edit, RowEdit):
+    if plan is None or plan.gates or plan.full:
         return ()
     own = facts.get((plan.source.table, plan.source.record_id))
     entity_map = maps.get(plan.source.table)
     if own is None or own.parent is None or entity_map is None:
+        return ()
+    if _parent_from_facts(plan):  # a child row's: its parent patient
+        parent_map = maps.get(plan.target.table)
+        return ((plan.target.table, own.parent),) if parent_map is not None and parent_map.consent_types else ()
+    if not isinstance(plan.writes[0].edit, RowEdit):
         return ()
     table = next((t for t in (gate_table(a, maps) for a in entity_map.attributes) if t is not None), None)
     return ((table, own.parent),) if table else ()
@@ -211,12 +222,21 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
     own = facts.get((plan.source.table, plan.source.record_id))
     first = plan.writes[0]
     gates = plan.gates or remembered_gates(decision, facts, maps)
+    if _parent_from_facts(plan):
+        if own is None or own.parent is None:
+            return replace(decision, decision="reject", reason=Reason.TARGET_PENDING, plan=None,
+                           detail=f"The link to the parent {first.target.table} is not in the message (a step "
+                           "without images), and no earlier message of the row has told it yet.")
+        first = Write(replace(first.target, identifier_value=own.parent,
+                              new_id=resource_id(first.target.table, own.parent)), first.edit)
+        plan = replace(plan, writes=(first, *plan.writes[1:]))
     if own is not None and own.parent is not None and isinstance(first.edit, ItemEdit) and \
             own.parent != first.target.identifier_value and own.version.compare(plan.source.version) == 1:
         return replace(decision, decision="skip", reason=Reason.STALE, plan=None,
                        detail=f"A newer change of this row ({own.version.text()}) moved it to another "
                        f"{first.target.table}.")
     not_patients: set[RowKey] = set()
+    held_back = ""
     for table, row_id in gates:
         gate_map = maps.get(table)
         fact = facts.get((table, row_id))
@@ -235,11 +255,18 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
                 return replace(decision, decision="reject", reason=Reason.CONSENT_UNKNOWN, plan=None,
                                detail=f"The patient ({table} {row_id}) this row belongs to had not consented when "
                                "last seen, before this row was saved: waiting for a later consent.")
+            leaving = [w for w in plan.writes if isinstance(w.edit, RemoveItem)]
+            if leaving and first.target.row == (table, row_id) and isinstance(first.edit, ItemEdit):
+                # A child row moved to this patient: it is not added there, but it still leaves the patient it
+                # was moved from (an MRN kept on the wrong patient is a misidentification).
+                plan = replace(plan, writes=tuple(leaving))
+                held_back = f"not added to {table} {row_id} (that patient has not consented)"
+                continue
             return replace(decision, decision="skip", reason=Reason.CONSENT_WITHHELD, plan=None,
                            detail=f"The patient ({table} {row_id}) this row belongs to has not consented."
                            + _left_behind(decision, maps, (table, row_id)))
     writes: list[Write] = []
-    notes: list[str] = []
+    notes: list[str] = [held_back] if held_back else []
     for write in plan.writes:
         target, edit = write.target, write.edit
         fact = facts.get(target.row)

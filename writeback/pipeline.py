@@ -355,8 +355,10 @@ class Pipeline:
                 if (index + 1) % PLAN_SLICE == 0 or index + 1 == len(envelopes):
                     first = index + 1 - ((index % PLAN_SLICE) + 1)
                     if prefetch is not None:
+                        # (not a child row's parent that only its facts will tell: `PARENT_FROM_FACTS`)
                         reads += prefetch([w.target for d in batch.decisions[first:] if d.decision == "write"
-                                  and d.plan is not None for w in d.plan.writes], batch.memo)
+                                  and d.plan is not None for w in d.plan.writes if w.target.identifier_value],
+                                          batch.memo)
                     if ready:
                         flights.append(self._dispatch(batch, sorted(ready)))
                         ready = []

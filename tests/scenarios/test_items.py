@@ -136,6 +136,54 @@ async def test_02c_an_encounter_moved_to_a_patient_without_consent_says_where_fh
     assert f"It was moved from contact {one}: FHIR still holds it under that patient" in results[-1].detail
 
 
+async def test_06c_a_target_only_change_of_an_identifier_reaches_the_patient_its_earlier_messages_named(
+        world: World):
+    """A step without images sends an identifier's changed value only, not its patient lookup: the patient is
+    the one the row's earlier messages named. Before, it was dead-lettered `missing-parent-link` ("is empty")."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    mrn, mrn_created = dv.identifier(contact, MRN, "MRN-1001")
+    assert states(await world.send_each(created, mrn_created)) == [("written", None)] * 2
+    fix = target_only(dv.update("msemr_medicalidentifier", mrn, {"msemr_value": "MRN-1001X"}))
+    assert states(await world.send(fix)) == [("written", None)]
+    patient = the_resource(world.fhir, "Patient", ROW_SYSTEM, contact)
+    check_identifier({contact: patient}, mrn, dv.row("msemr_medicalidentifier", mrn))
+    check_provenance(world.fhir, patient)
+
+
+async def test_06d_a_target_only_identifier_change_follows_its_patients_consent(world: World):
+    dv = world.dataverse
+    contact, created = dv.patient()
+    mrn, mrn_created = dv.identifier(contact, MRN, "MRN-1001")
+    withdrawn = dv.update("contact", contact, {"msemr_azurefhirsyncenabled": False})
+    assert states(await world.send_each(created, mrn_created, withdrawn)) == \
+        [("written", None)] * 2 + [("skipped", "consent-withheld")]
+    fix = target_only(dv.update("msemr_medicalidentifier", mrn, {"msemr_value": "MRN-1001X"}))
+    assert states(await world.send(fix, delivery_count=3)) == [("skipped", "consent-withheld")]
+    patient = the_resource(world.fhir, "Patient", ROW_SYSTEM, contact)
+    assert [i["value"] for i in identifier_items(patient, mrn)] == ["MRN-1001"]
+
+
+async def test_02e_an_identifier_moved_to_a_patient_without_consent_still_leaves_the_one_it_was_on(world: World):
+    """Nothing may be written into the new patient; but the MRN that Dataverse no longer has on the old patient
+    must not stay there in FHIR (a misidentification): it is removed from there, and the outcome says where it
+    was not added."""
+    dv = world.dataverse
+    a, a_created = dv.patient()
+    b, b_created = dv.patient(consent=False)
+    mrn, mrn_created = dv.identifier(a, MRN, "MRN-A1")
+    assert states(await world.send_each(a_created, b_created, mrn_created)) == [
+        ("written", None), ("skipped", "consent-withheld"), ("written", None)]
+    moved = dv.update("msemr_medicalidentifier", mrn, {"msemr_assignee": Lookup("contact", b)})
+    results = [(await world.send(moved, delivery_count=n))[0] for n in (1, 2, 3)]
+    assert states(results)[-1] == ("written", None)
+    assert f"not added to contact {b} (that patient has not consented)" in results[-1].detail
+    patient = the_resource(world.fhir, "Patient", ROW_SYSTEM, a)
+    assert identifier_items(patient, mrn) == []
+    assert resources_of(world.fhir, "Patient", ROW_SYSTEM, b) == []
+    check_provenance(world.fhir, patient)
+
+
 async def test_02d_a_target_only_contact_change_takes_type_and_consent_from_the_rows_earlier_messages(world: World):
     """A step without images sends only the changed columns, never the contact's type or consent: they are what
     the row's earlier messages said (it was dead-lettered invalid-contact-type)."""
