@@ -31,6 +31,7 @@ from writeback.decide import (
     resource_type_of,
     row_state,
     version_of,
+    whole_image,
 )
 from writeback.mapping import RowRef
 from writeback.maps import MapSet
@@ -40,6 +41,7 @@ from writeback.reasons import Reason
 from writeback.settings import Settings
 
 NOT_WRITABLE = ""  # resource_type of a row whose type no map writes (e.g. a contact that is a Related Person)
+NO_PARENT = ""  # parent of a child row known to be linked to none (None: not known)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +105,12 @@ def facts_of(message: Message, maps: MapSet, settings: Settings) -> RowFacts | N
         consent = consented(row.get(column))
     parent: str | None = None
     if entity_map.expansion is not None:
-        link = row.get(entity_map.expansion.parent_link)
-        parent = link.id if isinstance(link, EntityRef) else None
+        column = entity_map.expansion.parent_link
+        link = row.get(column)
+        # Known to be linked to no parent (the column cleared, or absent from a whole image): NO_PARENT, which a
+        # newer message's facts keep over an older parent, so the older message that linked it is `stale`.
+        parent = link.id if isinstance(link, EntityRef) else (
+            NO_PARENT if column in row or whole_image(message) else None)
     elif resource_type:
         gates = gates_of(entity_map, maps, resource_type, row)
         parent = gates[0][1] if gates else None
@@ -186,7 +192,7 @@ def remembered_gates(decision: Decision, facts: Mapping[RowKey, RowFacts], maps:
         return ()
     own = facts.get((plan.source.table, plan.source.record_id))
     entity_map = maps.get(plan.source.table)
-    if own is None or own.parent is None or entity_map is None:
+    if own is None or not own.parent or entity_map is None:
         return ()
     if _parent_from_facts(plan):  # a child row's: its parent patient
         parent_map = maps.get(plan.target.table)
@@ -227,14 +233,19 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
             return replace(decision, decision="reject", reason=Reason.TARGET_PENDING, plan=None,
                            detail=f"The link to the parent {first.target.table} is not in the message (a step "
                            "without images), and no earlier message of the row has told it yet.")
+        if own.parent == NO_PARENT:
+            return replace(decision, decision="reject", reason=Reason.MISSING_PARENT_LINK, plan=None,
+                           detail=f"The link to the parent {first.target.table} is not in the message (a step "
+                           "without images), and the row's last message that held it had it empty.")
         first = Write(replace(first.target, identifier_value=own.parent,
                               new_id=resource_id(first.target.table, own.parent)), first.edit)
         plan = replace(plan, writes=(first, *plan.writes[1:]))
     if own is not None and own.parent is not None and isinstance(first.edit, ItemEdit) and \
             own.parent != first.target.identifier_value and own.version.compare(plan.source.version) == 1:
         return replace(decision, decision="skip", reason=Reason.STALE, plan=None,
-                       detail=f"A newer change of this row ({own.version.text()}) moved it to another "
-                       f"{first.target.table}.")
+                       detail=f"A newer change of this row ({own.version.text()}) "
+                       + (f"moved it to another {first.target.table}." if own.parent else
+                          f"unlinked it from its {first.target.table}."))
     not_patients: set[RowKey] = set()
     held_back = ""
     for table, row_id in gates:

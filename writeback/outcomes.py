@@ -268,10 +268,11 @@ def _facts_of(row: RowKey, entity: Mapping[str, Any]) -> RowFacts | None:
         return None
     consent = entity.get("Consent")
     kind = entity.get("ResourceType")
+    parent = entity.get("Parent")  # "" is kept: a child row known to be linked to no parent (facts.NO_PARENT)
     return RowFacts(row[0], row[1], Version.parse(str(entity.get("FactsVersion") or "")),
                     str(kind) if isinstance(kind, str) else None, consent if isinstance(consent, bool) else None,
-                    entity.get("FhirId") or None, entity.get("Written") or None, entity.get("Parent") or None,
-                    entity.get("FhirType") or None)
+                    entity.get("FhirId") or None, entity.get("Written") or None,
+                    parent if isinstance(parent, str) else None, entity.get("FhirType") or None)
 
 
 # ---- the ledger --------------------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ from tests.function.helpers import FIRST, LAST, FakeDelivery, create_body, new_i
 from tests.outcomes.conftest import new_prefix, store_settings
 from writeback.decide import WritePlan, plan_message
 from writeback.errors import WritebackError
+from writeback.facts import NO_PARENT, RowFacts
 from writeback.maps import MapSet
+from writeback.marks import Version
 from writeback.outcomes import OutcomeStore, inverted_key, table_names
 from writeback.pipeline import Envelope, Issue, Pipeline
 from writeback.reasons import Reason
@@ -320,3 +322,16 @@ async def test_refused_credentials_say_what_to_check(azurite_tables: Azurite) ->
         await store.aclose()
     assert info.value.reason == Reason.OUTCOME_STORE_UNAVAILABLE
     assert "Storage Table Data Contributor" in info.value.detail
+
+
+async def test_row_facts_round_trip_through_table_storage(store: OutcomeStore) -> None:
+    """What the row state keeps comes back as it was learned, in Azurite: the type a FHIR id was given under, and
+    a child row known to be linked to no parent ("", which a newer message keeps over an older parent)."""
+    contact, identifier = new_id(), new_id()
+    learned = [RowFacts("contact", contact, Version(7), "Practitioner", True, "ext-1", fhir_type="Patient"),
+               RowFacts("msemr_medicalidentifier", identifier, Version(9), "Patient", parent=NO_PARENT)]
+    await store.learn(learned)
+    known = await store.facts({f.key for f in learned})
+    assert [known[f.key] for f in learned] == learned
+    await store.learn([RowFacts("msemr_medicalidentifier", identifier, Version(8), "Patient", parent=contact)])
+    assert (await store.facts({learned[1].key}))[learned[1].key].parent == NO_PARENT  # the newer one stays

@@ -164,6 +164,31 @@ async def test_06d_a_target_only_identifier_change_follows_its_patients_consent(
     assert [i["value"] for i in identifier_items(patient, mrn)] == ["MRN-1001"]
 
 
+@pytest.mark.parametrize("relinked", [False, True])
+async def test_06e_an_unlink_received_before_the_rows_create_keeps_the_older_create_out(world: World,
+                                                                                       relinked: bool):
+    """Service Bus does not order rows: an identifier's unlink (a later save) is received before its patient's
+    and its own Create (and, `relinked`, before the save that links it to another patient). The older Create must
+    not put it into the patient it left: Dataverse has it on no patient (on the other one)."""
+    dv = world.dataverse
+    a, a_created = dv.patient()
+    b, b_created = dv.patient(firstname="Bo")
+    ssn, ssn_created = dv.identifier(a, SSN, "111-22-3333")
+    unlinked = dv.update("msemr_medicalidentifier", ssn, {"msemr_assignee": None})
+    received = [unlinked, a_created, b_created, ssn_created]
+    if relinked:
+        received.append(dv.update("msemr_medicalidentifier", ssn, {"msemr_assignee": Lookup("contact", b)}))
+    for sent in received:
+        for attempt in (1, 2, 3, 4):
+            [result] = await world.send(sent, delivery_count=attempt)
+            if result.settlement != "reschedule":
+                break
+    patients = {a: the_resource(world.fhir, "Patient", ROW_SYSTEM, a),
+                b: the_resource(world.fhir, "Patient", ROW_SYSTEM, b)}
+    check_identifier(patients, ssn, dv.row("msemr_medicalidentifier", ssn) if relinked else None)
+    assert identifier_items(patients[a], ssn) == []
+
+
 async def test_02e_an_identifier_moved_to_a_patient_without_consent_still_leaves_the_one_it_was_on(world: World):
     """Nothing may be written into the new patient; but the MRN that Dataverse no longer has on the old patient
     must not stay there in FHIR (a misidentification): it is removed from there, and the outcome says where it
