@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from writeback.converge import Converged, Edit, ItemEdit, RemoveItem, RowEdit, converge
+from writeback.converge import Converged, Edit, ItemEdit, Release, RemoveItem, RowEdit, converge
 from writeback.decide import Target, WritePlan, resource_id
 from writeback.errors import NotApplied, WritebackError
 from writeback.fhir_client import (
@@ -325,7 +325,7 @@ class BatchDelivery:
         again: list[_Job] = []
         for job in jobs:
             target = job.target
-            if job.absent and target.fhir_id and not isinstance(job.edit, RemoveItem):
+            if job.absent and target.fhir_id and not isinstance(job.edit, RemoveItem | Release):
                 job.outcome = target_gone(target)
                 continue
             current = job.current[0] if job.current is not None else None
@@ -611,7 +611,7 @@ def _marked(resource: Mapping[str, Any], edit: Edit) -> Version | None:
 
 def _resolved(edit: Edit, plan: WritePlan, batch: _Batch) -> Edit:
     """The edit with its lookups as FHIR references (`Type/<id>` where the id is known)."""
-    if isinstance(edit, RemoveItem) or not plan.refs:
+    if isinstance(edit, RemoveItem | Release) or not plan.refs:
         return edit
     ids = {**batch.ids, **plan.ref_ids}
     owned = tuple(Assignment(a.path, resolve_refs(a.value, ids), a.column) if isinstance(a.value, RowRef) else a
@@ -626,8 +626,9 @@ def _outcome(jobs: list[_Job]) -> Outcome:
             return job.outcome
         if isinstance(job.provenance, WritebackError):
             return job.provenance
-    ids = tuple((job.target.row, f"{job.target.resource_type}/{fid}") for job in jobs if (
-        fid := str(job.current[0].get("id") or "") if job.current is not None else job.target.fhir_id))
+    ids = tuple((job.target.row, f"{job.target.resource_type}/{fid}") for job in jobs if not isinstance(
+        job.edit, Release) and (fid := str(job.current[0].get("id") or "") if job.current is not None
+                                else job.target.fhir_id))
     written = [job for job in jobs if isinstance(job.outcome, _Written)]
     if written:
         first = written[0]

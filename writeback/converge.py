@@ -13,6 +13,7 @@ read-modify-write, on every read (first try, after a 412, after a retry), and sa
   changing system or value updates that item. An item the ingest put there (no mark yet) is taken over when it
   holds the row's previous (pre-image) or current values, instead of adding a parallel one.
 - `RemoveItem`: a child row moved to another parent leaves this one (with a tombstone).
+- `Release`: a row whose type changed leaves its resource of the old type (with a tombstone).
 
 Order: the edit's version is compared with the version marked in the copy (`writeback.marks`): an older edit is
 `stale`, the same version is `same`; neither writes. A write that would change nothing is `unchanged` and writes
@@ -22,7 +23,7 @@ nothing either. `absent`: the resource does not exist (only a full `RowEdit` may
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from writeback.mapping import check_invariants, choice_siblings
@@ -62,7 +63,17 @@ class RemoveItem:
     awaited: bool = False
 
 
-Edit = RowEdit | ItemEdit | RemoveItem
+@dataclass(frozen=True, slots=True)
+class Release:
+    """The row's resource of the type it had before its type changed (a contact that was a Patient and is now a
+    Practitioner): it no longer stands for the row, so the row identifier and mark leave it (with a tombstone),
+    and the row's own resource is the one of its new type. What it holds clinically stays as it is."""
+
+    mark: Mark
+    identity: Assignment  # the row identifier it carries
+
+
+Edit = RowEdit | ItemEdit | RemoveItem | Release
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,10 +114,28 @@ def converge(current: dict[str, Any] | None, edit: Edit, resource_type: str = ""
     if isinstance(edit, RowEdit):
         return _row(current, edit, resource_type, resource_id)
     if current is None:
+        if isinstance(edit, Release):
+            return Converged("same")  # no resource of the old type: nothing stands for the row there
         return Converged("same") if isinstance(edit, RemoveItem) and not edit.awaited else Converged("absent")
     if isinstance(edit, ItemEdit):
         return _item(current, edit)
+    if isinstance(edit, Release):
+        return _release(current, edit)
     return _remove(current, edit)
+
+
+def _release(current: dict[str, Any], edit: Release) -> Converged:
+    table, row_id = edit.mark.table, edit.mark.row_id
+    held = mark_of(current, table, row_id) or mark_of(current, table, row_id, MOVED)
+    if held is not None:
+        order = edit.mark.version.compare(held.version)
+        if order is not None and order < 0:
+            return Converged("stale", held=held.version)  # a newer change made the row this type again
+    new = apply(current, [replace(edit.identity, value=None)])
+    if new == current and mark_of(current, table, row_id) is None:
+        return Converged("same", held=held.version if held else None)  # nothing there stands for the row
+    new = with_mark(with_mark(new, None, table, row_id), edit.mark, table, row_id, MOVED)
+    return _result(current, new, held)
 
 
 def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, resource_id: str) -> Converged:

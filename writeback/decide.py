@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
-from writeback.converge import Edit, ItemEdit, RemoveItem, RowEdit
+from writeback.converge import Edit, ItemEdit, Release, RemoveItem, RowEdit
 from writeback.errors import WritebackError
 from writeback.mapping import (
     Row,
@@ -141,7 +141,7 @@ class WritePlan:
     @property
     def assignments(self) -> tuple[Assignment, ...]:
         edit = self.writes[0].edit
-        return () if isinstance(edit, RemoveItem) else edit.owned
+        return () if isinstance(edit, RemoveItem | Release) else edit.owned
 
     @property
     def columns(self) -> frozenset[str]:
@@ -440,9 +440,24 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
     edit = RowEdit(mark, assignments, target.identity, full, rendered=rendered if full and not refs
                    else None, before=_before(entity_map, resource_type, old) if full else ())
     source = _source(message, entity_map.identifier_system, new)
-    plan = WritePlan("create" if is_create else "update", (Write(target, edit),), rendered,
+    writes = [Write(target, edit), *_released(message, entity_map, resource_type, old, mark)]
+    plan = WritePlan("create" if is_create else "update", tuple(writes), rendered,
                      _changes(assignments, full), source, full, _cleared(assignments), tuple(gates), refs)
-    return Decision("write", None, _describe(plan, narrow_image=keep), message, plan, resource_type)
+    detail = _describe(plan, narrow_image=keep)
+    if len(writes) > 1:
+        detail = detail[:-1] + f"; it leaves its {writes[1].target.resource_type}, which was its type before."
+    return Decision("write", None, detail, message, plan, resource_type)
+
+
+def _released(message: Message, entity_map: EntityMap, resource_type: str, old: Row, mark: Mark) -> list[Write]:
+    """A row whose type changed in this save (pre image: another type the map writes) leaves its resource of
+    that type (`converge.Release`), found by the FHIR id it had under it, else by the row identifier."""
+    before = resource_type_of(entity_map, old) if entity_map.choice_column and old else None
+    if before is None or before == resource_type or before not in entity_map.choices.values():
+        return []
+    target = Target(before, fhir_id_of(entity_map, old), entity_map.identifier_system, message.record_id,
+                    resource_id(message.table, message.record_id), message.table)
+    return [Write(target, Release(mark, target.identity))]
 
 
 # What identifies an Identifier (or a ContactPoint) in FHIR: its system and value. `use` and `type` describe it and

@@ -240,6 +240,13 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
         first = Write(replace(first.target, identifier_value=own.parent,
                               new_id=resource_id(first.target.table, own.parent)), first.edit)
         plan = replace(plan, writes=(first, *plan.writes[1:]))
+    if own is not None and isinstance(first.edit, RowEdit) and plan.full and own.resource_type is not None and \
+            own.resource_type != first.target.resource_type and own.version.compare(plan.source.version) == 1:
+        # A newer change of the row changed its type: its resource of this type no longer stands for the row
+        # (it was released), and an older state must not make it do so again.
+        return replace(decision, decision="skip", reason=Reason.STALE, plan=None,
+                       detail=f"A newer change of this row ({own.version.text()}) made it another type than "
+                       f"{first.target.resource_type}.")
     if own is not None and own.parent is not None and isinstance(first.edit, ItemEdit) and \
             own.parent != first.target.identifier_value and own.version.compare(plan.source.version) == 1:
         return replace(decision, decision="skip", reason=Reason.STALE, plan=None,

@@ -473,14 +473,16 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
     redirects = adopt(result, [*values, *constants], before) if len(result) > 1 else {}  # empty: nothing to adopt
     if redirects:
         values, constants = _redirect(values, redirects), _redirect(constants, redirects)
-    described = [(a, _navigate(result, a.path)) for a in _described(values)] if len(result) > 1 else []
+    existing = len(result) > 1  # a copy to write over, not an empty resource (what a create renders)
+    described = [(a, _navigate(result, a.path)) for a in _described(values)] if existing else []
     for constant in constants:  # cleared first: it stays only where the row still has a value beside it
         result = _set(result, constant.path, None)
     for assignment in values:
         result = _set(result, assignment.path, assignment.value)
     if described:
         _drop_stale(result, _changed(described, result), [*values, *constants])
-    result = _drop_emptied_items(result, values)
+    if existing:
+        result = _drop_emptied_items(result, values)
     for constant in constants:
         if len(constant.path) == 1 or isinstance(_navigate(result, constant.path[:-1]), dict):
             result = _set(result, constant.path, constant.value)

@@ -30,11 +30,11 @@ from devtools.samples import (
     SYNC_USER,
     T0,
 )
-from writeback.converge import converge
+from writeback.converge import Release, converge
 from writeback.decide import Decision, WritePlan, plan_message, resource_id
 from writeback.facts import facts_of, resolve
 from writeback.maps import MapSet, load_maps
-from writeback.marks import mark_of, strip_marks
+from writeback.marks import MOVED, Version, mark_of, strip_marks
 from writeback.messages import message_of
 from writeback.reasons import REASONS, Reason
 from writeback.settings import DEFAULT_MAPS_DIR, Settings
@@ -889,3 +889,24 @@ def test_a_fhir_id_from_before_a_type_change_names_the_old_types_resource():
 def test_a_fhir_id_given_under_the_rows_type_is_used():
     body = (patient_update({"lastname": "Adeyemi", "versionnumber": 1002}, pre={"msemr_azurefhirid": "ext-2"}))
     assert written(plan(body)).target.fhir_id == "ext-2"
+
+
+def test_a_type_change_leaves_the_resource_of_the_old_type():
+    """The Practitioner is written, and the row's Patient is released: its row identifier and mark go, a tombstone
+    with the change's version stays, the rest is kept; a newer state of the row in it is not touched."""
+    plan_ = written(plan(patient_update({"msemr_contacttype": PRACTITIONER_TYPE, "versionnumber": 1002})))
+    (practitioner, patient) = plan_.writes
+    assert (practitioner.target.resource_type, patient.target.resource_type) == ("Practitioner", "Patient")
+    assert isinstance(patient.edit, Release)
+    held = converge(None, practitioner.edit, "Practitioner", "p1")
+    assert held.resource is not None
+    old = {**held.resource, "resourceType": "Patient", "id": "p1", "gender": "female"}
+    released = converge(old, patient.edit)
+    assert released.kind == "write" and released.resource is not None
+    assert released.resource["gender"] == "female" and "identifier" not in released.resource
+    assert mark_of(released.resource, "contact", PATIENT) is None
+    assert getattr(mark_of(released.resource, "contact", PATIENT, MOVED), "version", None) == Version(1002)
+    newer = written(plan(patient_update({"lastname": "Adeyemi", "versionnumber": 1003})))
+    again = converge(old, newer.writes[0].edit, "Patient", "p1")
+    assert again.resource is not None and converge(again.resource, patient.edit).kind == "stale"
+    assert converge(None, patient.edit).kind == "same"

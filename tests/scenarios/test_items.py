@@ -27,8 +27,8 @@ from tests.scenarios.checks import (
     the_resource,
 )
 from tests.scenarios.conftest import World
-from tests.scenarios.dataverse import MRN, PRACTITIONER, SSN, SYNC_USER, T0, Sent, new_id
-from writeback.decide import plan_message
+from tests.scenarios.dataverse import MRN, PATIENT, PRACTITIONER, SSN, SYNC_USER, T0, Sent, new_id
+from writeback.decide import plan_message, resource_id
 from writeback.maps import load_maps
 from writeback.reasons import Reason
 from writeback.settings import DEFAULT_MAPS_DIR, Settings
@@ -383,17 +383,44 @@ async def test_07_a_contact_that_becomes_a_practitioner_is_written_as_one(world:
     assert the_resource(world.fhir, "Practitioner", ROW_SYSTEM, contact)["name"][0]["family"] == "Adeyemi"
 
 
-@pytest.mark.xfail(strict=True, reason="a type change writes the row's resource of its new type; the resource of "
-                   "its old type keeps the row identifier (docs/convergence.md, 'What remains')")
-async def test_07b_the_patient_resource_of_a_contact_that_became_a_practitioner_is_no_longer_the_rows(world: World):
-    """One resource per row: after the change the row is a Practitioner, and no Patient should still say it is
-    that row. Open: what the old Patient should become (its identity removed, `active` false) is a clinical
-    decision left to the operators; today it stays as it was."""
+@pytest.mark.parametrize("order", ["in-order", "reversed", "one-batch"])
+async def test_07b_the_patient_resource_of_a_contact_that_became_a_practitioner_is_no_longer_the_rows(
+        world: World, order: str):
+    """One resource per row: after the change the row is a Practitioner, and no Patient says it is that row. The
+    Patient it was keeps what it holds clinically (its name, what refers to it) and a tombstone of the change;
+    the Create received after the change (`reversed`) must not make it the row's again."""
     dv = world.dataverse
     contact, created = dv.patient()
     retyped = dv.update("contact", contact, {"msemr_contacttype": PRACTITIONER})
-    await world.send_each(created, retyped)
+    if order == "in-order":
+        await world.send_each(created, retyped)
+    elif order == "reversed":
+        await world.send_each(retyped, created)
+    else:
+        await world.send(created, retyped)
     assert resources_of(world.fhir, "Patient", ROW_SYSTEM, contact) == []
+    practitioner = check_contact(world.fhir, contact, dv.row("contact", contact), resource_type="Practitioner")
+    check_provenance(world.fhir, practitioner)
+    if order == "in-order":  # the Patient was written first, then left
+        patient = world.fhir.get(f"Patient/{resource_id('contact', contact)}")
+        assert patient["name"][0]["family"] == "Castellanos"
+        check_provenance(world.fhir, patient)
+
+
+async def test_07d_a_patient_from_fhir_that_becomes_a_practitioner_leaves_that_patient_and_can_come_back(
+        world: World):
+    dv = world.dataverse
+    seeded = ingested_patient(world)
+    contact, ingested = ingest(world, seeded)
+    retyped = dv.update("contact", contact, {"msemr_contacttype": PRACTITIONER})
+    back = dv.update("contact", contact, {"msemr_contacttype": PATIENT, "lastname": "Okafor-Bello"})
+    assert states(await world.send_each(ingested, retyped)) == [("skipped", "echo"), ("written", None)]
+    patient = world.fhir.get(f"Patient/{seeded['id']}")
+    assert resources_of(world.fhir, "Patient", ROW_SYSTEM, contact) == []
+    assert patient["name"] == seeded["name"] and patient["identifier"] == seeded["identifier"]
+    assert states(await world.send(back)) == [("written", None)]
+    assert [p["id"] for p in resources_of(world.fhir, "Patient", ROW_SYSTEM, contact)] == [seeded["id"]]
+    assert resources_of(world.fhir, "Practitioner", ROW_SYSTEM, contact) == []
 
 
 async def test_07c_a_patient_from_fhir_that_becomes_a_practitioner_is_written_as_one(world: World):
