@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from writeback.mapping import check_invariants, choice_siblings
 from writeback.marks import MOVED, Mark, Version, item_of, mark_of, marks_in, with_mark
-from writeback.paths import KEEP, Assignment, apply, apply_changes, apply_state
+from writeback.paths import KEEP, Assignment, Path, apply, apply_changes, apply_state
 
 Kind = Literal["write", "stale", "same", "unchanged", "absent"]
 _SERVER_META = ("versionId", "lastUpdated", "source")
@@ -42,6 +42,8 @@ class RowEdit:
     full: bool  # the row's whole state: it may also create the resource when there is none
     rendered: Mapping[str, Any] | None = None  # the state on an empty resource, identity included, when known
     before: tuple[Assignment, ...] = ()  # the row's state before the save (pre image): finds ingested items
+    # Target only: the selectors that may take over an item an ingest put there (`paths.sole_selectors`)
+    adoptable: frozenset[Path] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +158,7 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
         new = apply(apply_state(current, edit.owned, edit.before), [edit.identity])
         new = with_mark(new, edit.mark, edit.mark.table, edit.mark.row_id)
     else:  # Target only: the changed columns, and no mark (it is not the row's whole state)
-        new = apply_changes(current, [*edit.owned, edit.identity])
+        new = apply_changes(current, [*edit.owned, edit.identity], edit.adoptable)
         # The changed columns beside the values the server holds (an end date beside the start already there):
         # checked here, where they meet, in the elements the change writes only (what else the server's copy
         # holds is not this change's to refuse). A whole row was checked when it was planned.
@@ -202,6 +204,10 @@ def _item(current: dict[str, Any], edit: ItemEdit) -> Converged:
         if ordered is not None:
             return ordered
         index = _unmarked(items, edit.known_as)
+        if index is None and not edit.full:
+            # A Target-only change holds some columns only: made into a new item, it would be half an identifier
+            # (a value without its system). The row's item is not here (yet): its Create comes first.
+            return Converged("absent")
     else:
         ordered = _ordered(edit, held)
         if ordered is not None:

@@ -38,7 +38,7 @@ from writeback.mapping import (
 from writeback.maps import AttributeMap, EntityMap, MapSet
 from writeback.marks import Mark, Version
 from writeback.messages import EntityRef, Message, decode_body, label, message_of
-from writeback.paths import KEEP, Assignment, Field, Index, Select
+from writeback.paths import KEEP, Assignment, Field, Index, Select, sole_selectors
 from writeback.reasons import Reason
 from writeback.settings import Settings
 
@@ -413,10 +413,15 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
             return _skip(Reason.NO_CHANGE, "The update changes no mapped column (nor the row's type, consent, "
                          "FHIR id or parent).", message, resource_type)
     columns = None if full else {c for c in mapped if c in target_columns}
+    expansion = entity_map.expansion
+    if not full and expansion is not None and expansion.parent_link in target_columns:
+        return _reject(Reason.MISSING_PARENT_LINK, f"Column {expansion.parent_link} (the link to the parent "
+                       f"{expansion.parent_table}) changed in a message without images: the row's item cannot be "
+                       "moved without its other columns, which such a step does not send. Register the step's pre "
+                       "and post images (docs/deploy.md) and save the row again.", message, resource_type)
     if columns is not None and not columns:
         return _skip(Reason.NO_CHANGE, "The update changes no mapped column.", message, resource_type)
 
-    expansion = entity_map.expansion
     gates = gates_of(entity_map, maps, resource_type, new)
     whole = whole_image(message, consent_column_of(entity_map, settings))
     if expansion is not None:
@@ -438,7 +443,9 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
     check_invariants(rendered)
     # Without lookups the rendered state is what a create writes: `converge` starts from it, not from scratch.
     edit = RowEdit(mark, assignments, target.identity, full, rendered=rendered if full and not refs
-                   else None, before=_before(entity_map, resource_type, old) if full else ())
+                   else None, before=_before(entity_map, resource_type, old) if full else (),
+                   adoptable=frozenset() if full else sole_selectors(
+                       a.path for a in entity_map.attributes if a.only_for is None or resource_type in a.only_for))
     source = _source(message, entity_map.identifier_system, new)
     writes = [Write(target, edit), *_released(message, entity_map, resource_type, old, mark)]
     plan = WritePlan("create" if is_create else "update", tuple(writes), rendered,

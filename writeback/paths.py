@@ -19,8 +19,9 @@ inside an element that holds a value of the row.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 JSONValue = Any  # str | int | float | bool | dict | list: what json.loads gives
@@ -336,10 +337,12 @@ def _redirect(assignments: list[Assignment], redirects: dict[Path, Select]) -> l
 
 
 # In a FHIR datatype, the elements that describe another one: a Coding's display and version name its code in its
-# system; a Quantity's code is the coded form of its unit, and its unit the text of its code. When the map changes
+# system; a Quantity's code is the coded form of its unit, its unit the text of its code, and its comparator
+# qualifies its value. When the map changes
 # the described value and does not own the describing one, the describing one (a display the ingest put there, a
 # UCUM code) would now misstate it, so it goes. Only below a resource's top level, where these are datatypes.
 _DESCRIBED_BY: dict[str, tuple[str, ...]] = {
+    "value": ("comparator",),  # a Quantity's "<" was said of the value it stood beside
     "code": ("display", "version", "unit"),
     "system": ("code", "display", "version"),
     "unit": ("code",),
@@ -402,18 +405,32 @@ def _cleared(value: JSONValue) -> bool:
     return value is None or (isinstance(value, OwnedPrefix) and all(v is None for v in value.values))
 
 
-def _drop_emptied_items(result: dict[str, Any], assignments: list[Assignment]) -> dict[str, Any]:
-    """Of a row's whole state: a list item whose every element the map owns is now empty, by a clear of this
-    write, goes. What the map owns in it was its content (a phone's number, a note's text); what is left only
-    qualified that (the phone's rank, the note's author) and alone is an empty item, or an invalid one
-    (Annotation.text is required: the server would refuse every later write of the row)."""
+def _item_groups(assignments: Iterable[Assignment]) -> dict[Path, list[Assignment]]:
+    """The assignments by the list item (of objects) they write into: the path up to its selector or position."""
     groups: dict[Path, list[Assignment]] = {}
     for a in assignments:
         for i, seg in enumerate(a.path[:-1]):
             if isinstance(seg, Select | Index) and isinstance(a.path[i + 1], Field):
                 groups.setdefault(a.path[: i + 1], []).append(a)
+    return groups
+
+
+def _held(result: dict[str, Any], groups: Mapping[Path, list[Assignment]]) -> set[Path]:
+    """The items that hold something the map owns before the write."""
+    return {prefix for prefix, members in groups.items()
+            if any(not _is_empty(_navigate(result, m.path)) for m in members)}
+
+
+def _drop_emptied_items(result: dict[str, Any], groups: Mapping[Path, list[Assignment]],
+                        held: set[Path]) -> dict[str, Any]:
+    """Of a row's whole state: a list item that held something the map owns, and whose every owned element a
+    clear of this write emptied, goes. What the map owns in it was its content (a phone's number, a note's text);
+    what is left only qualified that (the phone's rank, the note's author) and alone is an empty item, or an
+    invalid one (Annotation.text is required: the server would refuse every later write of the row). An item
+    that held nothing the map owns (an address the ingest gave as text only) is not the map's to remove."""
     for prefix, members in groups.items():
-        if not any(_cleared(m.value) for m in members) or any(m.value is KEEP for m in members):
+        if prefix not in held or not any(_cleared(m.value) for m in members) or any(m.value is KEEP
+                                                                                   for m in members):
             continue
         item = _navigate(result, prefix)
         if not isinstance(item, dict) or any(not _is_empty(_navigate(item, m.path[len(prefix):])) for m in members):
@@ -424,13 +441,46 @@ def _drop_emptied_items(result: dict[str, Any], assignments: list[Assignment]) -
     return result
 
 
-def apply_changes(resource: dict[str, Any], assignments: Iterable[Assignment]) -> dict[str, Any]:
+def _positional_clears(result: dict[str, Any], values: list[Assignment],
+                       before: Iterable[Assignment]) -> list[Assignment]:
+    """`values` without the clears, at a position in a list of objects (`note[0].text`), of an item that does not
+    hold the row's value before the save (pre image): once the row's item went, whatever sits at that position now
+    (another system's note) is not the row's, and clearing it would empty it. Without a pre image, all stay."""
+    was = {a.path: a.value for a in before}
+    if not was:
+        return values
+    return [a for a in values if a.value is not None or not _positional(a.path)
+            or _navigate(result, a.path) == was.get(a.path)]
+
+
+def _positional(path: Path) -> bool:
+    return any(isinstance(seg, Index) and isinstance(nxt, Field) for seg, nxt in pairwise(path))
+
+
+def sole_selectors(paths: Iterable[Path]) -> frozenset[Path]:
+    """Of the selectors with optional keys in `paths` (a map's targets), those no other selector of the same list
+    could also mean (`name[use?=official]`, but none of `telecom[system=phone,use?=work]`, `...use?=home]`): without
+    the row's values before the save, only those can tell which item an ingest put there is theirs."""
+    by_list: dict[tuple[Path, tuple[tuple[str, str], ...]], set[Path]] = {}
+    for path in paths:
+        for i, seg in enumerate(path):
+            if isinstance(seg, Select) and seg.optional:
+                fixed = tuple(kv for kv in seg.match if kv[0] not in seg.optional)
+                by_list.setdefault((path[:i], fixed), set()).add(path[: i + 1])
+    return frozenset(p for prefixes in by_list.values() if len(prefixes) == 1 for p in prefixes)
+
+
+def apply_changes(resource: dict[str, Any], assignments: Iterable[Assignment],
+                  adoptable: frozenset[Path] | None = None) -> dict[str, Any]:
     """`apply` for a change that carries only some columns (a step without images): a selector with optional keys
-    takes the item an ingest put there (`adopt`) instead of adding a parallel one, and what described a value it
-    changed goes with it (see `_DESCRIBED_BY`)."""
+    that is the only one of its list (`adoptable`, from `sole_selectors`; None: any) takes the item an ingest put
+    there (`adopt`) instead of adding a parallel one, and what described a value it changed goes with it (see
+    `_DESCRIBED_BY`)."""
     assignments = list(assignments)
     result: dict[str, Any] = _tree_copy(resource)
-    redirects = adopt(result, assignments) if len(result) > 1 else {}
+    adopting = assignments if adoptable is None else [
+        a for a in assignments if any(a.path[:len(p)] == p for p in adoptable)]
+    redirects = adopt(result, adopting) if len(result) > 1 and adopting else {}
     if redirects:
         assignments = _redirect(assignments, redirects)
     before = [(a, _navigate(result, a.path)) for a in _described(assignments)]
@@ -452,6 +502,7 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
                 before: Iterable[Assignment] = ()) -> dict[str, Any]:
     """A new resource: `resource` with a row's whole state written (see the module docstring). `before`: the
     row's state before the save, to recognise the items an ingest put there (`adopt`)."""
+    before = tuple(before)
     values: list[Assignment] = []
     constants: list[Assignment] = []
     lists: dict[Path, dict[int, JSONValue]] = {}
@@ -475,6 +526,12 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
         values, constants = _redirect(values, redirects), _redirect(constants, redirects)
     existing = len(result) > 1  # a copy to write over, not an empty resource (what a create renders)
     described = [(a, _navigate(result, a.path)) for a in _described(values)] if existing else []
+    groups: dict[Path, list[Assignment]] = {}
+    held: set[Path] = set()
+    if existing:
+        values = _positional_clears(result, values, before)
+        groups = _item_groups(values)
+        held = _held(result, groups)
     for constant in constants:  # cleared first: it stays only where the row still has a value beside it
         result = _set(result, constant.path, None)
     for assignment in values:
@@ -482,7 +539,7 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
     if described:
         _drop_stale(result, _changed(described, result), [*values, *constants])
     if existing:
-        result = _drop_emptied_items(result, values)
+        result = _drop_emptied_items(result, groups, held)
     for constant in constants:
         if len(constant.path) == 1 or isinstance(_navigate(result, constant.path[:-1]), dict):
             result = _set(result, constant.path, constant.value)

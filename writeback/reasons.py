@@ -93,8 +93,10 @@ REASONS: dict[Reason, ReasonInfo] = {
         Kind.REJECT, "A contact whose Contact Type is missing or is not Patient or Practitioner.",
         "Set the contact's Contact Type in Dataverse, then save it again (or resubmit)."),
     Reason.MISSING_PARENT_LINK: ReasonInfo(
-        Kind.REJECT, "An expansion row (e.g. a medical identifier) without the lookup to its parent.",
-        "Fill the parent lookup on the row in Dataverse and save it again."),
+        Kind.REJECT, "An expansion row (e.g. a medical identifier) without the lookup to its parent, or whose "
+        "parent lookup changed in a message without images (a step without pre and post images).",
+        "Fill the parent lookup on the row in Dataverse and save it again; for a change sent without images, "
+        "register the step's images (docs/deploy.md) and save the row again."),
     Reason.INVALID_RESOURCE: ReasonInfo(
         Kind.REJECT, "The mapped resource fails FHIR R4 validation; the detail names the element.",
         "Correct the named column's value in Dataverse, or the entity map, then resubmit."),

@@ -189,6 +189,26 @@ async def test_06e_an_unlink_received_before_the_rows_create_keeps_the_older_cre
     assert identifier_items(patients[a], ssn) == []
 
 
+async def test_06f_a_move_sent_without_images_is_refused_and_never_makes_half_an_identifier(world: World):
+    """A step without images sends a move of an identifier as its new parent lookup only: its system and value
+    are not in the message, so it cannot be put into the new patient. It is dead-lettered saying so (not
+    `no-change`), and a later Target-only change of its value waits for the item rather than add a value without
+    its system to the new patient."""
+    dv = world.dataverse
+    a, a_created = dv.patient()
+    b, b_created = dv.patient(firstname="Bo")
+    mrn, mrn_created = dv.identifier(a, MRN, "MRN-4001")
+    assert states(await world.send_each(a_created, b_created, mrn_created)) == [("written", None)] * 3
+    moved = target_only(dv.update("msemr_medicalidentifier", mrn, {"msemr_assignee": Lookup("contact", b)}))
+    [refused] = await world.send(moved)
+    assert (refused.state, refused.reason) == ("dead-lettered", Reason.MISSING_PARENT_LINK)
+    assert "without images" in refused.detail
+    value = target_only(dv.update("msemr_medicalidentifier", mrn, {"msemr_value": "MRN-4002"}))
+    [waiting] = await world.send(value)
+    assert waiting.reason is Reason.TARGET_PENDING
+    assert identifier_items(the_resource(world.fhir, "Patient", ROW_SYSTEM, b), mrn) == []
+
+
 async def test_02e_an_identifier_moved_to_a_patient_without_consent_still_leaves_the_one_it_was_on(world: World):
     """Nothing may be written into the new patient; but the MRN that Dataverse no longer has on the old patient
     must not stay there in FHIR (a misidentification): it is removed from there, and the outcome says where it
@@ -306,18 +326,20 @@ async def test_04d_of_two_ingested_emails_the_one_dataverse_holds_is_the_rows(wo
     assert patient["telecom"] == [home, {"system": "email", "use": "work", "value": "imani@hospital.example.org"}]
 
 
-async def test_04e_a_target_only_edit_of_a_record_from_fhir_takes_over_its_name_and_phone(world: World):
-    """A step without images sends only the changed columns: the use-less name and phone the ingest put there are
-    still the ones changed, not joined by a second official name without given names and a second phone."""
+async def test_04e_a_target_only_edit_of_a_record_from_fhir_takes_over_its_name(world: World):
+    """A step without images sends only the changed columns: the use-less name the ingest put there is still the
+    one changed (the map has one name selector), not joined by a second official name without given names. A
+    phone is not taken over: three phone columns could each be that use-less phone, and without the pre image
+    nothing tells which, so the new number is added and no number Dataverse may still hold is overwritten."""
     dv = world.dataverse
     seeded = ingested_patient(world)
     contact, ingested = ingest(world, seeded)
-    corrected = target_only(dv.update("contact", contact, {"lastname": "Okafor-Bello", "telephone1": "+1 555 0171"}))
+    corrected = target_only(dv.update("contact", contact, {"lastname": "Okafor-Bello", "mobilephone": "+1 555 0171"}))
     assert states(await world.send_each(ingested, corrected)) == [("skipped", "echo"), ("written", None)]
     patient = strip_marks(world.fhir.get(f"Patient/{seeded['id']}"))
     assert patient["name"] == [{"family": "Okafor-Bello", "given": ["Imani", "Grace"], "use": "official"}]
     assert [t for t in patient["telecom"] if t["system"] == "phone"] == [
-        {"system": "phone", "value": "+1 555 0171", "use": "work"}]
+        {"system": "phone", "value": "+1 555 0170"}, {"system": "phone", "use": "mobile", "value": "+1 555 0171"}]
 
 
 # ---- 5. names are not placed by position ----------------------------------------------------------------------
@@ -831,6 +853,48 @@ async def test_14j_a_cleared_comment_takes_its_note_and_a_cleared_phone_its_item
     written = world.fhir.get(f"Observation/{seeded['id']}")
     assert "note" not in written and written["status"] == "amended"
     assert "telecom" not in world.fhir.get(f"Patient/{seeded_patient['id']}")
+
+
+async def test_14j2_later_saves_keep_the_other_notes_and_an_address_dataverse_never_held(world: World):
+    """After the row's note went (its comment cleared), the next note is another system's: later saves, the
+    comment still empty, leave it alone (the map owns `note[0]`, but the note now in that position never held the
+    row's comment). An address the ingest gave as text only held nothing the map owns: an unrelated save keeps it."""
+    dv = world.dataverse
+    address = {"use": "home", "text": "Flat 2, 14 Rue des Lilas, 69003 Lyon, France"}
+    seeded_patient = ingested_patient(world, address=[address])
+    contact, ingested = ingest(world, seeded_patient)
+    notes = [{"authorString": "Nurse K", "time": "2026-11-29T08:00:00Z", "text": "axillary"},
+             {"authorString": "Dr B", "time": "2026-11-29T09:00:00Z", "text": "repeat in 1h"}, {"text": "fasting"}]
+    seeded = world.fhir.put({
+        "resourceType": "Observation", "id": f"ext-{new_id()[:8]}", "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}]},
+        "subject": {"reference": f"Patient/{seeded_patient['id']}"}, "note": notes})
+    observation, echo = dv.observation(contact, user=SYNC_USER, msemr_azurefhirid=seeded["id"],
+                                       msemr_comment="axillary")
+    cleared = dv.update("msemr_observation", observation, {"msemr_comment": None})
+    amended = dv.update("msemr_observation", observation, {"msemr_status": Choice(935000003)})
+    corrected = dv.update("msemr_observation", observation, {"msemr_status": Choice(935000004)})
+    renamed = dv.update("contact", contact, {"lastname": "Okafor-Bello"})
+    assert states(await world.send_each(ingested, echo, cleared, amended, corrected, renamed)) == \
+        [("skipped", "echo")] * 2 + [("written", None)] * 4
+    assert strip_marks(world.fhir.get(f"Observation/{seeded['id']}"))["note"] == notes[1:]
+    assert strip_marks(world.fhir.get(f"Patient/{seeded_patient['id']}"))["address"] == [address]
+
+
+async def test_14j3_a_changed_value_loses_the_comparator_said_of_the_old_one(world: World):
+    dv = world.dataverse
+    seeded_patient = ingested_patient(world)
+    contact, ingested = ingest(world, seeded_patient)
+    seeded = world.fhir.put({
+        "resourceType": "Observation", "id": f"ext-{new_id()[:8]}", "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+        "subject": {"reference": f"Patient/{seeded_patient['id']}"},
+        "valueQuantity": {"value": 5, "comparator": "<", "unit": "mg/dL"}})
+    observation, echo = dv.observation(contact, user=SYNC_USER, msemr_azurefhirid=seeded["id"],
+                                       msemr_valuetypequantityvalue=5, msemr_valuequantityunit="mg/dL")
+    remeasured = dv.update("msemr_observation", observation, {"msemr_valuetypequantityvalue": 7})
+    assert states(await world.send_each(ingested, echo, remeasured)) == [("skipped", "echo")] * 2 + [("written", None)]
+    assert world.fhir.get(f"Observation/{seeded['id']}")["valueQuantity"] == {"value": 7, "unit": "mg/dL"}
 
 
 async def test_14k_an_encounter_moved_to_a_practitioner_contact_refers_to_no_patient_that_does_not_exist(
