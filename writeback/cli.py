@@ -112,12 +112,22 @@ _SINCE = re.compile(r"^\s*(\d{1,6})\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
+MAX_SINCE = timedelta(days=400)
+
+
 def parse_since(text: str) -> timedelta:
     """`30m`, `24h`, `7d`, `2w` → timedelta (argparse type)."""
     match = _SINCE.match(text)
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30m, 24h or 7d")
-    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        since = timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    except OverflowError:
+        since = MAX_SINCE + MAX_SINCE
+    if since > MAX_SINCE:
+        # The outcome log is read one day and status at a time: a window of years is thousands of queries.
+        raise argparse.ArgumentTypeError(f"{text!r} is longer than {MAX_SINCE.days} days")
+    return since
 
 
 def _cell(value: object, width: int) -> str:
@@ -253,7 +263,11 @@ def servicebus_client() -> ServiceBusClient:
     or the host name) + DefaultAzureCredential (az login)."""
     conn = os.environ.get("SERVICEBUS_CONNECTION_STRING", "").strip()
     if conn:
-        return ServiceBusClient.from_connection_string(conn)
+        try:
+            return ServiceBusClient.from_connection_string(conn)
+        except ValueError:
+            raise ConfigError("SERVICEBUS_CONNECTION_STRING", "is not a Service Bus connection string "
+                              "(Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=...)") from None
     namespace = (os.environ.get("SERVICEBUS_NAMESPACE") or os.environ.get("SERVICE_BUS_NAMESPACE") or "").strip()
     if namespace and "." not in namespace:
         namespace += ".servicebus.windows.net"
@@ -382,4 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(exc.detail)
     except SystemExit as exc:
         return int(exc.code or 0)
+    except BrokenPipeError:  # `plan ... | head`: the reader has gone; what was left to print is not wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return code

@@ -7,6 +7,7 @@ nothing is parsed per message: paths are parsed, value maps keyed, and cross-map
 from __future__ import annotations
 
 import importlib
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -14,12 +15,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from fhir_core.types import FhirBase
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from writeback.errors import MapError
 from writeback.paths import Field as PathField
 from writeback.paths import Path as ElementPath
-from writeback.paths import PathError, parse_path
+from writeback.paths import PathError, Select, parse_path
 
 RESOURCE_TYPES = ("Patient", "Practitioner", "Encounter", "Observation")
 
@@ -186,6 +188,62 @@ def _model_fields(resource_type: str) -> frozenset[str]:
     return frozenset(names)
 
 
+def _element(model: Any, name: str) -> tuple[Any, Mapping[str, Any]] | None:
+    """The model of element `name` of `model` (None for a primitive) and the field's schema extra (fhir.resources
+    puts a required binding's codes there: `enum_values`); None when the model has no such element."""
+    for field_name, info in model.model_fields.items():
+        if name in (field_name, info.alias):
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            return _model_in(info.annotation), extra
+    return None
+
+
+def _model_in(annotation: Any) -> Any:
+    """The FHIR datatype model inside an annotation (`Optional[List[ContactPointType]]` → ContactPoint)."""
+    stack = [annotation]
+    while stack:
+        kind = stack.pop()
+        if isinstance(kind, type) and issubclass(kind, FhirBase):
+            return kind.get_model_klass()
+        stack.extend(typing.get_args(kind))
+    return None
+
+
+def _check_elements(file: str, where: str, path: ElementPath, resource_types: frozenset[str]) -> frozenset[str]:
+    """Every element along `path` exists (below the first too: `address[use?=home].ctiy` is refused at load, not
+    by every message's validation), and so do the keys of its selectors. Returns the codes a required binding
+    allows at its end (empty: any)."""
+    codes: set[str] = set()
+    for resource_type in sorted(resource_types):
+        model: Any = getattr(importlib.import_module(f"fhir.resources.R4B.{resource_type.lower()}"), resource_type)
+        extra: Mapping[str, Any] = {}
+        named = resource_type
+        for seg in path:
+            if isinstance(seg, PathField):
+                found = _element(model, seg.name) if model is not None else None
+                if found is None:
+                    raise MapError(file, where, f"{named} has no element {seg.name!r}")
+                model, extra = found
+                named = f"{named}.{seg.name}"
+            elif isinstance(seg, Select) and model is not None:
+                for key, _ in seg.match:
+                    if _element(model, key) is None:
+                        raise MapError(file, where, f"{named} has no element {key!r} to select by")
+        codes.update(extra.get("enum_values") or ())
+    return frozenset(codes)
+
+
+def _check_codes(file: str, where: str, values: Mapping[str, Any], allowed: frozenset[str]) -> None:
+    """The codes a value map (or a default) writes where FHIR binds the element to a required value set
+    (Patient.gender, Encounter.status, ...): a misspelt one would reach the server."""
+    if "+" in allowed:  # fhir.resources lists some codes and "+": the list is not closed (Encounter.status)
+        return
+    for key, value in values.items():
+        if allowed and str(value) not in allowed:
+            raise MapError(file, f"{where}{key}", f"is {value!r}, not a code of the element's required value set "
+                           f"({', '.join(sorted(allowed))})")
+
+
 def _check_resource(file: str, where: str, resource_type: str) -> None:
     if resource_type not in RESOURCE_TYPES:
         raise MapError(file, where, f"names {resource_type!r}; supported: {', '.join(RESOURCE_TYPES)}")
@@ -275,9 +333,15 @@ def _compile(file: str, spec: EntityMapSpec, specs: Mapping[str, tuple[str, Enti
             path = parse_path(f"{expansion.element}.{attr.target}") if _valid(attr.target) else ()
             if not path:
                 raise MapError(file, f"{where}.target", "is not a valid element path")
+            codes = _check_elements(file, f"{where}.target", path, types)
             path = path[1:]
         else:
             path = _compile_path(file, f"{where}.target", attr.target, types)
+            codes = _check_elements(file, f"{where}.target", path, types)
+        if attr.action == "value_map":
+            _check_codes(file, f"{where}.values.", dict(attr.values or {}), codes)
+        elif attr.action == "default":
+            _check_codes(file, f"{where}.", {"value": attr.value}, codes)
         only_for = frozenset(attr.only_for) if attr.only_for else None
         if only_for and not only_for <= types:
             raise MapError(file, f"{where}.only_for", "names a resource type this map does not produce")
@@ -297,6 +361,10 @@ def _compile(file: str, spec: EntityMapSpec, specs: Mapping[str, tuple[str, Enti
             reference_system=ref_system, reference_table=ref_table, only_for=only_for,
         ))
     consent_types = frozenset(spec.consent.applies_to) if spec.consent else frozenset()
+    if not consent_types <= types:
+        # A misspelt type would silently switch the consent check off for the type meant.
+        raise MapError(file, "consent.applies_to", f"names {', '.join(sorted(consent_types - types))}, which this "
+                       f"map does not produce ({', '.join(sorted(types))})")
     return EntityMap(
         file=file, table=spec.table, writeback=spec.writeback, messages=frozenset(spec.messages),
         resource_type=resource_type, choice_column=choice_column, choices=choices,

@@ -341,6 +341,8 @@ def decode_body(body: bytes | str, content_type: str | None = None) -> Mapping[s
     else:
         text = body
     stripped = text.lstrip()
+    if not stripped or stripped.rstrip() == "null":
+        raise _fail("body is empty" if not stripped else "body is not a JSON object")
     if stripped.startswith("<"):
         raise WritebackError(Reason.UNSUPPORTED_FORMAT,
                              "body is XML; set the service endpoint's message format to JSON")

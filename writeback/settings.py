@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 from writeback.errors import ConfigError
 
 DEFAULT_MAPS_DIR = Path(__file__).parent / "maps"
+_GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # Seconds an invocation keeps, after its deadline and before its messages' lock expires, to settle them and to
 # schedule the retries of what it did not finish.
 DEADLINE_MARGIN_SECONDS = 30.0
@@ -204,6 +206,12 @@ class Settings:
         ids = frozenset(
             part.strip().lower() for part in _get(env, "WRITEBACK_IGNORE_USER_IDS").split(",") if part.strip()
         )
+        # Compared with the GUIDs Dataverse sends (lowercase, no braces): anything else would never match, and the
+        # two sync directions would feed each other's changes back and forth.
+        if bad := sorted(i for i in ids if not _GUID.fullmatch(i)):
+            raise ConfigError("WRITEBACK_IGNORE_USER_IDS", f"holds {len(bad)} entr{'y' if len(bad) == 1 else 'ies'} "
+                              "that are not a GUID (comma-separated GUIDs, like 9e7d5c3b-0000-0000-0000-000000000000, "
+                              "without braces)")
         maps_dir = Path(_get(env, "WRITEBACK_MAPS_DIR") or DEFAULT_MAPS_DIR)
         consent_unknown = _get(env, "WRITEBACK_CONSENT_UNKNOWN").lower()
         if consent_unknown not in ("retry", "skip"):
@@ -233,6 +241,10 @@ class Settings:
         tenant, secret = _get(env, "FHIR_TENANT_ID"), _get(env, "FHIR_CLIENT_SECRET")
         if tenant and secret and not _get(env, "FHIR_CLIENT_ID"):
             raise ConfigError("FHIR_CLIENT_ID", "is required when FHIR_TENANT_ID and FHIR_CLIENT_SECRET are set")
+        if target == "fhir" and secret and not tenant and not token_url:
+            # Else the secret would be ignored and FHIR_CLIENT_ID taken as a managed identity's.
+            raise ConfigError("FHIR_TENANT_ID", "is required when FHIR_CLIENT_SECRET is set (a client-secret "
+                              "credential), unless FHIR_TOKEN_URL is; for a managed identity, leave the secret unset")
         alternate: OAuthClient | None = None
         alternate_url = ""
         if target == "alternate":

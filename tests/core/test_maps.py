@@ -161,6 +161,17 @@ START = "{column: msemr_encounterstartdate, target: period.start, type: dateTime
     pytest.param("msemr_medicalidentifier.yaml",
                  edit("msemr_medicalidentifier.yaml", "target: period.start", 'target: "period[start"'),
                  "attributes[4].target", ["path"], id="expansion-bad-path"),
+    pytest.param("contact.yaml", edit("contact.yaml", "applies_to: [Patient]", "applies_to: [Patinet]"),
+                 "consent.applies_to", ["Patinet"], id="consent-for-a-misspelt-type"),
+    pytest.param("contact.yaml", edit("contact.yaml", "address[use?=home].city", "address[use?=home].ctiy"),
+                 "attributes[", ["ctiy"], id="unknown-element-below-the-first"),
+    pytest.param("contact.yaml", edit("contact.yaml", "telecom[system=email].value", "telecom[sytem=email].value"),
+                 "attributes[", ["sytem"], id="unknown-selector-key"),
+    pytest.param("msemr_medicalidentifier.yaml",
+                 edit("msemr_medicalidentifier.yaml", "target: period.start", "target: perod.start"),
+                 "attributes[4].target", ["perod"], id="expansion-unknown-element"),
+    pytest.param("contact.yaml", edit("contact.yaml", "2: female", "2: femal"), "attributes[", ["femal", "female"],
+                 id="code-outside-a-required-value-set"),
 ])
 def test_bad_map_names_file_and_field(tmp_path, file, text, field, words):
     error = load_error(maps_dir(tmp_path, {file: text}))

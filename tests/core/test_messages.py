@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 
 from writeback.errors import WritebackError
-from writeback.messages import Entity, EntityRef, Money, Opaque, OptionSet, parse_message, parse_value
+from writeback.messages import (
+    Entity,
+    EntityRef,
+    Money,
+    Opaque,
+    OptionSet,
+    decode_body,
+    parse_message,
+    parse_value,
+)
 from writeback.reasons import Reason
 
 PUBLIC = Path(__file__).resolve().parents[3] / "shared" / "samples" / "dataverse-public"
@@ -180,3 +189,11 @@ def test_an_unreadable_value_is_named_by_where_it_sits():
                                          "LogicalName": "contact", "Id": "Jane Doe"}}]}]}
     assert detail([{"key": "to", "value": nested}]) == (
         "InputParameters[Target].Attributes[to].Entities[].Attributes[partyid].Id is not a valid GUID")
+
+
+@pytest.mark.parametrize(("body", "words"), [(b"", "empty"), (b"   \n", "empty"), (b"null", "not a JSON object"),
+                                             ("null ", "not a JSON object")])
+def test_an_empty_or_null_body_is_malformed_not_another_format(body: bytes | str, words: str):
+    with pytest.raises(WritebackError) as refused:
+        decode_body(body)
+    assert refused.value.reason.value == "malformed-message" and words in refused.value.detail

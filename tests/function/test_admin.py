@@ -59,6 +59,26 @@ def test_resubmit_needs_a_connection(monkeypatch: pytest.MonkeyPatch, capsys: py
         "error: setting SERVICEBUS_CONNECTION_STRING is not set (nor SERVICEBUS_NAMESPACE or SERVICE_BUS_NAMESPACE)\n")
 
 
+def test_resubmit_with_a_malformed_connection_string_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("SERVICEBUS_CONNECTION_STRING", "garbage")
+    assert cli.main(["resubmit"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: setting SERVICEBUS_CONNECTION_STRING is not a Service Bus connection string")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("since", ["999999w", "100000d", "401d"])
+def test_logs_refuses_a_window_longer_than_the_log_is_read_for(since: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The outcome log is read a day and a status at a time: years would be thousands of queries (and an
+    overflow past the calendar)."""
+    with pytest.raises(SystemExit) as usage:  # argparse's usage error
+        cli.main(["logs", "--since", since])
+    assert usage.value.code == 2
+    err = capsys.readouterr().err
+    assert "400 days" in err and "Traceback" not in err
+
+
 def test_resubmit_to_an_unreachable_namespace_is_one_line_not_a_traceback(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     with socket.socket() as unused:  # a loopback port nothing listens on

@@ -54,3 +54,22 @@ def test_secrets_are_redacted_in_redacted_and_in_repr():
                                    "ALTERNATE_CLIENT_ID": "a"})
     for text in (repr(settings), str(settings), repr(alternate), repr(alternate.alternate)):
         assert SECRET not in text
+
+
+@pytest.mark.parametrize("ids", ["3f0c6a2e-8d1b-4e5f-a6b7-c8d9e0f1a2b3;9e7d5c3b-0000-0000-0000-000000000000",
+                                 "{9e7d5c3b-0000-0000-0000-000000000000}", "sync-user"])
+def test_ignored_user_ids_that_could_never_match_are_refused(ids: str):
+    """Loop protection compares them with the GUIDs Dataverse sends: one that is not a GUID never matches."""
+    with pytest.raises(ConfigError) as refused:
+        Settings.for_planning({"WRITEBACK_IGNORE_USER_IDS": ids})
+    assert refused.value.setting == "WRITEBACK_IGNORE_USER_IDS" and "GUID" in refused.value.detail
+    assert Settings.for_planning({"WRITEBACK_IGNORE_USER_IDS": " 9E7D5C3B-0000-0000-0000-000000000000 , "
+                                  "3f0c6a2e-8d1b-4e5f-a6b7-c8d9e0f1a2b3"}).ignore_user_ids == {
+        "9e7d5c3b-0000-0000-0000-000000000000", "3f0c6a2e-8d1b-4e5f-a6b7-c8d9e0f1a2b3"}
+
+
+def test_a_client_secret_without_its_tenant_is_refused():
+    """Else the secret would be ignored and the client id taken as a managed identity's."""
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({**BASE, "FHIR_CLIENT_ID": "c", "FHIR_CLIENT_SECRET": SECRET})
+    assert refused.value.setting == "FHIR_TENANT_ID" and SECRET not in str(refused.value)
