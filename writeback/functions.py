@@ -370,9 +370,12 @@ class FunctionApp:
                            lambda settled: _log_outcome(dimensions(envelope, result, settled), result.detail))
 
         budget = self.deadline(envelopes, runtime.settings)
+        # The pipeline stops its work at the deadline and still records and hands back every outcome (the log and
+        # the settlement agree); the outer timeout is the backstop for recording that hangs, inside the margin.
         try:
-            async with asyncio.timeout(budget):
-                await runtime.pipeline.process_many(envelopes, emit)
+            async with asyncio.timeout(budget + runtime.settings.timeout_seconds):
+                await runtime.pipeline.process_many(envelopes, emit,
+                                                    deadline=asyncio.get_running_loop().time() + budget)
         except TimeoutError:
             detail = (f"The invocation's deadline ({budget:.0f} s, inside the message lock) came before this "
                       "message was finished; rescheduled.")

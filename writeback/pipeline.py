@@ -40,6 +40,8 @@ log = logging.getLogger("writeback")
 _T = TypeVar("_T")
 # The attempt a one-shot pipeline decides every message as: past every grace period (`facts`).
 LAST_GRACE = max(CONSENT_GRACE_RETRIES, REFERENCE_GRACE_RETRIES)
+DEADLINE_DETAIL = ("The invocation's deadline (inside the message lock) came before this message was finished; "
+                   "rescheduled.")
 PLAN_SLICE = 50  # messages planned before their reads are sent and the writes now ready go out
 
 State = Literal["written", "skipped", "dead-lettered", "retry", "config-error"]
@@ -306,7 +308,8 @@ class Pipeline:
         """The outcome of a message the invocation's deadline stopped (its plan, for the log, is pure work)."""
         return Result("retry", Reason.DEADLINE_REACHED, detail, self.plan(envelope))
 
-    async def process_many(self, envelopes: Sequence[Envelope], emit: Emit | None = None) -> list[Result]:
+    async def process_many(self, envelopes: Sequence[Envelope], emit: Emit | None = None,
+                           deadline: float | None = None) -> list[Result]:
         """Many messages in one go, each with its own `Result`, in input order.
 
         Skips and rejects need no I/O. Writes go while the rest of the batch is planned: a row's writes as soon as
@@ -320,6 +323,10 @@ class Pipeline:
         delivery's `deliver_many` (FHIR batch bundles); every outcome is recorded, and what the batch taught
         about its rows is kept. `emit(index, result)` is awaited for each message once its outcome is final and
         recorded, so the caller can settle it while the rest is still being recorded.
+
+        `deadline` (event-loop time): when it comes, what is still in flight stops and its messages end as
+        `deadline-reached` (retried); every message's outcome is still recorded and emitted, so the outcome log and
+        the settlement never disagree.
         """
         started = time.perf_counter()
         batch = _Batch(envelopes, [None] * len(envelopes))
@@ -331,7 +338,9 @@ class Pipeline:
         of_row: dict[RowKey, list[int]] = {}  # the planned writes of rows whose last message is still to come
         waiting: list[tuple[int, int, list[int]]] = []  # (the last message they wait for, first index, writes)
         ready: list[int] = []
-        try:
+
+        async def plan_and_write() -> None:
+            nonlocal ready
             for index, envelope in enumerate(envelopes):
                 decision = self.plan(envelope, rows.bodies[index])
                 rows.bodies[index] = {}  # planned: the decoded body is no longer needed
@@ -356,9 +365,9 @@ class Pipeline:
                     first = index + 1 - ((index % PLAN_SLICE) + 1)
                     if prefetch is not None:
                         # (not a child row's parent that only its facts will tell: `PARENT_FROM_FACTS`)
-                        reads += prefetch([w.target for d in batch.decisions[first:] if d.decision == "write"
+                        reads.extend(prefetch([w.target for d in batch.decisions[first:] if d.decision == "write"
                                   and d.plan is not None for w in d.plan.writes if w.target.identifier_value],
-                                          batch.memo)
+                                          batch.memo))
                     if ready:
                         flights.append(self._dispatch(batch, sorted(ready)))
                         ready = []
@@ -369,12 +378,30 @@ class Pipeline:
                     await asyncio.sleep(0)
             assert not waiting and not of_row
             await asyncio.gather(*flights)
+
+        stopped = False
+        try:
+            async with asyncio.timeout_at(deadline):
+                await plan_and_write()
+        except TimeoutError:
+            stopped = True  # the invocation's deadline: what is in flight stops; every outcome is still recorded
         except BaseException:
-            # Stopped (the invocation's deadline) or failed: nothing of this call goes on past it.
+            # Failed or cancelled: nothing of this call goes on past it.
             for task in [*flights, *reads]:
                 task.cancel()
             await asyncio.gather(*flights, *reads, return_exceptions=True)
             raise
+        if stopped:
+            for task in flights:
+                task.cancel()
+            await asyncio.gather(*flights, return_exceptions=True)
+            copies = {i for i, _ in batch.copies}
+            for index, envelope in enumerate(envelopes):
+                if index >= len(batch.decisions):  # not planned yet
+                    batch.decisions.append(self.plan(envelope))
+                if batch.results[index] is None and index not in copies:
+                    batch.results[index] = Result("retry", Reason.DEADLINE_REACHED, DEADLINE_DETAIL,
+                                                  batch.decisions[index])
         for read in reads:  # sent ahead for a write that started from a copy it already had
             read.cancel()
         await asyncio.gather(*reads, return_exceptions=True)

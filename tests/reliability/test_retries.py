@@ -274,6 +274,31 @@ async def test_an_invocation_stops_at_its_deadline_and_reschedules_what_is_unfin
     check_invariant(broker, fhir, {r.id: r.state for r in rows})
 
 
+async def test_at_the_deadline_the_outcome_log_says_what_happened_to_each_message(
+        simulated: Simulated, fhir: Fhir, ledger: OutcomeStore):
+    """A deadline that stops the batch while outcomes are being recorded: the log and the settlement must agree.
+    Before, a message whose dead-letter outcome was recorded just before the deadline was rescheduled as
+    `deadline-reached` (the log said dead-lettered; the dead-letter queue had nothing), and a message the deadline
+    stopped got no outcome row at all."""
+    broker = Broker(batch=9, lock=timedelta(seconds=40))
+    rig, _ = simulated(broker, margin=38.2, FHIR_TIMEOUT_SECONDS="1")
+    slow = rig.transport.add(Fault(method="POST", path_endswith="/R4", delay=2.0, times=2))
+    # Every third names a FHIR id that does not exist: dead-lettered target-missing once it is read.
+    rows = [Row(msemr_azurefhirid=f"gone-{n}") if n % 3 == 0 else Row() for n in range(6)]
+    for row in rows:
+        broker.send(body(row.create()), row.id)
+    await broker.run()
+    assert slow.fired >= 1
+    results = [r for rs in broker.results.values() for r in rs]
+    logged = await ledger.query(since=timedelta(days=2), now=broker.now + timedelta(days=1))
+    stopped = [r for r in results if r.reason is not None and r.reason.value == "deadline-reached"]
+    assert stopped, "the deadline did not stop anything: the test proves nothing"
+    assert len([row for row in logged if row.reason == "deadline-reached"]) == len(stopped)
+    dead = [end for ends in broker.finals.values() for end in ends if end.settlement == "deadletter"]
+    assert sorted(row.reason or "" for row in logged if row.outcome == "dead-lettered") == sorted(
+        end.reason or "" for end in dead)
+
+
 # ---- section 4: one bad entry does not take its batch down -----------------------------------------------------
 
 
