@@ -40,8 +40,8 @@ param queueName string = 'dataverse-writeback'
 @maxValue(2000)
 param maxDeliveryCount int = 10
 
-@description('Peek-lock duration of the queue in seconds (Service Bus allows at most 300). The same value is the app setting WRITEBACK_LOCK_DURATION_SECONDS: each invocation stops working on its batch at lockDurationSeconds - FHIR_TIMEOUT_SECONDS - 30 s (docs/operations.md, Timing); batch triggers get no lock renewal.')
-@minValue(30)
+@description('Peek-lock duration of the queue in seconds (Service Bus allows at most 300). The same value is the app setting WRITEBACK_LOCK_DURATION_SECONDS: each invocation stops working on its batch at lockDurationSeconds - FHIR_TIMEOUT_SECONDS - 30 s (docs/operations.md, Timing); batch triggers get no lock renewal. At least 90: with the default FHIR_TIMEOUT_SECONDS (30) a shorter lock leaves an invocation no time to work, and the app refuses it as a configuration fault.')
+@minValue(90)
 @maxValue(300)
 param lockDurationSeconds int = 300
 

@@ -109,7 +109,7 @@ param alternateClientSecretName string = 'alternate-client-secret'
 param maxMessageBatchSize int = 100
 
 @description('Peek-lock duration of the queue in seconds (servicebus.bicep); the app setting WRITEBACK_LOCK_DURATION_SECONDS, from which each invocation derives its deadline.')
-@minValue(30)
+@minValue(90)
 @maxValue(300)
 param lockDurationSeconds int = 300
 

@@ -33,7 +33,7 @@ param maxDeliveryCount int = 10
 // batch within this one lock; the app's deadline is derived from the same parameter
 // (WRITEBACK_LOCK_DURATION_SECONDS).
 @description('Peek-lock duration in seconds (Service Bus allows at most 300). Batch triggers get no lock renewal: the whole invocation, settlements included, must fit in it.')
-@minValue(30)
+@minValue(90)
 @maxValue(300)
 param lockDurationSeconds int = 300
 

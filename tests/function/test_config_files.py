@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from writeback.settings import SETTINGS, SPEC_BY_NAME, Settings
+from writeback.settings import DEADLINE_MARGIN_SECONDS, SETTINGS, SPEC_BY_NAME, Settings
 
 REPO = Path(__file__).resolve().parents[2]
 HOST_OWN = {"FUNCTIONS_WORKER_RUNTIME", "ServiceBusConnection"}  # read by the Functions host, not by writeback
@@ -74,6 +74,19 @@ def test_function_timeout_outlasts_the_lock() -> None:
     lock_seconds = float(SPEC_BY_NAME["WRITEBACK_LOCK_DURATION_SECONDS"].default or 0)
     assert lock_seconds == 300
     assert _seconds(_host()["functionTimeout"]) >= lock_seconds
+
+
+def test_the_shortest_lock_the_bicep_allows_leaves_an_invocation_time_to_work() -> None:
+    """A lock the deployment accepts must not make every message a configuration fault: the app refuses one
+    that leaves no room after FHIR_TIMEOUT_SECONDS and the settlement margin."""
+    bicep = (REPO / "infra" / "main.bicep").read_text(encoding="utf-8")
+    found = re.search(r"@minValue\((\d+)\)\s*@maxValue\(\d+\)\s*param lockDurationSeconds int", bicep)
+    assert found, "main.bicep must bound lockDurationSeconds"
+    shortest = int(found.group(1))
+    timeout = float(SPEC_BY_NAME["FHIR_TIMEOUT_SECONDS"].default or 0)
+    assert shortest - timeout - DEADLINE_MARGIN_SECONDS >= 30
+    Settings.from_env({"FHIR_URL": "https://fhir.example.org", "WRITEBACK_META_SOURCE": "urn:test:writeback",
+                       "WRITEBACK_LOCK_DURATION_SECONDS": str(shortest)})  # accepted
 
 
 def test_host_exports_opentelemetry() -> None:
