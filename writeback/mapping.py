@@ -217,7 +217,18 @@ def validate(resource: dict[str, Any], *, partial: bool, required: Mapping[str, 
     those in `required` (owned element → the column that feeds it): a row's whole state that leaves one of those
     empty cannot make a valid resource (Encounter.class, Observation.code, ...).
     """
-    model = get_fhir_model_class(resource["resourceType"])
+    kind = str(resource["resourceType"])
+    siblings = choice_siblings(kind)
+    for element in resource:
+        clash = [other for other in siblings.get(element, ()) if other in resource]
+        if clash:
+            # The model's own error for this names no element ("(resource) is invalid"): say which, and whence.
+            both = [element, *clash]
+            columns = [required[e] for e in both if required and e in required]
+            whence = f" (columns {', '.join(columns)})" if len(columns) == len(both) else ""
+            raise _invalid(f"{kind} holds {' and '.join(both)}{whence}: a choice element holds one type at most; "
+                           "leave only one of them with a value in Dataverse")
+    model = get_fhir_model_class(kind)
     try:
         model.model_validate(resource)
     except ValidationError as exc:
@@ -233,11 +244,11 @@ def validate(resource: dict[str, Any], *, partial: bool, required: Mapping[str, 
             loc = tuple(first.get("loc", ()))
             where = _loc(loc) or "(resource)"
             if "missing" in str(first.get("type", "")) and required and str(loc[0]) in required:
-                raise _invalid(f"{resource['resourceType']}.{where} is required, and column {required[str(loc[0])]} "
+                raise _invalid(f"{kind}.{where} is required, and column {required[str(loc[0])]} "
                                "that gives it is empty") from None
-            raise _invalid(f"{resource['resourceType']}.{where} is invalid ({first.get('type', 'error')})") from None
+            raise _invalid(f"{kind}.{where} is invalid ({first.get('type', 'error')})") from None
     except (ValueError, TypeError) as exc:  # validators in fhir.resources may raise plain errors
-        raise _invalid(f"{resource['resourceType']} failed validation ({type(exc).__name__})") from None
+        raise _invalid(f"{kind} failed validation ({type(exc).__name__})") from None
 
 
 @functools.cache

@@ -910,3 +910,15 @@ def test_a_type_change_leaves_the_resource_of_the_old_type():
     again = converge(old, newer.writes[0].edit, "Patient", "p1")
     assert again.resource is not None and converge(again.resource, patient.edit).kind == "stale"
     assert converge(None, patient.edit).kind == "same"
+
+
+def test_two_types_of_one_choice_element_are_refused_naming_them():
+    """A row with both a quantity and a string value: FHIR holds one type of value[x]. The detail names the two
+    elements and their columns, not "(resource) is invalid"."""
+    row = {"msemr_status": Choice(935000002), "msemr_code": Lookup("msemr_codeableconcept", ENCOUNTER),
+           "msemr_subjecttypepatient": Lookup("contact", PATIENT), "msemr_valuetypequantityvalue": Decimal("72"),
+           "msemr_valuestring": "high", "versionnumber": 5}
+    decision = plan(context("Create", "msemr_observation", OBSERVATION, row, post=row))
+    assert (decision.decision, decision.reason) == ("reject", Reason.INVALID_RESOURCE)
+    assert "valueQuantity and valueString" in decision.detail or "valueString and valueQuantity" in decision.detail
+    assert "msemr_valuestring" in decision.detail and "high" not in decision.detail
