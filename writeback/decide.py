@@ -194,6 +194,10 @@ class Decision:
             "changes": list(plan.changes) if plan else None,
             "cleared": list(plan.cleared) if plan else None,
             "wholeRow": plan.full if plan else None,
+            # What the plan alone does not know (it reads no other row): the function checks these rows' facts
+            # when it writes (their patient's consent; the FHIR ids lookups refer to), so its outcome may differ.
+            "decidedWhenWritten": ([f"consent of {t} {r}" for t, r in plan.gates]
+                                   + [f"FHIR id of {ref.table} {ref.row_id}" for ref in plan.refs]) if plan else None,
         }
 
 

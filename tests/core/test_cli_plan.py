@@ -18,7 +18,7 @@ from writeback.settings import DEFAULT_MAPS_DIR
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ROOT / ".venv" / "bin" / "python"
 KEYS = {"decision", "reason", "detail", "table", "recordId", "message", "resourceType", "resource", "changes",
-        "cleared", "wholeRow"}
+        "cleared", "wholeRow", "decidedWhenWritten"}
 
 # Every shipped sample and what the dry run says about it.
 EXPECTED: dict[str, tuple[int, str, str | None, str | None]] = {
@@ -182,3 +182,11 @@ def test_maps_folder_with_a_bad_map(tmp_path):
 def test_maps_folder_from_the_setting(tmp_path):
     run = cli(SAMPLES / "01_patient_create.json", WRITEBACK_MAPS_DIR=str(tmp_path / "nomaps"))
     assert_usage_error(run, "nomaps")
+
+
+def test_plan_says_what_it_cannot_know_from_the_message_alone(sample_runs: dict[str, Run]) -> None:
+    """An encounter's plan cannot read its patient's consent nor the patient's FHIR id: it says so, and the
+    function decides those when it writes (`process` on the same file may retry while the consent is unknown)."""
+    out = sample_runs["05_encounter_create.json"].json()
+    assert [item.split(" of ")[0] for item in out["decidedWhenWritten"]] == ["consent", "FHIR id"]
+
