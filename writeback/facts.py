@@ -295,13 +295,11 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
             return replace(decision, decision="skip", reason=Reason.NO_ENTITY_MAP, plan=None,
                            detail=f"The parent {target.table} {target.identifier_value} is not a "
                            f"{target.resource_type}; this table's map writes into {target.resource_type} only.")
-        if isinstance(edit, RemoveItem):
-            gate_map = maps.get(target.table)
-            if fact is not None and fact.consent is False and gate_map is not None and gate_map.consent_types:
-                notes.append(f"left on {target.table} {target.identifier_value} (that patient has not consented)")
-                continue
-            if fact is not None and fact.consent:
-                edit = replace(edit, awaited=True)
+        if isinstance(edit, RemoveItem) and fact is not None and fact.consent:
+            edit = replace(edit, awaited=True)
+        # A removal goes whatever the old parent's consent: what it takes away is the child row's, which belongs
+        # to another patient now (an MRN left on a patient who withdrew consent would stay there for good, under
+        # the wrong patient). Where that patient has no resource, there is nothing to remove.
         # Only a FHIR id the row came with (msemr_azurefhirid) changes how the resource is read: one this product
         # wrote is found by the row identifier it carries, the read sent ahead while the batch was planned.
         # An id the facts know to name a resource of another type (the row's type changed since) names none of

@@ -209,6 +209,26 @@ async def test_06f_a_move_sent_without_images_is_refused_and_never_makes_half_an
     assert identifier_items(the_resource(world.fhir, "Patient", ROW_SYSTEM, b), mrn) == []
 
 
+async def test_02f_an_identifier_moved_off_a_patient_who_withdrew_consent_leaves_that_patient(world: World):
+    """The MRN was on B; B withdrew consent; the MRN is moved to A (B was the wrong patient). It leaves B all the
+    same: what goes is A's identifier now, and kept on B it would stay under the wrong patient for good (B's
+    consent coming back writes B's own row, not its child rows' moves)."""
+    dv = world.dataverse
+    a, a_created = dv.patient()
+    b, b_created = dv.patient(firstname="Bo")
+    mrn, mrn_created = dv.identifier(b, MRN, "MRN-3001")
+    withdrawn = dv.update("contact", b, {"msemr_azurefhirsyncenabled": False})
+    moved = dv.update("msemr_medicalidentifier", mrn, {"msemr_assignee": Lookup("contact", a)})
+    back = dv.update("contact", b, {"msemr_azurefhirsyncenabled": True})
+    edited = dv.update("msemr_medicalidentifier", mrn, {"msemr_value": "MRN-3002"})
+    assert states(await world.send_each(a_created, b_created, mrn_created, withdrawn, moved, back, edited)) == \
+        [("written", None)] * 3 + [("skipped", "consent-withheld")] + [("written", None)] * 3
+    patients = {a: the_resource(world.fhir, "Patient", ROW_SYSTEM, a),
+                b: the_resource(world.fhir, "Patient", ROW_SYSTEM, b)}
+    check_identifier(patients, mrn, dv.row("msemr_medicalidentifier", mrn))
+    assert identifier_items(patients[b], mrn) == []
+
+
 async def test_02e_an_identifier_moved_to_a_patient_without_consent_still_leaves_the_one_it_was_on(world: World):
     """Nothing may be written into the new patient; but the MRN that Dataverse no longer has on the old patient
     must not stay there in FHIR (a misidentification): it is removed from there, and the outcome says where it
