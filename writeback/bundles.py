@@ -325,6 +325,12 @@ class BatchDelivery:
         again: list[_Job] = []
         for job in jobs:
             target = job.target
+            if job.absent and target.fhir_id and target.fhir_id_unsure:
+                # The id named no resource of this type (it was the row's under another type): find it by the row
+                # identifier instead, as a row without a FHIR id is found.
+                job.target, job.absent, job.copied = replace(target, fhir_id=None, fhir_id_unsure=False), False, False
+                again.append(job)
+                continue
             if job.absent and target.fhir_id and not isinstance(job.edit, RemoveItem | Release):
                 job.outcome = target_gone(target)
                 continue

@@ -92,6 +92,9 @@ class Target:
     identifier_value: str
     new_id: str = ""
     table: str = ""  # the table of the row the resource stands for (the parent, for a child row's item)
+    # The FHIR id may name a resource of another type (the row's type changed, and which type the id was given
+    # under is not known): read by it, and if it names none of this type, the resource is found by row identifier.
+    fhir_id_unsure: bool = False
 
     @property
     def search(self) -> str:
@@ -283,12 +286,14 @@ def fhir_id_of(entity_map: EntityMap, row: Row) -> str | None:
 
 
 def fhir_id_type(entity_map: EntityMap, old: Row, new: Row) -> str | None:
-    """The type of the resource the row's FHIR id names, as far as the message tells: the FHIR id column is set
-    when the row's resource is made or ingested, so an id the row already had before the save (pre image) under
-    another type is that type's (a contact ingested as a Patient, now a Practitioner: its id is the Patient's)."""
+    """The type of the resource the row's FHIR id names, as far as the message tells: the row's type, unless the
+    save changed it while keeping the id (pre image: same id, another type). Then the id may be the old type's or
+    an older one's (a Patient made a Practitioner and back): None, not known."""
     fhir_id, kind = fhir_id_of(entity_map, new), resource_type_of(entity_map, new)
     if fhir_id is not None and old and fhir_id_of(entity_map, old) == fhir_id:
-        return resource_type_of(entity_map, old) or kind
+        before = resource_type_of(entity_map, old)
+        if before is not None and before != kind:
+            return None
     return kind
 
 
@@ -436,9 +441,10 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
     assignments = tuple(build_assignments(entity_map, resource_type, new, columns, full=full, keep_absent=keep))
     if is_create and not any(a.value is not None for a in assignments if a.column is not None):
         return _skip(Reason.NO_CHANGE, "The row has no value in any mapped column.", message, resource_type)
-    fhir_id = fhir_id_of(entity_map, new) if fhir_id_type(entity_map, old, new) in (None, resource_type) else None
+    fhir_id = fhir_id_of(entity_map, new)
     target = Target(resource_type, fhir_id, entity_map.identifier_system, message.record_id,
-                    resource_id(message.table, message.record_id), message.table)
+                    resource_id(message.table, message.record_id), message.table,
+                    fhir_id is not None and fhir_id_type(entity_map, old, new) != resource_type)
     refs = _refs(assignments)
     rendered = render(resource_type, [*assignments, target.identity] if full else assignments, full=full)
     owned = {a.element: a.column for a in assignments if a.column is not None and a.column != "*"
@@ -466,8 +472,9 @@ def _released(message: Message, entity_map: EntityMap, resource_type: str, old: 
     before = resource_type_of(entity_map, old) if entity_map.choice_column and old else None
     if before is None or before == resource_type or before not in entity_map.choices.values():
         return []
-    target = Target(before, fhir_id_of(entity_map, old), entity_map.identifier_system, message.record_id,
-                    resource_id(message.table, message.record_id), message.table)
+    fhir_id = fhir_id_of(entity_map, old)
+    target = Target(before, fhir_id, entity_map.identifier_system, message.record_id,
+                    resource_id(message.table, message.record_id), message.table, fhir_id is not None)
     return [Write(target, Release(mark, target.identity))]
 
 

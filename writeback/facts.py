@@ -304,10 +304,12 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
         # wrote is found by the row identifier it carries, the read sent ahead while the batch was planned.
         # An id the facts know to name a resource of another type (the row's type changed since) names none of
         # this one: it is found or made by the row identifier.
-        fhir_id = target.fhir_id
+        fhir_id, unsure = target.fhir_id, target.fhir_id_unsure
         if fact is not None and (fhir_id is None or fhir_id == fact.fhir_id):
             fhir_id = fact.fhir_id_for(target.resource_type)
-        writes.append(Write(replace(target, fhir_id=fhir_id), edit))
+            # The facts tell which type the id was given under when they know it (older messages saw it first).
+            unsure = fhir_id is not None and fact.fhir_type is None and unsure
+        writes.append(Write(replace(target, fhir_id=fhir_id, fhir_id_unsure=unsure), edit))
     if not writes:  # an unlinked child row whose previous parent withholds consent, or is no such resource
         return replace(decision, decision="skip", reason=Reason.CONSENT_WITHHELD if notes else Reason.NO_CHANGE,
                        plan=None, detail=f"Nothing to write: {'; '.join(notes) or 'no item of it to remove'}.")

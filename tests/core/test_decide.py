@@ -866,24 +866,31 @@ def test_a_target_only_contact_change_is_decided_by_the_type_and_consent_the_row
 
 
 def test_a_fhir_id_from_before_a_type_change_names_the_old_types_resource():
-    """A contact ingested as a Patient (its msemr_azurefhirid is the Patient's) and then made a Practitioner: the
-    Practitioner is found by the row identifier, and the row's facts keep that the id is the Patient's, also
-    through later messages that carry it under the new type (merged in either order)."""
-    retyped = (patient_update({"msemr_contacttype": PRACTITIONER_TYPE, "versionnumber": 1002},
-                                     pre={"msemr_azurefhirid": "ext-1"}))
-    plan_ = written(plan(retyped))
-    assert (plan_.resource_type, plan_.target.fhir_id) == ("Practitioner", None)
-    renamed = (patient_update({"lastname": "Adeyemi", "versionnumber": 1003},
-                                     pre={"msemr_azurefhirid": "ext-1", "msemr_contacttype": PRACTITIONER_TYPE}))
-    older, newer = (facts_of(message_of(body, {}), MAPS, SETTINGS) for body in (retyped, renamed))
-    assert older is not None and newer is not None
-    assert (older.fhir_type, newer.fhir_type) == ("Patient", "Practitioner")  # each message alone
-    for first, second in ((older, newer), (newer, older)):
-        known = first.merge(second)
+    """A contact ingested as a Patient (the sync's own Create sets msemr_azurefhirid: the Patient's) and then made
+    a Practitioner: the change keeps the id but is unsure of it (read by it, and found by the row identifier if it
+    names no Practitioner), and the row's facts keep that the id is the Patient's, also through later messages
+    that carry it under the new type, merged in any order."""
+    ingested = context("Create", "contact", PATIENT, patient_row(msemr_azurefhirid="ext-1", versionnumber=1001),
+                       post=patient_row(msemr_azurefhirid="ext-1", versionnumber=1001), user_id=SYNC_USER)
+    retyped = patient_update({"msemr_contacttype": PRACTITIONER_TYPE, "versionnumber": 1002},
+                             pre={"msemr_azurefhirid": "ext-1"})
+    target = written(plan(retyped)).target
+    assert (target.resource_type, target.fhir_id, target.fhir_id_unsure) == ("Practitioner", "ext-1", True)
+    renamed = patient_update({"lastname": "Adeyemi", "versionnumber": 1003},
+                             pre={"msemr_azurefhirid": "ext-1", "msemr_contacttype": PRACTITIONER_TYPE})
+    facts = [facts_of(message_of(body, {}), MAPS, SETTINGS) for body in (ingested, retyped, renamed)]
+    assert [f.fhir_type if f else "?" for f in facts] == ["Patient", None, "Practitioner"]  # each message alone
+    for order in ((0, 1, 2), (2, 1, 0), (1, 2, 0)):
+        known = None
+        for n in order:
+            fact = facts[n]
+            assert fact is not None
+            known = fact if known is None else known.merge(fact)
+        assert known is not None
         assert (known.resource_type, known.fhir_type) == ("Practitioner", "Patient")
         assert known.id_for("Practitioner") is None and known.id_for("Patient") == "ext-1"
-        resolved = resolve(plan(renamed), {known.key: known}, MAPS, SETTINGS)
-        assert written(resolved).target.fhir_id is None
+        resolved = written(resolve(plan(renamed), {known.key: known}, MAPS, SETTINGS)).target
+        assert (resolved.fhir_id, resolved.fhir_id_unsure) == (None, False)
 
 
 def test_a_fhir_id_given_under_the_rows_type_is_used():

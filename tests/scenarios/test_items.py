@@ -482,6 +482,26 @@ async def test_07c_a_patient_from_fhir_that_becomes_a_practitioner_is_written_as
     assert world.fhir.get(f"Patient/{seeded['id']}")["name"] == seeded["name"]  # the Patient is not written
 
 
+@pytest.mark.parametrize("order", ["in-order", "back-first"])
+async def test_07e_a_patient_from_fhir_made_a_practitioner_and_back_stays_that_patient(world: World, order: str):
+    """The row's FHIR id is its ingested Patient's. Made a Practitioner and a Patient again, the last save
+    received first (`back-first`: Service Bus does not order): its pre image says Practitioner, so the id may be
+    the Practitioner's or the Patient's; read as a Patient it is found, and written there, not a second Patient."""
+    dv = world.dataverse
+    seeded = ingested_patient(world)
+    contact, ingested = ingest(world, seeded)
+    to_practitioner = dv.update("contact", contact, {"msemr_contacttype": PRACTITIONER})
+    back = dv.update("contact", contact, {"msemr_contacttype": PATIENT, "lastname": "Okafor-Bello"})
+    received = [ingested, to_practitioner, back] if order == "in-order" else [back, ingested, to_practitioner]
+    await world.send_each(*received)
+    later = dv.update("contact", contact, {"firstname": "Imma"})
+    assert states(await world.send(later)) == [("written", None)]
+    assert [p["id"] for p in resources_of(world.fhir, "Patient", ROW_SYSTEM, contact)] == [seeded["id"]]
+    patient = strip_marks(world.fhir.get(f"Patient/{seeded['id']}"))
+    assert patient["name"][0]["family"] == "Okafor-Bello" and patient["name"][0]["given"][0] == "Imma"
+    assert resources_of(world.fhir, "Practitioner", ROW_SYSTEM, contact) == []
+
+
 # ---- 8. child rows and references of a record that came from FHIR ---------------------------------------------
 
 
