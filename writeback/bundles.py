@@ -331,7 +331,23 @@ class BatchDelivery:
                 job.target, job.absent, job.copied = replace(target, fhir_id=None, fhir_id_unsure=False), False, False
                 again.append(job)
                 continue
-            if job.absent and target.fhir_id and not isinstance(job.edit, RemoveItem | Release):
+            if target.fhir_id_unsure and job.current is not None and not isinstance(job.edit, RemoveItem | Release) \
+                    and not _carries(job.current[0], target, job.edit):
+                # A resource of this type under the id exists, but nothing says it is the row's: the id may have
+                # been given to the row under its other type, and this one be another record entirely.
+                job.outcome = WritebackError(
+                    Reason.TARGET_PENDING, f"{target.resource_type}/{target.fhir_id}, which the row's FHIR id names, "
+                    "does not carry this row, and the row's type changed: waiting for the row's earlier messages to "
+                    "tell which type that id was given under (after two tries it is found by the row identifier).")
+                continue
+            if job.absent and target.fhir_id is None and target.may_exist and isinstance(job.edit, RowEdit):
+                # Before making the row's resource of this type: the one it left when its type changed earlier, if
+                # any, is under the row's own id (without the row identifier); it is taken up again, kept as it is.
+                job.target, job.absent, job.copied = replace(target, fhir_id=target.new_id), False, False
+                again.append(job)
+                continue
+            if job.absent and target.fhir_id and not target.may_exist \
+                    and not isinstance(job.edit, RemoveItem | Release):
                 job.outcome = target_gone(target)
                 continue
             current = job.current[0] if job.current is not None else None
@@ -341,7 +357,14 @@ class BatchDelivery:
             except WritebackError as exc:
                 job.outcome = exc
                 continue
-            if decided.kind == "absent":
+            if decided.kind == "absent" and current is not None:
+                # The resource is there, the row's item in it is not: a change sent without images holds only some
+                # of the item's columns and cannot make it (its Create, or a save with images, does).
+                job.outcome = WritebackError(
+                    Reason.TARGET_PENDING, f"The item of {job.plan.source.table} {job.plan.source.record_id} is not "
+                    f"in {target.resource_type}/{_resource_id(job)} yet, and this change (a step without images) "
+                    "holds only some of its columns: waiting for its Create, or a save sent with images.")
+            elif decided.kind == "absent":
                 job.outcome = target_pending(target)
             elif decided.kind != "write" and job.copied:
                 # Only the server's copy may say that nothing needs writing: another system may have changed the
@@ -594,6 +617,15 @@ class BatchDelivery:
         for part, answers in zip(parts, answered, strict=True):
             for i, answer in zip(part, answers, strict=True):
                 out[i] = answer
+
+
+def _carries(resource: Mapping[str, Any], target: Target, edit: Edit) -> bool:
+    """Whether the resource says it is the row's: its mark (or tombstone), or the row identifier."""
+    table, row_id = edit.mark.table, edit.mark.row_id
+    if mark_of(dict(resource), table, row_id) or mark_of(dict(resource), table, row_id, MOVED):
+        return True
+    return any(isinstance(i, dict) and i.get("system") == target.identifier_system
+               and i.get("value") == target.identifier_value for i in resource.get("identifier") or [])
 
 
 def _resource_id(job: _Job) -> str:

@@ -151,11 +151,14 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
             new = apply(apply_state(base, edit.owned), [edit.identity])
         return Converged("write", with_mark(new, edit.mark, edit.mark.table, edit.mark.row_id))
     held = mark_of(current, edit.mark.table, edit.mark.row_id)
-    ordered = _ordered(edit, held)
+    # A resource the row left when its type changed (`Release`) holds the tombstone instead: an older state of the
+    # row may not take it up again.
+    ordered = _ordered(edit, held or mark_of(current, edit.mark.table, edit.mark.row_id, MOVED))
     if ordered is not None:
         return ordered
     if edit.full:
         new = apply(apply_state(current, edit.owned, edit.before), [edit.identity])
+        new = with_mark(new, None, edit.mark.table, edit.mark.row_id, MOVED)
         new = with_mark(new, edit.mark, edit.mark.table, edit.mark.row_id)
     else:  # Target only: the changed columns, and no mark (it is not the row's whole state)
         new = apply_changes(current, [*edit.owned, edit.identity], edit.adoptable)

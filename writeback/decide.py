@@ -95,6 +95,9 @@ class Target:
     # The FHIR id may name a resource of another type (the row's type changed, and which type the id was given
     # under is not known): read by it, and if it names none of this type, the resource is found by row identifier.
     fhir_id_unsure: bool = False
+    # The row's type changed in this save: its resource of this type may be one it left before (`Release`), under
+    # `new_id` and without the row identifier. Not found by that, it is looked up by `new_id` before one is made.
+    may_exist: bool = False
 
     @property
     def search(self) -> str:
@@ -442,9 +445,10 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
     if is_create and not any(a.value is not None for a in assignments if a.column is not None):
         return _skip(Reason.NO_CHANGE, "The row has no value in any mapped column.", message, resource_type)
     fhir_id = fhir_id_of(entity_map, new)
+    retyped = bool(old) and resource_type_of(entity_map, old) not in (None, resource_type)
     target = Target(resource_type, fhir_id, entity_map.identifier_system, message.record_id,
                     resource_id(message.table, message.record_id), message.table,
-                    fhir_id is not None and fhir_id_type(entity_map, old, new) != resource_type)
+                    fhir_id is not None and fhir_id_type(entity_map, old, new) != resource_type, retyped)
     refs = _refs(assignments)
     rendered = render(resource_type, [*assignments, target.identity] if full else assignments, full=full)
     owned = {a.element: a.column for a in assignments if a.column is not None and a.column != "*"

@@ -309,6 +309,10 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
             fhir_id = fact.fhir_id_for(target.resource_type)
             # The facts tell which type the id was given under when they know it (older messages saw it first).
             unsure = fhir_id is not None and fact.fhir_type is None and unsure
+        if unsure and attempt >= REFERENCE_GRACE_RETRIES:
+            # No earlier message told which type the id was given under: the resource is found by the row
+            # identifier, never taken over by an id that may be another resource's.
+            fhir_id, unsure = None, False
         writes.append(Write(replace(target, fhir_id=fhir_id, fhir_id_unsure=unsure), edit))
     if not writes:  # an unlinked child row whose previous parent withholds consent, or is no such resource
         return replace(decision, decision="skip", reason=Reason.CONSENT_WITHHELD if notes else Reason.NO_CHANGE,

@@ -328,23 +328,24 @@ def _compile(file: str, spec: EntityMapSpec, specs: Mapping[str, tuple[str, Enti
     attributes: list[AttributeMap] = []
     for i, attr in enumerate(spec.attributes):
         where = f"attributes[{i}]"
+        only_for = frozenset(attr.only_for) if attr.only_for else None
+        if only_for and not only_for <= types:
+            raise MapError(file, f"{where}.only_for", "names a resource type this map does not produce")
+        applies = only_for or types  # the types the target is written into, so the types it must exist in
         if expansion is not None:
             # Child rows map into one item of the parent's list: targets are relative to that item.
             path = parse_path(f"{expansion.element}.{attr.target}") if _valid(attr.target) else ()
             if not path:
                 raise MapError(file, f"{where}.target", "is not a valid element path")
-            codes = _check_elements(file, f"{where}.target", path, types)
+            codes = _check_elements(file, f"{where}.target", path, applies)
             path = path[1:]
         else:
-            path = _compile_path(file, f"{where}.target", attr.target, types)
-            codes = _check_elements(file, f"{where}.target", path, types)
+            path = _compile_path(file, f"{where}.target", attr.target, applies)
+            codes = _check_elements(file, f"{where}.target", path, applies)
         if attr.action == "value_map":
             _check_codes(file, f"{where}.values.", dict(attr.values or {}), codes)
         elif attr.action == "default":
             _check_codes(file, f"{where}.", {"value": attr.value}, codes)
-        only_for = frozenset(attr.only_for) if attr.only_for else None
-        if only_for and not only_for <= types:
-            raise MapError(file, f"{where}.only_for", "names a resource type this map does not produce")
         ref_system = ref_table = None
         if attr.action == "lookup":
             assert attr.resource is not None

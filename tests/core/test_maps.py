@@ -237,3 +237,14 @@ def test_writeback_false_and_messages_are_compiled(tmp_path):
     text = edit(ENC, "writeback: true\nmessages: [Create, Update]", "writeback: false\nmessages: [Create]")
     encounter = load_maps(maps_dir(tmp_path, {ENC: text})).maps["msemr_encounter"]
     assert encounter.writeback is False and encounter.messages == {"Create"}
+
+
+def test_a_target_written_for_one_type_only_need_exist_in_that_type(tmp_path):
+    """`only_for: [Patient]` on a contact map (Patient or Practitioner): the path is checked against Patient,
+    where it exists (Practitioner.communication is a CodeableConcept, without `language`)."""
+    text = SHIPPED["contact.yaml"].rstrip("\n") + (
+        '\n  - {column: msemr_preferredlanguage, target: "communication[0].language.text", type: string, '
+        "only_for: [Patient]}\n")
+    maps = load_maps(maps_dir(tmp_path, {"contact.yaml": text}))
+    assert maps.maps["contact"].attributes[-1].only_for == frozenset({"Patient"})
+

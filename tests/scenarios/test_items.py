@@ -502,6 +502,47 @@ async def test_07e_a_patient_from_fhir_made_a_practitioner_and_back_stays_that_p
     assert resources_of(world.fhir, "Practitioner", ROW_SYSTEM, contact) == []
 
 
+async def test_07f_a_type_change_never_takes_over_an_unrelated_resource_that_shares_the_rows_fhir_id(world: World):
+    """The contact was ingested as Practitioner/<n> before the writeback ran (no row facts), and the server also
+    holds an unrelated Patient/<n> (a source system numbers each type on its own). Made a Patient, the row's id
+    may be its Patient's or not: it waits two tries for the row's earlier messages, then its Patient is found or
+    made by the row identifier. Patient/<n> is never written."""
+    dv = world.dataverse
+    shared = f"p{new_id()[:8]}"
+    world.fhir.put({"resourceType": "Practitioner", "id": shared, "name": [{"family": "Adeyemi", "given": ["Tola"]}]})
+    other = world.fhir.put({"resourceType": "Patient", "id": shared,
+                            "name": [{"family": "Unrelated", "given": ["Someone"]}], "birthDate": "1950-01-01"})
+    contact, _ = dv.patient(user=SYNC_USER, fhir_id=shared, msemr_contacttype=PRACTITIONER, firstname="Tola",
+                            lastname="Adeyemi")
+    retyped = dv.update("contact", contact, {"msemr_contacttype": PATIENT})
+    results = [(await world.send(retyped, delivery_count=n))[0] for n in (1, 2, 3)]
+    assert [r.reason for r in results[:2]] == [Reason.TARGET_PENDING] * 2 and states(results)[2] == ("written", None)
+    assert strip_marks(world.fhir.get(f"Patient/{shared}")) == strip_marks(other)
+    [patient] = resources_of(world.fhir, "Patient", ROW_SYSTEM, contact)
+    assert patient["id"] == resource_id("contact", contact) and patient["name"][0]["family"] == "Adeyemi"
+
+
+async def test_07g_a_patient_made_a_practitioner_and_back_takes_up_the_same_patient_with_what_others_added(
+        world: World):
+    """The Patient the row left keeps its id (the row's own); made a Patient again, the row takes that Patient up
+    with an update that keeps what another system added meanwhile, not a create that would overwrite it."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    to_practitioner = dv.update("contact", contact, {"msemr_contacttype": PRACTITIONER})
+    assert states(await world.send_each(created, to_practitioner)) == [("written", None)] * 2
+    left = world.fhir.get(f"Patient/{resource_id('contact', contact)}")
+    world.fhir.put({**{k: v for k, v in left.items() if k != "meta"},  # another system, meanwhile
+                    "communication": [{"language": {"text": "Irish"}}]})
+    back = dv.update("contact", contact, {"msemr_contacttype": PATIENT, "firstname": "Aoife"})
+    assert states(await world.send(back)) == [("written", None)]
+    [patient] = resources_of(world.fhir, "Patient", ROW_SYSTEM, contact)
+    assert patient["id"] == resource_id("contact", contact)
+    assert patient["communication"] == [{"language": {"text": "Irish"}}]
+    assert patient["name"][0]["given"][0] == "Aoife"
+    assert resources_of(world.fhir, "Practitioner", ROW_SYSTEM, contact) == []
+    check_provenance(world.fhir, patient)
+
+
 # ---- 8. child rows and references of a record that came from FHIR ---------------------------------------------
 
 
