@@ -54,6 +54,13 @@ def ingested_patient(world: World, **extra: Any) -> dict[str, Any]:
     return world.fhir.put(resource)
 
 
+def ingested_observation(world: World, patient_fhir_id: str, loinc: str, **extra: Any) -> dict[str, Any]:
+    """An Observation as a FHIR system holds it, before the FHIR→Dataverse ingest: a LOINC code, its patient."""
+    return world.fhir.put({"resourceType": "Observation", "id": f"ext-{new_id()[:8]}", "status": "final",
+                           "code": {"coding": [{"system": "http://loinc.org", "code": loinc}]},
+                           "subject": {"reference": f"Patient/{patient_fhir_id}"}, **extra})
+
+
 def ingest(world: World, resource: dict[str, Any]) -> tuple[str, Sent]:
     """The FHIR→Dataverse sync creates the contact through the upsert API, as its own user (an echo for us)."""
     return world.dataverse.patient(user=SYNC_USER, fhir_id=resource["id"], firstname="Imani", middlename="Grace",
@@ -832,11 +839,9 @@ async def test_14g_a_value_type_written_replaces_the_other_types_of_that_choice_
     dv = world.dataverse
     seeded_patient = ingested_patient(world)
     contact, ingested = ingest(world, seeded_patient)
-    seeded = world.fhir.put({
-        "resourceType": "Observation", "id": f"ext-{new_id()[:8]}", "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": "8302-2"}]},
-        "subject": {"reference": f"Patient/{seeded_patient['id']}"},
-        "effectivePeriod": {"start": "2026-11-29T08:00:00Z"}, "valueCodeableConcept": {"text": "positive"}})
+    seeded = ingested_observation(world, seeded_patient["id"], "8302-2",
+                                  effectivePeriod={"start": "2026-11-29T08:00:00Z"},
+                                  valueCodeableConcept={"text": "positive"})
     observation = new_id()
     row = {"msemr_status": Choice(935000002), "msemr_code": Lookup("msemr_codeableconcept", new_id()),
            "msemr_subjecttypepatient": Lookup("contact", contact), "msemr_azurefhirid": seeded["id"],
@@ -916,11 +921,8 @@ async def test_14j_a_cleared_comment_takes_its_note_and_a_cleared_phone_its_item
     dv = world.dataverse
     seeded_patient = ingested_patient(world, telecom=[{"system": "phone", "value": "+1 555 0170", "rank": 1}])
     contact, ingested = ingest(world, seeded_patient)
-    seeded = world.fhir.put({
-        "resourceType": "Observation", "id": f"ext-{new_id()[:8]}", "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}]},
-        "subject": {"reference": f"Patient/{seeded_patient['id']}"},
-        "note": [{"authorString": "Nurse K", "time": "2026-11-29T08:00:00Z", "text": "axillary"}]})
+    seeded = ingested_observation(world, seeded_patient["id"], "8310-5", note=[
+        {"authorString": "Nurse K", "time": "2026-11-29T08:00:00Z", "text": "axillary"}])
     observation = new_id()
     row = {"msemr_status": Choice(935000002), "msemr_code": Lookup("msemr_codeableconcept", new_id()),
            "msemr_subjecttypepatient": Lookup("contact", contact), "msemr_azurefhirid": seeded["id"],
@@ -946,10 +948,7 @@ async def test_14j2_later_saves_keep_the_other_notes_and_an_address_dataverse_ne
     contact, ingested = ingest(world, seeded_patient)
     notes = [{"authorString": "Nurse K", "time": "2026-11-29T08:00:00Z", "text": "axillary"},
              {"authorString": "Dr B", "time": "2026-11-29T09:00:00Z", "text": "repeat in 1h"}, {"text": "fasting"}]
-    seeded = world.fhir.put({
-        "resourceType": "Observation", "id": f"ext-{new_id()[:8]}", "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}]},
-        "subject": {"reference": f"Patient/{seeded_patient['id']}"}, "note": notes})
+    seeded = ingested_observation(world, seeded_patient["id"], "8310-5", note=notes)
     observation, echo = dv.observation(contact, user=SYNC_USER, msemr_azurefhirid=seeded["id"],
                                        msemr_comment="axillary")
     cleared = dv.update("msemr_observation", observation, {"msemr_comment": None})
@@ -966,11 +965,8 @@ async def test_14j3_a_changed_value_loses_the_comparator_said_of_the_old_one(wor
     dv = world.dataverse
     seeded_patient = ingested_patient(world)
     contact, ingested = ingest(world, seeded_patient)
-    seeded = world.fhir.put({
-        "resourceType": "Observation", "id": f"ext-{new_id()[:8]}", "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
-        "subject": {"reference": f"Patient/{seeded_patient['id']}"},
-        "valueQuantity": {"value": 5, "comparator": "<", "unit": "mg/dL"}})
+    seeded = ingested_observation(world, seeded_patient["id"], "2345-7",
+                                  valueQuantity={"value": 5, "comparator": "<", "unit": "mg/dL"})
     observation, echo = dv.observation(contact, user=SYNC_USER, msemr_azurefhirid=seeded["id"],
                                        msemr_valuetypequantityvalue=5, msemr_valuequantityunit="mg/dL")
     remeasured = dv.update("msemr_observation", observation, {"msemr_valuetypequantityvalue": 7})
