@@ -42,7 +42,7 @@ from typing import Any, Protocol
 from writeback.decide import Decision
 from writeback.errors import WritebackError
 from writeback.maps import MapSet, load_maps
-from writeback.pipeline import Delivery, Envelope, Ledger, Pipeline, Result
+from writeback.pipeline import DEADLINE_DETAIL, Delivery, Envelope, Ledger, Pipeline, Result
 from writeback.reasons import Kind, Reason
 from writeback.retry import ATTEMPT, GiveUp, RetryPolicy, batch_jitter, next_step, text_of
 from writeback.scheduler import Copy, Scheduler
@@ -377,8 +377,7 @@ class FunctionApp:
                 await runtime.pipeline.process_many(envelopes, emit,
                                                     deadline=asyncio.get_running_loop().time() + budget)
         except TimeoutError:
-            detail = (f"The invocation's deadline ({budget:.0f} s, inside the message lock) came before this "
-                      "message was finished; rescheduled.")
+            detail = DEADLINE_DETAIL
             for position, index in enumerate(order):
                 if index not in finished:
                     result = runtime.pipeline.unfinished(envelopes[position], detail)
