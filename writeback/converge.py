@@ -26,9 +26,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from writeback.mapping import check_invariants, choice_siblings
 from writeback.marks import MOVED, Mark, Version, item_of, mark_of, marks_in, with_mark
 from writeback.paths import KEEP, Assignment, Path, apply, apply_changes, apply_state
+from writeback.validation import check_invariants, choice_siblings
 
 Kind = Literal["write", "stale", "same", "unchanged", "absent"]
 _SERVER_META = ("versionId", "lastUpdated", "source")

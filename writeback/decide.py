@@ -26,21 +26,14 @@ from typing import Any, Literal
 
 from writeback.converge import Edit, ItemEdit, Release, RemoveItem, RowEdit
 from writeback.errors import WritebackError
-from writeback.mapping import (
-    Row,
-    RowRef,
-    build_assignments,
-    check_invariants,
-    choice_key,
-    render,
-    validate,
-)
+from writeback.mapping import Row, RowRef, build_assignments, choice_key, render
 from writeback.maps import AttributeMap, EntityMap, MapSet
 from writeback.marks import Mark, Version
 from writeback.messages import EntityRef, Message, decode_body, label, message_of
 from writeback.paths import KEEP, Assignment, Field, Index, Select, sole_selectors
 from writeback.reasons import Reason
 from writeback.settings import Settings
+from writeback.validation import check_invariants, validate
 
 DecisionKind = Literal["write", "skip", "reject"]
 RowKey = tuple[str, str]  # (table, row id)

@@ -5,16 +5,12 @@ Errors name the column and the problem, never the value: the value may be patien
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
-
-from fhir.resources.R4B import get_fhir_model_class
-from pydantic import ValidationError
 
 from writeback.errors import WritebackError
 from writeback.maps import AttributeMap, EntityMap
@@ -200,69 +196,6 @@ def build_assignments(
     return out
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
-
-
-def validate(resource: dict[str, Any], *, partial: bool, required: Mapping[str, str] | None = None) -> None:
-    """fhir.resources (R4B ≅ R4) structural validation; the error names the element, never the value.
-
-    `partial`: the resource holds only the elements the map owns, so required elements may be absent, except
-    those in `required` (owned element → the column that feeds it): a row's whole state that leaves one of those
-    empty cannot make a valid resource (Encounter.class, Observation.code, ...).
-    """
-    kind = str(resource["resourceType"])
-    siblings = choice_siblings(kind)
-    for element in resource:
-        clash = [other for other in siblings.get(element, ()) if other in resource]
-        if clash:
-            # The model's own error for this names no element ("(resource) is invalid"): say which, and whence.
-            both = [element, *clash]
-            columns = [required[e] for e in both if required and e in required]
-            whence = f" (columns {', '.join(columns)})" if len(columns) == len(both) else ""
-            raise _invalid(f"{kind} holds {' and '.join(both)}{whence}: a choice element holds one type at most; "
-                           "leave only one of them with a value in Dataverse")
-    model = get_fhir_model_class(kind)
-    try:
-        model.model_validate(resource)
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            loc = tuple(error.get("loc", ()))
-            missing = "missing" in str(error.get("type", ""))
-            if missing and partial and not (required and len(loc) == 1 and str(loc[0]) in required):
-                continue
-            problems.append(error)
-        if problems:
-            first = problems[0]
-            loc = tuple(first.get("loc", ()))
-            where = _loc(loc) or "(resource)"
-            if "missing" in str(first.get("type", "")) and required and str(loc[0]) in required:
-                raise _invalid(f"{kind}.{where} is required, and column {required[str(loc[0])]} "
-                               "that gives it is empty") from None
-            raise _invalid(f"{kind}.{where} is invalid ({first.get('type', 'error')})") from None
-    except (ValueError, TypeError) as exc:  # validators in fhir.resources may raise plain errors
-        raise _invalid(f"{kind} failed validation ({type(exc).__name__})") from None
-
-
-@functools.cache
-def choice_siblings(resource_type: str) -> Mapping[str, tuple[str, ...]]:
-    """Each type of a choice element of the resource (`value[x]`: valueQuantity, valueString, ...) → the element's
-    other types. A resource holds one type of a choice element at most (FHIR), so writing one removes the others."""
-    groups: dict[str, list[str]] = {}
-    for name, info in get_fhir_model_class(resource_type).model_fields.items():
-        extra = info.json_schema_extra
-        if isinstance(extra, dict) and isinstance(prefix := extra.get("one_of_many"), str):
-            groups.setdefault(prefix, []).append(info.alias or name)
-    return {one: tuple(other for other in group if other != one) for group in groups.values() for one in group}
-
-
 def render(resource_type: str, assignments: Iterable[Assignment], *, full: bool = False) -> dict[str, Any]:
     """What the assignments put in an empty resource (lookups as identifier-only references)."""
     base: dict[str, Any] = {"resourceType": resource_type}
@@ -272,49 +205,3 @@ def render(resource_type: str, assignments: Iterable[Assignment], *, full: bool 
         return rendered
     out: dict[str, Any] = resolve_refs(rendered, {})
     return out
-
-
-def _when(text: str) -> tuple[datetime, int] | None:
-    """A FHIR date/dateTime/instant as an instant and its precision (characters), for comparisons."""
-    try:
-        if len(text) == 4:
-            return datetime(int(text), 1, 1, tzinfo=UTC), 4
-        if len(text) == 7:
-            return datetime(int(text[:4]), int(text[5:7]), 1, tzinfo=UTC), 7
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)), len(text)
-
-
-def _backwards(start: str, end: str) -> bool:
-    """per-1: end before start, compared at the precision both have."""
-    a, b = _when(start), _when(end)
-    if a is None or b is None:
-        return False
-    if a[1] > 10 and b[1] > 10:
-        return b[0] < a[0]
-    n = min(a[1], b[1], 10)
-    return end[:n] < start[:n]
-
-
-def check_invariants(resource: Mapping[str, Any]) -> None:
-    """FHIR invariants fhir.resources does not check, for the elements maps write. per-1: a Period's end is not
-    before its start."""
-
-    def walk(node: Any, where: tuple[str | int, ...]) -> None:
-        # `where` is a tuple, made into text only for the error: formatting it at every node was most of the cost.
-        if isinstance(node, dict):
-            start, end = node.get("start"), node.get("end")
-            if isinstance(start, str) and isinstance(end, str) and _backwards(start, end):
-                raise _invalid(f"{resource.get('resourceType', '(resource)')}.{_loc(where)} ends before it starts "
-                               "(FHIR invariant per-1)")
-            for key, value in node.items():
-                if isinstance(value, dict | list):
-                    walk(value, (*where, key))
-        elif isinstance(node, list):
-            for i, value in enumerate(node):
-                if isinstance(value, dict | list):
-                    walk(value, (*where, i))
-
-    walk(resource, ())

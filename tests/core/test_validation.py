@@ -1,0 +1,146 @@
+"""`validation.validate` goes element by element and remembers valid items: it must refuse exactly what
+fhir.resources' whole resource model refuses, whatever it has seen before.
+
+The oracle is the model itself (`model_validate` of the whole resource, missing elements forgiven as a partial
+resource is), run over every resource the bench corpus plans and over mutations of them of the kinds a Dataverse
+row or a map mistake produces.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+
+from bench.corpus import generate
+from writeback import validation
+from writeback.decide import plan_message
+from writeback.errors import WritebackError
+from writeback.maps import load_maps
+from writeback.reasons import Reason
+from writeback.settings import DEFAULT_MAPS_DIR, Settings
+
+
+def model_refuses(resource: dict[str, Any]) -> bool:
+    """The whole model's verdict on a partial resource (the oracle)."""
+    try:
+        get_fhir_model_class(resource["resourceType"]).model_validate(copy.deepcopy(resource))
+    except ValidationError as exc:
+        return any("missing" not in str(e.get("type", "")) for e in exc.errors())
+    except (ValueError, TypeError):
+        return True
+    return False
+
+
+def refuses(resource: dict[str, Any]) -> bool:
+    try:
+        validation.validate(copy.deepcopy(resource), partial=True)
+    except WritebackError as exc:
+        assert exc.reason is Reason.INVALID_RESOURCE
+        return True
+    return False
+
+
+def planned_resources() -> list[dict[str, Any]]:
+    maps, settings = load_maps(DEFAULT_MAPS_DIR), Settings.for_planning({})
+    out = []
+    for envelope in generate(400, seed=3):
+        decision = plan_message(envelope.body, None, maps, settings)
+        if decision.plan is not None:
+            out.append(decision.plan.resource)
+    return out
+
+
+BAD_LEAVES: list[Any] = ["", "  ", "1946-13-45", "2026-11-02T25:00:00Z", "not a code\n", None, [], {}, 12,
+                         Decimal("1.5"), True, "x" * 3, {"unknown": 1}]
+
+
+def mutations(resource: dict[str, Any], rng: random.Random) -> list[dict[str, Any]]:
+    """The resource with one leaf, item or element replaced by something a row or a map can produce."""
+    leaves: list[tuple[Any, Any]] = []  # (container, key) of every leaf
+
+    def walk(node: Any) -> None:
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in list(items):
+            if isinstance(value, dict | list):
+                leaves.append((node, key))
+                walk(value)
+            elif key != "resourceType":
+                leaves.append((node, key))
+
+    out = []
+    for _ in range(12):
+        changed = copy.deepcopy(resource)
+        leaves.clear()
+        walk(changed)
+        container, key = rng.choice(leaves)
+        container[key] = copy.deepcopy(rng.choice(BAD_LEAVES))
+        out.append(changed)
+    extra = copy.deepcopy(resource)
+    extra["notAnElement"] = "x"
+    out.append(extra)
+    nulls = copy.deepcopy(resource)
+    listed = [k for k, v in nulls.items() if isinstance(v, list)]
+    if listed:
+        nulls[listed[0]] = [*nulls[listed[0]], None]
+        out.append(nulls)
+    return out
+
+
+@pytest.fixture(scope="module")
+def resources() -> list[dict[str, Any]]:
+    return planned_resources()
+
+
+def test_the_corpus_is_valid_both_ways(resources: list[dict[str, Any]]) -> None:
+    assert len(resources) > 300
+    assert not [r for r in resources if model_refuses(r)]
+    assert not [r for r in resources if refuses(r)]
+
+
+def test_refuses_what_the_whole_model_refuses(resources: list[dict[str, Any]]) -> None:
+    """Each mutated resource is validated twice (the second time after its valid items were remembered): the
+    verdict is the model's both times."""
+    rng = random.Random(5)
+    disagreements = []
+    refused = 0
+    for resource in resources[:150]:
+        for changed in mutations(resource, rng):
+            expected = model_refuses(changed)
+            refused += expected
+            for attempt in (1, 2):
+                if refuses(changed) != expected:
+                    disagreements.append((attempt, expected, changed))
+    assert refused > 500  # the mutations do reach the validators
+    assert not disagreements[:3]
+
+
+def test_a_remembered_item_does_not_excuse_a_changed_one() -> None:
+    """An Observation valid once; the same Observation with its quantity's value made text is refused, and the
+    valid one is still accepted after it."""
+    good = {"resourceType": "Observation", "status": "final",
+            "valueQuantity": {"value": Decimal("72.50"), "unit": "kg"}}
+    bad = {**good, "valueQuantity": {"value": "72.50", "unit": "kg"}}
+    assert not refuses(good)
+    assert refuses(bad) == model_refuses(bad)
+    assert not refuses(good)
+
+
+def test_the_error_names_the_element_not_the_value() -> None:
+    with pytest.raises(WritebackError) as caught:
+        validation.validate({"resourceType": "Patient", "birthDate": "1946-13-45",
+                             "name": [{"family": "Moreau"}, {"family": 7}]}, partial=True)
+    assert "1946" not in caught.value.detail and "Moreau" not in caught.value.detail
+    assert caught.value.detail.startswith("Patient.")
+
+
+def test_a_required_owned_element_left_empty_names_its_column() -> None:
+    with pytest.raises(WritebackError) as caught:
+        validation.validate({"resourceType": "Observation", "status": "final"}, partial=True,
+                            required={"code": "msemr_code", "status": "msemr_status"})
+    assert caught.value.detail == "Observation.code is required, and column msemr_code that gives it is empty"

@@ -1,0 +1,192 @@
+"""Is a resource valid FHIR R4: fhir.resources' models (R4B ≅ R4 for what maps write), and the invariants they leave
+out. Pure. Errors name the element, never the value: the value may be patient data.
+
+A resource is validated element by element: each top-level element's value (each item of a repeating element) goes
+through the model's own type for that element (a pydantic `TypeAdapter` of the field's annotation: the validators
+the whole model would run on it), and the checks the whole model makes beside its fields are made here: no unknown
+element (the models forbid extras), no null in a list, required elements, one type per choice element. An item found
+valid is remembered (a bounded table of its exact value, `repr`, types included): the statuses, codes, classes and
+units every row repeats, and the elements a row's next save leaves unchanged, are not validated again. Validating
+every message's whole row state this way costs about half as much as constructing the resource model.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import TypeAdapter, ValidationError
+
+from writeback.errors import WritebackError
+from writeback.reasons import Reason
+
+# Items remembered as valid, per process. A table of this size holds a few thousand messages' worth of repeated
+# values; when it is full it starts again (cheaper than keeping an order, and it fills again within a batch).
+VALID_ITEMS_MAX = 20_000
+_valid: set[tuple[str, str, bool, str]] = set()
+
+
+def _invalid(detail: str) -> WritebackError:
+    return WritebackError(Reason.INVALID_RESOURCE, detail)
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Element:
+    adapter: TypeAdapter[Any]  # of the value, or of one item when the element repeats
+    repeats: bool
+    required: bool  # min cardinality 1 (a complex element the model requires, or `element_required`)
+
+
+def _optional_inner(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+@functools.cache
+def _elements(resource_type: str) -> Mapping[str, _Element]:
+    """The resource's elements by their JSON name, with the model's type for each."""
+    out: dict[str, _Element] = {}
+    for name, info in get_fhir_model_class(resource_type).model_fields.items():
+        inner = _optional_inner(info.annotation)
+        repeats = typing.get_origin(inner) is list
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        out[info.alias or name] = _Element(TypeAdapter(typing.get_args(inner)[0] if repeats else inner), repeats,
+                                           info.is_required() or extra.get("element_required") is True)
+    return out
+
+
+@functools.cache
+def choice_siblings(resource_type: str) -> Mapping[str, tuple[str, ...]]:
+    """Each type of a choice element of the resource (`value[x]`: valueQuantity, valueString, ...) → the element's
+    other types. A resource holds one type of a choice element at most (FHIR), so writing one removes the others."""
+    groups: dict[str, list[str]] = {}
+    for name, info in get_fhir_model_class(resource_type).model_fields.items():
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and isinstance(prefix := extra.get("one_of_many"), str):
+            groups.setdefault(prefix, []).append(info.alias or name)
+    return {one: tuple(other for other in group if other != one) for group in groups.values() for one in group}
+
+
+def validate(resource: dict[str, Any], *, partial: bool, required: Mapping[str, str] | None = None) -> None:
+    """Structural validation (fhir.resources); the error names the element, never the value.
+
+    `partial`: the resource holds only the elements the map owns, so required elements may be absent, except
+    those in `required` (owned element → the column that feeds it): a row's whole state that leaves one of those
+    empty cannot make a valid resource (Encounter.class, Observation.code, ...).
+    """
+    kind = str(resource["resourceType"])
+    siblings = choice_siblings(kind)
+    for name in resource:
+        clash = [other for other in siblings.get(name, ()) if other in resource]
+        if clash:
+            # The model's own error for this names no element ("(resource) is invalid"): say which, and whence.
+            both = [name, *clash]
+            columns = [required[e] for e in both if required and e in required]
+            whence = f" (columns {', '.join(columns)})" if len(columns) == len(both) else ""
+            raise _invalid(f"{kind} holds {' and '.join(both)}{whence}: a choice element holds one type at most; "
+                           "leave only one of them with a value in Dataverse")
+    elements = _elements(kind)
+    for name, value in resource.items():
+        if name == "resourceType" or value is None:  # (None: absent, to the models too)
+            continue
+        if (element := elements.get(name)) is None:
+            raise _invalid(f"{kind}.{name} is invalid (extra_forbidden)")
+        if not element.repeats:
+            _check(kind, element, value, (name,), partial=partial)
+            continue
+        if not isinstance(value, list):
+            raise _invalid(f"{kind}.{name} is invalid (list_type)")
+        if any(item is None for item in value):  # the models refuse a null in a list of complex elements too
+            raise _invalid(f"{kind}.{name} is invalid (list_type)")
+        for i, item in enumerate(value):
+            _check(kind, element, item, (name, i), partial=partial)
+    for name, about in elements.items():
+        if about.required and resource.get(name) is None and resource.get(f"_{name}") is None:
+            if not partial:
+                raise _invalid(f"{kind}.{name} is invalid (missing)")
+            if required and name in required:
+                raise _invalid(f"{kind}.{name} is required, and column {required[name]} that gives it is empty")
+
+
+def _check(kind: str, element: _Element, value: Any, loc: tuple[int | str, ...], *, partial: bool) -> None:
+    key = (kind, str(loc[0]), partial, repr(value))
+    if key in _valid:
+        return
+    try:
+        element.adapter.validate_python(value)
+    except ValidationError as exc:
+        for error in exc.errors():
+            if partial and "missing" in str(error.get("type", "")):
+                continue  # an element the map does not own may be absent
+            raise _invalid(f"{kind}.{_loc((*loc, *error.get('loc', ())))} is invalid "
+                           f"({error.get('type', 'error')})") from None
+    except (ValueError, TypeError) as exc:  # validators in fhir.resources may raise plain errors
+        raise _invalid(f"{kind} failed validation ({type(exc).__name__})") from None
+    if len(_valid) >= VALID_ITEMS_MAX:
+        _valid.clear()
+    _valid.add(key)
+
+
+def _when(text: str) -> tuple[datetime, int] | None:
+    """A FHIR date/dateTime/instant as an instant and its precision (characters), for comparisons."""
+    try:
+        if len(text) == 4:
+            return datetime(int(text), 1, 1, tzinfo=UTC), 4
+        if len(text) == 7:
+            return datetime(int(text[:4]), int(text[5:7]), 1, tzinfo=UTC), 7
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)), len(text)
+
+
+def _backwards(start: str, end: str) -> bool:
+    """per-1: end before start, compared at the precision both have."""
+    a, b = _when(start), _when(end)
+    if a is None or b is None:
+        return False
+    if a[1] > 10 and b[1] > 10:
+        return b[0] < a[0]
+    n = min(a[1], b[1], 10)
+    return end[:n] < start[:n]
+
+
+def check_invariants(resource: Mapping[str, Any]) -> None:
+    """FHIR invariants fhir.resources does not check, for the elements maps write. per-1: a Period's end is not
+    before its start."""
+
+    def walk(node: Any, where: tuple[str | int, ...]) -> None:
+        # `where` is a tuple, made into text only for the error: formatting it at every node was most of the cost.
+        if isinstance(node, dict):
+            start, end = node.get("start"), node.get("end")
+            if isinstance(start, str) and isinstance(end, str) and _backwards(start, end):
+                raise _invalid(f"{resource.get('resourceType', '(resource)')}.{_loc(where)} ends before it starts "
+                               "(FHIR invariant per-1)")
+            for key, value in node.items():
+                if isinstance(value, dict | list):
+                    walk(value, (*where, key))
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                if isinstance(value, dict | list):
+                    walk(value, (*where, i))
+
+    walk(resource, ())
