@@ -33,7 +33,7 @@ from writeback.messages import EntityRef, Message, decode_body, label, message_o
 from writeback.paths import KEEP, Assignment, Field, Index, Select, sole_selectors
 from writeback.reasons import Reason
 from writeback.settings import Settings
-from writeback.validation import check_invariants, validate
+from writeback.validation import validate
 
 DecisionKind = Literal["write", "skip", "reject"]
 RowKey = tuple[str, str]  # (table, row id)
@@ -447,7 +447,6 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
     owned = {a.element: a.column for a in assignments if a.column is not None and a.column != "*"
              and a.value is not KEEP}
     validate(rendered, partial=True, required=owned if full else None)
-    check_invariants(rendered)
     # Without lookups the rendered state is what a create writes: `converge` starts from it, not from scratch.
     edit = RowEdit(mark, assignments, target.identity, full, rendered=rendered if full and not refs
                    else None, before=_before(entity_map, resource_type, old) if full else (),
@@ -547,7 +546,6 @@ def _plan_item(message: Message, entity_map: EntityMap, *, maps: MapSet, resourc
     item = render(resource_type, [Assignment((Field(expansion.element), Index(0), *a.path), a.value, a.column)
                                   for a in owned if a.value is not None and a.value is not KEEP])
     validate(item, partial=True)
-    check_invariants(item)
     source = _source(message, f"urn:dataverse:{message.table}", new)
     changes = (expansion.element,)
     plan = WritePlan("update", tuple(writes), item, changes, source, full, (),

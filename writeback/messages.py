@@ -135,6 +135,8 @@ def _optional_guid(body: Mapping[str, Any], key: str) -> str | None:
 
 def parse_date(text: str) -> datetime | None:
     """`/Date(ms)/` or `/Date(ms+hhmm)/` → an aware datetime at that instant, in the given offset."""
+    if not text.startswith("/Date("):  # most strings are not dates: no regex for them
+        return None
     match = _DATE.match(text)
     if not match:
         return None
