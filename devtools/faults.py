@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from writeback.transport import Connections
+
 Rewrite = Callable[[httpx.Request, httpx.Response], httpx.Response]
 
 
@@ -80,7 +82,7 @@ class FaultyTransport(httpx.AsyncBaseTransport):
     def __init__(self, faults: list[Fault] | None = None, inner: httpx.AsyncBaseTransport | None = None) -> None:
         self.faults = faults if faults is not None else []
         self.entry_faults: list[EntryFault] = []
-        self.inner = inner or httpx.AsyncHTTPTransport()
+        self.inner = inner or Connections()  # the connections the product's client uses
         self.requests: list[httpx.Request] = []
         self.entries: list[dict[str, Any]] = []  # every batch entry sent, in order
 
