@@ -42,7 +42,10 @@ _T = TypeVar("_T")
 LAST_GRACE = max(CONSENT_GRACE_RETRIES, REFERENCE_GRACE_RETRIES)
 DEADLINE_DETAIL = ("The invocation's deadline (inside the message lock) came before this message was finished; "
                    "rescheduled.")
-PLAN_SLICE = 50  # messages planned before their reads are sent and the writes now ready go out
+# Messages planned before their reads are sent and the writes now ready go out. A slice's reads and writes fill
+# about two bundles of 50: fewer, fuller requests than at 50 (each costs the client ~1M instructions and the
+# server a round of its own), while the first read still leaves within a few dozen milliseconds.
+PLAN_SLICE = 100
 
 State = Literal["written", "skipped", "dead-lettered", "retry", "config-error"]
 _STATE_BY_KIND: dict[Kind, State] = {
