@@ -447,7 +447,8 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
     owned = {a.element: a.column for a in assignments if a.column is not None and a.column != "*"
              and a.value is not KEEP}
     validate(rendered, partial=True, required=owned if full else None,
-             ours=({"system": target.identifier_system, "value": target.identifier_value},))
+             ours={"Identifier": ({"system": target.identifier_system, "value": target.identifier_value},),
+                   "Reference": tuple(ref.reference(None) for ref in refs)})
     # Without lookups the rendered state is what a create writes: `converge` starts from it, not from scratch.
     edit = RowEdit(mark, assignments, target.identity, full, rendered=rendered if full and not refs
                    else None, before=_before(entity_map, resource_type, old) if full else (),

@@ -57,6 +57,7 @@ class _Element:
     adapter: TypeAdapter[Any]  # of the value, or of one item when the element repeats
     repeats: bool
     required: bool  # min cardinality 1 (a complex element the model requires, or `element_required`)
+    datatype: str  # the FHIR datatype of a complex value (of each item): "Identifier", "Reference", ...
 
 
 def _optional_inner(annotation: Any) -> Any:
@@ -75,8 +76,10 @@ def _elements(resource_type: str) -> Mapping[str, _Element]:
         inner = _optional_inner(info.annotation)
         repeats = typing.get_origin(inner) is list
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        out[info.alias or name] = _Element(TypeAdapter(typing.get_args(inner)[0] if repeats else inner), repeats,
-                                           info.is_required() or extra.get("element_required") is True)
+        item = typing.get_args(inner)[0] if repeats else inner
+        out[info.alias or name] = _Element(TypeAdapter(item), repeats,
+                                           info.is_required() or extra.get("element_required") is True,
+                                           getattr(item, "__name__", "").removesuffix("Type"))
     return out
 
 
@@ -93,14 +96,16 @@ def choice_siblings(resource_type: str) -> Mapping[str, tuple[str, ...]]:
 
 
 def validate(resource: dict[str, Any], *, partial: bool, required: Mapping[str, str] | None = None,
-             ours: Collection[Mapping[str, Any]] = ()) -> None:
+             ours: Mapping[str, Collection[Mapping[str, Any]]] | None = None) -> None:
     """Structural validation (fhir.resources); the error names the element, never the value.
 
     `partial`: the resource holds only the elements the map owns, so required elements may be absent, except
     those in `required` (owned element → the column that feeds it): a row's whole state that leaves one of those
     empty cannot make a valid resource (Encounter.class, Observation.code, ...).
-    `ours`: items this product built, valid by construction (the row identifier: a system the map's schema
-    checks, a GUID): each row has its own, so remembering it would only push out what repeats.
+    `ours`: values this product built, by FHIR datatype, valid by construction from a map's checked constants and
+    row GUIDs (the row identifier, the identifier-only reference of a lookup), and taken as such only where an
+    element of that datatype holds them: each row has its own, so remembering them would only push out what
+    repeats.
     """
     kind = str(resource["resourceType"])
     siblings = choice_siblings(kind)
@@ -119,15 +124,17 @@ def validate(resource: dict[str, Any], *, partial: bool, required: Mapping[str, 
             continue
         if (element := elements.get(name)) is None:
             raise _invalid(f"{kind}.{name} is invalid (extra_forbidden)")
+        known = ours.get(element.datatype, ()) if ours else ()
         if not element.repeats:
-            _check(kind, element, value, (name,), partial=partial)
+            if value not in known:
+                _check(kind, element, value, (name,), partial=partial)
             continue
         if not isinstance(value, list):
             raise _invalid(f"{kind}.{name} is invalid (list_type)")
         if any(item is None for item in value):  # the models refuse a null in a list of complex elements too
             raise _invalid(f"{kind}.{name} is invalid (list_type)")
         for i, item in enumerate(value):
-            if not (ours and item in ours):
+            if item not in known:
                 _check(kind, element, item, (name, i), partial=partial)
     for name, about in elements.items():
         if about.required and resource.get(name) is None and resource.get(f"_{name}") is None:

@@ -144,3 +144,17 @@ def test_a_required_owned_element_left_empty_names_its_column() -> None:
         validation.validate({"resourceType": "Observation", "status": "final"}, partial=True,
                             required={"code": "msemr_code", "status": "msemr_status"})
     assert caught.value.detail == "Observation.code is required, and column msemr_code that gives it is empty"
+
+
+def test_what_the_product_built_is_taken_as_valid_only_where_its_datatype_goes() -> None:
+    """A lookup's identifier-only reference is not validated again under a Reference element; put by a map
+    mistake under an element of another type, it is refused as the model refuses it."""
+    reference = {"type": "Patient",
+                 "identifier": {"system": "urn:dataverse:contact", "value": "b9f1c0de-0000-4000-8000-000000000001"}}
+    ours = {"Reference": (reference,)}
+    validation.validate({"resourceType": "Observation", "subject": reference}, partial=True, ours=ours)
+    misplaced = {"resourceType": "Observation", "status": reference}
+    assert model_refuses(misplaced)
+    with pytest.raises(WritebackError) as caught:
+        validation.validate(misplaced, partial=True, ours=ours)
+    assert caught.value.detail.startswith("Observation.status is invalid")
