@@ -392,7 +392,7 @@ def gates_of(entity_map: EntityMap, maps: MapSet, resource_type: str, row: Row) 
     decides whether this row is written."""
     gates: list[RowKey] = []
     for attr in entity_map.attributes:
-        if attr.only_for is not None and resource_type not in attr.only_for:
+        if attr.action != "lookup" or (attr.only_for is not None and resource_type not in attr.only_for):
             continue
         value = row.get(attr.column or "")
         table = gate_table(attr, maps)

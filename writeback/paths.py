@@ -163,7 +163,7 @@ class OwnedPrefix:
 
 
 def _is_empty(value: object) -> bool:
-    return value is None or value in ({}, [])
+    return value is None or (type(value) in (dict, list) and not value)
 
 
 def _set(node: JSONValue, path: Path, value: JSONValue) -> JSONValue:
@@ -175,7 +175,7 @@ def _set(node: JSONValue, path: Path, value: JSONValue) -> JSONValue:
             values = [current[i] if v is KEEP and i < len(current) else v for i, v in enumerate(value.values)]
             return [_tree_copy(v) for v in values if v is not None and v is not KEEP] + kept
         # A copy: a later assignment under this one must not reach into the plan's (or the map's) value.
-        return _tree_copy(value)
+        return _tree_copy(value) if type(value) in (dict, list) else value
     seg, rest = path[0], path[1:]
     if isinstance(seg, Field):
         obj: dict[str, Any] = node if isinstance(node, dict) else {}

@@ -84,6 +84,11 @@ def _elements(resource_type: str) -> Mapping[str, _Element]:
 
 
 @functools.cache
+def _required(resource_type: str) -> tuple[str, ...]:
+    return tuple(name for name, element in _elements(resource_type).items() if element.required)
+
+
+@functools.cache
 def choice_siblings(resource_type: str) -> Mapping[str, tuple[str, ...]]:
     """Each type of a choice element of the resource (`value[x]`: valueQuantity, valueString, ...) → the element's
     other types. A resource holds one type of a choice element at most (FHIR), so writing one removes the others."""
@@ -110,7 +115,9 @@ def validate(resource: dict[str, Any], *, partial: bool, required: Mapping[str, 
     kind = str(resource["resourceType"])
     siblings = choice_siblings(kind)
     for name in resource:
-        clash = [other for other in siblings.get(name, ()) if other in resource]
+        if name not in siblings:
+            continue
+        clash = [other for other in siblings[name] if other in resource]
         if clash:
             # The model's own error for this names no element ("(resource) is invalid"): say which, and whence.
             both = [name, *clash]
@@ -136,8 +143,8 @@ def validate(resource: dict[str, Any], *, partial: bool, required: Mapping[str, 
         for i, item in enumerate(value):
             if item not in known:
                 _check(kind, element, item, (name, i), partial=partial)
-    for name, about in elements.items():
-        if about.required and resource.get(name) is None and resource.get(f"_{name}") is None:
+    for name in _required(kind):
+        if resource.get(name) is None and resource.get(f"_{name}") is None:
             if not partial:
                 raise _invalid(f"{kind}.{name} is invalid (missing)")
             if required and name in required:
