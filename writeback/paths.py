@@ -166,9 +166,10 @@ def _is_empty(value: object) -> bool:
     return value is None or (type(value) in (dict, list) and not value)
 
 
-def _set(node: JSONValue, path: Path, value: JSONValue) -> JSONValue:
-    """Return `node` with `path` set; containers along the path are created or pruned."""
-    if not path:
+def _set(node: JSONValue, path: Path, value: JSONValue, at: int = 0) -> JSONValue:
+    """Return `node` with `path[at:]` set; containers along the path are created or pruned. (An index into the
+    path, not a slice of it: a new tuple per level was a tenth of the function.)"""
+    if at == len(path):
         if isinstance(value, OwnedPrefix):
             current = node if isinstance(node, list) else []
             kept = current[value.count:]
@@ -176,10 +177,10 @@ def _set(node: JSONValue, path: Path, value: JSONValue) -> JSONValue:
             return [_tree_copy(v) for v in values if v is not None and v is not KEEP] + kept
         # A copy: a later assignment under this one must not reach into the plan's (or the map's) value.
         return _tree_copy(value) if type(value) in (dict, list) else value
-    seg, rest = path[0], path[1:]
+    seg, below = path[at], at + 1
     if isinstance(seg, Field):
         obj: dict[str, Any] = node if isinstance(node, dict) else {}
-        new = _set(obj.get(seg.name), rest, value)
+        new = _set(obj.get(seg.name), path, value, below)
         if _is_empty(new):
             obj.pop(seg.name, None)
         else:
@@ -188,20 +189,20 @@ def _set(node: JSONValue, path: Path, value: JSONValue) -> JSONValue:
     items: list[Any] = node if isinstance(node, list) else []
     if isinstance(seg, Index):
         if seg.position < len(items):
-            new = _set(items[seg.position], rest, value)
+            new = _set(items[seg.position], path, value, below)
             if _is_empty(new):
                 del items[seg.position]
             else:
                 items[seg.position] = new
         elif value is not None:
             # A list has no holes: a value for position n lands at the end.
-            new = _set(None, rest, value)
+            new = _set(None, path, value, below)
             if not _is_empty(new):
                 items.append(new)
         return items
     for i, item in enumerate(items):
         if _matches(item, seg):
-            new = _set(item, rest, value)
+            new = _set(item, path, value, below)
             if _is_empty(new) or set(new) <= {k for k, _ in seg.match}:
                 del items[i]  # nothing left but the selector: the item itself was cleared
             else:
@@ -209,7 +210,7 @@ def _set(node: JSONValue, path: Path, value: JSONValue) -> JSONValue:
             return items
     if value is not None:
         fresh: dict[str, Any] = dict(seg.match)
-        new = _set(fresh, rest, value)
+        new = _set(fresh, path, value, below)
         if not _is_empty(new) and set(new) > {k for k, _ in seg.match}:
             items.append(new)
     return items
