@@ -17,6 +17,7 @@ import email.utils
 import logging
 import random
 import time
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
@@ -241,7 +242,7 @@ class FhirClient:
             try:
                 response = await self.http.request(method, url, content=content, headers=send_headers,
                                                    timeout=self.settings.timeout_seconds)
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, httpx.DecodingError) as exc:  # (a garbled compressed answer: decoding)
                 failure = type(exc).__name__
                 maybe_applied = True
             else:
@@ -336,11 +337,14 @@ class AlternateDelivery:
 
 def new_http_client(settings: Settings) -> httpx.AsyncClient:
     """The process's one pooled client: keep-alive, bounded pool, TLS verification on, over aiohttp's
-    connections (`transport.Connections`: half the CPU per batch answer)."""
+    connections (`transport.Connections`: half the CPU per batch answer) unless a proxy is configured."""
     limits = httpx.Limits(max_connections=max(8, settings.max_concurrency * 2),
                           max_keepalive_connections=max(8, settings.max_concurrency))
-    return httpx.AsyncClient(transport=Connections(limits=limits, verify=True),
-                             timeout=settings.timeout_seconds, headers={"User-Agent": "dataverse-fhir-writeback/0.1"})
+    # aiohttp's sessions do not read HTTP(S)_PROXY: where the environment names a proxy, httpx's own connections
+    # (which do) are kept, so a deployment behind one goes on working through it.
+    transport = None if urllib.request.getproxies() else Connections(limits=limits, verify=True)
+    return httpx.AsyncClient(transport=transport, limits=limits, timeout=settings.timeout_seconds,
+                             headers={"User-Agent": "dataverse-fhir-writeback/0.1"})
 
 
 def build_delivery(settings: Settings) -> tuple[Delivery, Callable[[], Awaitable[None]]]:

@@ -1,10 +1,10 @@
 """The FHIR client's connections: httpx's interface over aiohttp's HTTP/1.1 stack.
 
-`httpx_aiohttp` (by an httpx maintainer) keeps httpx's requests, answers and timeouts and maps aiohttp's
-connection and timeout errors to httpx's. A malformed answer (a bad status line, a broken chunked body) it lets
-through as aiohttp's `ClientResponseError`, which httpx's own stack calls `RemoteProtocolError`: `Connections`
-maps every aiohttp failure, while the answer's head is read and while its body is, to an httpx transport error, so
-the client's retries and reason codes see the failure they expect.
+`httpx_aiohttp` (by an httpx maintainer) keeps httpx's requests, answers and timeouts. Its error mapping is
+coarse (every connection failure becomes a `ConnectTimeout`) and incomplete (a malformed answer escapes as
+aiohttp's `ClientResponseError`): `Connections` maps every aiohttp failure, while the answer's head is read and
+while its body is, to the httpx transport error that says what happened, so the client's retries, reason codes
+and details see the failure httpx's own stack would report.
 
 Why not httpx's own stack: receiving a batch bundle's answer of ~75 KB cost it about 3.7M instructions, this one
 about 1.8M (callgrind), and a batch of 1,000 messages receives about 100 of them.
@@ -12,6 +12,7 @@ about 1.8M (callgrind), and a batch of 1,000 messages receives about 100 of them
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -19,9 +20,26 @@ import httpx
 from httpx_aiohttp import AiohttpTransport
 
 
-def _failure(exc: aiohttp.ClientError, request: httpx.Request) -> httpx.TransportError:
-    # The type only: aiohttp's text quotes the bytes the server sent.
-    return httpx.RemoteProtocolError(f"malformed answer ({type(exc).__name__})", request=request)
+def _mapped(exc: aiohttp.ClientError, request: httpx.Request) -> httpx.TransportError:
+    """httpx's error for what happened. (httpx_aiohttp's own table calls every connection failure a
+    `ConnectTimeout`: a refused connection, a failed DNS look-up, an untrusted certificate, a dropped connection.)
+    The text names the kind only: aiohttp's quotes the bytes the server sent."""
+    kind = type(exc).__name__
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(f"no connection in time ({kind})", request=request)
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        return httpx.ReadTimeout(f"no answer in time ({kind})", request=request)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(f"cannot connect ({kind})", request=request)
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return httpx.ReadError(f"answer cut short ({kind})", request=request)
+    if isinstance(exc, aiohttp.ClientConnectionError):
+        return httpx.RemoteProtocolError(f"connection lost ({kind})", request=request)
+    return httpx.RemoteProtocolError(f"malformed answer ({kind})", request=request)
+
+
+def _cause(exc: httpx.TransportError) -> aiohttp.ClientError | None:
+    return exc.__cause__ if isinstance(exc.__cause__, aiohttp.ClientError) else None
 
 
 class _Body(httpx.AsyncByteStream):
@@ -34,20 +52,35 @@ class _Body(httpx.AsyncByteStream):
             async for chunk in self._inner:
                 yield chunk
         except aiohttp.ClientError as exc:
-            raise _failure(exc, self._request) from None
+            raise _mapped(exc, self._request) from None
+        except httpx.TransportError as exc:
+            if (cause := _cause(exc)) is None:
+                raise
+            raise _mapped(cause, self._request) from None
 
     async def aclose(self) -> None:
         await self._inner.aclose()
 
 
 class Connections(AiohttpTransport):
-    """`AiohttpTransport` whose every failure is an httpx transport error."""
+    """`AiohttpTransport` whose every failure is the httpx transport error that says what happened, with a bound
+    on sending the request: aiohttp has no write timeout and starts its read timeout only once the body is
+    sent, so a server that stops reading a large body would hold the request forever."""
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeout = request.extensions.get("timeout", {})
+        bound = sum(timeout.get(k) or 0 for k in ("pool", "write", "read")) or None
         try:
-            response = await super().handle_async_request(request)
+            async with asyncio.timeout(bound):
+                response = await super().handle_async_request(request)
         except aiohttp.ClientError as exc:
-            raise _failure(exc, request) from None
+            raise _mapped(exc, request) from None
+        except httpx.TransportError as exc:
+            if (cause := _cause(exc)) is None:
+                raise
+            raise _mapped(cause, request) from None
+        except TimeoutError:  # the bound above (aiohttp's own timeouts arrive as httpx errors)
+            raise httpx.WriteTimeout("the request was not taken in time", request=request) from None
         assert isinstance(response.stream, httpx.AsyncByteStream)
         return httpx.Response(response.status_code, headers=response.headers, request=request,
                               stream=_Body(response.stream, request), extensions=response.extensions)
