@@ -89,6 +89,18 @@ def _required(resource_type: str) -> tuple[str, ...]:
 
 
 @functools.cache
+def _required_choices(resource_type: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Each choice element the resource requires (`MedicationRequest.medication[x]`, 1..1): its name and its
+    types' element names."""
+    groups: dict[str, list[str]] = {}
+    for name, info in get_fhir_model_class(resource_type).model_fields.items():
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and extra.get("one_of_many_required") is True:
+            groups.setdefault(str(extra.get("one_of_many")), []).append(info.alias or name)
+    return tuple((prefix, tuple(names)) for prefix, names in groups.items())
+
+
+@functools.cache
 def choice_siblings(resource_type: str) -> Mapping[str, tuple[str, ...]]:
     """Each type of a choice element of the resource (`value[x]`: valueQuantity, valueString, ...) → the element's
     other types. A resource holds one type of a choice element at most (FHIR), so writing one removes the others."""
@@ -143,6 +155,14 @@ def validate(resource: dict[str, Any], *, partial: bool, required: Mapping[str, 
         for i, item in enumerate(value):
             if item not in known:
                 _check(kind, element, item, (name, i), partial=partial)
+    for prefix, names in _required_choices(kind):  # absent like a required element: the same rule
+        if all(resource.get(n) is None for n in names):
+            if not partial:
+                raise _invalid(f"{kind}.{prefix}[x] is invalid (missing)")
+            owned = [required[n] for n in names if required and n in required]
+            if owned:
+                raise _invalid(f"{kind}.{prefix}[x] is required, and column {', '.join(owned)} that gives it "
+                               "is empty")
     for name in _required(kind):
         if resource.get(name) is None and resource.get(f"_{name}") is None:
             if not partial:
@@ -159,10 +179,16 @@ def _check(kind: str, element: _Element, value: Any, loc: tuple[int | str, ...],
         element.adapter.validate_python(value)
     except ValidationError as exc:
         for error in exc.errors():
-            if partial and "missing" in str(error.get("type", "")):
+            kind_of = str(error.get("type", "error"))
+            if partial and "missing" in kind_of:
                 continue  # an element the map does not own may be absent
-            raise _invalid(f"{kind}.{_loc((*loc, *error.get('loc', ())))} is invalid "
-                           f"({error.get('type', 'error')})") from None
+            where = tuple(error.get("loc", ()))
+            if kind_of == "extra_forbidden":
+                # The unknown name is the input's, not the model's: text a column held (JSON in a text column
+                # mapped onto a complex element) must not reach the detail.
+                raise _invalid(f"{kind}.{_loc((*loc, *where[:-1]))} holds an element FHIR does not define "
+                               "(extra_forbidden)") from None
+            raise _invalid(f"{kind}.{_loc((*loc, *where))} is invalid ({kind_of})") from None
     except (ValueError, TypeError) as exc:  # validators in fhir.resources may raise plain errors
         raise _invalid(f"{kind} failed validation ({type(exc).__name__})") from None
     _per1(kind, value, loc)

@@ -158,3 +158,29 @@ def test_what_the_product_built_is_taken_as_valid_only_where_its_datatype_goes()
     with pytest.raises(WritebackError) as caught:
         validation.validate(misplaced, partial=True, ours=ours)
     assert caught.value.detail.startswith("Observation.status is invalid")
+
+
+def test_a_required_choice_element_is_required_like_any_other() -> None:
+    """MedicationRequest.medication[x] is 1..1: a whole resource without it is refused; a partial one only when
+    the map owns it (its column is empty), as for a required element."""
+    whole = {"resourceType": "MedicationRequest", "status": "active", "intent": "order",
+             "subject": {"reference": "Patient/p1"}}
+    assert model_refuses(whole)
+    with pytest.raises(WritebackError):
+        validation.validate(whole, partial=False)
+    validation.validate(whole, partial=True)  # the map does not own it: the server's copy holds it
+    with pytest.raises(WritebackError) as caught:
+        validation.validate(whole, partial=True, required={"medicationCodeableConcept": "msemr_medication"})
+    assert caught.value.detail == ("MedicationRequest.medication[x] is required, and column msemr_medication that "
+                                   "gives it is empty")
+
+
+def test_an_unknown_name_from_the_value_stays_out_of_the_error() -> None:
+    """JSON text in a column that a map puts on a complex element: its keys are the patient's data, not element
+    names."""
+    resource = {"resourceType": "Patient", "maritalStatus": {"Jean Moreau 1946-03-02": "x"}}
+    assert model_refuses(resource)
+    with pytest.raises(WritebackError) as caught:
+        validation.validate(resource, partial=True)
+    assert "Jean" not in caught.value.detail and "1946" not in caught.value.detail
+    assert caught.value.detail == "Patient.maritalStatus holds an element FHIR does not define (extra_forbidden)"
