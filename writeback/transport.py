@@ -38,8 +38,11 @@ def _mapped(exc: aiohttp.ClientError, request: httpx.Request) -> httpx.Transport
     return httpx.RemoteProtocolError(f"malformed answer ({kind})", request=request)
 
 
-def _cause(exc: httpx.TransportError) -> aiohttp.ClientError | None:
-    return exc.__cause__ if isinstance(exc.__cause__, aiohttp.ClientError) else None
+def _translated(exc: aiohttp.ClientError | httpx.TransportError, request: httpx.Request) -> BaseException:
+    """What to raise for a failure from below: aiohttp's own, or the one httpx_aiohttp mapped it to, by what
+    happened (`_mapped`); an httpx error of another origin as it is."""
+    cause = exc if isinstance(exc, aiohttp.ClientError) else exc.__cause__
+    return _mapped(cause, request) if isinstance(cause, aiohttp.ClientError) else exc
 
 
 class _Body(httpx.AsyncByteStream):
@@ -51,12 +54,8 @@ class _Body(httpx.AsyncByteStream):
         try:
             async for chunk in self._inner:
                 yield chunk
-        except aiohttp.ClientError as exc:
-            raise _mapped(exc, self._request) from None
-        except httpx.TransportError as exc:
-            if (cause := _cause(exc)) is None:
-                raise
-            raise _mapped(cause, self._request) from None
+        except (aiohttp.ClientError, httpx.TransportError) as exc:
+            raise _translated(exc, self._request) from None
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -73,12 +72,8 @@ class Connections(AiohttpTransport):
         try:
             async with asyncio.timeout(bound):
                 response = await super().handle_async_request(request)
-        except aiohttp.ClientError as exc:
-            raise _mapped(exc, request) from None
-        except httpx.TransportError as exc:
-            if (cause := _cause(exc)) is None:
-                raise
-            raise _mapped(cause, request) from None
+        except (aiohttp.ClientError, httpx.TransportError) as exc:
+            raise _translated(exc, request) from None
         except TimeoutError:  # the bound above (aiohttp's own timeouts arrive as httpx errors)
             raise httpx.WriteTimeout("the request was not taken in time", request=request) from None
         assert isinstance(response.stream, httpx.AsyncByteStream)
