@@ -322,8 +322,8 @@ def parse_properties(raw: Mapping[str, Any] | None) -> Properties:
     )
 
 
-def decode_body(body: bytes | str, content_type: str | None = None) -> Mapping[str, Any]:
-    """Bytes → the JSON object, or `unsupported-format` / `malformed-message`."""
+def _text_of(body: bytes | str, content_type: str | None) -> str:
+    """The body as text that could be a JSON object, or `unsupported-format` / `malformed-message`."""
     if content_type and "json" not in content_type.lower() and content_type.strip():
         kind = content_type.split(";")[0].strip()
         if kind not in ("text/plain", "application/octet-stream"):
@@ -351,6 +351,12 @@ def decode_body(body: bytes | str, content_type: str | None = None) -> Mapping[s
     if not stripped.startswith("{"):
         raise WritebackError(Reason.UNSUPPORTED_FORMAT if not stripped.startswith("[") else Reason.MALFORMED_MESSAGE,
                              "body is not a JSON object")
+    return text
+
+
+def decode_body(body: bytes | str, content_type: str | None = None) -> Mapping[str, Any]:
+    """Bytes → the JSON object, or `unsupported-format` / `malformed-message`."""
+    text = _text_of(body, content_type)
     try:
         data = _BODY.decode(text)
     except (msgspec.DecodeError, UnicodeEncodeError) as exc:
@@ -371,6 +377,30 @@ def _where(text: str, error: Exception) -> str:
         return ""
     before = text.encode("utf-8", "surrogatepass")[:int(found.group(1))].decode("utf-8", "replace")
     return f" at line {before.count(chr(10)) + 1} column {len(before) - before.rfind(chr(10))}"
+
+
+class _Head(msgspec.Struct):
+    """The members of a body's top level that name its row (`row_named`); the decoder skips the rest without
+    building it."""
+
+    PrimaryEntityName: Any = msgspec.UNSET
+    PrimaryEntityId: Any = msgspec.UNSET
+    MessageName: Any = msgspec.UNSET
+
+
+_HEAD = msgspec.json.Decoder(_Head)
+
+
+def row_of_body(body: bytes | str, content_type: str | None = None) -> tuple[str, str, bool] | None:
+    """`row_named` of the body, without decoding the rest of it (a batch reads every message's row before it
+    plans the first: decoding all its bodies that early kept them all alive at once, the garbage collector
+    walking them again and again). None also for a body `decode_body` refuses."""
+    try:
+        head = _HEAD.decode(_text_of(body, content_type))
+    except (WritebackError, msgspec.DecodeError, UnicodeEncodeError, RecursionError):
+        return None
+    return row_named({name: value for name in _Head.__struct_fields__
+                      if (value := getattr(head, name)) is not msgspec.UNSET})
 
 
 def row_named(data: Mapping[str, Any]) -> tuple[str, str, bool] | None:

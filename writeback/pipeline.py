@@ -19,7 +19,7 @@ from heapq import heappop, heappush
 from typing import Any, Literal, Protocol, TypeVar
 
 from writeback.converge import ItemEdit, RowEdit
-from writeback.decide import Decision, RowKey, WritePlan, decoded, narrow, plan_decoded, plan_message
+from writeback.decide import Decision, RowKey, WritePlan, narrow, plan_message
 from writeback.errors import WritebackError
 from writeback.facts import (
     CONSENT_GRACE_RETRIES,
@@ -31,7 +31,7 @@ from writeback.facts import (
     resolve,
 )
 from writeback.maps import MapSet
-from writeback.messages import row_named
+from writeback.messages import row_of_body
 from writeback.reasons import Kind, Reason
 from writeback.retry import GiveUp, RetryPolicy, attempts_so_far, next_step, original_id
 from writeback.settings import Settings
@@ -242,20 +242,18 @@ class _Batch:
 
 @dataclass
 class _Rows:
-    """The batch's bodies, read ahead: each message's decoded body and row (None: it names none), each row's
-    last message, the rows a Create is among the messages for."""
+    """The batch's rows, read ahead: each message's row (None: it names none), each row's last message, the rows
+    a Create is among the messages for."""
 
-    bodies: list[Mapping[str, Any] | WritebackError]
     of: list[RowKey | None]
     last: dict[RowKey, int]
     created: set[RowKey]
 
 
 def _rows_of(envelopes: Sequence[Envelope]) -> _Rows:
-    rows = _Rows([], [], {}, set())
+    rows = _Rows([], {}, set())
     for index, envelope in enumerate(envelopes):
-        data = decoded(envelope.body, envelope.content_type)
-        named = None if isinstance(data, WritebackError) else row_named(data)
+        named = row_of_body(envelope.body, envelope.content_type)
         row: RowKey | None = None
         if named is not None:
             table, record, create = named
@@ -263,7 +261,6 @@ def _rows_of(envelopes: Sequence[Envelope]) -> _Rows:
             rows.last[row] = index
             if create:
                 rows.created.add(row)
-        rows.bodies.append(data)
         rows.of.append(row)
     return rows
 
@@ -297,11 +294,8 @@ class Pipeline:
         self._facts: dict[RowKey, RowFacts] = {}  # without a ledger
         self._slots = asyncio.Semaphore(settings.max_concurrency)
 
-    def plan(self, envelope: Envelope, body: Mapping[str, Any] | WritebackError | None = None) -> Decision:
-        """`body`: the envelope's body as `decoded` already read it, if it was."""
-        if body is None:
-            return plan_message(envelope.body, envelope.properties, self.maps, self.settings, envelope.content_type)
-        return plan_decoded(body, envelope.properties, self.maps, self.settings)
+    def plan(self, envelope: Envelope) -> Decision:
+        return plan_message(envelope.body, envelope.properties, self.maps, self.settings, envelope.content_type)
 
     async def process(self, envelope: Envelope) -> Result:
         (result,) = await self.process_many([envelope])
@@ -345,8 +339,7 @@ class Pipeline:
         async def plan_and_write() -> None:
             nonlocal ready
             for index, envelope in enumerate(envelopes):
-                decision = self.plan(envelope, rows.bodies[index])
-                rows.bodies[index] = {}  # planned: the decoded body is no longer needed
+                decision = self.plan(envelope)
                 batch.decisions.append(decision)
                 if decision.message is not None and (
                         fact := facts_of(decision.message, self.maps, self.settings)) is not None:

@@ -296,9 +296,9 @@ async def test_writes_start_while_the_batch_is_planned_and_a_later_child_row_wai
     events: list[str] = []
 
     class Watched(Pipeline):
-        def plan(self, envelope: Envelope, body: Any = None) -> Any:
+        def plan(self, envelope: Envelope) -> Any:
             events.append("planned")
-            return super().plan(envelope, body)
+            return super().plan(envelope)
 
     watched = Watched(pipeline.maps, pipeline.settings, pipeline.delivery)
 
