@@ -48,12 +48,12 @@ from bench.corpus import generate
 from devtools.services import FhirDevServer, fhir_dev_server
 from writeback.auth import TokenProvider, fhir_tokens
 from writeback.bundles import Answer, BatchDelivery
+from writeback.collector import paused, settle_long_lived
 from writeback.converge import ItemEdit, RowEdit, converge
 from writeback.decide import Decision, Target, WritePlan
 from writeback.errors import WritebackError
 from writeback.facts import facts_of, merged, resolve
 from writeback.fhir_client import FhirClient, encode, new_http_client, read_path
-from writeback.functions import settle_long_lived
 from writeback.mapping import resolve_refs
 from writeback.maps import MapSet, load_maps
 from writeback.marks import Version, item_of, mark_of, marks_in
@@ -279,13 +279,17 @@ async def run_pipeline(maps: MapSet, server: FhirDevServer, envelopes: list[Enve
         delivery = RecordingDelivery(client) if record else BatchDelivery(client)
         pipeline = Pipeline(maps, settings, delivery)
         forget()  # each run starts as a new process would: the same corpus again must not find its items known
-        started = time.perf_counter()
         results: list[Result] = []
-        for i in range(0, len(envelopes), INVOCATION):
-            if isinstance(delivery, RecordingDelivery):
-                delivery.begin()
-            results += await pipeline.process_many(envelopes[i:i + INVOCATION])
-        seconds = time.perf_counter() - started
+        # Paused as the function's entry point pauses it (`collector.paused`). There the batch's objects are
+        # gone when the collector comes back; here the results are kept to be checked, so the one collection
+        # that finds them all alive is made after the timing, not as part of the product's cost.
+        with paused():
+            started = time.perf_counter()
+            for i in range(0, len(envelopes), INVOCATION):
+                if isinstance(delivery, RecordingDelivery):
+                    delivery.begin()
+                results += await pipeline.process_many(envelopes[i:i + INVOCATION])
+            seconds = time.perf_counter() - started
         return seconds, results, delivery.recording() if isinstance(delivery, RecordingDelivery) else None
     finally:
         await tokens.aclose()
@@ -339,19 +343,21 @@ async def run_ceiling(server: FhirDevServer, recording: Recording) -> tuple[floa
                 problems.append(f"ceiling provenance failed: {answer}")
 
     try:
-        started = time.perf_counter()
-        for invocation, reads in enumerate(recording.reads):
-            pending: list[asyncio.Task[None]] = []
-            for answer in await sender.send(reads):
-                if not isinstance(answer, Answer) or answer.status >= 500:
-                    problems.append(f"ceiling read failed: {answer}")
-            try:
-                for writes in recording.waves(invocation):
-                    answers = await sender.send([w.entry for w in writes])
-                    pending.append(asyncio.create_task(provenances(writes, answers)))
-            finally:
-                await asyncio.gather(*pending)
-        return time.perf_counter() - started, versions, problems
+        with paused():  # as the pipeline runs (`run_pipeline`)
+            started = time.perf_counter()
+            for invocation, reads in enumerate(recording.reads):
+                pending: list[asyncio.Task[None]] = []
+                for answer in await sender.send(reads):
+                    if not isinstance(answer, Answer) or answer.status >= 500:
+                        problems.append(f"ceiling read failed: {answer}")
+                try:
+                    for writes in recording.waves(invocation):
+                        answers = await sender.send([w.entry for w in writes])
+                        pending.append(asyncio.create_task(provenances(writes, answers)))
+                finally:
+                    await asyncio.gather(*pending)
+            seconds = time.perf_counter() - started
+        return seconds, versions, problems
     finally:
         await tokens.aclose()
         await http.aclose()

@@ -29,8 +29,6 @@ unexpected error (a bug) abandons every message not yet settled. `handle` is the
 from __future__ import annotations
 
 import asyncio
-import functools
-import gc
 import logging
 import time
 import traceback
@@ -39,6 +37,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from writeback.collector import paused, settle_long_lived
 from writeback.decide import Decision
 from writeback.errors import WritebackError
 from writeback.maps import MapSet, load_maps
@@ -196,25 +195,6 @@ def description_for(result: Result) -> str:
 
 
 # ---- the app -----------------------------------------------------------------------------------------------
-
-
-GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (CPython's default: 700)
-
-
-@functools.cache
-def settle_long_lived() -> None:
-    """Move what the process has built by its first invocation (modules, FHIR models, maps, clients) out of the
-    cyclic garbage collector's reach (`gc.freeze`): none of it is ever garbage, and every full collection
-    walked all of it (nearly a fifth of a large batch's time in the profile). Once per process; what is made
-    later is collected as usual.
-
-    Young collections are made rarer too: planning one message allocates a few hundred short-lived objects
-    (the FHIR models of its validation), so at the default threshold a batch triggered a young collection
-    every few messages, each walking the batch's plans and results that are still alive (a 1,000-message
-    batch spent about 45 ms of its ~330 ms of CPU in the collector; 20 ms at this threshold)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _utcnow() -> datetime:
@@ -510,12 +490,16 @@ _APP = FunctionApp()
 
 async def handle(message: Any, actions: MessageActions) -> None:
     """Entry point for a single message (a trigger with cardinality one)."""
-    await _APP.handle(message, actions)
+    with paused():
+        await _APP.handle(message, actions)
 
 
 async def handle_batch(messages: Sequence[Any], actions: MessageActions) -> None:
     """Entry point for `function_app.py` (a trigger with cardinality many)."""
-    await _APP.handle_batch(messages, actions)
+    # The collector is paused until the batch's results are dropped (`collector.paused`): the first collection
+    # after it then finds what the batch left, not everything it made.
+    with paused():
+        await _APP.handle_batch(messages, actions)
 
 
 async def reset() -> None:

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from heapq import heappop, heappush
 from typing import Any, Literal, Protocol, TypeVar
 
+from writeback.collector import paused
 from writeback.converge import ItemEdit, RowEdit
 from writeback.decide import Decision, RowKey, WritePlan, narrow, plan_message
 from writeback.errors import WritebackError
@@ -325,6 +326,11 @@ class Pipeline:
         `deadline-reached` (retried); every message's outcome is still recorded and emitted, so the outcome log and
         the settlement never disagree.
         """
+        with paused():  # (`collector.paused`: the batch's garbage is freed as it goes, not searched for)
+            return await self._process_many(envelopes, emit, deadline)
+
+    async def _process_many(self, envelopes: Sequence[Envelope], emit: Emit | None,
+                            deadline: float | None) -> list[Result]:
         started = time.perf_counter()
         batch = _Batch(envelopes, [None] * len(envelopes))
         rows = _rows_of(envelopes)

@@ -14,6 +14,7 @@ from tests.function.conftest import ROW_SYSTEM, MockMessageActions, UserFunction
 from tests.function.helpers import FIRST, LAST, consent_body, create_body, new_id, reject_body, update_body
 from tests.function.sb import received_message
 from writeback import functions
+from writeback.collector import GC_YOUNG_THRESHOLD
 from writeback.outcomes import OutcomeRow, OutcomeStore, outcome_settings
 
 
@@ -42,7 +43,7 @@ async def test_written(live_app: functions.FunctionApp, user_function: UserFunct
     # The long-lived objects built by the first invocation are out of the cyclic collector's reach, and young
     # collections no longer run every few messages.
     assert gc.get_freeze_count() > 0
-    assert gc.get_threshold()[0] == functions.GC_YOUNG_THRESHOLD
+    assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
 
 
 async def test_skipped(live_app: functions.FunctionApp, user_function: UserFunction, fhir: httpx.Client) -> None:
