@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -173,7 +173,7 @@ class _Batch:
     unsearched: dict[RowRef, WritebackError] = field(default_factory=dict)  # searches that went unanswered
     missing: set[RowRef] = field(default_factory=set)  # searches answered: no such resource (yet)
     leases: Leases = field(default_factory=LocalLeases)
-    reads: dict[str, asyncio.Task[Answer | WritebackError]] = field(default_factory=dict)  # sent ahead
+    reads: dict[str, asyncio.Future[Answer | WritebackError]] = field(default_factory=dict)  # sent ahead
 
 
 class BatchDelivery:
@@ -190,14 +190,29 @@ class BatchDelivery:
         rest of a batch); `deliver_many` with the same memo takes the answers. A read is only a starting point:
         the If-Match of the write catches whatever changed after it. Returns what it started, for the caller to
         cancel when it stops."""
-        reads: dict[str, asyncio.Task[Answer | WritebackError]] = memo.setdefault(_READS, {})
+        reads: dict[str, asyncio.Future[Answer | WritebackError]] = memo.setdefault(_READS, {})
         paths = list(dict.fromkeys(p for p in (read_path(t) for t in targets) if p not in reads))
         if not paths:
             return []
         sent = asyncio.ensure_future(self.send([{"request": {"method": "GET", "url": path}} for path in paths]))
-        for n, path in enumerate(paths):
-            reads[path] = asyncio.ensure_future(_nth(sent, n))
-        return [sent, *(reads[path] for path in paths)]
+        loop = asyncio.get_running_loop()
+        answers: list[asyncio.Future[Answer | WritebackError]] = [loop.create_future() for _ in paths]
+        reads.update(zip(paths, answers, strict=True))
+
+        def share(done: asyncio.Future[list[Answer | WritebackError]]) -> None:
+            """Each read's own answer, from the bundle's (a future per read, not a task per read)."""
+            for n, answer in enumerate(answers):
+                if answer.done():  # cancelled by the caller
+                    continue
+                if done.cancelled():
+                    answer.cancel()
+                elif (failure := done.exception()) is not None:
+                    answer.set_exception(failure)
+                else:
+                    answer.set_result(done.result()[n])
+
+        sent.add_done_callback(share)
+        return [sent, *answers]
 
     async def deliver(self, plan: WritePlan) -> Delivered:
         (outcome,) = await self.deliver_many([plan])
@@ -692,10 +707,6 @@ async def _cancelled(tasks: Sequence[asyncio.Task[Any]]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _nth(answers: Awaitable[list[Answer | WritebackError]], n: int) -> Answer | WritebackError:
-    return (await answers)[n]
 
 
 def _read_entry(target: Target) -> dict[str, Any]:

@@ -421,6 +421,8 @@ class Pipeline:
         done = [give_up(e, _with_duration(r, started), self.retry_policy, now)
                 for e, r in zip(envelopes, results, strict=True) if r is not None]
         assert len(done) == len(envelopes)
+        if self.ledger is None and emit is None:
+            return done  # nothing to record or hand on (the CLI, the benchmark): no task per message for nothing
 
         async def finish(index: int, result: Result) -> Result:
             if self.ledger is not None:
