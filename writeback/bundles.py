@@ -58,6 +58,7 @@ from writeback.fhir_client import (
     vanished,
     version_from,
 )
+from writeback.immutable import immutable
 from writeback.mapping import RowRef, resolve_refs
 from writeback.marks import MOVED, Version, item_of, mark_of
 from writeback.paths import Assignment
@@ -74,7 +75,7 @@ _READS = "bundles.reads"  # read path → the read sent ahead of the writes (`pr
 HISTORY_DEPTH = 50  # versions looked through for a version whose Provenance may be missing
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Answer:
     """One batch-response entry."""
 

@@ -23,9 +23,10 @@ nothing either. `absent`: the resource does not exist (only a full `RowEdit` may
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Literal
 
+from writeback.immutable import immutable
 from writeback.marks import MOVED, Mark, Version, item_of, mark_of, marks_in, with_mark
 from writeback.paths import KEEP, Assignment, Path, apply, apply_changes, apply_state
 from writeback.validation import check_invariants, choice_siblings
@@ -34,7 +35,7 @@ Kind = Literal["write", "stale", "same", "unchanged", "absent"]
 _SERVER_META = ("versionId", "lastUpdated", "source")
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class RowEdit:
     mark: Mark
     owned: tuple[Assignment, ...]
@@ -46,7 +47,7 @@ class RowEdit:
     adoptable: frozenset[Path] = frozenset()
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class ItemEdit:
     mark: Mark
     element: str
@@ -55,7 +56,7 @@ class ItemEdit:
     known_as: tuple[Mapping[str, Any], ...] = ()  # what an unmarked item of this row looks like (pre/post image)
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class RemoveItem:
     mark: Mark
     element: str
@@ -65,7 +66,7 @@ class RemoveItem:
     awaited: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Release:
     """The row's resource of the type it had before its type changed (a contact that was a Patient and is now a
     Practitioner): it no longer stands for the row, so the row identifier and mark leave it (with a tombstone),
@@ -78,7 +79,7 @@ class Release:
 Edit = RowEdit | ItemEdit | RemoveItem | Release
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Converged:
     kind: Kind
     resource: dict[str, Any] | None = None  # what to write (kind "write")

@@ -20,12 +20,13 @@ import functools
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from datetime import datetime
 from typing import Any, Literal
 
 from writeback.converge import Edit, ItemEdit, Release, RemoveItem, RowEdit
 from writeback.errors import WritebackError
+from writeback.immutable import immutable
 from writeback.mapping import Row, RowRef, build_assignments, choice_key, render
 from writeback.maps import AttributeMap, EntityMap, MapSet
 from writeback.marks import Mark, Version
@@ -53,7 +54,7 @@ def resource_id(table: str, row_id: str) -> str:
     return str(uuid.uuid5(RESOURCE_NAMESPACE, f"{table}/{row_id.lower()}"))
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Source:
     """Where a write comes from: the Dataverse row and change, for Provenance and the outcome log."""
 
@@ -74,7 +75,7 @@ class Source:
         return Version(self.row_version, self.modified_on)
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Target:
     """How to find the FHIR resource: by logical id when known, else by the row identifier; `new_id` is the id
     it is created under when there is none."""
@@ -107,13 +108,13 @@ class Target:
         return Assignment(path, self.identifier_value, "*")  # "*": this product's, no Dataverse column
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Write:
     target: Target
     edit: Edit
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class WritePlan:
     operation: Literal["create", "update"]
     writes: tuple[Write, ...]
@@ -156,7 +157,7 @@ class WritePlan:
         return frozenset(rows)
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Decision:
     decision: DecisionKind
     reason: Reason | None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 
 from writeback.converge import ItemEdit, RemoveItem, RowEdit
 from writeback.decide import (
@@ -33,6 +33,7 @@ from writeback.decide import (
     version_of,
     whole_image,
 )
+from writeback.immutable import immutable
 from writeback.mapping import RowRef
 from writeback.maps import MapSet
 from writeback.marks import Version
@@ -44,7 +45,7 @@ NOT_WRITABLE = ""  # resource_type of a row whose type no map writes (e.g. a con
 NO_PARENT = ""  # parent of a child row known to be linked to none (None: not known)
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class RowFacts:
     table: str
     row_id: str

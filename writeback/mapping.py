@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
 from writeback.errors import WritebackError
+from writeback.immutable import immutable
 from writeback.maps import AttributeMap, EntityMap
 from writeback.messages import Entity, EntityRef, Money, Opaque, OptionSet, Value
 from writeback.paths import KEEP, Assignment, Select, apply, apply_state
@@ -34,7 +34,7 @@ def present(value: Value) -> bool:
     return value is not None and value != ()
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class RowRef:
     """A lookup to another Dataverse row, to become a FHIR Reference once that row's FHIR id is looked up
     (`writeback.facts`): `Patient/<id>` when known, else the identifier-only reference (the last resort)."""

@@ -19,6 +19,7 @@ from fhir_core.types import FhirBase
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from writeback.errors import MapError
+from writeback.immutable import immutable
 from writeback.paths import Field as PathField
 from writeback.paths import Path as ElementPath
 from writeback.paths import PathError, Select, parse_path
@@ -115,7 +116,7 @@ def _key(raw: object) -> str:
 # ---- compiled form -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class AttributeMap:
     column: str | None
     path: ElementPath
@@ -136,7 +137,7 @@ class AttributeMap:
         return head.name
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Expansion:
     parent_table: str
     parent_link: str
@@ -146,7 +147,7 @@ class Expansion:
     parent_fhir_id_column: str
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class EntityMap:
     file: str
     table: str

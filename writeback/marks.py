@@ -20,15 +20,16 @@ marked `@<modifiedon, ISO 8601>`. Pure.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+from writeback.immutable import immutable
 
 ROW = "urn:dataverse-fhir-writeback:row"
 MOVED = "urn:dataverse-fhir-writeback:moved-away"
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Version:
     """A Dataverse row version: `versionnumber` when the message has it, else `modifiedon`."""
 
@@ -62,7 +63,7 @@ class Version:
         return None
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Mark:
     table: str
     row_id: str

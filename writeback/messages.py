@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, TypeAlias
@@ -17,6 +17,7 @@ from typing import Any, TypeAlias
 import msgspec
 
 from writeback.errors import WritebackError
+from writeback.immutable import immutable
 from writeback.reasons import Reason
 
 CONTRACTS = "http://schemas.microsoft.com/xrm/2011/Contracts"
@@ -34,24 +35,24 @@ _BODY = msgspec.json.Decoder(float_hook=Decimal)
 _AT_BYTE = re.compile(r"\(byte (\d+)\)")
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class OptionSet:
     value: int
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Money:
     value: Decimal
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class EntityRef:
     id: str
     logical_name: str
     name: str | None = field(default=None, repr=False)
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Opaque:
     """A value of a `__type` this product does not interpret; mapping it is an error, carrying it is not."""
 
@@ -64,7 +65,7 @@ Value: TypeAlias = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Entity:
     logical_name: str
     id: str | None
@@ -72,7 +73,7 @@ class Entity:
     formatted: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Properties:
     """The Service Bus application properties Dataverse sets beside the body (all optional)."""
 
@@ -85,7 +86,7 @@ class Properties:
     max_size_exceeded: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Message:
     message_name: str
     table: str

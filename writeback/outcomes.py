@@ -48,7 +48,6 @@ import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
@@ -68,6 +67,7 @@ from azure.identity.aio import DefaultAzureCredential
 from writeback.decide import RowKey, WritePlan
 from writeback.errors import ConfigError, WritebackError
 from writeback.facts import RowFacts
+from writeback.immutable import immutable
 from writeback.marks import Version
 from writeback.pipeline import Envelope, Result, State, message_key
 from writeback.reasons import Reason
@@ -173,7 +173,7 @@ def outcome_settings(env: Mapping[str, str] | None = None) -> Settings:
 # ---- the rows read back by `logs` -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class IssueRow:
     severity: str
     code: str
@@ -181,7 +181,7 @@ class IssueRow:
     details: str
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class OutcomeRow:
     row_key: str
     recorded_at: datetime

@@ -20,24 +20,25 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
+
+from writeback.immutable import immutable
 
 JSONValue = Any  # str | int | float | bool | dict | list: what json.loads gives
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Field:
     name: str
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Index:
     position: int
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Select:
     match: tuple[tuple[str, str], ...]
     optional: frozenset[str] = frozenset()  # keys an ingested item may lack (`k?=v`)
@@ -114,7 +115,7 @@ def format_path(path: Path) -> str:
     return out
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Assignment:
     """Set `path` to `value`; `None` removes what the path names (a cleared column).
 
@@ -153,7 +154,7 @@ class _Keep:
 KEEP: Any = _Keep()
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class OwnedPrefix:
     """The value of a list whose first `count` positions a map owns: `values` (the row's, in position order, None
     for an empty column) become its leading items, holes closed; items past `count` are kept as they are."""

@@ -31,6 +31,7 @@ from writeback.facts import (
     remembered_gates,
     resolve,
 )
+from writeback.immutable import immutable
 from writeback.maps import MapSet
 from writeback.messages import row_of_body
 from writeback.reasons import Kind, Reason
@@ -57,7 +58,7 @@ _STATE_BY_KIND: dict[Kind, State] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Issue:
     """One OperationOutcome issue the server returned with a successful write (no diagnostics text:
     servers echo submitted values there)."""
@@ -68,7 +69,7 @@ class Issue:
     details: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Delivered:
     """What the delivery reports for a plan it carried out: the version written and its Provenance, or, when the
     server already held this version of the row (or a newer one, or these very values), the skip reason."""
@@ -98,7 +99,7 @@ class Delivery(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Envelope:
     """A message as the transport hands it over: body plus the broker's facts about it."""
 
@@ -112,7 +113,7 @@ class Envelope:
     locked_until: float | None = None  # when the broker's lock on this delivery ends (epoch seconds)
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Result:
     state: State
     reason: Reason | None

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from writeback.immutable import immutable
 from writeback.settings import Settings
 
 ATTEMPT = "writeback-attempt"
@@ -37,7 +38,7 @@ ORIGINAL_ID = "writeback-original-message-id"
 MAX_MESSAGE_ID = 128  # Service Bus limit
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class RetryPolicy:
     first: timedelta = timedelta(seconds=15)
     longest: timedelta = timedelta(seconds=900)
@@ -56,7 +57,7 @@ class RetryPolicy:
         return min(self.longest, doubled) * jitter
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Retry:
     """Schedule a copy of the message at `at` under `message_id`, with `properties`."""
 
@@ -66,7 +67,7 @@ class Retry:
     properties: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class GiveUp:
     """The retry window is over: dead-letter the message as `retries-exhausted`."""
 

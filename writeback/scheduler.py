@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from datetime import datetime
 from typing import Any, Protocol
 
 from writeback.errors import ConfigError
+from writeback.immutable import immutable
 from writeback.settings import Settings
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Copy:
     """A message to put on the queue at `at` (UTC)."""
 

@@ -17,7 +17,6 @@ import functools
 import types
 import typing
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +24,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import TypeAdapter, ValidationError
 
 from writeback.errors import WritebackError
+from writeback.immutable import immutable
 from writeback.reasons import Reason
 
 # Items remembered as valid, per process. A table of this size holds a few thousand messages' worth of repeated
@@ -52,7 +52,7 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class _Element:
     adapter: TypeAdapter[Any]  # of the value, or of one item when the element repeats
     repeats: bool
