@@ -44,6 +44,7 @@ async def test_written(live_app: functions.FunctionApp, user_function: UserFunct
     # collections no longer run every few messages.
     assert gc.get_freeze_count() > 0
     assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
+    assert gc.isenabled()  # paused while the invocation ran (`collector.paused`), and back once it ended
 
 
 async def test_skipped(live_app: functions.FunctionApp, user_function: UserFunction, fhir: httpx.Client) -> None:
