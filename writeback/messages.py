@@ -389,13 +389,15 @@ class _Head(msgspec.Struct):
     MessageName: Any = msgspec.UNSET
 
 
-_HEAD = msgspec.json.Decoder(_Head)
+_HEAD = msgspec.json.Decoder(_Head, float_hook=Decimal)  # numbers as `_BODY` reads them (1e400 is no float)
 
 
 def row_of_body(body: bytes | str, content_type: str | None = None) -> tuple[str, str, bool] | None:
     """`row_named` of the body, without decoding the rest of it (a batch reads every message's row before it
     plans the first: decoding all its bodies that early kept them all alive at once, the garbage collector
-    walking them again and again). None also for a body `decode_body` refuses."""
+    walking them again and again). The same row wherever `decode_body` reads the body; None where it cannot
+    read those members. A body refused for what lies outside them (an integer of thousands of digits) may still
+    name its row here: planning rejects it, in its place in the row's order."""
     try:
         head = _HEAD.decode(_text_of(body, content_type))
     except (WritebackError, msgspec.DecodeError, UnicodeEncodeError, RecursionError):

@@ -19,6 +19,8 @@ from writeback.messages import (
     decode_body,
     parse_message,
     parse_value,
+    row_named,
+    row_of_body,
 )
 from writeback.reasons import Reason
 
@@ -27,6 +29,22 @@ PUBLIC = Path(__file__).resolve().parents[3] / "shared" / "samples" / "dataverse
 
 def public(name: str) -> bytes:
     return (PUBLIC / name).read_bytes()
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda v: v,
+    lambda v: {"__type": "String:#System", "__value": v},
+    lambda v: {"__type": "String:#System", "__value": v, "x": "BIG"},  # 1e400: no float, a Decimal as the body reads it
+])
+def test_the_row_read_from_the_top_of_a_body_is_the_row_the_body_names(wrap):
+    """A batch orders its messages by the row each names, read before they are planned from three members only."""
+    for name in sorted(PUBLIC.glob("*.json")):
+        body = json.loads(name.read_bytes())
+        body["MessageName"] = wrap(body["MessageName"])
+        text = json.dumps(body).replace('"BIG"', "1e400")
+        named = row_named(decode_body(text.encode()))
+        assert named is not None
+        assert row_of_body(text.encode()) == row_of_body(text) == named, name.name
 
 
 def test_all_four_public_bodies_parse():
