@@ -282,9 +282,10 @@ async def run_pipeline(maps: MapSet, server: FhirDevServer, envelopes: list[Enve
         pipeline = Pipeline(maps, settings, delivery)
         forget()  # each run starts as a new process would: the same corpus again must not find its items known
         results: list[Result] = []
-        # Paused as the function's entry point pauses it (`collector.paused`). There the batch's objects are
-        # gone when the collector comes back; here the results are kept to be checked, so the one collection
-        # that finds them all alive is made after the timing, not as part of the product's cost.
+        # Paused as the function's entry point pauses it (`collector.paused`). There each invocation's objects
+        # are gone when the collector comes back, so the collection after it finds only what it left (a
+        # planned batch leaves no cyclic garbage); here the results are kept to be checked, so the collection
+        # that would find them all alive is made once, after the timing, not as part of the product's cost.
         with paused():
             started = time.perf_counter()
             for i in range(0, len(envelopes), INVOCATION):

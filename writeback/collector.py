@@ -37,8 +37,10 @@ def paused() -> Iterator[None]:
     collections, 30 to 100 ms of its CPU, each walking the plans and results alive at that moment). What the
     batch leaves as cyclic garbage waits for the first collection after it: memory held for one batch at most.
 
-    Batches of one process may overlap (one event loop, several invocations): the collector runs again when the
-    last of them ends, and never if something else had switched it off before the first began."""
+    Batches of one process may overlap (one event loop, several invocations): a batch that ends while others
+    still run collects at once, so that a steady stream of overlapping batches cannot keep the collector off
+    while garbage builds up; the collector runs on its own again when the last ends, and never if something
+    else had switched it off before the first began."""
     global _pauses, _paused_by_us  # noqa: PLW0603 - the collector itself is one per process
     if _pauses == 0:
         _paused_by_us = gc.isenabled()
@@ -48,6 +50,9 @@ def paused() -> Iterator[None]:
         yield
     finally:
         _pauses -= 1
-        if _pauses == 0 and _paused_by_us:
-            _paused_by_us = False
-            gc.enable()
+        if _pauses == 0:
+            if _paused_by_us:
+                _paused_by_us = False
+                gc.enable()
+        elif _paused_by_us:
+            gc.collect()

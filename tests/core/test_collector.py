@@ -89,6 +89,32 @@ def test_the_collector_comes_back_when_the_last_of_overlapping_batches_ends() ->
     assert states == [("first ended", False), ("second still running", False), ("second ended", True)]
 
 
+def test_a_batch_that_ends_while_another_runs_collects_what_it_left(collections: list[int]) -> None:
+    """A steady stream of overlapping batches must not keep the collector off while garbage builds up."""
+    gone: list[weakref.ref[_Node]] = []
+    first_done = asyncio.Event()
+    seen: list[tuple[bool, bool]] = []
+
+    async def first() -> None:
+        with paused():
+            garbage = _Node()
+            gone.append(weakref.ref(garbage))
+            del garbage
+            await asyncio.sleep(0)
+        first_done.set()
+
+    async def second() -> None:
+        with paused():
+            await first_done.wait()
+            seen.append((gone[0]() is None, gc.isenabled()))
+
+    async def both() -> None:
+        await asyncio.gather(second(), first())
+
+    asyncio.run(both())
+    assert seen == [(True, False)]  # collected when the first ended, the second still running without collections
+
+
 def test_a_collector_switched_off_before_stays_off_and_a_failing_batch_restores_it() -> None:
     gc.disable()
     try:
