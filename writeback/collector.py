@@ -5,6 +5,7 @@ looking for cycles that are not there."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import gc
 from collections.abc import Iterator
@@ -13,6 +14,8 @@ GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (CPython's 
 
 _pauses = 0  # batches running with the collector paused
 _paused_by_us = False
+# Whether this flow (task, and the tasks it starts) is already inside a pause: another invocation's task is not.
+_inside: contextvars.ContextVar[bool] = contextvars.ContextVar("writeback_collector_paused", default=False)
 
 
 @functools.cache
@@ -40,8 +43,13 @@ def paused() -> Iterator[None]:
     Batches of one process may overlap (one event loop, several invocations): a batch that ends while others
     still run collects at once, so that a steady stream of overlapping batches cannot keep the collector off
     while garbage builds up; the collector runs on its own again when the last ends, and never if something
-    else had switched it off before the first began."""
+    else had switched it off before the first began. A pause inside a pause of the same flow (the function's entry
+    point around `Pipeline.process_many`) is the outer one's: it ends with it."""
     global _pauses, _paused_by_us  # noqa: PLW0603 - the collector itself is one per process
+    if _inside.get():
+        yield
+        return
+    inside = _inside.set(True)
     if _pauses == 0:
         _paused_by_us = gc.isenabled()
         gc.disable()
@@ -49,6 +57,7 @@ def paused() -> Iterator[None]:
     try:
         yield
     finally:
+        _inside.reset(inside)
         _pauses -= 1
         if _pauses == 0:
             if _paused_by_us:

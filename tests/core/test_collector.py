@@ -115,6 +115,23 @@ def test_a_batch_that_ends_while_another_runs_collects_what_it_left(collections:
     assert seen == [(True, False)]  # collected when the first ended, the second still running without collections
 
 
+def test_a_pause_inside_a_pause_of_the_same_flow_makes_no_collection(collections: list[int]) -> None:
+    """The function's entry point pauses around `Pipeline.process_many`, which pauses too: the inner end must not
+    collect while everything the batch made is still alive (that is what a pause is for)."""
+
+    async def invocation() -> list[int]:
+        with paused():
+            collections.clear()
+            with paused():
+                kept = [[n] for n in range(50_000)]
+            made = list(collections)
+            del kept
+        return made
+
+    assert asyncio.run(invocation()) == []
+    assert gc.isenabled()
+
+
 def test_a_collector_switched_off_before_stays_off_and_a_failing_batch_restores_it() -> None:
     gc.disable()
     try:
