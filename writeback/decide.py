@@ -619,30 +619,8 @@ def plan_message(
     content_type: str | None = None,
 ) -> Decision:
     """The core path every entry point shares. Never raises for anything the message holds."""
-    return plan_decoded(decoded(body, content_type), properties, maps, settings)
-
-
-def decoded(body: bytes | str, content_type: str | None = None) -> Mapping[str, Any] | WritebackError:
-    """The body's JSON object, or the error that says why it has none."""
     try:
-        return decode_body(body, content_type)
-    except WritebackError as exc:
-        return exc
-    except RecursionError:
-        return WritebackError(Reason.MALFORMED_MESSAGE, "The body is nested too deeply.")
-
-
-def plan_decoded(
-    data: Mapping[str, Any] | WritebackError,
-    properties: Mapping[str, Any] | None,
-    maps: MapSet,
-    settings: Settings,
-) -> Decision:
-    """`plan_message` from the decoded body (`decoded`), for callers that read the body before planning it."""
-    if isinstance(data, WritebackError):
-        return _reject(data.reason, data.detail, None)
-    try:
-        message = message_of(data, properties)
+        message = message_of(decode_body(body, content_type), properties)
     except WritebackError as exc:
         return _reject(exc.reason, exc.detail, None)
     except RecursionError:
