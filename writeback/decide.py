@@ -444,7 +444,7 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
                     resource_id(message.table, message.record_id), message.table,
                     fhir_id is not None and fhir_id_type(entity_map, old, new) != resource_type, retyped)
     refs = _refs(assignments)
-    rendered = render(resource_type, [*assignments, target.identity] if full else assignments, full=full)
+    rendered = render(resource_type, [*assignments, target.identity] if full else assignments, full=full, own=mark)
     owned = {a.element: a.column for a in assignments if a.column is not None and a.column != "*"
              and a.value is not KEEP}
     validate(rendered, partial=True, required=owned if full else None,

@@ -14,6 +14,7 @@ from typing import Any
 from writeback.errors import WritebackError
 from writeback.immutable import immutable
 from writeback.maps import AttributeMap, EntityMap
+from writeback.marks import Mark
 from writeback.messages import Entity, EntityRef, Money, Opaque, OptionSet, Value
 from writeback.paths import KEEP, Assignment, Select, apply, apply_state
 from writeback.paths import Field as PathField
@@ -196,11 +197,13 @@ def build_assignments(
     return out
 
 
-def render(resource_type: str, assignments: Iterable[Assignment], *, full: bool = False) -> dict[str, Any]:
-    """What the assignments put in an empty resource (lookups as identifier-only references)."""
+def render(resource_type: str, assignments: Iterable[Assignment], *, full: bool = False,
+           own: Mark | None = None) -> dict[str, Any]:
+    """What the assignments put in an empty resource (lookups as identifier-only references). `own`: the row's
+    mark, for the items `[row]` names."""
     base: dict[str, Any] = {"resourceType": resource_type}
     assignments = list(assignments)
-    rendered = apply_state(base, assignments) if full else apply(base, assignments)
+    rendered = apply_state(base, assignments, own=own) if full else apply(base, assignments, own)
     if not any(isinstance(a.value, RowRef) for a in assignments):
         return rendered
     out: dict[str, Any] = resolve_refs(rendered, {})

@@ -21,8 +21,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from writeback.errors import MapError
 from writeback.immutable import immutable
 from writeback.paths import Field as PathField
+from writeback.paths import Own, PathError, Select, parse_path
 from writeback.paths import Path as ElementPath
-from writeback.paths import PathError, Select, parse_path
 
 RESOURCE_TYPES = ("Patient", "Practitioner", "Encounter", "Observation")
 
@@ -260,6 +260,10 @@ def _compile_path(file: str, where: str, text: str, resource_types: frozenset[st
     for resource_type in resource_types:
         if head.name not in _model_fields(resource_type):
             raise MapError(file, where, f"{resource_type} has no element {head.name!r}")
+    owns = [i for i, seg in enumerate(path) if isinstance(seg, Own)]
+    if len(owns) > 1 or (owns and (owns[0] + 1 == len(path) or not isinstance(path[owns[0] + 1], PathField))):
+        # The row's item carries its mark: an item of elements (`note[row].text`), one per path.
+        raise MapError(file, where, "uses [row] other than once, before an element of the item (note[row].text)")
     return path
 
 
@@ -339,6 +343,9 @@ def _compile(file: str, spec: EntityMapSpec, specs: Mapping[str, tuple[str, Enti
             if not path:
                 raise MapError(file, f"{where}.target", "is not a valid element path")
             codes = _check_elements(file, f"{where}.target", path, applies)
+            if any(isinstance(seg, Own) for seg in path):
+                raise MapError(file, f"{where}.target", "uses [row] in a child row's map: a child row's item is "
+                               "already found by the row's mark; [row] is for a list in the row's own resource")
             path = path[1:]
         else:
             path = _compile_path(file, f"{where}.target", attr.target, applies)

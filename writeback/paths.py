@@ -6,6 +6,9 @@ with those fields when none does); an index `[n]` picks a position. Applying the
 resource gives what a Create writes; applying them to the server's copy gives what an Update writes, leaving
 every element no path names untouched.
 
+`[row]` picks the item the row itself marks as its own (`note[row].text`: the row's note among the notes other
+systems add), found by that mark (`writeback.marks`), never by its position or its content; see `apply_state`.
+
 `k?=v` marks a key that records from other systems often leave out (`use` on names, telecoms and addresses of
 records ingested from FHIR): when no item matches, `adopt` takes the item that has no such key (the one the
 ingest put there) instead of adding a parallel one, and writes the key on it, so it matches from then on.
@@ -24,6 +27,7 @@ from itertools import pairwise
 from typing import Any
 
 from writeback.immutable import immutable
+from writeback.marks import Mark, mark_of, marks_in, with_mark
 
 JSONValue = Any  # str | int | float | bool | dict | list: what json.loads gives
 
@@ -44,7 +48,12 @@ class Select:
     optional: frozenset[str] = frozenset()  # keys an ingested item may lack (`k?=v`)
 
 
-Segment = Field | Index | Select
+@immutable
+class Own:
+    """`[row]`: the list item that carries the row's mark."""
+
+
+Segment = Field | Index | Select | Own
 Path = tuple[Segment, ...]
 
 _SEGMENT = re.compile(r"^([A-Za-z][A-Za-z0-9_]*)((?:\[[^\[\]]+\])*)$")
@@ -88,6 +97,9 @@ def parse_path(text: str) -> Path:
             if inner.isdigit():
                 segments.append(Index(int(inner)))
                 continue
+            if inner.strip() == "row":
+                segments.append(Own())
+                continue
             pairs: list[tuple[str, str]] = []
             optional: set[str] = set()
             for cond in inner.split(","):
@@ -110,6 +122,8 @@ def format_path(path: Path) -> str:
             out += ("." if out else "") + seg.name
         elif isinstance(seg, Index):
             out += f"[{seg.position}]"
+        elif isinstance(seg, Own):
+            out += "[row]"
         else:
             out += "[" + ",".join(f"{k}{'?' if k in seg.optional else ''}={v}" for k, v in seg.match) + "]"
     return out
@@ -201,6 +215,8 @@ def _set(node: JSONValue, path: Path, value: JSONValue, at: int = 0) -> JSONValu
             if not _is_empty(new):
                 items.append(new)
         return items
+    if isinstance(seg, Own):
+        raise ValueError("a [row] path is applied with the row's mark (`own`), never by position")
     for i, item in enumerate(items):
         if _matches(item, seg):
             new = _set(item, path, value, below)
@@ -228,12 +244,79 @@ def _tree_copy(node: JSONValue) -> JSONValue:
     return node
 
 
-def apply(resource: dict[str, Any], assignments: Iterable[Assignment]) -> dict[str, Any]:
-    """A new resource: `resource` with every assignment applied in order (the input is not changed)."""
+def apply(resource: dict[str, Any], assignments: Iterable[Assignment], own: Mark | None = None) -> dict[str, Any]:
+    """A new resource: `resource` with every assignment applied in order (the input is not changed). `own`: the
+    row's mark, for the items `[row]` names (`_own_items`, as for a change without images)."""
     result: dict[str, Any] = _tree_copy(resource)
+    assignments, own_lists = _own_items(result, list(assignments), own)
     for assignment in assignments:
         result = _set(result, assignment.path, assignment.value)
+    _mark_own(result, own_lists, own)
     return result
+
+
+# Tags, for one write, the item a `[row]` selector resolved to (as `_PICK` does for `adopt`): not a FHIR key, and
+# replaced by the row's mark before the resource is returned.
+_OWN = " own"
+_OWN_SELECT = Select(((_OWN, "1"),))
+
+
+def _own_items(result: dict[str, Any], assignments: list[Assignment], own: Mark | None,
+               before: Iterable[Assignment] = ()) -> tuple[list[Assignment], list[Path]]:
+    """Resolve each `[row]` of `assignments` to the item of its list that is the row's, in `result` (changed in
+    place): the item carrying the row's mark; else, of the items no row marks, the one already holding the values
+    to write, else the one holding the row's values before the save (`before`, the pre image: what an ingest
+    copied into Dataverse from that item); else a new item at the end when a value is written. Never an item by
+    its position: without the pre image (a step without images) the item an ingest put there cannot be told from
+    another system's, and a comment written over that would lose the other system's note.
+    An item whose every owned element is cleared goes (what the map owns in it was its content: a note without
+    text is none, and invalid); a clear with no item of the row's touches nothing. Returns the assignments, each
+    `[row]` now a selector of that item, and the list paths whose items are to be marked (`_mark_own`)."""
+    if own is None:
+        return assignments, []  # (a `[row]` left unresolved stops at `_set`: never applied by position)
+    groups: dict[Path, list[Assignment]] = {}
+    for assignment in assignments:
+        for i, seg in enumerate(assignment.path):
+            if isinstance(seg, Own):
+                groups.setdefault(assignment.path[: i + 1], []).append(assignment)
+                break
+    if not groups:
+        return assignments, []
+    gone: list[Path] = []
+    lists: list[Path] = []
+    for prefix, members in groups.items():
+        depth = len(prefix)
+        found = _navigate(result, prefix[:-1])
+        items = [item for item in found if isinstance(item, dict)] if isinstance(found, list) else []
+        writes = any(m.value is not None and m.value is not KEEP for m in members)
+        mine = next((item for item in items if mark_of(item, own.table, own.row_id) is not None), None)
+        if mine is None:
+            free = [item for item in items if not marks_in(item)]
+            was = [b for b in before if b.path[:depth] == prefix]
+            mine = next(iter([item for item in free if writes and _holds(item, members, depth)]
+                             or [item for item in free if _holds(item, was, depth)]), None)
+        cleared = all(m.value is None for m in members)
+        if mine is not None and cleared and isinstance(found, list):
+            _set(result, prefix[:-1], [item for item in found if item is not mine] or None)
+        if cleared or (mine is None and not writes):
+            gone.append(prefix)
+            continue
+        if mine is not None:
+            mine[_OWN] = "1"
+        lists.append(prefix[:-1])  # (none tagged: `_set` adds the item, tagged by the selector itself)
+    kept = [a for a in assignments if not any(a.path[:len(p)] == p for p in gone)]
+    return [Assignment(tuple(_OWN_SELECT if isinstance(seg, Own) else seg for seg in a.path), a.value, a.column)
+            for a in kept], lists
+
+
+def _mark_own(result: dict[str, Any], lists: Iterable[Path], own: Mark | None) -> None:
+    """The items `_own_items` tagged, marked as the row's."""
+    if own is None:
+        return
+    for path in lists:
+        for item in _navigate(result, path) or []:
+            if isinstance(item, dict) and item.pop(_OWN, None) is not None:
+                with_mark(item, own, own.table, own.row_id)
 
 
 def _navigate(node: JSONValue, path: Path) -> JSONValue:
@@ -243,6 +326,8 @@ def _navigate(node: JSONValue, path: Path) -> JSONValue:
             node = node.get(seg.name) if isinstance(node, dict) else None
         elif isinstance(seg, Index):
             node = node[seg.position] if isinstance(node, list) and seg.position < len(node) else None
+        elif isinstance(seg, Own):
+            return None  # (resolved to the row's item by `_own_items` before anything navigates to it)
         else:
             node = next((item for item in node if _matches(item, seg)), None) if isinstance(node, list) else None
         if node is None:
@@ -473,13 +558,13 @@ def sole_selectors(paths: Iterable[Path]) -> frozenset[Path]:
 
 
 def apply_changes(resource: dict[str, Any], assignments: Iterable[Assignment],
-                  adoptable: frozenset[Path] | None = None) -> dict[str, Any]:
+                  adoptable: frozenset[Path] | None = None, own: Mark | None = None) -> dict[str, Any]:
     """`apply` for a change that carries only some columns (a step without images): a selector with optional keys
     that is the only one of its list (`adoptable`, from `sole_selectors`; None: any) takes the item an ingest put
     there (`adopt`) instead of adding a parallel one, and what described a value it changed goes with it (see
     `_DESCRIBED_BY`)."""
-    assignments = list(assignments)
     result: dict[str, Any] = _tree_copy(resource)
+    assignments, own_lists = _own_items(result, list(assignments), own)
     adopting = assignments if adoptable is None else [
         a for a in assignments if any(a.path[:len(p)] == p for p in adoptable)]
     redirects = adopt(result, adopting) if len(result) > 1 and adopting else {}
@@ -490,6 +575,7 @@ def apply_changes(resource: dict[str, Any], assignments: Iterable[Assignment],
         result = _set(result, assignment.path, assignment.value)
     _drop_stale(result, _changed(before, result), assignments)
     _unpick(result, redirects)
+    _mark_own(result, own_lists, own)
     return result
 
 
@@ -501,10 +587,13 @@ def _unpick(result: dict[str, Any], redirects: dict[Path, Select]) -> None:
 
 
 def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
-                before: Iterable[Assignment] = ()) -> dict[str, Any]:
+                before: Iterable[Assignment] = (), own: Mark | None = None) -> dict[str, Any]:
     """A new resource: `resource` with a row's whole state written (see the module docstring). `before`: the
-    row's state before the save, to recognise the items an ingest put there (`adopt`)."""
+    row's state before the save, to recognise the items an ingest put there (`adopt`). `own`: the row's mark, for
+    the items `[row]` names (`_own_items`)."""
     before = tuple(before)
+    result: dict[str, Any] = _tree_copy(resource)
+    assignments, own_lists = _own_items(result, list(assignments), own, before)
     values: list[Assignment] = []
     constants: list[Assignment] = []
     lists: dict[Path, dict[int, JSONValue]] = {}
@@ -522,7 +611,6 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
         count = max(positions) + 1
         owned = OwnedPrefix(tuple(positions.get(i, KEEP) for i in range(count)), count)
         values.append(Assignment(prefix, owned, "*"))
-    result: dict[str, Any] = _tree_copy(resource)
     redirects = adopt(result, [*values, *constants], before) if len(result) > 1 else {}  # empty: nothing to adopt
     if redirects:
         values, constants = _redirect(values, redirects), _redirect(constants, redirects)
@@ -546,4 +634,5 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
         if len(constant.path) == 1 or isinstance(_navigate(result, constant.path[:-1]), dict):
             result = _set(result, constant.path, constant.value)
     _unpick(result, redirects)
+    _mark_own(result, own_lists, own)
     return result

@@ -172,6 +172,14 @@ START = "{column: msemr_encounterstartdate, target: period.start, type: dateTime
                  "attributes[4].target", ["perod"], id="expansion-unknown-element"),
     pytest.param("contact.yaml", edit("contact.yaml", "2: female", "2: femal"), "attributes[", ["femal", "female"],
                  id="code-outside-a-required-value-set"),
+    pytest.param("msemr_observation.yaml", edit("msemr_observation.yaml", '"note[row].text"', '"note[row]"'),
+                 "attributes[", ["[row]", "note[row].text"], id="row-item-without-an-element-of-it"),
+    pytest.param("msemr_observation.yaml", edit("msemr_observation.yaml", '"note[row].text"',
+                                                '"note[row].authorReference.identifier[row].value"'),
+                 "attributes[", ["[row]", "once"], id="row-item-twice-in-one-path"),
+    pytest.param("msemr_medicalidentifier.yaml",
+                 edit("msemr_medicalidentifier.yaml", "target: period.start", 'target: "extension[row].valueString"'),
+                 "attributes[4].target", ["[row]", "child row"], id="row-item-in-a-child-rows-map"),
 ])
 def test_bad_map_names_file_and_field(tmp_path, file, text, field, words):
     error = load_error(maps_dir(tmp_path, {file: text}))

@@ -7,10 +7,12 @@ from typing import Any
 
 import pytest
 
+from writeback.marks import Mark, Version, mark_of
 from writeback.paths import (
     Assignment,
     Field,
     Index,
+    Own,
     PathError,
     Select,
     apply,
@@ -64,6 +66,7 @@ def test_selector_values_may_be_uris_with_dots_and_slashes():
     "telecom[system=phone,use=work].value",
     "name[use=official].given[0]",
     "note[0].text",
+    "note[row].text",
     "code.coding[system=urn:dataverse:msemr_codeableconcept].code",
 ])
 def test_format_path_round_trips(text):
@@ -342,3 +345,52 @@ def test_what_the_map_owns_is_written_not_dropped():
     resource = {"resourceType": "Encounter", "class": {"system": "s", "code": "AMB", "display": "ambulatory",
                                                        "version": "2"}}
     assert apply_state(resource, state)["class"] == {"system": "s", "code": "IMP", "display": "inpatient encounter"}
+
+
+# ---- [row]: the item the row marks as its own ---------------------------------------------------------
+
+ROW = Mark("msemr_observation", "row-1", Version(7))
+THEIRS = {"authorString": "Dr B", "time": "2026-11-29T09:00:00Z", "text": "repeat in 1h"}
+
+
+def note(value: Any) -> Assignment:
+    return Assignment(parse_path("note[row].text"), value, "msemr_comment")
+
+
+def texts(resource: dict[str, Any]) -> list[tuple[str, bool]]:
+    """Each note's text, and whether it carries the row's mark."""
+    return [(n["text"], mark_of(n, ROW.table, ROW.row_id) is not None) for n in resource.get("note", [])]
+
+
+def test_row_item_parses_and_is_never_applied_by_position():
+    assert parse_path("note[row].text") == (Field("note"), Own(), Field("text"))
+    # Without the row's mark there is no telling which note is the row's.
+    with pytest.raises(ValueError, match=r"\[row\]"):
+        apply({"resourceType": "Observation"}, [note("x")])
+
+
+def test_row_item_is_found_by_its_mark_wherever_it_stands():
+    first = apply_state({"resourceType": "Observation"}, [note("after exercise")], own=ROW)
+    assert texts(first) == [("after exercise", True)]
+    moved = {**first, "note": [THEIRS, *first["note"]]}  # another system's note now first
+    changed = apply_state(moved, [note("at rest")], own=ROW)
+    assert changed["note"][0] == THEIRS and texts(changed) == [("repeat in 1h", False), ("at rest", True)]
+    cleared = apply_state(changed, [note(None)], own=ROW)
+    assert cleared["note"] == [THEIRS]
+    # Cleared again (nothing of the row's left): the other system's note is not the row's to empty.
+    assert apply_state(cleared, [note(None)], [note("at rest")], own=ROW)["note"] == [THEIRS]
+    again = apply_state(cleared, [note("seated")], own=ROW)
+    assert again["note"][0] == THEIRS and texts(again) == [("repeat in 1h", False), ("seated", True)]
+
+
+def test_row_item_takes_over_the_note_an_ingest_put_there_by_its_value_before():
+    ingested = {"resourceType": "Observation", "note": [{"authorString": "Nurse K", "text": "axillary"}, THEIRS]}
+    taken = apply_state(ingested, [note("oral")], [note("axillary")], own=ROW)
+    assert taken["note"][0]["authorString"] == "Nurse K" and texts(taken) == [("oral", True), ("repeat in 1h", False)]
+    # Without the value before (a step without images), the ingested note cannot be told from another
+    # system's: the comment gets a note of its own instead of overwriting one.
+    for changed in (apply_state(ingested, [note("oral")], own=ROW),
+                    apply_changes(ingested, [note("oral")], own=ROW)):
+        assert changed["note"][:2] == ingested["note"] and texts(changed)[2] == ("oral", True)
+    # A clear takes the note that held the row's value before, and only that one.
+    assert apply_state(ingested, [note(None)], [note("axillary")], own=ROW)["note"] == [THEIRS]

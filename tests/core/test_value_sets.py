@@ -17,7 +17,8 @@ from devtools.messages import Choice, Lookup, context
 from devtools.samples import ENCOUNTER, IDENTIFIER, OBSERVATION, PATIENT, PATIENT_TYPE, T0
 from writeback.decide import plan_message
 from writeback.maps import AttributeMap, load_maps
-from writeback.paths import Field, Index, Path, Select
+from writeback.marks import marks_in
+from writeback.paths import Field, Index, Own, Path, Select
 from writeback.settings import DEFAULT_MAPS_DIR, Settings
 
 # http://hl7.org/fhir/R4/valueset-administrative-gender.html
@@ -127,6 +128,8 @@ def read(node: Any, path: Path) -> Any:
             node = node[segment.name]
         elif isinstance(segment, Index):
             node = node[segment.position]
+        elif isinstance(segment, Own):
+            node = next(item for item in node if marks_in(item))  # the row's item
         else:
             node = next(item for item in node if all(str(item.get(k)) == v for k, v in segment.match))
     return node

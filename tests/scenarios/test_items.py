@@ -891,7 +891,7 @@ async def test_14h_what_described_a_value_that_changed_goes_with_it(world: World
     assert states(await world.send(recoded)) == [("written", None)]
     written = world.fhir.get(f"Observation/{seeded['id']}")
     assert written["code"] == {"coding": [{"system": "urn:dataverse:msemr_codeableconcept", "code": other}]}
-    assert written["note"] == [{"text": "after lunch"}]
+    assert strip_marks(written)["note"] == [{"text": "after lunch"}]
 
 
 async def test_14i_a_changed_encounter_class_loses_the_display_of_the_old_one(world: World):
@@ -940,8 +940,7 @@ async def test_14j_a_cleared_comment_takes_its_note_and_a_cleared_phone_its_item
 
 async def test_14j2_later_saves_keep_the_other_notes_and_an_address_dataverse_never_held(world: World):
     """After the row's note went (its comment cleared), the next note is another system's: later saves, the
-    comment still empty, leave it alone (the map owns `note[0]`, but the note now in that position never held the
-    row's comment). An address the ingest gave as text only held nothing the map owns: an unrelated save keeps it."""
+    comment still empty, leave it alone (the row's note is the one carrying its mark: `note[row]`). An address the ingest gave as text only held nothing the map owns: an unrelated save keeps it."""
     dv = world.dataverse
     address = {"use": "home", "text": "Flat 2, 14 Rue des Lilas, 69003 Lyon, France"}
     seeded_patient = ingested_patient(world, address=[address])
@@ -959,6 +958,40 @@ async def test_14j2_later_saves_keep_the_other_notes_and_an_address_dataverse_ne
         [("skipped", "echo")] * 2 + [("written", None)] * 4
     assert strip_marks(world.fhir.get(f"Observation/{seeded['id']}"))["note"] == notes[1:]
     assert strip_marks(world.fhir.get(f"Patient/{seeded_patient['id']}"))["address"] == [address]
+
+
+async def test_14j4_the_rows_note_is_the_one_it_marks_whatever_other_systems_add(world: World):
+    """`note[row].text`: the row's note carries the row's mark, so it is found wherever other systems put theirs.
+    Another system adds a note in front of it: the next comment changes the row's note, not the one now first.
+    Cleared, the row's note goes and the other stays; entered again, it comes back as a note of its own beside the
+    other system's (with a note owned by position, it was written into the other system's note, whose author and
+    time it then carried). A clear received after a later save (`stale`) is healed by that save."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    observation, measured = dv.observation(contact, msemr_comment="after exercise")
+    assert states(await world.send_each(created, measured)) == [("written", None)] * 2
+    resource = the_resource(world.fhir, "Observation", "urn:dataverse:msemr_observation", observation)
+    theirs = {"authorString": "Dr B", "time": "2026-11-29T09:00:00Z", "text": "repeat in 1h"}
+    world.fhir.put({**resource, "note": [theirs, *resource["note"]]})
+
+    def notes() -> list[dict[str, Any]]:
+        found = the_resource(world.fhir, "Observation", "urn:dataverse:msemr_observation", observation)
+        return [strip_marks(note) for note in found.get("note", [])]
+
+    rested = dv.update("msemr_observation", observation, {"msemr_comment": "at rest"})
+    assert states(await world.send(rested)) == [("written", None)]
+    assert notes() == [theirs, {"text": "at rest"}]
+    cleared = dv.update("msemr_observation", observation, {"msemr_comment": None})
+    amended = dv.update("msemr_observation", observation, {"msemr_status": Choice(935000003)})
+    # The later save first: the clear is `stale`, and the later save (its comment empty too) cleared the note.
+    assert states(await world.send_each(amended, cleared)) == [("written", None), ("skipped", "stale")]
+    assert notes() == [theirs]
+    seated = dv.update("msemr_observation", observation, {"msemr_comment": "seated"})
+    assert states(await world.send(seated)) == [("written", None)]
+    assert notes() == [theirs, {"text": "seated"}]
+    mine = the_resource(world.fhir, "Observation", "urn:dataverse:msemr_observation", observation)["note"][1]
+    assert [(m["extension"][0]["valueString"], m["extension"][1]["valueString"]) for m in mine["extension"]] == \
+        [("msemr_observation", observation)]
 
 
 async def test_14j3_a_changed_value_loses_the_comparator_said_of_the_old_one(world: World):
