@@ -45,6 +45,11 @@ class RowEdit:
     before: tuple[Assignment, ...] = ()  # the row's state before the save (pre image): finds ingested items
     # Target only: the selectors that may take over an item an ingest put there (`paths.sole_selectors`)
     adoptable: frozenset[Path] = frozenset()
+    row_items: bool = False  # the map owns items by the row's mark (`[row]`): the mark goes to `paths`
+
+    @property
+    def own(self) -> Mark | None:
+        return self.mark if self.row_items else None
 
 
 @immutable
@@ -149,7 +154,7 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
             new = {"resourceType": resource_type, "id": resource_id, **apply(dict(edit.rendered), ())}
         else:
             base: dict[str, Any] = {"resourceType": resource_type, "id": resource_id}
-            new = apply(apply_state(base, edit.owned, own=edit.mark), [edit.identity])
+            new = apply(apply_state(base, edit.owned, own=edit.own), [edit.identity])
         return Converged("write", with_mark(new, edit.mark, edit.mark.table, edit.mark.row_id))
     held = mark_of(current, edit.mark.table, edit.mark.row_id)
     # A resource the row left when its type changed (`Release`) holds the tombstone instead: an older state of the
@@ -158,11 +163,11 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
     if ordered is not None:
         return ordered
     if edit.full:
-        new = apply(apply_state(current, edit.owned, edit.before, own=edit.mark), [edit.identity])
+        new = apply(apply_state(current, edit.owned, edit.before, own=edit.own), [edit.identity])
         new = with_mark(new, None, edit.mark.table, edit.mark.row_id, MOVED)
         new = with_mark(new, edit.mark, edit.mark.table, edit.mark.row_id)
     else:  # Target only: the changed columns, and no mark (it is not the row's whole state)
-        new = apply_changes(current, [*edit.owned, edit.identity], edit.adoptable, own=edit.mark)
+        new = apply_changes(current, [*edit.owned, edit.identity], edit.adoptable, own=edit.own)
         # The changed columns beside the values the server holds (an end date beside the start already there):
         # checked here, where they meet, in the elements the change writes only (what else the server's copy
         # holds is not this change's to refuse). A whole row was checked when it was planned.

@@ -444,7 +444,8 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
                     resource_id(message.table, message.record_id), message.table,
                     fhir_id is not None and fhir_id_type(entity_map, old, new) != resource_type, retyped)
     refs = _refs(assignments)
-    rendered = render(resource_type, [*assignments, target.identity] if full else assignments, full=full, own=mark)
+    rendered = render(resource_type, [*assignments, target.identity] if full else assignments, full=full,
+                      own=mark if entity_map.row_items else None)
     owned = {a.element: a.column for a in assignments if a.column is not None and a.column != "*"
              and a.value is not KEEP}
     validate(rendered, partial=True, required=owned if full else None,
@@ -454,7 +455,8 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
     edit = RowEdit(mark, assignments, target.identity, full, rendered=rendered if full and not refs
                    else None, before=_before(entity_map, resource_type, old) if full else (),
                    adoptable=frozenset() if full else sole_selectors(
-                       a.path for a in entity_map.attributes if a.only_for is None or resource_type in a.only_for))
+                       a.path for a in entity_map.attributes if a.only_for is None or resource_type in a.only_for),
+                   row_items=entity_map.row_items)
     source = _source(message, entity_map.identifier_system, new)
     writes = [Write(target, edit), *_released(message, entity_map, resource_type, old, mark)]
     plan = WritePlan("create" if is_create else "update", tuple(writes), rendered,

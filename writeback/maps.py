@@ -162,6 +162,7 @@ class EntityMap:
     consent_column: str | None
     expansion: Expansion | None
     attributes: tuple[AttributeMap, ...]
+    row_items: bool = False  # a target names the row's own item of a list (`[row]`): writes need the row's mark
 
     @property
     def resource_types(self) -> frozenset[str]:
@@ -380,6 +381,7 @@ def _compile(file: str, spec: EntityMapSpec, specs: Mapping[str, tuple[str, Enti
         fhir_id_column=identity.fhir_id_column, identifier_system=identity.identifier_system,
         consent_types=consent_types, consent_column=spec.consent.column if spec.consent else None,
         expansion=expansion, attributes=tuple(attributes),
+        row_items=any(isinstance(seg, Own) for attr in attributes for seg in attr.path),
     )
 
 

@@ -275,10 +275,12 @@ def _own_items(result: dict[str, Any], assignments: list[Assignment], own: Mark 
     if own is None:
         return assignments, []  # (a `[row]` left unresolved stops at `_set`: never applied by position)
     groups: dict[Path, list[Assignment]] = {}
-    for assignment in assignments:
+    at: dict[int, int] = {}  # the assignments with a `[row]`, by their index: where in their path
+    for n, assignment in enumerate(assignments):
         for i, seg in enumerate(assignment.path):
-            if isinstance(seg, Own):
+            if type(seg) is Own:
                 groups.setdefault(assignment.path[: i + 1], []).append(assignment)
+                at[n] = i
                 break
     if not groups:
         return assignments, []
@@ -304,9 +306,13 @@ def _own_items(result: dict[str, Any], assignments: list[Assignment], own: Mark 
         if mine is not None:
             mine[_OWN] = "1"
         lists.append(prefix[:-1])  # (none tagged: `_set` adds the item, tagged by the selector itself)
-    kept = [a for a in assignments if not any(a.path[:len(p)] == p for p in gone)]
-    return [Assignment(tuple(_OWN_SELECT if isinstance(seg, Own) else seg for seg in a.path), a.value, a.column)
-            for a in kept], lists
+    dropped = {id(a) for prefix in gone for a in groups[prefix]}
+    out: list[Assignment | None] = list(assignments)
+    for n, i in at.items():
+        a = assignments[n]
+        out[n] = None if id(a) in dropped else Assignment((*a.path[:i], _OWN_SELECT, *a.path[i + 1:]), a.value,
+                                                           a.column)
+    return [a for a in out if a is not None], lists
 
 
 def _mark_own(result: dict[str, Any], lists: Iterable[Path], own: Mark | None) -> None:

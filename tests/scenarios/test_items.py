@@ -940,7 +940,8 @@ async def test_14j_a_cleared_comment_takes_its_note_and_a_cleared_phone_its_item
 
 async def test_14j2_later_saves_keep_the_other_notes_and_an_address_dataverse_never_held(world: World):
     """After the row's note went (its comment cleared), the next note is another system's: later saves, the
-    comment still empty, leave it alone (the row's note is the one carrying its mark: `note[row]`). An address the ingest gave as text only held nothing the map owns: an unrelated save keeps it."""
+    comment still empty, leave it alone (the row's note is the one carrying its mark: `note[row]`). An address
+    the ingest gave as text only held nothing the map owns: an unrelated save keeps it."""
     dv = world.dataverse
     address = {"use": "home", "text": "Flat 2, 14 Rue des Lilas, 69003 Lyon, France"}
     seeded_patient = ingested_patient(world, address=[address])
