@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Callable, Mapping
 from datetime import date
 from decimal import Decimal
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from devtools.messages import CONTRACTS, Choice, Lookup, context
 from devtools.samples import (
@@ -31,7 +34,7 @@ from devtools.samples import (
     T0,
 )
 from writeback.converge import Release, converge
-from writeback.decide import Decision, WritePlan, plan_message, resource_id
+from writeback.decide import RESOURCE_NAMESPACE, Decision, WritePlan, plan_message, resource_id
 from writeback.facts import facts_of, resolve
 from writeback.maps import MapSet, load_maps
 from writeback.marks import MOVED, Version, mark_of, strip_marks
@@ -929,3 +932,13 @@ def test_two_types_of_one_choice_element_are_refused_naming_them():
     assert (decision.decision, decision.reason) == ("reject", Reason.INVALID_RESOURCE)
     assert "valueQuantity and valueString" in decision.detail or "valueString and valueQuantity" in decision.detail
     assert "msemr_valuestring" in decision.detail and "high" not in decision.detail
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["contact", "msemr_encounter", "Contact", ""]), st.one_of(st.uuids().map(str), st.text()))
+def test_resource_id_is_the_rows_uuid5(table: str, row_id: str):
+    """The id a row's resource is created under never changes (a row written by an earlier release is found
+    under it): it is `uuid5(RESOURCE_NAMESPACE, "<table>/<row id, lower case>")`, whatever computes it."""
+    resource_id.cache_clear()
+    assert resource_id(table, row_id) == str(uuid.uuid5(RESOURCE_NAMESPACE, f"{table}/{row_id.lower()}"))
+    assert resource_id(table, row_id) == resource_id(table, row_id.upper() if row_id.isascii() else row_id)
