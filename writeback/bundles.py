@@ -128,18 +128,23 @@ def waves(targets: Sequence[Target]) -> list[list[int]]:
     return grouped
 
 
+# The holder name of a create lease a release takes (`BatchDelivery._write`): granted again to any release.
+RELEASE_HOLDER = "release"
+
+
 class LocalLeases:
     """`Leases` within one process: what the CLI and the benchmark use when no Table Storage is configured (the
     function always has the ledger's, which holds across instances)."""
 
     def __init__(self) -> None:
-        self._until: dict[str, float] = {}
+        self._until: dict[str, tuple[float, str]] = {}
 
-    async def acquire(self, key: str, seconds: float) -> bool:
+    async def acquire(self, key: str, seconds: float, holder: str = "") -> bool:
         now = time.monotonic()
-        if self._until.get(key, 0.0) > now:
-            return False
-        self._until[key] = now + seconds
+        until, held_by = self._until.get(key, (0.0, ""))
+        if until > now:
+            return bool(holder) and held_by == holder
+        self._until[key] = (now + seconds, holder)
         return True
 
     async def release(self, key: str) -> None:
@@ -338,6 +343,7 @@ class BatchDelivery:
         puts: list[tuple[_Job, str, bool]] = []
         entries: list[dict[str, Any]] = []
         creates: list[tuple[_Job, dict[str, Any]]] = []
+        unmade: list[_Job] = []  # releases of a resource of the row's old type that does not exist
         again: list[_Job] = []
         for job in jobs:
             target = job.target
@@ -367,6 +373,9 @@ class BatchDelivery:
                 job.outcome = target_gone(target)
                 continue
             current = job.current[0] if job.current is not None else None
+            if isinstance(job.edit, Release) and current is None and target.new_id:
+                unmade.append(job)  # (see below: nothing to leave, once no older create can make it any more)
+                continue
             try:
                 decided = converge(current, _resolved(job.edit, job.plan, batch), target.resource_type,
                                    target.new_id or resource_id(target.table, target.identifier_value))
@@ -399,10 +408,26 @@ class BatchDelivery:
                 entries.append({"resource": self.client.stamp(decided.resource),
                                 "request": {"method": "PUT", "url": f"{target.resource_type}/{resource_id_}",
                                             "ifMatch": f'W/"{job.current[1]}"'}})
+        # Long enough for a create's request with all its retries (then it is answered, or it was cancelled at the
+        # invocation's deadline, inside the lock).
+        lease = self.settings.retry_max_seconds + self.settings.timeout_seconds
+        if unmade:
+            # The row's resource of its old type is not there to leave: but an older message of the row (its Create,
+            # on another instance, which read "absent" too) may be about to make it, and it would then stand for
+            # the row beside the new type's for good. The release takes that resource's create lease and keeps it
+            # until it expires, as a create does: an older create that has not taken it yet cannot any more (its
+            # retry is `stale` by the row facts this change leaves). One that holds it is creating it now: the
+            # release is tried again later, and leaves what it made. A release finds the lease a release took (its
+            # own earlier try: the message was retried for another of its writes) granted again.
+            held = await asyncio.gather(*(batch.leases.acquire(f"{job.target.resource_type}/{job.target.new_id}",
+                                                               lease, RELEASE_HOLDER) for job in unmade),
+                                        return_exceptions=True)
+            for job, mine in zip(unmade, held, strict=True):
+                if isinstance(mine, BaseException) and not isinstance(mine, WritebackError):
+                    raise mine
+                job.outcome = mine if isinstance(mine, WritebackError) else (
+                    Converged("same") if mine else being_created(job.target))
         if creates:
-            # Long enough for the create's request with all its retries (then it is answered, or it was cancelled
-            # at the invocation's deadline, inside the lock).
-            lease = self.settings.retry_max_seconds + self.settings.timeout_seconds
             held = await asyncio.gather(*(batch.leases.acquire(f"{job.target.resource_type}/{resource['id']}", lease)
                                           for job, resource in creates), return_exceptions=True)
             for (job, resource), mine in zip(creates, held, strict=True):

@@ -523,13 +523,14 @@ class OutcomeStore:
         raise WritebackError(Reason.CONFLICT, f"the row state of {fact.table} {fact.row_id} kept changing in Table "
                              f"Storage through {CLAIM_ATTEMPTS} re-reads")
 
-    async def acquire(self, key: str, seconds: float) -> bool:
+    async def acquire(self, key: str, seconds: float, holder: str = "") -> bool:
         """The create lease of one resource: an entity that one instance inserts (atomic), or takes over with
-        its ETag once it has expired (a holder that crashed)."""
+        its ETag once it has expired (a holder that crashed). Held under a holder name, it is granted again to
+        that name (`Leases`)."""
         table = await self._table("rowstate")
         pk, rk = safe_key(key), "lease"
         now = datetime.now(UTC)
-        entity = {"PartitionKey": pk, "RowKey": rk, "Until": now + timedelta(seconds=seconds)}
+        entity = {"PartitionKey": pk, "RowKey": rk, "Until": now + timedelta(seconds=seconds), "Holder": holder}
         try:
             await self._call("take the create lease", table.create_entity(entity))
             return True
@@ -541,7 +542,7 @@ class OutcomeStore:
             return False
         until = held.get("Until")
         if isinstance(until, datetime) and until > now:
-            return False
+            return bool(holder) and held.get("Holder") == holder
         try:
             await self._call("take over the create lease", table.update_entity(
                 entity, mode=UpdateMode.REPLACE, etag=held.metadata["etag"],

@@ -50,7 +50,7 @@ class LeaseStoreDown(LocalLeases):
     """Stands in for the ledger's create leases while Table Storage is out of reach: `OutcomeStore.acquire`
     raises `outcome-store-unavailable` then."""
 
-    async def acquire(self, key: str, seconds: float) -> bool:
+    async def acquire(self, key: str, seconds: float, holder: str = "") -> bool:
         raise WritebackError(Reason.OUTCOME_STORE_UNAVAILABLE, "Table Storage is unreachable (take the create lease)")
 
 

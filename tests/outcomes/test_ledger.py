@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,13 +15,14 @@ from azure.data.tables import TableServiceClient
 from devtools.services import Azurite
 from tests.function.helpers import FIRST, LAST, FakeDelivery, create_body, new_id, reject_body, target_only_body
 from tests.outcomes.conftest import new_prefix, store_settings
+from writeback.bundles import RELEASE_HOLDER, LocalLeases
 from writeback.decide import WritePlan, plan_message
 from writeback.errors import WritebackError
 from writeback.facts import NO_PARENT, RowFacts
 from writeback.maps import MapSet
 from writeback.marks import Version
 from writeback.outcomes import OutcomeStore, inverted_key, table_names
-from writeback.pipeline import Envelope, Issue, Pipeline
+from writeback.pipeline import Envelope, Issue, Leases, Pipeline
 from writeback.reasons import Reason
 from writeback.settings import Settings
 
@@ -335,3 +337,22 @@ async def test_row_facts_round_trip_through_table_storage(store: OutcomeStore) -
     assert [known[f.key] for f in learned] == learned
     await store.learn([RowFacts("msemr_medicalidentifier", identifier, Version(8), "Patient", parent=contact)])
     assert (await store.facts({learned[1].key}))[learned[1].key].parent == NO_PARENT  # the newer one stays
+
+
+@pytest.mark.parametrize("kind", ["table-storage", "in-process"])
+async def test_a_create_lease_is_granted_again_only_to_its_named_holder(kind: str, store: OutcomeStore) -> None:
+    """A creator takes a resource's create lease without a name: no one else gets it while it runs, not even
+    another creator of the same resource. A release of the row's old type takes it under a name, so that an older
+    create cannot make the resource it found absent; its own retry (same name) gets it again, a creator does not."""
+    leases: Leases = store if kind == "table-storage" else LocalLeases()
+    created, released = f"Patient/{uuid.uuid4()}", f"Patient/{uuid.uuid4()}"
+    assert await leases.acquire(created, 30)
+    assert not await leases.acquire(created, 30)
+    assert not await leases.acquire(created, 30, RELEASE_HOLDER)  # a creator is at work: the release waits
+    assert await leases.acquire(released, 30, RELEASE_HOLDER)
+    assert await leases.acquire(released, 30, RELEASE_HOLDER)
+    assert not await leases.acquire(released, 30)  # an older create: it must not make what the release found gone
+    short = f"Patient/{uuid.uuid4()}"
+    assert await leases.acquire(short, 0.05, RELEASE_HOLDER)
+    await asyncio.sleep(0.2)
+    assert await leases.acquire(short, 30)  # expired: a create after it may go on

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from devtools.messages import Lookup, context
+from devtools.messages import Choice, Lookup, context
 from tests.delivery.conftest import Fhir, Rig
 from tests.expectations import expected_contact
 from tests.reliability.conftest import (
@@ -32,6 +32,7 @@ from tests.reliability.conftest import (
     mapped_state,
 )
 from tests.reliability.figures import FIGURES
+from writeback.decide import resource_id
 from writeback.marks import mark_of
 from writeback.outcomes import OutcomeStore
 from writeback.pipeline import Pipeline, Result
@@ -280,9 +281,9 @@ def race(creator: Instance, other: Instance) -> None:
     assert ledger is not None
     acquire = ledger.acquire
 
-    async def acquire_and_tell(key: str, seconds: float) -> bool:
+    async def acquire_and_tell(key: str, seconds: float, holder: str = "") -> bool:
         try:
-            return await acquire(key, seconds)
+            return await acquire(key, seconds, holder)
         finally:
             asked.set()
 
@@ -372,6 +373,53 @@ async def test_an_older_create_and_a_newer_update_race_to_create_the_resource(cr
         assert (again.state, again.reason) == ("skipped", Reason.STALE), again.detail
         assert marks(fhir, row) == ["11"]
     check(staged, fhir, row, x, y)
+
+
+async def test_an_older_create_of_the_old_type_and_the_type_change_on_two_instances(twins, fhir: Fhir):
+    """X has the contact's Create (a Patient, version 10) and is held before its create PUT; Y has the save that
+    made the contact a Practitioner (version 11, pre image: the Patient), and writes the Practitioner while the
+    Patient it must leave does not exist yet. Released then as "nothing there", the Patient X creates a moment
+    later would stand for the row beside its Practitioner for good. Y's release finds the Patient's create lease
+    held (X is creating it) and is retried; its retry leaves the Patient X made: one resource for the row."""
+    x, y = twins
+    staged = Deliveries()
+    row = Row()
+    create = staged.send(row.create(), row.id)
+    retyped = staged.send(row.update(msemr_contacttype=Choice(935000001)), row.id)
+    gate = Gate()
+    x.rig.transport.add(BundleFault(holding="create", before=gate.hold, times=1))
+
+    [made], waited = await asyncio.gather(staged.deliver(x.pipeline, create),
+                                          meanwhile(gate, staged.deliver(y.pipeline, retyped)))
+    assert made.state == "written", made.detail
+    assert (waited.reason, waited.settlement) == (Reason.CONFLICT, "reschedule"), waited.detail
+    [again] = await staged.deliver(y.pipeline, retyped, delivery_count=2)
+    assert again.state == "written", again.detail
+    assert fhir.search(f"Patient?identifier=urn:dataverse:contact|{row.id}") == []
+    [practitioner] = fhir.search(f"Practitioner?identifier=urn:dataverse:contact|{row.id}")
+    held = mark_of(practitioner, "contact", row.id)
+    assert held is not None and held.version.text() == "11"
+
+
+async def test_the_type_change_first_then_an_older_create_of_the_old_type(twins, fhir: Fhir):
+    """The other order: Y's release finds no Patient and takes its create lease, so X's older Create of the
+    Patient, which read "absent" before, cannot make it (`conflict`); its retry is `stale` by the row facts."""
+    x, y = twins
+    staged = Deliveries()
+    row = Row()
+    create = staged.send(row.create(), row.id)
+    retyped = staged.send(row.update(msemr_contacttype=Choice(935000001)), row.id)
+    gate = Gate()
+    x.rig.transport.add(BundleFault(holding="read", before=gate.hold, times=1))
+
+    [waited], changed = await asyncio.gather(staged.deliver(x.pipeline, create),
+                                             meanwhile(gate, staged.deliver(y.pipeline, retyped)))
+    assert changed.state == "written", changed.detail
+    assert (waited.reason, waited.settlement) == (Reason.CONFLICT, "reschedule"), waited.detail
+    [again] = await staged.deliver(x.pipeline, create, delivery_count=2)
+    assert (again.state, again.reason) == ("skipped", Reason.STALE), again.detail
+    assert fhir.search(f"Patient?identifier=urn:dataverse:contact|{row.id}") == []
+    assert fhir.search(f"Patient?_id={resource_id('contact', row.id)}") == []
 
 
 # ---- the windows the design leaves open (docs/convergence.md section 6; docs/reliability.md, "What remains") -----
