@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -21,7 +21,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from writeback.errors import MapError
 from writeback.immutable import immutable
 from writeback.paths import Field as PathField
-from writeback.paths import Own, PathError, Select, parse_path
+from writeback.paths import Own, PathError, Select, format_path, parse_path
 from writeback.paths import Path as ElementPath
 
 RESOURCE_TYPES = ("Patient", "Practitioner", "Encounter", "Observation")
@@ -265,7 +265,63 @@ def _compile_path(file: str, where: str, text: str, resource_types: frozenset[st
     if len(owns) > 1 or (owns and (owns[0] + 1 == len(path) or not isinstance(path[owns[0] + 1], PathField))):
         # The row's item carries its mark: an item of elements (`note[row].text`), one per path.
         raise MapError(file, where, "uses [row] other than once, before an element of the item (note[row].text)")
+    if owns:
+        _check_row_item(file, where, path, owns[0], resource_types)
     return path
+
+
+# Elements of an item that its mark (an extension) and FHIR's own identity of the item use: not a column's.
+_NOT_A_ROW_ITEMS = frozenset({"extension", "modifierExtension", "id"})
+
+
+def _check_row_item(file: str, where: str, path: ElementPath, at: int, resource_types: frozenset[str]) -> None:
+    """`[row]` names an item of a repeating element of a complex datatype (`note`: Annotation), reached by element
+    names only (an item found by a selector or a position has no single list to own an item in), and a column
+    writes an element of it other than those its mark and id use."""
+    if not all(isinstance(seg, PathField) for seg in path[:at]):
+        raise MapError(file, where, "uses [row] below a selector or a position: [row] must follow element names "
+                       "only (note[row].text)")
+    after = path[at + 1]
+    assert isinstance(after, PathField)
+    if after.name in _NOT_A_ROW_ITEMS:
+        raise MapError(file, where, f"writes {after.name} of the row's [row] item, which its mark and id use")
+    for resource_type in sorted(resource_types):
+        model: Any = getattr(importlib.import_module(f"fhir.resources.R4B.{resource_type.lower()}"), resource_type)
+        for seg in path[:at - 1]:
+            assert isinstance(seg, PathField)
+            found = _element(model, seg.name)
+            model = found[0] if found is not None else None
+        last = path[at - 1]
+        assert isinstance(last, PathField)
+        info = next((i for n, i in model.model_fields.items() if last.name in (n, i.alias)), None) \
+            if model is not None else None
+        annotation = info.annotation if info is not None else None
+        repeats = any(typing.get_origin(a) is list for a in (annotation, *typing.get_args(annotation)))
+        if not repeats or _model_in(annotation) is None:
+            raise MapError(file, where, f"uses [row] on {resource_type}.{last.name}, which is not a repeating "
+                           "element of a complex datatype: [row] owns one item of such a list (note[row].text)")
+
+
+def _check_row_items(file: str, attributes: Sequence[AttributeMap]) -> None:
+    """One column owns the row's item (a [row] item of several columns could not tell, from a change without
+    images, whether a cleared column emptied it); and no other target names an item of that list by a selector
+    or a position (it could be the row's item, or another system's)."""
+    owners: dict[ElementPath, int] = {}
+    for i, attr in enumerate(attributes):
+        at = next((n for n, seg in enumerate(attr.path) if isinstance(seg, Own)), None)
+        if at is None:
+            continue
+        if attr.column is not None:
+            if attr.path[:at] in owners:
+                raise MapError(file, f"attributes[{i}].target", f"names the [row] item attributes"
+                               f"[{owners[attr.path[:at]]}] owns: one column owns the row's item")
+            owners[attr.path[:at]] = i
+    for i, attr in enumerate(attributes):
+        for prefix in owners:
+            if attr.path[:len(prefix)] == prefix and len(attr.path) > len(prefix) \
+                    and not isinstance(attr.path[len(prefix)], Own):
+                raise MapError(file, f"attributes[{i}].target", f"names an item of {format_path(prefix)} by a "
+                               "selector or a position, beside the [row] item another target owns there")
 
 
 def _format_error(err: Mapping[str, Any]) -> tuple[str, str]:
@@ -370,6 +426,7 @@ def _compile(file: str, spec: EntityMapSpec, specs: Mapping[str, tuple[str, Enti
             values=dict(attr.values or {}), default=attr.value, reference_type=attr.resource,
             reference_system=ref_system, reference_table=ref_table, only_for=only_for,
         ))
+    _check_row_items(file, attributes)
     consent_types = frozenset(spec.consent.applies_to) if spec.consent else frozenset()
     if not consent_types <= types:
         # A misspelt type would silently switch the consent check off for the type meant.

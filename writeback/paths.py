@@ -251,7 +251,7 @@ def apply(resource: dict[str, Any], assignments: Iterable[Assignment], own: Mark
     assignments, own_lists = _own_items(result, list(assignments), own)
     for assignment in assignments:
         result = _set(result, assignment.path, assignment.value)
-    _mark_own(result, own_lists, own)
+    _mark_own(result, own_lists, own, whole=False)
     return result
 
 
@@ -264,11 +264,14 @@ _OWN_SELECT = Select(((_OWN, "1"),))
 def _own_items(result: dict[str, Any], assignments: list[Assignment], own: Mark | None,
                before: Iterable[Assignment] = ()) -> tuple[list[Assignment], list[Path]]:
     """Resolve each `[row]` of `assignments` to the item of its list that is the row's, in `result` (changed in
-    place): the item carrying the row's mark; else, of the items no row marks, the one already holding the values
-    to write, else the one holding the row's values before the save (`before`, the pre image: what an ingest
-    copied into Dataverse from that item); else a new item at the end when a value is written. Never an item by
-    its position: without the pre image (a step without images) the item an ingest put there cannot be told from
-    another system's, and a comment written over that would lose the other system's note.
+    place). The item carrying the row's mark, wherever it stands. Else an item no row marks: the one holding the
+    row's values before the save (`before`, the pre image: what an ingest, or an earlier release that owned the
+    item by its position, put there); else, on a resource the row's whole state was never written to (an ingested
+    record: no mark of the row on it) and for a value to write, when the row held a value there before the save
+    (or there is no pre image to tell), the one holding the new value, else the first: what the ingest copied
+    into the row was that item, whatever order the row's saves arrive in. Else a new item at the end when a value
+    is written. Never another system's item on a resource the row has written (its text may equal the row's by
+    chance), nor one at a position when the pre image says the row held nothing there before.
     An item whose every owned element is cleared goes (what the map owns in it was its content: a note without
     text is none, and invalid); a clear with no item of the row's touches nothing. Returns the assignments, each
     `[row]` now a selector of that item, and the list paths whose items are to be marked (`_mark_own`)."""
@@ -284,6 +287,8 @@ def _own_items(result: dict[str, Any], assignments: list[Assignment], own: Mark 
                 break
     if not groups:
         return assignments, []
+    before = tuple(before)
+    ingested = mark_of(result, own.table, own.row_id) is None
     gone: list[Path] = []
     lists: list[Path] = []
     for prefix, members in groups.items():
@@ -295,8 +300,10 @@ def _own_items(result: dict[str, Any], assignments: list[Assignment], own: Mark 
         if mine is None:
             free = [item for item in items if not marks_in(item)]
             was = [b for b in before if b.path[:depth] == prefix]
-            mine = next(iter([item for item in free if writes and _holds(item, members, depth)]
-                             or [item for item in free if _holds(item, was, depth)]), None)
+            ingest_copied = ingested and writes and (bool(was) or not before)
+            mine = next(iter([item for item in free if _holds(item, was, depth)]
+                             or [item for item in free if ingest_copied and _holds(item, members, depth)]
+                             or (free[:1] if ingest_copied else [])), None)
         cleared = all(m.value is None for m in members)
         if mine is not None and cleared and isinstance(found, list):
             _set(result, prefix[:-1], [item for item in found if item is not mine] or None)
@@ -315,13 +322,16 @@ def _own_items(result: dict[str, Any], assignments: list[Assignment], own: Mark 
     return [a for a in out if a is not None], lists
 
 
-def _mark_own(result: dict[str, Any], lists: Iterable[Path], own: Mark | None) -> None:
-    """The items `_own_items` tagged, marked as the row's."""
+def _mark_own(result: dict[str, Any], lists: Iterable[Path], own: Mark | None, *, whole: bool) -> None:
+    """The items `_own_items` tagged, marked as the row's: with the version of a whole state (`whole`); a change
+    without images marks only an item not marked yet (it is not the row's whole state, and a change that leaves
+    the item as it was must not write a new version for its mark alone)."""
     if own is None:
         return
     for path in lists:
         for item in _navigate(result, path) or []:
-            if isinstance(item, dict) and item.pop(_OWN, None) is not None:
+            if isinstance(item, dict) and item.pop(_OWN, None) is not None \
+                    and (whole or mark_of(item, own.table, own.row_id) is None):
                 with_mark(item, own, own.table, own.row_id)
 
 
@@ -581,7 +591,7 @@ def apply_changes(resource: dict[str, Any], assignments: Iterable[Assignment],
         result = _set(result, assignment.path, assignment.value)
     _drop_stale(result, _changed(before, result), assignments)
     _unpick(result, redirects)
-    _mark_own(result, own_lists, own)
+    _mark_own(result, own_lists, own, whole=False)
     return result
 
 
@@ -640,5 +650,5 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
         if len(constant.path) == 1 or isinstance(_navigate(result, constant.path[:-1]), dict):
             result = _set(result, constant.path, constant.value)
     _unpick(result, redirects)
-    _mark_own(result, own_lists, own)
+    _mark_own(result, own_lists, own, whole=True)
     return result

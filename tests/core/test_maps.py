@@ -180,6 +180,24 @@ START = "{column: msemr_encounterstartdate, target: period.start, type: dateTime
     pytest.param("msemr_medicalidentifier.yaml",
                  edit("msemr_medicalidentifier.yaml", "target: period.start", 'target: "extension[row].valueString"'),
                  "attributes[4].target", ["[row]", "child row"], id="row-item-in-a-child-rows-map"),
+    pytest.param("msemr_observation.yaml", edit("msemr_observation.yaml", '"note[row].text"',
+                                                '"valueQuantity[row].unit"'),
+                 "attributes[", ["valueQuantity", "repeating element of a complex datatype"], id="row-item-not-a-list"),
+    pytest.param("msemr_observation.yaml", edit("msemr_observation.yaml", '"note[row].text"', '"note[0][row].text"'),
+                 "attributes[", ["selector or a position"], id="row-item-below-a-position"),
+    pytest.param("msemr_observation.yaml", edit("msemr_observation.yaml", '"note[row].text"', '"note[row].extension"'),
+                 "attributes[", ["extension", "mark"], id="row-item-element-its-mark-uses"),
+    pytest.param("msemr_observation.yaml", edit("msemr_observation.yaml", '"note[row].text"',
+                                                '"note[row].text"}\n  - {column: msemr_author, '
+                                                'target: "note[0].authorString"'),
+                 "attributes[", ["note", "selector or a position"], id="row-item-list-also-named-by-position"),
+    pytest.param("msemr_observation.yaml", edit("msemr_observation.yaml", '"note[row].text"',
+                                                '"note[row].text"}\n  - {column: msemr_author, '
+                                                'target: "note[row].authorString"'),
+                 "attributes[", ["one column owns"], id="row-item-of-two-columns"),
+    pytest.param("msemr_observation.yaml", edit("msemr_observation.yaml", '"note[row].text"',
+                                                '"code.coding[row].code"'),
+                 "attributes[", ["selector or a position"], id="row-item-beside-a-selector"),
 ])
 def test_bad_map_names_file_and_field(tmp_path, file, text, field, words):
     error = load_error(maps_dir(tmp_path, {file: text}))

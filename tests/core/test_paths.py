@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from writeback.marks import Mark, Version, mark_of
+from writeback.marks import Mark, Version, mark_of, with_mark
 from writeback.paths import (
     Assignment,
     Field,
@@ -357,6 +357,11 @@ def note(value: Any) -> Assignment:
     return Assignment(parse_path("note[row].text"), value, "msemr_comment")
 
 
+def ident() -> Assignment:
+    """A value of the row before the save other than its comment: a pre image in which the comment was empty."""
+    return Assignment(parse_path("status"), "final", "msemr_status")
+
+
 def texts(resource: dict[str, Any]) -> list[tuple[str, bool]]:
     """Each note's text, and whether it carries the row's mark."""
     return [(n["text"], mark_of(n, ROW.table, ROW.row_id) is not None) for n in resource.get("note", [])]
@@ -369,8 +374,13 @@ def test_row_item_parses_and_is_never_applied_by_position():
         apply({"resourceType": "Observation"}, [note("x")])
 
 
+def written(resource: dict[str, Any]) -> dict[str, Any]:
+    """A resource the row's whole state was written to: it carries the row's mark (as `converge` leaves it)."""
+    return with_mark(copy.deepcopy(resource), ROW, ROW.table, ROW.row_id)
+
+
 def test_row_item_is_found_by_its_mark_wherever_it_stands():
-    first = apply_state({"resourceType": "Observation"}, [note("after exercise")], own=ROW)
+    first = written(apply_state({"resourceType": "Observation"}, [note("after exercise")], own=ROW))
     assert texts(first) == [("after exercise", True)]
     moved = {**first, "note": [THEIRS, *first["note"]]}  # another system's note now first
     changed = apply_state(moved, [note("at rest")], own=ROW)
@@ -379,18 +389,37 @@ def test_row_item_is_found_by_its_mark_wherever_it_stands():
     assert cleared["note"] == [THEIRS]
     # Cleared again (nothing of the row's left): the other system's note is not the row's to empty.
     assert apply_state(cleared, [note(None)], [note("at rest")], own=ROW)["note"] == [THEIRS]
-    again = apply_state(cleared, [note("seated")], own=ROW)
-    assert again["note"][0] == THEIRS and texts(again) == [("repeat in 1h", False), ("seated", True)]
+    # Entered again, even with the text of the other system's note: a note of its own.
+    for text in ("seated", "repeat in 1h"):
+        for again in (apply_state(cleared, [note(text)], [ident()], own=ROW),
+                      apply_changes(cleared, [note(text)], own=ROW)):
+            assert again["note"][0] == THEIRS and texts(again) == [("repeat in 1h", False), (text, True)]
 
 
-def test_row_item_takes_over_the_note_an_ingest_put_there_by_its_value_before():
+def test_a_change_without_images_that_changes_nothing_leaves_the_mark_as_it_is():
+    state = written(apply_state({"resourceType": "Observation"}, [note("x")], own=ROW))
+    later = Mark(ROW.table, ROW.row_id, Version(9))
+    assert apply_changes(state, [note("x")], own=later) == state
+    assert mark_of(apply_state(state, [note("x")], own=later)["note"][0], ROW.table, ROW.row_id) == later
+
+
+def test_row_item_takes_over_the_note_an_ingest_put_there():
+    """On a record that came from FHIR (no mark of the row on it): the note holding the row's comment before the
+    save; else, the row having held a comment, the note its ingest copied (the first), whatever order the saves
+    come in; never one when the row held no comment before the save."""
     ingested = {"resourceType": "Observation", "note": [{"authorString": "Nurse K", "text": "axillary"}, THEIRS]}
     taken = apply_state(ingested, [note("oral")], [note("axillary")], own=ROW)
     assert taken["note"][0]["authorString"] == "Nurse K" and texts(taken) == [("oral", True), ("repeat in 1h", False)]
-    # Without the value before (a step without images), the ingested note cannot be told from another
-    # system's: the comment gets a note of its own instead of overwriting one.
-    for changed in (apply_state(ingested, [note("oral")], own=ROW),
-                    apply_changes(ingested, [note("oral")], own=ROW)):
-        assert changed["note"][:2] == ingested["note"] and texts(changed)[2] == ("oral", True)
+    late = apply_state(ingested, [note("rectal")], [note("oral")], own=ROW)  # the newest save received first
+    assert late["note"][0]["authorString"] == "Nurse K" and texts(late) == [("rectal", True), ("repeat in 1h", False)]
+    for unknown in (apply_state(ingested, [note("oral")], own=ROW), apply_changes(ingested, [note("oral")], own=ROW)):
+        assert texts(unknown) == [("oral", True), ("repeat in 1h", False)]  # no pre image: as the ingest copied it
+    fresh = apply_state(ingested, [note("oral")], [ident()], own=ROW)  # the row held no comment before
+    assert fresh["note"][:2] == ingested["note"] and texts(fresh)[2] == ("oral", True)
     # A clear takes the note that held the row's value before, and only that one.
     assert apply_state(ingested, [note(None)], [note("axillary")], own=ROW)["note"] == [THEIRS]
+    # On a resource the row has written, an unmarked note is taken over only by the value before the save (one an
+    # earlier release wrote by position): not by position, nor by a text another system's note happens to share.
+    upgraded = written(ingested)
+    assert texts(apply_state(upgraded, [note("oral")], [note("axillary")], own=ROW))[0] == ("oral", True)
+    assert apply_state(upgraded, [note("oral")], [note("rectal")], own=ROW)["note"][:2] == ingested["note"]

@@ -995,6 +995,29 @@ async def test_14j4_the_rows_note_is_the_one_it_marks_whatever_other_systems_add
         [("msemr_observation", observation)]
 
 
+@pytest.mark.parametrize("order", ["in-order", "newest-first"])
+async def test_14j5_the_ingested_note_takes_the_comment_whatever_order_the_saves_come_in(world: World, order: str):
+    """A record that came from FHIR with a note (and another system's after it), its comment edited twice in
+    Dataverse. Received newest first, the newest save's pre image no longer holds what the ingest copied; the note
+    the ingest copied is still the one it takes (the first, on a record the row never wrote to), not a new one
+    beside it; the older save is `stale`."""
+    dv = world.dataverse
+    seeded_patient = ingested_patient(world)
+    contact, ingested = ingest(world, seeded_patient)
+    theirs = {"authorString": "Dr B", "time": "2026-11-29T09:00:00Z", "text": "repeat in 1h"}
+    seeded = ingested_observation(world, seeded_patient["id"], "8310-5", note=[
+        {"authorString": "Nurse K", "time": "2026-11-29T08:00:00Z", "text": "axillary"}, theirs])
+    observation, echo = dv.observation(contact, user=SYNC_USER, msemr_azurefhirid=seeded["id"],
+                                       msemr_comment="axillary")
+    oral = dv.update("msemr_observation", observation, {"msemr_comment": "oral"})
+    rectal = dv.update("msemr_observation", observation, {"msemr_comment": "rectal"})
+    saves = (oral, rectal) if order == "in-order" else (rectal, oral)
+    expected = [("written", None)] * 2 if order == "in-order" else [("written", None), ("skipped", "stale")]
+    assert states(await world.send_each(ingested, echo, *saves)) == [("skipped", "echo")] * 2 + expected
+    notes = [strip_marks(n) for n in world.fhir.get(f"Observation/{seeded['id']}")["note"]]
+    assert notes == [{"authorString": "Nurse K", "time": "2026-11-29T08:00:00Z", "text": "rectal"}, theirs]
+
+
 async def test_14j3_a_changed_value_loses_the_comparator_said_of_the_old_one(world: World):
     dv = world.dataverse
     seeded_patient = ingested_patient(world)
