@@ -375,6 +375,18 @@ async def test_an_older_create_and_a_newer_update_race_to_create_the_resource(cr
     check(staged, fhir, row, x, y)
 
 
+def _type_change_race(x: Instance, holding: str) -> tuple[Deliveries, Row, int, int, Gate]:
+    """A patient row's Create (version 10) and the save that makes it a Practitioner (version 11), X held at its
+    first entry of kind `holding` until the other instance's delivery is done."""
+    staged = Deliveries()
+    row = Row()
+    create = staged.send(row.create(), row.id)
+    retyped = staged.send(row.update(msemr_contacttype=Choice(935000001)), row.id)
+    gate = Gate()
+    x.rig.transport.add(BundleFault(holding=holding, before=gate.hold, times=1))
+    return staged, row, create, retyped, gate
+
+
 async def test_an_older_create_of_the_old_type_and_the_type_change_on_two_instances(twins, fhir: Fhir):
     """X has the contact's Create (a Patient, version 10) and is held before its create PUT; Y has the save that
     made the contact a Practitioner (version 11, pre image: the Patient), and writes the Practitioner while the
@@ -382,12 +394,7 @@ async def test_an_older_create_of_the_old_type_and_the_type_change_on_two_instan
     later would stand for the row beside its Practitioner for good. Y's release finds the Patient's create lease
     held (X is creating it) and is retried; its retry leaves the Patient X made: one resource for the row."""
     x, y = twins
-    staged = Deliveries()
-    row = Row()
-    create = staged.send(row.create(), row.id)
-    retyped = staged.send(row.update(msemr_contacttype=Choice(935000001)), row.id)
-    gate = Gate()
-    x.rig.transport.add(BundleFault(holding="create", before=gate.hold, times=1))
+    staged, row, create, retyped, gate = _type_change_race(x, "create")
 
     [made], waited = await asyncio.gather(staged.deliver(x.pipeline, create),
                                           meanwhile(gate, staged.deliver(y.pipeline, retyped)))
@@ -405,12 +412,7 @@ async def test_the_type_change_first_then_an_older_create_of_the_old_type(twins,
     """The other order: Y's release finds no Patient and takes its create lease, so X's older Create of the
     Patient, which read "absent" before, cannot make it (`conflict`); its retry is `stale` by the row facts."""
     x, y = twins
-    staged = Deliveries()
-    row = Row()
-    create = staged.send(row.create(), row.id)
-    retyped = staged.send(row.update(msemr_contacttype=Choice(935000001)), row.id)
-    gate = Gate()
-    x.rig.transport.add(BundleFault(holding="read", before=gate.hold, times=1))
+    staged, row, create, retyped, gate = _type_change_race(x, "read")
 
     [waited], changed = await asyncio.gather(staged.deliver(x.pipeline, create),
                                              meanwhile(gate, staged.deliver(y.pipeline, retyped)))
