@@ -59,6 +59,7 @@ from writeback.fhir_client import (
     version_from,
 )
 from writeback.immutable import immutable
+from writeback.leases import RELEASE_HOLDER, LocalLeases
 from writeback.mapping import RowRef, resolve_refs
 from writeback.marks import MOVED, Version, item_of, mark_of
 from writeback.paths import Assignment
@@ -126,29 +127,6 @@ def waves(targets: Sequence[Target]) -> list[list[int]]:
             grouped.append([])
         grouped[wave].append(index)
     return grouped
-
-
-# The holder name of a create lease a release takes (`BatchDelivery._write`): granted again to any release.
-RELEASE_HOLDER = "release"
-
-
-class LocalLeases:
-    """`Leases` within one process: what the CLI and the benchmark use when no Table Storage is configured (the
-    function always has the ledger's, which holds across instances)."""
-
-    def __init__(self) -> None:
-        self._until: dict[str, tuple[float, str]] = {}
-
-    async def acquire(self, key: str, seconds: float, holder: str = "") -> bool:
-        now = time.monotonic()
-        until, held_by = self._until.get(key, (0.0, ""))
-        if until > now:
-            return bool(holder) and held_by == holder
-        self._until[key] = (now + seconds, holder)
-        return True
-
-    async def release(self, key: str) -> None:
-        self._until.pop(key, None)
 
 
 @dataclass(slots=True)
@@ -416,19 +394,19 @@ class BatchDelivery:
             # on another instance, which read "absent" too) may be about to make it, and it would then stand for
             # the row beside the new type's for good. The release takes that resource's create lease and keeps it
             # until it expires, as a create does: an older create that has not taken it yet cannot any more (its
-            # retry is `stale` by the row facts this change leaves). One that holds it is creating it now: the
-            # release is tried again later, and leaves what it made. A release finds the lease a release took (its
-            # own earlier try: the message was retried for another of its writes) granted again.
+            # retry is `stale` by the row facts this change leaves); a newer one can (`leases.granted`). One that
+            # holds it is creating it now: the release is tried again later, and leaves what it made.
             held = await asyncio.gather(*(batch.leases.acquire(f"{job.target.resource_type}/{job.target.new_id}",
-                                                               lease, RELEASE_HOLDER) for job in unmade),
-                                        return_exceptions=True)
+                                                               lease, RELEASE_HOLDER, job.edit.mark.version.text())
+                                          for job in unmade), return_exceptions=True)
             for job, mine in zip(unmade, held, strict=True):
                 if isinstance(mine, BaseException) and not isinstance(mine, WritebackError):
                     raise mine
                 job.outcome = mine if isinstance(mine, WritebackError) else (
                     Converged("same") if mine else being_created(job.target))
         if creates:
-            held = await asyncio.gather(*(batch.leases.acquire(f"{job.target.resource_type}/{resource['id']}", lease)
+            held = await asyncio.gather(*(batch.leases.acquire(f"{job.target.resource_type}/{resource['id']}", lease,
+                                                               version=job.edit.mark.version.text())
                                           for job, resource in creates), return_exceptions=True)
             for (job, resource), mine in zip(creates, held, strict=True):
                 if isinstance(mine, WritebackError):  # the lease store is out of reach: this create waits

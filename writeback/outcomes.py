@@ -68,6 +68,7 @@ from writeback.decide import RowKey, WritePlan
 from writeback.errors import ConfigError, WritebackError
 from writeback.facts import RowFacts
 from writeback.immutable import immutable
+from writeback.leases import granted
 from writeback.marks import Version
 from writeback.pipeline import Envelope, Result, State, message_key
 from writeback.reasons import Reason
@@ -523,14 +524,15 @@ class OutcomeStore:
         raise WritebackError(Reason.CONFLICT, f"the row state of {fact.table} {fact.row_id} kept changing in Table "
                              f"Storage through {CLAIM_ATTEMPTS} re-reads")
 
-    async def acquire(self, key: str, seconds: float, holder: str = "") -> bool:
-        """The create lease of one resource: an entity that one instance inserts (atomic), or takes over with
-        its ETag once it has expired (a holder that crashed). Held under a holder name, it is granted again to
-        that name (`Leases`)."""
+    async def acquire(self, key: str, seconds: float, holder: str = "", version: str = "") -> bool:
+        """The create lease of one resource (`writeback.leases`): an entity that one instance inserts (atomic), or
+        takes over with its ETag once it has expired (a holder that crashed), or while it runs when
+        `leases.granted` says so."""
         table = await self._table("rowstate")
         pk, rk = safe_key(key), "lease"
         now = datetime.now(UTC)
-        entity = {"PartitionKey": pk, "RowKey": rk, "Until": now + timedelta(seconds=seconds), "Holder": holder}
+        entity = {"PartitionKey": pk, "RowKey": rk, "Until": now + timedelta(seconds=seconds), "Holder": holder,
+                  "Version": version}
         try:
             await self._call("take the create lease", table.create_entity(entity))
             return True
@@ -541,8 +543,12 @@ class OutcomeStore:
         except ResourceNotFoundError:
             return False
         until = held.get("Until")
+        held_by = str(held.get("Holder") or "")
         if isinstance(until, datetime) and until > now:
-            return bool(holder) and held.get("Holder") == holder
+            if not granted(held_by, str(held.get("Version") or ""), holder, version):
+                return False
+            if held_by == holder:
+                return True  # granted again to its holder: as it is, not extended
         try:
             await self._call("take over the create lease", table.update_entity(
                 entity, mode=UpdateMode.REPLACE, etag=held.metadata["etag"],

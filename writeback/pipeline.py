@@ -85,10 +85,10 @@ class Delivered:
 
 class Leases(Protocol):
     """Who creates a resource: one caller at a time per resource, for `seconds` (creates are unconditional
-    PUTs of a row's own id, so two at once would let an older state overwrite a newer one). `holder`: a lease
-    taken with a holder name is granted again to that name while it runs (a creator takes it without one)."""
+    PUTs of a row's own id, so two at once would let an older state overwrite a newer one). `holder` and
+    `version`: who asks, for which row version (`writeback.leases`)."""
 
-    async def acquire(self, key: str, seconds: float, holder: str = "") -> bool: ...
+    async def acquire(self, key: str, seconds: float, holder: str = "", version: str = "") -> bool: ...
 
     async def release(self, key: str) -> None: ...
 
@@ -157,7 +157,7 @@ class Ledger(Protocol):
         """Keep these facts, merged with what is stored (the newer version's values win)."""
         ...
 
-    async def acquire(self, key: str, seconds: float, holder: str = "") -> bool:
+    async def acquire(self, key: str, seconds: float, holder: str = "", version: str = "") -> bool:
         """The create lease of one resource (`Leases`), across instances."""
         ...
 

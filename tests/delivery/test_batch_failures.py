@@ -15,9 +15,10 @@ import pytest
 from devtools.faults import EntryFault, Fault
 from devtools.messages import Choice, Lookup, context
 from tests.delivery.conftest import Fhir, Rig, create_message, identifier_message, new_patient, update_message
-from writeback.bundles import BatchDelivery, LocalLeases
+from writeback.bundles import BatchDelivery
 from writeback.decide import resource_id
 from writeback.errors import WritebackError
+from writeback.leases import LocalLeases
 from writeback.pipeline import Envelope, Pipeline, Result
 from writeback.reasons import Reason
 
@@ -50,7 +51,7 @@ class LeaseStoreDown(LocalLeases):
     """Stands in for the ledger's create leases while Table Storage is out of reach: `OutcomeStore.acquire`
     raises `outcome-store-unavailable` then."""
 
-    async def acquire(self, key: str, seconds: float, holder: str = "") -> bool:
+    async def acquire(self, key: str, seconds: float, holder: str = "", version: str = "") -> bool:
         raise WritebackError(Reason.OUTCOME_STORE_UNAVAILABLE, "Table Storage is unreachable (take the create lease)")
 
 

@@ -15,10 +15,10 @@ from azure.data.tables import TableServiceClient
 from devtools.services import Azurite
 from tests.function.helpers import FIRST, LAST, FakeDelivery, create_body, new_id, reject_body, target_only_body
 from tests.outcomes.conftest import new_prefix, store_settings
-from writeback.bundles import RELEASE_HOLDER, LocalLeases
 from writeback.decide import WritePlan, plan_message
 from writeback.errors import WritebackError
 from writeback.facts import NO_PARENT, RowFacts
+from writeback.leases import RELEASE_HOLDER, LocalLeases
 from writeback.maps import MapSet
 from writeback.marks import Version
 from writeback.outcomes import OutcomeStore, inverted_key, table_names
@@ -340,19 +340,26 @@ async def test_row_facts_round_trip_through_table_storage(store: OutcomeStore) -
 
 
 @pytest.mark.parametrize("kind", ["table-storage", "in-process"])
-async def test_a_create_lease_is_granted_again_only_to_its_named_holder(kind: str, store: OutcomeStore) -> None:
+async def test_a_create_lease_goes_to_its_holder_again_and_to_a_newer_create_than_a_release(
+        kind: str, store: OutcomeStore) -> None:
     """A creator takes a resource's create lease without a name: no one else gets it while it runs, not even
-    another creator of the same resource. A release of the row's old type takes it under a name, so that an older
-    create cannot make the resource it found absent; its own retry (same name) gets it again, a creator does not."""
+    another creator of the same resource. A release of the row's old type takes it under a name, with the version
+    of the change that made the row another type: an older create cannot make the resource it found absent, a
+    newer one (the type changed back) can; the release's own retry gets it again."""
     leases: Leases = store if kind == "table-storage" else LocalLeases()
     created, released = f"Patient/{uuid.uuid4()}", f"Patient/{uuid.uuid4()}"
-    assert await leases.acquire(created, 30)
-    assert not await leases.acquire(created, 30)
-    assert not await leases.acquire(created, 30, RELEASE_HOLDER)  # a creator is at work: the release waits
-    assert await leases.acquire(released, 30, RELEASE_HOLDER)
-    assert await leases.acquire(released, 30, RELEASE_HOLDER)
-    assert not await leases.acquire(released, 30)  # an older create: it must not make what the release found gone
+    assert await leases.acquire(created, 30, version="10")
+    assert not await leases.acquire(created, 30, version="12")
+    assert not await leases.acquire(created, 30, RELEASE_HOLDER, "11")  # a creator is at work: the release waits
+    assert await leases.acquire(released, 30, RELEASE_HOLDER, "11")
+    assert await leases.acquire(released, 30, RELEASE_HOLDER, "11")
+    assert not await leases.acquire(released, 30, version="10")  # older: must not make what the release left
+    assert not await leases.acquire(released, 30, version="11")
+    assert not await leases.acquire(released, 30)  # (a version not known is not newer)
+    assert await leases.acquire(released, 30, version="12")  # the type changed back: a create of the newer state
+    assert not await leases.acquire(released, 30, RELEASE_HOLDER, "11")  # now a creator's
+    assert not await leases.acquire(released, 30, version="13")
     short = f"Patient/{uuid.uuid4()}"
-    assert await leases.acquire(short, 0.05, RELEASE_HOLDER)
+    assert await leases.acquire(short, 0.05, RELEASE_HOLDER, "11")
     await asyncio.sleep(0.2)
-    assert await leases.acquire(short, 30)  # expired: a create after it may go on
+    assert await leases.acquire(short, 30, version="10")  # expired: any create may go on

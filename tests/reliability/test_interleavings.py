@@ -281,9 +281,9 @@ def race(creator: Instance, other: Instance) -> None:
     assert ledger is not None
     acquire = ledger.acquire
 
-    async def acquire_and_tell(key: str, seconds: float, holder: str = "") -> bool:
+    async def acquire_and_tell(key: str, seconds: float, holder: str = "", version: str = "") -> bool:
         try:
-            return await acquire(key, seconds, holder)
+            return await acquire(key, seconds, holder, version)
         finally:
             asked.set()
 

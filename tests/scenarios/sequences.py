@@ -15,7 +15,7 @@ from typing import Any
 
 from devtools.messages import Choice, Lookup
 from tests.delivery.conftest import Fhir
-from tests.scenarios.dataverse import MRN, PRACTITIONER, SSN, SYNC_USER, T0, Dataverse, new_id
+from tests.scenarios.dataverse import MRN, PATIENT, PRACTITIONER, SSN, SYNC_USER, T0, Dataverse, new_id
 
 CONSENT = "msemr_azurefhirsyncenabled"
 
@@ -117,6 +117,19 @@ def becomes_practitioner(dv: Dataverse, fhir: Fhir) -> Expect:
     return Expect([contact])
 
 
+def practitioner_and_back(dv: Dataverse, fhir: Fhir) -> Expect:
+    """Made a practitioner by mistake, and a patient again moments later; then one registered without consent, made a
+    practitioner, and a consenting patient again (its Patient never made before the last save): the newest save
+    makes the Patient even while the release of the middle one holds off older creates of it."""
+    contact, _ = dv.patient(lastname="Adeyemi")
+    dv.update("contact", contact, {"msemr_contacttype": PRACTITIONER})
+    dv.update("contact", contact, {"msemr_contacttype": PATIENT})
+    later, _ = dv.patient(consent=False, lastname="Okafor")
+    dv.update("contact", later, {"msemr_contacttype": PRACTITIONER})
+    dv.update("contact", later, {"msemr_contacttype": PATIENT, CONSENT: True})
+    return Expect([contact, later])
+
+
 def names_edited(dv: Dataverse, fhir: Fhir) -> Expect:
     """Name parts cleared, blank, re-entered."""
     contact, _ = dv.patient(firstname="Anselm", middlename="Tobias", lastname="Nakamura")
@@ -171,6 +184,7 @@ def clinical(dv: Dataverse, fhir: Fhir) -> Expect:
 SEQUENCES: dict[str, Sequence] = {
     "admission": admission, "from-fhir": from_fhir, "consent-given-later": consent_given_later,
     "consent-withdrawn": consent_withdrawn, "identifiers-move": identifiers_move,
-    "becomes-practitioner": becomes_practitioner, "names-edited": names_edited, "columns-cleared": columns_cleared,
+    "becomes-practitioner": becomes_practitioner, "practitioner-and-back": practitioner_and_back,
+    "names-edited": names_edited, "columns-cleared": columns_cleared,
     "clinical": clinical,
 }
