@@ -298,24 +298,25 @@ def _check_row_item(file: str, where: str, path: ElementPath, at: int, resource_
         annotation = info.annotation if info is not None else None
         repeats = any(typing.get_origin(a) is list for a in (annotation, *typing.get_args(annotation)))
         if not repeats or _model_in(annotation) is None:
-            raise MapError(file, where, f"uses [row] on {resource_type}.{last.name}, which is not a repeating "
-                           "element of a complex datatype: [row] owns one item of such a list (note[row].text)")
+            raise MapError(file, where, f"uses [row] on {resource_type}.{format_path(path[:at])}, which is not a "
+                           "repeating element of a complex datatype: [row] owns one item of such a list "
+                           "(note[row].text)")
 
 
 def _check_row_items(file: str, attributes: Sequence[AttributeMap]) -> None:
     """One column owns the row's item (a [row] item of several columns could not tell, from a change without
     images, whether a cleared column emptied it); and no other target names an item of that list by a selector
     or a position (it could be the row's item, or another system's)."""
-    owners: dict[ElementPath, int] = {}
+    owners: dict[ElementPath, list[tuple[int, frozenset[str] | None]]] = {}
     for i, attr in enumerate(attributes):
         at = next((n for n, seg in enumerate(attr.path) if isinstance(seg, Own)), None)
-        if at is None:
+        if at is None or attr.column is None:
             continue
-        if attr.column is not None:
-            if attr.path[:at] in owners:
-                raise MapError(file, f"attributes[{i}].target", f"names the [row] item attributes"
-                               f"[{owners[attr.path[:at]]}] owns: one column owns the row's item")
-            owners[attr.path[:at]] = i
+        for other, types in owners.get(attr.path[:at], []):
+            if types is None or attr.only_for is None or types & attr.only_for:  # (`only_for`: apart, never both)
+                raise MapError(file, f"attributes[{i}].target", f"names the [row] item attributes[{other}] owns: "
+                               "one column owns the row's item")
+        owners.setdefault(attr.path[:at], []).append((i, attr.only_for))
     for i, attr in enumerate(attributes):
         for prefix in owners:
             if attr.path[:len(prefix)] == prefix and len(attr.path) > len(prefix) \

@@ -210,6 +210,20 @@ def test_bad_map_names_file_and_field(tmp_path, file, text, field, words):
     assert error.reason is Reason.CONFIG_ERROR
 
 
+def test_row_items_of_columns_for_different_types_may_share_a_list(tmp_path):
+    """Two columns may each own the [row] item of a list when they are written for different types only."""
+    text = edit("contact.yaml", '  - {column: birthdate, target: birthDate, type: date}\n',
+                '  - {column: birthdate, target: birthDate, type: date}\n'
+                '  - {column: description, target: "photo[row].title", type: string, only_for: [Patient]}\n'
+                '  - {column: jobtitle, target: "photo[row].title", type: string, only_for: [Practitioner]}\n')
+    maps = load_maps(maps_dir(tmp_path, {"contact.yaml": text}))
+    assert maps.maps["contact"].row_items
+    clash = text.replace("only_for: [Practitioner]", "only_for: [Patient, Practitioner]")
+    (tmp_path / "clash").mkdir()
+    error = load_error(maps_dir(tmp_path / "clash", {"contact.yaml": clash}))
+    assert "one column owns" in str(error) and error.field.startswith("attributes[")
+
+
 def test_lookup_to_a_resource_type_no_map_produces(tmp_path):
     # Without contact.yaml nothing produces Patient: the encounter's subject lookup has no identifier system.
     folder = maps_dir(tmp_path, {"contact.yaml": None, "msemr_medicalidentifier.yaml": None,
