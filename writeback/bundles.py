@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -404,9 +405,12 @@ class BatchDelivery:
                     raise mine
                 job.outcome = mine if isinstance(mine, WritebackError) else (
                     Converged("same") if mine else being_created(job.target))
+        # The creates of this call hold their leases under a name of their own, so that giving one back can never
+        # give back another caller's (one that took it over after it expired while this call was held up).
+        creator = f"create-{uuid.uuid4().hex}"
         if creates:
             held = await asyncio.gather(*(batch.leases.acquire(f"{job.target.resource_type}/{resource['id']}", lease,
-                                                               version=job.edit.mark.version.text())
+                                                               creator, job.edit.mark.version.text())
                                           for job, resource in creates), return_exceptions=True)
             for (job, resource), mine in zip(creates, held, strict=True):
                 if isinstance(mine, WritebackError):  # the lease store is out of reach: this create waits
@@ -426,7 +430,7 @@ class BatchDelivery:
         # older state over it (it gets `conflict`, and its retry reads the resource); one whose answer never
         # came, or an earlier try of which may have been applied, keeps it too.
         released = await asyncio.gather(*(
-            batch.leases.release(f"{job.target.resource_type}/{resource_id_}")
+            batch.leases.release(f"{job.target.resource_type}/{resource_id_}", creator)
             for (job, resource_id_, created), put in zip(puts, answered, strict=True)
             if created and (isinstance(put, NotApplied) or (
                 isinstance(put, Answer) and not put.ok and not put.resent))), return_exceptions=True)

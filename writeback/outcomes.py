@@ -68,7 +68,7 @@ from writeback.decide import RowKey, WritePlan
 from writeback.errors import ConfigError, WritebackError
 from writeback.facts import RowFacts
 from writeback.immutable import immutable
-from writeback.leases import granted
+from writeback.leases import granted, released_by
 from writeback.marks import Version
 from writeback.pipeline import Envelope, Result, State, message_key
 from writeback.reasons import Reason
@@ -557,10 +557,15 @@ class OutcomeStore:
             return False
         return True
 
-    async def release(self, key: str) -> None:
+    async def release(self, key: str, holder: str = "") -> None:
+        """Give the create lease back, if `holder` still holds it (`leases.released_by`)."""
         table = await self._table("rowstate")
-        with contextlib.suppress(ResourceNotFoundError, WritebackError):  # gone already, or it expires on its own
-            await self._call("release the create lease", table.delete_entity(safe_key(key), "lease"))
+        # Gone already, taken over meanwhile, or out of reach (it expires on its own).
+        with contextlib.suppress(ResourceNotFoundError, ResourceModifiedError, WritebackError):
+            held = await self._call("read the create lease", table.get_entity(safe_key(key), "lease"))
+            if released_by(str(held.get("Holder") or ""), holder):
+                await self._call("release the create lease", table.delete_entity(
+                    safe_key(key), "lease", etag=held.metadata["etag"], match_condition=MatchConditions.IfNotModified))
 
     async def record(self, envelope: Envelope, result: Result) -> None:
         now = datetime.now(UTC)

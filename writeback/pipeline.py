@@ -90,7 +90,7 @@ class Leases(Protocol):
 
     async def acquire(self, key: str, seconds: float, holder: str = "", version: str = "") -> bool: ...
 
-    async def release(self, key: str) -> None: ...
+    async def release(self, key: str, holder: str = "") -> None: ...
 
 
 class Delivery(Protocol):
@@ -161,8 +161,8 @@ class Ledger(Protocol):
         """The create lease of one resource (`Leases`), across instances."""
         ...
 
-    async def release(self, key: str) -> None:
-        """Give the create lease back (the create was answered)."""
+    async def release(self, key: str, holder: str = "") -> None:
+        """Give the create lease back (the create was answered), if `holder` still holds it."""
         ...
 
     async def record(self, envelope: Envelope, result: Result) -> None:

@@ -362,4 +362,9 @@ async def test_a_create_lease_goes_to_its_holder_again_and_to_a_newer_create_tha
     short = f"Patient/{uuid.uuid4()}"
     assert await leases.acquire(short, 0.05, RELEASE_HOLDER, "11")
     await asyncio.sleep(0.2)
-    assert await leases.acquire(short, 30, version="10")  # expired: any create may go on
+    assert await leases.acquire(short, 30, "create-b", "10")  # expired: any create may go on
+    # A create that was held up past its lease, and whose write is then refused, gives back only its own lease.
+    await leases.release(short, "create-a")
+    assert not await leases.acquire(short, 30, "create-c", "10")
+    await leases.release(short, "create-b")
+    assert await leases.acquire(short, 30, "create-c", "10")
