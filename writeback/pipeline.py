@@ -243,6 +243,14 @@ class _Batch:
     busy: dict[tuple[str, str, str], asyncio.Event] = field(default_factory=dict)
 
 
+@immutable
+class _Unkept:
+    """Rows whose facts the ledger could not keep, and why."""
+
+    rows: frozenset[RowKey]
+    error: WritebackError
+
+
 @dataclass
 class _Rows:
     """The batch's rows, read ahead: each message's row (None: it names none), each row's last message, the rows
@@ -418,7 +426,20 @@ class Pipeline:
                                     decisions[i])
             else:
                 results[i] = replace(earlier, decision=decisions[i])
-        await self._keep_facts(batch.stored, merged(batch.learned, into=dict(batch.local)))
+        unkept = await self._keep_facts(batch.stored, merged(batch.learned, into=dict(batch.local)))
+        if unkept is not None:
+            # What a message told about its row (its FHIR id, type, consent, version) is what orders and gates the
+            # row's later messages (an older message of the row's old type is `stale` by it): not kept, the message
+            # is tried again, as one whose outcome could not be recorded is, and its retry keeps them (its write,
+            # made already, is found made).
+            for i, result in enumerate(results):
+                message = result.decision.message if result is not None else None
+                if result is not None and result.state in ("written", "skipped") and message is not None \
+                        and (message.table, message.record_id) in unkept.rows:
+                    results[i] = result_for(result.decision, unkept.error.reason, "What this message tells about "
+                                            f"its row could not be kept: {unkept.error.detail}",
+                                            resource=result.resource, provenance=result.provenance,
+                                            issues=result.issues)
         now = self.clock()
         done = [give_up(e, _with_duration(r, started), self.retry_policy, now)
                 for e, r in zip(envelopes, results, strict=True) if r is not None]
@@ -545,19 +566,22 @@ class Pipeline:
             return {row: self._facts[row] for row in rows if row in self._facts}
         return await self.ledger.facts(rows)
 
-    async def _keep_facts(self, stored: dict[RowKey, RowFacts] | None, learned: dict[RowKey, RowFacts]) -> None:
-        """Keep what the batch taught about its rows, where it adds to what is stored."""
+    async def _keep_facts(self, stored: dict[RowKey, RowFacts] | None,
+                          learned: dict[RowKey, RowFacts]) -> _Unkept | None:
+        """Keep what the batch taught about its rows, where it adds to what is stored; what could not be kept."""
         changed = [fact for key, fact in learned.items()
                    if stored is None or key not in stored or stored[key].merge(fact) != stored[key]]
         if not changed:
-            return
+            return None
         if self.ledger is None:
             merged(changed, into=self._facts)
-            return
+            return None
         try:
             await self.ledger.learn(changed)
-        except WritebackError as exc:  # the facts are learned again from the next message of the row
+        except WritebackError as exc:
             log.warning("row facts not kept (%s)", exc.detail, extra={"reason": exc.reason.value})
+            return _Unkept(frozenset((fact.table, fact.row_id) for fact in changed), exc)
+        return None
 
     def _newest_per_row(self, decisions: list[Decision], results: list[Result | None], writes: list[int]) -> list[int]:
         """Of several whole-row writes of one row in the batch, the newest: it holds the others' changes."""

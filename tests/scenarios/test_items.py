@@ -29,6 +29,7 @@ from tests.scenarios.checks import (
 from tests.scenarios.conftest import World
 from tests.scenarios.dataverse import MRN, PATIENT, PRACTITIONER, SSN, SYNC_USER, T0, Sent, new_id
 from writeback.decide import plan_message, resource_id
+from writeback.errors import WritebackError
 from writeback.maps import load_maps
 from writeback.reasons import Reason
 from writeback.settings import DEFAULT_MAPS_DIR, Settings
@@ -454,6 +455,35 @@ async def test_07b_the_patient_resource_of_a_contact_that_became_a_practitioner_
         patient = world.fhir.get(f"Patient/{resource_id('contact', contact)}")
         assert patient["name"][0]["family"] == "Castellanos"
         check_provenance(world.fhir, patient)
+
+
+async def test_07h_a_type_change_whose_row_facts_were_not_kept_is_tried_again(world: World):
+    """The save that makes the contact a Practitioner is written, but Table Storage fails as the batch keeps what
+    it taught about the row (its new type and version). Those facts are what makes the older Create of the Patient,
+    received later, `stale`: without them it would make the Patient again, beside the Practitioner. So the change
+    is tried again (`outcome-store-unavailable`), as a message whose outcome could not be recorded is; its retry
+    finds its version written (`no-change`) and keeps the facts; the older Create is then `stale`."""
+    dv = world.dataverse
+    contact, created = dv.patient(lastname="Adeyemi")
+    retyped = dv.update("contact", contact, {"msemr_contacttype": PRACTITIONER})
+    ledger = world.y.ledger
+    assert ledger is not None
+    learn = ledger.learn
+
+    async def out_of_reach(facts: Any) -> None:
+        raise WritebackError(Reason.OUTCOME_STORE_UNAVAILABLE, "Table Storage is unreachable (keep the row facts)")
+
+    ledger.learn = out_of_reach  # type: ignore[method-assign]
+    [failed] = await world.send(retyped, instance=1)
+    assert (failed.state, failed.reason) == ("retry", Reason.OUTCOME_STORE_UNAVAILABLE), failed.detail
+    ledger.learn = learn  # type: ignore[method-assign]
+    [again] = await world.send(retyped, instance=1, delivery_count=2)
+    # (Written by the first try: the retry finds that version there, its Provenance too.)
+    assert (again.state, again.reason) == ("skipped", Reason.NO_CHANGE), again.detail
+    [older] = await world.send(created, instance=0)
+    assert (older.state, older.reason) == ("skipped", Reason.STALE), older.detail
+    assert resources_of(world.fhir, "Patient", ROW_SYSTEM, contact) == []
+    check_contact(world.fhir, contact, dv.row("contact", contact), resource_type="Practitioner")
 
 
 async def test_07d_a_patient_from_fhir_that_becomes_a_practitioner_leaves_that_patient_and_can_come_back(
