@@ -13,24 +13,49 @@ lease over. A release is granted a lease a release holds (its own earlier try).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
+from writeback.immutable import immutable
 from writeback.marks import Version
 
 RELEASE_HOLDER = "release"
 
 
-def granted(held_by: str, held_version: str, holder: str, version: str) -> bool:
-    """Whether a lease still running, held by `held_by` for row version `held_version`, goes to a caller asking as
-    `holder` for `version` as well: the same holder name again, or a create newer than the release holding it."""
-    if holder and held_by == holder:
-        return True
-    return held_by == RELEASE_HOLDER and holder != RELEASE_HOLDER \
-        and Version.parse(version).compare(Version.parse(held_version)) == 1
+@immutable
+class Lease:
+    """A create lease as a store keeps it: until when (seconds, on the store's clock), who holds it, for which row
+    version; `under`, the release's lease a newer create took over, in force again when that create gives its
+    lease back (its write refused: nothing made) while it still runs."""
+
+    until: float
+    holder: str
+    version: str
+    under: Lease | None = None
 
 
-def released_by(held_by: str, holder: str) -> bool:
-    """Whether `holder` may give back a lease held by `held_by`: its own (no name: whoever holds it)."""
-    return not holder or held_by == holder
+def _newer(version: str, than: str) -> bool:
+    return Version.parse(version).compare(Version.parse(than)) == 1
+
+
+def take(held: Lease | None, now: float, seconds: float, holder: str, version: str) -> Lease | None:
+    """The lease once `holder` asks for it for `version` (None: refused; `held` itself: granted as it is). Free or
+    expired: the caller's. Held under the caller's own name: granted again, not extended (a release of a newer
+    change raises its version). Held by a release: a create of a newer version takes it over."""
+    if held is None or held.until <= now:
+        return Lease(now + seconds, holder, version)
+    if holder and held.holder == holder:
+        return replace(held, version=version) if _newer(version, held.version) else held
+    if held.holder == RELEASE_HOLDER and holder != RELEASE_HOLDER and _newer(version, held.version):
+        return Lease(now + seconds, holder, version, under=held)
+    return None
+
+
+def give_back(held: Lease, now: float, holder: str) -> Lease | None:
+    """The lease once `holder` gives it back (None: gone; `held` itself: not the caller's to give, kept). No name:
+    whoever holds it."""
+    if holder and held.holder != holder:
+        return held
+    return held.under if held.under is not None and held.under.until > now else None
 
 
 class LocalLeases:
@@ -38,17 +63,20 @@ class LocalLeases:
     function always has the ledger's, which holds across instances)."""
 
     def __init__(self) -> None:
-        self._held: dict[str, tuple[float, str, str]] = {}
+        self._held: dict[str, Lease] = {}
 
     async def acquire(self, key: str, seconds: float, holder: str = "", version: str = "") -> bool:
-        now = time.monotonic()
-        until, held_by, held_version = self._held.get(key, (0.0, "", ""))
-        if until > now and not granted(held_by, held_version, holder, version):
+        lease = take(self._held.get(key), time.monotonic(), seconds, holder, version)
+        if lease is None:
             return False
-        if until <= now or held_by != holder:
-            self._held[key] = (now + seconds, holder, version)
+        self._held[key] = lease
         return True
 
     async def release(self, key: str, holder: str = "") -> None:
-        if key in self._held and released_by(self._held[key][1], holder):
+        if key not in self._held:
+            return
+        lease = give_back(self._held[key], time.monotonic(), holder)
+        if lease is None:
             del self._held[key]
+        else:
+            self._held[key] = lease

@@ -68,7 +68,7 @@ from writeback.decide import RowKey, WritePlan
 from writeback.errors import ConfigError, WritebackError
 from writeback.facts import RowFacts
 from writeback.immutable import immutable
-from writeback.leases import granted, released_by
+from writeback.leases import RELEASE_HOLDER, Lease, give_back, take
 from writeback.marks import Version
 from writeback.pipeline import Envelope, Result, State, message_key
 from writeback.reasons import Reason
@@ -484,15 +484,25 @@ class OutcomeStore:
         found = await asyncio.gather(*(one(row) for row in rows))
         return {fact.key: fact for fact in found if fact is not None}
 
-    async def learn(self, facts: Iterable[RowFacts]) -> None:
+    async def learn(self, facts: Iterable[RowFacts]) -> dict[tuple[str, str], WritebackError]:
         table = await self._table("rowstate")
         slots = asyncio.Semaphore(FACT_READS)
+        facts = list(facts)
 
         async def one(fact: RowFacts) -> None:
             async with slots:
                 await self._learn(table, fact)
 
-        await asyncio.gather(*(one(fact) for fact in facts))
+        # Each row on its own: one row that cannot be kept (out of reach, or changing through every re-read) must
+        # not make the others' messages be tried again.
+        kept = await asyncio.gather(*(one(fact) for fact in facts), return_exceptions=True)
+        failed: dict[tuple[str, str], WritebackError] = {}
+        for fact, outcome in zip(facts, kept, strict=True):
+            if isinstance(outcome, WritebackError):
+                failed[(fact.table, fact.row_id)] = outcome
+            elif isinstance(outcome, BaseException):
+                raise outcome
+        return failed
 
     async def _learn(self, table: TableClient, fact: RowFacts) -> None:
         pk, rk = record_key(fact.row_id), safe_key(fact.table)
@@ -525,16 +535,14 @@ class OutcomeStore:
                              f"Storage through {CLAIM_ATTEMPTS} re-reads")
 
     async def acquire(self, key: str, seconds: float, holder: str = "", version: str = "") -> bool:
-        """The create lease of one resource (`writeback.leases`): an entity that one instance inserts (atomic), or
-        takes over with its ETag once it has expired (a holder that crashed), or while it runs when
-        `leases.granted` says so."""
+        """The create lease of one resource (`writeback.leases`, whose rules decide): an entity that one instance
+        inserts (atomic), or replaces with the ETag it read (expired, or granted while it runs)."""
         table = await self._table("rowstate")
         pk, rk = safe_key(key), "lease"
-        now = datetime.now(UTC)
-        entity = {"PartitionKey": pk, "RowKey": rk, "Until": now + timedelta(seconds=seconds), "Holder": holder,
-                  "Version": version}
+        now = datetime.now(UTC).timestamp()
         try:
-            await self._call("take the create lease", table.create_entity(entity))
+            await self._call("take the create lease", table.create_entity(
+                _lease_entity(pk, Lease(now + seconds, holder, version))))
             return True
         except ResourceExistsError:
             pass
@@ -542,30 +550,39 @@ class OutcomeStore:
             held = await self._call("read the create lease", table.get_entity(pk, rk))
         except ResourceNotFoundError:
             return False
-        until = held.get("Until")
-        held_by = str(held.get("Holder") or "")
-        if isinstance(until, datetime) and until > now:
-            if not granted(held_by, str(held.get("Version") or ""), holder, version):
-                return False
-            if held_by == holder:
-                return True  # granted again to its holder: as it is, not extended
+        current = _lease_of(held)
+        lease = take(current, now, seconds, holder, version)
+        if lease is None:
+            return False
+        if lease is current:
+            return True  # granted again to its holder: as it is, not extended
         try:
             await self._call("take over the create lease", table.update_entity(
-                entity, mode=UpdateMode.REPLACE, etag=held.metadata["etag"],
+                _lease_entity(pk, lease), mode=UpdateMode.REPLACE, etag=held.metadata["etag"],
                 match_condition=MatchConditions.IfNotModified))
         except (ResourceModifiedError, ResourceNotFoundError):
             return False
         return True
 
     async def release(self, key: str, holder: str = "") -> None:
-        """Give the create lease back, if `holder` still holds it (`leases.released_by`)."""
+        """Give the create lease back, if `holder` still holds it (`leases.give_back`)."""
         table = await self._table("rowstate")
+        pk, rk = safe_key(key), "lease"
         # Gone already, taken over meanwhile, or out of reach (it expires on its own).
         with contextlib.suppress(ResourceNotFoundError, ResourceModifiedError, WritebackError):
-            held = await self._call("read the create lease", table.get_entity(safe_key(key), "lease"))
-            if released_by(str(held.get("Holder") or ""), holder):
+            held = await self._call("read the create lease", table.get_entity(pk, rk))
+            current = _lease_of(held)
+            lease = give_back(current, datetime.now(UTC).timestamp(), holder)
+            if lease is current:
+                return
+            etag = str(held.metadata["etag"])
+            if lease is None:
                 await self._call("release the create lease", table.delete_entity(
-                    safe_key(key), "lease", etag=held.metadata["etag"], match_condition=MatchConditions.IfNotModified))
+                    pk, rk, etag=etag, match_condition=MatchConditions.IfNotModified))
+            else:
+                await self._call("release the create lease", table.update_entity(
+                    _lease_entity(pk, lease), mode=UpdateMode.REPLACE, etag=etag,
+                    match_condition=MatchConditions.IfNotModified))
 
     async def record(self, envelope: Envelope, result: Result) -> None:
         now = datetime.now(UTC)
@@ -699,3 +716,25 @@ class OutcomeStore:
         except ResourceNotFoundError:
             return None
         return {k: _plain(v) for k, v in entity.items()}
+
+
+def _lease_entity(pk: str, lease: Lease) -> dict[str, Any]:
+    """A create lease as its entity (`writeback.leases.Lease`: the release's lease a create took over as `Under*`)."""
+    entity: dict[str, Any] = {"PartitionKey": pk, "RowKey": "lease", "Until": datetime.fromtimestamp(lease.until, UTC),
+                              "Holder": lease.holder, "Version": lease.version}
+    if lease.under is not None:
+        entity["UnderUntil"] = datetime.fromtimestamp(lease.under.until, UTC)
+        entity["UnderVersion"] = lease.under.version
+    return entity
+
+
+def _lease_of(entity: Mapping[str, Any]) -> Lease:
+    """The lease an entity holds; one written before holders and versions were kept is a creator's, unnamed."""
+    def seconds(value: object) -> float:
+        return value.timestamp() if isinstance(value, datetime) else 0.0
+
+    under = None
+    if isinstance(entity.get("UnderUntil"), datetime):
+        under = Lease(seconds(entity["UnderUntil"]), RELEASE_HOLDER, str(entity.get("UnderVersion") or ""))
+    return Lease(seconds(entity.get("Until")), str(entity.get("Holder") or ""), str(entity.get("Version") or ""),
+                 under)

@@ -153,8 +153,9 @@ class Ledger(Protocol):
         """What is known about these rows (those with nothing known are left out)."""
         ...
 
-    async def learn(self, facts: Iterable[RowFacts]) -> None:
-        """Keep these facts, merged with what is stored (the newer version's values win)."""
+    async def learn(self, facts: Iterable[RowFacts]) -> dict[RowKey, WritebackError]:
+        """Keep these facts, merged with what is stored (the newer version's values win); the rows whose facts
+        could not be kept, with why (raises `WritebackError` when none could)."""
         ...
 
     async def acquire(self, key: str, seconds: float, holder: str = "", version: str = "") -> bool:
@@ -247,8 +248,7 @@ class _Batch:
 class _Unkept:
     """Rows whose facts the ledger could not keep, and why."""
 
-    rows: frozenset[RowKey]
-    error: WritebackError
+    rows: Mapping[RowKey, WritebackError]
 
 
 @dataclass
@@ -434,12 +434,12 @@ class Pipeline:
             # made already, is found made).
             for i, result in enumerate(results):
                 message = result.decision.message if result is not None else None
-                if result is not None and result.state in ("written", "skipped") and message is not None \
-                        and (message.table, message.record_id) in unkept.rows:
-                    results[i] = result_for(result.decision, unkept.error.reason, "What this message tells about "
-                                            f"its row could not be kept: {unkept.error.detail}",
+                failure = unkept.rows.get((message.table, message.record_id)) if message is not None else None
+                if result is not None and result.state in ("written", "skipped") and failure is not None:
+                    results[i] = result_for(result.decision, failure.reason, "What this message tells about "
+                                            f"its row could not be kept: {failure.detail}",
                                             resource=result.resource, provenance=result.provenance,
-                                            issues=result.issues)
+                                            issues=result.issues, extra=result.extra)
         now = self.clock()
         done = [give_up(e, _with_duration(r, started), self.retry_policy, now)
                 for e, r in zip(envelopes, results, strict=True) if r is not None]
@@ -577,11 +577,15 @@ class Pipeline:
             merged(changed, into=self._facts)
             return None
         try:
-            await self.ledger.learn(changed)
+            failed = await self.ledger.learn(changed)
         except WritebackError as exc:
-            log.warning("row facts not kept (%s)", exc.detail, extra={"reason": exc.reason.value})
-            return _Unkept(frozenset((fact.table, fact.row_id) for fact in changed), exc)
-        return None
+            failed = {(fact.table, fact.row_id): exc for fact in changed}
+        if not failed:
+            return None
+        error = next(iter(failed.values()))
+        log.warning("row facts of %d rows not kept (%s)", len(failed), error.detail,
+                    extra={"reason": error.reason.value})
+        return _Unkept(failed)
 
     def _newest_per_row(self, decisions: list[Decision], results: list[Result | None], writes: list[int]) -> list[int]:
         """Of several whole-row writes of one row in the batch, the newest: it holds the others' changes."""

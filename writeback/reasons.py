@@ -135,7 +135,8 @@ REASONS: dict[Reason, ReasonInfo] = {
         Kind.TRANSIENT, "The FHIR server kept answering 429/5xx, timing out or refusing connections.",
         "Check the FHIR service's health; messages are retried with a growing delay for the retry window."),
     Reason.OUTCOME_STORE_UNAVAILABLE: ReasonInfo(
-        Kind.TRANSIENT, "Table Storage (outcome log and row state) could not be reached.",
+        Kind.TRANSIENT, "Table Storage (outcome log and row state) could not be reached, also after the message was "
+        "written (its retry finds it written and keeps what it tells about its row).",
         "Check the storage account and the function's role on it; messages are retried with a growing delay."),
     Reason.UNAUTHORIZED: ReasonInfo(
         Kind.CONFIG, "The FHIR server or token endpoint refused our credentials (401/403).",

@@ -368,3 +368,17 @@ async def test_a_create_lease_goes_to_its_holder_again_and_to_a_newer_create_tha
     assert not await leases.acquire(short, 30, "create-c", "10")
     await leases.release(short, "create-b")
     assert await leases.acquire(short, 30, "create-c", "10")
+    # A release of a newer change raises the version a release's lease holds off (Patient, Practitioner, Patient,
+    # Practitioner: the third save's create is older than the fourth's release).
+    twice = f"Patient/{uuid.uuid4()}"
+    assert await leases.acquire(twice, 30, RELEASE_HOLDER, "11")
+    assert await leases.acquire(twice, 30, RELEASE_HOLDER, "13")
+    assert not await leases.acquire(twice, 30, "create-d", "12")
+    # A newer create that took a release's lease over and whose write is refused (nothing made) puts the release's
+    # lease back: an older create still cannot make the resource.
+    over = f"Patient/{uuid.uuid4()}"
+    assert await leases.acquire(over, 30, RELEASE_HOLDER, "11")
+    assert await leases.acquire(over, 30, "create-e", "12")
+    await leases.release(over, "create-e")
+    assert not await leases.acquire(over, 30, "create-f", "10")
+    assert await leases.acquire(over, 30, "create-g", "12")

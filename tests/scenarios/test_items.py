@@ -470,7 +470,7 @@ async def test_07h_a_type_change_whose_row_facts_were_not_kept_is_tried_again(wo
     assert ledger is not None
     learn = ledger.learn
 
-    async def out_of_reach(facts: Any) -> None:
+    async def out_of_reach(facts: Any) -> dict[tuple[str, str], WritebackError]:
         raise WritebackError(Reason.OUTCOME_STORE_UNAVAILABLE, "Table Storage is unreachable (keep the row facts)")
 
     ledger.learn = out_of_reach  # type: ignore[method-assign]
@@ -484,6 +484,25 @@ async def test_07h_a_type_change_whose_row_facts_were_not_kept_is_tried_again(wo
     assert (older.state, older.reason) == ("skipped", Reason.STALE), older.detail
     assert resources_of(world.fhir, "Patient", ROW_SYSTEM, contact) == []
     check_contact(world.fhir, contact, dv.row("contact", contact), resource_type="Practitioner")
+
+
+async def test_07i_only_the_rows_whose_facts_were_not_kept_are_tried_again(world: World):
+    """Two new patients in one batch; Table Storage refuses the facts of one of them only: that one's message is
+    tried again, the other's stays written."""
+    dv = world.dataverse
+    _, kept_created = dv.patient(lastname="Okafor")
+    lost, lost_created = dv.patient(lastname="Adeyemi")
+    ledger = world.x.ledger
+    keep = ledger._learn
+
+    async def refuse_one(table: Any, fact: Any) -> None:
+        if fact.row_id == lost:
+            raise WritebackError(Reason.OUTCOME_STORE_UNAVAILABLE, "Table Storage is unreachable (keep the row facts)")
+        await keep(table, fact)
+
+    ledger._learn = refuse_one  # type: ignore[method-assign]
+    assert states(await world.send(kept_created, lost_created)) == [("written", None),
+                                                                    ("retry", "outcome-store-unavailable")]
 
 
 async def test_07d_a_patient_from_fhir_that_becomes_a_practitioner_leaves_that_patient_and_can_come_back(
