@@ -7,7 +7,9 @@ while it runs, and it gives back only a lease it still holds. A release of the r
 finds no such resource (`BatchDelivery._write`) takes the lease under `RELEASE_HOLDER`, with the version of the
 change that made the row another type, and keeps it until it expires: an older create of that resource, on another
 instance, which read "absent" too, cannot make it any more. A newer one can (the type changed back): it takes the
-lease over. A release is granted a lease a release holds (its own earlier try).
+lease over, and if its write is refused (nothing made) the release's lease is back in force. A release is granted a
+lease a release holds (its own earlier try, or a release of a newer change, which raises its version). `take` and
+`give_back` are these rules; each store keeps their result (Table Storage with the ETag it read).
 """
 
 from __future__ import annotations
