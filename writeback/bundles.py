@@ -395,7 +395,7 @@ class BatchDelivery:
             # on another instance, which read "absent" too) may be about to make it, and it would then stand for
             # the row beside the new type's for good. The release takes that resource's create lease and keeps it
             # until it expires, as a create does: an older create that has not taken it yet cannot any more (its
-            # retry is `stale` by the row facts this change leaves); a newer one can (`leases.granted`). One that
+            # retry is `stale` by the row facts this change leaves); a newer one can (`leases.take`). One that
             # holds it is creating it now: the release is tried again later, and leaves what it made.
             held = await asyncio.gather(*(batch.leases.acquire(f"{job.target.resource_type}/{job.target.new_id}",
                                                                lease, RELEASE_HOLDER, job.edit.mark.version.text())

@@ -244,13 +244,6 @@ class _Batch:
     busy: dict[tuple[str, str, str], asyncio.Event] = field(default_factory=dict)
 
 
-@immutable
-class _Unkept:
-    """Rows whose facts the ledger could not keep, and why."""
-
-    rows: Mapping[RowKey, WritebackError]
-
-
 @dataclass
 class _Rows:
     """The batch's rows, read ahead: each message's row (None: it names none), each row's last message, the rows
@@ -427,14 +420,14 @@ class Pipeline:
             else:
                 results[i] = replace(earlier, decision=decisions[i])
         unkept = await self._keep_facts(batch.stored, merged(batch.learned, into=dict(batch.local)))
-        if unkept is not None:
+        if unkept:
             # What a message told about its row (its FHIR id, type, consent, version) is what orders and gates the
             # row's later messages (an older message of the row's old type is `stale` by it): not kept, the message
             # is tried again, as one whose outcome could not be recorded is, and its retry keeps them (its write,
             # made already, is found made).
             for i, result in enumerate(results):
                 message = result.decision.message if result is not None else None
-                failure = unkept.rows.get((message.table, message.record_id)) if message is not None else None
+                failure = unkept.get((message.table, message.record_id)) if message is not None else None
                 if result is not None and result.state in ("written", "skipped") and failure is not None:
                     results[i] = result_for(result.decision, failure.reason, "What this message tells about "
                                             f"its row could not be kept: {failure.detail}",
@@ -567,25 +560,26 @@ class Pipeline:
         return await self.ledger.facts(rows)
 
     async def _keep_facts(self, stored: dict[RowKey, RowFacts] | None,
-                          learned: dict[RowKey, RowFacts]) -> _Unkept | None:
-        """Keep what the batch taught about its rows, where it adds to what is stored; what could not be kept."""
+                          learned: dict[RowKey, RowFacts]) -> Mapping[RowKey, WritebackError]:
+        """Keep what the batch taught about its rows, where it adds to what is stored; the rows whose facts could
+        not be kept, with why."""
         changed = [fact for key, fact in learned.items()
                    if stored is None or key not in stored or stored[key].merge(fact) != stored[key]]
         if not changed:
-            return None
+            return {}
         if self.ledger is None:
             merged(changed, into=self._facts)
-            return None
+            return {}
         try:
             failed = await self.ledger.learn(changed)
         except WritebackError as exc:
             failed = {(fact.table, fact.row_id): exc for fact in changed}
         if not failed:
-            return None
+            return {}
         error = next(iter(failed.values()))
         log.warning("row facts of %d rows not kept (%s)", len(failed), error.detail,
                     extra={"reason": error.reason.value})
-        return _Unkept(failed)
+        return failed
 
     def _newest_per_row(self, decisions: list[Decision], results: list[Result | None], writes: list[int]) -> list[int]:
         """Of several whole-row writes of one row in the batch, the newest: it holds the others' changes."""
