@@ -658,7 +658,8 @@ def _resource_id(job: _Job) -> str:
 
 
 def _marked(resource: Mapping[str, Any], edit: Edit) -> Version | None:
-    """The version of the edit's row that a copy holds (on the resource, on its item, or as a tombstone)."""
+    """The version of the edit's row that a copy holds (on the resource, on its item, or as a tombstone); for a
+    change without images, the version that wrote its columns, when it is the change's own."""
     table, row_id = edit.mark.table, edit.mark.row_id
     if isinstance(edit, RowEdit):
         mark = mark_of(dict(resource), table, row_id)
@@ -667,7 +668,13 @@ def _marked(resource: Mapping[str, Any], edit: Edit) -> Version | None:
         mark = mark_of(item, table, row_id) if item is not None else None
     else:
         mark = mark_of(dict(resource), table, row_id, MOVED)
-    return mark.version if mark is not None else None
+    if mark is None:
+        return None
+    if isinstance(edit, RowEdit | ItemEdit) and not edit.full:
+        want = edit.mark.version
+        if any((mark.column(a.column) or Version()).compare(want) == 0 for a in edit.owned if a.column):
+            return want
+    return mark.version
 
 
 def _resolved(edit: Edit, plan: WritePlan, batch: _Batch) -> Edit:

@@ -162,18 +162,58 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
     ordered = _ordered(edit, held or mark_of(current, edit.mark.table, edit.mark.row_id, MOVED))
     if ordered is not None:
         return ordered
+    table, row_id, version = edit.mark.table, edit.mark.row_id, edit.mark.version
     if edit.full:
-        new = apply(apply_state(current, edit.owned, edit.before, own=edit.own), [edit.identity])
-        new = with_mark(new, None, edit.mark.table, edit.mark.row_id, MOVED)
-        new = with_mark(new, edit.mark, edit.mark.table, edit.mark.row_id)
-    else:  # Target only: the changed columns, and no mark (it is not the row's whole state)
-        new = apply_changes(current, [*edit.owned, edit.identity], edit.adoptable, own=edit.own)
+        owned = _newer_kept(edit.owned, held, version)
+        new = apply(apply_state(current, owned, edit.before, own=edit.own), [edit.identity])
+        new = with_mark(new, None, table, row_id, MOVED)
+        new = with_mark(new, held.whole(version) if held else edit.mark, table, row_id)
+    else:  # Target only: the changed columns no newer change wrote; the mark records them, not a whole version
+        owned, skipped = _unwritten(edit.owned, held, version)
+        if skipped is not None:
+            assert held is not None
+            return Converged(skipped[0], held=held.column(skipped[1]))
+        new = apply_changes(current, [*owned, edit.identity], edit.adoptable, own=edit.own)
         # The changed columns beside the values the server holds (an end date beside the start already there):
         # checked here, where they meet, in the elements the change writes only (what else the server's copy
         # holds is not this change's to refuse). A whole row was checked when it was planned.
-        owned = {a.element for a in edit.owned}
-        check_invariants({"resourceType": new.get("resourceType"), **{k: v for k, v in new.items() if k in owned}})
-    return _result(current, _one_choice(new, edit.owned), held)
+        elements = {a.element for a in owned}
+        check_invariants({"resourceType": new.get("resourceType"),
+                          **{k: v for k, v in new.items() if k in elements}})
+        new = with_mark(new, (held or Mark(table, row_id, Version())).written(version, _columns(owned)),
+                        table, row_id)
+    return _result(current, _one_choice(new, owned), held)
+
+
+def _columns(owned: tuple[Assignment, ...]) -> list[str]:
+    return [a.column for a in owned if a.column is not None]
+
+
+def _newer_kept(owned: tuple[Assignment, ...], held: Mark | None, version: Version) -> tuple[Assignment, ...]:
+    """A whole state's assignments, with each column a newer change without images wrote kept as it is."""
+    newer = {column for column, _ in held.newer_than(version)} if held is not None and held.columns else None
+    if not newer:
+        return owned
+    return tuple(replace(a, value=KEEP) if a.column in newer else a for a in owned)
+
+
+def _unwritten(owned: tuple[Assignment, ...], held: Mark | None,
+               version: Version) -> tuple[tuple[Assignment, ...], tuple[Kind, str] | None]:
+    """A change without images: its assignments of the columns no change as new or newer wrote (the mark's
+    column entries). When it has none left, why (`stale` or `same`, and a column that says so) instead."""
+    if held is None or not held.columns:
+        return owned, None
+    out: list[Assignment] = []
+    why: tuple[Kind, str] | None = None
+    for a in owned:
+        written = held.column(a.column) if a.column is not None else None
+        order = version.compare(written) if written is not None else None
+        if order is not None and order <= 0:
+            if why is None or (order < 0 and why[0] == "same"):
+                why = ("stale" if order < 0 else "same", str(a.column))
+            continue
+        out.append(a)
+    return (tuple(out), None) if out or not owned else ((), why)
 
 
 def _one_choice(resource: dict[str, Any], owned: tuple[Assignment, ...]) -> dict[str, Any]:
@@ -222,7 +262,18 @@ def _item(current: dict[str, Any], edit: ItemEdit) -> Converged:
         if ordered is not None:
             return ordered
     base = dict(items[index]) if index is not None else {}
-    item = apply_state(base, edit.owned) if edit.full else apply_changes(base, edit.owned)
+    version = edit.mark.version
+    mine = held if found is not None else None  # (else `held` is a tombstone, or None)
+    if edit.full:
+        item = apply_state(base, _newer_kept(edit.owned, mine, version))
+        mark = mine.whole(version) if mine is not None else edit.mark
+    else:  # Target only: as for a row's own resource (`_row`), the columns no newer change wrote
+        owned, skipped = _unwritten(edit.owned, mine, version)
+        if skipped is not None:
+            assert mine is not None
+            return Converged(skipped[0], held=mine.column(skipped[1]))
+        item = apply_changes(base, owned)
+        mark = (mine or Mark(table, row_id, Version())).written(version, _columns(owned))
     item = with_mark(item, None, table, row_id)
     new = {k: v for k, v in current.items()}
     new = with_mark(new, None, table, row_id, MOVED)
@@ -231,7 +282,7 @@ def _item(current: dict[str, Any], edit: ItemEdit) -> Converged:
             del items[index]
         new = with_mark(new, edit.mark, table, row_id, MOVED)
     else:
-        item = with_mark(item, edit.mark, table, row_id)
+        item = with_mark(item, mark, table, row_id)
         if index is not None:
             items[index] = item
         else:

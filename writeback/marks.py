@@ -14,7 +14,13 @@ another URL) with the version that moved it, so an older change cannot put it ba
                    {"url": "version", "valueString": "1234"}]}
 
 The version is text: `versionnumber` is a 64-bit number (FHIR `integer` is 32-bit), and a row without it is
-marked `@<modifiedon, ISO 8601>`. Pure.
+marked `@<modifiedon, ISO 8601>`.
+
+A change without images (Target only) is not the row's whole state: it leaves the mark's version as it is and
+records, per column it writes, its own version (`{"url": "column", "extension": [name, version]}` beside the
+three above). A later Target-only change of that column is compared with it, and a whole state older than it
+keeps that column as the newer change left it; a whole state as new or newer drops the entry (it holds that
+change). So changes without images are ordered per column inside the same If-Match write. Pure.
 """
 
 from __future__ import annotations
@@ -67,17 +73,58 @@ class Version:
 class Mark:
     table: str
     row_id: str
-    version: Version
+    version: Version  # of the row's whole state written (unknown: only changes without images were)
+    # Per column, the version of the newest change without images that wrote it, when newer than `version`
+    columns: tuple[tuple[str, Version], ...] = ()
 
     def extension(self, url: str = ROW) -> dict[str, Any]:
-        return {"url": url, "extension": [{"url": "table", "valueString": self.table},
-                                          {"url": "id", "valueString": self.row_id},
-                                          {"url": "version", "valueString": self.version.text()}]}
+        parts: list[dict[str, Any]] = [{"url": "table", "valueString": self.table},
+                                       {"url": "id", "valueString": self.row_id}]
+        if self.version.known:  # (FHIR strings are never empty; absent reads back as unknown)
+            parts.append({"url": "version", "valueString": self.version.text()})
+        parts += [{"url": "column", "extension": [{"url": "name", "valueString": name},
+                                                  {"url": "version", "valueString": version.text()}]}
+                  for name, version in self.columns]
+        return {"url": url, "extension": parts}
+
+    def column(self, name: str) -> Version | None:
+        """The version of the change without images that last wrote column `name`, when newer than the whole
+        state's (None: the whole state holds the column)."""
+        for column, version in self.columns:
+            if column == name:
+                return version
+        return None
+
+    def written(self, version: Version, columns: Iterable[str]) -> Mark:
+        """This mark after a change without images of `version` wrote `columns`."""
+        named = set(columns)
+        kept = [(c, v) for c, v in self.columns if c not in named]
+        return Mark(self.table, self.row_id, self.version,
+                    tuple(sorted([*kept, *((c, version) for c in named)])) if version.known else tuple(kept))
+
+    def whole(self, version: Version) -> Mark:
+        """A whole state of `version` written over this mark: the columns a newer change wrote stay theirs."""
+        return Mark(self.table, self.row_id, version, self.newer_than(version))
+
+    def newer_than(self, version: Version) -> tuple[tuple[str, Version], ...]:
+        """The column entries newer than `version` (an entry that cannot be compared with it is kept)."""
+        return tuple((c, v) for c, v in self.columns if (order := v.compare(version)) is None or order > 0)
 
 
 def _parts(extension: dict[str, Any]) -> dict[str, str]:
     return {str(e.get("url")): str(e.get("valueString", "")) for e in extension.get("extension") or []
-            if isinstance(e, dict)}
+            if isinstance(e, dict) and e.get("url") != "column"}
+
+
+def _columns(extension: dict[str, Any]) -> tuple[tuple[str, Version], ...]:
+    out = []
+    for e in extension.get("extension") or []:
+        if isinstance(e, dict) and e.get("url") == "column":
+            parts = _parts(e)
+            version = Version.parse(parts.get("version", ""))
+            if parts.get("name") and version.known:
+                out.append((parts["name"], version))
+    return tuple(out)
 
 
 def marks_in(node: dict[str, Any], url: str = ROW) -> list[Mark]:
@@ -86,7 +133,8 @@ def marks_in(node: dict[str, Any], url: str = ROW) -> list[Mark]:
     for extension in node.get("extension") or []:
         if isinstance(extension, dict) and extension.get("url") == url:
             parts = _parts(extension)
-            found.append(Mark(parts.get("table", ""), parts.get("id", ""), Version.parse(parts.get("version", ""))))
+            found.append(Mark(parts.get("table", ""), parts.get("id", ""), Version.parse(parts.get("version", "")),
+                              _columns(extension)))
     return found
 
 

@@ -288,7 +288,8 @@ def _own_items(result: dict[str, Any], assignments: list[Assignment], own: Mark 
     if not groups:
         return assignments, []
     before = tuple(before)
-    ingested = mark_of(result, own.table, own.row_id) is None
+    mark = mark_of(result, own.table, own.row_id)
+    ingested = mark is None or not mark.version.known  # (changes without images alone: no whole state yet)
     gone: list[Path] = []
     lists: list[Path] = []
     for prefix, members in groups.items():

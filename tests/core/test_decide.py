@@ -767,9 +767,14 @@ def test_cleared_column_removes_the_element():
     assert plan(body).as_json()["cleared"] == ["period"]  # the dry run says what a clear removes
     server = {"resourceType": "Encounter", "id": "enc-1", "status": "finished",
               "period": {"start": "2026-11-02T09:30:00Z", "end": "2026-11-02T10:30:00Z"}}
-    assert merged(p, server) == {"resourceType": "Encounter", "id": "enc-1", "status": "finished",
-                                 "period": {"start": "2026-11-02T09:30:00Z"},
-                                 "identifier": [{"system": "urn:dataverse:msemr_encounter", "value": ENCOUNTER}]}
+    after = merged(p, server)
+    assert strip_marks(after) == {"resourceType": "Encounter", "id": "enc-1", "status": "finished",
+                                  "period": {"start": "2026-11-02T09:30:00Z"},
+                                  "identifier": [{"system": "urn:dataverse:msemr_encounter", "value": ENCOUNTER}]}
+    # No whole state was written: the mark records the column's version only (docs/convergence.md section 6)
+    mark = mark_of(after, "msemr_encounter", ENCOUNTER)
+    assert mark is not None and not mark.version.known
+    assert [column for column, _ in mark.columns] == ["msemr_encounterenddate"]
 
 
 def test_cleared_phone_removes_its_telecom_item_only():

@@ -21,7 +21,6 @@ import pytest
 
 from devtools.messages import Choice, Lookup, context
 from tests.delivery.conftest import Fhir, Rig
-from tests.expectations import expected_contact
 from tests.reliability.conftest import (
     BundleFault,
     Deliveries,
@@ -29,7 +28,6 @@ from tests.reliability.conftest import (
     bundle_entries,
     check_invariant,
     entry_kind,
-    mapped_state,
 )
 from tests.reliability.figures import FIGURES
 from writeback.decide import resource_id
@@ -424,17 +422,11 @@ async def test_the_type_change_first_then_an_older_create_of_the_old_type(twins,
     assert fhir.search(f"Patient?_id={resource_id('contact', row.id)}") == []
 
 
-# ---- the windows the design leaves open (docs/convergence.md section 6; docs/reliability.md, "What remains") -----
-# Staged like the ones above. They fail by design today, so they are strict xfails: they pin each window exactly,
-# and if the product closes one the strict mark makes the suite say so. They record no figures.
-
-
-@pytest.mark.xfail(strict=True, reason="Target-only changes carry no row version into the resource: two saves of "
-                   "one column on two instances are ordered by the ledger's claim, outside the If-Match write")
 async def test_two_target_only_saves_of_one_column_on_two_instances(twins, fhir: Fhir):
     """A step registered without images: X claims U1 (phone, version 11) and is held before its PUT; Y claims and
-    writes U2 (phone, version 12); X's PUT meets U2's version (412), and its re-read holds no row version newer
-    than U1 to stop it: U1's older phone is written over U2's."""
+    writes U2 (phone, version 12); X's PUT meets U2's version (412). Its re-read finds the phone marked as written
+    by version 12 (the mark's column entry), so U1 is `stale` and U2's phone stays. Before, a change without images
+    left no version in the resource and U1's older phone was written over U2's."""
     x, y = twins
     staged = Deliveries()
     row = await written_row(staged, x)
@@ -443,10 +435,18 @@ async def test_two_target_only_saves_of_one_column_on_two_instances(twins, fhir:
     gate = Gate()
     x.rig.transport.add(BundleFault(holding="update", before=gate.hold, times=1))
 
-    await asyncio.gather(staged.deliver(x.pipeline, u1), meanwhile(gate, staged.deliver(y.pipeline, u2)))
+    [older], newer = await asyncio.gather(staged.deliver(x.pipeline, u1),
+                                          meanwhile(gate, staged.deliver(y.pipeline, u2)))
 
-    [patient] = fhir.search(f"Patient?identifier=urn:dataverse:contact|{row.id}")
-    assert mapped_state(patient) == expected_contact(row.state)
+    assert newer.state == "written", newer.detail
+    assert (older.state, older.reason) == ("skipped", Reason.STALE), older.detail
+    FIGURES["interleavings"] += 1
+    check_invariant(staged, fhir, {row.id: row.state}, target_only={row.id})
+
+
+# ---- the windows the design leaves open (docs/convergence.md section 6; docs/reliability.md, "What remains") -----
+# Staged like the ones above. They fail by design today, so they are strict xfails: they pin each window exactly,
+# and if the product closes one the strict mark makes the suite say so. They record no figures.
 
 
 @pytest.mark.xfail(strict=True, reason="a patient's consent is read from the row facts when the row is decided, not "

@@ -1148,3 +1148,56 @@ async def test_15_images_holding_only_some_columns_never_clear_the_others(world:
     update = Sent(body, "contact", contact, version, dv.row("contact", contact))
     assert states(await world.send(update)) == [("written", None)]
     check_contact(world.fhir, contact, dv.row("contact", contact))  # firstname, mobile, birthDate still there
+
+
+# ---- changes without images: ordered per column inside the write (docs/convergence.md section 6) ----------------
+
+
+async def test_16a_target_only_changes_of_an_identifier_received_newest_first_both_reach_fhir(world: World):
+    """A step without images: the system is corrected (U1), then the value (U2); U2 arrives first. Before, U2
+    marked the item with its version and U1 was `stale`: the corrected system never reached FHIR."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    mrn, mrn_created = dv.identifier(contact, MRN, "MRN-1001")
+    await world.send_each(created, mrn_created)
+    u1 = target_only(dv.update("msemr_medicalidentifier", mrn, {"msemr_identifiersystem": "urn:oid:2.16.840.1.1"}))
+    u2 = target_only(dv.update("msemr_medicalidentifier", mrn, {"msemr_value": "MRN-1001X"}))
+    assert states(await world.send(u2)) == [("written", None)]
+    assert states(await world.send(u1)) == [("written", None)]
+    patient = the_resource(world.fhir, "Patient", ROW_SYSTEM, contact)
+    check_identifier({contact: patient}, mrn, dv.row("msemr_medicalidentifier", mrn))
+    assert check_provenance(world.fhir, patient) == 4  # create, identifier, U2, U1
+
+
+async def test_16b_an_older_whole_state_keeps_a_column_a_newer_change_without_images_wrote(world: World):
+    """While a step's registration is being changed, one save comes with images (U1: the last name) and the next
+    without (U2: the phone); U2 is written first. U1's post image holds the phone before U2: before, it was
+    written back over U2's."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    await world.send(created)
+    u1 = dv.update("contact", contact, {"lastname": "Castellanos-Ruiz"})
+    u2 = target_only(dv.update("contact", contact, {"telephone1": "+1 555 0162"}))
+    assert states(await world.send(u2)) == [("written", None)]
+    assert states(await world.send(u1)) == [("written", None)]
+    patient = check_contact(world.fhir, contact, dv.row("contact", contact))
+    assert check_provenance(world.fhir, patient) == 3
+    # A whole state newer than U2 holds its phone: the column is the whole state's again, and its entry goes.
+    u3 = dv.update("contact", contact, {"telephone1": "+1 555 0163"})
+    assert states(await world.send(u3)) == [("written", None)]
+    patient = check_contact(world.fhir, contact, dv.row("contact", contact))
+    [mark] = [e for e in patient["extension"] if e["url"] == "urn:dataverse-fhir-writeback:row"]
+    assert [e["url"] for e in mark["extension"]] == ["table", "id", "version"]
+
+
+async def test_16c_a_retried_change_without_images_whose_provenance_failed_writes_it(world: World):
+    """Item 11 for a step without images: the retry finds its version by the column it wrote."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    await world.send(created)
+    u1 = target_only(dv.update("contact", contact, {"telephone1": "+1 555 0171"}))
+    world.x.transport.add_entry(EntryFault(method="PUT", url_contains="Provenance/", status=500, times=3))
+    assert states(await world.send(u1)) == [("retry", "provenance-failed")]
+    assert states(await world.send(u1, delivery_count=2)) == [("written", None)]
+    patient = check_contact(world.fhir, contact, dv.row("contact", contact))
+    assert check_provenance(world.fhir, patient) == 2
