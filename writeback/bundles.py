@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from writeback.converge import Converged, Edit, ItemEdit, Release, RemoveItem, RowEdit, converge
+from writeback.converge import Converged, Edit, ItemEdit, Release, RemoveItem, RowEdit, comparable, converge
 from writeback.decide import Target, WritePlan, resource_id
 from writeback.errors import NotApplied, WritebackError
 from writeback.fhir_client import (
@@ -532,13 +532,21 @@ class BatchDelivery:
         complete = len(resources) < HISTORY_DEPTH  # else the oldest version shown is not the first
         want = job.edit.mark.version
         out: list[tuple[str, bool]] = []
+        before: Mapping[str, Any] | None = None
+        took = False  # the version before held the job's row version too
         for n, resource in enumerate(oldest_first):
             held = _marked(resource, job.edit)
             ours = (resource.get("meta") or {}).get("source") == self.settings.meta_source
             version = str((resource.get("meta") or {}).get("versionId") or "")
-            if held is not None and held.compare(want) == 0 and ours and version:
+            holds = held is not None and held.compare(want) == 0
+            # A version that only kept the row version another write left (a later change of other columns, a
+            # child row's item written into the resource) is that write's: its Provenance is its own. One that
+            # repeats the one before exactly is a resent request's (a server that versions an identical PUT).
+            if holds and ours and version and (not took or (before is not None and comparable(resource)
+                                                             == comparable(before))):
                 out.append((f"{job.target.resource_type}/{resource.get('id')}/_history/{version}",
                             n == 0 and complete))
+            took, before = holds, resource
         return out
 
     # ---- bundles ---------------------------------------------------------------------------------

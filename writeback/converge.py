@@ -101,7 +101,8 @@ def _ordered(edit: Edit, held: Mark | None) -> Converged | None:
     return Converged("stale" if order < 0 else "same", held=held.version)
 
 
-def _comparable(resource: Mapping[str, Any]) -> dict[str, Any]:
+def comparable(resource: Mapping[str, Any]) -> dict[str, Any]:
+    """The resource without what the server sets on every write (version, time, source)."""
     meta = {k: v for k, v in (resource.get("meta") or {}).items() if k not in _SERVER_META}
     out = {k: v for k, v in resource.items() if k != "meta"}
     if meta:
@@ -110,7 +111,7 @@ def _comparable(resource: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _result(current: dict[str, Any], new: dict[str, Any], held: Mark | None) -> Converged:
-    if _comparable(new) == _comparable(current):
+    if comparable(new) == comparable(current):
         return Converged("unchanged", held=held.version if held else None)
     return Converged("write", new, held.version if held else None)
 

@@ -734,6 +734,28 @@ async def test_11_a_retried_update_that_a_newer_one_overtook_still_writes_its_ve
     assert check_provenance(world.fhir, patient) == 3  # create, U1, U2: each version its one Provenance
 
 
+async def test_11b_a_child_rows_version_keeps_its_own_provenance_when_the_patients_retry_owes_one(world: World):
+    """The patient's update (U1) and then an identifier row's item, written into the same Patient, each wrote a
+    version whose Provenance failed. The item's version keeps U1's mark on the Patient: before, U1's retry wrote
+    that version's Provenance too, naming U1, and the identifier's retry then found it in place (`no-change`)."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    await world.send(created)
+    u1 = dv.update("contact", contact, {"telephone1": "+1 555 0191"})
+    mrn, mrn_created = dv.identifier(contact, MRN, "MRN-1901")
+    world.x.transport.add_entry(EntryFault(method="PUT", url_contains="Provenance/", status=500, times=6))
+    assert states(await world.send(u1)) == [("retry", "provenance-failed")]
+    assert states(await world.send(mrn_created)) == [("retry", "provenance-failed")]
+    assert states(await world.send(u1, delivery_count=2, instance=1)) == [("written", None)]
+    assert states(await world.send(mrn_created, delivery_count=2, instance=1)) == [("written", None)]
+    patient = check_contact(world.fhir, contact, dv.row("contact", contact))
+    assert check_provenance(world.fhir, patient) == 3
+    history = world.fhir.get(f"Patient/{patient['id']}/_history").get("entry", [])
+    last = f"Patient/{patient['id']}/_history/{history[0]['resource']['meta']['versionId']}"
+    [provenance] = world.fhir.search(f"Provenance?target={last}")
+    assert f"msemr_medicalidentifier {mrn}" in provenance["entity"][0]["what"]["display"]
+
+
 # ---- 12. the same Create on two instances at once -----------------------------------------------------------------
 
 
@@ -1201,3 +1223,30 @@ async def test_16c_a_retried_change_without_images_whose_provenance_failed_write
     assert states(await world.send(u1, delivery_count=2)) == [("written", None)]
     patient = check_contact(world.fhir, contact, dv.row("contact", contact))
     assert check_provenance(world.fhir, patient) == 2
+
+
+async def test_16d_each_version_gets_the_provenance_of_the_change_that_wrote_it_when_two_retries_owe_theirs(
+        world: World):
+    """Two changes without images (U1: the phone, U2: the last name) each wrote a version whose Provenance failed.
+    U2's version still carries U1's column entry, so U1's retry found both versions holding its version: before,
+    it wrote U2's Provenance too, naming U1's row version, and U2's retry then found it in place."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    await world.send(created)
+    u1 = target_only(dv.update("contact", contact, {"telephone1": "+1 555 0181"}))
+    u2 = target_only(dv.update("contact", contact, {"lastname": "Castellanos-Vega"}))
+    world.x.transport.add_entry(EntryFault(method="PUT", url_contains="Provenance/", status=500, times=6))
+    assert states(await world.send(u1)) == [("retry", "provenance-failed")]
+    assert states(await world.send(u2)) == [("retry", "provenance-failed")]
+    assert states(await world.send(u1, delivery_count=2, instance=1)) == [("written", None)]
+    assert states(await world.send(u2, delivery_count=2, instance=1)) == [("written", None)]
+    patient = check_contact(world.fhir, contact, dv.row("contact", contact))
+    assert check_provenance(world.fhir, patient) == 3
+    history = world.fhir.get(f"Patient/{patient['id']}/_history").get("entry", [])
+    named = []
+    for entry in reversed(history):
+        versioned = f"Patient/{patient['id']}/_history/{entry['resource']['meta']['versionId']}"
+        [provenance] = world.fhir.search(f"Provenance?target={versioned}")
+        named.append(provenance["entity"][0]["what"]["display"])
+    assert [f"versionnumber {sent.version}" in text for sent, text in zip((created, u1, u2), named, strict=True)] \
+        == [True] * 3, named
