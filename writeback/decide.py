@@ -139,6 +139,9 @@ class WritePlan:
     # Lookups to rows not written yet, on an early try: when their search finds nothing the write waits for them
     # (`target-pending`) rather than refer by identifier only (`facts.REFERENCE_GRACE_RETRIES`).
     awaited: frozenset[RowRef] = frozenset()
+    # A child row's parent lookup column, when the message holds it (a whole state, or a save that changed it): the
+    # row state orders it as a column, so an older message that names a parent is `stale` once a newer one did.
+    link: str | None = None
 
     @property
     def target(self) -> Target:
@@ -156,7 +159,8 @@ class WritePlan:
     @property
     def columns(self) -> frozenset[str]:
         """The Dataverse columns this write carries (what a Target-only write is ordered by, per column)."""
-        return frozenset(a.column for a in self.assignments if a.column is not None and a.column != "*")
+        columns = frozenset(a.column for a in self.assignments if a.column is not None and a.column != "*")
+        return columns | {self.link} if self.link else columns
 
     @property
     def needs(self) -> frozenset[RowKey]:
@@ -564,7 +568,8 @@ def _plan_item(message: Message, entity_map: EntityMap, *, maps: MapSet, resourc
     source = _source(message, f"urn:dataverse:{message.table}", new)
     changes = (expansion.element,)
     plan = WritePlan("update", tuple(writes), item, changes, source, full, (),
-                     tuple(dict.fromkeys([*parent_gates, *gates])), _refs(owned))
+                     tuple(dict.fromkeys([*parent_gates, *gates])), _refs(owned),
+                     link=expansion.parent_link if full or expansion.parent_link in new else None)
     detail = _describe(plan, narrow_image=keep)
     if moved:
         detail = detail[:-1] + f"; moved from {expansion.parent_table} {before.id}."  # type: ignore[union-attr]

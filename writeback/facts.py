@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import field, replace
+from typing import TypeVar
 
 from writeback.converge import ItemEdit, RemoveItem, RowEdit
 from writeback.decide import (
@@ -41,6 +42,8 @@ from writeback.messages import EntityRef, Message
 from writeback.reasons import Reason
 from writeback.settings import Settings
 
+_V = TypeVar("_V", str, bool)
+
 NOT_WRITABLE = ""  # resource_type of a row whose type no map writes (e.g. a contact that is a Related Person)
 NO_PARENT = ""  # parent of a child row known to be linked to none (None: not known)
 
@@ -59,6 +62,24 @@ class RowFacts:
     parent: str | None = None
     # The type of the resource `fhir_id` names (`decide.fhir_id_type`): the type the row had when it got the id.
     fhir_type: str | None = None
+    # The version of the message each of type, consent and parent comes from (unknown: `version`'s). A message that
+    # does not hold a column (a step without images) moves `version` but says nothing of that column's value: a
+    # change that did (a move, a type change) is compared with the message that told the value, not with it.
+    type_version: Version = field(default_factory=Version)
+    consent_version: Version = field(default_factory=Version)
+    parent_version: Version = field(default_factory=Version)
+
+    @property
+    def type_at(self) -> Version:
+        return self.type_version if self.type_version.known else self.version
+
+    @property
+    def consent_at(self) -> Version:
+        return self.consent_version if self.consent_version.known else self.version
+
+    @property
+    def parent_at(self) -> Version:
+        return self.parent_version if self.parent_version.known else self.version
 
     @property
     def key(self) -> RowKey:
@@ -84,11 +105,25 @@ class RowFacts:
         # One FHIR id keeps the type it was given under (the older message saw it first); a new id its own.
         fhir_type = (older.fhir_type or newer.fhir_type if newer.fhir_id == older.fhir_id
                      else newer.fhir_type if newer.fhir_id else older.fhir_type)
-        return RowFacts(self.table, self.row_id, newer.version if newer.version.known else older.version,
-                        newer.resource_type if newer.resource_type is not None else older.resource_type,
-                        newer.consent if newer.consent is not None else older.consent,
-                        newer.fhir_id or older.fhir_id, newer.written or older.written,
-                        newer.parent if newer.parent is not None else older.parent, fhir_type)
+        kind, kind_at = _newest(self.resource_type, self.type_at, other.resource_type, other.type_at)
+        consent, consent_at = _newest(self.consent, self.consent_at, other.consent, other.consent_at)
+        parent, parent_at = _newest(self.parent, self.parent_at, other.parent, other.parent_at)
+        version = newer.version if newer.version.known else older.version
+        return RowFacts(self.table, self.row_id, version, kind, consent, newer.fhir_id or older.fhir_id,
+                        newer.written or older.written, parent, fhir_type,
+                        # (kept only where it is not `version`'s: facts compare equal however they were merged)
+                        *(at if at != version else Version() for at in (kind_at, consent_at, parent_at)))
+
+
+def _newest(mine: _V | None, mine_at: Version, theirs: _V | None, theirs_at: Version) -> tuple[_V | None, Version]:
+    """Of two messages' values of one column, the newer message's (the other's when one does not hold it, or
+    their order is not known: the one merged in is taken as the newer, as `RowFacts.merge` does)."""
+    if theirs is None:
+        return mine, mine_at if mine is not None else Version()
+    if mine is None:
+        return theirs, theirs_at
+    order = mine_at.compare(theirs_at)
+    return (mine, mine_at) if order is not None and order > 0 else (theirs, theirs_at)
 
 
 def facts_of(message: Message, maps: MapSet, settings: Settings) -> RowFacts | None:
@@ -242,16 +277,16 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
                               new_id=resource_id(first.target.table, own.parent)), first.edit)
         plan = replace(plan, writes=(first, *plan.writes[1:]))
     if own is not None and isinstance(first.edit, RowEdit) and plan.full and own.resource_type is not None and \
-            own.resource_type != first.target.resource_type and own.version.compare(plan.source.version) == 1:
+            own.resource_type != first.target.resource_type and own.type_at.compare(plan.source.version) == 1:
         # A newer change of the row changed its type: its resource of this type no longer stands for the row
         # (it was released), and an older state must not make it do so again.
         return replace(decision, decision="skip", reason=Reason.STALE, plan=None,
-                       detail=f"A newer change of this row ({own.version.text()}) made it another type than "
+                       detail=f"A newer change of this row ({own.type_at.text()}) made it another type than "
                        f"{first.target.resource_type}.")
     if own is not None and own.parent is not None and isinstance(first.edit, ItemEdit) and \
-            own.parent != first.target.identifier_value and own.version.compare(plan.source.version) == 1:
+            own.parent != first.target.identifier_value and own.parent_at.compare(plan.source.version) == 1:
         return replace(decision, decision="skip", reason=Reason.STALE, plan=None,
-                       detail=f"A newer change of this row ({own.version.text()}) "
+                       detail=f"A newer change of this row ({own.parent_at.text()}) "
                        + (f"moved it to another {first.target.table}." if own.parent else
                           f"unlinked it from its {first.target.table}."))
     not_patients: set[RowKey] = set()
@@ -270,7 +305,7 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
             return replace(decision, decision="skip" if settings.consent_unknown == "skip" else "reject",
                            reason=Reason.CONSENT_UNKNOWN, detail=detail, plan=None)
         if not fact.consent:
-            if attempt < CONSENT_GRACE_RETRIES and fact.version.compare(plan.source.version) == -1:
+            if attempt < CONSENT_GRACE_RETRIES and fact.consent_at.compare(plan.source.version) == -1:
                 return replace(decision, decision="reject", reason=Reason.CONSENT_UNKNOWN, plan=None,
                                detail=f"The patient ({table} {row_id}) this row belongs to had not consented when "
                                "last seen, before this row was saved: waiting for a later consent.")

@@ -14,7 +14,8 @@ another URL) with the version that moved it, so an older change cannot put it ba
                    {"url": "version", "valueString": "1234"}]}
 
 The version is text: `versionnumber` is a 64-bit number (FHIR `integer` is 32-bit), and a row without it is
-marked `@<modifiedon, ISO 8601>`.
+marked `@<modifiedon, ISO 8601>`. Beside a `versionnumber`, `modifiedon` is kept too (`{"url": "modified"}`): a
+message that holds no `versionnumber` (a Target without it) is then still ordered against the mark.
 
 A change without images (Target only) is not the row's whole state: it leaves the mark's version as it is and
 records, per column it writes, its own version (`{"url": "column", "extension": [name, version]}` beside the
@@ -61,12 +62,34 @@ class Version:
         return cls(number=int(text)) if text.isdigit() else cls()
 
     def compare(self, other: Version) -> int | None:
-        """-1, 0, 1 as self is older, the same, newer than `other`; None when they cannot be compared."""
+        """-1, 0, 1 as self is older, the same, newer than `other`; None when they cannot be compared. By
+        `versionnumber` when both have it, else by `modifiedon`; the same `modifiedon` with a `versionnumber` on
+        one side only cannot tell two saves of one second apart: not compared."""
         if self.number is not None and other.number is not None:
             return (self.number > other.number) - (self.number < other.number)
         if self.modified is not None and other.modified is not None:
-            return (self.modified > other.modified) - (self.modified < other.modified)
+            order = (self.modified > other.modified) - (self.modified < other.modified)
+            return None if order == 0 and (self.number is None) != (other.number is None) else order
         return None
+
+    def parts(self) -> list[dict[str, str]]:
+        """As a mark's sub-extensions: the text, and `modifiedon` beside a `versionnumber` (a message that holds
+        no `versionnumber`, such as a Target without it, is still ordered against it). None when unknown (FHIR
+        strings are never empty)."""
+        out = [{"url": "version", "valueString": self.text()}] if self.known else []
+        if self.number is not None and self.modified is not None:
+            out.append({"url": "modified", "valueString": self.modified.isoformat()})
+        return out
+
+    @classmethod
+    def of_parts(cls, parts: dict[str, str]) -> Version:
+        version = cls.parse(parts.get("version", ""))
+        if version.number is not None and parts.get("modified"):
+            try:
+                return cls(version.number, datetime.fromisoformat(parts["modified"]))
+            except ValueError:
+                pass
+        return version
 
 
 @immutable
@@ -79,11 +102,8 @@ class Mark:
 
     def extension(self, url: str = ROW) -> dict[str, Any]:
         parts: list[dict[str, Any]] = [{"url": "table", "valueString": self.table},
-                                       {"url": "id", "valueString": self.row_id}]
-        if self.version.known:  # (FHIR strings are never empty; absent reads back as unknown)
-            parts.append({"url": "version", "valueString": self.version.text()})
-        parts += [{"url": "column", "extension": [{"url": "name", "valueString": name},
-                                                  {"url": "version", "valueString": version.text()}]}
+                                       {"url": "id", "valueString": self.row_id}, *self.version.parts()]
+        parts += [{"url": "column", "extension": [{"url": "name", "valueString": name}, *version.parts()]}
                   for name, version in self.columns]
         return {"url": url, "extension": parts}
 
@@ -107,8 +127,9 @@ class Mark:
         return Mark(self.table, self.row_id, version, self.newer_than(version))
 
     def newer_than(self, version: Version) -> tuple[tuple[str, Version], ...]:
-        """The column entries newer than `version` (an entry that cannot be compared with it is kept)."""
-        return tuple((c, v) for c, v in self.columns if (order := v.compare(version)) is None or order > 0)
+        """The column entries newer than `version` (one that cannot be compared with it goes: the whole state
+        written after it, in the order given, has the last word, as it had before entries were kept)."""
+        return tuple((c, v) for c, v in self.columns if (order := v.compare(version)) is not None and order > 0)
 
 
 def _parts(extension: dict[str, Any]) -> dict[str, str]:
@@ -121,7 +142,7 @@ def _columns(extension: dict[str, Any]) -> tuple[tuple[str, Version], ...]:
     for e in extension.get("extension") or []:
         if isinstance(e, dict) and e.get("url") == "column":
             parts = _parts(e)
-            version = Version.parse(parts.get("version", ""))
+            version = Version.of_parts(parts)
             if parts.get("name") and version.known:
                 out.append((parts["name"], version))
     return tuple(out)
@@ -133,7 +154,7 @@ def marks_in(node: dict[str, Any], url: str = ROW) -> list[Mark]:
     for extension in node.get("extension") or []:
         if isinstance(extension, dict) and extension.get("url") == url:
             parts = _parts(extension)
-            found.append(Mark(parts.get("table", ""), parts.get("id", ""), Version.parse(parts.get("version", "")),
+            found.append(Mark(parts.get("table", ""), parts.get("id", ""), Version.of_parts(parts),
                               _columns(extension)))
     return found
 

@@ -273,7 +273,12 @@ def _facts_of(row: RowKey, entity: Mapping[str, Any]) -> RowFacts | None:
     return RowFacts(row[0], row[1], Version.parse(str(entity.get("FactsVersion") or "")),
                     str(kind) if isinstance(kind, str) else None, consent if isinstance(consent, bool) else None,
                     entity.get("FhirId") or None, entity.get("Written") or None,
-                    parent if isinstance(parent, str) else None, entity.get("FhirType") or None)
+                    parent if isinstance(parent, str) else None, entity.get("FhirType") or None,
+                    # (absent in a row state kept before they were: `FactsVersion` stands for them, as it did)
+                    *(Version.parse(str(entity.get(name) or "")) for name in _FACT_VERSIONS))
+
+
+_FACT_VERSIONS = ("TypeVersion", "ConsentVersion", "ParentVersion")
 
 
 # ---- the ledger --------------------------------------------------------------------------------------------
@@ -519,6 +524,9 @@ class OutcomeStore:
                 "PartitionKey": pk, "RowKey": rk, "FactsVersion": merged.version.text() or None,
                 "ResourceType": merged.resource_type, "Consent": merged.consent, "FhirId": merged.fhir_id,
                 "Written": merged.written, "Parent": merged.parent, "FhirType": merged.fhir_type,
+                # "" (not None, which MERGE would leave as it was): the same as FactsVersion
+                **{name: version.text() if version != merged.version else "" for name, version in
+                   zip(_FACT_VERSIONS, (merged.type_at, merged.consent_at, merged.parent_at), strict=True)},
                 "UpdatedAt": datetime.now(UTC),
             })
             try:

@@ -288,8 +288,11 @@ def _own_items(result: dict[str, Any], assignments: list[Assignment], own: Mark 
     if not groups:
         return assignments, []
     before = tuple(before)
+    # Ingested: the row's whole state was never written here (no mark, or one that changes without images alone
+    # left); per list, also none of them wrote its columns (the mark's column entries): the row then took that
+    # item already, and what is free now is another system's.
     mark = mark_of(result, own.table, own.row_id)
-    ingested = mark is None or not mark.version.known  # (changes without images alone: no whole state yet)
+    ingested = mark is None or not mark.version.known
     gone: list[Path] = []
     lists: list[Path] = []
     for prefix, members in groups.items():
@@ -301,7 +304,8 @@ def _own_items(result: dict[str, Any], assignments: list[Assignment], own: Mark 
         if mine is None:
             free = [item for item in items if not marks_in(item)]
             was = [b for b in before if b.path[:depth] == prefix]
-            ingest_copied = ingested and writes and (bool(was) or not before)
+            ingest_copied = ingested and writes and (bool(was) or not before) and not (
+                mark is not None and any(mark.column(m.column) for m in members if m.column))
             mine = next(iter([item for item in free if _holds(item, was, depth)]
                              or [item for item in free if ingest_copied and _holds(item, members, depth)]
                              or (free[:1] if ingest_copied else [])), None)

@@ -624,13 +624,18 @@ class Pipeline:
                 if plan.full and not child:
                     return  # ordered by the version marked in its resource, inside the write
                 superseded = await ledger.claim(plan)
-                if plan.full and superseded:
+                if plan.link is not None and plan.link in superseded:
                     # A child row's versions may sit in different parents: a newer change that moved it away from
-                    # a parent that had no resource yet could leave no tombstone there, so the row state orders it.
-                    results[i] = Result("skipped", Reason.STALE, "A newer change of this row was already taken on.",
-                                        decision)
+                    # a parent that had no resource yet could leave no tombstone there, so the row state orders its
+                    # parent. Other columns a newer change wrote are kept by the write itself (the item's mark).
+                    results[i] = Result("skipped", Reason.STALE, "A newer change of this row already linked it to "
+                                        "its parent.", decision)
                     return
                 narrowed = narrow(decision, superseded)
+                if narrowed is None and plan.source.retried:
+                    # Every column was written by a newer change, but this one, tried again, may have written its
+                    # own version first, whose Provenance is owed: the write finds it (`stale`, then its history).
+                    narrowed = decision
             except WritebackError as exc:
                 results[i] = result_for(decision, exc.reason, exc.detail)
                 return

@@ -1209,7 +1209,7 @@ async def test_16b_an_older_whole_state_keeps_a_column_a_newer_change_without_im
     assert states(await world.send(u3)) == [("written", None)]
     patient = check_contact(world.fhir, contact, dv.row("contact", contact))
     [mark] = [e for e in patient["extension"] if e["url"] == "urn:dataverse-fhir-writeback:row"]
-    assert [e["url"] for e in mark["extension"]] == ["table", "id", "version"]
+    assert [e["url"] for e in mark["extension"]] == ["table", "id", "version", "modified"]
 
 
 async def test_16c_a_retried_change_without_images_whose_provenance_failed_writes_it(world: World):
@@ -1250,3 +1250,157 @@ async def test_16d_each_version_gets_the_provenance_of_the_change_that_wrote_it_
         named.append(provenance["entity"][0]["what"]["display"])
     assert [f"versionnumber {sent.version}" in text for sent, text in zip((created, u1, u2), named, strict=True)] \
         == [True] * 3, named
+
+
+# Found by review of the per-column marks (docs/reliability.md, "Found", 15 to 20); each failed before its fix.
+
+
+async def test_16e_an_older_whole_state_of_an_identifier_keeps_a_newer_change_without_images(world: World):
+    """U1 (with images) corrects the system, U2 (without images, newer) the value; U2 is received first. Before,
+    the row state's claim skipped U1 whole (`stale`) because U2 had claimed one of its columns: the system never
+    reached FHIR. Now only a newer parent link makes a whole state of a child row stale; the item's mark keeps
+    U2's value."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    mrn, mrn_created = dv.identifier(contact, MRN, "MRN-1001")
+    await world.send_each(created, mrn_created)
+    u1 = dv.update("msemr_medicalidentifier", mrn, {"msemr_identifiersystem": "urn:oid:2.16.840.1.1"})
+    u2 = target_only(dv.update("msemr_medicalidentifier", mrn, {"msemr_value": "MRN-1001X"}))
+    assert states(await world.send(u2)) == [("written", None)]
+    assert states(await world.send(u1)) == [("written", None)]
+    patient = the_resource(world.fhir, "Patient", ROW_SYSTEM, contact)
+    check_identifier({contact: patient}, mrn, dv.row("msemr_medicalidentifier", mrn))
+
+
+async def test_16f_a_move_with_images_received_after_a_newer_change_without_images_still_moves_the_identifier(
+        world: World):
+    """The MRN is moved from A to B (with images), then its value is corrected without images (newer), received
+    first: it goes into A's item (the parent the row's messages named). Before, the move was then `stale` (the
+    row facts compared it with the newer message's version, which held no parent) and the MRN stayed on the wrong
+    patient. The corrected value itself stays behind with A's item until the row's next save with images
+    (docs/convergence.md section 6)."""
+    dv = world.dataverse
+    a, a_created = dv.patient()
+    b, b_created = dv.patient(firstname="Bo")
+    mrn, mrn_created = dv.identifier(a, MRN, "MRN-5001")
+    assert states(await world.send_each(a_created, b_created, mrn_created)) == [("written", None)] * 3
+    moved = dv.update("msemr_medicalidentifier", mrn, {"msemr_assignee": Lookup("contact", b)})
+    fixed = target_only(dv.update("msemr_medicalidentifier", mrn, {"msemr_value": "MRN-5001X"}))
+    assert states(await world.send(fixed)) == [("written", None)]
+    assert states(await world.send(moved)) == [("written", None)]
+    holders = {row: [i["value"] for i in identifier_items(the_resource(world.fhir, "Patient", ROW_SYSTEM, row), mrn)]
+               for row in (a, b)}
+    assert holders == {a: [], b: ["MRN-5001"]}
+    # The row's next save with images (of any column) writes its whole state there.
+    healed = dv.update("msemr_medicalidentifier", mrn, {"msemr_identifiersystem": "urn:oid:2.16.840.1.9"})
+    assert states(await world.send(healed)) == [("written", None)]
+    patients = {row: the_resource(world.fhir, "Patient", ROW_SYSTEM, row) for row in (a, b)}
+    check_identifier(patients, mrn, dv.row("msemr_medicalidentifier", mrn))
+
+
+async def test_16g_a_type_change_with_images_received_after_a_newer_change_without_images_still_retypes(
+        world: World):
+    """R (with images) makes the contact a Practitioner, then U (without images, newer) changes the phone; U is
+    received first and written into the Patient (the type the row's messages told). Before, R was then `stale`
+    ("a newer change made it another type": the facts compared the newer message's version, which held no type)
+    and the contact stayed a Patient."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    await world.send(created)
+    retyped = dv.update("contact", contact, {"msemr_contacttype": PRACTITIONER})
+    phoned = target_only(dv.update("contact", contact, {"telephone1": "+1 555 0177"}))
+    assert states(await world.send(phoned)) == [("written", None)]
+    assert states(await world.send(retyped)) == [("written", None)]
+    assert resources_of(world.fhir, "Patient", ROW_SYSTEM, contact) == []
+    healed = dv.update("contact", contact, {"lastname": "Castellanos-Mora"})  # the next save with images
+    assert states(await world.send(healed)) == [("written", None)]
+    check_contact(world.fhir, contact, dv.row("contact", contact), resource_type="Practitioner")
+
+
+def without_versionnumber(sent: Sent) -> Sent:
+    """The message as a step sends it whose Target holds no versionnumber (modifiedon only), as
+    samples/07_patient_update_echo.json does."""
+    params = []
+    for param in sent.body["InputParameters"]:
+        if param.get("key") == "Target":
+            value = dict(param["value"])
+            value["Attributes"] = [a for a in value["Attributes"] if a.get("key") != "versionnumber"]
+            param = {**param, "value": value}  # noqa: PLW2901
+        params.append(param)
+    return replace(sent, body={**sent.body, "InputParameters": params}, raw=None)
+
+
+async def test_16h_an_older_change_without_versionnumber_never_overwrites_a_newer_whole_state(world: World):
+    """The mark kept `versionnumber` alone, so a change versioned by `modifiedon` could not be compared with it
+    and was written over the newer state. The mark now keeps `modifiedon` beside it."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    await world.send(created)
+    older = without_versionnumber(target_only(dv.update("contact", contact, {"telephone1": "+1 555 0191"})))
+    newer = dv.update("contact", contact, {"telephone1": "+1 555 0192"})
+    assert states(await world.send(newer)) == [("written", None)]
+    assert states(await world.send(older)) == [("skipped", "stale")]
+    check_contact(world.fhir, contact, dv.row("contact", contact))
+
+
+async def test_16i_a_comment_entered_again_without_images_never_takes_another_systems_note(world: World):
+    """On an Observation from FHIR saved only without images: the comment (the ingest's note) is changed, cleared
+    (the note goes), then entered again. Before, the last save took Dr B's note, the first free one, as if the
+    record had never been written by the row; the mark's column entry now says the row took its note already."""
+    dv = world.dataverse
+    seeded_patient = ingested_patient(world)
+    contact, ingested = ingest(world, seeded_patient)
+    theirs = {"authorString": "Dr B", "time": "2026-11-29T09:00:00Z", "text": "repeat in 1h"}
+    seeded = ingested_observation(world, seeded_patient["id"], "8310-5", note=[
+        {"authorString": "Nurse K", "time": "2026-11-29T08:00:00Z", "text": "axillary"}, theirs])
+    observation, echo = dv.observation(contact, user=SYNC_USER, msemr_azurefhirid=seeded["id"],
+                                       msemr_comment="axillary")
+    oral = target_only(dv.update("msemr_observation", observation, {"msemr_comment": "oral"}))
+    cleared = target_only(dv.update("msemr_observation", observation, {"msemr_comment": None}))
+    again = target_only(dv.update("msemr_observation", observation, {"msemr_comment": "seated"}))
+    assert states(await world.send_each(ingested, echo, oral, cleared)) == \
+        [("skipped", "echo")] * 2 + [("written", None)] * 2
+    assert [strip_marks(n) for n in world.fhir.get(f"Observation/{seeded['id']}")["note"]] == [theirs]
+    assert states(await world.send(again)) == [("written", None)]
+    notes = [strip_marks(n) for n in world.fhir.get(f"Observation/{seeded['id']}")["note"]]
+    assert notes == [theirs, {"text": "seated"}], notes
+
+
+async def test_16j_a_retried_change_without_images_overtaken_by_a_newer_one_still_writes_its_provenance(
+        world: World):
+    """Item 11 for steps without images, overtaken: U1 wrote the phone, its Provenance failed, U2 (a newer phone)
+    was written before U1's retry. Before, the row state's claim skipped the retry (every column written by a
+    newer change) before the write, where the owed Provenance is found: U1's version kept none."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    await world.send(created)
+    u1 = target_only(dv.update("contact", contact, {"telephone1": "+1 555 0181"}))
+    u2 = target_only(dv.update("contact", contact, {"telephone1": "+1 555 0182"}))
+    world.x.transport.add_entry(EntryFault(method="PUT", url_contains="Provenance/", status=500, times=3))
+    assert states(await world.send(u1)) == [("retry", "provenance-failed")]
+    assert states(await world.send(u2)) == [("written", None)]
+    assert states(await world.send(u1, delivery_count=2)) == [("written", None)]
+    patient = check_contact(world.fhir, contact, dv.row("contact", contact))
+    assert check_provenance(world.fhir, patient) == 3
+
+
+async def test_16k_a_retried_whole_state_owes_only_its_own_version_not_a_later_change_without_images(
+        world: World):
+    """A change without images leaves the mark's whole version as it is, so the version it wrote still holds the
+    whole state before it; a retry of that whole state must not give it its Provenance."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    await world.send(created)
+    w1 = dv.update("contact", contact, {"lastname": "Okonkwo"})
+    u2 = target_only(dv.update("contact", contact, {"telephone1": "+1 555 0183"}))
+    world.x.transport.add_entry(EntryFault(method="PUT", url_contains="Provenance/", status=500, times=6))
+    assert states(await world.send(w1)) == [("retry", "provenance-failed")]
+    assert states(await world.send(u2)) == [("retry", "provenance-failed")]
+    patient = the_resource(world.fhir, "Patient", ROW_SYSTEM, contact)
+    newest = f"Patient/{patient['id']}/_history/{patient['meta']['versionId']}"
+    assert states(await world.send(w1, delivery_count=2, instance=1)) == [("written", None)]
+    [r2] = await world.send(u2, delivery_count=2, instance=1)
+    assert (r2.state, r2.resource) == ("written", newest), (r2.state, r2.reason, r2.detail)
+    [provenance] = world.fhir.search(f"Provenance?target={newest}")
+    assert f"versionnumber {u2.version}" in provenance["entity"][0]["what"]["display"]
+    assert check_provenance(world.fhir, check_contact(world.fhir, contact, dv.row("contact", contact))) == 3
