@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, timedelta
 from pathlib import Path
@@ -86,11 +87,15 @@ async def _process_files(files: list[str], settings: Settings, maps: MapSet) -> 
     worst = EXIT_OK
     try:
         pipeline = Pipeline(maps, settings, delivery, one_shot=True)  # `process` retries nothing
-        for name in files:
-            result = await pipeline.process(Envelope(_read_bytes(name), message_id=Path(name).stem))
+        bodies = [(name, _read_bytes(name)) for name in files]  # every file read before anything is written
+        for name, body in bodies:
+            result = await pipeline.process(Envelope(body, message_id=Path(name).stem))
+            # `decision`: what the function would do with the message (`process` itself dead-letters and retries
+            # nothing); `detail`: why, by ids and reason only, as the outcome log has it.
             print(json.dumps({
                 "file": name, "decision": result.state, "reason": result.reason.value if result.reason else None,
-                "resource": result.resource, "provenance": result.provenance, "warnings": len(result.issues),
+                "detail": result.detail, "resource": result.resource, "provenance": result.provenance,
+                "warnings": len(result.issues),
             }), flush=True)
             if result.state not in ("written", "skipped"):
                 worst = EXIT_REJECT
@@ -113,6 +118,25 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 
 
 MAX_SINCE = timedelta(days=400)
+
+
+def _positive(text: str) -> int:
+    """A count of 1 or more (argparse type): 0 or less would show nothing and say nothing of why."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _row_id(text: str) -> str:
+    """A Dataverse row id (argparse type): a GUID, else no outcome could ever match."""
+    try:
+        return str(uuid.UUID(text.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Dataverse row id (a GUID)") from None
 
 
 def parse_since(text: str) -> timedelta:
@@ -354,8 +378,8 @@ def add_admin_commands(sub: Any) -> None:
                       help="only this status; failed = dead-lettered, retry and config-error")
     logs.add_argument("--since", type=parse_since, default=timedelta(hours=24), metavar="DURATION",
                       help="how far back, e.g. 30m, 24h, 7d (default 24h)")
-    logs.add_argument("--record", metavar="ID", help="the history of one Dataverse row (its GUID)")
-    logs.add_argument("--limit", type=int, default=200, help="most outcomes shown, newest first (default 200)")
+    logs.add_argument("--record", metavar="ID", type=_row_id, help="the history of one Dataverse row (its GUID)")
+    logs.add_argument("--limit", type=_positive, default=200, help="most outcomes shown, newest first (default 200)")
     logs.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     logs.set_defaults(run=cmd_logs)
     check = sub.add_parser("check-config", help="validate settings and entity maps; --connect also tries them")

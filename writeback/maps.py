@@ -458,10 +458,15 @@ def _types_of(spec: EntityMapSpec) -> set[str]:
 def load_maps(directory: Path) -> MapSet:
     """Read, validate and compile every `*.yaml` map in `directory`."""
     if not directory.is_dir():
-        raise MapError(str(directory), "(folder)", "does not exist")
+        raise MapError(str(directory), "(folder)", "is not a folder" if directory.exists() else "does not exist")
     specs: dict[str, tuple[str, EntityMapSpec]] = {}
     for path in sorted(directory.glob("*.y*ml")):
         spec = _read_spec(path)
+        if spec.table != path.stem:
+            # A table name mistyped in either place would leave that table's messages `no-entity-map` (skipped):
+            # the two must agree.
+            raise MapError(path.name, "table", f"is {spec.table!r}, but a map's file is named for its table: "
+                           f"{spec.table}.yaml, or `table: {path.stem}`")
         if spec.table in specs:
             raise MapError(path.name, "table", f"{spec.table!r} is already mapped by {specs[spec.table][0]}")
         specs[spec.table] = (path.name, spec)

@@ -72,7 +72,7 @@ from writeback.leases import RELEASE_HOLDER, Lease, give_back, take
 from writeback.marks import Version
 from writeback.pipeline import Envelope, Result, State, message_key
 from writeback.reasons import Reason
-from writeback.settings import SPEC_BY_NAME, Settings, require_secure_url
+from writeback.settings import SPEC_BY_NAME, Settings, checked_outcome_store
 
 Status = Literal["written", "skipped", "failed"]
 STATUSES: tuple[Status, ...] = ("written", "skipped", "failed")
@@ -160,9 +160,8 @@ def outcome_settings(env: Mapping[str, str] | None = None) -> Settings:
     def get(name: str) -> str:
         return (env.get(name) or SPEC_BY_NAME[name].default or "").strip()
 
-    endpoint, conn = get("OUTCOMES_TABLE_ENDPOINT"), get("OUTCOMES_CONNECTION_STRING")
-    if endpoint:
-        endpoint = require_secure_url("OUTCOMES_TABLE_ENDPOINT", endpoint)
+    conn = get("OUTCOMES_CONNECTION_STRING")
+    endpoint = checked_outcome_store(get("OUTCOMES_TABLE_ENDPOINT"), conn)
     if not endpoint and not conn:
         raise ConfigError("OUTCOMES_TABLE_ENDPOINT", "is not set (nor OUTCOMES_CONNECTION_STRING)")
     prefix = get("OUTCOMES_TABLE_PREFIX")
@@ -360,7 +359,11 @@ class OutcomeStore:
         }
         close: Callable[[], Awaitable[None]] | None = None
         if settings.outcomes_connection_string:
-            service = TableServiceClient.from_connection_string(settings.outcomes_connection_string, **options)
+            try:
+                service = TableServiceClient.from_connection_string(settings.outcomes_connection_string, **options)
+            except ValueError:  # (its text may quote the secret: not passed on)
+                raise ConfigError("OUTCOMES_CONNECTION_STRING", "is not a connection string the Table Storage "
+                                  "client accepts") from None
         elif settings.outcomes_endpoint:
             if credential is None:
                 credential = DefaultAzureCredential(exclude_interactive_browser_credential=True,

@@ -128,6 +128,33 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
+def checked_outcome_store(endpoint: str, connection_string: str) -> str:
+    """The Table Storage settings' checks (the function's and the admin commands'); the endpoint as used."""
+    if endpoint:
+        endpoint = require_secure_url("OUTCOMES_TABLE_ENDPOINT", endpoint)
+        if urlsplit(endpoint).scheme != "https":
+            # The endpoint is used with a Microsoft Entra token, which the Table Storage client sends over https
+            # only (even to loopback): Azurite goes by connection string.
+            raise ConfigError("OUTCOMES_TABLE_ENDPOINT", "must use https (a Microsoft Entra token is sent over "
+                              "https only; for Azurite set OUTCOMES_CONNECTION_STRING instead)")
+    if connection_string:
+        check_connection_string("OUTCOMES_CONNECTION_STRING", connection_string)
+    return endpoint
+
+
+def check_connection_string(name: str, text: str) -> None:
+    """A storage connection string's shape: `key=value` pairs separated by `;`, naming an account, an endpoint or
+    the development storage. (The value is a secret: never said back.)"""
+    pairs = [part.partition("=") for part in text.split(";") if part.strip()]
+    keys = {key.strip().lower() for key, eq, value in pairs if eq and key.strip() and value.strip()}
+    if len(keys) != len(pairs) or not keys & {"accountname", "tableendpoint", "usedevelopmentstorage"}:
+        raise ConfigError(name, "is not a storage connection string (`AccountName=...;AccountKey=...;...` or "
+                          "`UseDevelopmentStorage=true`)")
+    for key, _, value in pairs:
+        if key.strip().lower() == "tableendpoint":
+            require_secure_url(name, value.strip())
+
+
 def require_secure_url(name: str, url: str) -> str:
     """TLS for every endpoint that leaves the machine."""
     parts = urlsplit(url)
@@ -269,8 +296,7 @@ class Settings:
             raise ConfigError("WRITEBACK_META_SOURCE", "must be an absolute URI")
         outcomes_endpoint = _get(env, "OUTCOMES_TABLE_ENDPOINT")
         outcomes_cs = _get(env, "OUTCOMES_CONNECTION_STRING")
-        if outcomes_endpoint:
-            outcomes_endpoint = require_secure_url("OUTCOMES_TABLE_ENDPOINT", outcomes_endpoint)
+        outcomes_endpoint = checked_outcome_store(outcomes_endpoint, outcomes_cs)
         if need_outcomes and not (outcomes_endpoint or outcomes_cs):
             raise ConfigError("OUTCOMES_TABLE_ENDPOINT", "is not set (nor OUTCOMES_CONNECTION_STRING)")
         prefix = _get(env, "OUTCOMES_TABLE_PREFIX")

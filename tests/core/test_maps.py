@@ -288,3 +288,17 @@ def test_a_target_written_for_one_type_only_need_exist_in_that_type(tmp_path):
     maps = load_maps(maps_dir(tmp_path, {"contact.yaml": text}))
     assert maps.maps["contact"].attributes[-1].only_for == frozenset({"Patient"})
 
+
+
+def test_a_map_whose_table_is_not_its_file_name_is_refused(tmp_path):
+    """Found trying the product as a new user: `table: contacts` in contact.yaml loaded, and every contact message
+    was then skipped as `no-entity-map`: completed, never written."""
+    error = load_error(maps_dir(tmp_path, {"contact.yaml": edit("contact.yaml", "table: contact\n",
+                                                                "table: contacts\n")}))
+    assert (error.file, error.field) == ("contact.yaml", "table")
+    assert "contacts.yaml" in str(error) and "table: contact`" in str(error)
+
+
+def test_a_maps_folder_that_is_a_file_says_so(tmp_path):
+    error = load_error(maps_dir(tmp_path) / "contact.yaml")
+    assert error.field == "(folder)" and "is not a folder" in str(error)

@@ -173,3 +173,27 @@ def test_process_writes_an_observation_whose_encounter_is_nowhere_by_identifier(
     assert cli.main(["process", *map(str, files)]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
     assert out.count("written") >= 2, out
+
+
+def test_process_reads_every_file_first_and_says_why_each_message_ends_as_it_does(
+        live_env: FhirDevServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found trying the product as a new user: a missing file stopped `process` part-way (the files before it
+    written, those after it not), and a line gave the reason code without its detail."""
+    from devtools.messages import Choice, context
+
+    patient = str(uuid.uuid4())
+    row = {"msemr_contacttype": Choice(935000000), "msemr_azurefhirsyncenabled": True, "lastname": "Okafor"}
+    good = tmp_path / "patient.json"
+    good.write_text(json.dumps(context("Create", "contact", patient, row, post=row)))
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps(context("Create", "account", str(uuid.uuid4()), {"name": "x"})))
+    try:
+        code = cli.main(["process", str(good), str(tmp_path / "missing.json")])
+    except SystemExit as exited:
+        code = int(exited.code or 0)
+    captured = capsys.readouterr()
+    assert code == 2 and "missing.json" in captured.err and captured.out == ""  # nothing was processed
+    assert cli.main(["process", str(unknown)]) == 0
+    [line] = [json.loads(text) for text in capsys.readouterr().out.splitlines()]
+    assert (line["decision"], line["reason"]) == ("skipped", "no-entity-map")
+    assert "account" in line["detail"] and "has no entity map" in line["detail"]

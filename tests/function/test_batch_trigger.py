@@ -143,6 +143,29 @@ async def test_a_configuration_fault_retries_the_whole_batch_with_one_error(
     await app.aclose()
 
 
+@pytest.mark.parametrize(("name", "value"), [("OUTCOMES_CONNECTION_STRING", "garbage"),
+                                           ("OUTCOMES_TABLE_ENDPOINT", "http://127.0.0.1:1")])
+async def test_a_malformed_storage_setting_is_a_configuration_fault_not_a_bug(
+        name: str, value: str, outcome_env: str, user_function: UserFunction, fake_factory: FakeFactory,
+        scheduler: RecordingScheduler, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Found trying the product as a new user: the Table Storage client refused these with a ValueError, logged as
+    an unexpected error and abandoned, so Service Bus redelivered each message until MaxDeliveryCountExceeded."""
+    monkeypatch.setenv("FHIR_URL", "http://127.0.0.1:9/fhir")
+    monkeypatch.delenv("OUTCOMES_CONNECTION_STRING")
+    monkeypatch.setenv(name, value)
+    app = functions.FunctionApp(delivery_factory=fake_factory, scheduler_factory=scheduler.factory)
+    monkeypatch.setattr(functions, "_APP", app)
+    messages = batch(a=create_body(new_id()))
+    actions = MockMessageActions()
+    await user_function(messages=messages, message_actions=actions)
+    assert [actions.of(m).kind for m in messages] == ["complete"]  # its copy waits (section 2 of #13)
+    assert [c.message_id for c in scheduler.copies] == ["a~r1"]
+    [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert error.__dict__["outcome"] == "config-error" and name in error.getMessage()
+    assert value not in error.getMessage() and error.exc_info is None
+    await app.aclose()
+
+
 async def test_an_unreadable_message_is_abandoned_alone(fake_app: functions.FunctionApp,
                                                         user_function: UserFunction,
                                                         caplog: pytest.LogCaptureFixture) -> None:

@@ -110,3 +110,14 @@ def test_logs_reads_without_creating_tables(azurite_tables: Azurite, monkeypatch
     assert capsys.readouterr().out.splitlines()[-1] == "0 outcome(s)"
     with TableServiceClient.from_connection_string(azurite_tables.connection_string) as service:
         assert [t.name for t in service.list_tables() if t.name.startswith(prefix)] == []
+
+
+@pytest.mark.parametrize("args", [["--limit", "0"], ["--limit", "-5"], ["--record", "not-a-guid"]])
+def test_logs_refuses_what_could_only_show_nothing(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Found trying the product as a new user: these printed `0 outcome(s)` and exit 0, as if there were none."""
+    try:
+        code = cli.main(["logs", *args])
+    except SystemExit as exited:
+        code = int(exited.code or 0)
+    err = capsys.readouterr().err
+    assert code == 2 and args[0] in err and "Traceback" not in err

@@ -43,7 +43,7 @@ def test_secrets_are_redacted_in_redacted_and_in_repr():
     secrets = [s.name for s in SETTINGS if s.secret]
     assert {"FHIR_CLIENT_SECRET", "ALTERNATE_CLIENT_SECRET", "OUTCOMES_CONNECTION_STRING"} <= set(secrets)
     env = {**BASE, "FHIR_TOKEN_URL": "https://login.example.org/t", "FHIR_CLIENT_ID": "c",
-           "FHIR_CLIENT_SECRET": SECRET, "OUTCOMES_CONNECTION_STRING": f"AccountKey={SECRET};",
+           "FHIR_CLIENT_SECRET": SECRET, "OUTCOMES_CONNECTION_STRING": f"AccountName=a;AccountKey={SECRET};",
            "ALTERNATE_CLIENT_SECRET": SECRET}
     shown = redacted(env)
     assert all(shown[name] == "***redacted***" for name in secrets)
@@ -73,3 +73,36 @@ def test_a_client_secret_without_its_tenant_is_refused():
     with pytest.raises(ConfigError) as refused:
         Settings.from_env({**BASE, "FHIR_CLIENT_ID": "c", "FHIR_CLIENT_SECRET": SECRET})
     assert refused.value.setting == "FHIR_TENANT_ID" and SECRET not in str(refused.value)
+
+
+@pytest.mark.parametrize("text", [SECRET, f"AccountKey={SECRET}", f"garbage;AccountName=x;{SECRET}",
+                                  f"AccountName=acct;AccountKey={SECRET};TableEndpoint=http://10.1.2.3:10002/a"])
+def test_a_malformed_storage_connection_string_is_a_configuration_error_that_never_repeats_it(
+        text: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """Before, the Table Storage client raised a ValueError on first use: a traceback in the admin commands, and in
+    the function an unexpected error that abandoned every message until MaxDeliveryCountExceeded."""
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({**BASE, "OUTCOMES_CONNECTION_STRING": text})
+    assert refused.value.setting == "OUTCOMES_CONNECTION_STRING" and SECRET not in str(refused.value)
+    monkeypatch.setenv("OUTCOMES_CONNECTION_STRING", text)
+    monkeypatch.delenv("OUTCOMES_TABLE_ENDPOINT", raising=False)
+    from writeback import cli
+
+    assert cli.main(["logs"]) != 0
+    err = capsys.readouterr().err
+    assert "OUTCOMES_CONNECTION_STRING" in err and "Traceback" not in err and SECRET not in err
+
+
+def test_the_table_endpoint_takes_https_only_even_on_loopback(monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]):
+    """It is used with a Microsoft Entra token, which the Table Storage client refuses to send over http."""
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({**BASE, "OUTCOMES_TABLE_ENDPOINT": "http://127.0.0.1:10002/devstoreaccount1"})
+    assert refused.value.setting == "OUTCOMES_TABLE_ENDPOINT" and "OUTCOMES_CONNECTION_STRING" in refused.value.detail
+    monkeypatch.setenv("OUTCOMES_TABLE_ENDPOINT", "http://127.0.0.1:1")
+    monkeypatch.delenv("OUTCOMES_CONNECTION_STRING", raising=False)
+    from writeback import cli
+
+    assert cli.main(["check-config", "--connect"]) != 0
+    err = capsys.readouterr()
+    assert "Traceback" not in err.err + err.out and "OUTCOMES_TABLE_ENDPOINT" in err.err + err.out
