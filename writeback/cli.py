@@ -139,6 +139,16 @@ def _row_id(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a Dataverse row id (a GUID)") from None
 
 
+def _dead_letter_reason(text: str) -> str:
+    """A reason a message is dead-lettered with (argparse type): one of this product's codes, or the broker's own
+    (`MaxDeliveryCountExceeded`, `TTLExpiredException`: CamelCase). A mistyped code would move nothing, silently."""
+    text = text.strip()
+    if text in {reason.value for reason in Reason} or re.fullmatch(r"[A-Z][A-Za-z]+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a reason code (README, Reason codes) nor a Service Bus "
+                                     "reason such as MaxDeliveryCountExceeded")
+
+
 def parse_since(text: str) -> timedelta:
     """`30m`, `24h`, `7d`, `2w` → timedelta (argparse type)."""
     match = _SINCE.match(text)
@@ -282,23 +292,32 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK if not failures else EXIT_CHECK_FAILED
 
 
+# The connection, by the names an administrator may have at hand: this command's own, the function app's trigger
+# settings (`ServiceBusConnection`, `ServiceBusConnection__fullyQualifiedNamespace`: "the same settings as the
+# function app"), azd's environment.
+_SB_CONNECTION_STRINGS = ("SERVICEBUS_CONNECTION_STRING", "ServiceBusConnection")
+_SB_NAMESPACES = ("SERVICEBUS_NAMESPACE", "ServiceBusConnection__fullyQualifiedNamespace", "SERVICE_BUS_NAMESPACE")
+
+
 def servicebus_client() -> ServiceBusClient:
-    """From SERVICEBUS_CONNECTION_STRING, else SERVICEBUS_NAMESPACE (or azd's SERVICE_BUS_NAMESPACE: the bare name
-    or the host name) + DefaultAzureCredential (az login)."""
-    conn = os.environ.get("SERVICEBUS_CONNECTION_STRING", "").strip()
-    if conn:
-        try:
-            return ServiceBusClient.from_connection_string(conn)
-        except ValueError:
-            raise ConfigError("SERVICEBUS_CONNECTION_STRING", "is not a Service Bus connection string "
-                              "(Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=...)") from None
-    namespace = (os.environ.get("SERVICEBUS_NAMESPACE") or os.environ.get("SERVICE_BUS_NAMESPACE") or "").strip()
+    """From a connection string, else a namespace (the bare name or the host name) + DefaultAzureCredential
+    (az login); see `_SB_CONNECTION_STRINGS`, `_SB_NAMESPACES`."""
+    for name in _SB_CONNECTION_STRINGS:
+        conn = os.environ.get(name, "").strip()
+        if conn:
+            try:
+                return ServiceBusClient.from_connection_string(conn)
+            except ValueError:
+                raise ConfigError(name, "is not a Service Bus connection string "
+                                  "(Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=...)") from None
+    namespace = next((value for name in _SB_NAMESPACES if (value := os.environ.get(name, "").strip())), "")
     if namespace and "." not in namespace:
         namespace += ".servicebus.windows.net"
     if namespace:
         credential = DefaultAzureCredential(exclude_interactive_browser_credential=True)
         return ServiceBusClient(namespace, credential=credential)
-    raise ConfigError("SERVICEBUS_CONNECTION_STRING", "is not set (nor SERVICEBUS_NAMESPACE or SERVICE_BUS_NAMESPACE)")
+    others = ", ".join(_SB_CONNECTION_STRINGS[1:] + _SB_NAMESPACES)
+    raise ConfigError("SERVICEBUS_CONNECTION_STRING", f"is not set (nor {others})")
 
 
 _DLQ_PROPERTIES = {"DeadLetterReason", "DeadLetterErrorDescription"}
@@ -389,7 +408,7 @@ def add_admin_commands(sub: Any) -> None:
     resubmit = sub.add_parser("resubmit", help="move dead-lettered messages back to their queue after a fix")
     resubmit.add_argument("--queue", help="the queue whose dead-letter queue is emptied (default: "
                           "WRITEBACK_QUEUE_NAME, else dataverse-writeback)")
-    resubmit.add_argument("--reason", metavar="CODE",
+    resubmit.add_argument("--reason", metavar="CODE", type=_dead_letter_reason,
                           help="only messages dead-lettered with this reason code (e.g. fhir-rejected, "
                                "MaxDeliveryCountExceeded)")
     resubmit.add_argument("--max", type=int, default=100, help="most messages moved (default 100)")

@@ -333,7 +333,10 @@ def decide(message: Message, maps: MapSet, settings: Settings) -> Decision:
     resource_type = resource_type_of(entity_map, new)
     if resource_type is None:
         key = choice_key(new.get(entity_map.choice_column or ""))
-        detail = (f"Column {entity_map.choice_column} is {'not in the message' if key is None else 'not a mapped type'}"
+        # (a choice's value is a number, never patient data: said, so "missing" and "another type" read apart)
+        found = "not in the message" if key is None else (
+            f"{key}, not a mapped type" if key.isdigit() and len(key) <= 12 else "not a mapped type")
+        detail = (f"Column {entity_map.choice_column} is {found}"
                   f" for {message.table} {message.record_id}; only "
                   f"{', '.join(sorted(set(entity_map.choices.values())))} can be written.")
         return _reject(Reason.INVALID_CONTACT_TYPE, detail, message)

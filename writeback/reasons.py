@@ -65,10 +65,13 @@ class Reason(StrEnum):
 REASONS: dict[Reason, ReasonInfo] = {
     Reason.NO_ENTITY_MAP: ReasonInfo(
         Kind.SKIP, "The table has no entity map, or its map has writeback disabled.",
-        "Nothing, if the table should not be written back; else add or enable its map and resubmit."),
+        "Nothing, if the table should not be written back; else add or enable its map, then save the rows again in "
+        "Dataverse (a skipped message is completed, not kept: there is nothing to resubmit)."),
     Reason.UNSUPPORTED_MESSAGE: ReasonInfo(
-        Kind.SKIP, "The message (e.g. Delete) is not in the map's supported messages.",
-        "Nothing; or add the message to the map's `messages` and resubmit."),
+        Kind.SKIP, "The message (e.g. Delete, or an Update for a map that lists only Create) is not in the map's "
+        "supported messages.",
+        "Nothing; or add Create or Update to the map's `messages`, then save the rows again in Dataverse (a skipped "
+        "message is not kept: there is nothing to resubmit)."),
     Reason.CONSENT_WITHHELD: ReasonInfo(
         Kind.SKIP, "The patient's consent column (Azure FHIR Sync Enabled) is not Yes; for a row that belongs to "
         "a patient (an identifier, an encounter), that patient's.",
@@ -90,8 +93,11 @@ REASONS: dict[Reason, ReasonInfo] = {
         "does), which includes this change; a Target-only change is narrowed to the columns no newer change wrote.",
         "Nothing: the newer state is already on the FHIR server."),
     Reason.INVALID_CONTACT_TYPE: ReasonInfo(
-        Kind.REJECT, "A contact whose Contact Type is missing or is not Patient or Practitioner.",
-        "Set the contact's Contact Type in Dataverse, then save it again (or resubmit)."),
+        Kind.REJECT, "A contact whose Contact Type is missing or is not Patient or Practitioner (the detail gives "
+        "the value found).",
+        "If the contact is a patient or a practitioner, set its Contact Type in Dataverse, then save it again (or "
+        "resubmit). A contact of another type (a Related Person) is not written back: its message needs nothing "
+        "more."),
     Reason.MISSING_PARENT_LINK: ReasonInfo(
         Kind.REJECT, "An expansion row (e.g. a medical identifier) without the lookup to its parent, or whose "
         "parent lookup changed in a message without images (a step without pre and post images).",
@@ -111,7 +117,8 @@ REASONS: dict[Reason, ReasonInfo] = {
         "Register fewer image columns on the step; then save the row again in Dataverse."),
     Reason.FHIR_REJECTED: ReasonInfo(
         Kind.REJECT, "The FHIR server refused the resource (400/422); the detail has its issue codes.",
-        "Read the OperationOutcome in the outcome log, fix the data or map, then resubmit."),
+        "Read the outcome's detail (`logs --json`, or the dead-letter description): it names the element and the "
+        "server's issue code. Fix the data or the map, then resubmit."),
     Reason.TARGET_MISSING: ReasonInfo(
         Kind.REJECT, "The FHIR resource to update does not exist (404 on its FHIR id, or gone), or more than one "
         "resource carries the row identifier.",

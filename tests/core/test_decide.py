@@ -961,3 +961,13 @@ def test_row_facts_keep_the_version_of_the_message_each_value_came_from():
     for facts in (known.merge(retyped), retyped.merge(known)):
         assert (facts.version, facts.resource_type, facts.type_at) == (Version(12), "Practitioner", Version(11))
     assert told.merge(told) == told and later.merge(told).merge(later) == known
+
+
+def test_a_contact_of_another_type_says_which_value_it_found():
+    """Found trying the product as a new user: a Related Person and a contact without a type read the same, and
+    the advice was to set a type that is set. The value (a choice number, never patient data) tells them apart."""
+    related = plan(sample("10_relatedperson_create.json"))
+    assert related.reason is Reason.INVALID_CONTACT_TYPE
+    assert "msemr_contacttype is 935000002, not a mapped type" in related.detail
+    untyped = plan(context("Create", "contact", PATIENT, {"lastname": "Okafor"}))
+    assert untyped.reason is Reason.INVALID_CONTACT_TYPE and "is not in the message" in untyped.detail

@@ -52,11 +52,13 @@ def test_check_config_connect_refused_credentials(live_env: FhirDevServer, monke
 
 
 def test_resubmit_needs_a_connection(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    for name in ("SERVICEBUS_CONNECTION_STRING", "SERVICEBUS_NAMESPACE", "SERVICE_BUS_NAMESPACE"):
+    for name in ("SERVICEBUS_CONNECTION_STRING", "ServiceBusConnection", "SERVICEBUS_NAMESPACE",
+                 "ServiceBusConnection__fullyQualifiedNamespace", "SERVICE_BUS_NAMESPACE"):
         monkeypatch.delenv(name, raising=False)
     assert cli.main(["resubmit"]) == 2  # the queue defaults to the app's (WRITEBACK_QUEUE_NAME)
     assert capsys.readouterr().err == (
-        "error: setting SERVICEBUS_CONNECTION_STRING is not set (nor SERVICEBUS_NAMESPACE or SERVICE_BUS_NAMESPACE)\n")
+        "error: setting SERVICEBUS_CONNECTION_STRING is not set (nor ServiceBusConnection, SERVICEBUS_NAMESPACE, "
+        "ServiceBusConnection__fullyQualifiedNamespace, SERVICE_BUS_NAMESPACE)\n")
 
 
 def test_resubmit_with_a_malformed_connection_string_is_one_line(monkeypatch: pytest.MonkeyPatch,
@@ -197,3 +199,21 @@ def test_process_reads_every_file_first_and_says_why_each_message_ends_as_it_doe
     [line] = [json.loads(text) for text in capsys.readouterr().out.splitlines()]
     assert (line["decision"], line["reason"]) == ("skipped", "no-entity-map")
     assert "account" in line["detail"] and "has no entity map" in line["detail"]
+
+
+def test_resubmit_refuses_a_mistyped_reason_and_takes_the_function_apps_connection_setting(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found trying the product as a new user: `--reason retries-exausted` was accepted and would move nothing, and
+    the function app's own `ServiceBusConnection` was not read ("the same settings as the function app")."""
+    try:
+        code = cli.main(["resubmit", "--reason", "retries-exausted"])
+    except SystemExit as exited:
+        code = int(exited.code or 0)
+    assert code == 2 and "retries-exausted" in capsys.readouterr().err
+    for name in ("SERVICEBUS_CONNECTION_STRING", "SERVICEBUS_NAMESPACE", "SERVICE_BUS_NAMESPACE",
+                 "ServiceBusConnection__fullyQualifiedNamespace"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ServiceBusConnection", "not a connection string")
+    assert cli.main(["resubmit", "--reason", "MaxDeliveryCountExceeded"]) == 2
+    err = capsys.readouterr().err
+    assert "ServiceBusConnection" in err and "not a connection string" not in err and "Traceback" not in err
