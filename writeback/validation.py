@@ -14,6 +14,7 @@ invariants the models leave out (`check_invariants`) are checked with each item,
 from __future__ import annotations
 
 import functools
+import re
 import types
 import typing
 from collections.abc import Collection, Mapping
@@ -58,6 +59,64 @@ class _Element:
     repeats: bool
     required: bool  # min cardinality 1 (a complex element the model requires, or `element_required`)
     datatype: str  # the FHIR datatype of a complex value (of each item): "Identifier", "Reference", ...
+    primitive: str | None = None  # the check of `_PRIMITIVES` its value needs (a primitive element)
+
+
+# What FHIR R4 asks of primitive values and the models leave out. "space": a uri, url, canonical, oid, uuid or
+# id holds no whitespace (their regexes: `\S*`, ...); "text": a string or markdown holds no control character
+# but tab, CR and LF (the FHIR engine refuses the write otherwise: better `invalid-resource`, naming the column,
+# at planning than `fhir-rejected` from the server, and the dry run says so too).
+_PRIMITIVES = {"Uri": "space", "Url": "space", "Canonical": "space", "Oid": "space", "Uuid": "space",
+               "Id": "space", "String": "text", "Markdown": "text"}
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def _primitive(item: Any) -> str | None:
+    if typing.get_origin(item) is not typing.Annotated:
+        return None
+    return next((_PRIMITIVES[type(m).__name__] for m in typing.get_args(item)[1:]
+                 if type(m).__name__ in _PRIMITIVES), None)
+
+
+@functools.cache
+def _shape(datatype: str) -> Mapping[str, tuple[str, str]]:
+    """A complex datatype's elements that need a primitive check (`("space" | "text", "")`) or hold a complex
+    datatype to look into (`("complex", its name)`), by JSON name."""
+    try:
+        model = get_fhir_model_class(datatype)
+    except (KeyError, ValueError, ImportError):
+        return {}
+    out: dict[str, tuple[str, str]] = {}
+    for name, info in model.model_fields.items():
+        inner = _optional_inner(info.annotation)
+        item = _optional_inner(typing.get_args(inner)[0]) if typing.get_origin(inner) is list else inner
+        if (check := _primitive(item)) is not None:
+            out[info.alias or name] = (check, "")
+        elif (kind := getattr(item, "__name__", "")).endswith("Type") and len(kind) > 4:
+            out[info.alias or name] = ("complex", kind.removesuffix("Type"))
+    return out
+
+
+def _primitives(kind: str, check: str, value: Any, loc: tuple[int | str, ...]) -> None:
+    """`value` (of the `check` of `_shape`, or of a complex datatype's name) as FHIR's primitives ask."""
+    if check in {"space", "text"}:
+        if isinstance(value, str) and (any(c.isspace() for c in value) if check == "space" else _CONTROL.search(value)):
+            what = "holds whitespace" if check == "space" else "holds a control character"
+            raise _invalid(f"{kind}.{_loc(loc)} is invalid ({what})")
+        return
+    if not isinstance(value, dict):
+        return
+    shape = _shape(check)
+    for key, item in value.items():
+        found = shape.get(key)
+        if found is None:
+            continue
+        one_check = found[0] if found[0] != "complex" else found[1]
+        if isinstance(item, list):
+            for i, one in enumerate(item):
+                _primitives(kind, one_check, one, (*loc, key, i))
+        else:
+            _primitives(kind, one_check, item, (*loc, key))
 
 
 def _optional_inner(annotation: Any) -> Any:
@@ -79,7 +138,7 @@ def _elements(resource_type: str) -> Mapping[str, _Element]:
         item = typing.get_args(inner)[0] if repeats else inner
         out[info.alias or name] = _Element(TypeAdapter(item), repeats,
                                            info.is_required() or extra.get("element_required") is True,
-                                           getattr(item, "__name__", "").removesuffix("Type"))
+                                           getattr(item, "__name__", "").removesuffix("Type"), _primitive(item))
     return out
 
 
@@ -191,6 +250,7 @@ def _check(kind: str, element: _Element, value: Any, loc: tuple[int | str, ...],
             raise _invalid(f"{kind}.{_loc((*loc, *where))} is invalid ({kind_of})") from None
     except (ValueError, TypeError) as exc:  # validators in fhir.resources may raise plain errors
         raise _invalid(f"{kind} failed validation ({type(exc).__name__})") from None
+    _primitives(kind, element.primitive or element.datatype, value, loc)
     _per1(kind, value, loc)
     if len(_valid) >= VALID_ITEMS_MAX:
         _valid.clear()

@@ -971,3 +971,20 @@ def test_a_contact_of_another_type_says_which_value_it_found():
     assert "msemr_contacttype is 935000002, not a mapped type" in related.detail
     untyped = plan(context("Create", "contact", PATIENT, {"lastname": "Okafor"}))
     assert untyped.reason is Reason.INVALID_CONTACT_TYPE and "is not in the message" in untyped.detail
+
+
+@pytest.mark.parametrize(("table", "row", "element"), [
+    ("msemr_medicalidentifier", {"msemr_assignee": Lookup("contact", PATIENT), "msemr_identifiersystem":
+                                 "MRN 0042731 Quintero", "msemr_value": "0042731"}, "Patient.identifier[0].system"),
+    ("contact", {"msemr_contacttype": Choice(935000000), "msemr_azurefhirsyncenabled": True,
+                 "firstname": "Wren\x07", "lastname": "Castellanos"}, "Patient.name[0].given[0]"),
+])
+def test_a_primitive_fhir_refuses_is_invalid_at_planning(table: str, row: dict[str, Any], element: str):
+    """Found trying the product as a new user: a uri holding spaces (an identifier system typed as text) and a
+    control character in a name passed validation (the models leave these primitive rules out); the dry run said
+    `write` and the server refused it (`fhir-rejected`). Now `invalid-resource`, naming the element, never the
+    value."""
+    record = IDENTIFIER if table == "msemr_medicalidentifier" else PATIENT
+    decision = plan(context("Create", table, record, row, post=row))
+    assert (decision.decision, decision.reason) == ("reject", Reason.INVALID_RESOURCE), decision.detail
+    assert element in decision.detail and "Quintero" not in decision.detail and "Wren" not in decision.detail
