@@ -124,6 +124,7 @@ class AzureIdentityTokens(_Cached):
                     managed_identity_client_id=settings.fhir_client_id or None,
                     exclude_interactive_browser_credential=True)
         self._credential = credential
+        self._chained = isinstance(credential, DefaultAzureCredential)
 
     async def _fetch(self) -> tuple[str, float]:
         try:
@@ -133,7 +134,11 @@ class AzureIdentityTokens(_Cached):
                                  "setting FHIR_CLIENT_ID/FHIR_TENANT_ID: no Azure credential is available "
                                  "(no managed identity, no client secret)") from None
         except ClientAuthenticationError:
-            raise WritebackError(Reason.UNAUTHORIZED, "Microsoft Entra ID refused the credential") from None
+            # The chain of DefaultAzureCredential says the same when none of its credentials was there to try
+            # (no managed identity, no az login) as when one was refused: the detail says both, not "refused".
+            raise WritebackError(Reason.UNAUTHORIZED, "no Azure credential gave a token: none is available here (no "
+                                 "managed identity, no az login, no client secret), or Microsoft Entra ID refused "
+                                 "it" if self._chained else "Microsoft Entra ID refused the credential") from None
         except ServiceRequestError as exc:
             raise WritebackError(Reason.FHIR_UNAVAILABLE,
                                  f"Microsoft Entra ID could not be reached ({type(exc).__name__})") from None

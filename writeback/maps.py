@@ -6,6 +6,7 @@ nothing is parsed per message: paths are parsed, value maps keyed, and cross-map
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import typing
 from collections.abc import Mapping, Sequence
@@ -258,7 +259,7 @@ def _compile_path(file: str, where: str, text: str, resource_types: frozenset[st
         raise MapError(file, where, str(exc)) from None
     head = path[0]
     assert isinstance(head, PathField)
-    for resource_type in resource_types:
+    for resource_type in sorted(resource_types):  # (the same error on every run)
         if head.name not in _model_fields(resource_type):
             raise MapError(file, where, f"{resource_type} has no element {head.name!r}")
     owns = [i for i, seg in enumerate(path) if isinstance(seg, Own)]
@@ -335,7 +336,16 @@ def _format_error(err: Mapping[str, Any]) -> tuple[str, str]:
             continue
         else:
             where += ("." if where else "") + str(part)
+    if err.get("type") == "extra_forbidden" and loc and isinstance(loc[-1], str):
+        near = difflib.get_close_matches(loc[-1], _spec_keys(), n=1)
+        return where, "is not a key entity maps know" + (f" (did you mean `{near[0]}`?)" if near else "")
     return where or "(top level)", str(err.get("msg", "is invalid"))
+
+
+@cache
+def _spec_keys() -> tuple[str, ...]:
+    """Every key of every part of an entity map (for a misspelt one's likely meaning)."""
+    return tuple(sorted({name for model in _Strict.__subclasses__() for name in model.model_fields}))
 
 
 def _read_spec(path: Path) -> EntityMapSpec:

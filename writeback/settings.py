@@ -236,9 +236,9 @@ class Settings:
         # Compared with the GUIDs Dataverse sends (lowercase, no braces): anything else would never match, and the
         # two sync directions would feed each other's changes back and forth.
         if bad := sorted(i for i in ids if not _GUID.fullmatch(i)):
-            raise ConfigError("WRITEBACK_IGNORE_USER_IDS", f"holds {len(bad)} entr{'y' if len(bad) == 1 else 'ies'} "
-                              "that are not a GUID (comma-separated GUIDs, like 9e7d5c3b-0000-0000-0000-000000000000, "
-                              "without braces)")
+            what = "an entry that is not" if len(bad) == 1 else f"{len(bad)} entries that are not"
+            raise ConfigError("WRITEBACK_IGNORE_USER_IDS", f"holds {what} a GUID (comma-separated GUIDs, like "
+                              "9e7d5c3b-0000-0000-0000-000000000000, without braces)")
         maps_dir = Path(_get(env, "WRITEBACK_MAPS_DIR") or DEFAULT_MAPS_DIR)
         consent_unknown = _get(env, "WRITEBACK_CONSENT_UNKNOWN").lower()
         if consent_unknown not in ("retry", "skip"):

@@ -107,9 +107,9 @@ START = "{column: msemr_encounterstartdate, target: period.start, type: dateTime
     pytest.param(ENC, "table: msemr_encounter\nattributes: [oops\n", "(file)", ["YAML", "line"],
                  id="invalid-yaml"),
     pytest.param(ENC, "- just\n- a list\n", "(top level)", ["mapping"], id="not-a-mapping"),
-    pytest.param(ENC, edit(ENC, "writeback: true", "writeback: true\ncolour: red"), "colour", ["Extra"],
+    pytest.param(ENC, edit(ENC, "writeback: true", "writeback: true\ncolour: red"), "colour", ["not a key"],
                  id="unknown-top-level-key"),
-    pytest.param(ENC, edit(ENC, START, START[:-1] + ", colour: red}"), "attributes[4].colour", ["Extra"],
+    pytest.param(ENC, edit(ENC, START, START[:-1] + ", colour: red}"), "attributes[4].colour", ["not a key"],
                  id="unknown-attribute-key"),
     pytest.param(ENC, edit(ENC, START, "{column: msemr_encounterstartdate, type: dateTime}"),
                  "attributes[4].target", ["required"], id="missing-target"),
@@ -198,6 +198,9 @@ START = "{column: msemr_encounterstartdate, target: period.start, type: dateTime
     pytest.param("msemr_observation.yaml", edit("msemr_observation.yaml", '"note[row].text"',
                                                 '"code.coding[row].code"'),
                  "attributes[", ["selector or a position"], id="row-item-beside-a-selector"),
+    pytest.param("contact.yaml", edit("contact.yaml", "{column: birthdate, target: birthDate",
+                                      "{colum: birthdate, target: birthDate"),
+                 "attributes[3].colum", ["not a key", "did you mean `column`"], id="misspelt-key"),
 ])
 def test_bad_map_names_file_and_field(tmp_path, file, text, field, words):
     error = load_error(maps_dir(tmp_path, {file: text}))

@@ -68,3 +68,21 @@ async def test_credential_failures_map_to_reason_codes(error, reason):
         await AzureIdentityTokens(SETTINGS, MockCredential(error)).token()
     assert info.value.reason is reason
     assert "AADSTS" not in info.value.detail
+
+
+async def test_without_any_credential_here_the_detail_does_not_say_refused(monkeypatch: pytest.MonkeyPatch):
+    """Found trying the product as a new user: with no managed identity and no az login, DefaultAzureCredential's
+    chain ends in the same error as a refusal, and `check-config --connect` said Entra ID "refused the credential".
+    The real DefaultAzureCredential runs here, every credential of its chain unavailable (no network to Entra ID is
+    asked: the managed identity probe and az are what it tries)."""
+    for name in ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET", "IDENTITY_ENDPOINT", "MSI_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")  # no az, azd or pwsh to ask
+    tokens = AzureIdentityTokens(SETTINGS)
+    try:
+        with pytest.raises(WritebackError) as info:
+            await tokens.token()
+    finally:
+        await tokens.aclose()
+    assert info.value.reason is Reason.UNAUTHORIZED, info.value.detail
+    assert "none is available here" in info.value.detail and "refused the credential" not in info.value.detail
