@@ -99,9 +99,18 @@ def build() -> dict[str, dict[str, Any]]:
 BROKEN = '{"MessageName": "Update", "PrimaryEntityName": "contact", "PrimaryEntityId": "0c9a1e52-7b1d-4f6e'
 
 
+def stable(bodies: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The ids `context` draws anew on every call (CorrelationId, OperationId), fixed per sample: the script
+    remakes the committed files identically."""
+    for name, body in bodies.items():
+        body["CorrelationId"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"urn:samples:{name}:correlation"))
+        body["OperationId"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"urn:samples:{name}:operation"))
+    return bodies
+
+
 def main() -> None:
     SAMPLES.mkdir(exist_ok=True)
-    for name, body in build().items():
+    for name, body in stable(build()).items():
         (SAMPLES / name).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
     (SAMPLES / "09_broken_body.json").write_text(BROKEN + "\n", encoding="utf-8")
 
