@@ -283,7 +283,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         report(None, "trigger", "neither ServiceBusConnection nor ServiceBusConnection__fullyQualifiedNamespace "
                "is set here (the Functions host reads it)")
     try:
-        maps = load_maps(settings.maps_dir if settings else Settings.for_planning().maps_dir)
+        # The maps the function would load: --maps, else WRITEBACK_MAPS_DIR (read as such when another setting is
+        # wrong: checking the shipped maps instead would say "ok" of maps the function never loads).
+        where = args.maps or (str(settings.maps_dir) if settings else os.environ.get("WRITEBACK_MAPS_DIR", ""))
+        maps = load_for_cli(where or None, settings or Settings.for_planning())
         report(True, "entity maps", f"{len(maps.maps)} map(s) in {maps.source}: {', '.join(sorted(maps.maps))}")
     except WritebackError as exc:
         report(False, "entity maps", exc.detail)
@@ -408,6 +411,8 @@ def add_admin_commands(sub: Any) -> None:
     check = sub.add_parser("check-config", help="validate settings and entity maps; --connect also tries them")
     check.add_argument("--connect", action="store_true",
                        help="also reach Table Storage, obtain a token and read the FHIR server's /metadata")
+    check.add_argument("--maps", metavar="DIR", help="entity maps folder (default: WRITEBACK_MAPS_DIR, else the "
+                       "shipped maps)")
     check.set_defaults(run=cmd_check_config)
     resubmit = sub.add_parser("resubmit", help="move dead-lettered messages back to their queue after a fix")
     resubmit.add_argument("--queue", help="the queue whose dead-letter queue is emptied (default: "

@@ -217,3 +217,24 @@ def test_resubmit_refuses_a_mistyped_reason_and_takes_the_function_apps_connecti
     assert cli.main(["resubmit", "--reason", "MaxDeliveryCountExceeded"]) == 2
     err = capsys.readouterr().err
     assert "ServiceBusConnection" in err and "not a connection string" not in err and "Traceback" not in err
+
+
+def test_check_config_checks_the_configured_maps_even_when_another_setting_is_wrong(
+        clean_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With a setting wrong, the maps check read the shipped maps, not WRITEBACK_MAPS_DIR, and said `ok` of maps
+    the function would refuse. `--maps` checks a folder before it is configured."""
+    from writeback.settings import DEFAULT_MAPS_DIR
+
+    bad = tmp_path / "maps"
+    bad.mkdir()
+    for path in DEFAULT_MAPS_DIR.glob("*.yaml"):
+        (bad / path.name).write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    (bad / "contact.yaml").write_text((bad / "contact.yaml").read_text().replace("table: contact\n",
+                                                                                  "table: contacts\n"))
+    clean_env.setenv("WRITEBACK_MAPS_DIR", str(bad))  # and no FHIR_URL: the settings check fails
+    assert cli.main(["check-config"]) == cli.EXIT_CHECK_FAILED
+    out = capsys.readouterr().out
+    assert "FAIL  settings" in out and "FAIL  entity maps" in out and "contacts.yaml" in out
+    clean_env.delenv("WRITEBACK_MAPS_DIR")
+    assert cli.main(["check-config", "--maps", str(bad)]) == cli.EXIT_CHECK_FAILED
+    assert "FAIL  entity maps" in capsys.readouterr().out
