@@ -398,7 +398,7 @@ class BatchDelivery:
             # retry is `stale` by the row facts this change leaves); a newer one can (`leases.take`). One that
             # holds it is creating it now: the release is tried again later, and leaves what it made.
             held = await asyncio.gather(*(batch.leases.acquire(f"{job.target.resource_type}/{job.target.new_id}",
-                                                               lease, RELEASE_HOLDER, job.edit.mark.version.text())
+                                                               lease, RELEASE_HOLDER, job.edit.mark.version.stored())
                                           for job in unmade), return_exceptions=True)
             for job, mine in zip(unmade, held, strict=True):
                 if isinstance(mine, BaseException) and not isinstance(mine, WritebackError):
@@ -410,7 +410,7 @@ class BatchDelivery:
         creator = f"create-{uuid.uuid4().hex}"
         if creates:
             held = await asyncio.gather(*(batch.leases.acquire(f"{job.target.resource_type}/{resource['id']}", lease,
-                                                               creator, job.edit.mark.version.text())
+                                                               creator, job.edit.mark.version.stored())
                                           for job, resource in creates), return_exceptions=True)
             for (job, resource), mine in zip(creates, held, strict=True):
                 if isinstance(mine, WritebackError):  # the lease store is out of reach: this create waits

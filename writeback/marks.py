@@ -52,13 +52,22 @@ class Version:
             return str(self.number)
         return "@" + self.modified.isoformat() if self.modified is not None else ""
 
+    def stored(self) -> str:
+        """As kept where both parts must come back (the row state): `<versionnumber>@<modifiedon>` when it has
+        both (`text` keeps the number alone), read back by `parse`."""
+        if self.number is not None and self.modified is not None:
+            return f"{self.number}@{self.modified.isoformat()}"
+        return self.text()
+
     @classmethod
     def parse(cls, text: str) -> Version:
-        if text.startswith("@"):
+        number, at, when = text.partition("@")
+        if at:
             try:
-                return cls(modified=datetime.fromisoformat(text[1:]))
+                modified = datetime.fromisoformat(when)
             except ValueError:
-                return cls()
+                return cls(number=int(number)) if number.isdigit() else cls()
+            return cls(int(number) if number.isdigit() else None, modified)
         return cls(number=int(text)) if text.isdigit() else cls()
 
     def compare(self, other: Version) -> int | None:

@@ -524,11 +524,12 @@ class OutcomeStore:
             if merged == known:
                 return
             entity = _entity({
-                "PartitionKey": pk, "RowKey": rk, "FactsVersion": merged.version.text() or None,
+                "PartitionKey": pk, "RowKey": rk, "FactsVersion": merged.version.stored() or None,
                 "ResourceType": merged.resource_type, "Consent": merged.consent, "FhirId": merged.fhir_id,
                 "Written": merged.written, "Parent": merged.parent, "FhirType": merged.fhir_type,
                 # "" (not None, which MERGE would leave as it was): the same as FactsVersion
-                **{name: version.text() if version != merged.version else "" for name, version in
+                # (`stored`: modifiedon beside a versionnumber, so a message without the number is still ordered)
+                **{name: version.stored() if version != merged.version else "" for name, version in
                    zip(_FACT_VERSIONS, (merged.type_at, merged.consent_at, merged.parent_at), strict=True)},
                 "UpdatedAt": datetime.now(UTC),
             })

@@ -109,3 +109,15 @@ def test_child_row_items_are_ordered_per_column_too():
     again = converge(older.resource, ItemEdit(Mark("msemr_medicalidentifier", "i-1", Version(11)), "identifier",
                                               (value,), full=False))
     assert again.kind == "stale"
+
+
+def test_a_version_kept_in_the_row_state_comes_back_with_both_its_parts():
+    from datetime import UTC, datetime
+
+    when = datetime(2026, 11, 30, 8, 0, 4, tzinfo=UTC)
+    for version in (Version(5003, when), Version(5003), Version(None, when), Version()):
+        assert Version.parse(version.stored()) == version
+    assert Version.parse("5003@not a time") == Version(5003)
+    # a message without versionnumber is ordered against it by modifiedon
+    assert Version(None, datetime(2026, 11, 30, 8, 0, 3, tzinfo=UTC)).compare(Version.parse(
+        Version(5003, when).stored())) == -1

@@ -1404,3 +1404,29 @@ async def test_16k_a_retried_whole_state_owes_only_its_own_version_not_a_later_c
     [provenance] = world.fhir.search(f"Provenance?target={newest}")
     assert f"versionnumber {u2.version}" in provenance["entity"][0]["what"]["display"]
     assert check_provenance(world.fhir, check_contact(world.fhir, contact, dv.row("contact", contact))) == 3
+
+
+@pytest.mark.parametrize("order", ["in-order", "one-batch", "late"])
+async def test_16l_an_older_consent_without_versionnumber_never_undoes_a_newer_withdrawal(world: World, order: str):
+    """Found by review: the row facts kept in Table Storage stored a version's number alone (as the mark did,
+    test_16h), so a consent given by a save without images nor versionnumber, received after a newer withdrawal in
+    another batch, could not be ordered against it and won: an identifier saved after the withdrawal was written.
+    The row state now keeps `modifiedon` beside the number (`Version.stored`)."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    assert states(await world.send(created)) == [("written", None)]
+    withdrawn = dv.update("contact", contact, {"msemr_azurefhirsyncenabled": False})
+    given = without_versionnumber(target_only(dv.update("contact", contact, {"msemr_azurefhirsyncenabled": True})))
+    withdrawn_again = dv.update("contact", contact, {"msemr_azurefhirsyncenabled": False})
+    await world.send(withdrawn)
+    if order == "in-order":
+        await world.send_each(given, withdrawn_again)
+    elif order == "one-batch":
+        await world.send(withdrawn_again, given)
+    else:
+        await world.send(withdrawn_again)
+        await world.send(given)  # received last, in its own batch
+    _, mrn_created = dv.identifier(contact, MRN, "MRN-4242")  # saved after the last withdrawal
+    assert states(await world.send(mrn_created, delivery_count=5)) == [("skipped", "consent-withheld")]
+    assert [i for i in the_resource(world.fhir, "Patient", ROW_SYSTEM, contact).get("identifier", [])
+            if i.get("value") == "MRN-4242"] == []
