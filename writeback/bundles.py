@@ -361,6 +361,10 @@ class BatchDelivery:
             except WritebackError as exc:
                 job.outcome = exc
                 continue
+            if job.plan.heal_only and decided.kind in ("write", "absent"):
+                # A retry a newer change overtook writes nothing: as `stale`, it only looks for the version it
+                # may have written and owes a Provenance (`_heal`).
+                decided = Converged("stale", held=decided.held)
             if decided.kind == "absent" and current is not None:
                 # The resource is there, the row's item in it is not: a change sent without images holds only some
                 # of the item's columns and cannot make it (its Create, or a save with images, does).

@@ -142,6 +142,9 @@ class WritePlan:
     # A child row's parent lookup column, when the message holds it (a whole state, or a save that changed it): the
     # row state orders it as a column, so an older message that names a parent is `stale` once a newer one did.
     link: str | None = None
+    # A retry that a newer change overtook (moved the child row elsewhere): it writes nothing, and only looks for
+    # the version its earlier try may have written, to give it its owed Provenance (`BatchDelivery._heal`).
+    heal_only: bool = False
 
     @property
     def target(self) -> Target:

@@ -250,7 +250,7 @@ CONSENT_GRACE_RETRIES = 2
 
 
 def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, settings: Settings,
-            *, attempt: int = 0, created: AbstractSet[RowKey] = frozenset()) -> Decision:
+            *, attempt: int = 0, created: AbstractSet[RowKey] = frozenset(), retried: bool = False) -> Decision:
     """The plan with what other rows' facts decide: skipped while a patient it belongs to withholds consent (or
     waiting while that is unknown), stale when a newer change moved a child row to another parent, its parents'
     FHIR ids, its lookups' references. `attempt`: how many times this message was tried before. `created`: rows
@@ -285,6 +285,8 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
                        f"{first.target.resource_type}.")
     if own is not None and own.parent is not None and isinstance(first.edit, ItemEdit) and \
             own.parent != first.target.identifier_value and own.parent_at.compare(plan.source.version) == 1:
+        if retried:  # its earlier try may have written this parent a version that still owes its Provenance
+            return replace(decision, plan=replace(plan, heal_only=True))
         return replace(decision, decision="skip", reason=Reason.STALE, plan=None,
                        detail=f"A newer change of this row ({own.parent_at.text()}) "
                        + (f"moved it to another {first.target.table}." if own.parent else

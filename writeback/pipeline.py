@@ -509,7 +509,7 @@ class Pipeline:
             envelope = batch.envelopes[i]
             attempt = _attempt(envelope) if not self.one_shot else LAST_GRACE
             decision = resolve(batch.decisions[i], known, self.maps, self.settings, attempt=attempt,
-                               created=batch.created)
+                               created=batch.created, retried=_retried(envelope) and not self.one_shot)
             if decision.decision != "write" or decision.plan is None:
                 batch.decisions[i], batch.results[i] = decision, self._settled(decision)
                 continue
@@ -623,7 +623,10 @@ class Pipeline:
                 child = isinstance(plan.writes[0].edit, ItemEdit)
                 if plan.full and not child:
                     return  # ordered by the version marked in its resource, inside the write
-                superseded = await ledger.claim(plan)
+                superseded = await ledger.claim(plan) if not plan.heal_only else frozenset()
+                if plan.link is not None and plan.link in superseded and plan.source.retried:
+                    decisions[i] = replace(decision, plan=replace(plan, heal_only=True))  # (see `resolve`)
+                    return
                 if plan.link is not None and plan.link in superseded:
                     # A child row's versions may sit in different parents: a newer change that moved it away from
                     # a parent that had no resource yet could leave no tombstone there, so the row state orders its

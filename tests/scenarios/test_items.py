@@ -1430,3 +1430,30 @@ async def test_16l_an_older_consent_without_versionnumber_never_undoes_a_newer_w
     assert states(await world.send(mrn_created, delivery_count=5)) == [("skipped", "consent-withheld")]
     assert [i for i in the_resource(world.fhir, "Patient", ROW_SYSTEM, contact).get("identifier", [])
             if i.get("value") == "MRN-4242"] == []
+
+
+async def test_16m_a_retried_identifier_create_overtaken_by_a_move_still_writes_its_provenance(world: World):
+    """Found by review: the MRN's Create wrote its item into A and its Provenance failed; a move to B was written
+    before its retry, which the row facts (and the row state's parent link) then skipped as `stale` before the
+    write, where an owed Provenance is found: A's version kept none. A retry overtaken so now goes to the write as
+    heal-only (`WritePlan.heal_only`): it writes nothing, and gives its version its Provenance."""
+    dv = world.dataverse
+    a, a_created = dv.patient()
+    b, b_created = dv.patient(firstname="Bo")
+    assert states(await world.send_each(a_created, b_created)) == [("written", None)] * 2
+    mrn, mrn_created = dv.identifier(a, MRN, "MRN-6001")
+    world.x.transport.add_entry(EntryFault(method="PUT", url_contains="Provenance/", status=500, times=3))
+    assert states(await world.send(mrn_created)) == [("retry", "provenance-failed")]
+    moved = dv.update("msemr_medicalidentifier", mrn, {"msemr_assignee": Lookup("contact", b)})
+    assert states(await world.send(moved)) == [("written", None)]
+    before = {row: the_resource(world.fhir, "Patient", ROW_SYSTEM, row)["meta"]["versionId"] for row in (a, b)}
+    assert states(await world.send(mrn_created, delivery_count=2)) == [("written", None)]
+    patients = {row: the_resource(world.fhir, "Patient", ROW_SYSTEM, row) for row in (a, b)}
+    assert {row: p["meta"]["versionId"] for row, p in patients.items()} == before  # nothing written again
+    check_identifier(patients, mrn, dv.row("msemr_medicalidentifier", mrn))
+    for patient in patients.values():
+        check_provenance(world.fhir, patient)
+    # Another copy of the Create (Dataverse posted it twice), tried again: overtaken, nothing owed, nothing written.
+    copy = replace(mrn_created, body={**mrn_created.body, "RequestId": new_id()}, raw=None)
+    assert states(await world.send(copy, delivery_count=2)) == [("skipped", "stale")]
+    assert {row: the_resource(world.fhir, "Patient", ROW_SYSTEM, row)["meta"]["versionId"] for row in (a, b)} == before
