@@ -326,6 +326,9 @@ class BatchDelivery:
         again: list[_Job] = []
         for job in jobs:
             target = job.target
+            if job.plan.heal_only and job.current is None:
+                job.outcome = Converged("stale")  # nothing there its earlier try could have written
+                continue
             if job.absent and target.fhir_id and target.fhir_id_unsure:
                 # The id named no resource of this type (it was the row's under another type): find it by the row
                 # identifier instead, as a row without a FHIR id is found.

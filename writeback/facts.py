@@ -280,6 +280,12 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
             own.resource_type != first.target.resource_type and own.type_at.compare(plan.source.version) == 1:
         # A newer change of the row changed its type: its resource of this type no longer stands for the row
         # (it was released), and an older state must not make it do so again.
+        if retried:
+            # Its earlier try may have written that resource a version that owes its Provenance: read it under
+            # the id it was made with (the row identifier left it with the release), write nothing.
+            made_as = own.id_for(first.target.resource_type) or first.target.new_id
+            return replace(decision, plan=replace(plan, heal_only=True, writes=(
+                Write(replace(first.target, fhir_id=made_as), first.edit),)))
         return replace(decision, decision="skip", reason=Reason.STALE, plan=None,
                        detail=f"A newer change of this row ({own.type_at.text()}) made it another type than "
                        f"{first.target.resource_type}.")

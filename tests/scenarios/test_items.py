@@ -1457,3 +1457,35 @@ async def test_16m_a_retried_identifier_create_overtaken_by_a_move_still_writes_
     copy = replace(mrn_created, body={**mrn_created.body, "RequestId": new_id()}, raw=None)
     assert states(await world.send(copy, delivery_count=2)) == [("skipped", "stale")]
     assert {row: the_resource(world.fhir, "Patient", ROW_SYSTEM, row)["meta"]["versionId"] for row in (a, b)} == before
+
+
+async def test_16n_a_retried_contact_create_overtaken_by_a_type_change_still_writes_its_provenance(world: World):
+    """The contact's Create wrote its Patient and its Provenance failed; the save that made it a Practitioner
+    released the Patient before the Create's retry, which the row facts skipped as `stale`: the Patient's first
+    version kept no Provenance. Heal-only, the retry reads the Patient under the id it was made with."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    world.x.transport.add_entry(EntryFault(method="PUT", url_contains="Provenance/", status=500, times=3))
+    assert states(await world.send(created)) == [("retry", "provenance-failed")]
+    retyped = dv.update("contact", contact, {"msemr_contacttype": PRACTITIONER})
+    assert states(await world.send(retyped)) == [("written", None)]
+    patient = world.fhir.get(f"Patient/{resource_id('contact', contact)}")
+    assert states(await world.send(created, delivery_count=2)) == [("written", None)]
+    assert world.fhir.get(f"Patient/{patient['id']}")["meta"]["versionId"] == patient["meta"]["versionId"]
+    assert check_provenance(world.fhir, patient) == 2  # the Create's version and the release's
+    check_contact(world.fhir, contact, dv.row("contact", contact), resource_type="Practitioner")
+
+
+async def test_16o_a_retried_create_overtaken_by_a_type_change_that_wrote_nothing_is_stale(world: World):
+    """Its first try failed before it wrote anything: heal-only, it finds no Patient and ends `stale` (not
+    `target-missing`, as a write to a named id that is not there would)."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    world.x.transport.add(Fault(method="POST", path_endswith="/R4", status=503, times=10))
+    assert states(await world.send(created))[0][0] == "retry"
+    world.x.transport.faults.clear()
+    retyped = dv.update("contact", contact, {"msemr_contacttype": PRACTITIONER})
+    assert states(await world.send(retyped, instance=1)) == [("written", None)]
+    assert states(await world.send(created, delivery_count=2, instance=1)) == [("skipped", "stale")]
+    assert resources_of(world.fhir, "Patient", ROW_SYSTEM, contact) == []
+    check_contact(world.fhir, contact, dv.row("contact", contact), resource_type="Practitioner")
