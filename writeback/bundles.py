@@ -709,9 +709,10 @@ def _outcome(jobs: list[_Job]) -> Outcome:
             return job.outcome
         if isinstance(job.provenance, WritebackError):
             return job.provenance
+    # (Not a heal-only job's: the resource it read is one a newer change left, the row's no more.)
     ids = tuple((job.target.row, f"{job.target.resource_type}/{fid}") for job in jobs if not isinstance(
-        job.edit, Release) and (fid := str(job.current[0].get("id") or "") if job.current is not None
-                                else job.target.fhir_id))
+        job.edit, Release) and not job.plan.heal_only and (
+        fid := str(job.current[0].get("id") or "") if job.current is not None else job.target.fhir_id))
     written = [job for job in jobs if isinstance(job.outcome, _Written)]
     if written:
         first = written[0]

@@ -1473,7 +1473,10 @@ async def test_16n_a_retried_contact_create_overtaken_by_a_type_change_still_wri
     assert states(await world.send(created, delivery_count=2)) == [("written", None)]
     assert world.fhir.get(f"Patient/{patient['id']}")["meta"]["versionId"] == patient["meta"]["versionId"]
     assert check_provenance(world.fhir, patient) == 2  # the Create's version and the release's
-    check_contact(world.fhir, contact, dv.row("contact", contact), resource_type="Practitioner")
+    practitioner = check_contact(world.fhir, contact, dv.row("contact", contact), resource_type="Practitioner")
+    # What the row state says the row's resource is stays the Practitioner (the retry read the Patient it left)
+    facts = (await world.x.ledger.facts({("contact", contact)}))[("contact", contact)]
+    assert facts.written == f"Practitioner/{practitioner['id']}", facts.written
 
 
 async def test_16o_a_retried_create_overtaken_by_a_type_change_that_wrote_nothing_is_stale(world: World):
