@@ -1492,3 +1492,23 @@ async def test_16o_a_retried_create_overtaken_by_a_type_change_that_wrote_nothin
     assert states(await world.send(created, delivery_count=2, instance=1)) == [("skipped", "stale")]
     assert resources_of(world.fhir, "Patient", ROW_SYSTEM, contact) == []
     check_contact(world.fhir, contact, dv.row("contact", contact), resource_type="Practitioner")
+
+
+async def test_16p_a_heal_only_retry_in_the_batch_of_the_type_change_never_names_the_released_patient(
+        world: World):
+    """Found by review: the retry of a contact's Create and the type change that overtook it in one batch. The
+    heal-only job's resource (the released Patient) was learned as the row's `written` resource, after the
+    Practitioner's: a later Encounter of the contact then referred to that Patient."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    world.x.transport.add_entry(EntryFault(method="PUT", url_contains="Provenance/", status=500, times=3))
+    assert states(await world.send(created)) == [("retry", "provenance-failed")]
+    retyped = dv.update("contact", contact, {"msemr_contacttype": PRACTITIONER})
+    assert states(await world.send(retyped, created, delivery_count=2)) == [("written", None)] * 2
+    facts = (await world.x.ledger.facts({("contact", contact)}))[("contact", contact)]
+    assert (facts.resource_type, (facts.written or "").split("/")[0]) == ("Practitioner", "Practitioner")
+    encounter, encounter_created = dv.encounter(contact)
+    await world.send(encounter_created, delivery_count=5)
+    subjects = [e.get("subject", {}).get("reference")
+                for e in resources_of(world.fhir, "Encounter", "urn:dataverse:msemr_encounter", encounter)]
+    assert f"Patient/{resource_id('contact', contact)}" not in subjects, subjects
