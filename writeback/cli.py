@@ -180,7 +180,7 @@ def format_logs(rows: Sequence[OutcomeRow]) -> str:
                   row.table, row.record_id, row.message_name, shown, row.delivery_count,
                   f"{row.duration_ms:.0f}" if row.duration_ms is not None else None)
         lines.append("  ".join(_cell(v, w).ljust(w) for v, (_, w) in zip(values, columns, strict=True)).rstrip())
-        if row.status != "written" and (len(row.detail or "") > 60 or row.message_id):
+        if row.status == "failed" or (row.status != "written" and len(row.detail or "") > 60):
             # What an administrator acts on, whole, and the message it is about (to find it in the dead-letter
             # queue, or resubmit it): the table's cell is cut.
             lines.append(f"    ↳ message {row.message_id or '-'}: {row.detail or '-'}")
