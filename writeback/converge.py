@@ -163,17 +163,14 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
     ordered = _ordered(edit, held or mark_of(current, edit.mark.table, edit.mark.row_id, MOVED))
     if ordered is not None:
         return ordered
-    table, row_id, version = edit.mark.table, edit.mark.row_id, edit.mark.version
+    planned = _by_columns(edit.owned, held, edit.mark, edit.full)
+    if isinstance(planned, Converged):
+        return planned
+    owned, mark = planned
     if edit.full:
-        owned = _newer_kept(edit.owned, held, version)
         new = apply(apply_state(current, owned, edit.before, own=edit.own), [edit.identity])
-        new = with_mark(new, None, table, row_id, MOVED)
-        new = with_mark(new, held.whole(version) if held else edit.mark, table, row_id)
+        new = with_mark(new, None, mark.table, mark.row_id, MOVED)
     else:  # Target only: the changed columns no newer change wrote; the mark records them, not a whole version
-        owned, skipped = _unwritten(edit.owned, held, version)
-        if skipped is not None:
-            assert held is not None
-            return Converged(skipped[0], held=held.column(skipped[1]))
         new = apply_changes(current, [*owned, edit.identity], edit.adoptable, own=edit.own)
         # The changed columns beside the values the server holds (an end date beside the start already there):
         # checked here, where they meet, in the elements the change writes only (what else the server's copy
@@ -181,13 +178,23 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
         elements = {a.element for a in owned}
         check_invariants({"resourceType": new.get("resourceType"),
                           **{k: v for k, v in new.items() if k in elements}})
-        new = with_mark(new, (held or Mark(table, row_id, Version())).written(version, _columns(owned)),
-                        table, row_id)
-    return _result(current, _one_choice(new, owned), held)
+    return _result(current, _one_choice(with_mark(new, mark, mark.table, mark.row_id), owned), held)
 
 
-def _columns(owned: tuple[Assignment, ...]) -> list[str]:
-    return [a.column for a in owned if a.column is not None]
+def _by_columns(owned: tuple[Assignment, ...], held: Mark | None, edit: Mark,
+                full: bool) -> tuple[tuple[Assignment, ...], Mark] | Converged:
+    """What a change writes, column by column, against the mark its row holds (`held`), and the mark after it: a
+    whole state keeps the columns a newer change without images wrote; a change without images writes only the
+    columns no change as new or newer wrote (none left: `stale` or `same`), and records its version for them."""
+    version = edit.version
+    if full:
+        return _newer_kept(owned, held, version), held.whole(version) if held is not None else edit
+    kept, skipped = _unwritten(owned, held, version)
+    if skipped is not None:
+        assert held is not None
+        return Converged(skipped[0], held=held.column(skipped[1]))
+    columns = [a.column for a in kept if a.column is not None]
+    return kept, (held or Mark(edit.table, edit.row_id, Version())).written(version, columns)
 
 
 def _newer_kept(owned: tuple[Assignment, ...], held: Mark | None, version: Version) -> tuple[Assignment, ...]:
@@ -263,18 +270,12 @@ def _item(current: dict[str, Any], edit: ItemEdit) -> Converged:
         if ordered is not None:
             return ordered
     base = dict(items[index]) if index is not None else {}
-    version = edit.mark.version
-    mine = held if found is not None else None  # (else `held` is a tombstone, or None)
-    if edit.full:
-        item = apply_state(base, _newer_kept(edit.owned, mine, version))
-        mark = mine.whole(version) if mine is not None else edit.mark
-    else:  # Target only: as for a row's own resource (`_row`), the columns no newer change wrote
-        owned, skipped = _unwritten(edit.owned, mine, version)
-        if skipped is not None:
-            assert mine is not None
-            return Converged(skipped[0], held=mine.column(skipped[1]))
-        item = apply_changes(base, owned)
-        mark = (mine or Mark(table, row_id, Version())).written(version, _columns(owned))
+    # As for a row's own resource (`_row`), against the item's own mark (else `held` is a tombstone, or None)
+    planned = _by_columns(edit.owned, held if found is not None else None, edit.mark, edit.full)
+    if isinstance(planned, Converged):
+        return planned
+    owned, mark = planned
+    item = apply_state(base, owned) if edit.full else apply_changes(base, owned)
     item = with_mark(item, None, table, row_id)
     new = {k: v for k, v in current.items()}
     new = with_mark(new, None, table, row_id, MOVED)
