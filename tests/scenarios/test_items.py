@@ -1079,6 +1079,22 @@ async def test_14j4_the_rows_note_is_the_one_it_marks_whatever_other_systems_add
         [("msemr_observation", observation)]
 
 
+THEIRS = {"authorString": "Dr B", "time": "2026-11-29T09:00:00Z", "text": "repeat in 1h"}  # another system's note
+
+
+def ingested_observation_with_notes(world: World) -> tuple[Sent, Sent, dict[str, Any], str]:
+    """An Observation from FHIR whose first note (Nurse K's "axillary") the ingest copied into the row's comment,
+    with another system's note (`THEIRS`) after it: the contact's and the observation's ingest messages (echoes),
+    the seeded resource and the observation row's id."""
+    seeded_patient = ingested_patient(world)
+    contact, ingested = ingest(world, seeded_patient)
+    seeded = ingested_observation(world, seeded_patient["id"], "8310-5", note=[
+        {"authorString": "Nurse K", "time": "2026-11-29T08:00:00Z", "text": "axillary"}, THEIRS])
+    observation, echo = world.dataverse.observation(contact, user=SYNC_USER, msemr_azurefhirid=seeded["id"],
+                                                    msemr_comment="axillary")
+    return ingested, echo, seeded, observation
+
+
 @pytest.mark.parametrize("order", ["in-order", "newest-first"])
 async def test_14j5_the_ingested_note_takes_the_comment_whatever_order_the_saves_come_in(world: World, order: str):
     """A record that came from FHIR with a note (and another system's after it), its comment edited twice in
@@ -1086,20 +1102,14 @@ async def test_14j5_the_ingested_note_takes_the_comment_whatever_order_the_saves
     the ingest copied is still the one it takes (the first, on a record the row never wrote to), not a new one
     beside it; the older save is `stale`."""
     dv = world.dataverse
-    seeded_patient = ingested_patient(world)
-    contact, ingested = ingest(world, seeded_patient)
-    theirs = {"authorString": "Dr B", "time": "2026-11-29T09:00:00Z", "text": "repeat in 1h"}
-    seeded = ingested_observation(world, seeded_patient["id"], "8310-5", note=[
-        {"authorString": "Nurse K", "time": "2026-11-29T08:00:00Z", "text": "axillary"}, theirs])
-    observation, echo = dv.observation(contact, user=SYNC_USER, msemr_azurefhirid=seeded["id"],
-                                       msemr_comment="axillary")
+    ingested, echo, seeded, observation = ingested_observation_with_notes(world)
     oral = dv.update("msemr_observation", observation, {"msemr_comment": "oral"})
     rectal = dv.update("msemr_observation", observation, {"msemr_comment": "rectal"})
     saves = (oral, rectal) if order == "in-order" else (rectal, oral)
     expected = [("written", None)] * 2 if order == "in-order" else [("written", None), ("skipped", "stale")]
     assert states(await world.send_each(ingested, echo, *saves)) == [("skipped", "echo")] * 2 + expected
     notes = [strip_marks(n) for n in world.fhir.get(f"Observation/{seeded['id']}")["note"]]
-    assert notes == [{"authorString": "Nurse K", "time": "2026-11-29T08:00:00Z", "text": "rectal"}, theirs]
+    assert notes == [{"authorString": "Nurse K", "time": "2026-11-29T08:00:00Z", "text": "rectal"}, THEIRS]
 
 
 async def test_14j3_a_changed_value_loses_the_comparator_said_of_the_old_one(world: World):
@@ -1354,22 +1364,16 @@ async def test_16i_a_comment_entered_again_without_images_never_takes_another_sy
     (the note goes), then entered again. Before, the last save took Dr B's note, the first free one, as if the
     record had never been written by the row; the mark's column entry now says the row took its note already."""
     dv = world.dataverse
-    seeded_patient = ingested_patient(world)
-    contact, ingested = ingest(world, seeded_patient)
-    theirs = {"authorString": "Dr B", "time": "2026-11-29T09:00:00Z", "text": "repeat in 1h"}
-    seeded = ingested_observation(world, seeded_patient["id"], "8310-5", note=[
-        {"authorString": "Nurse K", "time": "2026-11-29T08:00:00Z", "text": "axillary"}, theirs])
-    observation, echo = dv.observation(contact, user=SYNC_USER, msemr_azurefhirid=seeded["id"],
-                                       msemr_comment="axillary")
+    ingested, echo, seeded, observation = ingested_observation_with_notes(world)
     oral = target_only(dv.update("msemr_observation", observation, {"msemr_comment": "oral"}))
     cleared = target_only(dv.update("msemr_observation", observation, {"msemr_comment": None}))
     again = target_only(dv.update("msemr_observation", observation, {"msemr_comment": "seated"}))
     assert states(await world.send_each(ingested, echo, oral, cleared)) == \
         [("skipped", "echo")] * 2 + [("written", None)] * 2
-    assert [strip_marks(n) for n in world.fhir.get(f"Observation/{seeded['id']}")["note"]] == [theirs]
+    assert [strip_marks(n) for n in world.fhir.get(f"Observation/{seeded['id']}")["note"]] == [THEIRS]
     assert states(await world.send(again)) == [("written", None)]
     notes = [strip_marks(n) for n in world.fhir.get(f"Observation/{seeded['id']}")["note"]]
-    assert notes == [theirs, {"text": "seated"}], notes
+    assert notes == [THEIRS, {"text": "seated"}], notes
 
 
 async def test_16j_a_retried_change_without_images_overtaken_by_a_newer_one_still_writes_its_provenance(
