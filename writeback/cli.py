@@ -33,7 +33,7 @@ from writeback.outcomes import OutcomeRow, OutcomeStore, outcome_settings
 from writeback.pipeline import Envelope, Pipeline
 from writeback.reasons import Reason
 from writeback.retry import MAX_MESSAGE_ID, ORIGINAL_ID, original_id
-from writeback.settings import Settings, redacted
+from writeback.settings import DEFAULT_MAPS_DIR, Settings, redacted
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -271,11 +271,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"  {name:<46} {value if value else '(empty)'}")
     print("Checks:")
     settings: Settings | None = None
-    try:
+    faults = Settings.faults(need_outcomes=True)
+    if not faults:
         settings = Settings.from_env(need_outcomes=True)
         report(True, "settings", f"valid; target {settings.target}")
-    except WritebackError as exc:
-        report(False, "settings", exc.detail)
+    for fault in faults:  # every one, so that one round of fixes is enough
+        report(False, "settings", fault.detail)
     trigger_settings = ("ServiceBusConnection", "ServiceBusConnection__fullyQualifiedNamespace")  # the host's names
     if any(os.environ.get(name) for name in trigger_settings):
         report(True, "trigger", "ServiceBusConnection is set (its value is not shown)")
@@ -286,7 +287,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         # The maps the function would load: --maps, else WRITEBACK_MAPS_DIR (read as such when another setting is
         # wrong: checking the shipped maps instead would say "ok" of maps the function never loads).
         where = args.maps or (str(settings.maps_dir) if settings else os.environ.get("WRITEBACK_MAPS_DIR", ""))
-        maps = load_for_cli(where or None, settings or Settings.for_planning())
+        maps = load_maps(Path(where) if where else DEFAULT_MAPS_DIR)
         report(True, "entity maps", f"{len(maps.maps)} map(s) in {maps.source}: {', '.join(sorted(maps.maps))}")
     except WritebackError as exc:
         report(False, "entity maps", exc.detail)

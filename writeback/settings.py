@@ -183,6 +183,15 @@ def _get(env: Mapping[str, str], name: str) -> str:
     return value.strip()
 
 
+def _stand_in(name: str) -> str:
+    """A value of `name` that passes its own check (`Settings.faults`): its default, else one of its kind."""
+    if name == "OUTCOMES_CONNECTION_STRING":
+        return "UseDevelopmentStorage=true"
+    if default := (SPEC_BY_NAME[name].default if name in SPEC_BY_NAME else None):
+        return default
+    return "https://stand-in.invalid" if "URL" in name or "ENDPOINT" in name else "stand-in"
+
+
 @dataclass(frozen=True)
 class OAuthClient:
     token_url: str
@@ -346,6 +355,23 @@ class Settings:
             servicebus_connection_string=(env.get("ServiceBusConnection") or "").strip(),
             servicebus_client_id=(env.get("ServiceBusConnection__clientId") or "").strip(),
         )
+
+    @classmethod
+    def faults(cls, env: Mapping[str, str] | None = None, *, need_outcomes: bool = False) -> list[ConfigError]:
+        """Every setting `from_env` refuses, not only the first (what `check-config` reports, so that one round of
+        fixes is enough): each one found is given a stand-in that passes its own check and the rest checked again.
+        A setting refused again with its stand-in (a bound that depends on another, also wrong) ends the search."""
+        trial = dict(os.environ if env is None else env)
+        found: list[ConfigError] = []
+        while True:
+            try:
+                cls.from_env(trial, need_outcomes=need_outcomes)
+                return found
+            except ConfigError as exc:
+                if any(f.setting == exc.setting for f in found):
+                    return found
+                found.append(exc)
+                trial[exc.setting] = _stand_in(exc.setting)
 
     @classmethod
     def for_retries(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -238,3 +238,28 @@ def test_check_config_checks_the_configured_maps_even_when_another_setting_is_wr
     clean_env.delenv("WRITEBACK_MAPS_DIR")
     assert cli.main(["check-config", "--maps", str(bad)]) == cli.EXIT_CHECK_FAILED
     assert "FAIL  entity maps" in capsys.readouterr().out
+
+
+def test_check_config_reports_every_bad_setting_at_once(clean_env: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """It said only the first: an administrator fixed one setting, ran it again, and met the next."""
+    clean_env.setenv("FHIR_URL", "http://fhir.contoso.example")  # not loopback: https required
+    clean_env.setenv("OUTCOMES_CONNECTION_STRING", "DefaultEndpointsProtocol=https;oops")  # a secret: never echoed
+    clean_env.setenv("WRITEBACK_BUNDLE_SIZE", "fifty")
+    clean_env.setenv("WRITEBACK_CONSENT_UNKNOWN", "wait")
+    assert cli.main(["check-config"]) == cli.EXIT_CHECK_FAILED
+    out = capsys.readouterr().out
+    fails = [line for line in out.splitlines() if line.startswith("  FAIL  settings")]
+    assert [line.split()[3] for line in fails] == [
+        "WRITEBACK_CONSENT_UNKNOWN", "FHIR_URL", "OUTCOMES_CONNECTION_STRING", "WRITEBACK_BUNDLE_SIZE"], out
+    assert "oops" not in out and "4 check(s) failed." in out
+
+
+def test_a_bound_that_depends_on_a_wrong_setting_is_reported_once(clean_env: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    clean_env.setenv("FHIR_URL", "https://fhir.contoso.example")
+    clean_env.setenv("OUTCOMES_TABLE_ENDPOINT", "https://acct.table.core.windows.net")
+    clean_env.setenv("WRITEBACK_LOCK_DURATION_SECONDS", "45")  # leaves no room for the default 30 s timeout
+    assert cli.main(["check-config"]) == cli.EXIT_CHECK_FAILED
+    out = capsys.readouterr().out
+    assert out.count("FAIL  settings") == 1 and "setting FHIR_TIMEOUT_SECONDS must leave room" in out, out
