@@ -64,7 +64,10 @@ async def _read_back(server: FhirDevServer, results: list[Result]) -> None:
         for ref, what in ((resource, "now"), (last.provenance, f"naming {last.resource}")):
             body = (await http.get(f"{server.base_url}/{ref}", headers=headers)).json()
             print(f"\nRead back {ref} ({what}):")
-            print(json.dumps(body, indent=2)[:2400])
+            text = json.dumps(body, indent=2)
+            lines = text.splitlines()
+            # Whole lines only (a cut mid-string looked broken), and said when some are left out.
+            print("\n".join(lines[:80]) + (f"\n  … ({len(lines) - 80} more lines)" if len(lines) > 80 else ""))
 
 
 async def run(env: dict[str, str], server: FhirDevServer) -> Counter[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
 import sys
@@ -32,7 +33,7 @@ from writeback.maps import MapSet, load_maps
 from writeback.outcomes import OutcomeRow, OutcomeStore, outcome_settings
 from writeback.pipeline import Envelope, Pipeline
 from writeback.reasons import Reason
-from writeback.retry import MAX_MESSAGE_ID, ORIGINAL_ID, original_id
+from writeback.retry import ATTEMPT, FIRST_ENQUEUED, MAX_MESSAGE_ID, ORIGINAL_ID, RESUBMITTED_FROM, original_id
 from writeback.settings import DEFAULT_MAPS_DIR, Settings, redacted
 
 EXIT_OK = 0
@@ -194,8 +195,14 @@ def format_logs(rows: Sequence[OutcomeRow]) -> str:
 
 
 async def _read_logs(args: argparse.Namespace) -> list[OutcomeRow]:
-    async with OutcomeStore.from_settings(outcome_settings()) as store:
-        return await store.query(status=args.status, since=args.since, record_id=args.record, limit=args.limit)
+    settings = outcome_settings()
+    async with OutcomeStore.from_settings(settings) as store:
+        rows = await store.query(status=args.status, since=args.since, record_id=args.record, limit=args.limit)
+    if store.missing:  # nothing recorded under this prefix at all: most often not the function app's prefix
+        print(f"note: table {', '.join(sorted(store.missing))} does not exist in this storage account: nothing has "
+              f"been recorded under OUTCOMES_TABLE_PREFIX={settings.outcomes_table_prefix} (is it the function "
+              "app's?)", file=sys.stderr)
+    return rows
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -328,17 +335,20 @@ def servicebus_client() -> ServiceBusClient:
     raise ConfigError("SERVICEBUS_CONNECTION_STRING", f"is not set (nor {others})")
 
 
-_DLQ_PROPERTIES = {"DeadLetterReason", "DeadLetterErrorDescription"}
+# Dropped from a resubmitted copy: the dead-letter annotations, and the retry count and window, which would leave a
+# message dead-lettered as `retries-exhausted` no retry at all (its 24 hours already spent).
+_DROPPED = {"DeadLetterReason", "DeadLetterErrorDescription", ATTEMPT, FIRST_ENQUEUED}
 
 
 def _requeued(message: ServiceBusReceivedMessage) -> ServiceBusMessage:
-    """A copy for the main queue: same body, ids and properties, minus the dead-letter annotations."""
+    """A copy for the main queue: same body, ids and properties, minus the dead-letter annotations and the retry
+    bookkeeping (a new window of retries; `RESUBMITTED_FROM` still marks it as tried before)."""
     props: dict[str | bytes, Any] = {}
     for key, value in (message.application_properties or {}).items():
         name = key.decode("utf-8", errors="replace") if isinstance(key, bytes) else str(key)
-        if name not in _DLQ_PROPERTIES:
+        if name not in _DROPPED:
             props[name] = value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
-    props["writeback-resubmitted-from"] = message.dead_letter_reason or "unknown"
+    props[RESUBMITTED_FROM] = message.dead_letter_reason or "unknown"
     original = original_id({str(k): v for k, v in props.items()}, message.message_id)
     props[ORIGINAL_ID] = original
     # Not under its own MessageId: the queue's duplicate detection drops a MessageId it saw within its window
@@ -421,7 +431,7 @@ def add_admin_commands(sub: Any) -> None:
     resubmit.add_argument("--reason", metavar="CODE", type=_dead_letter_reason,
                           help="only messages dead-lettered with this reason code (e.g. fhir-rejected, "
                                "MaxDeliveryCountExceeded)")
-    resubmit.add_argument("--max", type=int, default=100, help="most messages moved (default 100)")
+    resubmit.add_argument("--max", type=_positive, default=100, help="most messages moved (default 100)")
     resubmit.set_defaults(run=cmd_resubmit)
 
 
@@ -443,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # azure-identity logs each credential of the chain it tried as a warning, which Python's last-resort handler
+    # printed as a dozen lines before the command's own one-line error (it names what to check).
+    logging.getLogger("azure.identity").setLevel(logging.ERROR)
     try:
         code: int = args.run(args)
     except WritebackError as exc:

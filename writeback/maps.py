@@ -354,6 +354,9 @@ def _read_spec(path: Path) -> EntityMapSpec:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise MapError(file, "(file)", f"cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:  # an editor's Latin-1 or UTF-16 ("Unicode" in Notepad)
+        raise MapError(file, "(file)", f"is not UTF-8 (byte {exc.start} cannot be read as UTF-8): save it as "
+                       "UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
@@ -369,6 +372,19 @@ def _read_spec(path: Path) -> EntityMapSpec:
                      errors[0])
         where, problem = _format_error(first)
         raise MapError(file, where, problem) from None
+
+
+def _check_one_owner(file: str, attributes: list[AttributeMap]) -> None:
+    """Each element is one attribute's: of two with the same target, the later would overwrite the earlier (an
+    empty column clearing what the other wrote)."""
+    seen: dict[ElementPath, list[tuple[int, frozenset[str] | None]]] = {}
+    for i, attr in enumerate(attributes):
+        for j, only_for in seen.get(attr.path, []):
+            if only_for is None or attr.only_for is None or only_for & attr.only_for:
+                raise MapError(file, f"attributes[{i}].target", f"is also attributes[{j}]'s ({attr.target}): one "
+                               "element cannot have two sources, the later would overwrite the earlier (for one "
+                               "source per resource type, give each `only_for`)")
+        seen.setdefault(attr.path, []).append((i, attr.only_for))
 
 
 def _compile(file: str, spec: EntityMapSpec, specs: Mapping[str, tuple[str, EntityMapSpec]]) -> EntityMap:
@@ -438,6 +454,7 @@ def _compile(file: str, spec: EntityMapSpec, specs: Mapping[str, tuple[str, Enti
             reference_system=ref_system, reference_table=ref_table, only_for=only_for,
         ))
     _check_row_items(file, attributes)
+    _check_one_owner(file, attributes)
     consent_types = frozenset(spec.consent.applies_to) if spec.consent else frozenset()
     if not consent_types <= types:
         # A misspelt type would silently switch the consent check off for the type meant.

@@ -349,9 +349,11 @@ def _text_of(body: bytes | str, content_type: str | None) -> str:
     if stripped.startswith("<"):
         raise WritebackError(Reason.UNSUPPORTED_FORMAT,
                              "body is XML; set the service endpoint's message format to JSON")
+    if stripped.startswith("["):
+        raise _fail("body is a JSON array, not the JSON object of a RemoteExecutionContext")
     if not stripped.startswith("{"):
-        raise WritebackError(Reason.UNSUPPORTED_FORMAT if not stripped.startswith("[") else Reason.MALFORMED_MESSAGE,
-                             "body is not a JSON object")
+        raise WritebackError(Reason.UNSUPPORTED_FORMAT, "body is neither JSON nor XML (plain text?); set the "
+                             "service endpoint's message format to JSON")
     return text
 
 

@@ -125,8 +125,9 @@ def record_key(record_id: str) -> str:
 def _unavailable(exc: BaseException, what: str) -> WritebackError:
     hint = ""
     if isinstance(exc, ClientAuthenticationError) or getattr(exc, "status_code", None) == 403:
-        hint = ("; check OUTCOMES_CONNECTION_STRING, or the identity and its Storage Table Data Contributor role "
-                "for OUTCOMES_TABLE_ENDPOINT")
+        role = "Reader (or Contributor)" if what == "read the outcome log" else "Contributor"
+        hint = (f"; check OUTCOMES_CONNECTION_STRING, or the identity and its Storage Table Data {role} role "
+                "for OUTCOMES_TABLE_ENDPOINT (`az login` on an administrator's machine)")
     return WritebackError(Reason.OUTCOME_STORE_UNAVAILABLE,
                           f"Table Storage could not be used to {what} ({type(exc).__name__}){hint}")
 
@@ -336,6 +337,7 @@ class OutcomeStore:
                  close: Callable[[], Awaitable[None]] | None = None) -> None:
         self._service = service
         self._names = table_names(prefix)
+        self.missing: set[str] = set()  # tables a read found not to exist (`logs` says so: a wrong prefix)
         self._tables: dict[str, TableClient] = {}
         self._ready = False
         self._lock = asyncio.Lock()
@@ -675,6 +677,7 @@ class OutcomeStore:
             async for entity in table.query_entities(flt, parameters=params):
                 yield dict(entity)
         except ResourceNotFoundError:
+            self.missing.add(table.table_name)
             return  # the table does not exist yet: nothing was recorded
         except AzureError as exc:
             raise _unavailable(exc, "read the outcome log") from None

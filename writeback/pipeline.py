@@ -35,7 +35,7 @@ from writeback.immutable import immutable
 from writeback.maps import MapSet
 from writeback.messages import row_of_body
 from writeback.reasons import Kind, Reason
-from writeback.retry import GiveUp, RetryPolicy, attempts_so_far, next_step, original_id
+from writeback.retry import RESUBMITTED_FROM, GiveUp, RetryPolicy, attempts_so_far, next_step, original_id
 from writeback.settings import Settings
 
 log = logging.getLogger("writeback")
@@ -215,7 +215,9 @@ def _attempt(envelope: Envelope) -> int:
 
 
 def _retried(envelope: Envelope) -> bool:
-    return _attempt(envelope) > 0
+    """Tried before: its earlier try may have written a version whose Provenance is owed (a copy put back from the
+    dead-letter queue too, whose retry count `resubmit` resets)."""
+    return _attempt(envelope) > 0 or RESUBMITTED_FROM in (envelope.properties or {})
 
 
 def _row_of(plan: WritePlan) -> tuple[str, str, str]:

@@ -35,6 +35,9 @@ from writeback.settings import Settings
 ATTEMPT = "writeback-attempt"
 FIRST_ENQUEUED = "writeback-first-enqueued"
 ORIGINAL_ID = "writeback-original-message-id"
+# On a copy `resubmit` put back from the dead-letter queue: the reason it was dead-lettered. Such a copy starts a new
+# retry window (its attempts and first-enqueued time are not carried over) but is still a message tried before.
+RESUBMITTED_FROM = "writeback-resubmitted-from"
 MAX_MESSAGE_ID = 128  # Service Bus limit
 
 

@@ -268,6 +268,11 @@ class Settings:
             raise ConfigError("FHIR_URL", "is not set")
         if fhir_url:
             fhir_url = require_secure_url("FHIR_URL", fhir_url)
+            if "YOUR-" in fhir_url.upper():
+                raise ConfigError("FHIR_URL", "still holds local.settings.sample.json's placeholder: set your FHIR "
+                                  "service's URL")
+            if urlsplit(fhir_url).path.rstrip("/").lower().endswith("/metadata"):
+                raise ConfigError("FHIR_URL", "must be the service's base URL, without /metadata")
         token_url = _get(env, "FHIR_TOKEN_URL")
         if token_url:
             token_url = require_secure_url("FHIR_TOKEN_URL", token_url)

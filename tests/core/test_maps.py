@@ -305,3 +305,23 @@ def test_a_map_whose_table_is_not_its_file_name_is_refused(tmp_path):
 def test_a_maps_folder_that_is_a_file_says_so(tmp_path):
     error = load_error(maps_dir(tmp_path) / "contact.yaml")
     assert error.field == "(folder)" and "is not a folder" in str(error)
+
+
+def test_two_attributes_with_one_target_are_refused(tmp_path):
+    """A second column for the work phone (a new user's map): the later, empty, erased the first's number."""
+    phone = '  - {column: telephone1, target: "telecom[system=phone,use?=work].value", type: string}\n'
+    text = edit("contact.yaml", phone, phone + phone.replace("telephone1", "fax"))
+    err = load_error(maps_dir(tmp_path, {"contact.yaml": text}))
+    assert err.file == "contact.yaml" and err.field.endswith(".target") and "two sources" in err.detail
+
+
+def test_a_map_file_that_is_not_utf8_says_so(tmp_path):
+    """Saved by an editor as Latin-1 (or as "Unicode", UTF-16): a traceback before, and in the function every
+    message abandoned until MaxDeliveryCountExceeded."""
+    folder = maps_dir(tmp_path)
+    (folder / ENC).write_bytes("# H\u00f4pital Saint-Andr\u00e9\n".encode("latin-1") + SHIPPED[ENC].encode())
+    err = load_error(folder)
+    assert err.file == ENC and err.field == "(file)" and "UTF-8" in err.detail and err.reason is Reason.CONFIG_ERROR
+    (folder / ENC).write_text(SHIPPED[ENC], encoding="utf-16")
+    assert "UTF-8" in load_error(folder).detail
+

@@ -215,3 +215,14 @@ def test_an_empty_or_null_body_is_malformed_not_another_format(body: bytes | str
     with pytest.raises(WritebackError) as refused:
         decode_body(body)
     assert refused.value.reason.value == "malformed-message" and words in refused.value.detail
+
+
+@pytest.mark.parametrize(("body", "reason", "words"), [
+    (b"hello not json", "unsupported-format", "neither JSON nor XML"),
+    (b"[1, 2]", "malformed-message", "JSON array"),
+])
+def test_plain_text_and_a_json_array_say_apart_what_they_are(body: bytes, reason: str, words: str):
+    """Found trying the product as a new user: both said "body is not a JSON object", under two reason codes."""
+    with pytest.raises(WritebackError) as refused:
+        decode_body(body)
+    assert refused.value.reason.value == reason and words in refused.value.detail

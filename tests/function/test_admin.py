@@ -113,6 +113,31 @@ def test_requeued_copy_keeps_ids_and_drops_dead_letter_fields() -> None:
                                            "writeback-original-message-id": "orig-1"}
 
 
+def test_a_resubmitted_copy_gets_a_new_window_of_retries() -> None:
+    """It kept the retry count and first-enqueued time: a message dead-lettered `retries-exhausted` and put back
+    after the outage was fixed was dead-lettered again at its first transient failure. It is still a message tried
+    before: an earlier try may owe a Provenance, which only a retry looks for."""
+    from datetime import UTC, datetime, timedelta
+
+    from writeback.functions import envelope_of
+    from writeback.pipeline import _retried
+    from writeback.retry import ATTEMPT, FIRST_ENQUEUED, Retry, RetryPolicy, next_step
+
+    now = datetime.now(UTC)
+    dead = received_message(b'{"MessageName": "Update"}', message_id="orig-2~r12", application_properties={
+        "DeadLetterReason": "retries-exhausted", ATTEMPT: "12",
+        FIRST_ENQUEUED: (now - timedelta(hours=25)).isoformat(), "writeback-original-message-id": "orig-2"})
+    copy = cli._requeued(dead)
+    props = {str(k): str(v) for k, v in (copy.application_properties or {}).items()}
+    assert ATTEMPT not in props and FIRST_ENQUEUED not in props and props["writeback-original-message-id"] == "orig-2"
+    step = next_step(RetryPolicy(), properties=props, message_id=str(copy.message_id),
+                     enqueued_at=now.timestamp(), now=now)
+    assert isinstance(step, Retry) and step.attempt == 1
+    resubmitted = received_message(b"{}", message_id=str(copy.message_id), application_properties=props)
+    assert _retried(envelope_of(resubmitted))
+    assert not _retried(envelope_of(received_message(b"{}", message_id="fresh", application_properties={})))
+
+
 @pytest.mark.servicebus
 def test_resubmit_against_a_real_namespace(capsys: pytest.CaptureFixture[str]) -> None:
     """Dead-letter a message with a reason code, resubmit only that reason, find it back on the queue."""
@@ -263,3 +288,18 @@ def test_a_bound_that_depends_on_a_wrong_setting_is_reported_once(clean_env: pyt
     assert cli.main(["check-config"]) == cli.EXIT_CHECK_FAILED
     out = capsys.readouterr().out
     assert out.count("FAIL  settings") == 1 and "setting FHIR_TIMEOUT_SECONDS must leave room" in out, out
+
+
+@pytest.mark.parametrize(("url", "words"), [
+    ("https://YOUR-WORKSPACE-YOUR-FHIR.fhir.azurehealthcareapis.com", "placeholder"),
+    ("https://ws-fhir.fhir.azurehealthcareapis.com/metadata", "without /metadata"),
+])
+def test_the_samples_placeholder_or_a_metadata_url_is_not_a_fhir_url(clean_env: pytest.MonkeyPatch, url: str,
+                                                                     words: str,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Both passed `check-config` without --connect (a new user's first run), then failed every write."""
+    clean_env.setenv("FHIR_URL", url)
+    clean_env.setenv("OUTCOMES_TABLE_ENDPOINT", "https://acct.table.core.windows.net")
+    assert cli.main(["check-config"]) == cli.EXIT_CHECK_FAILED
+    out = capsys.readouterr().out
+    assert "FAIL  settings        setting FHIR_URL" in out and words in out

@@ -110,7 +110,10 @@ def test_logs_reads_without_creating_tables(azurite_tables: Azurite, monkeypatch
     monkeypatch.delenv("OUTCOMES_TABLE_ENDPOINT", raising=False)
     assert cli.main(["logs", "--since", "7d"]) == 0
     assert cli.main(["logs", "--record", new_id()]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "0 outcome(s)"
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[-1] == "0 outcome(s)"
+    # A mistyped prefix read nothing and said nothing of why: the missing table is named.
+    assert f"table {prefix}outcomes does not exist" in captured.err and f"PREFIX={prefix}" in captured.err
     with TableServiceClient.from_connection_string(azurite_tables.connection_string) as service:
         assert [t.name for t in service.list_tables() if t.name.startswith(prefix)] == []
 
