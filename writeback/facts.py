@@ -28,6 +28,7 @@ from writeback.decide import (
     fhir_id_type,
     gate_table,
     gates_of,
+    is_echo,
     resource_id,
     resource_type_of,
     row_state,
@@ -39,6 +40,7 @@ from writeback.mapping import RowRef
 from writeback.maps import MapSet
 from writeback.marks import Version
 from writeback.messages import EntityRef, Message
+from writeback.paths import KEEP
 from writeback.reasons import Reason
 from writeback.settings import Settings
 
@@ -68,6 +70,10 @@ class RowFacts:
     type_version: Version = field(default_factory=Version)
     consent_version: Version = field(default_factory=Version)
     parent_version: Version = field(default_factory=Version)
+    # The mapped columns the FHIR→Dataverse sync set (an `echo`, written nowhere), each with the newest version that
+    # set it, by column name: FHIR held those values first, so an older save of the row received later must leave
+    # them as they are (`resolve`), not put its own older values back over another system's newer ones.
+    echoed: tuple[tuple[str, Version], ...] = ()
 
     @property
     def type_at(self) -> Version:
@@ -112,7 +118,27 @@ class RowFacts:
         return RowFacts(self.table, self.row_id, version, kind, consent, newer.fhir_id or older.fhir_id,
                         newer.written or older.written, parent, fhir_type,
                         # (kept only where it is not `version`'s: facts compare equal however they were merged)
-                        *(at if at != version else Version() for at in (kind_at, consent_at, parent_at)))
+                        type_version=kind_at if kind_at != version else Version(),
+                        consent_version=consent_at if consent_at != version else Version(),
+                        parent_version=parent_at if parent_at != version else Version(),
+                        echoed=_echoed(self.echoed, other.echoed))
+
+    def echoed_after(self, version: Version) -> frozenset[str]:
+        """The columns the sync set in a version newer than `version`."""
+        return frozenset(column for column, at in self.echoed if at.compare(version) == 1)
+
+
+def _echoed(mine: tuple[tuple[str, Version], ...],
+            theirs: tuple[tuple[str, Version], ...]) -> tuple[tuple[str, Version], ...]:
+    """Per column, the newer version (the one merged in when their order is not known, as `_newest`)."""
+    if not theirs or mine == theirs:
+        return mine
+    out = dict(mine)
+    for column, at in theirs:
+        known = out.get(column)
+        if known is None or known.compare(at) != 1:
+            out[column] = at
+    return tuple(sorted(out.items()))
 
 
 def _newest(mine: _V | None, mine_at: Version, theirs: _V | None, theirs_at: Version) -> tuple[_V | None, Version]:
@@ -151,9 +177,16 @@ def facts_of(message: Message, maps: MapSet, settings: Settings) -> RowFacts | N
         gates = gates_of(entity_map, maps, resource_type, row)
         parent = gates[0][1] if gates else None
     fhir_id = fhir_id_of(entity_map, row)
-    return RowFacts(message.table, message.record_id, version_of(message, row), resource_type,
+    version = version_of(message, row)
+    echoed: tuple[tuple[str, Version], ...] = ()
+    if message.message_name == "Update" and message.target is not None and version.known \
+            and is_echo(message, settings):
+        # What its Target holds is what FHIR held (the sync copied it from there); a Create has no older save.
+        mapped = {a.column for a in entity_map.attributes if a.column}
+        echoed = tuple(sorted((column, version) for column in mapped & set(message.target.attributes)))
+    return RowFacts(message.table, message.record_id, version, resource_type,
                     consent, fhir_id, parent=parent,
-                    fhir_type=fhir_id_type(entity_map, old, row) if fhir_id is not None else None)
+                    fhir_type=fhir_id_type(entity_map, old, row) if fhir_id is not None else None, echoed=echoed)
 
 
 def merged(facts: Iterable[RowFacts], into: dict[RowKey, RowFacts] | None = None) -> dict[RowKey, RowFacts]:
@@ -197,6 +230,22 @@ def _as_known(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet
             return replace(chosen, decision="skip", reason=Reason.CONSENT_WITHHELD, plan=None,
                            detail=f"Consent column {column} was not Yes in the row's last message that held it.")
     return replace(chosen, alternatives={}, consent_from_facts=False)
+
+
+def _sync_kept(plan: WritePlan, synced: frozenset[str]) -> WritePlan | None:
+    """`plan` leaving the columns the sync set later as FHIR holds them: a whole state keeps them (`KEEP`), a
+    change without images drops them (None: nothing of its own is left)."""
+    first = plan.writes[0]
+    edit = first.edit
+    assert isinstance(edit, RowEdit | ItemEdit)
+    if plan.full:
+        owned = tuple(replace(a, value=KEEP) if a.column in synced else a for a in edit.owned)
+    else:
+        owned = tuple(a for a in edit.owned if a.column not in synced)
+        if not any(a.column is not None for a in owned):
+            return None
+    kept = replace(edit, owned=owned, rendered=None) if isinstance(edit, RowEdit) else replace(edit, owned=owned)
+    return replace(plan, writes=(replace(first, edit=kept), *plan.writes[1:]))
 
 
 def _left_behind(decision: Decision, maps: MapSet, gate: RowKey) -> str:
@@ -297,6 +346,17 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
                        detail=f"A newer change of this row ({own.parent_at.text()}) "
                        + (f"moved it to another {first.target.table}." if own.parent else
                           f"unlinked it from its {first.target.table}."))
+    if own is not None and own.echoed and not plan.heal_only and \
+            (synced := own.echoed_after(plan.source.version) & plan.columns):
+        kept = _sync_kept(plan, synced)
+        if kept is None and not retried:
+            return replace(decision, decision="skip", reason=Reason.STALE, plan=None,
+                           detail="The FHIR→Dataverse sync set every column this change carries in a later version "
+                           "of the row (an echo): FHIR holds those values already.")
+        # (a retry with nothing left still looks for the version its earlier try may have written: heal only)
+        plan = kept or replace(plan, heal_only=True)
+        decision = replace(decision, plan=plan, detail=f"{decision.detail[:-1]}; not {', '.join(sorted(synced))}: "
+                           "the FHIR→Dataverse sync set them in a later version of the row, as FHIR holds them.")
     not_patients: set[RowKey] = set()
     held_back = ""
     for table, row_id in gates:

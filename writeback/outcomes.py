@@ -24,8 +24,9 @@ Implements `writeback.pipeline.Ledger` over azure-data-tables (async) and the qu
 ``rowstate``  Per Dataverse row (PartitionKey = record id, RowKey = table logical name), two things:
     - its facts (`writeback.facts`): ``FactsVersion``, ``ResourceType``, ``Consent``, ``FhirId`` (and
       ``FhirType``, the type of the resource it names), ``Written``
-      (`Type/<id>` of the resource found or written for it), ``Parent`` (a child row's parent): what other rows'
-      writes need to know about it, merged by version;
+      (`Type/<id>` of the resource found or written for it), ``Parent`` (a child row's parent), ``Echoed`` (JSON
+      column → version: the mapped columns the FHIR→Dataverse sync set, column names only): what other rows'
+      writes, and the row's own older saves, need to know about it, merged by version;
     - for Target-only writes and child rows, the version that last wrote each column (``Columns``: JSON column →
       [versionnumber, modifiedon]; ``Version``, ``ModifiedOn`` for people reading it), so an older change arriving
       late writes only the columns no newer change wrote, and is `stale` when a newer change wrote all of them.
@@ -265,7 +266,7 @@ def _group(entities: Iterable[Mapping[str, Any]]) -> list[OutcomeRow]:
 
 def _facts_of(row: RowKey, entity: Mapping[str, Any]) -> RowFacts | None:
     if not any(k in entity for k in ("FactsVersion", "ResourceType", "Consent", "FhirId", "Written", "Parent",
-                                     "FhirType")):
+                                     "FhirType", "Echoed")):
         return None
     consent = entity.get("Consent")
     kind = entity.get("ResourceType")
@@ -275,7 +276,22 @@ def _facts_of(row: RowKey, entity: Mapping[str, Any]) -> RowFacts | None:
                     entity.get("FhirId") or None, entity.get("Written") or None,
                     parent if isinstance(parent, str) else None, entity.get("FhirType") or None,
                     # (absent in a row state kept before they were: `FactsVersion` stands for them, as it did)
-                    *(Version.parse(str(entity.get(name) or "")) for name in _FACT_VERSIONS))
+                    type_version=Version.parse(str(entity.get("TypeVersion") or "")),
+                    consent_version=Version.parse(str(entity.get("ConsentVersion") or "")),
+                    parent_version=Version.parse(str(entity.get("ParentVersion") or "")),
+                    echoed=_echoed_of(entity.get("Echoed")))
+
+
+def _echoed_of(raw: object) -> tuple[tuple[str, Version], ...]:
+    """``Echoed``: JSON column → stored version (`RowFacts.echoed`); anything unreadable is no column."""
+    try:
+        data = json.loads(raw) if isinstance(raw, str) and raw else {}
+    except ValueError:
+        return ()
+    if not isinstance(data, dict):
+        return ()
+    parsed = ((str(column), Version.parse(str(at))) for column, at in data.items())
+    return tuple(sorted((column, at) for column, at in parsed if at.known))
 
 
 _FACT_VERSIONS = ("TypeVersion", "ConsentVersion", "ParentVersion")
@@ -529,6 +545,7 @@ class OutcomeStore:
                 "PartitionKey": pk, "RowKey": rk, "FactsVersion": merged.version.stored() or None,
                 "ResourceType": merged.resource_type, "Consent": merged.consent, "FhirId": merged.fhir_id,
                 "Written": merged.written, "Parent": merged.parent, "FhirType": merged.fhir_type,
+                "Echoed": json.dumps({column: at.stored() for column, at in merged.echoed}) if merged.echoed else None,
                 # "" (not None, which MERGE would leave as it was): the same as FactsVersion
                 # (`stored`: modifiedon beside a versionnumber, so a message without the number is still ordered)
                 **{name: version.stored() if version != merged.version else "" for name, version in

@@ -963,6 +963,30 @@ def test_row_facts_keep_the_version_of_the_message_each_value_came_from():
     assert told.merge(told) == told and later.merge(told).merge(later) == known
 
 
+def test_row_facts_keep_the_newest_version_the_sync_set_each_column_in():
+    """The columns an `echo` set (the FHIR→Dataverse sync's save) are kept per column with the newest version that
+    set them, in whatever order the facts are merged; an older save of the row leaves them as FHIR holds them."""
+    phone = RowFacts("contact", "c-1", Version(13), echoed=(("telephone1", Version(13)),))
+    both = RowFacts("contact", "c-1", Version(11), echoed=(("lastname", Version(11)), ("telephone1", Version(11))))
+    for facts in (phone.merge(both), both.merge(phone)):
+        assert facts.echoed == (("lastname", Version(11)), ("telephone1", Version(13)))
+        assert facts.echoed_after(Version(12)) == {"telephone1"} and facts.echoed_after(Version(10)) == {
+            "lastname", "telephone1"} and not facts.echoed_after(Version(13))
+    assert phone.merge(RowFacts("contact", "c-1", Version(14))).echoed == phone.echoed  # a later save: still kept
+
+
+def test_an_echo_tells_which_mapped_columns_the_sync_set_and_a_create_none():
+    settings = Settings.for_planning({"WRITEBACK_IGNORE_USER_IDS": SYNC_USER})
+    body = context("Update", "contact", PATIENT, {"telephone1": "+1 555 0999", "versionnumber": 13,
+                                                   "msemr_azurefhirversion": "7"}, user_id=SYNC_USER)
+    facts = facts_of(message_of(body, {}), MAPS, settings)
+    assert facts is not None and facts.echoed == (("telephone1", facts.version),)  # mapped columns only
+    assert facts.version.number == 13
+    assert getattr(facts_of(message_of(body, {}), MAPS, SETTINGS), "echoed", None) == ()  # not the sync's user
+    created = context("Create", "contact", PATIENT, patient_row(versionnumber=13), user_id=SYNC_USER)
+    assert getattr(facts_of(message_of(created, {}), MAPS, settings), "echoed", None) == ()  # no older save
+
+
 def test_a_contact_of_another_type_says_which_value_it_found():
     """Found trying the product as a new user: a Related Person and a contact without a type read the same, and
     the advice was to set a type that is set. The value (a choice number, never patient data) tells them apart."""

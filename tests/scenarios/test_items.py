@@ -1520,3 +1520,31 @@ async def test_16p_a_heal_only_retry_in_the_batch_of_the_type_change_never_names
     subjects = [e.get("subject", {}).get("reference")
                 for e in resources_of(world.fhir, "Encounter", "urn:dataverse:msemr_encounter", encounter)]
     assert f"Patient/{resource_id('contact', contact)}" not in subjects, subjects
+
+
+# ---- 17: what the FHIR→Dataverse sync changed (an echo) is never undone by an older save ------------------------
+
+
+@pytest.mark.parametrize("order", ["in-order", "echo-first", "one-batch"])
+async def test_17a_an_older_save_received_after_the_syncs_newer_ingest_never_undoes_it(world: World, order: str):
+    """A clinician saves the last name (V2: its post image holds the phone as it was). Another system then changes
+    the phone in FHIR and the FHIR→Dataverse sync ingests it into the row as its own user (V3, an `echo`: skipped,
+    written nothing). Dataverse's last state has both changes; FHIR must end with both, whatever order V2 and V3 are
+    received in. Before, V2 received after V3 wrote its old phone back over the other system's (found by review)."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    assert states(await world.send(created)) == [("written", None)]
+    renamed = dv.update("contact", contact, {"lastname": "Castellanos-Mora"})
+    if order == "in-order":
+        assert states(await world.send(renamed)) == [("written", None)]
+    patient = the_resource(world.fhir, "Patient", ROW_SYSTEM, contact)  # another FHIR client writes the phone
+    world.fhir.put({**{k: v for k, v in patient.items() if k != "meta"},
+                    "telecom": [{"system": "phone", "use": "work", "value": "+1 555 0999"}]})
+    echo = dv.update("contact", contact, {"telephone1": "+1 555 0999"}, user=SYNC_USER)
+    if order == "in-order":
+        assert states(await world.send(echo)) == [("skipped", "echo")]
+    elif order == "echo-first":
+        assert states(await world.send_each(echo, renamed)) == [("skipped", "echo"), ("written", None)]
+    else:
+        assert states(await world.send(renamed, echo)) == [("written", None), ("skipped", "echo")]
+    check_contact(world.fhir, contact, dv.row("contact", contact))
