@@ -220,6 +220,44 @@ def _retried(envelope: Envelope) -> bool:
     return _attempt(envelope) > 0 or RESUBMITTED_FROM in (envelope.properties or {})
 
 
+def _plan_order(decision: Decision, other: WritePlan) -> int:
+    """-1, 0 or 1: `decision`'s version against `other`'s (0 also when they cannot be compared)."""
+    assert decision.plan is not None
+    return decision.plan.source.version.compare(other.source.version) or 0
+
+
+def _before_the_batch(newest: Decision, oldest: Decision) -> Decision:
+    """`newest`, recognising ingested items by `oldest`'s pre image (see `Pipeline._newest_per_row`)."""
+    plan, first = newest.plan, oldest.plan
+    assert plan is not None and first is not None
+    edit, before = plan.writes[0].edit, first.writes[0].edit
+    if not isinstance(edit, RowEdit) or not isinstance(before, RowEdit) or not before.before:
+        return newest
+    write = replace(plan.writes[0], edit=replace(edit, before=before.before))
+    return replace(newest, plan=replace(plan, writes=(write, *plan.writes[1:])))
+
+
+def _known_as_all(group: list[Decision]) -> list[Decision]:
+    """Saves of one child row in a batch, each knowing the unmarked item an ingest put there by every one's pre and
+    post image: the newer may be written first (the row state then makes the older `stale`), and its own images
+    hold only values between the batch's saves, which FHIR never held."""
+    known: list[Mapping[str, Any]] = []
+    for decision in group:
+        assert decision.plan is not None
+        edit = decision.plan.writes[0].edit
+        assert isinstance(edit, ItemEdit)
+        known += [k for k in edit.known_as if k not in known]
+    out = []
+    for decision in group:
+        plan = decision.plan
+        assert plan is not None
+        edit = plan.writes[0].edit
+        assert isinstance(edit, ItemEdit)
+        write = replace(plan.writes[0], edit=replace(edit, known_as=tuple(known)))
+        out.append(replace(decision, plan=replace(plan, writes=(write, *plan.writes[1:]))))
+    return out
+
+
 def _row_of(plan: WritePlan) -> tuple[str, str, str]:
     """The FHIR resource a plan's (first) write goes to, by row identifier."""
     target = plan.target
@@ -584,11 +622,18 @@ class Pipeline:
         return failed
 
     def _newest_per_row(self, decisions: list[Decision], results: list[Result | None], writes: list[int]) -> list[int]:
-        """Of several whole-row writes of one row in the batch, the newest: it holds the others' changes."""
+        """Of several whole-row writes of one row in the batch, the newest: it holds the others' changes. It finds
+        the items an ingest put in the resource by the oldest one's pre image: the row as FHIR has it before the
+        batch, where its own pre image holds a state between the batch's saves that FHIR never held (with two
+        names or phones without `use`, it took another system's)."""
         newest: dict[tuple[str, str, str], int] = {}
+        oldest: dict[tuple[str, str, str], int] = {}
+        items: dict[tuple[str, str], list[int]] = {}
         for i in writes:
             plan = decisions[i].plan
             assert plan is not None
+            if isinstance(plan.writes[0].edit, ItemEdit):
+                items.setdefault((plan.source.table, plan.source.record_id), []).append(i)
             if not (plan.full and isinstance(plan.writes[0].edit, RowEdit)):
                 continue
             row = _row_of(plan)
@@ -603,8 +648,18 @@ class Pipeline:
                 continue  # the same version or none to compare: both are written, in the order given
             older, newer = (other, i) if order > 0 else (i, other)
             newest[row] = newer
+            first = oldest.get(row, older)
+            first_plan = decisions[first].plan
+            assert first_plan is not None
+            oldest[row] = older if _plan_order(decisions[older], first_plan) < 0 else first
             results[older] = Result("skipped", Reason.STALE, "A newer change of this row in the same batch holds "
                                     "this one's changes; that one is written.", decisions[older])
+        for row, first in oldest.items():
+            decisions[newest[row]] = _before_the_batch(decisions[newest[row]], decisions[first])
+        for group in items.values():
+            if len(group) > 1:  # each of a child row's saves knows its item by all their images (`_known_as_all`)
+                for i, decision in zip(group, _known_as_all([decisions[i] for i in group]), strict=True):
+                    decisions[i] = decision
         return [i for i in writes if results[i] is None]
 
     async def _admit(self, envelopes: Sequence[Envelope], decisions: list[Decision], results: list[Result | None],
