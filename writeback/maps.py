@@ -236,6 +236,52 @@ def _check_elements(file: str, where: str, path: ElementPath, resource_types: fr
     return frozenset(codes)
 
 
+# What each map `type` writes (`mapping.convert`), and the FHIR primitives whose JSON takes it: a number is no
+# string, a string no number or boolean. A mismatch was found only by every message's validation, as
+# `invalid-resource` blaming the row's data (every contact dead-lettered for a map's `type: integer` on birthDate).
+_NUMBERS = frozenset({"Decimal", "Integer", "PositiveInt", "UnsignedInt", "Integer64"})
+_FITS: Mapping[str, frozenset[str]] = {
+    "integer": _NUMBERS,
+    "decimal": frozenset({"Decimal"}),
+    "boolean": frozenset({"Boolean"}),
+}
+_NOT_TEXT = _NUMBERS | {"Boolean"}
+
+
+def _primitive(annotation: Any) -> str | None:
+    """The FHIR primitive of an element's annotation (`Annotated[date, Date()]` → Date; bool → Boolean); None for a
+    complex element."""
+    stack = [annotation]
+    while stack:
+        kind = stack.pop()
+        if kind is bool:
+            return "Boolean"
+        if typing.get_origin(kind) is typing.Annotated:
+            return next((type(m).__name__ for m in typing.get_args(kind)[1:]), None)
+        stack.extend(typing.get_args(kind))
+    return None
+
+
+def _check_type(file: str, where: str, path: ElementPath, resource_types: frozenset[str], kind: str) -> None:
+    """The map's `type` writes what the element at the end of `path` takes (see `_FITS`)."""
+    for resource_type in sorted(resource_types):
+        model: Any = getattr(importlib.import_module(f"fhir.resources.R4B.{resource_type.lower()}"), resource_type)
+        annotation: Any = None
+        for seg in path:
+            if isinstance(seg, PathField) and model is not None:
+                info = next((i for n, i in model.model_fields.items() if seg.name in (n, i.alias)), None)
+                if info is None:
+                    return
+                annotation, model = info.annotation, _model_in(info.annotation)
+        primitive = _primitive(annotation) if model is None else None
+        if primitive is None:
+            continue  # a complex element (its parts are checked by validation), or the path ends in a selector
+        fits = primitive in _FITS[kind] if kind in _FITS else primitive not in _NOT_TEXT
+        if not fits:
+            raise MapError(file, f"{where}.type", f"is {kind!r}, but {resource_type}'s element there is a FHIR "
+                           f"{primitive[:1].lower() + primitive[1:]}")
+
+
 def _check_codes(file: str, where: str, values: Mapping[str, Any], allowed: frozenset[str]) -> None:
     """The codes a value map (or a default) writes where FHIR binds the element to a required value set
     (Patient.gender, Encounter.status, ...): a misspelt one would reach the server."""
@@ -434,6 +480,9 @@ def _compile(file: str, spec: EntityMapSpec, specs: Mapping[str, tuple[str, Enti
         else:
             path = _compile_path(file, f"{where}.target", attr.target, applies)
             codes = _check_elements(file, f"{where}.target", path, applies)
+        if attr.type is not None and attr.action in ("copy", "default"):
+            _check_type(file, where, path if expansion is None else (PathField(expansion.element), *path),
+                        applies, attr.type)
         if attr.action == "value_map":
             _check_codes(file, f"{where}.values.", dict(attr.values or {}), codes)
         elif attr.action == "default":

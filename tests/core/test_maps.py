@@ -325,3 +325,24 @@ def test_a_map_file_that_is_not_utf8_says_so(tmp_path):
     (folder / ENC).write_text(SHIPPED[ENC], encoding="utf-16")
     assert "UTF-8" in load_error(folder).detail
 
+
+@pytest.mark.parametrize(("file", "old", "new", "words"), [
+    ("contact.yaml", "target: birthDate, type: date}", "target: birthDate, type: integer}", ["'integer'", "date"]),
+    ("contact.yaml", "target: birthDate, type: date}", "target: birthDate, type: boolean}", ["'boolean'", "date"]),
+    (ENC, "target: length.value, type: decimal}", "target: length.value, type: string}", ["'string'", "decimal"]),
+    (ENC, "target: length.value, type: decimal}", "target: length.value, type: boolean}", ["'boolean'", "decimal"]),
+])
+def test_a_type_the_element_cannot_take_is_refused_at_load(tmp_path, file: str, old: str, new: str,
+                                                           words: list[str]):
+    """Found trying the product as a new user: `check-config` passed, then every message was dead-lettered as
+    `invalid-resource`, its action telling the administrator to fix the row's data in Dataverse."""
+    err = load_error(maps_dir(tmp_path, {file: edit(file, old, new)}))
+    assert err.file == file and err.field.endswith(".type") and all(w in err.detail for w in words), err.detail
+
+
+def test_types_that_fit_their_elements_load(tmp_path):
+    """A date written into a dateTime, an integer into a decimal, a string into a code: JSON takes them."""
+    text = edit(ENC, "target: length.value, type: decimal}", "target: length.value, type: integer}")
+    load_maps(maps_dir(tmp_path, {ENC: text, "contact.yaml": edit("contact.yaml", "target: birthDate, type: date}",
+                                                                   "target: birthDate, type: string}")}))
+
