@@ -211,6 +211,11 @@ class Decision:
             "changes": list(plan.changes) if plan else None,
             "cleared": list(plan.cleared) if plan else None,
             "wholeRow": plan.full if plan else None,
+            # Mapped columns the message does not hold at all, which a whole row takes as empty (Dataverse leaves
+            # empty columns out of images): a column name mistyped in a map is always here, clearing its element.
+            "absentColumns": sorted({a.column for a in plan.assignments if a.column and a.column != "*"
+                                     and a.column not in row_state(self.message)[1]})
+            if plan and plan.full and self.message else None,
             # What the plan alone does not know (it reads no other row): the function checks these rows' facts
             # when it writes (their patient's consent; the FHIR ids lookups refer to), so its outcome may differ.
             "decidedWhenWritten": ([f"consent of {t} {r}" for t, r in plan.gates]

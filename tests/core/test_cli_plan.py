@@ -18,7 +18,7 @@ from writeback.settings import DEFAULT_MAPS_DIR
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ROOT / ".venv" / "bin" / "python"
 KEYS = {"decision", "reason", "detail", "table", "recordId", "message", "resourceType", "resource", "changes",
-        "cleared", "wholeRow", "decidedWhenWritten"}
+        "cleared", "wholeRow", "absentColumns", "decidedWhenWritten"}
 
 # Every shipped sample and what the dry run says about it.
 EXPECTED: dict[str, tuple[int, str, str | None, str | None]] = {
@@ -146,6 +146,19 @@ def test_maps_option_uses_that_folder(tmp_path):
         (folder / source.name).write_text(text, encoding="utf-8")
     run = cli(SAMPLES / "01_patient_create.json", "--maps", folder)
     assert (run.code, run.json()["decision"], run.json()["reason"]) == (0, "skip", "no-entity-map")
+
+
+def test_a_mistyped_column_of_a_map_is_listed_as_absent(tmp_path):
+    """Found trying the product as a new user: `telephone_1` for `telephone1` passed every check, and each whole
+    row then cleared the work phone in FHIR. The dry run lists the mapped columns a message does not hold."""
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    for source in DEFAULT_MAPS_DIR.glob("*.yaml"):
+        text = source.read_text(encoding="utf-8")
+        (folder / source.name).write_text(text.replace("column: telephone1,", "column: telephone_1,"), "utf-8")
+    shipped = cli(SAMPLES / "01_patient_create.json").json()["absentColumns"]
+    assert "telephone1" not in shipped and "telephone_1" not in shipped
+    assert "telephone_1" in cli(SAMPLES / "01_patient_create.json", "--maps", folder).json()["absentColumns"]
 
 
 def test_missing_message_file():
