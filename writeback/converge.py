@@ -43,6 +43,9 @@ class RowEdit:
     full: bool  # the row's whole state: it may also create the resource when there is none
     rendered: Mapping[str, Any] | None = None  # the state on an empty resource, identity included, when known
     before: tuple[Assignment, ...] = ()  # the row's state before the save (pre image): finds ingested items
+    # The pre images of the row's older saves in the same batch, newest first (only the newest is written): tried
+    # after `before` to find ingested items (`paths.adopt`).
+    earlier: tuple[tuple[Assignment, ...], ...] = ()
     # Target only: the selectors that may take over an item an ingest put there (`paths.sole_selectors`)
     adoptable: frozenset[Path] = frozenset()
     row_items: bool = False  # the map owns items by the row's mark (`[row]`): the mark goes to `paths`
@@ -168,7 +171,7 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
         return planned
     owned, mark = planned
     if edit.full:
-        new = apply(apply_state(current, owned, edit.before, own=edit.own), [edit.identity])
+        new = apply(apply_state(current, owned, edit.before, own=edit.own, earlier=edit.earlier), [edit.identity])
         new = with_mark(new, None, mark.table, mark.row_id, MOVED)
     else:  # Target only: the changed columns no newer change wrote; the mark records them, not a whole version
         new = apply_changes(current, [*owned, edit.identity], edit.adoptable, own=edit.own)

@@ -246,6 +246,13 @@ _FITS: Mapping[str, frozenset[str]] = {
     "boolean": frozenset({"Boolean"}),
 }
 _NOT_TEXT = _NUMBERS | {"Boolean"}
+# Text that the element's own format refuses: a date and time in a FHIR date (Dataverse sends dates as date and
+# time, so `type: dateTime` on birthDate is an easy slip), a date alone in an instant, any date in a time.
+_WRONG_FORMAT: Mapping[str, frozenset[str]] = {
+    "Date": frozenset({"dateTime", "instant"}),
+    "Instant": frozenset({"date"}),
+    "Time": frozenset({"date", "dateTime", "instant"}),
+}
 
 
 def _primitive(annotation: Any) -> str | None:
@@ -276,7 +283,8 @@ def _check_type(file: str, where: str, path: ElementPath, resource_types: frozen
         primitive = _primitive(annotation) if model is None else None
         if primitive is None:
             continue  # a complex element (its parts are checked by validation), or the path ends in a selector
-        fits = primitive in _FITS[kind] if kind in _FITS else primitive not in _NOT_TEXT
+        fits = (primitive in _FITS[kind] if kind in _FITS else primitive not in _NOT_TEXT) \
+            and kind not in _WRONG_FORMAT.get(primitive, ())
         if not fits:
             raise MapError(file, f"{where}.type", f"is {kind!r}, but {resource_type}'s element there is a FHIR "
                            f"{primitive[:1].lower() + primitive[1:]}")

@@ -367,8 +367,25 @@ def _holds(item: Any, members: Iterable[Assignment], depth: int) -> bool:
 _PICK = " pick"
 
 
+def _in_groups(before: Iterable[Assignment], groups: Mapping[Path, Any]) -> dict[Path, list[Assignment]]:
+    previous: dict[Path, list[Assignment]] = {}
+    for assignment in before:
+        for i, seg in enumerate(assignment.path):
+            if isinstance(seg, Select) and assignment.path[: i + 1] in groups:
+                previous.setdefault(assignment.path[: i + 1], []).append(assignment)
+    return previous
+
+
+def _was(items: list[Any], befores: list[dict[Path, list[Assignment]]], prefix: Path, depth: int) -> list[Any]:
+    """The items holding the row's values before the save, by the first of `befores` that some item holds."""
+    for previous in befores:
+        if held := [item for item in items if _holds(item, previous.get(prefix, ()), depth)]:
+            return held
+    return []
+
+
 def adopt(resource: dict[str, Any], assignments: Iterable[Assignment],
-          before: Iterable[Assignment] = ()) -> dict[Path, Select]:
+          before: Iterable[Assignment] = (), earlier: Iterable[Iterable[Assignment]] = ()) -> dict[Path, Select]:
     """Give each selector with optional keys (`use?=official`) the item an ingest put there when no item matches
     it: among the items that lack those keys and that no other selector of this write took, the one already
     holding the value to write, else the one holding the row's values before this save (`before`, from the pre
@@ -379,17 +396,17 @@ def adopt(resource: dict[str, Any], assignments: Iterable[Assignment],
     A selector that several items match (two emails for `telecom[system=email]`) takes, the same way, the one
     holding the new values, else the values before, else the first. When that is not the first, it is marked
     (`_PICK`) and the returned selector (by prefix) names it. Changes `resource` in place (a copy the caller
-    owns)."""
+    owns).
+
+    `earlier`: the pre images of the row's older saves of the same batch, newest first (only the newest is
+    written): tried, in turn, when no item holds the values `before` gives (FHIR may hold the row as it was before
+    the batch, not between its saves)."""
     groups: dict[Path, list[Assignment]] = {}
     for assignment in assignments:
         for i, seg in enumerate(assignment.path):
             if isinstance(seg, Select):
                 groups.setdefault(assignment.path[: i + 1], []).append(assignment)
-    previous: dict[Path, list[Assignment]] = {}
-    for assignment in before:
-        for i, seg in enumerate(assignment.path):
-            if isinstance(seg, Select) and assignment.path[: i + 1] in groups:
-                previous.setdefault(assignment.path[: i + 1], []).append(assignment)
+    befores = [_in_groups(before, groups), *(_in_groups(e, groups) for e in earlier)]
     claimed: set[int] = set()
     redirects: dict[Path, Select] = {}
     pending: list[tuple[Path, list[Assignment], list[Any]]] = []
@@ -403,8 +420,7 @@ def adopt(resource: dict[str, Any], assignments: Iterable[Assignment],
         if matching:
             depth = len(prefix)
             pick = next(iter([item for item in matching if _holds(item, members, depth)]
-                             or [item for item in matching if _holds(item, previous.get(prefix, ()), depth)]),
-                        matching[0])
+                             or _was(matching, befores, prefix, depth)), matching[0])
             if pick is not next(item for item in items if _matches(item, select)):
                 pick[_PICK] = "1"
                 redirects[prefix] = Select((*select.match, (_PICK, "1")), select.optional)
@@ -419,7 +435,7 @@ def adopt(resource: dict[str, Any], assignments: Iterable[Assignment],
         assert isinstance(select, Select)
         free = [item for item in items if id(item) not in claimed and _compatible(item, select)]
         depth = len(prefix)
-        was = [item for item in free if _holds(item, previous.get(prefix, ()), depth)]
+        was = _was(free, befores, prefix, depth)
         writes = any(m.value is not None and m.value is not KEEP for m in members)
         holding = [item for item in free if all(
             m.value is None or m.value is KEEP or isinstance(m.value, OwnedPrefix)
@@ -608,10 +624,11 @@ def _unpick(result: dict[str, Any], redirects: dict[Path, Select]) -> None:
 
 
 def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
-                before: Iterable[Assignment] = (), own: Mark | None = None) -> dict[str, Any]:
+                before: Iterable[Assignment] = (), own: Mark | None = None,
+                earlier: Iterable[Iterable[Assignment]] = ()) -> dict[str, Any]:
     """A new resource: `resource` with a row's whole state written (see the module docstring). `before`: the
-    row's state before the save, to recognise the items an ingest put there (`adopt`). `own`: the row's mark, for
-    the items `[row]` names (`_own_items`)."""
+    row's state before the save, to recognise the items an ingest put there (`adopt`; `earlier`: its older saves'
+    of the same batch). `own`: the row's mark, for the items `[row]` names (`_own_items`)."""
     before = tuple(before)
     result: dict[str, Any] = _tree_copy(resource)
     assignments, own_lists = _own_items(result, list(assignments), own, before)
@@ -632,7 +649,7 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
         count = max(positions) + 1
         owned = OwnedPrefix(tuple(positions.get(i, KEEP) for i in range(count)), count)
         values.append(Assignment(prefix, owned, "*"))
-    redirects = adopt(result, [*values, *constants], before) if len(result) > 1 else {}  # empty: nothing to adopt
+    redirects = adopt(result, [*values, *constants], before, earlier) if len(result) > 1 else {}  # empty: none
     if redirects:
         values, constants = _redirect(values, redirects), _redirect(constants, redirects)
     existing = len(result) > 1  # a copy to write over, not an empty resource (what a create renders)

@@ -10,6 +10,7 @@ goes through `Pipeline.process_many`, so they cannot drift apart.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -19,13 +20,15 @@ from heapq import heappop, heappush
 from typing import Any, Literal, Protocol, TypeVar
 
 from writeback.collector import paused
-from writeback.converge import ItemEdit, RowEdit
+from writeback.converge import ItemEdit, RemoveItem, RowEdit
 from writeback.decide import Decision, RowKey, WritePlan, narrow, plan_message
 from writeback.errors import WritebackError
 from writeback.facts import (
     CONSENT_GRACE_RETRIES,
+    EARLIER_SAVE_GRACE_RETRIES,
     REFERENCE_GRACE_RETRIES,
     RowFacts,
+    earlier_save_pending,
     facts_of,
     merged,
     remembered_gates,
@@ -41,7 +44,7 @@ from writeback.settings import Settings
 log = logging.getLogger("writeback")
 _T = TypeVar("_T")
 # The attempt a one-shot pipeline decides every message as: past every grace period (`facts`).
-LAST_GRACE = max(CONSENT_GRACE_RETRIES, REFERENCE_GRACE_RETRIES)
+LAST_GRACE = max(CONSENT_GRACE_RETRIES, REFERENCE_GRACE_RETRIES, EARLIER_SAVE_GRACE_RETRIES)
 DEADLINE_DETAIL = ("The invocation's deadline (inside the message lock) came before this message was finished; "
                    "rescheduled.")
 # Messages planned before their reads are sent and the writes now ready go out. A slice's reads and writes fill
@@ -220,21 +223,37 @@ def _retried(envelope: Envelope) -> bool:
     return _attempt(envelope) > 0 or RESUBMITTED_FROM in (envelope.properties or {})
 
 
-def _plan_order(decision: Decision, other: WritePlan) -> int:
-    """-1, 0 or 1: `decision`'s version against `other`'s (0 also when they cannot be compared)."""
-    assert decision.plan is not None
-    return decision.plan.source.version.compare(other.source.version) or 0
+def _others_of(batch: _Batch, i: int, row: RowKey | None) -> bool:
+    """Whether the batch has another message of `row` than its `i`th."""
+    return any(j != i and _source_row(d) == row for j, d in enumerate(batch.decisions))
 
 
-def _before_the_batch(newest: Decision, oldest: Decision) -> Decision:
-    """`newest`, recognising ingested items by `oldest`'s pre image (see `Pipeline._newest_per_row`)."""
-    plan, first = newest.plan, oldest.plan
-    assert plan is not None and first is not None
-    edit, before = plan.writes[0].edit, first.writes[0].edit
-    if not isinstance(edit, RowEdit) or not isinstance(before, RowEdit) or not before.before:
+def _source_row(decision: Decision) -> RowKey | None:
+    message = decision.message
+    return (message.table, message.record_id) if message is not None else None
+
+
+def _with_earlier(newest: Decision, olders: list[Decision]) -> Decision:
+    """`newest`, recognising ingested items also by `olders`' pre images, newest first (`Pipeline._newest_per_row`)."""
+    plan = newest.plan
+    assert plan is not None
+    edit = plan.writes[0].edit
+    assert isinstance(edit, RowEdit)
+    befores = []
+    for older in sorted(olders, key=functools.cmp_to_key(_by_version), reverse=True):
+        assert older.plan is not None
+        before = older.plan.writes[0].edit
+        if isinstance(before, RowEdit) and before.before and before.before not in befores:
+            befores.append(before.before)
+    if not befores:
         return newest
-    write = replace(plan.writes[0], edit=replace(edit, before=before.before))
+    write = replace(plan.writes[0], edit=replace(edit, earlier=tuple(befores)))
     return replace(newest, plan=replace(plan, writes=(write, *plan.writes[1:])))
+
+
+def _by_version(one: Decision, other: Decision) -> int:
+    assert one.plan is not None and other.plan is not None
+    return one.plan.source.version.compare(other.plan.source.version) or 0
 
 
 def _known_as_all(group: list[Decision]) -> list[Decision]:
@@ -244,17 +263,17 @@ def _known_as_all(group: list[Decision]) -> list[Decision]:
     known: list[Mapping[str, Any]] = []
     for decision in group:
         assert decision.plan is not None
-        edit = decision.plan.writes[0].edit
-        assert isinstance(edit, ItemEdit)
-        known += [k for k in edit.known_as if k not in known]
+        for write in decision.plan.writes:
+            if isinstance(write.edit, ItemEdit | RemoveItem):
+                known += [k for k in write.edit.known_as if k not in known]
     out = []
     for decision in group:
         plan = decision.plan
         assert plan is not None
-        edit = plan.writes[0].edit
-        assert isinstance(edit, ItemEdit)
-        write = replace(plan.writes[0], edit=replace(edit, known_as=tuple(known)))
-        out.append(replace(decision, plan=replace(plan, writes=(write, *plan.writes[1:]))))
+        # (the removal from the old parent of a move too: the item there is the ingested one as much)
+        writes = tuple(replace(w, edit=replace(w.edit, known_as=tuple(known)))
+                       if isinstance(w.edit, ItemEdit | RemoveItem) else w for w in plan.writes)
+        out.append(replace(decision, plan=replace(plan, writes=writes)))
     return out
 
 
@@ -545,11 +564,24 @@ class Pipeline:
         """Resolve the decisions (facts of other rows), settle what is not a write, set duplicates aside; the
         writes to make."""
         writes: list[int] = []
+        items: dict[RowKey, list[int]] = {}
+        for i in indexes:
+            plan = batch.decisions[i].plan
+            if plan is not None and isinstance(plan.writes[0].edit, ItemEdit):
+                items.setdefault((plan.source.table, plan.source.record_id), []).append(i)
+        for group in items.values():
+            if len(group) > 1:  # each of a child row's saves knows its item by all their images (`_known_as_all`),
+                # those `resolve` then finds `stale` included (an older save a move overtook)
+                for i, decision in zip(group, _known_as_all([batch.decisions[i] for i in group]), strict=True):
+                    batch.decisions[i] = decision
         for i in indexes:
             envelope = batch.envelopes[i]
             attempt = _attempt(envelope) if not self.one_shot else LAST_GRACE
             decision = resolve(batch.decisions[i], known, self.maps, self.settings, attempt=attempt,
                                created=batch.created, retried=_retried(envelope) and not self.one_shot)
+            if decision.plan is not None and decision.plan.full and (row := _source_row(decision)) in batch.stored:
+                decision = earlier_save_pending(decision, batch.stored, attempt=attempt,
+                                                others_in_batch=functools.partial(_others_of, batch, i, row))
             if decision.decision != "write" or decision.plan is None:
                 batch.decisions[i], batch.results[i] = decision, self._settled(decision)
                 continue
@@ -623,17 +655,14 @@ class Pipeline:
 
     def _newest_per_row(self, decisions: list[Decision], results: list[Result | None], writes: list[int]) -> list[int]:
         """Of several whole-row writes of one row in the batch, the newest: it holds the others' changes. It finds
-        the items an ingest put in the resource by the oldest one's pre image: the row as FHIR has it before the
-        batch, where its own pre image holds a state between the batch's saves that FHIR never held (with two
-        names or phones without `use`, it took another system's)."""
+        the items an ingest put in the resource by its own pre image, else by the older ones' (`RowEdit.earlier`):
+        FHIR may hold the row as it was before the batch, not between its saves (with two names or phones without
+        `use`, it took another system's)."""
         newest: dict[tuple[str, str, str], int] = {}
-        oldest: dict[tuple[str, str, str], int] = {}
-        items: dict[tuple[str, str], list[int]] = {}
+        older_ones: dict[tuple[str, str, str], list[int]] = {}
         for i in writes:
             plan = decisions[i].plan
             assert plan is not None
-            if isinstance(plan.writes[0].edit, ItemEdit):
-                items.setdefault((plan.source.table, plan.source.record_id), []).append(i)
             if not (plan.full and isinstance(plan.writes[0].edit, RowEdit)):
                 continue
             row = _row_of(plan)
@@ -648,18 +677,11 @@ class Pipeline:
                 continue  # the same version or none to compare: both are written, in the order given
             older, newer = (other, i) if order > 0 else (i, other)
             newest[row] = newer
-            first = oldest.get(row, older)
-            first_plan = decisions[first].plan
-            assert first_plan is not None
-            oldest[row] = older if _plan_order(decisions[older], first_plan) < 0 else first
+            older_ones.setdefault(row, []).append(older)
             results[older] = Result("skipped", Reason.STALE, "A newer change of this row in the same batch holds "
                                     "this one's changes; that one is written.", decisions[older])
-        for row, first in oldest.items():
-            decisions[newest[row]] = _before_the_batch(decisions[newest[row]], decisions[first])
-        for group in items.values():
-            if len(group) > 1:  # each of a child row's saves knows its item by all their images (`_known_as_all`)
-                for i, decision in zip(group, _known_as_all([decisions[i] for i in group]), strict=True):
-                    decisions[i] = decision
+        for row, olders in older_ones.items():
+            decisions[newest[row]] = _with_earlier(decisions[newest[row]], [decisions[i] for i in olders])
         return [i for i in writes if results[i] is None]
 
     async def _admit(self, envelopes: Sequence[Envelope], decisions: list[Decision], results: list[Result | None],

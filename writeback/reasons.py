@@ -128,7 +128,8 @@ REASONS: dict[Reason, ReasonInfo] = {
         Kind.TRANSIENT, "The resource to write into does not exist yet: an identifier row came before its "
         "patient's Create was written (or a Target-only update before its row's Create); or a row's lookup names a "
         "row not written yet (an Observation before its Encounter), which waits two retries, then refers to it by "
-        "identifier only.",
+        "identifier only; or a save of a record that came from FHIR before an earlier save of its row, which tells "
+        "which of the record's items are the row's: it waits one retry, then is written.",
         "Usually none: it is retried with a growing delay until the Create is written. If it ends as "
         "retries-exhausted, resubmit the row's Create first "
         "(or save a row that predates writeback in Dataverse), then resubmit."),

@@ -331,6 +331,10 @@ def test_a_map_file_that_is_not_utf8_says_so(tmp_path):
     ("contact.yaml", "target: birthDate, type: date}", "target: birthDate, type: boolean}", ["'boolean'", "date"]),
     (ENC, "target: length.value, type: decimal}", "target: length.value, type: string}", ["'string'", "decimal"]),
     (ENC, "target: length.value, type: decimal}", "target: length.value, type: boolean}", ["'boolean'", "decimal"]),
+    # (found by review: Dataverse sends dates as date and time, so `dateTime` on birthDate is an easy slip)
+    ("contact.yaml", "target: birthDate, type: date}", "target: birthDate, type: dateTime}", ["'dateTime'", "date"]),
+    ("contact.yaml", "target: birthDate, type: date}", "target: birthDate, type: instant}", ["'instant'", "date"]),
+    ("msemr_observation.yaml", "target: issued, type: instant}", "target: issued, type: date}", ["'date'", "instant"]),
 ])
 def test_a_type_the_element_cannot_take_is_refused_at_load(tmp_path, file: str, old: str, new: str,
                                                            words: list[str]):

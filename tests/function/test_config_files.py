@@ -8,6 +8,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from writeback.errors import ConfigError
 from writeback.settings import DEADLINE_MARGIN_SECONDS, SETTINGS, SPEC_BY_NAME, Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,8 +28,13 @@ def test_sample_lists_exactly_the_settings() -> None:
     assert shipped == ["OUTCOMES_CONNECTION_STRING"]
     assert "AccountName=devstoreaccount1;" in values["OUTCOMES_CONNECTION_STRING"]
     assert "TableEndpoint=http://127.0.0.1:10002/" in values["OUTCOMES_CONNECTION_STRING"]
-    # what the sample says is valid as it stands (func start works once the FHIR URL is the real one)
-    settings = Settings.from_env(values, need_outcomes=True)
+    # what the sample says is valid once the FHIR URL is the real one (its placeholder is refused: a new user's
+    # `check-config` passed with it, and every write failed)
+    with pytest.raises(ConfigError) as placeholder:
+        Settings.from_env(values, need_outcomes=True)
+    assert placeholder.value.setting == "FHIR_URL"
+    settings = Settings.from_env({**values, "FHIR_URL": "https://ws-fhir.fhir.azurehealthcareapis.com"},
+                                 need_outcomes=True)
     assert settings.outcomes_connection_string and settings.target == "fhir"
 
 

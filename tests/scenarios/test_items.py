@@ -1098,16 +1098,19 @@ def ingested_observation_with_notes(world: World) -> tuple[Sent, Sent, dict[str,
 @pytest.mark.parametrize("order", ["in-order", "newest-first"])
 async def test_14j5_the_ingested_note_takes_the_comment_whatever_order_the_saves_come_in(world: World, order: str):
     """A record that came from FHIR with a note (and another system's after it), its comment edited twice in
-    Dataverse. Received newest first, the newest save's pre image no longer holds what the ingest copied; the note
-    the ingest copied is still the one it takes (the first, on a record the row never wrote to), not a new one
-    beside it; the older save is `stale`."""
+    Dataverse. Received newest first, the newest save's pre image no longer holds what the ingest copied: it waits
+    once for the earlier save (`target-pending`), which takes the note the ingest copied; then it is written there,
+    not as a new note beside it."""
     dv = world.dataverse
     ingested, echo, seeded, observation = ingested_observation_with_notes(world)
     oral = dv.update("msemr_observation", observation, {"msemr_comment": "oral"})
     rectal = dv.update("msemr_observation", observation, {"msemr_comment": "rectal"})
-    saves = (oral, rectal) if order == "in-order" else (rectal, oral)
-    expected = [("written", None)] * 2 if order == "in-order" else [("written", None), ("skipped", "stale")]
-    assert states(await world.send_each(ingested, echo, *saves)) == [("skipped", "echo")] * 2 + expected
+    assert states(await world.send_each(ingested, echo)) == [("skipped", "echo")] * 2
+    if order == "in-order":
+        assert states(await world.send_each(oral, rectal)) == [("written", None)] * 2
+    else:
+        assert states(await world.send_each(rectal, oral)) == [("retry", "target-pending"), ("written", None)]
+        assert states(await world.send(rectal, delivery_count=2)) == [("written", None)]
     notes = [strip_marks(n) for n in world.fhir.get(f"Observation/{seeded['id']}")["note"]]
     assert notes == [{"authorString": "Nurse K", "time": "2026-11-29T08:00:00Z", "text": "rectal"}, THEIRS]
 
@@ -1567,17 +1570,24 @@ async def _two_saves(world: World, order: str, contact: str, column: str, first:
     if order == "in-order":
         await world.send_each(one, two)
     elif order == "newest-first":
-        await world.send_each(two, one)
+        await newest_first(world, one, two)
     else:
         await world.send(one, two)
 
 
-# Received newest first in two batches, the newer save has only its own pre image (the first correction, which FHIR
-# never held) and takes the first item without `use`, another system's; the older is then `stale`. Pinned: these
-# fail by design today (docs/reliability.md, "What remains"), and the strict mark makes the suite say when they pass.
-ORDERS = ["in-order", "one-batch", pytest.param("newest-first", marks=pytest.mark.xfail(
-    strict=True, reason="two saves of a record from FHIR received newest first in two batches: the newer cannot "
-    "tell the ingested item from another system's"))]
+async def newest_first(world: World, one: Sent, two: Sent) -> None:
+    """The newer save first, in a batch of its own: its pre image (the first correction) FHIR never held, so it waits
+    for the earlier save (`target-pending`), which takes the ingested item; then, retried, it is written."""
+    [waiting] = await world.send(two)
+    assert (waiting.state, waiting.reason) == ("retry", Reason.TARGET_PENDING), waiting.detail
+    assert "earlier save of this row" in waiting.detail
+    assert states(await world.send(one)) == [("written", None)]
+    assert states(await world.send(two, delivery_count=2)) == [("written", None)]
+
+
+# Received newest first in two batches, the newer save had only its own pre image (the first correction, which FHIR
+# never held) and took the first item without `use`, another system's; the older was then `stale` (found by review).
+ORDERS = ["in-order", "one-batch", "newest-first"]
 
 
 MAIDEN = {"family": "Doe", "given": ["Imani", "Grace"], "period": {"end": "2001-06-01"}}
@@ -1642,9 +1652,91 @@ async def test_18d_an_ingested_identifier_corrected_twice_is_one_item(world: Wor
     if order == "in-order":
         await world.send_each(one, two)
     elif order == "newest-first":
-        await world.send_each(two, one)
+        await newest_first(world, one, two)
     else:
         await world.send(two, one)  # the newer first in the batch: its claim may well come first
     patient = world.fhir.get(f"Patient/{seeded['id']}")
     check_identifier({contact: patient}, mrn, dv.row("msemr_medicalidentifier", mrn))
     assert [i["value"] for i in patient["identifier"] if i.get("system") == MRN] == ["MRN-7003"]
+
+
+async def test_18e_a_save_whose_earlier_save_never_comes_waits_one_retry_then_is_written(world: World):
+    """A step registered with filtering attributes sends no message for a save of other columns: the earlier save
+    the pre image names never comes. The later save waits its grace, then is written (the first item without `use`,
+    as without the wait); a save whose earlier save was seen never waits."""
+    dv = world.dataverse
+    seeded = ingested_patient(world)
+    contact, ingested = ingest(world, seeded)
+    assert states(await world.send(ingested)) == [("skipped", "echo")]
+    dv.update("contact", contact, {"jobtitle": "Teacher"})  # never posted
+    two = dv.update("contact", contact, {"lastname": "Okafor-Belo"})
+    assert states(await world.send(two)) == [("retry", "target-pending")]
+    assert states(await world.send(two, delivery_count=2)) == [("written", None)]
+    check_contact(world.fhir, contact, dv.row("contact", contact))
+    renamed = dv.update("contact", contact, {"lastname": "Okafor"})  # its earlier save was seen: no wait
+    assert states(await world.send(renamed)) == [("written", None)]
+
+
+# Found by a review of 18a-d's first fix (the oldest save's pre image in place of the newest's), each a regression
+# of it or a case it left: the newest's own pre image comes first, the older ones' after it.
+
+
+async def test_18f_a_redelivered_older_save_in_the_batch_of_a_newer_one_never_takes_the_home_email(world: World):
+    """V2 (email E1 → E2) is written, and its copy comes again (at least once) in the batch of V3 (E2 → E3): FHIR
+    holds E2, V3's own pre image; the older one's (E1) it no longer holds."""
+    home = {"system": "email", "use": "home", "value": "imani.home@example.org"}
+    seeded = ingested_patient(world, telecom=[home, {"system": "email", "use": "work",
+                                                     "value": "imani@clinic.example.org"}])
+    contact, ingested = _ingested_contact(world, seeded, telephone1=None, emailaddress1="imani@clinic.example.org")
+    assert states(await world.send(ingested)) == [("skipped", "echo")]
+    dv = world.dataverse
+    v2 = dv.update("contact", contact, {"emailaddress1": "imani@hospital.example.org"})
+    v3 = dv.update("contact", contact, {"emailaddress1": "imani.okafor@hospital.example.org"})
+    assert states(await world.send(v2)) == [("written", None)]
+    await world.send(v2, v3)  # V2's late copy beside V3
+    patient = world.fhir.get(f"Patient/{seeded['id']}")
+    assert patient["telecom"] == [home, {"system": "email", "use": "work",
+                                         "value": "imani.okafor@hospital.example.org"}]
+
+
+async def test_18g_an_echo_between_a_batchs_saves_never_makes_the_newest_take_another_systems_phone(world: World):
+    """Two phones without `use` (another system's 0001, the row's 0170). V2 renames; another system changes the
+    row's phone in FHIR to 0180 and the sync ingests it (V3, an echo); V4 changes it to 0190 (its pre image holds
+    0180, as FHIR does). V2 and V4 in one batch."""
+    seeded = ingested_patient(world, telecom=[{"system": "phone", "value": "+1 555 0001"},
+                                              {"system": "phone", "value": "+1 555 0170"}])
+    contact, ingested = _ingested_contact(world, seeded)
+    assert states(await world.send(ingested)) == [("skipped", "echo")]
+    dv = world.dataverse
+    v2 = dv.update("contact", contact, {"lastname": "Okafor-Bello"})
+    current = world.fhir.get(f"Patient/{seeded['id']}")
+    world.fhir.put({**{k: v for k, v in current.items() if k != "meta"},
+                    "telecom": [{"system": "phone", "value": "+1 555 0001"},
+                                {"system": "phone", "value": "+1 555 0180"}]})
+    v3 = dv.update("contact", contact, {"telephone1": "+1 555 0180"}, user=SYNC_USER)
+    v4 = dv.update("contact", contact, {"telephone1": "+1 555 0190"})
+    assert states(await world.send(v3)) == [("skipped", "echo")]
+    await world.send(v2, v4)
+    patient = world.fhir.get(f"Patient/{seeded['id']}")
+    assert patient["telecom"] == [{"system": "phone", "value": "+1 555 0001"},
+                                  {"system": "phone", "value": "+1 555 0190", "use": "work"}]
+    check_contact(world.fhir, contact, dv.row("contact", contact))
+
+
+async def test_18h_an_ingested_mrn_corrected_then_moved_in_one_batch_leaves_its_old_patient(world: World):
+    """The MRN came from FHIR (in patient A, unmarked); corrected (7001 → 7002), then moved to patient B, in one
+    batch. The move's removal from A knew the item only by its own pre image (7002), which A never held."""
+    dv = world.dataverse
+    seeded = ingested_patient(world)
+    contact, ingested = ingest(world, seeded)
+    other, other_created = dv.patient()
+    mrn, mrn_ingested = dv.identifier(contact, MRN, "MRN-7001", user=SYNC_USER)
+    assert states(await world.send_each(ingested, mrn_ingested, other_created)) == [
+        ("skipped", "echo"), ("skipped", "echo"), ("written", None)]
+    one = dv.update("msemr_medicalidentifier", mrn, {"msemr_value": "MRN-7002"})
+    two = dv.update("msemr_medicalidentifier", mrn, {"msemr_assignee": Lookup("contact", other)})
+    await world.send(one, two)
+    a = world.fhir.get(f"Patient/{seeded['id']}")
+    b = the_resource(world.fhir, "Patient", ROW_SYSTEM, other)
+    assert [i["value"] for i in b.get("identifier", []) if i.get("system") == MRN] == ["MRN-7002"]
+    assert [i["value"] for i in a.get("identifier", []) if i.get("system") == MRN] == []
