@@ -485,7 +485,7 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
     source = _source(message, entity_map.identifier_system, new)
     writes = [Write(target, edit), *_released(message, entity_map, resource_type, old, mark)]
     plan = WritePlan("create" if is_create else "update", tuple(writes), rendered,
-                     _changes(assignments, full), source, full, _cleared(assignments), tuple(gates), refs)
+                     _changes(assignments, full, rendered), source, full, _cleared(assignments), tuple(gates), refs)
     detail = _describe(plan, narrow_image=keep)
     if len(writes) > 1:
         detail = detail[:-1] + f"; it leaves its {writes[1].target.resource_type}, which was its type before."
@@ -596,9 +596,11 @@ def _source(message: Message, row_system: str, row: Row) -> Source:
     )
 
 
-def _changes(assignments: tuple[Assignment, ...], full: bool) -> tuple[str, ...]:
+def _changes(assignments: tuple[Assignment, ...], full: bool, rendered: Mapping[str, Any]) -> tuple[str, ...]:
     names = {a.element for a in assignments if a.value is not None and a.value is not KEEP}
-    return tuple(sorted(names | ({"identifier"} if full else set())))
+    if full:  # what the whole state holds: a constant written only beside a row's value is not there without one
+        names = {name for name in names if name in rendered} | {"identifier"}
+    return tuple(sorted(names))
 
 
 def _cleared(assignments: tuple[Assignment, ...]) -> tuple[str, ...]:

@@ -161,6 +161,22 @@ def test_a_mistyped_column_of_a_map_is_listed_as_absent(tmp_path):
     assert "telephone_1" in cli(SAMPLES / "01_patient_create.json", "--maps", folder).json()["absentColumns"]
 
 
+def test_changes_name_only_what_the_whole_state_holds(tmp_path):
+    """Found trying the product as a new user: a constant (`action: default`, no column) is written only beside a
+    row's value in its element; alone, the dry run still listed its element under `changes`."""
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    for source in DEFAULT_MAPS_DIR.glob("*.yaml"):
+        text = source.read_text(encoding="utf-8")
+        if source.name == "contact.yaml":
+            text = text.replace("attributes:\n", "attributes:\n  - {target: maritalStatus.text, action: default, "
+                                "value: Unknown, only_for: [Patient]}\n", 1)
+        (folder / source.name).write_text(text, "utf-8")
+    data = cli(SAMPLES / "01_patient_create.json", "--maps", folder).json()
+    assert data["decision"] == "write" and "maritalStatus" not in data["resource"]
+    assert "maritalStatus" not in data["changes"] and "name" in data["changes"]
+
+
 def test_missing_message_file():
     assert_usage_error(cli("no-such-message.json"), "no-such-message.json")
 
