@@ -364,7 +364,7 @@ class BatchDelivery:
             except WritebackError as exc:
                 job.outcome = exc
                 continue
-            if job.plan.heal_only and decided.kind in ("write", "absent"):
+            if job.plan.heal_only and decided.kind in ("write", "absent", "pending"):
                 # A retry a newer change overtook writes nothing: as `stale`, it only looks for the version it
                 # may have written and owes a Provenance (`_heal`).
                 decided = Converged("stale", held=decided.held)
@@ -377,6 +377,11 @@ class BatchDelivery:
                     "holds only some of its columns: waiting for its Create, or a save sent with images.")
             elif decided.kind == "absent":
                 job.outcome = target_pending(target)
+            elif decided.kind == "pending" and not job.copied:
+                job.outcome = WritebackError(
+                    Reason.TARGET_PENDING, f"An earlier save of {job.plan.source.table} {job.plan.source.record_id} "
+                    f"has not been received yet, and {target.resource_type}/{_resource_id(job)} came from FHIR: that "
+                    "save tells which of its items are the row's. Waiting for it once, then written.")
             elif decided.kind != "write" and job.copied:
                 # Only the server's copy may say that nothing needs writing: another system may have changed the
                 # resource since this call wrote it.

@@ -31,7 +31,7 @@ from writeback.marks import MOVED, Mark, Version, item_of, mark_of, marks_in, wi
 from writeback.paths import KEEP, Assignment, Path, apply, apply_changes, apply_state
 from writeback.validation import check_invariants, choice_siblings
 
-Kind = Literal["write", "stale", "same", "unchanged", "absent"]
+Kind = Literal["write", "stale", "same", "unchanged", "absent", "pending"]
 _SERVER_META = ("versionId", "lastUpdated", "source")
 
 
@@ -46,6 +46,10 @@ class RowEdit:
     # The pre images of the row's older saves in the same batch, newest first (only the newest is written): tried
     # after `before` to find ingested items (`paths.adopt`).
     earlier: tuple[tuple[Assignment, ...], ...] = ()
+    # An earlier save of the row is not known to have come (its pre image is newer than every version the row state
+    # knows): on a resource the row's mark is not on yet (a record from FHIR), the write waits for it once
+    # (`pending`), since that save's pre image tells which items the ingest put there are the row's.
+    awaits_earlier: bool = False
     # Target only: the selectors that may take over an item an ingest put there (`paths.sole_selectors`)
     adoptable: frozenset[Path] = frozenset()
     row_items: bool = False  # the map owns items by the row's mark (`[row]`): the mark goes to `paths`
@@ -62,6 +66,7 @@ class ItemEdit:
     owned: tuple[Assignment, ...]  # paths relative to the item
     full: bool
     known_as: tuple[Mapping[str, Any], ...] = ()  # what an unmarked item of this row looks like (pre/post image)
+    awaits_earlier: bool = False  # as `RowEdit.awaits_earlier`: no item is recognised as the row's, none is added
 
 
 @immutable
@@ -161,6 +166,9 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
             new = apply(apply_state(base, edit.owned, own=edit.own), [edit.identity])
         return Converged("write", with_mark(new, edit.mark, edit.mark.table, edit.mark.row_id))
     held = mark_of(current, edit.mark.table, edit.mark.row_id)
+    if edit.awaits_earlier and edit.full and held is None and \
+            mark_of(current, edit.mark.table, edit.mark.row_id, MOVED) is None:
+        return Converged("pending")
     # A resource the row left when its type changed (`Release`) holds the tombstone instead: an older state of the
     # row may not take it up again.
     ordered = _ordered(edit, held or mark_of(current, edit.mark.table, edit.mark.row_id, MOVED))
@@ -264,6 +272,8 @@ def _item(current: dict[str, Any], edit: ItemEdit) -> Converged:
         if ordered is not None:
             return ordered
         index = _unmarked(items, edit.known_as)
+        if index is None and edit.awaits_earlier and held is None:
+            return Converged("pending")
         if index is None and not edit.full:
             # A Target-only change holds some columns only: made into a new item, it would be half an identifier
             # (a value without its system). The row's item is not here (yet): its Create comes first.

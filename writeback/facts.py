@@ -11,7 +11,7 @@ plan: the consent gates, the parents' FHIR ids, the lookups' references.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import field, replace
 from typing import TypeVar
@@ -29,11 +29,9 @@ from writeback.decide import (
     gate_table,
     gates_of,
     is_echo,
-    modified_on,
     resource_id,
     resource_type_of,
     row_state,
-    row_version,
     version_of,
     whole_image,
 )
@@ -235,34 +233,11 @@ def _as_known(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet
 
 
 # A whole state of a record that came from FHIR, received before an earlier save of its row that no message has told
-# yet, waits this many retries for it: that save's pre image is what the ingest copied, which tells the record's
-# items (a name, a phone, an identifier without `use`) that are the row's from other systems' (`paths.adopt`).
-# One: on a retry the stored facts are the message's own first try's (every message leaves its facts), which cannot
-# say whether the earlier save came meanwhile (a child row's leaves no `written` of its own).
+# yet, waits this many retries for it (`RowEdit.awaits_earlier`): that save's pre image is what the ingest copied,
+# which tells the record's items (a name, a phone, an identifier without `use`) that are the row's from other
+# systems' (`paths.adopt`). One: on a retry the stored facts are the message's own first try's (every message leaves
+# its facts), which cannot say whether the earlier save came meanwhile.
 EARLIER_SAVE_GRACE_RETRIES = 1
-
-
-def earlier_save_pending(decision: Decision, stored: Mapping[RowKey, RowFacts], *, attempt: int,
-                         others_in_batch: Callable[[], bool]) -> Decision:
-    """`decision`, or a wait (`target-pending`) while an earlier save of its row may still be on its way: its record
-    came from FHIR and this product never wrote it (the facts stored before this batch, which has no other message
-    of the row: a FHIR id and no `written`; a child row's, its parent's), and its pre image's version is newer than
-    every version of the row they know. Retried, it is written."""
-    plan, message = decision.plan, decision.message
-    if plan is None or message is None or message.pre_image is None or not plan.full \
-            or attempt >= EARLIER_SAVE_GRACE_RETRIES or not isinstance(plan.writes[0].edit, RowEdit | ItemEdit):
-        return decision
-    row = stored.get((message.table, message.record_id))
-    record = stored.get(plan.target.row) if isinstance(plan.writes[0].edit, ItemEdit) else row
-    if row is None or record is None or record.fhir_id is None or record.written is not None:
-        return decision
-    before = message.pre_image.attributes
-    earlier = Version(row_version(before), modified_on(before))
-    if not earlier.known or earlier.compare(row.version) != 1 or others_in_batch():
-        return decision
-    return replace(decision, decision="reject", reason=Reason.TARGET_PENDING, plan=None,
-                   detail=f"An earlier save of this row ({earlier.text()}) has not been received yet; it tells which "
-                   "items of the record, which came from FHIR, are the row's: waiting once for it, then written.")
 
 
 def _sync_kept(plan: WritePlan, synced: frozenset[str]) -> WritePlan | None:

@@ -21,14 +21,13 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from writeback.collector import paused
 from writeback.converge import ItemEdit, RemoveItem, RowEdit
-from writeback.decide import Decision, RowKey, WritePlan, narrow, plan_message
+from writeback.decide import Decision, RowKey, WritePlan, modified_on, narrow, plan_message, row_version
 from writeback.errors import WritebackError
 from writeback.facts import (
     CONSENT_GRACE_RETRIES,
     EARLIER_SAVE_GRACE_RETRIES,
     REFERENCE_GRACE_RETRIES,
     RowFacts,
-    earlier_save_pending,
     facts_of,
     merged,
     remembered_gates,
@@ -36,7 +35,9 @@ from writeback.facts import (
 )
 from writeback.immutable import immutable
 from writeback.maps import MapSet
+from writeback.marks import Version
 from writeback.messages import row_of_body
+from writeback.paths import Select
 from writeback.reasons import Kind, Reason
 from writeback.retry import RESUBMITTED_FROM, GiveUp, RetryPolicy, attempts_so_far, next_step, original_id
 from writeback.settings import Settings
@@ -223,9 +224,23 @@ def _retried(envelope: Envelope) -> bool:
     return _attempt(envelope) > 0 or RESUBMITTED_FROM in (envelope.properties or {})
 
 
-def _others_of(batch: _Batch, i: int, row: RowKey | None) -> bool:
-    """Whether the batch has another message of `row` than its `i`th."""
-    return any(j != i and _source_row(d) == row for j, d in enumerate(batch.decisions))
+def _adopts(plan: WritePlan) -> bool:
+    """Whether the write may take over an item an ingest put there: a child row's item, or a list the map selects
+    in by optional keys (`name[use?=official]`) or owns by the row's mark (`note[row]`)."""
+    edit = plan.writes[0].edit
+    if isinstance(edit, ItemEdit):
+        return True
+    return isinstance(edit, RowEdit) and (edit.row_items or any(
+        isinstance(seg, Select) and seg.optional for a in edit.owned for seg in a.path))
+
+
+def _before_version(decision: Decision) -> Version:
+    """The version of the row before the save: its pre image's (unknown without one)."""
+    message = decision.message
+    if message is None or message.pre_image is None:
+        return Version()
+    before = message.pre_image.attributes
+    return Version(row_version(before), modified_on(before))
 
 
 def _source_row(decision: Decision) -> RowKey | None:
@@ -579,9 +594,6 @@ class Pipeline:
             attempt = _attempt(envelope) if not self.one_shot else LAST_GRACE
             decision = resolve(batch.decisions[i], known, self.maps, self.settings, attempt=attempt,
                                created=batch.created, retried=_retried(envelope) and not self.one_shot)
-            if decision.plan is not None and decision.plan.full and (row := _source_row(decision)) in batch.stored:
-                decision = earlier_save_pending(decision, batch.stored, attempt=attempt,
-                                                others_in_batch=functools.partial(_others_of, batch, i, row))
             if decision.decision != "write" or decision.plan is None:
                 batch.decisions[i], batch.results[i] = decision, self._settled(decision)
                 continue
@@ -597,7 +609,43 @@ class Pipeline:
             if key is not None:
                 batch.first_of[key] = i
             writes.append(i)
+        if not self.one_shot:
+            self._await_earlier(batch, indexes, writes)
         return writes
+
+    def _await_earlier(self, batch: _Batch, indexes: list[int], writes: list[int]) -> None:
+        """Flag the whole saves of a row when every message of the row in the flight (written, stale or skipped)
+        has a pre image newer than every version the row's stored facts know (an earlier save not seen yet), on
+        their first try: on a record from FHIR not marked by the row yet, their write waits once for that save
+        (`RowEdit.awaits_earlier`). All of the row's saves in the flight, so that none of them is written in the
+        newest's place, nor a copy of it. Not a move (a child row to another patient): that save, when it comes, is
+        `stale` by the move, so waiting would not help (docs/reliability.md, "What remains")."""
+        rows: dict[RowKey, list[int]] = {}
+        for i in writes:
+            plan = batch.decisions[i].plan
+            assert plan is not None
+            if plan.full and (row := _source_row(batch.decisions[i])) in batch.stored and _adopts(plan) \
+                    and not any(isinstance(w.edit, RemoveItem) for w in plan.writes):
+                rows.setdefault(row, []).append(i)
+        if not rows:
+            return
+        flight: dict[RowKey, list[int]] = {}
+        for i in indexes:
+            if (row := _source_row(batch.decisions[i])) in rows:
+                flight.setdefault(row, []).append(i)
+        for row, group in rows.items():
+            if any(_attempt(batch.envelopes[i]) >= EARLIER_SAVE_GRACE_RETRIES for i in group):
+                continue
+            known = batch.stored[row].version
+            if any(_before_version(batch.decisions[i]).compare(known) != 1 for i in flight[row]):
+                continue  # (the earliest says what the others would: each newer than what is known)
+            for i in group:
+                plan = batch.decisions[i].plan
+                assert plan is not None
+                edit = plan.writes[0].edit
+                assert isinstance(edit, RowEdit | ItemEdit)
+                write = replace(plan.writes[0], edit=replace(edit, awaits_earlier=True))
+                batch.decisions[i] = replace(batch.decisions[i], plan=replace(plan, writes=(write, *plan.writes[1:])))
 
     async def _write(self, batch: _Batch, writes: list[int], landed: asyncio.Event | None = None) -> None:
         """Admit (ledger) and deliver `writes`; fill their results and the facts learned."""
@@ -700,8 +748,10 @@ class Pipeline:
                 plan = decision.plan
                 assert plan is not None
                 child = isinstance(plan.writes[0].edit, ItemEdit)
-                if plan.full and not child:
-                    return  # ordered by the version marked in its resource, inside the write
+                if (plan.full and not child) or getattr(plan.writes[0].edit, "awaits_earlier", False):
+                    # Ordered by the version marked in its resource, inside the write (one that may wait for an
+                    # earlier save claims nothing: that save, when it comes, must not find itself superseded).
+                    return
                 superseded = await ledger.claim(plan) if not plan.heal_only else frozenset()
                 if plan.link is not None and plan.link in superseded and plan.source.retried:
                     decisions[i] = replace(decision, plan=replace(plan, heal_only=True))  # (see `resolve`)

@@ -1580,7 +1580,7 @@ async def newest_first(world: World, one: Sent, two: Sent) -> None:
     for the earlier save (`target-pending`), which takes the ingested item; then, retried, it is written."""
     [waiting] = await world.send(two)
     assert (waiting.state, waiting.reason) == ("retry", Reason.TARGET_PENDING), waiting.detail
-    assert "earlier save of this row" in waiting.detail
+    assert "An earlier save of contact" in waiting.detail or "An earlier save of msemr_" in waiting.detail
     assert states(await world.send(one)) == [("written", None)]
     assert states(await world.send(two, delivery_count=2)) == [("written", None)]
 
@@ -1723,9 +1723,9 @@ async def test_18g_an_echo_between_a_batchs_saves_never_makes_the_newest_take_an
     check_contact(world.fhir, contact, dv.row("contact", contact))
 
 
-async def test_18h_an_ingested_mrn_corrected_then_moved_in_one_batch_leaves_its_old_patient(world: World):
-    """The MRN came from FHIR (in patient A, unmarked); corrected (7001 → 7002), then moved to patient B, in one
-    batch. The move's removal from A knew the item only by its own pre image (7002), which A never held."""
+async def _ingested_mrn_corrected_then_moved(world: World) -> tuple[dict[str, Any], str, Sent, Sent]:
+    """A patient from FHIR whose MRN-7001 the ingest made an identifier row of (its item unmarked), another patient
+    of ours, and the identifier's two saves: corrected to MRN-7002, then moved to the other patient."""
     dv = world.dataverse
     seeded = ingested_patient(world)
     contact, ingested = ingest(world, seeded)
@@ -1734,9 +1734,99 @@ async def test_18h_an_ingested_mrn_corrected_then_moved_in_one_batch_leaves_its_
     assert states(await world.send_each(ingested, mrn_ingested, other_created)) == [
         ("skipped", "echo"), ("skipped", "echo"), ("written", None)]
     one = dv.update("msemr_medicalidentifier", mrn, {"msemr_value": "MRN-7002"})
-    two = dv.update("msemr_medicalidentifier", mrn, {"msemr_assignee": Lookup("contact", other)})
+    return seeded, other, one, dv.update("msemr_medicalidentifier", mrn, {"msemr_assignee": Lookup("contact", other)})
+
+
+async def test_18h_an_ingested_mrn_corrected_then_moved_in_one_batch_leaves_its_old_patient(world: World):
+    """The MRN came from FHIR (in patient A, unmarked); corrected (7001 → 7002), then moved to patient B, in one
+    batch. The move's removal from A knew the item only by its own pre image (7002), which A never held."""
+    seeded, other, one, two = await _ingested_mrn_corrected_then_moved(world)
     await world.send(one, two)
     a = world.fhir.get(f"Patient/{seeded['id']}")
     b = the_resource(world.fhir, "Patient", ROW_SYSTEM, other)
     assert [i["value"] for i in b.get("identifier", []) if i.get("system") == MRN] == ["MRN-7002"]
     assert [i["value"] for i in a.get("identifier", []) if i.get("system") == MRN] == []
+
+
+# Found by a review of the wait (each failed before): it was decided from the row facts before the write, off when
+# the batch held any other message of the row, and on only for a record whose facts said it was never written (a
+# child row's write into the patient said so). It is now decided inside the write, by the row's mark.
+
+
+async def _maiden_record(world: World) -> tuple[dict[str, Any], str]:
+    """A Patient from FHIR with a maiden name before the current one (both without `use`), ingested: the seeded
+    resource and the contact row, its echo processed."""
+    seeded = ingested_patient(world, name=[MAIDEN, {"family": "Okafor", "given": ["Imani", "Grace"]}])
+    contact, ingested = _ingested_contact(world, seeded)
+    assert states(await world.send(ingested)) == [("skipped", "echo")]
+    return seeded, contact
+
+
+async def test_18i_two_later_saves_in_one_batch_before_the_earliest_wait_for_it(world: World):
+    dv = world.dataverse
+    seeded, contact = await _maiden_record(world)
+    v2 = dv.update("contact", contact, {"lastname": "Okafor-Bello"})
+    v3 = dv.update("contact", contact, {"lastname": "Okafor-Belo"})
+    v4 = dv.update("contact", contact, {"lastname": "Okafor-Bel"})
+    assert states(await world.send(v3, v4)) == [("skipped", "stale"), ("retry", "target-pending")]
+    assert states(await world.send(v2)) == [("written", None)]
+    assert states(await world.send(v4, delivery_count=2)) == [("written", None)]
+    patient = world.fhir.get(f"Patient/{seeded['id']}")
+    assert [strip_marks(n) for n in patient["name"]] == [
+        MAIDEN, {"family": "Okafor-Bel", "given": ["Imani", "Grace"], "use": "official"}]
+    check_contact(world.fhir, contact, dv.row("contact", contact))
+
+
+async def test_18j_a_newer_save_delivered_twice_in_one_batch_still_waits(world: World):
+    dv = world.dataverse
+    seeded, contact = await _maiden_record(world)
+    v2 = dv.update("contact", contact, {"lastname": "Okafor-Bello"})
+    v3 = dv.update("contact", contact, {"lastname": "Okafor-Belo"})
+    assert [s for s, _ in states(await world.send(v3, v3))] == ["retry", "retry"]
+    assert states(await world.send(v2)) == [("written", None)]
+    assert states(await world.send(v3, delivery_count=2)) == [("written", None)]
+    patient = world.fhir.get(f"Patient/{seeded['id']}")
+    assert [strip_marks(n) for n in patient["name"]] == [
+        MAIDEN, {"family": "Okafor-Belo", "given": ["Imani", "Grace"], "use": "official"}]
+
+
+async def test_18k_an_identifier_written_into_the_patient_does_not_stop_the_contacts_wait(world: World):
+    """A child row's write marks its own item, not the row's names: the contact's saves still wait."""
+    dv = world.dataverse
+    seeded = ingested_patient(world, name=[MAIDEN, {"family": "Okafor", "given": ["Imani", "Grace"]}])
+    contact, ingested = _ingested_contact(world, seeded)
+    _, ssn = dv.identifier(contact, SSN, "123-45-6789")
+    assert states(await world.send_each(ingested, ssn)) == [("skipped", "echo"), ("written", None)]
+    v2 = dv.update("contact", contact, {"lastname": "Okafor-Bello"})
+    v3 = dv.update("contact", contact, {"lastname": "Okafor-Belo"})
+    await newest_first(world, v2, v3)
+    patient = world.fhir.get(f"Patient/{seeded['id']}")
+    assert [strip_marks(n) for n in patient["name"]] == [
+        MAIDEN, {"family": "Okafor-Belo", "given": ["Imani", "Grace"], "use": "official"}]
+
+
+@pytest.mark.xfail(strict=True, reason="a move received before the earlier save of a child row that came from FHIR: "
+                   "that save is then stale by the move, and the removal knows the item only by the move's images")
+async def test_18l_an_ingested_mrn_corrected_then_moved_received_newest_first_leaves_its_old_patient(world: World):
+    """Pinned (docs/reliability.md, "What remains"): sent one at a time in order, or in one batch, it is right."""
+    seeded, _, one, two = await _ingested_mrn_corrected_then_moved(world)
+    await world.send_each(two, one)
+    a = world.fhir.get(f"Patient/{seeded['id']}")
+    assert [i["value"] for i in a.get("identifier", []) if i.get("system") == MRN] == []
+
+
+@pytest.mark.xfail(strict=True, reason="consent given after a correction made while it was off, on a record from "
+                   "FHIR with two names without `use`: the correction was never written, and the ingest's value is "
+                   "kept nowhere the product may read")
+async def test_18m_consent_given_after_a_correction_made_while_off_keeps_the_maiden_name(world: World):
+    """Pinned (docs/reliability.md, "What remains")."""
+    dv = world.dataverse
+    seeded = ingested_patient(world, name=[MAIDEN, {"family": "Okafor", "given": ["Imani", "Grace"]}])
+    contact, ingested = _ingested_contact(world, seeded, msemr_azurefhirsyncenabled=False)
+    assert states(await world.send(ingested)) == [("skipped", "echo")]
+    v2 = dv.update("contact", contact, {"lastname": "Okafor-Belo"})
+    v3 = dv.update("contact", contact, {"msemr_azurefhirsyncenabled": True})
+    assert states(await world.send_each(v2, v3)) == [("skipped", "consent-withheld"), ("written", None)]
+    patient = world.fhir.get(f"Patient/{seeded['id']}")
+    assert [strip_marks(n) for n in patient["name"]] == [
+        MAIDEN, {"family": "Okafor-Belo", "given": ["Imani", "Grace"], "use": "official"}]
