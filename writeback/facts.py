@@ -235,8 +235,9 @@ def _as_known(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet
 # A whole state of a record that came from FHIR, received before an earlier save of its row that no message has told
 # yet, waits this many retries for it (`RowEdit.awaits_earlier`): that save's pre image is what the ingest copied,
 # which tells the record's items (a name, a phone, an identifier without `use`) that are the row's from other
-# systems' (`paths.adopt`). One: on a retry the stored facts are the message's own first try's (every message leaves
-# its facts), which cannot say whether the earlier save came meanwhile.
+# systems' (`paths.adopt`). One: Service Bus delivers a row's saves moments apart, well inside the first retry delay,
+# and the save that never comes (a step with filtering attributes sends no message for other columns) must not hold
+# the row's later saves back for long.
 EARLIER_SAVE_GRACE_RETRIES = 1
 
 

@@ -307,6 +307,8 @@ class _Batch:
     results: list[Result | None]
     decisions: list[Decision] = field(default_factory=list)
     local: dict[RowKey, RowFacts] = field(default_factory=dict)
+    messages_of: dict[RowKey, list[int]] = field(default_factory=dict)  # each row's messages (`_Rows.all`)
+    waited: set[int] = field(default_factory=set)  # messages whose write waits for an earlier save (`_await_earlier`)
     stored: dict[RowKey, RowFacts] = field(default_factory=dict)
     learned: list[RowFacts] = field(default_factory=list)
     created: set[RowKey] = field(default_factory=set)
@@ -326,6 +328,7 @@ class _Rows:
     of: list[RowKey | None]
     last: dict[RowKey, int]
     created: set[RowKey]
+    all: dict[RowKey, list[int]] = field(default_factory=dict)  # each row's messages
 
 
 def _rows_of(envelopes: Sequence[Envelope]) -> _Rows:
@@ -337,6 +340,7 @@ def _rows_of(envelopes: Sequence[Envelope]) -> _Rows:
             table, record, create = named
             row = (table, record)
             rows.last[row] = index
+            rows.all.setdefault(row, []).append(index)
             if create:
                 rows.created.add(row)
         rows.of.append(row)
@@ -411,7 +415,7 @@ class Pipeline:
         started = time.perf_counter()
         batch = _Batch(envelopes, [None] * len(envelopes))
         rows = _rows_of(envelopes)
-        batch.created = rows.created
+        batch.created, batch.messages_of = rows.created, rows.all
         prefetch = getattr(self.delivery, "prefetch", None)
         flights: list[asyncio.Task[None]] = []
         reads: list[asyncio.Future[Any]] = []  # sent ahead by the delivery's `prefetch`
@@ -493,6 +497,8 @@ class Pipeline:
                                     decisions[i])
             else:
                 results[i] = replace(earlier, decision=decisions[i])
+        if batch.waited:
+            self._unseen(batch)
         unkept = await self._keep_facts(batch.stored, merged(batch.learned, into=dict(batch.local)))
         if unkept:
             # What a message told about its row (its FHIR id, type, consent, version) is what orders and gates the
@@ -629,15 +635,13 @@ class Pipeline:
                 rows.setdefault(row, []).append(i)
         if not rows:
             return
-        flight: dict[RowKey, list[int]] = {}
-        for i in indexes:
-            if (row := _source_row(batch.decisions[i])) in rows:
-                flight.setdefault(row, []).append(i)
         for row, group in rows.items():
             if any(_attempt(batch.envelopes[i]) >= EARLIER_SAVE_GRACE_RETRIES for i in group):
                 continue
             known = batch.stored[row].version
-            if any(_before_version(batch.decisions[i]).compare(known) != 1 for i in flight[row]):
+            # Every message of the row in the batch, those settled when planned included (an echo, a save of other
+            # columns): any of them may be the earlier save.
+            if any(_before_version(batch.decisions[i]).compare(known) != 1 for i in batch.messages_of.get(row, ())):
                 continue  # (the earliest says what the others would: each newer than what is known)
             for i in group:
                 plan = batch.decisions[i].plan
@@ -658,6 +662,9 @@ class Pipeline:
             decision = decisions[i]
             if isinstance(outcome, WritebackError):
                 results[i] = result_for(decision, outcome.reason, outcome.detail)
+                if outcome.reason is Reason.TARGET_PENDING and decision.plan is not None \
+                        and getattr(decision.plan.writes[0].edit, "awaits_earlier", False):
+                    batch.waited.add(i)
                 continue
             batch.learned += [RowFacts(table, row_id, written=reference)
                               for (table, row_id), reference in outcome.ids]
@@ -667,6 +674,24 @@ class Pipeline:
                 results[i] = Result("written", None, decision.detail, decision, resource=outcome.resource,
                                     provenance=outcome.provenance, issues=outcome.issues,
                                     extra={"also": list(outcome.also)} if outcome.also else {})
+
+    def _unseen(self, batch: _Batch) -> None:
+        """What the batch keeps of the rows whose save waits for an earlier one, with that save's version left
+        out: kept, it would make a later save of the row, or a copy of this one, received before the retry, seem
+        to follow a save already seen, and not wait (its type, consent and parent are kept, with their version)."""
+        rows = {row for i in batch.waited if (row := _source_row(batch.decisions[i])) is not None}
+        for row in rows:
+            facts = []
+            for i in batch.messages_of.get(row, ()):
+                message = batch.decisions[i].message
+                fact = facts_of(message, self.maps, self.settings) if message is not None else None
+                if fact is not None and i in batch.waited:
+                    fact = replace(fact, version=Version(), type_version=fact.type_at, consent_version=fact.consent_at,
+                                   parent_version=fact.parent_at)
+                if fact is not None:
+                    facts.append(fact)
+            batch.local.pop(row, None)
+            merged(facts, into=batch.local)
 
     def _settled(self, decision: Decision) -> Result:
         assert decision.reason is not None

@@ -1830,3 +1830,65 @@ async def test_18m_consent_given_after_a_correction_made_while_off_keeps_the_mai
     patient = world.fhir.get(f"Patient/{seeded['id']}")
     assert [strip_marks(n) for n in patient["name"]] == [
         MAIDEN, {"family": "Okafor-Belo", "given": ["Imani", "Grace"], "use": "official"}]
+
+
+# Found by a fifth review (each failed before): the save that waits left its version in the row state, so a later
+# save, or a copy of it, received before its retry did not wait; and the earlier save settled when planned (an
+# echo, a save of other columns) in the same batch was not counted, so the later one waited for nothing.
+
+
+def _names(world: World, seeded: dict[str, Any]) -> list[dict[str, Any]]:
+    return [strip_marks(n) for n in world.fhir.get(f"Patient/{seeded['id']}")["name"]]
+
+
+def _official(family: str) -> dict[str, Any]:
+    return {"family": family, "given": ["Imani", "Grace"], "use": "official"}
+
+
+async def test_18n_a_later_save_received_while_the_newer_one_waits_waits_too(world: World):
+    dv = world.dataverse
+    seeded, contact = await _maiden_record(world)
+    v2 = dv.update("contact", contact, {"lastname": "Okafor-Bello"})
+    v3 = dv.update("contact", contact, {"lastname": "Okafor-Belo"})
+    v4 = dv.update("contact", contact, {"lastname": "Okafor-Bel"})
+    assert states(await world.send(v3)) == [("retry", "target-pending")]
+    assert states(await world.send(v4)) == [("retry", "target-pending")]
+    assert states(await world.send(v2)) == [("written", None)]
+    await world.send(v3, delivery_count=2)
+    await world.send(v4, delivery_count=2)
+    assert _names(world, seeded) == [MAIDEN, _official("Okafor-Bel")]
+    check_contact(world.fhir, contact, dv.row("contact", contact))
+
+
+async def test_18o_a_second_copy_of_the_waiting_save_waits_too(world: World):
+    dv = world.dataverse
+    seeded, contact = await _maiden_record(world)
+    v2 = dv.update("contact", contact, {"lastname": "Okafor-Bello"})
+    v3 = dv.update("contact", contact, {"lastname": "Okafor-Belo"})
+    assert states(await world.send(v3)) == [("retry", "target-pending")]
+    assert states(await world.send(v3)) == [("retry", "target-pending")]  # Dataverse posted it twice
+    assert states(await world.send(v2)) == [("written", None)]
+    await world.send(v3, delivery_count=2)
+    assert _names(world, seeded) == [MAIDEN, _official("Okafor-Belo")]
+
+
+@pytest.mark.parametrize("earlier", ["echo", "other-columns"])
+async def test_18p_the_earlier_save_settled_when_planned_in_the_same_batch_is_no_reason_to_wait(world: World,
+                                                                                             earlier: str):
+    """The earlier save is in the batch, settled when planned: the sync's echo of another system's rename, or a
+    save of columns no map writes (`no-change`). The later save is written at once, and a newer one after it."""
+    dv = world.dataverse
+    seeded, contact = await _maiden_record(world)
+    if earlier == "echo":
+        current = world.fhir.get(f"Patient/{seeded['id']}")
+        world.fhir.put({**{k: v for k, v in current.items() if k != "meta"},
+                        "name": [MAIDEN, {"family": "Okafor-Eze", "given": ["Imani", "Grace"]}]})
+        v2 = dv.update("contact", contact, {"lastname": "Okafor-Eze"}, user=SYNC_USER)
+    else:
+        v2 = dv.update("contact", contact, {"jobtitle": "Teacher"})
+    v3 = dv.update("contact", contact, {"lastname": "Okafor-Ezeh"})
+    v4 = dv.update("contact", contact, {"lastname": "Okafor-Ezeh-Bello"})
+    assert states(await world.send(v2, v3))[1] == ("written", None)
+    assert states(await world.send(v4)) == [("written", None)]
+    assert _names(world, seeded) == [MAIDEN, _official("Okafor-Ezeh-Bello")]
+    check_contact(world.fhir, contact, dv.row("contact", contact))
