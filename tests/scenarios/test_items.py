@@ -1762,11 +1762,17 @@ async def _maiden_record(world: World) -> tuple[dict[str, Any], str]:
     return seeded, contact
 
 
+async def _corrected_twice(world: World) -> tuple[dict[str, Any], str, Sent, Sent]:
+    """`_maiden_record`, and two corrections of its last name (not sent)."""
+    seeded, contact = await _maiden_record(world)
+    dv = world.dataverse
+    return (seeded, contact, dv.update("contact", contact, {"lastname": "Okafor-Bello"}),
+            dv.update("contact", contact, {"lastname": "Okafor-Belo"}))
+
+
 async def test_18i_two_later_saves_in_one_batch_before_the_earliest_wait_for_it(world: World):
     dv = world.dataverse
-    seeded, contact = await _maiden_record(world)
-    v2 = dv.update("contact", contact, {"lastname": "Okafor-Bello"})
-    v3 = dv.update("contact", contact, {"lastname": "Okafor-Belo"})
+    seeded, contact, v2, v3 = await _corrected_twice(world)
     v4 = dv.update("contact", contact, {"lastname": "Okafor-Bel"})
     assert states(await world.send(v3, v4)) == [("skipped", "stale"), ("retry", "target-pending")]
     assert states(await world.send(v2)) == [("written", None)]
@@ -1778,10 +1784,7 @@ async def test_18i_two_later_saves_in_one_batch_before_the_earliest_wait_for_it(
 
 
 async def test_18j_a_newer_save_delivered_twice_in_one_batch_still_waits(world: World):
-    dv = world.dataverse
-    seeded, contact = await _maiden_record(world)
-    v2 = dv.update("contact", contact, {"lastname": "Okafor-Bello"})
-    v3 = dv.update("contact", contact, {"lastname": "Okafor-Belo"})
+    seeded, _contact, v2, v3 = await _corrected_twice(world)
     assert [s for s, _ in states(await world.send(v3, v3))] == ["retry", "retry"]
     assert states(await world.send(v2)) == [("written", None)]
     assert states(await world.send(v3, delivery_count=2)) == [("written", None)]
@@ -1847,9 +1850,7 @@ def _official(family: str) -> dict[str, Any]:
 
 async def test_18n_a_later_save_received_while_the_newer_one_waits_waits_too(world: World):
     dv = world.dataverse
-    seeded, contact = await _maiden_record(world)
-    v2 = dv.update("contact", contact, {"lastname": "Okafor-Bello"})
-    v3 = dv.update("contact", contact, {"lastname": "Okafor-Belo"})
+    seeded, contact, v2, v3 = await _corrected_twice(world)
     v4 = dv.update("contact", contact, {"lastname": "Okafor-Bel"})
     assert states(await world.send(v3)) == [("retry", "target-pending")]
     assert states(await world.send(v4)) == [("retry", "target-pending")]
@@ -1861,10 +1862,7 @@ async def test_18n_a_later_save_received_while_the_newer_one_waits_waits_too(wor
 
 
 async def test_18o_a_second_copy_of_the_waiting_save_waits_too(world: World):
-    dv = world.dataverse
-    seeded, contact = await _maiden_record(world)
-    v2 = dv.update("contact", contact, {"lastname": "Okafor-Bello"})
-    v3 = dv.update("contact", contact, {"lastname": "Okafor-Belo"})
+    seeded, _contact, v2, v3 = await _corrected_twice(world)
     assert states(await world.send(v3)) == [("retry", "target-pending")]
     assert states(await world.send(v3)) == [("retry", "target-pending")]  # Dataverse posted it twice
     assert states(await world.send(v2)) == [("written", None)]
