@@ -676,20 +676,20 @@ class Pipeline:
                                     extra={"also": list(outcome.also)} if outcome.also else {})
 
     def _unseen(self, batch: _Batch) -> None:
-        """What the batch keeps of the rows whose save waits for an earlier one, with that save's version left
-        out: kept, it would make a later save of the row, or a copy of this one, received before the retry, seem
-        to follow a save already seen, and not wait (its type, consent and parent are kept, with their version)."""
+        """What the batch keeps of the rows whose save waits for an earlier one, with the versions of all the
+        row's messages in the batch left out (the copy of the waiting save, the older save set aside as `stale`:
+        each came after the earlier save too, or the row would not wait). Kept, one would make a later save of the
+        row, or a copy, received before the retry, seem to follow a save already seen, and not wait. Their type,
+        consent and parent are kept, with their own version."""
         rows = {row for i in batch.waited if (row := _source_row(batch.decisions[i])) is not None}
         for row in rows:
             facts = []
             for i in batch.messages_of.get(row, ()):
                 message = batch.decisions[i].message
                 fact = facts_of(message, self.maps, self.settings) if message is not None else None
-                if fact is not None and i in batch.waited:
-                    fact = replace(fact, version=Version(), type_version=fact.type_at, consent_version=fact.consent_at,
-                                   parent_version=fact.parent_at)
                 if fact is not None:
-                    facts.append(fact)
+                    facts.append(replace(fact, version=Version(), type_version=fact.type_at,
+                                         consent_version=fact.consent_at, parent_version=fact.parent_at))
             batch.local.pop(row, None)
             merged(facts, into=batch.local)
 
