@@ -224,6 +224,14 @@ def _retried(envelope: Envelope) -> bool:
     return _attempt(envelope) > 0 or RESUBMITTED_FROM in (envelope.properties or {})
 
 
+def _from_fhir(stored: Mapping[RowKey, RowFacts], row: RowKey, plan: WritePlan) -> bool:
+    """Whether the record the write goes to came from FHIR (a FHIR id in the row facts; a child row's: its patient's):
+    only there an ingest put items without the row's mark. A row made in Dataverse never waits (found by review:
+    an identifier row's saves received newest first did, for nothing)."""
+    record = stored.get(plan.target.row) if isinstance(plan.writes[0].edit, ItemEdit) else stored.get(row)
+    return record is not None and record.fhir_id is not None
+
+
 def _adopts(plan: WritePlan) -> bool:
     """Whether the write may take over an item an ingest put there: a child row's item, or a list the map selects
     in by optional keys (`name[use?=official]`) or owns by the row's mark (`note[row]`)."""
@@ -631,7 +639,8 @@ class Pipeline:
             plan = batch.decisions[i].plan
             assert plan is not None
             if plan.full and (row := _source_row(batch.decisions[i])) in batch.stored and _adopts(plan) \
-                    and not any(isinstance(w.edit, RemoveItem) for w in plan.writes):
+                    and not any(isinstance(w.edit, RemoveItem) for w in plan.writes) \
+                    and _from_fhir(batch.stored, row, plan):
                 rows.setdefault(row, []).append(i)
         if not rows:
             return
@@ -785,6 +794,14 @@ class Pipeline:
                     # A child row's versions may sit in different parents: a newer change that moved it away from
                     # a parent that had no resource yet could leave no tombstone there, so the row state orders its
                     # parent. Other columns a newer change wrote are kept by the write itself (the item's mark).
+                    leaving = tuple(w for w in plan.writes if isinstance(w.edit, RemoveItem))
+                    if leaving:
+                        # A move received after a newer save that never knew the old parent (its pre image names
+                        # the new one): the removal from the old parent is still this move's to make.
+                        decisions[i] = replace(decision, plan=replace(plan, writes=leaving), detail=(
+                            f"{decision.detail[:-1]}; only its removal from the {leaving[0].target.table} it left: a "
+                            "newer change of this row already linked it to its parent."))
+                        return
                     results[i] = Result("skipped", Reason.STALE, "A newer change of this row already linked it to "
                                         "its parent.", decision)
                     return

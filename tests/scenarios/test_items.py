@@ -1909,3 +1909,43 @@ async def test_18r_a_copy_of_the_waiting_save_after_its_older_sibling_was_set_as
     await world.send(v4, delivery_count=2)
     assert _names(world, seeded) == [MAIDEN, _official("Okafor-Bel")]
     check_contact(world.fhir, contact, dv.row("contact", contact))
+
+
+# Found by a seventh review (each failed before): identifier rows made in Dataverse waited, for nothing (there is no
+# ingested item to tell apart), costing a retry delay and a `target-pending` in the outcome log.
+
+
+async def test_18s_an_identifier_created_in_dataverse_never_waits(world: World):
+    """An MRN made while the patient had not consented; consent given; the MRN corrected twice, the second
+    correction received first: the Patient has no item of the row yet, and needs none recognised."""
+    dv = world.dataverse
+    contact, created = dv.patient(consent=False)
+    assert states(await world.send(created)) == [("skipped", "consent-withheld")]
+    mrn, mrn_created = dv.identifier(contact, MRN, "MRN-1001")
+    assert states(await world.send(mrn_created, delivery_count=3)) == [("skipped", "consent-withheld")]
+    consent = dv.update("contact", contact, {"msemr_azurefhirsyncenabled": True})
+    assert states(await world.send(consent)) == [("written", None)]
+    one = dv.update("msemr_medicalidentifier", mrn, {"msemr_value": "MRN-1002"})
+    two = dv.update("msemr_medicalidentifier", mrn, {"msemr_value": "MRN-1003"})
+    assert states(await world.send(two)) == [("written", None)]
+    assert states(await world.send(one)) == [("skipped", "stale")]
+    patient = the_resource(world.fhir, "Patient", ROW_SYSTEM, contact)
+    check_identifier({contact: patient}, mrn, dv.row("msemr_medicalidentifier", mrn))
+
+
+async def test_18t_an_identifier_moved_then_corrected_never_waits(world: World):
+    """An MRN made in Dataverse under patient A, moved to B (V2), then corrected (V3); V3 received first. V3 never
+    knew of A (its pre image names B); the move, received last, was `stale` by V3's link and left the MRN on A too
+    (a misidentification; found by the same review once the needless wait no longer hid it)."""
+    dv = world.dataverse
+    a, a_created = dv.patient()
+    b, b_created = dv.patient()
+    mrn, mrn_created = dv.identifier(a, MRN, "MRN-1001")
+    assert states(await world.send_each(a_created, b_created, mrn_created)) == [("written", None)] * 3
+    moved = dv.update("msemr_medicalidentifier", mrn, {"msemr_assignee": Lookup("contact", b)})
+    fixed = dv.update("msemr_medicalidentifier", mrn, {"msemr_value": "MRN-1002"})
+    assert states(await world.send(fixed)) == [("written", None)]
+    assert states(await world.send(moved)) == [("written", None)]  # its removal from A: the newer never knew of A
+    pa = the_resource(world.fhir, "Patient", ROW_SYSTEM, a)
+    pb = the_resource(world.fhir, "Patient", ROW_SYSTEM, b)
+    check_identifier({a: pa, b: pb}, mrn, dv.row("msemr_medicalidentifier", mrn))
