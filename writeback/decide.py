@@ -155,6 +155,16 @@ class WritePlan:
         return self.target.resource_type
 
     @property
+    def awaits_earlier(self) -> bool:
+        """Its write may wait for an earlier save of the row (`converge.RowEdit.awaits_earlier`)."""
+        edit = self.writes[0].edit
+        return isinstance(edit, RowEdit | ItemEdit) and edit.awaits_earlier
+
+    def with_edit(self, edit: Edit) -> WritePlan:
+        """This plan with its first write's edit (the row's own) replaced."""
+        return replace(self, writes=(replace(self.writes[0], edit=edit), *self.writes[1:]))
+
+    @property
     def assignments(self) -> tuple[Assignment, ...]:
         edit = self.writes[0].edit
         return () if isinstance(edit, RemoveItem | Release) else edit.owned
@@ -628,13 +638,12 @@ def narrow(decision: Decision, superseded: frozenset[str]) -> Decision | None:
     dropped = plan.columns & superseded
     if not dropped or plan.full:
         return decision
-    write = plan.writes[0]
-    edit = write.edit
+    edit = plan.writes[0].edit
     assert isinstance(edit, RowEdit | ItemEdit)
     kept = tuple(a for a in edit.owned if a.column is None or a.column not in dropped)
     if not any(a.column is not None for a in kept):
         return None
-    narrowed = replace(plan, writes=(replace(write, edit=replace(edit, owned=kept)), *plan.writes[1:]),
+    narrowed = replace(plan.with_edit(replace(edit, owned=kept)),
                        changes=tuple(sorted({a.element for a in kept if a.value is not None})))
     detail = (f"{_describe(narrowed)[:-1]}; not {', '.join(sorted(dropped))}: a newer change of the row "
               "already wrote them.")

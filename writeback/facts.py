@@ -244,8 +244,7 @@ EARLIER_SAVE_GRACE_RETRIES = 1
 def _sync_kept(plan: WritePlan, synced: frozenset[str]) -> WritePlan | None:
     """`plan` leaving the columns the sync set later as FHIR holds them: a whole state keeps them (`KEEP`), a
     change without images drops them (None: nothing of its own is left)."""
-    first = plan.writes[0]
-    edit = first.edit
+    edit = plan.writes[0].edit
     assert isinstance(edit, RowEdit | ItemEdit)
     if plan.full:
         owned = tuple(replace(a, value=KEEP) if a.column in synced else a for a in edit.owned)
@@ -253,8 +252,8 @@ def _sync_kept(plan: WritePlan, synced: frozenset[str]) -> WritePlan | None:
         owned = tuple(a for a in edit.owned if a.column not in synced)
         if not any(a.column is not None for a in owned):
             return None
-    kept = replace(edit, owned=owned, rendered=None) if isinstance(edit, RowEdit) else replace(edit, owned=owned)
-    return replace(plan, writes=(replace(first, edit=kept), *plan.writes[1:]))
+    return plan.with_edit(replace(edit, owned=owned, rendered=None) if isinstance(edit, RowEdit)
+                          else replace(edit, owned=owned))
 
 
 def _left_behind(decision: Decision, maps: MapSet, gate: RowKey) -> str:

@@ -270,8 +270,7 @@ def _with_earlier(newest: Decision, olders: list[Decision]) -> Decision:
             befores.append(before.before)
     if not befores:
         return newest
-    write = replace(plan.writes[0], edit=replace(edit, earlier=tuple(befores)))
-    return replace(newest, plan=replace(plan, writes=(write, *plan.writes[1:])))
+    return replace(newest, plan=plan.with_edit(replace(edit, earlier=tuple(befores))))
 
 
 def _by_version(one: Decision, other: Decision) -> int:
@@ -638,9 +637,9 @@ class Pipeline:
         for i in writes:
             plan = batch.decisions[i].plan
             assert plan is not None
-            if plan.full and (row := _source_row(batch.decisions[i])) in batch.stored and _adopts(plan) \
-                    and not any(isinstance(w.edit, RemoveItem) for w in plan.writes) \
-                    and _from_fhir(batch.stored, row, plan):
+            if plan.full and (row := _source_row(batch.decisions[i])) in batch.stored \
+                    and _from_fhir(batch.stored, row, plan) and _adopts(plan) \
+                    and not any(isinstance(w.edit, RemoveItem) for w in plan.writes):
                 rows.setdefault(row, []).append(i)
         if not rows:
             return
@@ -657,8 +656,8 @@ class Pipeline:
                 assert plan is not None
                 edit = plan.writes[0].edit
                 assert isinstance(edit, RowEdit | ItemEdit)
-                write = replace(plan.writes[0], edit=replace(edit, awaits_earlier=True))
-                batch.decisions[i] = replace(batch.decisions[i], plan=replace(plan, writes=(write, *plan.writes[1:])))
+                waits = plan.with_edit(replace(edit, awaits_earlier=True))
+                batch.decisions[i] = replace(batch.decisions[i], plan=waits)
 
     async def _write(self, batch: _Batch, writes: list[int], landed: asyncio.Event | None = None) -> None:
         """Admit (ledger) and deliver `writes`; fill their results and the facts learned."""
@@ -672,7 +671,7 @@ class Pipeline:
             if isinstance(outcome, WritebackError):
                 results[i] = result_for(decision, outcome.reason, outcome.detail)
                 if outcome.reason is Reason.TARGET_PENDING and decision.plan is not None \
-                        and getattr(decision.plan.writes[0].edit, "awaits_earlier", False):
+                        and decision.plan.awaits_earlier:
                     batch.waited.add(i)
                 continue
             batch.learned += [RowFacts(table, row_id, written=reference)
@@ -782,7 +781,7 @@ class Pipeline:
                 plan = decision.plan
                 assert plan is not None
                 child = isinstance(plan.writes[0].edit, ItemEdit)
-                if (plan.full and not child) or getattr(plan.writes[0].edit, "awaits_earlier", False):
+                if (plan.full and not child) or plan.awaits_earlier:
                     # Ordered by the version marked in its resource, inside the write (one that may wait for an
                     # earlier save claims nothing: that save, when it comes, must not find itself superseded).
                     return
