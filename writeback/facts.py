@@ -48,6 +48,7 @@ _V = TypeVar("_V", str, bool)
 
 NOT_WRITABLE = ""  # resource_type of a row whose type no map writes (e.g. a contact that is a Related Person)
 NO_PARENT = ""  # parent of a child row known to be linked to none (None: not known)
+SEEN_KEPT = 16  # the newest `versionnumber`s of a row's messages kept in its row state (`RowFacts.seen`)
 
 
 @immutable
@@ -74,6 +75,9 @@ class RowFacts:
     # set it, by column name: FHIR held those values first, so an older save of the row received later must leave
     # them as they are (`resolve`), not put its own older values back over another system's newer ones.
     echoed: tuple[tuple[str, Version], ...] = ()
+    # The `versionnumber`s of the row's messages seen (the newest SEEN_KEPT, ascending): a pre image naming a version
+    # between them that none of them has is a save not seen yet (`follows_seen`).
+    seen: tuple[int, ...] = ()
 
     @property
     def type_at(self) -> Version:
@@ -121,7 +125,20 @@ class RowFacts:
                         type_version=kind_at if kind_at != version else Version(),
                         consent_version=consent_at if consent_at != version else Version(),
                         parent_version=parent_at if parent_at != version else Version(),
-                        echoed=_echoed(self.echoed, other.echoed))
+                        echoed=_echoed(self.echoed, other.echoed),
+                        seen=self.seen if self.seen == other.seen else
+                        tuple(sorted(set(self.seen) | set(other.seen))[-SEEN_KEPT:]))
+
+    def follows_seen(self, before: Version) -> bool:
+        """Whether the save that left the row at `before` (a message's pre image) may be one already seen: not when
+        `before` is newer than every version these facts know, nor when it lies between two versions seen and is
+        not one of them (a gap). Below the oldest version kept, or without a `versionnumber`, nothing tells: yes."""
+        if before.compare(self.version) == 1:
+            return False
+        seen = set(self.seen)
+        if self.version.number is not None:
+            seen.add(self.version.number)  # (a row state kept before `seen` was)
+        return before.number is None or not seen or before.number in seen or before.number < min(seen)
 
     def echoed_after(self, version: Version) -> frozenset[str]:
         """The columns the sync set in a version newer than `version`."""
@@ -186,7 +203,8 @@ def facts_of(message: Message, maps: MapSet, settings: Settings) -> RowFacts | N
         echoed = tuple(sorted((column, version) for column in mapped & set(message.target.attributes)))
     return RowFacts(message.table, message.record_id, version, resource_type,
                     consent, fhir_id, parent=parent,
-                    fhir_type=fhir_id_type(entity_map, old, row) if fhir_id is not None else None, echoed=echoed)
+                    fhir_type=fhir_id_type(entity_map, old, row) if fhir_id is not None else None, echoed=echoed,
+                    seen=() if version.number is None else (version.number,))
 
 
 def merged(facts: Iterable[RowFacts], into: dict[RowKey, RowFacts] | None = None) -> dict[RowKey, RowFacts]:

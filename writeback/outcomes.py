@@ -25,8 +25,10 @@ Implements `writeback.pipeline.Ledger` over azure-data-tables (async) and the qu
     - its facts (`writeback.facts`): ``FactsVersion``, ``ResourceType``, ``Consent``, ``FhirId`` (and
       ``FhirType``, the type of the resource it names), ``Written``
       (`Type/<id>` of the resource found or written for it), ``Parent`` (a child row's parent), ``Echoed`` (JSON
-      column → version: the mapped columns the FHIR→Dataverse sync set, column names only): what other rows'
-      writes, and the row's own older saves, need to know about it, merged by version;
+      column → version: the mapped columns the FHIR→Dataverse sync set, column names only), ``Seen`` (the
+      `versionnumber`s of the row's messages seen, newest 16, comma-separated: a save whose pre image names one
+      between them that none has waits for it): what other rows' writes, and the row's own older saves, need to know
+      about it, merged by version;
     - for Target-only writes and child rows, the version that last wrote each column (``Columns``: JSON column →
       [versionnumber, modifiedon]; ``Version``, ``ModifiedOn`` for people reading it), so an older change arriving
       late writes only the columns no newer change wrote, and is `stale` when a newer change wrote all of them.
@@ -266,7 +268,7 @@ def _group(entities: Iterable[Mapping[str, Any]]) -> list[OutcomeRow]:
 
 def _facts_of(row: RowKey, entity: Mapping[str, Any]) -> RowFacts | None:
     if not any(k in entity for k in ("FactsVersion", "ResourceType", "Consent", "FhirId", "Written", "Parent",
-                                     "FhirType", "Echoed")):
+                                     "FhirType", "Echoed", "Seen")):
         return None
     consent = entity.get("Consent")
     kind = entity.get("ResourceType")
@@ -279,7 +281,14 @@ def _facts_of(row: RowKey, entity: Mapping[str, Any]) -> RowFacts | None:
                     type_version=Version.parse(str(entity.get("TypeVersion") or "")),
                     consent_version=Version.parse(str(entity.get("ConsentVersion") or "")),
                     parent_version=Version.parse(str(entity.get("ParentVersion") or "")),
-                    echoed=_echoed_of(entity.get("Echoed")))
+                    echoed=_echoed_of(entity.get("Echoed")), seen=_seen_of(entity.get("Seen")))
+
+
+def _seen_of(raw: object) -> tuple[int, ...]:
+    """``Seen``: `versionnumber`s, comma-separated → `RowFacts.seen`; anything unreadable is left out."""
+    if not isinstance(raw, str):
+        return ()
+    return tuple(sorted({int(part) for part in raw.split(",") if part.isdigit()}))
 
 
 def _echoed_of(raw: object) -> tuple[tuple[str, Version], ...]:
@@ -546,6 +555,7 @@ class OutcomeStore:
                 "ResourceType": merged.resource_type, "Consent": merged.consent, "FhirId": merged.fhir_id,
                 "Written": merged.written, "Parent": merged.parent, "FhirType": merged.fhir_type,
                 "Echoed": json.dumps({column: at.stored() for column, at in merged.echoed}) if merged.echoed else None,
+                "Seen": ",".join(map(str, merged.seen)) if merged.seen else None,
                 # "" (not None, which MERGE would leave as it was): the same as FactsVersion
                 # (`stored`: modifiedon beside a versionnumber, so a message without the number is still ordered)
                 **{name: version.stored() if version != merged.version else "" for name, version in

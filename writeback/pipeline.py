@@ -628,8 +628,9 @@ class Pipeline:
 
     def _await_earlier(self, batch: _Batch, indexes: list[int], writes: list[int]) -> None:
         """Flag the whole saves of a row when every message of the row in the flight (written, stale or skipped)
-        has a pre image newer than every version the row's stored facts know (an earlier save not seen yet), on
-        their first try: on a record from FHIR not marked by the row yet, their write waits once for that save
+        has a pre image naming a version the row's stored facts have not seen (newer than every version they know,
+        or a gap between two they have seen: `RowFacts.follows_seen`), an earlier save not seen yet, on their first
+        try: on a record from FHIR not marked by the row yet, their write waits once for that save
         (`RowEdit.awaits_earlier`). All of the row's saves in the flight, so that none of them is written in the
         newest's place, nor a copy of it. Not a move (a child row to another patient): that save, when it comes, is
         `stale` by the move, so waiting would not help (docs/reliability.md, "What remains")."""
@@ -646,11 +647,11 @@ class Pipeline:
         for row, group in rows.items():
             if any(_attempt(batch.envelopes[i]) >= EARLIER_SAVE_GRACE_RETRIES for i in group):
                 continue
-            known = batch.stored[row].version
+            known = batch.stored[row]
             # Every message of the row in the batch, those settled when planned included (an echo, a save of other
             # columns): any of them may be the earlier save.
-            if any(_before_version(batch.decisions[i]).compare(known) != 1 for i in batch.messages_of.get(row, ())):
-                continue  # (the earliest says what the others would: each newer than what is known)
+            if any(known.follows_seen(_before_version(batch.decisions[i])) for i in batch.messages_of.get(row, ())):
+                continue  # (the earliest says what the others would: each after a save not seen)
             for i in group:
                 plan = batch.decisions[i].plan
                 assert plan is not None
@@ -696,7 +697,7 @@ class Pipeline:
                 message = batch.decisions[i].message
                 fact = facts_of(message, self.maps, self.settings) if message is not None else None
                 if fact is not None:
-                    facts.append(replace(fact, version=Version(), type_version=fact.type_at,
+                    facts.append(replace(fact, version=Version(), seen=(), type_version=fact.type_at,
                                          consent_version=fact.consent_at, parent_version=fact.parent_at))
             batch.local.pop(row, None)
             merged(facts, into=batch.local)

@@ -9,7 +9,7 @@ import json
 import re
 import uuid
 from collections.abc import Callable, Mapping
-from datetime import date
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from devtools.samples import (
 )
 from writeback.converge import Release, converge
 from writeback.decide import RESOURCE_NAMESPACE, Decision, WritePlan, plan_message, resource_id
-from writeback.facts import RowFacts, facts_of, resolve
+from writeback.facts import SEEN_KEPT, RowFacts, facts_of, resolve
 from writeback.maps import MapSet, load_maps
 from writeback.marks import MOVED, Version, mark_of, strip_marks
 from writeback.messages import message_of
@@ -973,6 +973,24 @@ def test_row_facts_keep_the_newest_version_the_sync_set_each_column_in():
         assert facts.echoed_after(Version(12)) == {"telephone1"} and facts.echoed_after(Version(10)) == {
             "lastname", "telephone1"} and not facts.echoed_after(Version(13))
     assert phone.merge(RowFacts("contact", "c-1", Version(14))).echoed == phone.echoed  # a later save: still kept
+
+
+def test_row_facts_tell_a_save_not_seen_by_the_gap_its_pre_image_names():
+    """A record from FHIR ingested at 5; a save of other columns at 12 seen; a save whose pre image is 10 (the
+    earlier save, 5 → 10, not seen yet) follows none seen, whatever order the facts were merged in. Below the
+    oldest version kept, or without a `versionnumber`, nothing tells (as a row state kept before `seen` was)."""
+    ingest, other = RowFacts("contact", "c-1", Version(5), seen=(5,)), RowFacts("contact", "c-1", Version(12),
+                                                                                  seen=(12,))
+    for facts in (ingest.merge(other), other.merge(ingest)):
+        assert facts.seen == (5, 12)
+        assert facts.follows_seen(Version(5)) and facts.follows_seen(Version(12))
+        assert not facts.follows_seen(Version(10)) and not facts.follows_seen(Version(13))
+        assert facts.follows_seen(Version(4)) and facts.follows_seen(Version(modified=datetime(2026, 1, 1, tzinfo=UTC)))
+    assert RowFacts("contact", "c-1", Version(12)).follows_seen(Version(10))  # (kept before `seen`: as it was)
+    many = RowFacts("contact", "c-1", Version(1), seen=(1,))
+    for n in range(2, 40, 2):
+        many = many.merge(RowFacts("contact", "c-1", Version(n), seen=(n,)))
+    assert len(many.seen) == SEEN_KEPT and many.seen[-1] == 38 and not many.follows_seen(Version(37))
 
 
 def test_an_echo_tells_which_mapped_columns_the_sync_set_and_a_create_none():

@@ -331,7 +331,8 @@ async def test_row_facts_round_trip_through_table_storage(store: OutcomeStore) -
     a child row known to be linked to no parent ("", which a newer message keeps over an older parent)."""
     contact, identifier = new_id(), new_id()
     learned = [RowFacts("contact", contact, Version(7), "Practitioner", True, "ext-1", fhir_type="Patient",
-                        echoed=(("lastname", Version(6)), ("telephone1", Version(7)))),  # (column names only)
+                        echoed=(("lastname", Version(6)), ("telephone1", Version(7))),  # (column names only)
+                        seen=(5, 7)),
                RowFacts("msemr_medicalidentifier", identifier, Version(9), "Patient", parent=NO_PARENT)]
     await store.learn(learned)
     known = await store.facts({f.key for f in learned})

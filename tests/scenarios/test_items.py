@@ -1949,3 +1949,32 @@ async def test_18t_an_identifier_moved_then_corrected_never_waits(world: World):
     pa = the_resource(world.fhir, "Patient", ROW_SYSTEM, a)
     pb = the_resource(world.fhir, "Patient", ROW_SYSTEM, b)
     check_identifier({a: pa, b: pb}, mrn, dv.row("msemr_medicalidentifier", mrn))
+
+
+# Left by the seventh review and closed since: a newer message of the row (the sync's echo of another system's change,
+# a save of columns no map writes) received before the later save, outside its batch. The row state kept only the
+# newest version seen, which then passed the unseen earlier save; it now keeps the versions it has seen, and a pre
+# image naming one between them that no message has shown is a gap, waited for as one above them is.
+
+
+@pytest.mark.parametrize("newer", ["echo", "other-columns"])
+async def test_18u_a_newer_message_received_first_never_hides_the_unseen_earlier_save(world: World, newer: str):
+    """V2 and V3 correct the last name; V4 is the sync's echo of another system's new phone, or a save of the job
+    title. Received V4, V3, V2, each alone: V3's pre image (V2's correction) FHIR never held, so it waits for V2."""
+    dv = world.dataverse
+    seeded, contact, v2, v3 = await _corrected_twice(world)
+    if newer == "echo":
+        current = world.fhir.get(f"Patient/{seeded['id']}")
+        world.fhir.put({**{k: v for k, v in current.items() if k != "meta"},
+                        "telecom": [{"system": "phone", "use": "work", "value": "+1 555 0180"},
+                                    {"system": "fax", "value": "+1 555 0179"}]})
+        v4 = dv.update("contact", contact, {"telephone1": "+1 555 0180"}, user=SYNC_USER)
+        assert states(await world.send(v4)) == [("skipped", "echo")]
+    else:
+        v4 = dv.update("contact", contact, {"jobtitle": "Teacher"})
+        assert [state for state, _ in states(await world.send(v4))] == ["skipped"]
+    assert states(await world.send(v3)) == [("retry", "target-pending")]
+    assert states(await world.send(v2)) == [("written", None)]
+    assert states(await world.send(v3, delivery_count=2)) == [("written", None)]
+    assert _names(world, seeded) == [MAIDEN, _official("Okafor-Belo")]
+    check_contact(world.fhir, contact, dv.row("contact", contact))
