@@ -23,7 +23,7 @@ nothing either. `absent`: the resource does not exist (only a full `RowEdit` may
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import field, replace
 from typing import Any, Literal
 
 from writeback.immutable import immutable
@@ -46,6 +46,10 @@ class RowEdit:
     # The pre images of the row's older saves in the same batch, newest first (only the newest is written): tried
     # after `before` to find ingested items (`paths.adopt`).
     earlier: tuple[tuple[Assignment, ...], ...] = ()
+    # The versions of `before` and of each of `earlier`: the one the row's mark names is what the resource holds of
+    # the row (`_held_images`).
+    before_version: Version = field(default_factory=Version)
+    earlier_versions: tuple[Version, ...] = ()
     # An earlier save of the row is not known to have come (its pre image is newer than every version the row state
     # knows): on a resource the row's mark is not on yet (a record from FHIR), the write waits for it once
     # (`pending`), since that save's pre image tells which items the ingest put there are the row's.
@@ -179,7 +183,8 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
         return planned
     owned, mark = planned
     if edit.full:
-        new = apply(apply_state(current, owned, edit.before, own=edit.own, earlier=edit.earlier), [edit.identity])
+        new = apply(apply_state(current, owned, edit.before, own=edit.own, earlier=edit.earlier,
+                                holds=_held_images(edit, held)), [edit.identity])
         new = with_mark(new, None, mark.table, mark.row_id, MOVED)
     else:  # Target only: the changed columns no newer change wrote; the mark records them, not a whole version
         new = apply_changes(current, [*owned, edit.identity], edit.adoptable, own=edit.own)
@@ -190,6 +195,21 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
         check_invariants({"resourceType": new.get("resourceType"),
                           **{k: v for k, v in new.items() if k in elements}})
     return _result(current, _one_choice(with_mark(new, mark, mark.table, mark.row_id), owned), held)
+
+
+def _held_images(edit: RowEdit, held: Mark | None) -> list[tuple[Assignment, ...]]:
+    """Of the save's pre images (its own, then its batch's older saves'), those the resource may hold the row as:
+    where the row never wrote (a record from FHIR), any, the oldest first (the resource holds what the ingest put
+    there, which the oldest save's pre image copied); else only the one of the version the row's mark names, when
+    no change without images wrote after it. A list's items past what that image held there are not the row's
+    (`paths._owned_counts`)."""
+    images = [(edit.before, edit.before_version),
+              *zip(edit.earlier, edit.earlier_versions or [Version()] * len(edit.earlier), strict=True)]
+    if held is None:
+        return [image for image, _ in reversed(images) if image]
+    if held.columns or not held.version.known:
+        return []
+    return [image for image, version in images if image and version.compare(held.version) == 0]
 
 
 def _by_columns(owned: tuple[Assignment, ...], held: Mark | None, edit: Mark,

@@ -489,6 +489,7 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
     # Without lookups the rendered state is what a create writes: `converge` starts from it, not from scratch.
     edit = RowEdit(mark, assignments, target.identity, full, rendered=rendered if full and not refs
                    else None, before=_before(entity_map, resource_type, old) if full else (),
+                   before_version=Version(row_version(old), modified_on(old)) if full and old else Version(),
                    adoptable=frozenset() if full else sole_selectors(
                        a.path for a in entity_map.attributes if a.only_for is None or resource_type in a.only_for),
                    row_items=entity_map.row_items)

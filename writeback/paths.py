@@ -22,7 +22,7 @@ inside an element that holds a value of the row.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import pairwise
 from typing import Any
 
@@ -170,8 +170,8 @@ KEEP: Any = _Keep()
 
 @immutable
 class OwnedPrefix:
-    """The value of a list whose first `count` positions a map owns: `values` (the row's, in position order, None
-    for an empty column) become its leading items, holes closed; items past `count` are kept as they are."""
+    """The value of a list whose first positions a map owns: `values` (the row's, in position order, None for an
+    empty column) replace its first `count` items, holes closed; the items after them are kept as they are."""
 
     values: tuple[JSONValue, ...]
     count: int
@@ -473,6 +473,30 @@ _DESCRIBED_BY: dict[str, tuple[str, ...]] = {
 }
 
 
+# The parts of a name or an address, which its `text` states in full: when the map changes one and does not own
+# `text`, the text (what most applications display) would state the old name or address, so it goes.
+_TEXT_PARTS = frozenset({"family", "given", "prefix", "suffix", "line", "city", "district", "state", "postalCode",
+                         "country"})
+
+
+def _text_parts(result: dict[str, Any], assignments: Iterable[Assignment]) -> list[tuple[Assignment, JSONValue]]:
+    """The assignments to parts that a `text` beside them states, with the values they have before the write."""
+    return [(a, _navigate(result, a.path)) for a in assignments
+            if len(a.path) > 1 and isinstance(a.path[-1], Field) and a.path[-1].name in _TEXT_PARTS
+            and a.value is not KEEP]
+
+
+def _drop_stale_texts(result: dict[str, Any], parts: list[tuple[Assignment, JSONValue]],
+                      assignments: list[Assignment]) -> None:
+    """Remove, in place, the `text` beside a part the write changed (set, changed or cleared), unless owned."""
+    for a, was in parts:
+        if _navigate(result, a.path) == was:
+            continue
+        parent = _navigate(result, a.path[:-1])
+        if isinstance(parent, dict) and "text" in parent and not _owns(assignments, (*a.path[:-1], Field("text"))):
+            del parent["text"]
+
+
 def _described(assignments: Iterable[Assignment]) -> list[Assignment]:
     """The assignments whose value other elements may describe."""
     return [a for a in assignments if len(a.path) > 1 and isinstance(a.path[-1], Field)
@@ -565,6 +589,33 @@ def _drop_emptied_items(result: dict[str, Any], groups: Mapping[Path, list[Assig
     return result
 
 
+def _owned_counts(result: dict[str, Any], values: list[Assignment], prefixes: Sequence[Path],
+                  images: Sequence[Sequence[Assignment]]) -> list[Assignment]:
+    """`values` with each owned prefix replacing as many leading items as the row has there now: the values an image
+    of `images` (each one the resource may hold of the row) held at those positions, holes closed, where the list
+    starts with them. Its empty positions hold nothing of the row's: an item there (another system's third given
+    name, moved up when the row's middle name was cleared) is kept, not taken for the row's. No image that the list
+    starts with (or none with a value there): every owned position."""
+    was = [{a.path: a.value for a in image} for image in images]
+    out = []
+    unredirected = iter(prefixes)  # (`values` holds them in this order, each redirected as `adopt` chose)
+    for assignment in values:
+        owned = assignment.value
+        if isinstance(owned, OwnedPrefix):
+            prefix, current = next(unredirected), _navigate(result, assignment.path)
+            for candidate in ([v for i in range(len(owned.values))
+                               if (v := image.get((*prefix, Index(i)))) is not None and v is not KEEP]
+                              for image in was):
+                # (an image with none of them says nothing: a pre image without those columns looks the same)
+                if candidate and isinstance(current, list) and current[:len(candidate)] == candidate:
+                    owned = OwnedPrefix(owned.values, len(candidate))
+                    break
+            out.append(Assignment(assignment.path, owned, assignment.column))
+        else:
+            out.append(assignment)
+    return out
+
+
 def _positional_clears(result: dict[str, Any], values: list[Assignment],
                        before: Iterable[Assignment]) -> list[Assignment]:
     """`values` without the clears, at a position in a list of objects (`note[0].text`), of an item that does not
@@ -608,9 +659,11 @@ def apply_changes(resource: dict[str, Any], assignments: Iterable[Assignment],
     if redirects:
         assignments = _redirect(assignments, redirects)
     before = [(a, _navigate(result, a.path)) for a in _described(assignments)]
+    parts = _text_parts(result, assignments)
     for assignment in assignments:
         result = _set(result, assignment.path, assignment.value)
     _drop_stale(result, _changed(before, result), assignments)
+    _drop_stale_texts(result, parts, assignments)
     _unpick(result, redirects)
     _mark_own(result, own_lists, own, whole=False)
     return result
@@ -625,16 +678,19 @@ def _unpick(result: dict[str, Any], redirects: dict[Path, Select]) -> None:
 
 def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
                 before: Iterable[Assignment] = (), own: Mark | None = None,
-                earlier: Iterable[Iterable[Assignment]] = ()) -> dict[str, Any]:
+                earlier: Iterable[Iterable[Assignment]] = (), *,
+                holds: Sequence[Sequence[Assignment]] = ()) -> dict[str, Any]:
     """A new resource: `resource` with a row's whole state written (see the module docstring). `before`: the
     row's state before the save, to recognise the items an ingest put there (`adopt`; `earlier`: its older saves'
-    of the same batch). `own`: the row's mark, for the items `[row]` names (`_own_items`)."""
+    of the same batch). `own`: the row's mark, for the items `[row]` names (`_own_items`). `holds`: of those
+    images, the ones that may be what the resource holds of the row (`_owned_counts`)."""
     before = tuple(before)
     result: dict[str, Any] = _tree_copy(resource)
     assignments, own_lists = _own_items(result, list(assignments), own, before)
     values: list[Assignment] = []
     constants: list[Assignment] = []
     lists: dict[Path, dict[int, JSONValue]] = {}
+    prefixes: list[Path] = []  # of the owned prefixes in `values`, in order
     for assignment in assignments:
         last = assignment.path[-1]
         if assignment.column is None and assignment.value is not None:
@@ -649,11 +705,15 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
         count = max(positions) + 1
         owned = OwnedPrefix(tuple(positions.get(i, KEEP) for i in range(count)), count)
         values.append(Assignment(prefix, owned, "*"))
+        prefixes.append(prefix)
     redirects = adopt(result, [*values, *constants], before, earlier) if len(result) > 1 else {}  # empty: none
     if redirects:
         values, constants = _redirect(values, redirects), _redirect(constants, redirects)
     existing = len(result) > 1  # a copy to write over, not an empty resource (what a create renders)
+    if existing and prefixes and holds:
+        values = _owned_counts(result, values, prefixes, holds)
     described = [(a, _navigate(result, a.path)) for a in _described(values)] if existing else []
+    parts = _text_parts(result, values) if existing else []
     groups: dict[Path, list[Assignment]] = {}
     held: set[Path] = set()
     if existing:
@@ -666,6 +726,8 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
         result = _set(result, assignment.path, assignment.value)
     if described:
         _drop_stale(result, _changed(described, result), [*values, *constants])
+    if parts:
+        _drop_stale_texts(result, parts, [*values, *constants])
     if existing:
         result = _drop_emptied_items(result, groups, held)
     for constant in constants:

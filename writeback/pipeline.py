@@ -37,7 +37,7 @@ from writeback.immutable import immutable
 from writeback.maps import MapSet
 from writeback.marks import Version
 from writeback.messages import row_of_body
-from writeback.paths import Select
+from writeback.paths import Assignment, Select
 from writeback.reasons import Kind, Reason
 from writeback.retry import RESUBMITTED_FROM, GiveUp, RetryPolicy, attempts_so_far, next_step, original_id
 from writeback.settings import Settings
@@ -262,15 +262,18 @@ def _with_earlier(newest: Decision, olders: list[Decision]) -> Decision:
     assert plan is not None
     edit = plan.writes[0].edit
     assert isinstance(edit, RowEdit)
-    befores = []
+    befores: list[tuple[Assignment, ...]] = []
+    versions: list[Version] = []
     for older in sorted(olders, key=functools.cmp_to_key(_by_version), reverse=True):
         assert older.plan is not None
         before = older.plan.writes[0].edit
         if isinstance(before, RowEdit) and before.before and before.before not in befores:
             befores.append(before.before)
+            versions.append(before.before_version)
     if not befores:
         return newest
-    return replace(newest, plan=plan.with_edit(replace(edit, earlier=tuple(befores))))
+    return replace(newest, plan=plan.with_edit(replace(edit, earlier=tuple(befores),
+                                                        earlier_versions=tuple(versions))))
 
 
 def _by_version(one: Decision, other: Decision) -> int:

@@ -1978,3 +1978,98 @@ async def test_18u_a_newer_message_received_first_never_hides_the_unseen_earlier
     assert states(await world.send(v3, delivery_count=2)) == [("written", None)]
     assert _names(world, seeded) == [MAIDEN, _official("Okafor-Belo")]
     check_contact(world.fhir, contact, dv.row("contact", contact))
+
+
+# ---- 19: found by an eighth review (each failed before its fix) -------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ORDERS)
+async def test_19a_a_third_given_name_from_fhir_survives_the_saves_after_the_middle_name_is_cleared(world: World,
+                                                                                                    order: str):
+    """A Patient from FHIR with three given names; the ingest copied the first two. The middle name cleared, then
+    the phone changed: after the clear the third name stood at the position the middle name had, and the next save
+    took it for the row's (now empty) middle name and dropped it. The items the row has in a list are the ones its
+    pre image held there, where the resource holds the row as that image says (the version its mark names)."""
+    seeded = ingested_patient(world, name=[{"family": "Okafor", "given": ["Imani", "Grace", "Adaeze"]}])
+    contact, ingested = _ingested_contact(world, seeded)
+    assert states(await world.send(ingested)) == [("skipped", "echo")]
+    dv = world.dataverse
+    one = dv.update("contact", contact, {"middlename": None})
+    two = dv.update("contact", contact, {"telephone1": "+1 555 0171"})
+    if order == "in-order":
+        await world.send_each(one, two)
+    elif order == "newest-first":
+        await newest_first(world, one, two)
+    else:
+        await world.send(one, two)
+    assert _names(world, seeded) == [{"family": "Okafor", "given": ["Imani", "Adaeze"], "use": "official"}]
+    again = dv.update("contact", contact, {"middlename": "Ngozi"})  # a middle name again: the row's second
+    assert states(await world.send(again)) == [("written", None)]
+    assert _names(world, seeded) == [{"family": "Okafor", "given": ["Imani", "Ngozi", "Adaeze"], "use": "official"}]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+async def test_19b_a_third_address_line_from_fhir_survives_a_cleared_second_line(world: World, order: str):
+    home = {"use": "home", "line": ["1 Harbour Rd", "Flat 2", "Building C"], "city": "Lagos"}
+    seeded = ingested_patient(world, address=[home])
+    contact, ingested = _ingested_contact(world, seeded, address1_line1="1 Harbour Rd", address1_line2="Flat 2",
+                                          address1_city="Lagos")
+    assert states(await world.send(ingested)) == [("skipped", "echo")]
+    dv = world.dataverse
+    one = dv.update("contact", contact, {"address1_line2": None})
+    two = dv.update("contact", contact, {"telephone1": "+1 555 0171"})
+    if order == "in-order":
+        await world.send_each(one, two)
+    elif order == "newest-first":
+        await newest_first(world, one, two)
+    else:
+        await world.send(one, two)
+    [address] = world.fhir.get(f"Patient/{seeded['id']}")["address"]
+    assert address["line"] == ["1 Harbour Rd", "Building C"]
+
+
+async def test_19c_an_encounter_from_fhir_keeps_one_visit_number(world: World):
+    """An Encounter from FHIR carries its visit number without `use` (as ADT feeds send it); the ingest copied it
+    into msemr_encounteridentifier. Finishing the visit in Dataverse added a parallel {use: usual, value} beside it
+    instead of taking it over (the map's selector now takes an item without `use`, as the contact map's do)."""
+    dv = world.dataverse
+    seeded_patient = ingested_patient(world)
+    contact, ingested = ingest(world, seeded_patient)
+    visit_number = {"system": "http://hospital.example.org/visit", "value": "V-1001"}
+    seeded = world.fhir.put({
+        "resourceType": "Encounter", "id": f"ext-{new_id()[:8]}", "status": "in-progress",
+        "identifier": [visit_number, {"system": "urn:oid:1.2.3.9", "use": "secondary", "value": "ACC-77"}],
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": {"reference": f"Patient/{seeded_patient['id']}"}})
+    visit = new_id()
+    echo = dv.create("msemr_encounter", visit, {
+        "msemr_encounterstatus": Choice(935000003), "msemr_encounterclass": Choice(935000001),
+        "msemr_subjectpatient": Lookup("contact", contact), "msemr_azurefhirid": seeded["id"],
+        "msemr_encounteridentifier": "V-1001"}, user=SYNC_USER)
+    finished = dv.update("msemr_encounter", visit, {"msemr_encounterstatus": Choice(935000005)})
+    assert states(await world.send_each(ingested, echo, finished)) == [("skipped", "echo")] * 2 + [("written", None)]
+    written = world.fhir.get(f"Encounter/{seeded['id']}")
+    assert written["status"] == "finished"
+    assert [i for i in written["identifier"] if i["system"] != "urn:dataverse:msemr_encounter"] == [
+        {**visit_number, "use": "usual"}, {"system": "urn:oid:1.2.3.9", "use": "secondary", "value": "ACC-77"}]
+
+
+async def test_19d_a_name_or_address_text_from_fhir_never_states_the_old_one(world: World):
+    """A Patient from FHIR whose name and address carry `text` (as many EHRs send them). A save that changes neither
+    keeps both; a new last name, and a new street, take the texts that stated the old ones (as a Coding's display
+    goes with the code it named)."""
+    seeded = ingested_patient(world, name=[{"text": "Imani Grace Okafor", "family": "Okafor",
+                                            "given": ["Imani", "Grace"]}],
+                              address=[{"text": "1 Harbour Rd, Lagos", "line": ["1 Harbour Rd"], "city": "Lagos"}])
+    contact, ingested = _ingested_contact(world, seeded, address1_line1="1 Harbour Rd", address1_city="Lagos")
+    dv = world.dataverse
+    phoned = dv.update("contact", contact, {"telephone1": "+1 555 0171"})
+    assert states(await world.send_each(ingested, phoned)) == [("skipped", "echo"), ("written", None)]
+    patient = world.fhir.get(f"Patient/{seeded['id']}")
+    assert patient["name"][0]["text"] == "Imani Grace Okafor" and patient["address"][0]["text"] == "1 Harbour Rd, Lagos"
+    married = dv.update("contact", contact, {"lastname": "Okafor-Bello", "address1_line1": "7 Marina St"})
+    assert states(await world.send(married)) == [("written", None)]
+    patient = world.fhir.get(f"Patient/{seeded['id']}")
+    assert _names(world, seeded) == [{"family": "Okafor-Bello", "given": ["Imani", "Grace"], "use": "official"}]
+    assert patient["address"] == [{"line": ["7 Marina St"], "city": "Lagos", "use": "home"}]
+    check_contact(world.fhir, contact, dv.row("contact", contact))
