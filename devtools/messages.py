@@ -63,6 +63,15 @@ def entity(table: str, row_id: str, attributes: Mapping[str, object], typed: boo
     return body
 
 
+def _primary(table: str, row_id: str, row: Mapping[str, object]) -> dict[str, object]:
+    """What Dataverse's AsynchronousStepPrimaryName image holds: the row's id and primary name column."""
+    out: dict[str, object] = {f"{table}id": row_id}
+    if table == "contact":
+        names = [row.get("firstname"), row.get("lastname")]
+        out["fullname"] = " ".join(str(n) for n in names if n) or None
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def context(
     message: str,
     table: str,
@@ -101,7 +110,11 @@ def context(
                             "LogicalName": "sdkmessageprocessingstep",
                             "Name": f"Writeback: {message} of {table}", "RowVersion": None},
         "ParentContext": parent,
-        "PostEntityImages": [] if post is None else [{"key": "PostImage", "value": entity(table, row_id, post, False)}],
+        # Dataverse's own image of an asynchronous step (Mode 1) comes first here, before the registered one (public
+        # samples 02 and 03 carry it; with no image registered it is the only one).
+        "PostEntityImages": [{"key": "AsynchronousStepPrimaryName", "value": entity(table, row_id, _primary(
+            table, row_id, post or target or {}), False)},
+            *([] if post is None else [{"key": "PostImage", "value": entity(table, row_id, post, False)}])],
         "PreEntityImages": [] if pre is None else [{"key": "PreImage", "value": entity(table, row_id, pre, False)}],
         "PrimaryEntityId": row_id,
         "PrimaryEntityName": table,

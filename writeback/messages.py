@@ -291,12 +291,25 @@ def parse_entity(raw: object, where: str, depth: int = 0, *, known: Mapping[str,
     return Entity(logical, entity_id, attributes, formatted)
 
 
-def _first_image(raw: object, where: str) -> Entity | None:
-    images = _pairs(raw, where)
+# Dataverse adds an image of its own to an asynchronous step's post images, beside the one registered, before or
+# after it (public sample 03): the row's primary name and id only. It is never the row's image.
+SYSTEM_IMAGE = "asynchronousstepprimaryname"
+
+
+def _image(raw: object, where: str) -> Entity | None:
+    """The registered image: not Dataverse's own (`SYSTEM_IMAGE`); of several, the one holding the most columns."""
+    images = [(name, value) for name, value in _pairs(raw, where) if value is not None and name.lower() != SYSTEM_IMAGE]
     if not images:
         return None
-    name, value = images[0]
-    return parse_entity(value, f"{where}[{label(name)}]") if value is not None else None
+    # Only the chosen one is parsed (the first of those as wide): a body repeating an image a hundred times costs
+    # no more than one.
+    name, value = max(images, key=lambda image: _width(image[1]))
+    return parse_entity(value, f"{where}[{label(name)}]")
+
+
+def _width(raw: object) -> int:
+    attributes = raw.get("Attributes") if isinstance(raw, dict) else None
+    return len(attributes) if isinstance(attributes, list) else 0
 
 
 def _int_or_none(raw: object) -> int | None:
@@ -443,7 +456,7 @@ def message_of(data: Mapping[str, Any], properties: Mapping[str, Any] | None = N
     record_id = parse_guid(data["PrimaryEntityId"], "PrimaryEntityId")
 
     target: Entity | None = None
-    post_image = _first_image(data.get("PostEntityImages"), "PostEntityImages")
+    post_image = _image(data.get("PostEntityImages"), "PostEntityImages")
     inputs = _pairs(data.get("InputParameters"), "InputParameters")
     for key, value in inputs:
         if key == "Target":
@@ -472,7 +485,7 @@ def message_of(data: Mapping[str, Any], properties: Mapping[str, Any] | None = N
         stage=_int_or_none(data.get("Stage")),
         operation_created_on=created_at,
         target=target,
-        pre_image=_first_image(data.get("PreEntityImages"), "PreEntityImages"),
+        pre_image=_image(data.get("PreEntityImages"), "PreEntityImages"),
         post_image=post_image,
         properties=props,
     )

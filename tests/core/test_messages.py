@@ -81,20 +81,36 @@ def test_create_with_money_choices_lookups_and_post_image():
     assert attrs["albxrm_multiplelinesoftext"] == "sdafasf\naasdfas\naafsd".replace("\na", "\n")
     assert attrs["createdon"] == datetime(2020, 12, 15, 4, 47, 38, tzinfo=UTC)
     assert m.target is not None and m.target.formatted["albxrm_optionset"] == "Value 2"
-    assert m.post_image is not None and m.post_image.attributes["albxrm_name"] == "Test Betim"
+    # Its one post image is Dataverse's own AsynchronousStepPrimaryName (the step registered none): not the row's.
+    assert m.post_image is None
     assert m.operation_created_on == datetime(2020, 12, 15, 4, 47, 38, tzinfo=UTC)
 
 
 def test_update_with_pre_and_post_images_and_entity_collection():
     m = parse_message(public("03_customactivity_update_pre_post_images_activityparty.json"))
     assert m.message_name == "Update"
-    assert m.pre_image is not None and m.post_image is not None
-    parties = [v for v in {**m.post_image.attributes, **m.pre_image.attributes}.values()
+    # Its only post image is Dataverse's own AsynchronousStepPrimaryName (the primary name and id): not the row's.
+    assert m.pre_image is not None and m.post_image is None
+    parties = [v for v in m.pre_image.attributes.values()
                if isinstance(v, tuple) and v and isinstance(v[0], Entity)]
     assert parties, "an EntityCollection of activityparty rows"
     party = parties[0][0]
     assert party.logical_name == "activityparty"
     assert isinstance(party.attributes["partyid"], EntityRef)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_the_registered_post_image_is_the_rows_whatever_the_order_of_dataverses_own(first: bool):
+    """An asynchronous step gets Dataverse's AsynchronousStepPrimaryName image beside the registered one (sample 03
+    shows it), before or after it: the registered image is the row's. Taken by position, the system's image (two
+    columns) was the row's whole state, and a column cleared in the save stayed in FHIR (found trying the product)."""
+    body = json.loads(public("03_customactivity_update_pre_post_images_activityparty.json"))
+    [system] = body["PostEntityImages"]
+    registered = {"key": "PostImage", "value": body["PreEntityImages"][0]["value"]}
+    body["PostEntityImages"] = [system, registered] if first else [registered, system]
+    m = parse_message(json.dumps(body).encode())
+    assert m.post_image is not None
+    assert set(m.post_image.attributes) == set(m.pre_image.attributes if m.pre_image else ())
 
 
 def test_all_fields_create():
