@@ -107,6 +107,10 @@ def convert(attr: AttributeMap, value: Value) -> Any:
         if not isinstance(value, EntityRef):
             raise _invalid(f"column {column} is not a lookup")
         assert attr.reference_type is not None and attr.reference_system is not None
+        if attr.reference_table and value.logical_name and value.logical_name.lower() != attr.reference_table:
+            # (a customer lookup may name an account as well as a contact: never a Patient reference by its id)
+            raise _invalid(f"column {column} names a row of table {value.logical_name}, and a "
+                           f"{attr.reference_type} reference needs a row of {attr.reference_table}")
         return RowRef(attr.reference_table or value.logical_name, value.id, attr.reference_type,
                       attr.reference_system)
     if attr.type == "id" and isinstance(value, EntityRef):

@@ -498,6 +498,20 @@ def test_encounter_create_uses_value_maps_default_and_lookup():
     assert r["period"] == {"start": "2026-11-02T09:30:00Z", "end": "2026-11-02T10:30:00Z"}
 
 
+def test_a_lookup_naming_a_row_of_another_table_is_refused_naming_both_tables():
+    """A customer lookup can name an account: its id is no contact's, and written as a Patient reference it would
+    name no patient, or the wrong one (found trying the product as a new user: it was written, then waited for
+    that "patient's" consent for a day)."""
+    body = json.loads(sample("05_encounter_create.json"))
+    for pair in body["InputParameters"][0]["value"]["Attributes"]:
+        if pair["key"] == "msemr_subjectpatient":
+            pair["value"]["LogicalName"] = "account"
+    d = plan(json.dumps(body).encode())
+    assert (d.decision, d.reason) == ("reject", Reason.INVALID_RESOURCE)
+    assert "column msemr_subjectpatient names a row of table account" in (d.detail or "")
+    assert "a Patient reference needs a row of contact" in (d.detail or "")
+
+
 def test_observation_create():
     r = written(plan(sample("06_observation_create.json"))).resource
     assert r["code"]["coding"] == [{"system": "urn:dataverse:msemr_codeableconcept",
