@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import field, replace
+from datetime import timedelta
 from typing import TypeVar
 
 from writeback.converge import ItemEdit, RemoveItem, RowEdit
@@ -48,6 +49,7 @@ _V = TypeVar("_V", str, bool)
 
 NOT_WRITABLE = ""  # resource_type of a row whose type no map writes (e.g. a contact that is a Related Person)
 NO_PARENT = ""  # parent of a child row known to be linked to none (None: not known)
+NO_FHIR_ID = ""  # fhir_id of a row whose FHIR id column a save cleared (None: not known)
 SEEN_KEPT = 16  # the newest `versionnumber`s of a row's messages kept in its row state (`RowFacts.seen`)
 
 
@@ -58,7 +60,9 @@ class RowFacts:
     version: Version = field(default_factory=Version)
     resource_type: str | None = None  # None: not known; NOT_WRITABLE: known, and no map writes it
     consent: bool | None = None
-    fhir_id: str | None = None  # the row's msemr_azurefhirid: the record came from (or was synced to) FHIR
+    # The row's msemr_azurefhirid: the record came from (or was synced to) FHIR. NO_FHIR_ID: a save cleared it (an
+    # administrator's remedy for `target-missing`), so the resource is found or made by the row identifier again.
+    fhir_id: str | None = None
     written: str | None = None  # `Type/<id>` of the resource this product found or wrote for the row
     # A child row's parent row (the medical identifier's contact), or the patient a clinical row belongs to (its
     # subject): what a later message without that lookup (a step without images) still needs the consent of.
@@ -113,13 +117,14 @@ class RowFacts:
         order = self.version.compare(other.version)
         newer, older = (other, self) if order is None or order <= 0 else (self, other)
         # One FHIR id keeps the type it was given under (the older message saw it first); a new id its own.
+        fhir_id = newer.fhir_id if newer.fhir_id is not None else older.fhir_id
         fhir_type = (older.fhir_type or newer.fhir_type if newer.fhir_id == older.fhir_id
-                     else newer.fhir_type if newer.fhir_id else older.fhir_type)
+                     else newer.fhir_type if newer.fhir_id is not None else older.fhir_type)
         kind, kind_at = _newest(self.resource_type, self.type_at, other.resource_type, other.type_at)
         consent, consent_at = _newest(self.consent, self.consent_at, other.consent, other.consent_at)
         parent, parent_at = _newest(self.parent, self.parent_at, other.parent, other.parent_at)
         version = newer.version if newer.version.known else older.version
-        return RowFacts(self.table, self.row_id, version, kind, consent, newer.fhir_id or older.fhir_id,
+        return RowFacts(self.table, self.row_id, version, kind, consent, fhir_id,
                         newer.written or older.written, parent, fhir_type,
                         # (kept only where it is not `version`'s: facts compare equal however they were merged)
                         type_version=kind_at if kind_at != version else Version(),
@@ -194,6 +199,11 @@ def facts_of(message: Message, maps: MapSet, settings: Settings) -> RowFacts | N
         gates = gates_of(entity_map, maps, resource_type, row)
         parent = gates[0][1] if gates else None
     fhir_id = fhir_id_of(entity_map, row)
+    if fhir_id is None and message.target is not None and \
+            message.target.attributes.get(entity_map.fhir_id_column, "") is None:
+        # Cleared in this save (its Target holds the column, empty). Only then: an image without the column (a step
+        # registered narrower) must not make the product forget the resource it writes to and make another.
+        fhir_id = NO_FHIR_ID
     version = version_of(message, row)
     echoed: tuple[tuple[str, Version], ...] = ()
     if message.message_name == "Update" and message.target is not None and version.known \
@@ -203,7 +213,7 @@ def facts_of(message: Message, maps: MapSet, settings: Settings) -> RowFacts | N
         echoed = tuple(sorted((column, version) for column in mapped & set(message.target.attributes)))
     return RowFacts(message.table, message.record_id, version, resource_type,
                     consent, fhir_id, parent=parent,
-                    fhir_type=fhir_id_type(entity_map, old, row) if fhir_id is not None else None, echoed=echoed,
+                    fhir_type=fhir_id_type(entity_map, old, row) if fhir_id else None, echoed=echoed,
                     seen=() if version.number is None else (version.number,))
 
 
@@ -325,10 +335,13 @@ CONSENT_GRACE_RETRIES = 2
 
 
 def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, settings: Settings,
-            *, attempt: int = 0, created: AbstractSet[RowKey] = frozenset(), retried: bool = False) -> Decision:
+            *, attempt: int = 0, created: AbstractSet[RowKey] = frozenset(), retried: bool = False,
+            waited: timedelta = timedelta(0)) -> Decision:
     """The plan with what other rows' facts decide: skipped while a patient it belongs to withholds consent (or
     waiting while that is unknown), stale when a newer change moved a child row to another parent, its parents'
-    FHIR ids, its lookups' references. `attempt`: how many times this message was tried before. `created`: rows
+    FHIR ids, its lookups' references. `attempt`: how many times this message was tried before; `waited`: since it
+    was first enqueued (a row saved while its patient had not consented waits WRITEBACK_CONSENT_WAIT_MINUTES for
+    the consent). `created`: rows
     whose Create is among the messages being processed: new rows, whose resource is (or will be) made under the
     row's own id (`decide.resource_id`), so a lookup to one refers to that id."""
     if decision.alternatives or decision.consent_from_facts:
@@ -399,10 +412,12 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
             return replace(decision, decision="skip" if settings.consent_unknown == "skip" else "reject",
                            reason=Reason.CONSENT_UNKNOWN, detail=detail, plan=None)
         if not fact.consent:
-            if attempt < CONSENT_GRACE_RETRIES and fact.consent_at.compare(plan.source.version) == -1:
+            if (attempt < CONSENT_GRACE_RETRIES or waited < timedelta(minutes=settings.consent_wait_minutes)) \
+                    and fact.consent_at.compare(plan.source.version) == -1:
                 return replace(decision, decision="reject", reason=Reason.CONSENT_UNKNOWN, plan=None,
                                detail=f"The patient ({table} {row_id}) this row belongs to had not consented when "
-                               "last seen, before this row was saved: waiting for a later consent.")
+                               "last seen, before this row was saved: waiting for a later consent (up to "
+                               f"WRITEBACK_CONSENT_WAIT_MINUTES, {settings.consent_wait_minutes:g} min).")
             leaving = [w for w in plan.writes if isinstance(w.edit, RemoveItem)]
             if leaving and first.target.row == (table, row_id) and isinstance(first.edit, ItemEdit):
                 # A child row moved to this patient: it is not added there, but it still leaves the patient it
@@ -435,7 +450,11 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
         # An id the facts know to name a resource of another type (the row's type changed since) names none of
         # this one: it is found or made by the row identifier.
         fhir_id, unsure = target.fhir_id, target.fhir_id_unsure
-        if fact is not None and (fhir_id is None or fhir_id == fact.fhir_id):
+        # A newer save's id, or its clearing of the id, wins over this message's (an older one resubmitted after
+        # the administrator cleared the id of a resource gone from the server).
+        if fact is not None and (fhir_id is None or fhir_id == fact.fhir_id or (
+                fact.fhir_id is not None and target.row == (plan.source.table, plan.source.record_id)
+                and fact.version.compare(plan.source.version) == 1)):
             fhir_id = fact.fhir_id_for(target.resource_type)
             # The facts tell which type the id was given under when they know it (older messages saw it first).
             unsure = fhir_id is not None and fact.fhir_type is None and unsure

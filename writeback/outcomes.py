@@ -272,10 +272,11 @@ def _facts_of(row: RowKey, entity: Mapping[str, Any]) -> RowFacts | None:
         return None
     consent = entity.get("Consent")
     kind = entity.get("ResourceType")
+    fhir_id = entity.get("FhirId")  # ("" is kept: an id a save cleared, facts.NO_FHIR_ID, an older one must not undo)
     parent = entity.get("Parent")  # "" is kept: a child row known to be linked to no parent (facts.NO_PARENT)
     return RowFacts(row[0], row[1], Version.parse(str(entity.get("FactsVersion") or "")),
                     str(kind) if isinstance(kind, str) else None, consent if isinstance(consent, bool) else None,
-                    entity.get("FhirId") or None, entity.get("Written") or None,
+                    fhir_id if isinstance(fhir_id, str) else None, entity.get("Written") or None,
                     parent if isinstance(parent, str) else None, entity.get("FhirType") or None,
                     # (absent in a row state kept before they were: `FactsVersion` stands for them, as it did)
                     type_version=Version.parse(str(entity.get("TypeVersion") or "")),

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from heapq import heappop, heappush
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -39,7 +39,15 @@ from writeback.marks import Version
 from writeback.messages import row_of_body
 from writeback.paths import Assignment, Select
 from writeback.reasons import Kind, Reason
-from writeback.retry import RESUBMITTED_FROM, GiveUp, RetryPolicy, attempts_so_far, next_step, original_id
+from writeback.retry import (
+    RESUBMITTED_FROM,
+    GiveUp,
+    RetryPolicy,
+    attempts_so_far,
+    first_enqueued,
+    next_step,
+    original_id,
+)
 from writeback.settings import Settings
 
 log = logging.getLogger("writeback")
@@ -229,7 +237,7 @@ def _from_fhir(stored: Mapping[RowKey, RowFacts], row: RowKey, plan: WritePlan) 
     only there an ingest put items without the row's mark. A row made in Dataverse never waits (found by review:
     an identifier row's saves received newest first did, for nothing)."""
     record = stored.get(plan.target.row) if isinstance(plan.writes[0].edit, ItemEdit) else stored.get(row)
-    return record is not None and record.fhir_id is not None
+    return record is not None and bool(record.fhir_id)
 
 
 def _adopts(plan: WritePlan) -> bool:
@@ -608,8 +616,12 @@ class Pipeline:
         for i in indexes:
             envelope = batch.envelopes[i]
             attempt = _attempt(envelope) if not self.one_shot else LAST_GRACE
+            now = self.clock()
+            waited = now - first_enqueued(envelope.properties, envelope.enqueued_at, now) if not self.one_shot \
+                else timedelta(days=365)
             decision = resolve(batch.decisions[i], known, self.maps, self.settings, attempt=attempt,
-                               created=batch.created, retried=_retried(envelope) and not self.one_shot)
+                               created=batch.created, retried=_retried(envelope) and not self.one_shot,
+                               waited=waited)
             if decision.decision != "write" or decision.plan is None:
                 batch.decisions[i], batch.results[i] = decision, self._settled(decision)
                 continue

@@ -76,7 +76,8 @@ REASONS: dict[Reason, ReasonInfo] = {
         Kind.SKIP, "The patient's consent column (Azure FHIR Sync Enabled) is not Yes; for a row that belongs to "
         "a patient (an identifier, an encounter), that patient's.",
         "Nothing: the patient has not consented. When consent is given, the contact's whole row is written; a child "
-        "or clinical row is written at its next save."),
+        "or clinical row saved while consent was off waits for it `WRITEBACK_CONSENT_WAIT_MINUTES` (60) as "
+        "`consent-unknown` and is then written; past that wait it is skipped, and written at its next save."),
     Reason.ECHO: ReasonInfo(
         Kind.SKIP, "The change was made by a user in WRITEBACK_IGNORE_USER_IDS (the sync's own user).",
         "Nothing: this stops loops between the two sync directions."),
@@ -159,7 +160,8 @@ REASONS: dict[Reason, ReasonInfo] = {
     Reason.CONSENT_UNKNOWN: ReasonInfo(
         Kind.TRANSIENT, "The row belongs to a patient (an identifier or clinical row) whose consent is not known "
         "yet: no message of that patient's contact row has been seen (skipped at once instead when "
-        "WRITEBACK_CONSENT_UNKNOWN is skip).",
+        "WRITEBACK_CONSENT_UNKNOWN is skip); or it was saved while that patient had not consented, and waits "
+        "`WRITEBACK_CONSENT_WAIT_MINUTES` for the consent.",
         "Usually none: it is retried until the contact's message has been seen. If it persists, save the "
         "patient's contact row in Dataverse, then resubmit."),
     Reason.RETRIES_EXHAUSTED: ReasonInfo(

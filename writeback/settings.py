@@ -110,6 +110,11 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("WRITEBACK_LOCK_DURATION_SECONDS", "The queue's lock duration (Bicep `lockDurationSeconds`): "
                 "an invocation stops working on its batch well inside it and reschedules what is unfinished.",
                 "300"),
+    SettingSpec("WRITEBACK_CONSENT_WAIT_MINUTES", "How long a row that belongs to a patient (child row, clinical "
+                "row), saved while that patient had not consented, waits for the consent (retried as "
+                "`consent-unknown`) before it is skipped as `consent-withheld`: a consent form signed during the "
+                "visit still brings the visit's rows to FHIR. 0: skipped at once. Shorter than "
+                "WRITEBACK_RETRY_WINDOW_HOURS.", "60"),
     SettingSpec("WRITEBACK_CONSENT_UNKNOWN", "What a row that belongs to a patient (child row, clinical row) does "
                 "while that patient's consent is not known yet: `retry` (wait for the patient's contact message, "
                 "then `consent-unknown`) or `skip` (skip it as `consent-unknown` at once).", "retry"),
@@ -230,6 +235,7 @@ class Settings:
     retry_window_hours: float = 24.0
     lock_duration_seconds: float = 300.0
     consent_unknown: str = "retry"
+    consent_wait_minutes: float = 60.0
     queue_name: str = "dataverse-writeback"
     servicebus_namespace: str = ""
     servicebus_connection_string: str = field(default="", repr=False)
@@ -253,7 +259,8 @@ class Settings:
         if consent_unknown not in ("retry", "skip"):
             raise ConfigError("WRITEBACK_CONSENT_UNKNOWN", "must be `retry` or `skip`")
         return cls(maps_dir=maps_dir, ignore_user_ids=ids, consent_column=_get(env, "WRITEBACK_CONSENT_COLUMN"),
-                   consent_unknown=consent_unknown)
+                   consent_unknown=consent_unknown,
+                   consent_wait_minutes=float(_int(env, "WRITEBACK_CONSENT_WAIT_MINUTES", 0, 24 * 60)))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, need_outcomes: bool = False) -> Settings:
@@ -321,6 +328,11 @@ class Settings:
         if longest < first:
             raise ConfigError("WRITEBACK_RETRY_MAX_DELAY_SECONDS",
                               "must not be less than WRITEBACK_RETRY_FIRST_SECONDS")
+        window = _int(env, "WRITEBACK_RETRY_WINDOW_HOURS", 1, 24 * 13)
+        if base.consent_wait_minutes >= window * 60:
+            # (past the window the waiting row would be dead-lettered `retries-exhausted`, not skipped)
+            raise ConfigError("WRITEBACK_CONSENT_WAIT_MINUTES", f"must be shorter than WRITEBACK_RETRY_WINDOW_HOURS "
+                              f"({window} h)")
         lock = _int(env, "WRITEBACK_LOCK_DURATION_SECONDS", 30, 300)
         timeout = _int(env, "FHIR_TIMEOUT_SECONDS", 1, 600)
         if timeout + DEADLINE_MARGIN_SECONDS >= lock:
@@ -352,9 +364,10 @@ class Settings:
             bundle_size=_int(env, "WRITEBACK_BUNDLE_SIZE", 1, 500),
             retry_first_seconds=float(first),
             retry_max_delay_seconds=float(longest),
-            retry_window_hours=float(_int(env, "WRITEBACK_RETRY_WINDOW_HOURS", 1, 24 * 13)),
+            retry_window_hours=float(window),
             lock_duration_seconds=float(lock),
             consent_unknown=base.consent_unknown,
+            consent_wait_minutes=base.consent_wait_minutes,
             queue_name=_get(env, "WRITEBACK_QUEUE_NAME"),
             servicebus_namespace=(env.get("ServiceBusConnection__fullyQualifiedNamespace") or "").strip(),
             servicebus_connection_string=(env.get("ServiceBusConnection") or "").strip(),

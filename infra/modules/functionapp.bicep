@@ -170,6 +170,7 @@ var appSettings = {
   WRITEBACK_RETRY_WINDOW_HOURS: ''
   // The queue's lock duration, from the same parameter as the queue itself: the invocation deadline depends on it.
   WRITEBACK_LOCK_DURATION_SECONDS: string(lockDurationSeconds)
+  WRITEBACK_CONSENT_WAIT_MINUTES: ''
   WRITEBACK_CONSENT_UNKNOWN: ''
   // The Service Bus extension needs protobuf/grpcio newer than the 3.11/3.12 worker bundles: load the app's own.
   PYTHON_ISOLATE_WORKER_DEPENDENCIES: '1'

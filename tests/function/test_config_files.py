@@ -121,3 +121,15 @@ def test_function_app_configures_telemetry_when_it_starts() -> None:
     assert any(ast.unparse(call.func) == "telemetry.configure" for call in calls), (
         "function_app.py must call telemetry.configure() at module level"
     )
+
+
+def test_the_consent_wait_must_end_inside_the_retry_window() -> None:
+    """Past the retry window a row waiting for its patient's consent would be dead-lettered `retries-exhausted`
+    instead of skipped as `consent-withheld`: refused, naming both settings."""
+    values = {**json.loads((REPO / "local.settings.sample.json").read_text(encoding="utf-8"))["Values"],
+              "FHIR_URL": "https://ws-fhir.fhir.azurehealthcareapis.com"}
+    assert Settings.from_env(values).consent_wait_minutes == 60
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({**values, "WRITEBACK_CONSENT_WAIT_MINUTES": "120", "WRITEBACK_RETRY_WINDOW_HOURS": "2"})
+    assert info.value.setting == "WRITEBACK_CONSENT_WAIT_MINUTES" and "WRITEBACK_RETRY_WINDOW_HOURS" in str(info.value)
+    assert Settings.from_env({**values, "WRITEBACK_CONSENT_WAIT_MINUTES": "0"}).consent_wait_minutes == 0

@@ -17,7 +17,7 @@ from tests.function.helpers import FIRST, LAST, FakeDelivery, create_body, new_i
 from tests.outcomes.conftest import new_prefix, store_settings
 from writeback.decide import WritePlan, plan_message
 from writeback.errors import WritebackError
-from writeback.facts import NO_PARENT, RowFacts
+from writeback.facts import NO_FHIR_ID, NO_PARENT, RowFacts
 from writeback.leases import RELEASE_HOLDER, LocalLeases
 from writeback.maps import MapSet
 from writeback.marks import Version
@@ -339,6 +339,10 @@ async def test_row_facts_round_trip_through_table_storage(store: OutcomeStore) -
     assert [known[f.key] for f in learned] == learned
     await store.learn([RowFacts("msemr_medicalidentifier", identifier, Version(8), "Patient", parent=contact)])
     assert (await store.facts({learned[1].key}))[learned[1].key].parent == NO_PARENT  # the newer one stays
+    # A FHIR id a save cleared ("") is kept as such: an older message's id does not come back over it.
+    await store.learn([RowFacts("contact", contact, Version(8), fhir_id=NO_FHIR_ID)])
+    await store.learn([RowFacts("contact", contact, Version(6), fhir_id="ext-1")])
+    assert (await store.facts({learned[0].key}))[learned[0].key].fhir_id == NO_FHIR_ID
 
 
 @pytest.mark.parametrize("kind", ["table-storage", "in-process"])

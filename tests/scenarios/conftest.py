@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -25,9 +26,19 @@ from writeback.fhir_client import FhirClient
 from writeback.maps import MapSet, load_maps
 from writeback.outcomes import OutcomeStore
 from writeback.pipeline import Envelope, Pipeline, Result
+from writeback.retry import RetryPolicy
 from writeback.settings import DEFAULT_MAPS_DIR, Settings
 
 META_SOURCE = "urn:test:scenarios"
+
+
+PAST_CONSENT_WAIT = 10  # the delivery that comes past WRITEBACK_CONSENT_WAIT_MINUTES (60): `since_first`
+
+
+def since_first(delivery_count: int) -> float:
+    """Seconds from a message's first delivery to its `delivery_count`-th under the default retry schedule."""
+    policy = RetryPolicy()
+    return sum(policy.delay(n).total_seconds() for n in range(1, delivery_count))
 
 
 @dataclass
@@ -56,8 +67,11 @@ class World:
         return self.instances[1]
 
     async def send(self, *sent: Sent, instance: int = 0, delivery_count: int = 1) -> list[Result]:
-        """One invocation (one batch) on one instance."""
-        envelopes = [Envelope(s.bytes(), message_id=uuid.uuid4().hex, delivery_count=delivery_count) for s in sent]
+        """One invocation (one batch) on one instance. Delivery n comes as long after the first as the default
+        retry schedule puts it (15 s, doubling up to 15 min): the 10th an hour later, past the consent wait."""
+        enqueued = time.time() - since_first(delivery_count)
+        envelopes = [Envelope(s.bytes(), message_id=uuid.uuid4().hex, delivery_count=delivery_count,
+                              enqueued_at=enqueued) for s in sent]
         results = await self.instances[instance].pipeline.process_many(envelopes)
         self.results += list(zip(sent, results, strict=True))
         return results
@@ -88,7 +102,7 @@ class World:
             pending = [s for part in done for s in part]
         else:
             pending = await self._run_batches(queue, batch, 0)
-        for attempt in range(2, 8):  # the retry schedule, compressed: transient outcomes come back
+        for attempt in range(2, PAST_CONSENT_WAIT + 2):  # the retry schedule: transient outcomes come back
             if not pending:
                 return
             pending = await self._run_batches(pending, batch, 0, delivery_count=attempt)

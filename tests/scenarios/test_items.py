@@ -26,7 +26,7 @@ from tests.scenarios.checks import (
     strip_marks,
     the_resource,
 )
-from tests.scenarios.conftest import World
+from tests.scenarios.conftest import PAST_CONSENT_WAIT, World
 from tests.scenarios.dataverse import MRN, PATIENT, PRACTITIONER, SSN, SYNC_USER, T0, Sent, new_id
 from writeback.decide import plan_message, resource_id
 from writeback.errors import WritebackError
@@ -97,10 +97,10 @@ async def test_02_after_consent_is_withdrawn_no_identifier_or_encounter_of_the_p
     ssn, ssn_sent = dv.identifier(contact, SSN, "123-45-6789")
     encounter, encounter_sent = dv.encounter(contact)
     assert states(await world.send(withdrawn)) == [("skipped", "consent-withheld")]
-    # Saved after the withdrawal was recorded: a consent given meanwhile could still be on its way, so they wait
-    # two retries; then they are skipped for good.
-    for attempt, expected in ((1, ("retry", "consent-unknown")), (2, ("retry", "consent-unknown")),
-                              (3, ("skipped", "consent-withheld"))):
+    # Saved after the withdrawal was recorded: they wait WRITEBACK_CONSENT_WAIT_MINUTES (60) for a consent given
+    # meanwhile (test_19f); past it they are skipped for good.
+    for attempt, expected in ((1, ("retry", "consent-unknown")), (PAST_CONSENT_WAIT - 1, ("retry", "consent-unknown")),
+                              (PAST_CONSENT_WAIT, ("skipped", "consent-withheld"))):
         assert states(await world.send(ssn_sent, encounter_sent, delivery_count=attempt)) == [expected] * 2
     patient = the_resource(world.fhir, "Patient", ROW_SYSTEM, contact)
     check_identifier({contact: patient}, ssn, None)
@@ -124,8 +124,8 @@ async def test_02b_a_target_only_change_of_a_clinical_row_obeys_the_consent_of_t
     withdrawn = dv.update("contact", contact, {"msemr_azurefhirsyncenabled": False})
     assert states(await world.send(withdrawn)) == [("skipped", "consent-withheld")]
     cancelled = target_only(dv.update("msemr_encounter", encounter, {"msemr_encounterstatus": Choice(935000006)}))
-    for attempt, expected in ((1, ("retry", "consent-unknown")), (2, ("retry", "consent-unknown")),
-                              (3, ("skipped", "consent-withheld"))):
+    for attempt, expected in ((1, ("retry", "consent-unknown")), (PAST_CONSENT_WAIT - 1, ("retry", "consent-unknown")),
+                              (PAST_CONSENT_WAIT, ("skipped", "consent-withheld"))):
         assert states(await world.send(cancelled, delivery_count=attempt)) == [expected]
     assert the_resource(world.fhir, "Encounter", "urn:dataverse:msemr_encounter", encounter)["status"] == \
         "in-progress"
@@ -139,7 +139,7 @@ async def test_02c_an_encounter_moved_to_a_patient_without_consent_says_where_fh
     encounter, encounter_created = dv.encounter(one)
     await world.send_each(one_created, other_created, encounter_created)
     moved = dv.update("msemr_encounter", encounter, {"msemr_subjectpatient": Lookup("contact", other)})
-    results = [(await world.send(moved, delivery_count=n))[0] for n in (1, 2, 3)]
+    results = [(await world.send(moved, delivery_count=n))[0] for n in (1, 2, PAST_CONSENT_WAIT)]
     assert states(results)[-1] == ("skipped", "consent-withheld")
     assert f"It was moved from contact {one}: FHIR still holds it under that patient" in results[-1].detail
 
@@ -167,7 +167,7 @@ async def test_06d_a_target_only_identifier_change_follows_its_patients_consent(
     assert states(await world.send_each(created, mrn_created, withdrawn)) == \
         [("written", None)] * 2 + [("skipped", "consent-withheld")]
     fix = target_only(dv.update("msemr_medicalidentifier", mrn, {"msemr_value": "MRN-1001X"}))
-    assert states(await world.send(fix, delivery_count=3)) == [("skipped", "consent-withheld")]
+    assert states(await world.send(fix, delivery_count=PAST_CONSENT_WAIT)) == [("skipped", "consent-withheld")]
     patient = the_resource(world.fhir, "Patient", ROW_SYSTEM, contact)
     assert [i["value"] for i in identifier_items(patient, mrn)] == ["MRN-1001"]
 
@@ -248,7 +248,7 @@ async def test_02e_an_identifier_moved_to_a_patient_without_consent_still_leaves
     assert states(await world.send_each(a_created, b_created, mrn_created)) == [
         ("written", None), ("skipped", "consent-withheld"), ("written", None)]
     moved = dv.update("msemr_medicalidentifier", mrn, {"msemr_assignee": Lookup("contact", b)})
-    results = [(await world.send(moved, delivery_count=n))[0] for n in (1, 2, 3)]
+    results = [(await world.send(moved, delivery_count=n))[0] for n in (1, 2, PAST_CONSENT_WAIT)]
     assert states(results)[-1] == ("written", None)
     assert f"not added to contact {b} (that patient has not consented)" in results[-1].detail
     patient = the_resource(world.fhir, "Patient", ROW_SYSTEM, a)
@@ -571,7 +571,7 @@ async def test_07f_a_type_change_never_takes_over_an_unrelated_resource_that_sha
     contact, _ = dv.patient(user=SYNC_USER, fhir_id=shared, msemr_contacttype=PRACTITIONER, firstname="Tola",
                             lastname="Adeyemi")
     retyped = dv.update("contact", contact, {"msemr_contacttype": PATIENT})
-    results = [(await world.send(retyped, delivery_count=n))[0] for n in (1, 2, 3)]
+    results = [(await world.send(retyped, delivery_count=n))[0] for n in (1, 2, PAST_CONSENT_WAIT)]
     assert [r.reason for r in results[:2]] == [Reason.TARGET_PENDING] * 2 and states(results)[2] == ("written", None)
     assert strip_marks(world.fhir.get(f"Patient/{shared}")) == strip_marks(other)
     [patient] = resources_of(world.fhir, "Patient", ROW_SYSTEM, contact)
@@ -1138,7 +1138,7 @@ async def test_14k_an_encounter_moved_to_a_practitioner_contact_refers_to_no_pat
     encounter, encounter_created = dv.encounter(patient)
     assert states(await world.send(patient_created, doctor_created, encounter_created)) == [("written", None)] * 3
     moved = dv.update("msemr_encounter", encounter, {"msemr_subjectpatient": Lookup("contact", doctor)})
-    results = [(await world.send(moved, delivery_count=n))[0] for n in (1, 2, 3)]
+    results = [(await world.send(moved, delivery_count=n))[0] for n in (1, 2, PAST_CONSENT_WAIT)]
     assert ("written", None) in states(results)
     subject = the_resource(world.fhir, "Encounter", "urn:dataverse:msemr_encounter", encounter)["subject"]
     assert "reference" not in subject
@@ -1438,7 +1438,8 @@ async def test_16l_an_older_consent_without_versionnumber_never_undoes_a_newer_w
         await world.send(withdrawn_again)
         await world.send(given)  # received last, in its own batch
     _, mrn_created = dv.identifier(contact, MRN, "MRN-4242")  # saved after the last withdrawal
-    assert states(await world.send(mrn_created, delivery_count=5)) == [("skipped", "consent-withheld")]
+    assert states(await world.send(mrn_created, delivery_count=PAST_CONSENT_WAIT)) == [
+        ("skipped", "consent-withheld")]
     assert [i for i in the_resource(world.fhir, "Patient", ROW_SYSTEM, contact).get("identifier", [])
             if i.get("value") == "MRN-4242"] == []
 
@@ -1922,7 +1923,8 @@ async def test_18s_an_identifier_created_in_dataverse_never_waits(world: World):
     contact, created = dv.patient(consent=False)
     assert states(await world.send(created)) == [("skipped", "consent-withheld")]
     mrn, mrn_created = dv.identifier(contact, MRN, "MRN-1001")
-    assert states(await world.send(mrn_created, delivery_count=3)) == [("skipped", "consent-withheld")]
+    assert states(await world.send(mrn_created, delivery_count=PAST_CONSENT_WAIT)) == [
+        ("skipped", "consent-withheld")]
     consent = dv.update("contact", contact, {"msemr_azurefhirsyncenabled": True})
     assert states(await world.send(consent)) == [("written", None)]
     one = dv.update("msemr_medicalidentifier", mrn, {"msemr_value": "MRN-1002"})
@@ -2073,3 +2075,80 @@ async def test_19d_a_name_or_address_text_from_fhir_never_states_the_old_one(wor
     assert _names(world, seeded) == [{"family": "Okafor-Bello", "given": ["Imani", "Grace"], "use": "official"}]
     assert patient["address"] == [{"line": ["7 Marina St"], "city": "Lagos", "use": "home"}]
     check_contact(world.fhir, contact, dv.row("contact", contact))
+
+
+async def test_19e_clearing_the_fhir_id_column_after_target_missing_writes_the_resource_anew(world: World):
+    """The README's remedy for `target-missing`: a contact whose FHIR id names a resource gone from the server is
+    dead-lettered; the administrator clears the row's FHIR id column, and that save, and every later one, is
+    written, one Patient found by the row identifier. Before, the row state kept the old id (a message without one
+    never replaced it) and every later save was `target-missing` too (found trying the product as a new user)."""
+    dv = world.dataverse
+    contact, created = dv.patient(fhir_id="gone-4711")
+    assert states(await world.send(created)) == [("dead-lettered", "target-missing")]
+    cleared = dv.update("contact", contact, {"msemr_azurefhirid": None})
+    assert states(await world.send(cleared)) == [("written", None)]
+    later = dv.update("contact", contact, {"telephone1": "+1 555 0142"})
+    assert states(await world.send(later)) == [("written", None)]
+    assert states(await world.send(created, delivery_count=2)) == [("skipped", "stale")]  # the old id: not again
+    check_contact(world.fhir, contact, dv.row("contact", contact))
+
+
+async def test_19f_rows_saved_before_the_consent_form_is_signed_reach_fhir_when_it_is(world: World):
+    """Registered without consent; the MRN entered, the patient admitted and a heart rate recorded; the consent form
+    signed within the hour. The Patient was written and the MRN, the Encounter and the Observation were
+    `consent-withheld` for good: no later save of theirs came (found by the eighth review). Saved while the
+    patient had not consented, they now wait for the consent (WRITEBACK_CONSENT_WAIT_MINUTES, `consent-unknown`),
+    and their retry after it is written."""
+    dv = world.dataverse
+    contact, created = dv.patient(consent=False)
+    mrn, mrn_created = dv.identifier(contact, MRN, "MRN-2201")
+    visit, admitted = dv.encounter(contact)
+    obs, observed = dv.observation(contact, visit)
+    assert states(await world.send(created)) == [("skipped", "consent-withheld")]
+    for delivery in range(1, 7):  # retried for half an hour (15 s, doubling) while the form is not signed
+        assert states(await world.send(mrn_created, admitted, observed, delivery_count=delivery)) == [
+            ("retry", "consent-unknown")] * 3
+    given = dv.update("contact", contact, {"msemr_azurefhirsyncenabled": True})
+    assert states(await world.send(given)) == [("written", None)]
+    assert states(await world.send(mrn_created, admitted, observed, delivery_count=7)) == [("written", None)] * 3
+    patient = check_contact(world.fhir, contact, dv.row("contact", contact))
+    check_identifier({contact: patient}, mrn, dv.row("msemr_medicalidentifier", mrn))
+    encounter = the_resource(world.fhir, "Encounter", "urn:dataverse:msemr_encounter", visit)
+    assert encounter["subject"]["reference"] == f"Patient/{patient['id']}"
+    the_resource(world.fhir, "Observation", "urn:dataverse:msemr_observation", obs)
+
+
+async def test_19g_a_visit_finished_while_consent_was_withdrawn_is_finished_in_fhir_when_it_is_given_again(
+        world: World):
+    dv = world.dataverse
+    contact, created = dv.patient()
+    visit, admitted = dv.encounter(contact)
+    assert states(await world.send_each(created, admitted)) == [("written", None)] * 2
+    withdrawn = dv.update("contact", contact, {"msemr_azurefhirsyncenabled": False})
+    finished = dv.update("msemr_encounter", visit, {"msemr_encounterstatus": Choice(935000005)})
+    assert states(await world.send(withdrawn)) == [("skipped", "consent-withheld")]
+    for delivery in range(1, 6):
+        assert states(await world.send(finished, delivery_count=delivery)) == [("retry", "consent-unknown")]
+    back = dv.update("contact", contact, {"msemr_azurefhirsyncenabled": True})
+    assert states(await world.send(back)) == [("written", None)]
+    assert states(await world.send(finished, delivery_count=6)) == [("written", None)]
+    assert the_resource(world.fhir, "Encounter", "urn:dataverse:msemr_encounter", visit)["status"] == "finished"
+
+
+async def test_19h_a_row_saved_while_consent_is_off_is_skipped_past_the_consent_wait(world: World):
+    """Past WRITEBACK_CONSENT_WAIT_MINUTES the row is `consent-withheld` for good: written at its next save after a
+    consent given later (the contact's own row is written whole at once)."""
+    dv = world.dataverse
+    contact, created = dv.patient(consent=False)
+    mrn, mrn_created = dv.identifier(contact, MRN, "MRN-2202")
+    assert states(await world.send(created)) == [("skipped", "consent-withheld")]
+    assert states(await world.send(mrn_created, delivery_count=PAST_CONSENT_WAIT)) == [
+        ("skipped", "consent-withheld")]
+    given = dv.update("contact", contact, {"msemr_azurefhirsyncenabled": True})
+    assert states(await world.send(given)) == [("written", None)]
+    patient = the_resource(world.fhir, "Patient", ROW_SYSTEM, contact)
+    check_identifier({contact: patient}, mrn, None)
+    saved = dv.update("msemr_medicalidentifier", mrn, {"msemr_value": "MRN-2203"})
+    assert states(await world.send(saved)) == [("written", None)]
+    patient = the_resource(world.fhir, "Patient", ROW_SYSTEM, contact)
+    check_identifier({contact: patient}, mrn, dv.row("msemr_medicalidentifier", mrn))
