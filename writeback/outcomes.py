@@ -62,7 +62,6 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
-from azure.core.pipeline.transport import AsyncioRequestsTransport
 from azure.data.tables import EdmType, EntityProperty, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
 from azure.identity.aio import DefaultAzureCredential
@@ -374,11 +373,11 @@ class OutcomeStore:
                       credential: Any | None = None) -> OutcomeStore:
         """Connection string (Azurite, or a key) or endpoint + Microsoft Entra ID (managed identity).
 
-        The transport is azure-core's requests-based asyncio transport: the runtime requirements hold no
-        aiohttp, and Table Storage traffic is a handful of small requests per message.
+        The transport is azure-core's default for async clients, aiohttp (a requirement): one pooled session of
+        real async I/O. The requests-based one it replaced ran each call in a thread over a pool of ten
+        connections, and a batch's concurrent calls logged "Connection pool is full" warnings by the dozen.
         """
         options: dict[str, Any] = {
-            "transport": AsyncioRequestsTransport(),
             "retry_total": retry_total,
             "retry_backoff_factor": retry_backoff,
             "retry_backoff_max": 5,
@@ -394,8 +393,7 @@ class OutcomeStore:
                                   "client accepts") from None
         elif settings.outcomes_endpoint:
             if credential is None:
-                credential = DefaultAzureCredential(exclude_interactive_browser_credential=True,
-                                                    transport=AsyncioRequestsTransport())
+                credential = DefaultAzureCredential(exclude_interactive_browser_credential=True)
                 close = credential.close
             service = TableServiceClient(settings.outcomes_endpoint, credential=credential, **options)
         else:
