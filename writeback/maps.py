@@ -24,6 +24,7 @@ from writeback.immutable import immutable
 from writeback.paths import Field as PathField
 from writeback.paths import Own, PathError, Select, format_path, parse_path
 from writeback.paths import Path as ElementPath
+from writeback.validation import required_elements
 
 RESOURCE_TYPES = ("Patient", "Practitioner", "Encounter", "Observation")
 
@@ -402,10 +403,33 @@ def _spec_keys() -> tuple[str, ...]:
     return tuple(sorted({name for model in _Strict.__subclasses__() for name in model.model_fields}))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: the plain loader keeps the last silently, and
+    a second `writeback: false` below the first turned a whole table off (found trying the product)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(str(key)[:60], key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, line: int) -> None:
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
 def _read_spec(path: Path) -> EntityMapSpec:
     file = path.name
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
+    except _DuplicateKey as exc:
+        raise MapError(file, exc.key, f"is given twice in one mapping (line {exc.line}): YAML would keep the last "
+                       "silently; keep one") from None
     except OSError as exc:
         raise MapError(file, "(file)", f"cannot be read: {exc.strerror}") from None
     except UnicodeDecodeError as exc:  # an editor's Latin-1 or UTF-16 ("Unicode" in Notepad)
@@ -512,6 +536,8 @@ def _compile(file: str, spec: EntityMapSpec, specs: Mapping[str, tuple[str, Enti
         ))
     _check_row_items(file, attributes)
     _check_one_owner(file, attributes)
+    if expansion is None:
+        _check_required(file, attributes, types)
     consent_types = frozenset(spec.consent.applies_to) if spec.consent else frozenset()
     if not consent_types <= types:
         # A misspelt type would silently switch the consent check off for the type meant.
@@ -527,6 +553,19 @@ def _compile(file: str, spec: EntityMapSpec, specs: Mapping[str, tuple[str, Enti
     )
 
 
+def _check_required(file: str, attributes: Sequence[AttributeMap], types: frozenset[str]) -> None:
+    """Every element FHIR requires of a resource the map makes is written by an attribute (a column or a default):
+    else the server refuses every create, and each message is dead-lettered blaming the row's data (found trying
+    the product: a map without Observation.code passed every check). The row identifier is the product's own."""
+    for kind in sorted(types):
+        written = {"identifier", *(a.path[0].name for a in attributes
+                                   if isinstance(a.path[0], PathField) and (a.only_for is None or kind in a.only_for))}
+        for name, names in required_elements(kind):
+            if not written.intersection(names):
+                raise MapError(file, "attributes", f"write no {kind}.{name}, which FHIR requires (1..1): the server "
+                               f"would refuse every {kind} this map makes; map a column or a default to it")
+
+
 def _valid(target: str) -> bool:
     try:
         parse_path(target)
@@ -540,7 +579,7 @@ def _types_of(spec: EntityMapSpec) -> set[str]:
 
 
 def load_maps(directory: Path) -> MapSet:
-    """Read, validate and compile every `*.yaml` map in `directory`."""
+    """Read, validate and compile every `*.yaml` (or `*.yml`) map in `directory`."""
     if not directory.is_dir():
         raise MapError(str(directory), "(folder)", "is not a folder" if directory.exists() else "does not exist")
     specs: dict[str, tuple[str, EntityMapSpec]] = {}
@@ -555,6 +594,6 @@ def load_maps(directory: Path) -> MapSet:
             raise MapError(path.name, "table", f"{spec.table!r} is already mapped by {specs[spec.table][0]}")
         specs[spec.table] = (path.name, spec)
     if not specs:
-        raise MapError(str(directory), "(folder)", "holds no *.yaml entity maps")
+        raise MapError(str(directory), "(folder)", "holds no *.yaml (or *.yml) entity maps")
     compiled = {table: _compile(file, spec, specs) for table, (file, spec) in specs.items()}
     return MapSet(compiled, str(directory))

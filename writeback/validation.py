@@ -147,6 +147,13 @@ def _required(resource_type: str) -> tuple[str, ...]:
     return tuple(name for name, element in _elements(resource_type).items() if element.required)
 
 
+def required_elements(resource_type: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """What a resource of this type must hold (1..1): each element, or choice element with its types' names
+    (`value[x]`), as (name, the element names that give it)."""
+    return (*((name, (name,)) for name in _required(resource_type)),
+            *((f"{prefix}[x]", names) for prefix, names in _required_choices(resource_type)))
+
+
 @functools.cache
 def _required_choices(resource_type: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """Each choice element the resource requires (`MedicationRequest.medication[x]`, 1..1): its name and its

@@ -315,6 +315,34 @@ def test_two_attributes_with_one_target_are_refused(tmp_path):
     assert err.file == "contact.yaml" and err.field.endswith(".target") and "two sources" in err.detail
 
 
+def test_a_key_given_twice_is_refused_naming_it_and_its_line(tmp_path):
+    """`writeback:` twice, the second `false`: YAML keeps the last silently, and every contact was skipped as
+    `no-entity-map` while `check-config` passed (found trying the product as a new user)."""
+    text = SHIPPED["contact.yaml"].replace("writeback: true\n", "writeback: true\nwriteback: false\n", 1)
+    assert text != SHIPPED["contact.yaml"]
+    err = load_error(maps_dir(tmp_path, {"contact.yaml": text}))
+    line = text.splitlines().index("writeback: false") + 1
+    assert (err.file, err.field) == ("contact.yaml", "writeback") and f"twice in one mapping (line {line})" in err.detail
+
+
+@pytest.mark.parametrize(("file", "line", "element"), [
+    ("msemr_observation.yaml", '  - {column: msemr_code, target: "code.coding[system=urn:dataverse:msemr_codeableconcept]'
+     '.code", type: id}\n', "Observation.code"),
+    ("msemr_encounter.yaml", "  - {target: class.system, action: default, value: \"http://terminology.hl7.org/CodeSystem/"
+     "v3-ActCode\"}\n", None),  # (class.code still written: not required alone)
+])
+def test_a_map_that_writes_no_element_fhir_requires_is_refused(tmp_path, file, line, element):
+    """A map without Observation.code passed check-config, and the server refused every Observation it made: each
+    message dead-lettered as `fhir-rejected`, blaming the row (found trying the product as a new user)."""
+    assert line in SHIPPED[file]
+    folder = maps_dir(tmp_path, {file: SHIPPED[file].replace(line, "")})
+    if element is None:
+        load_maps(folder)
+        return
+    err = load_error(folder)
+    assert (err.file, err.field) == (file, "attributes") and f"write no {element}, which FHIR requires" in err.detail
+
+
 def test_a_map_file_that_is_not_utf8_says_so(tmp_path):
     """Saved by an editor as Latin-1 (or as "Unicode", UTF-16): a traceback before, and in the function every
     message abandoned until MaxDeliveryCountExceeded."""
