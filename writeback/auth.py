@@ -69,37 +69,51 @@ class OAuthClientCredentials(_Cached):
     def __init__(self, client: OAuthClient, timeout: float = 30.0) -> None:
         super().__init__()
         self._client = client
+        self._status = 0  # of the token endpoint's last answer: authlib does not raise on an error status
         self._oauth = AsyncOAuth2Client(
             client_id=client.client_id,
             client_secret=client.client_secret,
             scope=client.scope or None,
             token_endpoint_auth_method="client_secret_basic",  # noqa: S106 (a method name, not a secret)
             timeout=timeout,
+            event_hooks={"response": [self._answered]},
         )
 
+    async def _answered(self, response: httpx.Response) -> None:
+        self._status = response.status_code
+
     async def _fetch(self) -> tuple[str, float]:
+        p = self._client.settings
+        credentials = f"check {p}_CLIENT_ID and {p}_CLIENT_SECRET"
+        self._status = 0
         try:
             token: Any = await self._oauth.fetch_token(self._client.token_url, grant_type="client_credentials")
         except OAuthError as exc:
             code = str(exc.error or "error")[:40]
             if code in ("invalid_client", "unauthorized_client", "invalid_grant", "access_denied"):
                 raise WritebackError(Reason.UNAUTHORIZED,
-                                     f"the token endpoint refused the client credentials ({code})") from None
+                                     f"the token endpoint refused the client credentials ({code}): {credentials}"
+                                     ) from None
             raise WritebackError(Reason.UNAUTHORIZED, f"the token endpoint answered {code}") from None
         except httpx.HTTPStatusError as exc:
-            status = exc.response.status_code
-            if status in (401, 403):
-                raise WritebackError(Reason.UNAUTHORIZED,
-                                     f"the token endpoint refused the client credentials (HTTP {status})") from None
-            raise WritebackError(Reason.FHIR_UNAVAILABLE, f"the token endpoint answered HTTP {status}") from None
+            self._status = exc.response.status_code
+            token = {}
         except httpx.HTTPError as exc:
-            raise WritebackError(Reason.FHIR_UNAVAILABLE,
-                                 f"the token endpoint could not be reached ({type(exc).__name__})") from None
+            raise WritebackError(Reason.FHIR_UNAVAILABLE, f"the token endpoint could not be reached "
+                                 f"({type(exc).__name__}): check {p}_TOKEN_URL") from None
         except ValueError:
-            raise WritebackError(Reason.UNAUTHORIZED, "the token endpoint's answer is not a token") from None
-        access = token.get("access_token")
+            token = {}
+        access = token.get("access_token") if isinstance(token, dict) else None
         if not isinstance(access, str) or not access:
-            raise WritebackError(Reason.UNAUTHORIZED, "the token endpoint's answer holds no access_token")
+            status = self._status
+            if status in (401, 403):
+                raise WritebackError(Reason.UNAUTHORIZED, f"the token endpoint refused the client credentials "
+                                     f"(HTTP {status}): {credentials}")
+            if status >= 500 or status in (408, 429):
+                raise WritebackError(Reason.FHIR_UNAVAILABLE, f"the token endpoint answered HTTP {status}")
+            answered = f"answered HTTP {status}, not a token" if status >= 300 else "answered without an access_token"
+            raise WritebackError(Reason.UNAUTHORIZED, f"the token endpoint {answered}: check that {p}_TOKEN_URL "
+                                 "is the OAuth token endpoint")
         expires_at = token.get("expires_at") or time.time() + float(token.get("expires_in") or 300)
         return access, float(expires_at)
 

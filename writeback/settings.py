@@ -203,6 +203,7 @@ class OAuthClient:
     client_id: str
     client_secret: str = field(repr=False)
     scope: str = ""
+    settings: str = "FHIR"  # the prefix of the settings it comes from (FHIR_TOKEN_URL, ...): errors name them
 
 
 @dataclass(frozen=True)
@@ -306,6 +307,7 @@ class Settings:
                 client_id=_get(env, "ALTERNATE_CLIENT_ID"),
                 client_secret=_get(env, "ALTERNATE_CLIENT_SECRET"),
                 scope=_get(env, "ALTERNATE_SCOPE"),
+                settings="ALTERNATE",
             )
         agent = _get(env, "WRITEBACK_AGENT")
         if agent:

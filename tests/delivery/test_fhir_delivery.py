@@ -279,6 +279,17 @@ async def test_a_bad_client_secret_is_unauthorized_a_configuration_fault(rig_fac
     assert (result.state, result.reason) == ("config-error", Reason.UNAUTHORIZED)
     assert result.settlement == "reschedule"  # never dead-lettered: the message waits for the fix
     assert "not-the-secret" not in result.detail
+    assert "check FHIR_CLIENT_ID and FHIR_CLIENT_SECRET" in result.detail
+
+
+async def test_a_wrong_token_url_says_what_the_endpoint_answered_and_names_the_setting(rig_factory, fhir_server):
+    """A token URL that is no token endpoint (the dev server answers 404 there) was reported as an answer without
+    an access_token, naming no setting (found trying the product as a new user)."""
+    rig = rig_factory(FHIR_TOKEN_URL=fhir_server.token_url.rsplit("/", 1)[0] + "/no-such-endpoint")
+    row_id, row = new_patient()
+    result = await rig.send(create_message(row_id, row))
+    assert (result.state, result.reason, result.settlement) == ("config-error", Reason.UNAUTHORIZED, "reschedule")
+    assert "answered HTTP 404, not a token: check that FHIR_TOKEN_URL is the OAuth token endpoint" in result.detail
 
 
 async def test_a_403_from_the_fhir_server_is_unauthorized(rig: Rig):
