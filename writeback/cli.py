@@ -173,7 +173,7 @@ def _cell(value: object, width: int) -> str:
 def format_logs(rows: Sequence[OutcomeRow]) -> str:
     """The readable table of `logs`: one line per outcome, one indented line per OperationOutcome issue."""
     columns = (("TIME (UTC)", 19), ("OUTCOME", 13), ("REASON", 25), ("TABLE", 24), ("RECORD", 36),
-               ("MESSAGE", 8), ("RESOURCE / DETAIL", 60), ("DLV", 3), ("MS", 8))
+               ("MESSAGE", 12), ("RESOURCE / DETAIL", 60), ("DLV", 3), ("MS", 8))  # (12: Disassociate)
     lines = ["  ".join(name.ljust(width) for name, width in columns).rstrip()]
     for row in rows:
         shown = row.resource if row.status == "written" else row.detail
