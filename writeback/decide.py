@@ -481,8 +481,11 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
     refs = _refs(assignments)
     rendered = render(resource_type, [*assignments, target.identity] if full else assignments, full=full,
                       own=mark if entity_map.row_items else None)
-    owned = {a.element: a.column for a in assignments if a.column is not None and a.column != "*"
-             and a.value is not KEEP}
+    owned: dict[str, str] = {}
+    for a in assignments:  # each element → a column feeding it, one with a value first (the error names that one)
+        if a.column is not None and a.column != "*" and a.value is not KEEP and (
+                a.element not in owned or a.value is not None):
+            owned[a.element] = a.column
     validate(rendered, partial=True, required=owned if full else None,
              ours={"Identifier": ({"system": target.identifier_system, "value": target.identifier_value},),
                    "Reference": tuple(ref.reference(None) for ref in refs)})
@@ -496,7 +499,9 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
     source = _source(message, entity_map.identifier_system, new)
     writes = [Write(target, edit), *_released(message, entity_map, resource_type, old, mark)]
     plan = WritePlan("create" if is_create else "update", tuple(writes), rendered,
-                     _changes(assignments, full, rendered), source, full, _cleared(assignments), tuple(gates), refs)
+                     (changes := _changes(assignments, full, rendered)), source, full,
+                     # (an element holding what is written, the row identifier beside a cleared item, is not cleared)
+                     tuple(c for c in _cleared(assignments) if c not in changes), tuple(gates), refs)
     detail = _describe(plan, narrow_image=keep)
     if len(writes) > 1:
         detail = detail[:-1] + f"; it leaves its {writes[1].target.resource_type}, which was its type before."

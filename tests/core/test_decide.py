@@ -512,6 +512,28 @@ def test_a_lookup_naming_a_row_of_another_table_is_refused_naming_both_tables():
     assert "a Patient reference needs a row of contact" in (d.detail or "")
 
 
+def test_a_choice_element_given_twice_names_the_columns_that_hold_values():
+    """A quantity (value and unit, no system) beside a text value: the detail named msemr_valuequantitysystem,
+    a column the message does not hold (found trying the product as a new user)."""
+    body = json.loads(sample("06_observation_create.json"))
+    attributes = body["InputParameters"][0]["value"]["Attributes"]
+    attributes[:] = [a for a in attributes if a["key"] != "msemr_valuequantitysystem"]
+    attributes.append({"key": "msemr_valuestring", "value": "high"})
+    d = plan(json.dumps(body).encode())
+    assert (d.decision, d.reason) == ("reject", Reason.INVALID_RESOURCE)
+    assert "msemr_valuequantitysystem" not in (d.detail or "") and "msemr_valuestring" in (d.detail or "")
+
+
+def test_a_created_encounter_without_a_visit_number_is_not_said_to_clear_its_identifier():
+    """The row identifier is written into `identifier` beside the visit number the row leaves empty: the detail
+    said `identifier` was both written and cleared (found trying the product as a new user)."""
+    body = json.loads(sample("05_encounter_create.json"))
+    attributes = body["InputParameters"][0]["value"]["Attributes"]
+    attributes[:] = [a for a in attributes if a["key"] != "msemr_encounteridentifier"]
+    d = plan(json.dumps(body).encode())
+    assert d.plan is not None and "identifier" in d.plan.changes and "identifier" not in d.plan.cleared
+
+
 def test_observation_create():
     r = written(plan(sample("06_observation_create.json"))).resource
     assert r["code"]["coding"] == [{"system": "urn:dataverse:msemr_codeableconcept",
