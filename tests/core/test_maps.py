@@ -322,12 +322,13 @@ def test_a_key_given_twice_is_refused_naming_it_and_its_line(tmp_path):
     assert text != SHIPPED["contact.yaml"]
     err = load_error(maps_dir(tmp_path, {"contact.yaml": text}))
     line = text.splitlines().index("writeback: false") + 1
-    assert (err.file, err.field) == ("contact.yaml", "writeback") and f"twice in one mapping (line {line})" in err.detail
+    assert (err.file, err.field) == ("contact.yaml", "writeback")
+    assert f"twice in one mapping (line {line})" in err.detail
 
 
 @pytest.mark.parametrize(("file", "line", "element"), [
-    ("msemr_observation.yaml", '  - {column: msemr_code, target: "code.coding[system=urn:dataverse:msemr_codeableconcept]'
-     '.code", type: id}\n', "Observation.code"),
+    ("msemr_observation.yaml", '  - {column: msemr_code, target: "code.coding[system=urn:dataverse:'
+     'msemr_codeableconcept].code", type: id}\n', "Observation.code"),
     ("msemr_encounter.yaml", "  - {target: class.system, action: default, value: \"http://terminology.hl7.org/CodeSystem/"
      "v3-ActCode\"}\n", None),  # (class.code still written: not required alone)
 ])
