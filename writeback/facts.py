@@ -108,6 +108,8 @@ class RowFacts:
         before: neither the id it was ingested under nor the one written then is the Practitioner's)."""
         if known := self.fhir_id_for(resource_type):
             return known
+        if self.fhir_id == NO_FHIR_ID:
+            return None  # cleared (the resource it named is gone): what was written under it may be that one
         if self.written and self.written.startswith(f"{resource_type}/"):
             return self.written.split("/", 1)[1]
         return None
@@ -412,13 +414,17 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
             return replace(decision, decision="skip" if settings.consent_unknown == "skip" else "reject",
                            reason=Reason.CONSENT_UNKNOWN, detail=detail, plan=None)
         if not fact.consent:
-            if (attempt < CONSENT_GRACE_RETRIES or waited < timedelta(minutes=settings.consent_wait_minutes)) \
-                    and fact.consent_at.compare(plan.source.version) == -1:
+            leaving = [w for w in plan.writes if isinstance(w.edit, RemoveItem)]
+            # Saved while the patient had not consented (a consent given meanwhile may be on its way: a short
+            # grace), or within the consent wait, whatever the order: a later save of the patient still without
+            # consent (an address fixed before the form is signed) says No again, and must not end the wait. A
+            # move waits the grace only: the patient it leaves must lose the item.
+            if (attempt < CONSENT_GRACE_RETRIES and fact.consent_at.compare(plan.source.version) == -1) or (
+                    waited < timedelta(minutes=settings.consent_wait_minutes) and not leaving):
                 return replace(decision, decision="reject", reason=Reason.CONSENT_UNKNOWN, plan=None,
                                detail=f"The patient ({table} {row_id}) this row belongs to had not consented when "
-                               "last seen, before this row was saved: waiting for a later consent (up to "
-                               f"WRITEBACK_CONSENT_WAIT_MINUTES, {settings.consent_wait_minutes:g} min).")
-            leaving = [w for w in plan.writes if isinstance(w.edit, RemoveItem)]
+                               "last seen: waiting for a consent (up to WRITEBACK_CONSENT_WAIT_MINUTES, "
+                               f"{settings.consent_wait_minutes:g} min).")
             if leaving and first.target.row == (table, row_id) and isinstance(first.edit, ItemEdit):
                 # A child row moved to this patient: it is not added there, but it still leaves the patient it
                 # was moved from (an MRN kept on the wrong patient is a misidentification).

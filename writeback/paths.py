@@ -189,7 +189,13 @@ def _set(node: JSONValue, path: Path, value: JSONValue, at: int = 0) -> JSONValu
             current = node if isinstance(node, list) else []
             kept = current[value.count:]
             values = [current[i] if v is KEEP and i < len(current) else v for i, v in enumerate(value.values)]
-            return [_tree_copy(v) for v in values if v is not None and v is not KEEP] + kept
+            out = [_tree_copy(v) for v in values if v is not None and v is not KEEP]
+            # What the row adds past the items it had, where the list already holds it next (a middle name another
+            # system or the sync put there first), is that item, not a second one.
+            added = out[value.count:]
+            while added and kept and kept[0] == added[0]:
+                added, kept = added[1:], kept[1:]
+            return out + kept
         # A copy: a later assignment under this one must not reach into the plan's (or the map's) value.
         return _tree_copy(value) if type(value) in (dict, list) else value
     seg, below = path[at], at + 1
@@ -480,10 +486,22 @@ _TEXT_PARTS = frozenset({"family", "given", "prefix", "suffix", "line", "city", 
 
 
 def _text_parts(result: dict[str, Any], assignments: Iterable[Assignment]) -> list[tuple[Assignment, JSONValue]]:
-    """The assignments to parts that a `text` beside them states, with the values they have before the write."""
-    return [(a, _navigate(result, a.path)) for a in assignments
-            if len(a.path) > 1 and isinstance(a.path[-1], Field) and a.path[-1].name in _TEXT_PARTS
-            and a.value is not KEEP]
+    """The assignments to parts that a `text` beside them states, with the values they have before the write; not
+    where the name or address is text alone (a feed's "Imani Grace Okafor", which the ingest split into columns):
+    the parts written there are what the text says."""
+    out = []
+    for a in assignments:
+        # a part (`family`), or a position in one (`given[0]`, as a change without images writes it)
+        at = len(a.path) - (2 if isinstance(a.path[-1], Index) else 1)
+        part = a.path[at] if at >= 1 else None
+        if isinstance(part, Field) and part.name in _TEXT_PARTS and a.value is not KEEP:
+            parent = _navigate(result, a.path[:at])
+            if isinstance(parent, dict) and any(k in _TEXT_PARTS for k in parent):
+                was = _navigate(result, a.path[:at + 1])
+                if isinstance(was, list):
+                    was = list(was)  # (changed in place by the write: compared with a copy)
+                out.append((Assignment(a.path[:at + 1], a.value, a.column), was))
+    return out
 
 
 def _drop_stale_texts(result: dict[str, Any], parts: list[tuple[Assignment, JSONValue]],
