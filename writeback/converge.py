@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from writeback.immutable import immutable
 from writeback.marks import MOVED, Mark, Version, item_of, mark_of, marks_in, with_mark
-from writeback.paths import KEEP, Assignment, Path, apply, apply_changes, apply_state
+from writeback.paths import KEEP, Assignment, Path, apply, apply_changes, apply_state, list_items
 from writeback.validation import check_invariants, choice_siblings
 
 Kind = Literal["write", "stale", "same", "unchanged", "absent", "pending"]
@@ -168,7 +168,8 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
         else:
             base: dict[str, Any] = {"resourceType": resource_type, "id": resource_id}
             new = apply(apply_state(base, edit.owned, own=edit.own), [edit.identity])
-        return Converged("write", with_mark(new, edit.mark, edit.mark.table, edit.mark.row_id))
+        mark = replace(edit.mark, items=_sorted_items(list_items(edit.owned)))
+        return Converged("write", with_mark(new, mark, edit.mark.table, edit.mark.row_id))
     held = mark_of(current, edit.mark.table, edit.mark.row_id)
     if edit.awaits_earlier and edit.full and held is None and \
             mark_of(current, edit.mark.table, edit.mark.row_id, MOVED) is None:
@@ -183,9 +184,12 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
         return planned
     owned, mark = planned
     if edit.full:
+        items: dict[str, int] = {}
         new = apply(apply_state(current, owned, edit.before, own=edit.own, earlier=edit.earlier,
-                                holds=_held_images(edit, held)), [edit.identity])
+                                holds=_held_images(edit, held), items=dict(held.items) if held else None,
+                                written_items=items), [edit.identity])
         new = with_mark(new, None, mark.table, mark.row_id, MOVED)
+        mark = replace(mark, items=_sorted_items(items))
     else:  # Target only: the changed columns no newer change wrote; the mark records them, not a whole version
         new = apply_changes(current, [*owned, edit.identity], edit.adoptable, own=edit.own)
         # The changed columns beside the values the server holds (an end date beside the start already there):
@@ -195,6 +199,10 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
         check_invariants({"resourceType": new.get("resourceType"),
                           **{k: v for k, v in new.items() if k in elements}})
     return _result(current, _one_choice(with_mark(new, mark, mark.table, mark.row_id), owned), held)
+
+
+def _sorted_items(counts: Mapping[str, int]) -> tuple[tuple[str, int], ...]:
+    return tuple(sorted(counts.items()))
 
 
 def _held_images(edit: RowEdit, held: Mark | None) -> list[tuple[Assignment, ...]]:

@@ -108,12 +108,18 @@ class Mark:
     version: Version  # of the row's whole state written (unknown: only changes without images were)
     # Per column, the version of the newest change without images that wrote it, when newer than `version`
     columns: tuple[tuple[str, Version], ...] = ()
+    # Per list whose leading positions the map owns (`name[use?=official].given`), how many leading items the row's
+    # whole state put there: the items after them are other systems' (`paths._owned_counts`).
+    items: tuple[tuple[str, int], ...] = ()
 
     def extension(self, url: str = ROW) -> dict[str, Any]:
         parts: list[dict[str, Any]] = [{"url": "table", "valueString": self.table},
                                        {"url": "id", "valueString": self.row_id}, *self.version.parts()]
         parts += [{"url": "column", "extension": [{"url": "name", "valueString": name}, *version.parts()]}
                   for name, version in self.columns]
+        parts += [{"url": "items", "extension": [{"url": "list", "valueString": path},
+                                                 {"url": "count", "valueInteger": count}]}
+                  for path, count in self.items]
         return {"url": url, "extension": parts}
 
     def column(self, name: str) -> Version | None:
@@ -143,7 +149,18 @@ class Mark:
 
 def _parts(extension: dict[str, Any]) -> dict[str, str]:
     return {str(e.get("url")): str(e.get("valueString", "")) for e in extension.get("extension") or []
-            if isinstance(e, dict) and e.get("url") != "column"}
+            if isinstance(e, dict) and e.get("url") not in ("column", "items")}
+
+
+def _items(extension: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    out = []
+    for e in extension.get("extension") or []:
+        if isinstance(e, dict) and e.get("url") == "items":
+            parts = {str(p.get("url")): p for p in e.get("extension") or [] if isinstance(p, dict)}
+            path, count = parts.get("list", {}).get("valueString"), parts.get("count", {}).get("valueInteger")
+            if isinstance(path, str) and isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+                out.append((path, count))
+    return tuple(sorted(out))
 
 
 def _columns(extension: dict[str, Any]) -> tuple[tuple[str, Version], ...]:
@@ -164,7 +181,7 @@ def marks_in(node: dict[str, Any], url: str = ROW) -> list[Mark]:
         if isinstance(extension, dict) and extension.get("url") == url:
             parts = _parts(extension)
             found.append(Mark(parts.get("table", ""), parts.get("id", ""), Version.of_parts(parts),
-                              _columns(extension)))
+                              _columns(extension), _items(extension)))
     return found
 
 

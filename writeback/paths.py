@@ -608,7 +608,7 @@ def _drop_emptied_items(result: dict[str, Any], groups: Mapping[Path, list[Assig
 
 
 def _owned_counts(result: dict[str, Any], values: list[Assignment], prefixes: Sequence[Path],
-                  images: Sequence[Sequence[Assignment]]) -> list[Assignment]:
+                  images: Sequence[Sequence[Assignment]], items: Mapping[str, int]) -> list[Assignment]:
     """`values` with each owned prefix replacing as many leading items as the row has there now: the values an image
     of `images` (each one the resource may hold of the row) held at those positions, holes closed, where the list
     starts with them. Its empty positions hold nothing of the row's: an item there (another system's third given
@@ -621,6 +621,11 @@ def _owned_counts(result: dict[str, Any], values: list[Assignment], prefixes: Se
         owned = assignment.value
         if isinstance(owned, OwnedPrefix):
             prefix, current = next(unredirected), _navigate(result, assignment.path)
+            if (known := items.get(format_path(prefix))) is not None:
+                # (the mark's count, from the row's last whole state: whatever saves wrote nothing since)
+                out.append(Assignment(assignment.path, OwnedPrefix(
+                    owned.values, min(known, len(current) if isinstance(current, list) else 0)), assignment.column))
+                continue
             for candidate in ([v for i in range(len(owned.values))
                                if (v := image.get((*prefix, Index(i)))) is not None and v is not KEEP]
                               for image in was):
@@ -632,6 +637,17 @@ def _owned_counts(result: dict[str, Any], values: list[Assignment], prefixes: Se
         else:
             out.append(assignment)
     return out
+
+
+def list_items(assignments: Iterable[Assignment]) -> dict[str, int]:
+    """Of a row's whole state written on nothing (a create): how many leading items of each list whose positions
+    the map owns it puts there (`Mark.items`)."""
+    counts: dict[str, int] = {}
+    for a in assignments:
+        if isinstance(a.path[-1], Index):
+            key = format_path(a.path[:-1])
+            counts[key] = counts.get(key, 0) + (a.value is not None and a.value is not KEEP)
+    return counts
 
 
 def _positional_clears(result: dict[str, Any], values: list[Assignment],
@@ -697,11 +713,14 @@ def _unpick(result: dict[str, Any], redirects: dict[Path, Select]) -> None:
 def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
                 before: Iterable[Assignment] = (), own: Mark | None = None,
                 earlier: Iterable[Iterable[Assignment]] = (), *,
-                holds: Sequence[Sequence[Assignment]] = ()) -> dict[str, Any]:
+                holds: Sequence[Sequence[Assignment]] = (), items: Mapping[str, int] | None = None,
+                written_items: dict[str, int] | None = None) -> dict[str, Any]:
     """A new resource: `resource` with a row's whole state written (see the module docstring). `before`: the
     row's state before the save, to recognise the items an ingest put there (`adopt`; `earlier`: its older saves'
     of the same batch). `own`: the row's mark, for the items `[row]` names (`_own_items`). `holds`: of those
-    images, the ones that may be what the resource holds of the row (`_owned_counts`)."""
+    images, the ones that may be what the resource holds of the row (`_owned_counts`); `items`: how many leading
+    items of each owned list the row's last whole state put there, as its mark says (known, it wins over
+    `holds`); `written_items`, filled in: the same after this write, for the new mark."""
     before = tuple(before)
     result: dict[str, Any] = _tree_copy(resource)
     assignments, own_lists = _own_items(result, list(assignments), own, before)
@@ -728,8 +747,17 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
     if redirects:
         values, constants = _redirect(values, redirects), _redirect(constants, redirects)
     existing = len(result) > 1  # a copy to write over, not an empty resource (what a create renders)
-    if existing and prefixes and holds:
-        values = _owned_counts(result, values, prefixes, holds)
+    if existing and prefixes and (holds or items):
+        values = _owned_counts(result, values, prefixes, holds, items or {})
+    if written_items is not None:
+        owned_lists = iter(prefixes)
+        for a in values:
+            if isinstance(a.value, OwnedPrefix):
+                current = _navigate(result, a.path)
+                current = current if isinstance(current, list) else []
+                written_items[format_path(next(owned_lists))] = sum(
+                    1 for i, v in enumerate(a.value.values)
+                    if (current[i] if v is KEEP and i < len(current) else v) not in (None, KEEP))
     described = [(a, _navigate(result, a.path)) for a in _described(values)] if existing else []
     parts = _text_parts(result, values) if existing else []
     groups: dict[Path, list[Assignment]] = {}

@@ -44,6 +44,23 @@ def test_a_mark_with_column_versions_round_trips_through_its_extension():
     assert mark_of(patient(held), *ROW) == held
 
 
+def test_a_mark_keeps_how_many_leading_items_of_each_owned_list_the_row_put_there():
+    """The count of the row's leading items (a given name cleared: one left) comes back from the resource, and a
+    later whole state written over it takes only those, whatever saves wrote nothing in between (test_r2d)."""
+    mark = Mark("contact", "c-1", Version(7), items=(("name[use?=official].given", 1),))
+    node = with_mark({"resourceType": "Patient"}, mark, "contact", "c-1")
+    assert mark_of(node, "contact", "c-1") == mark
+    given = parse_path("name[use?=official].given[0]"), parse_path("name[use?=official].given[1]")
+    current = {**node, "name": [{"use": "official", "given": ["Imani", "Adaeze"]}]}
+    edit = RowEdit(Mark("contact", "c-1", Version(9)), (Assignment(given[0], "Imani", "firstname"),
+                                                       Assignment(given[1], None, "middlename")),
+                   Assignment(parse_path("identifier[system=urn:dataverse:contact].value"), "c-1"), full=True)
+    decided = converge(current, edit, "Patient", "c-1")
+    assert decided.resource is not None and decided.resource["name"][0]["given"] == ["Imani", "Adaeze"]
+    assert mark_of(decided.resource, "contact", "c-1") == Mark("contact", "c-1", Version(9),
+                                                               items=(("name[use?=official].given", 1),))
+
+
 def test_a_mark_without_a_whole_version_writes_no_empty_string():
     node = patient(mark(None, telephone1=12))
     [extension] = node["extension"]
