@@ -411,23 +411,27 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str | int | float | bool) and key is not None:
+                raise _BadKey(type(key).__name__, key_node.start_mark.line + 1, "is not a plain key")
             if key in seen:
-                raise _DuplicateKey(str(key)[:60], key_node.start_mark.line + 1)
+                raise _BadKey(str(key)[:60], key_node.start_mark.line + 1)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 
-class _DuplicateKey(Exception):
-    def __init__(self, key: str, line: int) -> None:
+class _BadKey(Exception):
+    def __init__(self, key: str, line: int, problem: str = "is given twice in one mapping") -> None:
         super().__init__(key, line)
-        self.key, self.line = key, line
+        self.key, self.line, self.problem = key, line, problem
 
 
 def _read_spec(path: Path) -> EntityMapSpec:
     file = path.name
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
-    except _DuplicateKey as exc:
+    except _BadKey as exc:
+        if exc.problem != "is given twice in one mapping":
+            raise MapError(file, "(file)", f"holds a key that {exc.problem} (a {exc.key}, line {exc.line})") from None
         raise MapError(file, exc.key, f"is given twice in one mapping (line {exc.line}): YAML would keep the last "
                        "silently; keep one") from None
     except OSError as exc:

@@ -344,6 +344,12 @@ def test_a_map_that_writes_no_element_fhir_requires_is_refused(tmp_path, file, l
     assert (err.file, err.field) == (file, "attributes") and f"write no {element}, which FHIR requires" in err.detail
 
 
+def test_a_key_that_is_a_list_is_refused_not_a_traceback(tmp_path):
+    text = SHIPPED["contact.yaml"] + "? [a, b]\n: 1\n"
+    err = load_error(maps_dir(tmp_path, {"contact.yaml": text}))
+    assert (err.file, err.field) == ("contact.yaml", "(file)") and "holds a key that is not a plain key" in err.detail
+
+
 def test_a_map_file_that_is_not_utf8_says_so(tmp_path):
     """Saved by an editor as Latin-1 (or as "Unicode", UTF-16): a traceback before, and in the function every
     message abandoned until MaxDeliveryCountExceeded."""
