@@ -1566,8 +1566,13 @@ def _ingested_contact(world: World, resource: dict[str, Any], **columns: Any) ->
 
 async def _two_saves(world: World, order: str, contact: str, column: str, first: str, second: str) -> None:
     dv = world.dataverse
-    one = dv.update("contact", contact, {column: first})
-    two = dv.update("contact", contact, {column: second})
+    await in_order(world, order, dv.update("contact", contact, {column: first}),
+                   dv.update("contact", contact, {column: second}))
+
+
+async def in_order(world: World, order: str, one: Sent, two: Sent) -> None:
+    """Two saves of a row received as `order` says (ORDERS): each in a batch of its own, in one batch, or the newer
+    first (which waits for the older: `newest_first`)."""
     if order == "in-order":
         await world.send_each(one, two)
     elif order == "newest-first":
@@ -1998,12 +2003,7 @@ async def test_19a_a_third_given_name_from_fhir_survives_the_saves_after_the_mid
     dv = world.dataverse
     one = dv.update("contact", contact, {"middlename": None})
     two = dv.update("contact", contact, {"telephone1": "+1 555 0171"})
-    if order == "in-order":
-        await world.send_each(one, two)
-    elif order == "newest-first":
-        await newest_first(world, one, two)
-    else:
-        await world.send(one, two)
+    await in_order(world, order, one, two)
     assert _names(world, seeded) == [{"family": "Okafor", "given": ["Imani", "Adaeze"], "use": "official"}]
     again = dv.update("contact", contact, {"middlename": "Ngozi"})  # a middle name again: the row's second
     assert states(await world.send(again)) == [("written", None)]
@@ -2020,12 +2020,7 @@ async def test_19b_a_third_address_line_from_fhir_survives_a_cleared_second_line
     dv = world.dataverse
     one = dv.update("contact", contact, {"address1_line2": None})
     two = dv.update("contact", contact, {"telephone1": "+1 555 0171"})
-    if order == "in-order":
-        await world.send_each(one, two)
-    elif order == "newest-first":
-        await newest_first(world, one, two)
-    else:
-        await world.send(one, two)
+    await in_order(world, order, one, two)
     [address] = world.fhir.get(f"Patient/{seeded['id']}")["address"]
     assert address["line"] == ["1 Harbour Rd", "Building C"]
 
