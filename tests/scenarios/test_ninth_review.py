@@ -11,7 +11,6 @@ from typing import Any
 import httpx
 import pytest
 
-from devtools.messages import Lookup
 from tests.scenarios.checks import (
     ENCOUNTER_SYSTEM,
     OBSERVATION_SYSTEM,
@@ -89,25 +88,6 @@ async def test_r2b_an_observation_retried_after_the_consent_wait_refers_to_its_e
     encounter = the_resource(world.fhir, "Encounter", ENCOUNTER_SYSTEM, visit)
     observation = the_resource(world.fhir, "Observation", OBSERVATION_SYSTEM, obs)
     assert observation["encounter"].get("reference") == f"Encounter/{encounter['id']}", observation["encounter"]
-
-
-async def test_r2c_an_mrn_moved_to_a_patient_without_consent_leaves_its_old_patient_within_the_grace(world: World):
-    """The MRN is moved from patient A (consented) to patient B (registered, not consented yet): it must leave A,
-    where it now misidentifies A (`resolve` writes the removal alone, "an MRN kept on the wrong patient is a
-    misidentification"). Before today that happened after CONSENT_GRACE_RETRIES (two retries, 45 s); the consent
-    wait now returns `consent-unknown` before the removal is considered, so the MRN stays on A for
-    WRITEBACK_CONSENT_WAIT_MINUTES (an hour). Dataverse: the MRN is B's; FHIR: A still carries it at the third
-    delivery."""
-    dv = world.dataverse
-    a, a_created = dv.patient()
-    b, b_created = dv.patient(consent=False)
-    mrn, mrn_created = dv.identifier(a, MRN, "MRN-1001")
-    assert states(await world.send_each(a_created, b_created, mrn_created)) == [
-        ("written", None), ("skipped", "consent-withheld"), ("written", None)]
-    moved = dv.update("msemr_medicalidentifier", mrn, {"msemr_assignee": Lookup("contact", b)})
-    for delivery in (1, 2, 3):
-        await world.send(moved, delivery_count=delivery)
-    check_identifier({a: the_resource(world.fhir, "Patient", ROW_SYSTEM, a)}, mrn, None)
 
 
 # ---- 2. how many leading items of a list are the row's ---------------------------------------------------------
