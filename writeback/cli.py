@@ -33,7 +33,15 @@ from writeback.maps import MapSet, load_maps
 from writeback.outcomes import OutcomeRow, OutcomeStore, outcome_settings
 from writeback.pipeline import Envelope, Pipeline
 from writeback.reasons import Reason
-from writeback.retry import ATTEMPT, FIRST_ENQUEUED, MAX_MESSAGE_ID, ORIGINAL_ID, RESUBMITTED_FROM, original_id
+from writeback.retry import (
+    ATTEMPT,
+    CONSENT_WAITS,
+    FIRST_ENQUEUED,
+    MAX_MESSAGE_ID,
+    ORIGINAL_ID,
+    RESUBMITTED_FROM,
+    original_id,
+)
 from writeback.settings import DEFAULT_MAPS_DIR, Settings, redacted
 
 EXIT_OK = 0
@@ -336,8 +344,9 @@ def servicebus_client() -> ServiceBusClient:
 
 
 # Dropped from a resubmitted copy: the dead-letter annotations, and the retry count and window, which would leave a
-# message dead-lettered as `retries-exhausted` no retry at all (its 24 hours already spent).
-_DROPPED = {"DeadLetterReason", "DeadLetterErrorDescription", ATTEMPT, FIRST_ENQUEUED}
+# message dead-lettered as `retries-exhausted` no retry at all (its 24 hours already spent), with the count of
+# tries that waited for a consent among them.
+_DROPPED = {"DeadLetterReason", "DeadLetterErrorDescription", ATTEMPT, FIRST_ENQUEUED, CONSENT_WAITS}
 
 
 def _requeued(message: ServiceBusReceivedMessage) -> ServiceBusMessage:

@@ -328,7 +328,9 @@ def remembered_gates(decision: Decision, facts: Mapping[RowKey, RowFacts], maps:
 
 # A lookup to a row not written yet (an Observation processed before its Encounter's Create, which Service Bus does
 # not order) whose resource a search does not find waits this many retries (`target-pending`) before the reference
-# is made by identifier only, the last resort: that reference would stay so until the row is saved again.
+# is made by identifier only, the last resort: that reference would stay so until the row is saved again. Retries
+# spent waiting for the patient's consent do not count (`resolve`'s `past_gates`): the row's referenced rows waited
+# for the same consent, each on its own retry schedule.
 REFERENCE_GRACE_RETRIES = 2
 
 # A row of a patient whose recorded consent is No, saved after that was recorded, waits this many retries before
@@ -337,17 +339,19 @@ CONSENT_GRACE_RETRIES = 2
 
 
 def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, settings: Settings,
-            *, attempt: int = 0, created: AbstractSet[RowKey] = frozenset(), retried: bool = False,
-            waited: timedelta = timedelta(0)) -> Decision:
+            *, attempt: int = 0, past_gates: int | None = None, created: AbstractSet[RowKey] = frozenset(),
+            retried: bool = False, waited: timedelta = timedelta(0)) -> Decision:
     """The plan with what other rows' facts decide: skipped while a patient it belongs to withholds consent (or
     waiting while that is unknown), stale when a newer change moved a child row to another parent, its parents'
-    FHIR ids, its lookups' references. `attempt`: how many times this message was tried before; `waited`: since it
+    FHIR ids, its lookups' references. `attempt`: how many times this message was tried before (`past_gates`: of
+    them, those that did not wait for a consent; what the waits past that gate count); `waited`: since it
     was first enqueued (a row saved while its patient had not consented waits WRITEBACK_CONSENT_WAIT_MINUTES for
     the consent). `created`: rows
     whose Create is among the messages being processed: new rows, whose resource is (or will be) made under the
     row's own id (`decide.resource_id`), so a lookup to one refers to that id."""
     if decision.alternatives or decision.consent_from_facts:
         decision = _as_known(decision, facts, maps, settings)
+    tried = attempt if past_gates is None else past_gates
     plan = decision.plan
     if decision.decision != "write" or plan is None:
         return decision
@@ -464,7 +468,7 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
             fhir_id = fact.fhir_id_for(target.resource_type)
             # The facts tell which type the id was given under when they know it (older messages saw it first).
             unsure = fhir_id is not None and fact.fhir_type is None and unsure
-        if unsure and attempt >= REFERENCE_GRACE_RETRIES:
+        if unsure and tried >= REFERENCE_GRACE_RETRIES:
             # No earlier message told which type the id was given under: the resource is found by the row
             # identifier, never taken over by an id that may be another resource's.
             fhir_id, unsure = None, False
@@ -483,7 +487,7 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
             ref_ids[ref] = known
     detail = decision.detail if not notes else decision.detail[:-1] + "; " + "; ".join(notes) + "."
     gated = set(gates)
-    awaited = frozenset(ref for ref in plan.refs if ref not in ref_ids and attempt < REFERENCE_GRACE_RETRIES
+    awaited = frozenset(ref for ref in plan.refs if ref not in ref_ids and tried < REFERENCE_GRACE_RETRIES
                         and (ref.table, ref.row_id) not in gated
                         and getattr(facts.get((ref.table, ref.row_id)), "resource_type", None) != NOT_WRITABLE)
     return replace(decision, detail=detail, plan=replace(plan, writes=tuple(writes), ref_ids=ref_ids, awaited=awaited,

@@ -376,7 +376,7 @@ class FunctionApp:
         copies: list[tuple[_Retrying, Copy]] = []
         for item in retrying:
             step = next_step(policy, properties=item.envelope.properties, message_id=item.envelope.message_id,
-                             enqueued_at=item.envelope.enqueued_at, now=now, jitter=jitter)
+                             enqueued_at=item.envelope.enqueued_at, now=now, jitter=jitter, reason=item.reason)
             if isinstance(step, GiveUp):
                 detail = step.description(item.reason.value, item.detail)
                 given_up = Result("dead-lettered", Reason.RETRIES_EXHAUSTED, detail,

@@ -44,6 +44,7 @@ from writeback.retry import (
     GiveUp,
     RetryPolicy,
     attempts_so_far,
+    consent_waits_so_far,
     first_enqueued,
     next_step,
     original_id,
@@ -224,6 +225,11 @@ def give_up(envelope: Envelope, result: Result, policy: RetryPolicy, now: dateti
 def _attempt(envelope: Envelope) -> int:
     """How many times this message was tried before: its retry copies' count, and the broker's redeliveries."""
     return attempts_so_far(envelope.properties) + max(envelope.delivery_count - 1, 0)
+
+
+def _past_gates(envelope: Envelope) -> int:
+    """Of `_attempt`, those that did not wait for a patient's consent: what the waits after that gate count."""
+    return max(_attempt(envelope) - consent_waits_so_far(envelope.properties), 0)
 
 
 def _retried(envelope: Envelope) -> bool:
@@ -615,13 +621,14 @@ class Pipeline:
                     batch.decisions[i] = decision
         for i in indexes:
             envelope = batch.envelopes[i]
-            attempt = _attempt(envelope) if not self.one_shot else LAST_GRACE
+            attempt, past_gates = (_attempt(envelope), _past_gates(envelope)) if not self.one_shot \
+                else (LAST_GRACE, LAST_GRACE)
             now = self.clock()
             waited = now - first_enqueued(envelope.properties, envelope.enqueued_at, now) if not self.one_shot \
                 else timedelta(days=365)
             decision = resolve(batch.decisions[i], known, self.maps, self.settings, attempt=attempt,
-                               created=batch.created, retried=_retried(envelope) and not self.one_shot,
-                               waited=waited)
+                               past_gates=past_gates, created=batch.created,
+                               retried=_retried(envelope) and not self.one_shot, waited=waited)
             if decision.decision != "write" or decision.plan is None:
                 batch.decisions[i], batch.results[i] = decision, self._settled(decision)
                 continue
@@ -660,7 +667,7 @@ class Pipeline:
         if not rows:
             return
         for row, group in rows.items():
-            if any(_attempt(batch.envelopes[i]) >= EARLIER_SAVE_GRACE_RETRIES for i in group):
+            if any(_past_gates(batch.envelopes[i]) >= EARLIER_SAVE_GRACE_RETRIES for i in group):
                 continue
             known = batch.stored[row]
             # Every message of the row in the batch, those settled when planned included (an echo, a save of other

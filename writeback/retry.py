@@ -13,7 +13,10 @@ duplicate check on RequestId keeps working), plus:
 
 - ``writeback-attempt``: how many times the message has been rescheduled (1 on the first copy);
 - ``writeback-first-enqueued``: when the original was first enqueued (ISO 8601, UTC), for the window;
-- ``writeback-original-message-id``: the MessageId of the message Dataverse posted.
+- ``writeback-original-message-id``: the MessageId of the message Dataverse posted;
+- ``writeback-consent-waits``: how many of those attempts waited for a patient's consent (`consent-unknown`).
+  The short waits that come after a consent gate (for a referenced row's resource, for an earlier save) count
+  only the attempts that got past it: an hour spent waiting for the consent must not use them up.
 
 Its MessageId is the original's with ``~r<attempt>``: the queue drops a message whose MessageId it saw in its
 duplicate-detection window, so a copy under the original id would be dropped (lost), while a copy under an id
@@ -30,11 +33,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from writeback.immutable import immutable
+from writeback.reasons import Reason
 from writeback.settings import Settings
 
 ATTEMPT = "writeback-attempt"
 FIRST_ENQUEUED = "writeback-first-enqueued"
 ORIGINAL_ID = "writeback-original-message-id"
+CONSENT_WAITS = "writeback-consent-waits"
 # On a copy `resubmit` put back from the dead-letter queue: the reason it was dead-lettered. Such a copy starts a new
 # retry window (its attempts and first-enqueued time are not carried over) but is still a message tried before.
 RESUBMITTED_FROM = "writeback-resubmitted-from"
@@ -90,12 +95,21 @@ def text_of(value: object) -> str:
     return str(value)
 
 
-def attempts_so_far(properties: Mapping[str, Any] | None) -> int:
-    raw = (properties or {}).get(ATTEMPT)
+def _count(properties: Mapping[str, Any] | None, name: str) -> int:
+    raw = (properties or {}).get(name)
     try:
         return max(0, int(text_of(raw))) if raw is not None else 0
     except ValueError:
         return 0
+
+
+def attempts_so_far(properties: Mapping[str, Any] | None) -> int:
+    return _count(properties, ATTEMPT)
+
+
+def consent_waits_so_far(properties: Mapping[str, Any] | None) -> int:
+    """How many of the attempts so far waited for a patient's consent."""
+    return _count(properties, CONSENT_WAITS)
 
 
 def first_enqueued(properties: Mapping[str, Any] | None, enqueued_at: float | None, now: datetime) -> datetime:
@@ -118,8 +132,10 @@ def original_id(properties: Mapping[str, Any] | None, message_id: str | None) ->
 
 
 def next_step(policy: RetryPolicy, *, properties: Mapping[str, Any] | None, message_id: str | None,
-              enqueued_at: float | None, now: datetime, jitter: float = 1.0) -> Retry | GiveUp:
-    """What happens to a message that ended transient (or in a configuration fault) on this delivery."""
+              enqueued_at: float | None, now: datetime, jitter: float = 1.0, reason: Reason | None = None
+              ) -> Retry | GiveUp:
+    """What happens to a message that ended transient (or in a configuration fault) on this delivery, with
+    `reason` (its reason code)."""
     done = attempts_so_far(properties)
     first = first_enqueued(properties, enqueued_at, now)
     waited = now - first
@@ -129,9 +145,12 @@ def next_step(policy: RetryPolicy, *, properties: Mapping[str, Any] | None, mess
     original = original_id(properties, message_id)
     suffix = f"~r{attempt}"
     copy_id = (original[: MAX_MESSAGE_ID - len(suffix)] if original else "writeback") + suffix
-    ours = (ATTEMPT, FIRST_ENQUEUED, ORIGINAL_ID)
+    ours = (ATTEMPT, FIRST_ENQUEUED, ORIGINAL_ID, CONSENT_WAITS)
     kept = {text_of(k): v for k, v in (properties or {}).items() if text_of(k) not in ours}
     props = {**kept, ATTEMPT: attempt, FIRST_ENQUEUED: first.astimezone(UTC).isoformat(), ORIGINAL_ID: original}
+    waits = consent_waits_so_far(properties) + (reason is Reason.CONSENT_UNKNOWN)
+    if waits:
+        props[CONSENT_WAITS] = waits
     return Retry(attempt, now + policy.delay(attempt, jitter), copy_id, props)
 
 

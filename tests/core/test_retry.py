@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from writeback.retry import ATTEMPT, FIRST_ENQUEUED, ORIGINAL_ID, GiveUp, Retry, RetryPolicy, next_step
+from writeback.reasons import Reason
+from writeback.retry import (
+    ATTEMPT,
+    CONSENT_WAITS,
+    FIRST_ENQUEUED,
+    ORIGINAL_ID,
+    GiveUp,
+    Retry,
+    RetryPolicy,
+    consent_waits_so_far,
+    next_step,
+)
 from writeback.scheduler import Copy, servicebus_message
 from writeback.settings import Settings
 
@@ -38,6 +49,22 @@ def test_a_copy_counts_on_from_its_properties_and_keeps_the_first_enqueue_time()
     assert isinstance(again, Retry)
     assert (again.attempt, again.message_id, again.at) == (8, "m-1~r8", later + timedelta(seconds=900))
     assert again.properties[FIRST_ENQUEUED] == NOW.isoformat() and again.properties[ORIGINAL_ID] == "m-1"
+
+
+def test_a_copy_counts_the_tries_that_waited_for_a_consent_and_only_those() -> None:
+    """The waits past the consent gate (a referenced row's resource, an earlier save) count the other tries: an
+    hour spent waiting for the consent must not have used them up (tests/scenarios test_r2b)."""
+    waits, props = [], None
+    for reason in (Reason.CONSENT_UNKNOWN, Reason.CONSENT_UNKNOWN, Reason.TARGET_PENDING, Reason.CONSENT_UNKNOWN):
+        copy = next_step(POLICY, properties=props, message_id="m-1", enqueued_at=NOW.timestamp(), now=NOW,
+                         reason=reason)
+        assert isinstance(copy, Retry)
+        props = dict(copy.properties)
+        waits.append((props[ATTEMPT], consent_waits_so_far(props)))
+    assert waits == [(1, 1), (2, 2), (3, 2), (4, 3)]
+    plain = step()
+    assert isinstance(plain, Retry) and CONSENT_WAITS not in plain.properties  # no wait, no property
+    assert consent_waits_so_far({CONSENT_WAITS: "x"}) == 0  # unreadable (set by hand): counted as none
 
 
 def test_the_same_delivery_retried_twice_yields_the_same_copy_id() -> None:

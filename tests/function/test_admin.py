@@ -121,15 +121,16 @@ def test_a_resubmitted_copy_gets_a_new_window_of_retries() -> None:
 
     from writeback.functions import envelope_of
     from writeback.pipeline import _retried
-    from writeback.retry import ATTEMPT, FIRST_ENQUEUED, Retry, RetryPolicy, next_step
+    from writeback.retry import ATTEMPT, CONSENT_WAITS, FIRST_ENQUEUED, Retry, RetryPolicy, next_step
 
     now = datetime.now(UTC)
     dead = received_message(b'{"MessageName": "Update"}', message_id="orig-2~r12", application_properties={
-        "DeadLetterReason": "retries-exhausted", ATTEMPT: "12",
+        "DeadLetterReason": "retries-exhausted", ATTEMPT: "12", CONSENT_WAITS: "9",
         FIRST_ENQUEUED: (now - timedelta(hours=25)).isoformat(), "writeback-original-message-id": "orig-2"})
     copy = cli._requeued(dead)
     props = {str(k): str(v) for k, v in (copy.application_properties or {}).items()}
-    assert ATTEMPT not in props and FIRST_ENQUEUED not in props and props["writeback-original-message-id"] == "orig-2"
+    assert ATTEMPT not in props and FIRST_ENQUEUED not in props and CONSENT_WAITS not in props
+    assert props["writeback-original-message-id"] == "orig-2"
     step = next_step(RetryPolicy(), properties=props, message_id=str(copy.message_id),
                      enqueued_at=now.timestamp(), now=now)
     assert isinstance(step, Retry) and step.attempt == 1

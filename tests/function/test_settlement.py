@@ -20,6 +20,7 @@ import pytest
 from azurefunctions.extensions.bindings.servicebus import ServiceBusConverter, ServiceBusMessageActions
 
 import function_app
+from devtools.messages import Lookup, context
 from tests.function.conftest import FakeFactory, MockMessageActions, RecordingScheduler, UserFunction
 from tests.function.helpers import FIRST, LAST, consent_body, create_body, new_id, reject_body, update_body
 from tests.function.sb import received_message
@@ -171,6 +172,23 @@ async def test_transient_schedules_a_delayed_copy_and_completes(
     await user_function(messages=[redelivered(copy)], message_actions=second)
     assert second.only.kind == "complete" and len(scheduler.copies) == 1
     assert await history(record) == [("written", None), ("retry", "fhir-unavailable")]
+
+
+async def test_a_copy_of_a_row_waiting_for_its_patients_consent_says_so(
+        fake_app: functions.FunctionApp, user_function: UserFunction, scheduler: RecordingScheduler) -> None:
+    """An MRN saved before its patient's first message: `consent-unknown`, retried. Its copies count the tries
+    that waited for the consent (`writeback-consent-waits`), which the waits past that gate do not count."""
+    patient_id, row_id = new_id(), new_id()
+    row = {"msemr_medicalidentifierid": row_id, "msemr_identifiersystem": "urn:oid:2.16.840.1.113883.4.1",
+           "msemr_value": "MRN-1", "versionnumber": 1,
+           "msemr_assignee": Lookup("contact", patient_id)}
+    body = json.dumps(context("Create", "msemr_medicalidentifier", row_id, row, post=row)).encode()
+    await user_function(messages=[received_message(body, message_id="mrn")], message_actions=MockMessageActions())
+    await user_function(messages=[redelivered(scheduler.copies[0])], message_actions=MockMessageActions())
+    first, second = scheduler.copies
+    assert (first.properties["writeback-attempt"], first.properties["writeback-consent-waits"]) == (1, 1)
+    assert (second.properties["writeback-attempt"], second.properties["writeback-consent-waits"]) == (2, 2)
+    assert await history(row_id) == [("retry", "consent-unknown"), ("retry", "consent-unknown")]
 
 
 async def test_without_a_scheduler_a_transient_failure_is_abandoned(

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -26,7 +27,7 @@ from writeback.fhir_client import FhirClient
 from writeback.maps import MapSet, load_maps
 from writeback.outcomes import OutcomeStore
 from writeback.pipeline import Envelope, Pipeline, Result
-from writeback.retry import RetryPolicy
+from writeback.retry import CONSENT_WAITS, Retry, RetryPolicy, next_step
 from writeback.settings import DEFAULT_MAPS_DIR, Settings
 
 META_SOURCE = "urn:test:scenarios"
@@ -57,6 +58,7 @@ class World:
     dataverse: Dataverse
     instances: list[Instance]
     results: list[tuple[Sent, Result]] = field(default_factory=list)
+    last: dict[int, tuple[Sent, Envelope, Result]] = field(default_factory=dict)  # each message's last delivery
 
     @property
     def x(self) -> Instance:
@@ -68,13 +70,27 @@ class World:
 
     async def send(self, *sent: Sent, instance: int = 0, delivery_count: int = 1) -> list[Result]:
         """One invocation (one batch) on one instance. Delivery n comes as long after the first as the default
-        retry schedule puts it (15 s, doubling up to 15 min): the 10th an hour later, past the consent wait."""
+        retry schedule puts it (15 s, doubling up to 15 min): the 10th an hour later, past the consent wait. A
+        delivery after one that ended to be retried carries what the function's retry copy would
+        (`retry.next_step` over the last delivery and its outcome): how many tries waited for a consent."""
         enqueued = time.time() - since_first(delivery_count)
         envelopes = [Envelope(s.bytes(), message_id=uuid.uuid4().hex, delivery_count=delivery_count,
-                              enqueued_at=enqueued) for s in sent]
+                              enqueued_at=enqueued, properties=self._carried(s, delivery_count)) for s in sent]
         results = await self.instances[instance].pipeline.process_many(envelopes)
         self.results += list(zip(sent, results, strict=True))
+        self.last.update({id(s): (s, e, r) for s, e, r in zip(sent, envelopes, results, strict=True)})
         return results
+
+    def _carried(self, sent: Sent, delivery_count: int) -> dict[str, Any]:
+        """The retry copy's own property the delivery count does not stand for already (`CONSENT_WAITS`)."""
+        last = self.last.get(id(sent))
+        if delivery_count == 1 or last is None or last[0] is not sent or last[2].settlement != "reschedule":
+            return {}
+        _, envelope, result = last
+        step = next_step(RetryPolicy(), properties=envelope.properties, message_id=envelope.message_id,
+                         enqueued_at=envelope.enqueued_at, now=datetime.now(UTC), reason=result.reason)
+        assert isinstance(step, Retry)
+        return {k: v for k, v in step.properties.items() if k == CONSENT_WAITS}
 
     async def send_each(self, *sent: Sent, instance: int = 0) -> list[Result]:
         """One invocation per message, in the order given."""
