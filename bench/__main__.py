@@ -22,6 +22,10 @@
 3. Scaling: core path and pipeline end to end at 100 … 10,000 messages.
 4. The baseline, last (peak memory is taken before it: see `main`).
 
+Each end-to-end run also prints the CPU seconds this process and the server used, and the medians give the
+shortest a pipeline run could take on this machine's cores (`cpu_budget`): the highest ratio to the ceiling the
+machine allows, however well the pipeline overlapped its work with the server's.
+
 The machine's 1-minute load average is printed at the start and with every end-to-end run. The benchmark itself
 keeps about two processes busy (its Python and the dev server), so ~2 during the runs is its own; well above
 that, or above ~0.5 at the start, something else competes for this machine's two cores and the figures measure
@@ -39,7 +43,8 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -182,10 +187,38 @@ class Run:
     seconds: float
     verified: bool
     problems: list[str]
+    cpu: Timing | None = None
 
     @property
     def msgs_per_s(self) -> float:
         return self.messages / self.seconds
+
+
+@dataclass
+class Timing:
+    """A timed run: wall seconds, and the CPU seconds this process and the server used meanwhile (None where the
+    platform does not tell the server's)."""
+
+    seconds: float = 0.0
+    python_cpu: float = 0.0
+    server_cpu: float | None = None
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@contextmanager
+def timed(server: FhirDevServer) -> Iterator[Timing]:
+    timing = Timing()
+    server_before, python_before, started = server.cpu_seconds(), _own_cpu(), time.perf_counter()
+    yield timing
+    timing.seconds = time.perf_counter() - started
+    timing.python_cpu = _own_cpu() - python_before
+    server_after = server.cpu_seconds()
+    if server_before is not None and server_after is not None:
+        timing.server_cpu = server_after - server_before
 
 
 async def _tokens(settings: Settings) -> TokenProvider:
@@ -272,7 +305,7 @@ class RecordingDelivery(BatchDelivery):
 
 
 async def run_pipeline(maps: MapSet, server: FhirDevServer, envelopes: list[Envelope],
-                       record: bool = False) -> tuple[float, list[Result], Recording | None]:
+                       record: bool = False) -> tuple[Timing, list[Result], Recording | None]:
     settings = settings_for(server)
     http = new_http_client(settings)
     tokens = await _tokens(settings)
@@ -286,14 +319,12 @@ async def run_pipeline(maps: MapSet, server: FhirDevServer, envelopes: list[Enve
         # are gone when the collector comes back, so the collection after it finds only what it left (a
         # planned batch leaves no cyclic garbage); here the results are kept to be checked, so the collection
         # that would find them all alive is made once, after the timing, not as part of the product's cost.
-        with paused():
-            started = time.perf_counter()
+        with paused(), timed(server) as timing:
             for i in range(0, len(envelopes), INVOCATION):
                 if isinstance(delivery, RecordingDelivery):
                     delivery.begin()
                 results += await pipeline.process_many(envelopes[i:i + INVOCATION])
-            seconds = time.perf_counter() - started
-        return seconds, results, delivery.recording() if isinstance(delivery, RecordingDelivery) else None
+        return timing, results, delivery.recording() if isinstance(delivery, RecordingDelivery) else None
     finally:
         await tokens.aclose()
         await http.aclose()
@@ -319,7 +350,7 @@ def _versioned(answer: Answer | WritebackError, url: str) -> str | None:
     return f"{url}/_history/{version}" if version else None
 
 
-async def run_ceiling(server: FhirDevServer, recording: Recording) -> tuple[float, list[str], list[str]]:
+async def run_ceiling(server: FhirDevServer, recording: Recording) -> tuple[Timing, list[str], list[str]]:
     """What the pipeline sent, pre-rendered, as fast as batch bundles go: each call's reads (all at once), then
     its writes in the fewest waves (`Recording.waves`: full bundles, whatever the pipeline's grouping was), each
     wave's Provenances (their id and target naming the version this server answered with: the only work left)
@@ -346,8 +377,7 @@ async def run_ceiling(server: FhirDevServer, recording: Recording) -> tuple[floa
                 problems.append(f"ceiling provenance failed: {answer}")
 
     try:
-        with paused():  # as the pipeline runs (`run_pipeline`)
-            started = time.perf_counter()
+        with paused(), timed(server) as timing:  # paused as the pipeline runs (`run_pipeline`)
             for invocation, reads in enumerate(recording.reads):
                 pending: list[asyncio.Task[None]] = []
                 for answer in await sender.send(reads):
@@ -359,8 +389,7 @@ async def run_ceiling(server: FhirDevServer, recording: Recording) -> tuple[floa
                         pending.append(asyncio.create_task(provenances(writes, answers)))
                 finally:
                     await asyncio.gather(*pending)
-            seconds = time.perf_counter() - started
-        return seconds, versions, problems
+        return timing, versions, problems
     finally:
         await tokens.aclose()
         await http.aclose()
@@ -511,15 +540,17 @@ async def e2e(maps: MapSet, kind: str, envelopes: list[Envelope], recording: Rec
         problems: list[str] = []
         states = ""
         before = load()
+        cpu: Timing | None = None
         if kind == "ceiling":
             assert recording is not None
-            seconds, versions, problems = await run_ceiling(server, recording)
+            cpu, versions, problems = await run_ceiling(server, recording)
+            seconds = cpu.seconds
             if len(versions) != recording.writes:
                 problems.append(f"{len(versions)} of {recording.writes} recorded writes made")
         else:
             if kind == "pipeline":
-                seconds, results, _ = await run_pipeline(maps, server, envelopes)
-                invocation = INVOCATION
+                cpu, results, _ = await run_pipeline(maps, server, envelopes)
+                seconds, invocation = cpu.seconds, INVOCATION
             else:
                 seconds, results = await run_baseline_timed(maps, server, envelopes)
                 invocation = 1  # one message at a time
@@ -527,11 +558,18 @@ async def e2e(maps: MapSet, kind: str, envelopes: list[Envelope], recording: Rec
             versions, problems = check_results([planner.plan(e) for e in envelopes], results, invocation)
             states = " " + _states(results)
         problems += await verify(maps, server, envelopes, versions)
-    run = Run(kind, len(envelopes), len(versions), seconds, not problems, problems)
+    run = Run(kind, len(envelopes), len(versions), seconds, not problems, problems, cpu)
     log(f"  {kind:<9} {run.messages:>6} msgs ({run.writes} writes) in {seconds:6.2f}s = {run.msgs_per_s:8.1f} msgs/s"
-        f"  load {before}{states}  verified={run.verified}"
+        f"  load {before}{_cpu_text(cpu)}{states}  verified={run.verified}"
         + (f"  problems={len(problems)}: {problems[:3]}" if problems else ""))
     return run
+
+
+def _cpu_text(cpu: Timing | None) -> str:
+    if cpu is None:
+        return ""
+    server = f"{cpu.server_cpu:.2f}s" if cpu.server_cpu is not None else "?"
+    return f"  cpu: python {cpu.python_cpu:.2f}s server {server}"
 
 
 def _states(results: Sequence[Result]) -> str:
@@ -545,7 +583,7 @@ def _states(results: Sequence[Result]) -> str:
 async def record(maps: MapSet, envelopes: list[Envelope]) -> tuple[Recording, Run]:
     """The ceiling's writes: what an (untimed, verified) pipeline run on a server of its own wrote."""
     with fhir_dev_server() as server:
-        seconds, results, recording = await run_pipeline(maps, server, envelopes, record=True)
+        timing, results, recording = await run_pipeline(maps, server, envelopes, record=True)
         assert recording is not None
         planner = Pipeline(maps, settings_for(server), None)
         versions, problems = check_results([planner.plan(e) for e in envelopes], results, INVOCATION)
@@ -555,11 +593,27 @@ async def record(maps: MapSet, envelopes: list[Envelope]) -> tuple[Recording, Ru
     waves = sum(len(recording.waves(n)) for n in range(len(recording.invocations)))
     log(f"  recorded {recording.writes} writes ({waves} waves) for the ceiling  verified={not problems}"
         + (f"  problems={len(problems)}: {problems[:3]}" if problems else ""))
-    return recording, Run("recorded", len(envelopes), len(versions), seconds, not problems, problems)
+    return recording, Run("recorded", len(envelopes), len(versions), timing.seconds, not problems, problems)
 
 
 def _median(runs: list[Run]) -> Run:
     return sorted(runs, key=lambda r: r.msgs_per_s)[len(runs) // 2]
+
+
+def cpu_budget(pipelines: list[Run], ceiling: Run) -> dict[str, Any]:
+    """Where the two processes share this machine's cores: the CPU a pipeline run and its server need together
+    (medians), and the shortest such a run could take on these cores, however well it overlapped its work with
+    the server's. Against the ceiling's time that is the highest ratio this machine allows the pipeline."""
+    cores = os.cpu_count() or 1
+    timed_runs = [r.cpu for r in pipelines if r.cpu is not None and r.cpu.server_cpu is not None]
+    if not timed_runs or ceiling.cpu is None or ceiling.cpu.server_cpu is None:
+        return {}
+    python = sorted(t.python_cpu for t in timed_runs)[len(timed_runs) // 2]
+    server = sorted(t.server_cpu or 0.0 for t in timed_runs)[len(timed_runs) // 2]
+    shortest = max((python + server) / cores, python)
+    return {"cores": cores, "pipeline_python_s": round(python, 3), "pipeline_server_s": round(server, 3),
+            "ceiling_python_s": round(ceiling.cpu.python_cpu, 3), "ceiling_server_s": round(ceiling.cpu.server_cpu, 3),
+            "pipeline_min_s": round(shortest, 3), "cpu_bound_vs_ceiling": round(ceiling.seconds / shortest, 4)}
 
 
 def peak_rss_mb() -> float:
@@ -592,6 +646,12 @@ async def main() -> dict[str, Any]:
     log(f"  median of {REPEATS}: pipeline {pipeline.msgs_per_s:.1f} msgs/s, ceiling {ceiling.msgs_per_s:.1f} msgs/s "
         f"= {pipeline.msgs_per_s / ceiling.msgs_per_s:.2%} of the ceiling "
         f"(floor {E2E_FLOOR:.0%}: {'met' if pipeline.msgs_per_s >= E2E_FLOOR * ceiling.msgs_per_s else 'not met'})")
+    cpu = cpu_budget(pipelines, ceiling)
+    if cpu:
+        log(f"  cpu (medians): pipeline python {cpu['pipeline_python_s']:.2f}s + server {cpu['pipeline_server_s']:.2f}s"
+            f", ceiling python {cpu['ceiling_python_s']:.2f}s + server {cpu['ceiling_server_s']:.2f}s; on "
+            f"{cpu['cores']} cores the pipeline's run cannot take less than {cpu['pipeline_min_s']:.2f}s "
+            f"= at most {cpu['cpu_bound_vs_ceiling']:.0%} of the ceiling")
 
     log("3. scaling")
     e2e_scaling = {}
@@ -633,6 +693,7 @@ async def main() -> dict[str, Any]:
         "verified_runs": {r.name + ("" if r.messages == E2E_N else f"_{r.messages}"): all(
             o.verified for o in runs if (o.name, o.messages) == (r.name, r.messages)) for r in runs},
         "e2e_runs": REPEATS,
+        "e2e_cpu": cpu,
         "peak_rss_mb": round(peak, 1),
         "cores": os.cpu_count(),
         "load_avg_start": float(started_load),

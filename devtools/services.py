@@ -170,6 +170,16 @@ class _NodeProcess:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def cpu_seconds(self) -> float | None:
+        """The CPU time (user and system, all its threads) the process has used, where /proc tells it (Linux)."""
+        if self._proc is None:
+            return None
+        try:
+            fields = Path(f"/proc/{self._proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def _spawn(self, args: list[str], env: dict[str, str], stdout: int) -> subprocess.Popen[bytes]:
         if self.running:
             raise RuntimeError(f"{self._name} is already running")
