@@ -37,6 +37,7 @@ from writeback.retry import (
     ATTEMPT,
     CONSENT_WAITS,
     FIRST_ENQUEUED,
+    GATE_OPENED,
     MAX_MESSAGE_ID,
     ORIGINAL_ID,
     RESUBMITTED_FROM,
@@ -346,7 +347,7 @@ def servicebus_client() -> ServiceBusClient:
 # Dropped from a resubmitted copy: the dead-letter annotations, and the retry count and window, which would leave a
 # message dead-lettered as `retries-exhausted` no retry at all (its 24 hours already spent), with the count of
 # tries that waited for a consent among them.
-_DROPPED = {"DeadLetterReason", "DeadLetterErrorDescription", ATTEMPT, FIRST_ENQUEUED, CONSENT_WAITS}
+_DROPPED = {"DeadLetterReason", "DeadLetterErrorDescription", ATTEMPT, FIRST_ENQUEUED, CONSENT_WAITS, GATE_OPENED}
 
 
 def _requeued(message: ServiceBusReceivedMessage) -> ServiceBusMessage:

@@ -340,11 +340,12 @@ CONSENT_GRACE_RETRIES = 2
 
 def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, settings: Settings,
             *, attempt: int = 0, past_gates: int | None = None, created: AbstractSet[RowKey] = frozenset(),
-            retried: bool = False, waited: timedelta = timedelta(0)) -> Decision:
+            retried: bool = False, waited: timedelta = timedelta(0), since_gate: timedelta | None = None) -> Decision:
     """The plan with what other rows' facts decide: skipped while a patient it belongs to withholds consent (or
     waiting while that is unknown), stale when a newer change moved a child row to another parent, its parents'
     FHIR ids, its lookups' references. `attempt`: how many times this message was tried before (`past_gates`: of
-    them, those that did not wait for a consent; what the waits past that gate count); `waited`: since it
+    them, those that did not wait for a consent; what the waits past that gate count; `since_gate`: since the
+    message, after waiting for a consent, first got past it, `retry.gate_opened`); `waited`: since it
     was first enqueued (a row saved while its patient had not consented waits WRITEBACK_CONSENT_WAIT_MINUTES for
     the consent). `created`: rows
     whose Create is among the messages being processed: new rows, whose resource is (or will be) made under the
@@ -487,7 +488,11 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
             ref_ids[ref] = known
     detail = decision.detail if not notes else decision.detail[:-1] + "; " + "; ".join(notes) + "."
     gated = set(gates)
-    awaited = frozenset(ref for ref in plan.refs if ref not in ref_ids and tried < REFERENCE_GRACE_RETRIES
+    # A message that waited for the consent waits for the rows it refers to as long as their retries, which
+    # waited for the same consent, may take to come (twice the longest retry delay), not just its own two tries.
+    grace = tried < REFERENCE_GRACE_RETRIES or (
+        since_gate is not None and since_gate < timedelta(seconds=2 * settings.retry_max_delay_seconds))
+    awaited = frozenset(ref for ref in plan.refs if ref not in ref_ids and grace
                         and (ref.table, ref.row_id) not in gated
                         and getattr(facts.get((ref.table, ref.row_id)), "resource_type", None) != NOT_WRITABLE)
     return replace(decision, detail=detail, plan=replace(plan, writes=tuple(writes), ref_ids=ref_ids, awaited=awaited,

@@ -46,6 +46,7 @@ from writeback.retry import (
     attempts_so_far,
     consent_waits_so_far,
     first_enqueued,
+    gate_opened,
     next_step,
     original_id,
 )
@@ -521,8 +522,10 @@ class Pipeline:
                                     decisions[i])
             else:
                 results[i] = replace(earlier, decision=decisions[i])
-        if batch.waited:
-            self._unseen(batch)
+        # (a message tried again later, whatever held it back: its save is not in FHIR, so not seen yet either)
+        retrying = {i for i, r in enumerate(results) if r is not None and r.settlement == "reschedule"}
+        if batch.waited or retrying:
+            self._unseen(batch, retrying)
         unkept = await self._keep_facts(batch.stored, merged(batch.learned, into=dict(batch.local)))
         if unkept:
             # What a message told about its row (its FHIR id, type, consent, version) is what orders and gates the
@@ -626,9 +629,11 @@ class Pipeline:
             now = self.clock()
             waited = now - first_enqueued(envelope.properties, envelope.enqueued_at, now) if not self.one_shot \
                 else timedelta(days=365)
+            opened = gate_opened(envelope.properties, now) if not self.one_shot else None
             decision = resolve(batch.decisions[i], known, self.maps, self.settings, attempt=attempt,
                                past_gates=past_gates, created=batch.created,
-                               retried=_retried(envelope) and not self.one_shot, waited=waited)
+                               retried=_retried(envelope) and not self.one_shot, waited=waited,
+                               since_gate=now - opened if opened is not None else None)
             if decision.decision != "write" or decision.plan is None:
                 batch.decisions[i], batch.results[i] = decision, self._settled(decision)
                 continue
@@ -706,21 +711,26 @@ class Pipeline:
                                     provenance=outcome.provenance, issues=outcome.issues,
                                     extra={"also": list(outcome.also)} if outcome.also else {})
 
-    def _unseen(self, batch: _Batch) -> None:
+    def _unseen(self, batch: _Batch, retrying: set[int]) -> None:
         """What the batch keeps of the rows whose save waits for an earlier one, with the versions of all the
         row's messages in the batch left out (the copy of the waiting save, the older save set aside as `stale`:
-        each came after the earlier save too, or the row would not wait). Kept, one would make a later save of the
-        row, or a copy, received before the retry, seem to follow a save already seen, and not wait. Their type,
-        consent and parent are kept, with their own version."""
-        rows = {row for i in batch.waited if (row := _source_row(batch.decisions[i])) is not None}
+        each came after the earlier save too, or the row would not wait), and of the messages to be tried again
+        (`retrying`: held back by the patient's consent, a parent not written yet, an outage), with their own
+        versions left out. Kept, one would make a later save of the row, or a copy, received before the retry,
+        seem to follow a save already seen, and not wait (found by review: a correction made while consent was off,
+        retried after the next correction). Their type, consent and parent are kept, with their own version."""
+        whole = {row for i in batch.waited if (row := _source_row(batch.decisions[i])) is not None}
+        rows = whole | {row for i in retrying if (row := _source_row(batch.decisions[i])) is not None}
         for row in rows:
             facts = []
             for i in batch.messages_of.get(row, ()):
                 message = batch.decisions[i].message
                 fact = facts_of(message, self.maps, self.settings) if message is not None else None
+                if fact is not None and (row in whole or i in retrying):
+                    fact = replace(fact, version=Version(), seen=(), type_version=fact.type_at,
+                                   consent_version=fact.consent_at, parent_version=fact.parent_at)
                 if fact is not None:
-                    facts.append(replace(fact, version=Version(), seen=(), type_version=fact.type_at,
-                                         consent_version=fact.consent_at, parent_version=fact.parent_at))
+                    facts.append(fact)
             batch.local.pop(row, None)
             merged(facts, into=batch.local)
 

@@ -16,7 +16,11 @@ duplicate check on RequestId keeps working), plus:
 - ``writeback-original-message-id``: the MessageId of the message Dataverse posted;
 - ``writeback-consent-waits``: how many of those attempts waited for a patient's consent (`consent-unknown`).
   The short waits that come after a consent gate (for a referenced row's resource, for an earlier save) count
-  only the attempts that got past it: an hour spent waiting for the consent must not use them up.
+  only the attempts that got past it: an hour spent waiting for the consent must not use them up;
+- ``writeback-gate-opened``: when the first attempt after such waits got past the consent (ISO 8601, UTC). The
+  rows it refers to waited for the same consent, each on its own retry schedule, by then up to
+  `WRITEBACK_RETRY_MAX_DELAY_SECONDS` apart: the message waits for their resources that long (twice), whatever
+  its own, shorter, delays (`facts.resolve`).
 
 Its MessageId is the original's with ``~r<attempt>``: the queue drops a message whose MessageId it saw in its
 duplicate-detection window, so a copy under the original id would be dropped (lost), while a copy under an id
@@ -40,6 +44,7 @@ ATTEMPT = "writeback-attempt"
 FIRST_ENQUEUED = "writeback-first-enqueued"
 ORIGINAL_ID = "writeback-original-message-id"
 CONSENT_WAITS = "writeback-consent-waits"
+GATE_OPENED = "writeback-gate-opened"
 # On a copy `resubmit` put back from the dead-letter queue: the reason it was dead-lettered. Such a copy starts a new
 # retry window (its attempts and first-enqueued time are not carried over) but is still a message tried before.
 RESUBMITTED_FROM = "writeback-resubmitted-from"
@@ -112,15 +117,27 @@ def consent_waits_so_far(properties: Mapping[str, Any] | None) -> int:
     return _count(properties, CONSENT_WAITS)
 
 
+def _when(raw: object) -> datetime | None:
+    try:
+        when = datetime.fromisoformat(text_of(raw))
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def gate_opened(properties: Mapping[str, Any] | None, now: datetime) -> datetime | None:
+    """When the message, after waiting for a consent, first got past it (`GATE_OPENED`; `now` for the attempt
+    being made, if it does); None when it never waited for one."""
+    if not consent_waits_so_far(properties):
+        return None
+    raw = (properties or {}).get(GATE_OPENED)
+    return (_when(raw) if raw is not None else None) or now
+
+
 def first_enqueued(properties: Mapping[str, Any] | None, enqueued_at: float | None, now: datetime) -> datetime:
     raw = (properties or {}).get(FIRST_ENQUEUED)
-    if raw is not None:
-        try:
-            when = datetime.fromisoformat(text_of(raw))
-        except ValueError:
-            when = None
-        if when is not None:
-            return when if when.tzinfo else when.replace(tzinfo=UTC)
+    if raw is not None and (when := _when(raw)) is not None:
+        return when
     if enqueued_at is not None:
         return datetime.fromtimestamp(enqueued_at, UTC)
     return now
@@ -145,12 +162,16 @@ def next_step(policy: RetryPolicy, *, properties: Mapping[str, Any] | None, mess
     original = original_id(properties, message_id)
     suffix = f"~r{attempt}"
     copy_id = (original[: MAX_MESSAGE_ID - len(suffix)] if original else "writeback") + suffix
-    ours = (ATTEMPT, FIRST_ENQUEUED, ORIGINAL_ID, CONSENT_WAITS)
+    ours = (ATTEMPT, FIRST_ENQUEUED, ORIGINAL_ID, CONSENT_WAITS, GATE_OPENED)
     kept = {text_of(k): v for k, v in (properties or {}).items() if text_of(k) not in ours}
     props = {**kept, ATTEMPT: attempt, FIRST_ENQUEUED: first.astimezone(UTC).isoformat(), ORIGINAL_ID: original}
     waits = consent_waits_so_far(properties) + (reason is Reason.CONSENT_UNKNOWN)
     if waits:
         props[CONSENT_WAITS] = waits
+    if waits and reason is not Reason.CONSENT_UNKNOWN:
+        opened = gate_opened(properties, now)
+        assert opened is not None
+        props[GATE_OPENED] = opened.astimezone(UTC).isoformat()
     return Retry(attempt, now + policy.delay(attempt, jitter), copy_id, props)
 
 

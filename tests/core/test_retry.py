@@ -9,11 +9,13 @@ from writeback.retry import (
     ATTEMPT,
     CONSENT_WAITS,
     FIRST_ENQUEUED,
+    GATE_OPENED,
     ORIGINAL_ID,
     GiveUp,
     Retry,
     RetryPolicy,
     consent_waits_so_far,
+    gate_opened,
     next_step,
 )
 from writeback.scheduler import Copy, servicebus_message
@@ -65,6 +67,23 @@ def test_a_copy_counts_the_tries_that_waited_for_a_consent_and_only_those() -> N
     plain = step()
     assert isinstance(plain, Retry) and CONSENT_WAITS not in plain.properties  # no wait, no property
     assert consent_waits_so_far({CONSENT_WAITS: "x"}) == 0  # unreadable (set by hand): counted as none
+
+
+def test_a_copy_says_when_the_message_first_got_past_the_consent_it_waited_for() -> None:
+    """What the message then waits for (a referenced row waiting for the same consent) may come up to the longest
+    retry delay later, whatever its own next delay: the copy carries when that started."""
+    props: dict[str, object] | None = None
+    opened = []
+    for minute, reason in enumerate((Reason.CONSENT_UNKNOWN, Reason.TARGET_PENDING, Reason.TARGET_PENDING)):
+        when = NOW + timedelta(minutes=minute)
+        copy = next_step(POLICY, properties=props, message_id="m-1", enqueued_at=NOW.timestamp(), now=when,
+                         reason=reason)
+        assert isinstance(copy, Retry)
+        props = dict(copy.properties)
+        opened.append(gate_opened(props, NOW + timedelta(hours=1)))
+    assert opened == [NOW + timedelta(hours=1), NOW + timedelta(minutes=1), NOW + timedelta(minutes=1)]
+    never = step()  # never waited for a consent: no such time
+    assert isinstance(never, Retry) and GATE_OPENED not in never.properties and gate_opened({}, NOW) is None
 
 
 def test_the_same_delivery_retried_twice_yields_the_same_copy_id() -> None:

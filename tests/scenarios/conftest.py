@@ -27,7 +27,7 @@ from writeback.fhir_client import FhirClient
 from writeback.maps import MapSet, load_maps
 from writeback.outcomes import OutcomeStore
 from writeback.pipeline import Envelope, Pipeline, Result
-from writeback.retry import CONSENT_WAITS, Retry, RetryPolicy, next_step
+from writeback.retry import CONSENT_WAITS, GATE_OPENED, Retry, RetryPolicy, next_step
 from writeback.settings import DEFAULT_MAPS_DIR, Settings
 
 META_SOURCE = "urn:test:scenarios"
@@ -82,7 +82,8 @@ class World:
         return results
 
     def _carried(self, sent: Sent, delivery_count: int) -> dict[str, Any]:
-        """The retry copy's own property the delivery count does not stand for already (`CONSENT_WAITS`)."""
+        """The retry copy's own properties the delivery count does not stand for already (`CONSENT_WAITS`,
+        `GATE_OPENED`: real time, as the pipeline's clock is)."""
         last = self.last.get(id(sent))
         if delivery_count == 1 or last is None or last[0] is not sent or last[2].settlement != "reschedule":
             return {}
@@ -90,7 +91,7 @@ class World:
         step = next_step(RetryPolicy(), properties=envelope.properties, message_id=envelope.message_id,
                          enqueued_at=envelope.enqueued_at, now=datetime.now(UTC), reason=result.reason)
         assert isinstance(step, Retry)
-        return {k: v for k, v in step.properties.items() if k == CONSENT_WAITS}
+        return {k: v for k, v in step.properties.items() if k in (CONSENT_WAITS, GATE_OPENED)}
 
     async def send_each(self, *sent: Sent, instance: int = 0) -> list[Result]:
         """One invocation per message, in the order given."""
