@@ -447,7 +447,23 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
         if isinstance(edit, ItemEdit | RemoveItem) and fact is not None and fact.resource_type is not None \
                 and fact.resource_type != target.resource_type:
             if isinstance(edit, RemoveItem):
-                continue  # the old parent holds no such resource: nothing to remove it from
+                # The old parent is of another type now. The resource of this type it had before (a Patient
+                # released when the contact was made a Practitioner) no longer carries the row identifier, but
+                # still holds the item, and is taken up again if the contact is made a Patient again (found by
+                # review): the item leaves it, found by its id. Where there is none, there is nothing to remove.
+                made_as = fact.id_for(target.resource_type) or target.new_id
+                writes.append(Write(replace(target, fhir_id=made_as, fhir_id_unsure=False), edit))
+                continue
+            if fact.type_at.compare(plan.source.version) == 1 and \
+                    waited < timedelta(minutes=settings.consent_wait_minutes):
+                # Saved before the parent's newest message, which says another type: it may have been a Patient
+                # then (made a Practitioner by mistake, and back a minute later), as for a consent, a short
+                # change of the parent must not lose the row for good (found by review).
+                return replace(decision, decision="reject", reason=Reason.TARGET_PENDING, plan=None,
+                               detail=f"The parent {target.table} {target.identifier_value} is not a "
+                               f"{target.resource_type} since a change saved after this row: waiting for it to be "
+                               f"one again (up to WRITEBACK_CONSENT_WAIT_MINUTES, {settings.consent_wait_minutes:g}"
+                               " min).")
             return replace(decision, decision="skip", reason=Reason.NO_ENTITY_MAP, plan=None,
                            detail=f"The parent {target.table} {target.identifier_value} is not a "
                            f"{target.resource_type}; this table's map writes into {target.resource_type} only.")

@@ -77,7 +77,9 @@ REASONS: dict[Reason, ReasonInfo] = {
         "a patient (an identifier, an encounter), that patient's.",
         "Nothing: the patient has not consented. When consent is given, the contact's whole row is written; a child "
         "or clinical row saved while consent was off waits for it `WRITEBACK_CONSENT_WAIT_MINUTES` (60) as "
-        "`consent-unknown` and is then written; past that wait it is skipped, and written at its next save."),
+        "`consent-unknown` and is then written; past that wait it is skipped, and written at its next save. If "
+        "the detail says the consent column is not in the message, and every patient's message says so, check "
+        "WRITEBACK_CONSENT_COLUMN (or the map's consent_column) and the step's images."),
     Reason.ECHO: ReasonInfo(
         Kind.SKIP, "The change was made by a user in WRITEBACK_IGNORE_USER_IDS (the sync's own user).",
         "Nothing: this stops loops between the two sync directions."),
@@ -128,9 +130,12 @@ REASONS: dict[Reason, ReasonInfo] = {
     Reason.TARGET_PENDING: ReasonInfo(
         Kind.TRANSIENT, "The resource to write into does not exist yet: an identifier row came before its "
         "patient's Create was written (or a Target-only update before its row's Create); or a row's lookup names a "
-        "row not written yet (an Observation before its Encounter), which waits two retries, then refers to it by "
-        "identifier only; or a save of a record that came from FHIR before an earlier save of its row, which tells "
-        "which of the record's items are the row's: it waits one retry, then is written.",
+        "row not written yet (an Observation before its Encounter), which waits two retries (after waiting for a "
+        "patient's consent, twice WRITEBACK_RETRY_MAX_DELAY_SECONDS), then refers to it by identifier only; or a "
+        "save of a record that came from FHIR before an earlier save of its row, which tells which of the record's "
+        "items are the row's: it waits one retry, then is written; or an identifier row whose contact was made a "
+        "Practitioner after the row was saved: it waits WRITEBACK_CONSENT_WAIT_MINUTES for the contact to be a "
+        "Patient again, then is skipped as `no-entity-map`.",
         "Usually none: it is retried with a growing delay until the Create is written. If it ends as "
         "retries-exhausted, resubmit the row's Create first "
         "(or save a row that predates writeback in Dataverse), then resubmit."),
