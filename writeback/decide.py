@@ -362,8 +362,10 @@ def decide(message: Message, maps: MapSet, settings: Settings) -> Decision:
     if resource_type in entity_map.consent_types:
         column = entity_map.consent_column or settings.consent_column
         if not consented(new.get(column)):
-            state = "is not Yes" if column in new else "is not in the message"
-            return _skip(Reason.CONSENT_WITHHELD, f"Consent column {column} {state}.", message, resource_type)
+            state = "is not Yes." if column in new else (
+                "is not in the message (if no message has it: the setting WRITEBACK_CONSENT_COLUMN, or the map's "
+                "consent_column, must name the column, and the step's images hold it).")
+            return _skip(Reason.CONSENT_WITHHELD, f"Consent column {column} {state}", message, resource_type)
 
     try:
         return _plan(message, entity_map, maps=maps, settings=settings, resource_type=resource_type, old=old,

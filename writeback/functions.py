@@ -169,9 +169,14 @@ def _log_outcome(dims: Mapping[str, Any], detail: str) -> None:
             "duration_ms=%s: %s")
     if outcome == "config-error":
         count = int(dims.get("messages", 1))
-        kept = ("The message is retried with a growing delay; fix the configuration (python -m writeback "
+        # Without a scheduler the messages are abandoned (Service Bus redelivers them at once): the record must say
+        # so, not promise a delayed retry (found by a new user: alerts and queries read this record).
+        how = ("retried with a growing delay" if dims["settlement"] == "reschedule" else
+               "abandoned: Service Bus redelivers them at once, until MaxDeliveryCount (no retry copy can be "
+               "scheduled)")
+        kept = (f"The message is {how.replace('them', 'it')}; fix the configuration (python -m writeback "
                 "check-config) and it is processed again." if count == 1 else
-                f"All {count} messages of the batch are retried with a growing delay; fix the configuration "
+                f"All {count} messages of the batch are {how}; fix the configuration "
                 "(python -m writeback check-config) and they are processed again.")
         text = ("writeback outcome=%s reason=%s table=%s record=%s message_id=%s correlation=%s settlement=%s "
                 "duration_ms=%s: configuration error: %s. " + kept)
@@ -409,7 +414,8 @@ class FunctionApp:
                           started: float) -> None:
         """One error for the whole batch, since every message failed for the same reason."""
         elapsed = round((time.perf_counter() - started) * 1000, 2)
-        dims = dimensions(envelopes[0], None, "reschedule", reason=reason.value, duration_ms=elapsed,
+        settlement = "reschedule" if self.retry_side()[1] is not None else "abandon"
+        dims = dimensions(envelopes[0], None, settlement, reason=reason.value, duration_ms=elapsed,
                           messages=len(envelopes))
         if len(envelopes) > 1:
             dims["message_id"] = ""

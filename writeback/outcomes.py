@@ -61,6 +61,7 @@ from azure.core.exceptions import (
     ResourceExistsError,
     ResourceModifiedError,
     ResourceNotFoundError,
+    ServiceRequestError,
 )
 from azure.data.tables import EdmType, EntityProperty, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
@@ -130,6 +131,12 @@ def _unavailable(exc: BaseException, what: str) -> WritebackError:
         role = "Reader (or Contributor)" if what == "read the outcome log" else "Contributor"
         hint = (f"; check OUTCOMES_CONNECTION_STRING, or the identity and its Storage Table Data {role} role "
                 "for OUTCOMES_TABLE_ENDPOINT (`az login` on an administrator's machine)")
+    elif isinstance(exc, ServiceRequestError):
+        # No answer at all (refused, name not found, timed out): the endpoint is wrong or down (found by a new
+        # user: the type name alone did not say where to look).
+        hint = ("; no answer from the Table Storage endpoint: check OUTCOMES_CONNECTION_STRING or "
+                "OUTCOMES_TABLE_ENDPOINT (the account's name, the network path to it), or whether the storage "
+                "account (Azurite, locally) is running")
     return WritebackError(Reason.OUTCOME_STORE_UNAVAILABLE,
                           f"Table Storage could not be used to {what} ({type(exc).__name__}){hint}")
 

@@ -254,7 +254,9 @@ def test_consent_column_comes_from_the_setting():
     settings = Settings(consent_column="new_fhirconsent")
     body = context("Create", "contact", PATIENT, patient_row())
     d = plan(body, settings=settings)
-    assert d.reason is Reason.CONSENT_WITHHELD and "new_fhirconsent" in d.detail
+    # A typo in the setting skips every patient: the detail says which setting to check (found by a new user).
+    assert d.reason is Reason.CONSENT_WITHHELD and "new_fhirconsent is not in the message" in d.detail
+    assert "WRITEBACK_CONSENT_COLUMN" in d.detail and "WRITEBACK_CONSENT_COLUMN" in d.reason.info.action
     body = context("Create", "contact", PATIENT, patient_row(new_fhirconsent=True, msemr_azurefhirsyncenabled=False))
     assert written(plan(body, settings=settings))
 

@@ -143,6 +143,24 @@ async def test_a_configuration_fault_retries_the_whole_batch_with_one_error(
     await app.aclose()
 
 
+async def test_a_configuration_fault_without_a_scheduler_says_the_batch_is_abandoned(
+        outcome_env: str, user_function: UserFunction, fake_factory: FakeFactory, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Found by a new user: with no Service Bus connection to schedule retry copies, the configuration fault's
+    record promised a delayed retry while the messages were abandoned; alerts and queries read that record."""
+    app = functions.FunctionApp(delivery_factory=fake_factory)  # no FHIR_URL, no Service Bus connection
+    monkeypatch.setattr(functions, "_APP", app)
+    messages = batch(a=create_body(new_id()), b=create_body(new_id()))
+    actions = MockMessageActions()
+    caplog.set_level(logging.DEBUG)
+    await user_function(messages=messages, message_actions=actions)
+    assert [actions.of(m).kind for m in messages] == ["abandon"] * 2
+    fault = next(r for r in caplog.records if r.__dict__.get("outcome") == "config-error")
+    assert fault.__dict__["settlement"] == "abandon" and "are abandoned" in fault.getMessage()
+    assert "growing delay" not in fault.getMessage()
+    await app.aclose()
+
+
 @pytest.mark.parametrize(("name", "value"), [("OUTCOMES_CONNECTION_STRING", "garbage"),
                                            ("OUTCOMES_TABLE_ENDPOINT", "http://127.0.0.1:1")])
 async def test_a_malformed_storage_setting_is_a_configuration_fault_not_a_bug(

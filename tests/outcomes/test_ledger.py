@@ -299,6 +299,7 @@ async def test_outage_is_outcome_store_unavailable(azurite_tables: Azurite, maps
         with pytest.raises(WritebackError) as info:
             await cold.seen("x")
         assert info.value.reason == Reason.OUTCOME_STORE_UNAVAILABLE
+        assert "no answer" in info.value.detail and "OUTCOMES_CONNECTION_STRING" in info.value.detail
         await cold.aclose()
         with pytest.raises(WritebackError) as info:
             await warm.record(Envelope(b"{}", message_id="during"), written)
