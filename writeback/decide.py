@@ -31,7 +31,7 @@ from writeback.immutable import immutable
 from writeback.mapping import Row, RowRef, build_assignments, choice_key, render
 from writeback.maps import AttributeMap, EntityMap, MapSet
 from writeback.marks import Mark, Version
-from writeback.messages import EntityRef, Message, decode_body, label, message_of
+from writeback.messages import EntityRef, Message, decode_body, message_of
 from writeback.paths import KEEP, Assignment, Field, Index, Select, sole_selectors
 from writeback.reasons import Reason
 from writeback.settings import Settings
@@ -330,10 +330,11 @@ def decide(message: Message, maps: MapSet, settings: Settings) -> Decision:
     entity_map = maps.get(message.table)
     if entity_map is None or not entity_map.writeback:
         why = "has no entity map" if entity_map is None else "has writeback disabled in its entity map"
-        return _skip(Reason.NO_ENTITY_MAP, f"Table {label(message.table)} {why}.", message)
+        # (the parser took the table and message names only in a logical name's form: never patient data)
+        return _skip(Reason.NO_ENTITY_MAP, f"Table {message.table} {why}.", message)
     if message.message_name not in entity_map.messages:
         return _skip(Reason.UNSUPPORTED_MESSAGE,
-                     f"Message {message.message_name[:40]} is not supported for table {message.table}.", message)
+                     f"Message {message.message_name} is not supported for table {message.table}.", message)
     if is_echo(message, settings):
         return _skip(Reason.ECHO, "The change was made by the sync's own user (WRITEBACK_IGNORE_USER_IDS); what "
                      "it says about the row (FHIR id, type, consent) is kept.", message)

@@ -33,6 +33,16 @@ _SURROGATE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|[\ud800-\udfff]")
 # escaped, are refused as invalid text.
 _BODY = msgspec.json.Decoder(float_hook=Decimal)
 _AT_BYTE = re.compile(r"\(byte (\d+)\)")
+# What a Dataverse logical name (a table, a column) looks like: ASCII letters, digits and underscores, from a letter
+# or underscore (publisher prefixes: `msemr_`). Only a name of this form is kept or shown in an error text: anything
+# else in its place was put there by a sender, and may be a patient's name or birth date. Any case is taken (the
+# table is lowercased, as it always was); explicit ranges, not \w, so no other script's letters pass.
+_LOGICAL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+# MessageName: Dataverse's own (Create, Update) and custom API names (`new_MyAction`, up to 128 characters).
+_MESSAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_LOGICAL_FORM = "a logical name (up to 64 ASCII letters, digits and underscores, not starting with a digit)"
+_NIL_GUID = "00000000-0000-0000-0000-000000000000"
+_MIME_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,40}/[A-Za-z0-9!#$&^_.+-]{1,40}")
 
 
 @immutable
@@ -233,6 +243,8 @@ def parse_value(raw: object, where: str, depth: int = 0) -> Value:
         name = raw.get("Name")
         if not isinstance(logical, str):
             raise _fail(f"{where} is an EntityReference without LogicalName")
+        if not _LOGICAL_NAME.fullmatch(logical):  # it is named in errors (a lookup to another table)
+            raise _fail(f"{where} is an EntityReference whose LogicalName is not {_LOGICAL_FORM}")
         return EntityRef(parse_guid(raw.get("Id"), f"{where}.Id"), logical, name if isinstance(name, str) else None)
     if type_name == "EntityCollection":
         entities = raw.get("Entities")
@@ -245,8 +257,9 @@ def parse_value(raw: object, where: str, depth: int = 0) -> Value:
 
 
 def label(name: str) -> str:
-    """A sender-chosen name (column, image, table) as error texts show it: bounded, like MessageName's [:40]."""
-    return name if len(name) <= 64 else name[:64] + "..."
+    """A sender-chosen name (column, image) as error texts show it: itself when it has a logical name's form, else
+    a placeholder, since a string of any other form may be patient data put where a name belongs."""
+    return name if _LOGICAL_NAME.fullmatch(name) else "<not a logical name>"
 
 
 def _pairs(raw: object, where: str) -> list[tuple[str, object]]:
@@ -273,6 +286,8 @@ def parse_entity(raw: object, where: str, depth: int = 0, *, known: Mapping[str,
     logical = raw.get("LogicalName")
     if not isinstance(logical, str) or not logical:
         raise _fail(f"{where} has no LogicalName")
+    if not _LOGICAL_NAME.fullmatch(logical):
+        raise _fail(f"{where}.LogicalName is not {_LOGICAL_FORM}")
     raw_id = raw.get("Id")
     entity_id = None if raw_id is None else parse_guid(raw_id, f"{where}.Id")
     attributes: dict[str, Value] = {}
@@ -296,7 +311,7 @@ def parse_entity(raw: object, where: str, depth: int = 0, *, known: Mapping[str,
 SYSTEM_IMAGE = "asynchronousstepprimaryname"
 
 
-def _image(raw: object, where: str) -> Entity | None:
+def _image(raw: object, where: str, table: str, record_id: str) -> Entity | None:
     """The registered image: not Dataverse's own (`SYSTEM_IMAGE`); of several, the one holding the most columns."""
     images = [(name, value) for name, value in _pairs(raw, where) if value is not None and name.lower() != SYSTEM_IMAGE]
     if not images:
@@ -304,7 +319,24 @@ def _image(raw: object, where: str) -> Entity | None:
     # Only the chosen one is parsed (the first of those as wide): a body repeating an image a hundred times costs
     # no more than one.
     name, value = max(images, key=lambda image: _width(image[1]))
-    return parse_entity(value, f"{where}[{label(name)}]")
+    where = f"{where}[{label(name)}]"
+    image = parse_entity(value, where)
+    _same_row(image, where, table, record_id)
+    return image
+
+
+def _same_row(entity: Entity | EntityRef, where: str, table: str, record_id: str) -> None:
+    """A Target or image of another row than the one PrimaryEntityName and PrimaryEntityId name: refused, since its
+    columns would be written as that row's (a new Patient under another row's identifier). Dataverse's own bodies
+    always agree (the four public samples: Target, images and the `<table>id` column)."""
+    if entity.logical_name.lower() != table:
+        raise _fail(f"{where} is a row of {entity.logical_name.lower()}, not of {table} (PrimaryEntityName)")
+    # The nil GUID is a row without its id yet (a Create's Target before the platform gives it one): no other row.
+    if entity.id not in (None, _NIL_GUID, record_id):
+        raise _fail(f"{where}.Id {entity.id} is not {record_id} (PrimaryEntityId)")
+    key = entity.attributes.get(f"{table}id") if isinstance(entity, Entity) else None
+    if isinstance(key, str) and _CANONICAL_GUID.fullmatch(key) and key.lower() not in (_NIL_GUID, record_id):
+        raise _fail(f"{where}.Attributes[{table}id] {key.lower()} is not {record_id} (PrimaryEntityId)")
 
 
 def _width(raw: object) -> int:
@@ -341,8 +373,10 @@ def _text_of(body: bytes | str, content_type: str | None) -> str:
     if content_type and "json" not in content_type.lower() and content_type.strip():
         kind = content_type.split(";")[0].strip()
         if kind not in ("text/plain", "application/octet-stream"):
+            # (named only in a MIME type's form: the property is the sender's to fill)
+            shown = repr(kind) if _MIME_TYPE.fullmatch(kind) else "of the message"
             raise WritebackError(Reason.UNSUPPORTED_FORMAT,
-                                 f"content type {kind[:60]!r} is not JSON; set the service endpoint's "
+                                 f"content type {shown} is not JSON; set the service endpoint's "
                                  "message format to JSON")
     if len(body) > MAX_BODY_BYTES:
         raise _fail(f"body of {len(body)} bytes exceeds the {MAX_BODY_BYTES}-byte limit")
@@ -425,7 +459,7 @@ def row_named(data: Mapping[str, Any]) -> tuple[str, str, bool] | None:
     """The row a decoded body names at its top level (table, record id, whether the message is a Create), read
     as `message_of` reads it; None when it names none. Nested contexts (ParentContext) name other rows."""
     table = _unwrap_primitive(data.get("PrimaryEntityName"))
-    if not isinstance(table, str) or not table or "PrimaryEntityId" not in data:
+    if not isinstance(table, str) or not _LOGICAL_NAME.fullmatch(table) or "PrimaryEntityId" not in data:
         return None
     try:
         record = parse_guid(data["PrimaryEntityId"], "PrimaryEntityId")
@@ -442,37 +476,48 @@ def parse_message(
     return message_of(decode_body(body, content_type), properties)
 
 
+def _name(data: Mapping[str, Any], key: str, form: re.Pattern[str], what: str) -> str:
+    """A name the body must hold, in its form; the error names the field and the form, never the value."""
+    value = _unwrap_primitive(data.get(key))
+    if value is None or value == "":
+        raise _fail(f"required field {key} is missing")
+    if not isinstance(value, str):
+        raise _fail(f"{key} is not a string")
+    if not form.fullmatch(value):
+        raise _fail(f"{key} is not {what}")
+    return value
+
+
 def message_of(data: Mapping[str, Any], properties: Mapping[str, Any] | None = None) -> Message:
     """A decoded body (`decode_body`) and its application properties → the `Message`."""
     props = parse_properties(properties)
-    name = _unwrap_primitive(data.get("MessageName"))
-    table = _unwrap_primitive(data.get("PrimaryEntityName"))
-    if not isinstance(name, str) or not name:
-        raise _fail("required field MessageName is missing")
-    if not isinstance(table, str) or not table:
-        raise _fail("required field PrimaryEntityName is missing")
+    name = _name(data, "MessageName", _MESSAGE_NAME, "a message name (up to 128 ASCII letters, digits and "
+                 "underscores, not starting with a digit)")
+    table = _name(data, "PrimaryEntityName", _LOGICAL_NAME, _LOGICAL_FORM).lower()
     if "PrimaryEntityId" not in data:
         raise _fail("required field PrimaryEntityId is missing")
     record_id = parse_guid(data["PrimaryEntityId"], "PrimaryEntityId")
 
     target: Entity | None = None
-    post_image = _image(data.get("PostEntityImages"), "PostEntityImages")
+    post_image = _image(data.get("PostEntityImages"), "PostEntityImages", table, record_id)
     inputs = _pairs(data.get("InputParameters"), "InputParameters")
     for key, value in inputs:
         if key == "Target":
+            parsed: Value
             if post_image is not None and isinstance(value, dict) and "Attributes" in value:
-                target = parse_entity(value, "InputParameters[Target]", known=post_image.attributes)
-                continue
-            parsed = parse_value(value, "InputParameters[Target]")
+                parsed = parse_entity(value, "InputParameters[Target]", known=post_image.attributes)
+            else:
+                parsed = parse_value(value, "InputParameters[Target]")
             if isinstance(parsed, Entity):
                 target = parsed
             elif not isinstance(parsed, EntityRef):  # Delete carries an EntityReference; that's fine
                 raise _fail("InputParameters[Target] is not an Entity")
+            _same_row(parsed, "InputParameters[Target]", table, record_id)
     created = data.get("OperationCreatedOn")
     created_at = parse_date(created) if isinstance(created, str) else None
     return Message(
         message_name=name,
-        table=table.lower(),
+        table=table,
         record_id=record_id,
         initiating_user_id=_optional_guid(data, "InitiatingUserId"),
         user_id=_optional_guid(data, "UserId"),
@@ -485,7 +530,7 @@ def message_of(data: Mapping[str, Any], properties: Mapping[str, Any] | None = N
         stage=_int_or_none(data.get("Stage")),
         operation_created_on=created_at,
         target=target,
-        pre_image=_image(data.get("PreEntityImages"), "PreEntityImages"),
+        pre_image=_image(data.get("PreEntityImages"), "PreEntityImages", table, record_id),
         post_image=post_image,
         properties=props,
     )

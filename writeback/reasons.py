@@ -113,7 +113,9 @@ REASONS: dict[Reason, ReasonInfo] = {
         Kind.REJECT, "The body is not JSON (the service endpoint uses binary or text XML).",
         "Set the service endpoint's Message Format to JSON in the Plug-in Registration Tool."),
     Reason.MALFORMED_MESSAGE: ReasonInfo(
-        Kind.REJECT, "Invalid JSON, or a RemoteExecutionContext missing a required field.",
+        Kind.REJECT, "Invalid JSON, or a RemoteExecutionContext missing a required field or holding one in another "
+        "form (a table, column or message name that is no logical name; the detail names the field, never its "
+        "value), or whose Target or image is another row than PrimaryEntityName and PrimaryEntityId name.",
         "Check the sender: only Dataverse service endpoints should post to the queue."),
     Reason.PAYLOAD_DROPPED: ReasonInfo(
         Kind.REJECT, "Dataverse dropped the payload (MessageMaxSizeExceeded, over 192 KB).",

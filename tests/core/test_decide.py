@@ -442,15 +442,17 @@ def test_lone_surrogate_is_malformed_so_the_decision_can_be_printed():
     assert plan_.resource["name"][0]["given"][0] == "Ros\U0001f600"
 
 
-def test_names_a_sender_chooses_are_bounded_in_the_detail():
+def test_names_a_sender_chooses_are_never_copied_unless_they_are_logical_names():
     # Regression: a 5000-character table or column name was copied whole into the detail (and so into logs,
-    # the dead-letter description and the outcome row).
+    # the dead-letter description and the outcome row); bounded, a shorter one still was.
     d = plan(context("Create", "x" * 5000, PATIENT, {"name": "x"}))
-    assert d.reason is Reason.NO_ENTITY_MAP and len(d.detail) < 200
-    assert d.table == "x" * 5000  # the data itself is kept
+    assert d.reason is Reason.MALFORMED_MESSAGE and "PrimaryEntityName" in d.detail and "xxxx" not in d.detail
+    assert d.table is None
     bad = {"__type": f"OptionSetValue:{CONTRACTS}", "Value": "one"}
     d = plan(context("Create", "contact", PATIENT, {**patient_row(), "y" * 5000: bad}))
-    assert d.reason is Reason.MALFORMED_MESSAGE and len(d.detail) < 300 and "yyyy" in d.detail
+    assert d.reason is Reason.MALFORMED_MESSAGE and "yyyy" not in d.detail and "not a logical name" in d.detail
+    d = plan(context("Create", "contact", PATIENT, {**patient_row(), "msemr_weight": bad}))
+    assert d.reason is Reason.MALFORMED_MESSAGE and "Attributes[msemr_weight]" in d.detail
 
 
 # ---- creates and identity ----------------------------------------------------------------------

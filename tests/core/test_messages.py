@@ -6,9 +6,11 @@ import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from devtools.messages import CONTRACTS, context
 from writeback.errors import WritebackError
 from writeback.messages import (
     Entity,
@@ -242,3 +244,100 @@ def test_plain_text_and_a_json_array_say_apart_what_they_are(body: bytes, reason
     with pytest.raises(WritebackError) as refused:
         decode_body(body)
     assert refused.value.reason.value == reason and words in refused.value.detail
+
+
+# ---- names a sender chooses, and the row a body names -----------------------------------------------------------
+
+ROW = "0c9a1e52-7b1d-4f6e-9a3c-5d2e8f4b6a10"
+OTHER = "11111111-1111-1111-1111-111111111111"
+PATIENT_DATA = "Rosalind Quintero 1987-07-25 +1 206 555 0142"
+NEEDLES = ("Rosalind", "Quintero", "1987", "0142")
+
+
+def _contact(**changes: Any) -> dict[str, Any]:
+    pre = {"contactid": ROW, "lastname": "Quintero"}
+    return {**context("Update", "contact", ROW, {"contactid": ROW, "firstname": "Ros"}, pre=pre,
+                      post={**pre, "firstname": "Ros"}), **changes}
+
+
+def _refused(body: dict[str, Any], content_type: str | None = None) -> str:
+    """The detail of a refused body, checked free of the patient data the body holds where a name belongs."""
+    with pytest.raises(WritebackError) as refused:
+        parse_message(json.dumps(body).encode(), None, content_type)
+    text = f"{refused.value} {refused.value.detail}"
+    assert not [n for n in NEEDLES if n in text], text
+    return refused.value.detail if refused.value.reason is Reason.MALFORMED_MESSAGE else refused.value.reason
+
+
+def _set_entity_name(body: dict[str, Any], where: str, name: str) -> dict[str, Any]:
+    entity = body["InputParameters"][0]["value"] if where == "Target" else body[where][-1]["value"]
+    entity["LogicalName"] = name
+    return body
+
+
+def test_a_table_name_holding_patient_data_is_refused_without_repeating_it():
+    """Found in a new-user trial: such a PrimaryEntityName was skipped as no-entity-map, the detail, log line and
+    outcome row saying "Table rosalind quintero 1987-07-25 ... has no entity map"."""
+    detail = _refused(_contact(PrimaryEntityName=PATIENT_DATA))
+    assert detail.startswith("PrimaryEntityName is not a logical name")
+    assert _refused(_contact(MessageName=PATIENT_DATA)).startswith("MessageName is not a message name")
+    for where in ("Target", "PreEntityImages", "PostEntityImages"):
+        body = _set_entity_name(_contact(), where, PATIENT_DATA)
+        assert "LogicalName is not a logical name" in _refused(body), where
+    lookup = _contact()
+    lookup["InputParameters"][0]["value"]["Attributes"].append({"key": "parentcustomerid", "value": {
+        "__type": f"EntityReference:{CONTRACTS}", "Id": OTHER, "LogicalName": PATIENT_DATA}})
+    assert "Attributes[parentcustomerid] is an EntityReference whose LogicalName is not" in _refused(lookup)
+
+
+def test_a_column_or_image_name_holding_patient_data_is_not_repeated_in_the_detail():
+    bad = {"__type": f"OptionSetValue:{CONTRACTS}", "Value": "one"}
+    body = _contact()
+    body["InputParameters"][0]["value"]["Attributes"].append({"key": PATIENT_DATA, "value": bad})
+    assert _refused(body) == ("InputParameters[Target].Attributes[<not a logical name>] is an OptionSetValue "
+                              "without an integer Value")
+    body = _contact()
+    body["PreEntityImages"] = [{"key": PATIENT_DATA, "value": {"LogicalName": "contact", "Attributes": 5}}]
+    assert _refused(body) == "PreEntityImages[<not a logical name>].Attributes is not a key/value collection"
+    assert _refused(_contact(), f"text/{PATIENT_DATA}") is Reason.UNSUPPORTED_FORMAT
+
+
+def test_names_of_the_form_dataverse_gives_them_are_read_as_before():
+    message = parse_message(json.dumps(_contact(MessageName="new_MyAction", PrimaryEntityName="Contact")))
+    assert (message.message_name, message.table) == ("new_MyAction", "contact")
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    (lambda b: b.update(PrimaryEntityId=OTHER, PreEntityImages=[], PostEntityImages=[]),
+     f"InputParameters[Target].Id {ROW} is not {OTHER} (PrimaryEntityId)"),
+    (lambda b: b.update(PrimaryEntityId=OTHER),
+     f"PostEntityImages[PostImage].Id {ROW} is not {OTHER} (PrimaryEntityId)"),
+    (lambda b: _set_entity_name(b, "Target", "account"),
+     "InputParameters[Target] is a row of account, not of contact (PrimaryEntityName)"),
+    (lambda b: b.update(PostEntityImages=[]) or b["InputParameters"][0]["value"]["Attributes"].append(
+        {"key": "contactid", "value": OTHER}),
+     f"InputParameters[Target].Attributes[contactid] {OTHER} is not {ROW} (PrimaryEntityId)"),
+    (lambda b: b["PreEntityImages"][0]["value"].update(Id=OTHER),
+     f"PreEntityImages[PreImage].Id {OTHER} is not {ROW} (PrimaryEntityId)"),
+    (lambda b: _set_entity_name(b, "PostEntityImages", "account"),
+     "PostEntityImages[PostImage] is a row of account, not of contact (PrimaryEntityName)"),
+])
+def test_a_target_or_image_of_another_row_than_the_body_names_is_refused(change, words):
+    """Found in a new-user trial: PrimaryEntityId 1111... with a Target (and contactid) of 0c9a... was written as a
+    new Patient under 1111..., and a Target of an account under PrimaryEntityName contact was written as a Patient."""
+    body = _contact()
+    change(body)
+    assert _refused(body) == words
+
+
+def test_a_delete_of_another_row_than_the_body_names_is_refused():
+    body = context("Delete", "contact", ROW, None)
+    body["InputParameters"] = [{"key": "Target", "value": {
+        "__type": f"EntityReference:{CONTRACTS}", "Id": OTHER, "LogicalName": "contact", "Name": None}}]
+    assert _refused(body) == f"InputParameters[Target].Id {OTHER} is not {ROW} (PrimaryEntityId)"
+
+
+def test_a_target_without_its_id_yet_is_the_rows():
+    body = _contact()
+    body["InputParameters"][0]["value"]["Id"] = "00000000-0000-0000-0000-000000000000"
+    assert parse_message(json.dumps(body)).record_id == ROW
