@@ -383,6 +383,8 @@ def _text_of(body: bytes | str, content_type: str | None) -> str:
     if isinstance(body, bytes):
         if body.startswith(b"\xef\xbb\xbf"):
             body = body[3:]
+        elif (wide := _wide(body)) is not None:
+            raise wide
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
@@ -399,9 +401,49 @@ def _text_of(body: bytes | str, content_type: str | None) -> str:
     if stripped.startswith("["):
         raise _fail("body is a JSON array, not the JSON object of a RemoteExecutionContext")
     if not stripped.startswith("{"):
-        raise WritebackError(Reason.UNSUPPORTED_FORMAT, "body is neither JSON nor XML (plain text?); set the "
-                             "service endpoint's message format to JSON")
+        try:
+            msgspec.json.decode(stripped)
+        except (msgspec.DecodeError, UnicodeEncodeError, RecursionError):
+            raise WritebackError(Reason.UNSUPPORTED_FORMAT, "body is neither JSON nor XML (plain text?); set the "
+                                 "service endpoint's message format to JSON") from None
+        # A JSON string or number is JSON from a sender that is not Dataverse, not a message format to change.
+        raise _fail("body is JSON but not an object (a string or a number): a RemoteExecutionContext is a JSON "
+                    "object")
     return text
+
+
+# Byte order marks, and the NUL bytes around ASCII that mark UTF-16/32 text without one (RFC 4627 section 3).
+_WIDE = ((b"\x00\x00\xfe\xff", "utf-32-be"), (b"\xff\xfe\x00\x00", "utf-32-le"), (b"\xfe\xff", "utf-16-be"),
+         (b"\xff\xfe", "utf-16-le"))
+
+
+def _wide_encoding(body: bytes) -> str | None:
+    for bom, encoding in _WIDE:
+        if body.startswith(bom):
+            return encoding
+    nuls = "".join("0" if b == 0 else "x" for b in body[:4])
+    return {"000x": "utf-32-be", "x000": "utf-32-le", "0x0x": "utf-16-be", "x0x0": "utf-16-le"}.get(nuls)
+
+
+def _wide(body: bytes) -> WritebackError | None:
+    """JSON or XML in UTF-16/32, said as such (JSON in UTF-16 was refused as "binary XML?"); None for other bytes.
+    Checked before reading the body as UTF-8: without a byte order mark such a body is valid UTF-8 (NULs and ASCII),
+    which no JSON text is (a NUL in it must be escaped)."""
+    encoding = _wide_encoding(body)
+    if encoding is not None:
+        try:
+            start = body.decode(encoding)[:8].lstrip("\ufeff \t\r\n")
+        except UnicodeDecodeError:
+            start = ""
+        width = encoding[:6].upper()
+        if start.startswith(("{", "[")):
+            return WritebackError(Reason.UNSUPPORTED_FORMAT,
+                                  f"body is JSON in {width}: Dataverse sends UTF-8; check the sender, or re-encode "
+                                  "the body as UTF-8")
+        if start.startswith("<"):
+            return WritebackError(Reason.UNSUPPORTED_FORMAT, f"body is XML in {width}; set the service endpoint's "
+                                  "message format to JSON")
+    return None
 
 
 def decode_body(body: bytes | str, content_type: str | None = None) -> Mapping[str, Any]:

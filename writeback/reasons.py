@@ -110,12 +110,14 @@ REASONS: dict[Reason, ReasonInfo] = {
         Kind.REJECT, "The mapped resource fails FHIR R4 validation; the detail names the element.",
         "Correct the named column's value in Dataverse, or the entity map, then resubmit."),
     Reason.UNSUPPORTED_FORMAT: ReasonInfo(
-        Kind.REJECT, "The body is not JSON (the service endpoint uses binary or text XML).",
+        Kind.REJECT, "The body is not JSON (the service endpoint uses binary or text XML), or is JSON in UTF-16 or "
+        "UTF-32 (the detail says which), which Dataverse never sends.",
         "Set the service endpoint's Message Format to JSON in the Plug-in Registration Tool."),
     Reason.MALFORMED_MESSAGE: ReasonInfo(
-        Kind.REJECT, "Invalid JSON, or a RemoteExecutionContext missing a required field or holding one in another "
-        "form (a table, column or message name that is no logical name; the detail names the field, never its "
-        "value), or whose Target or image is another row than PrimaryEntityName and PrimaryEntityId name.",
+        Kind.REJECT, "Invalid JSON, JSON that is not an object, or a RemoteExecutionContext missing a required field "
+        "or holding one in another form (a table, column or message name that is no logical name; the detail "
+        "names the field, never its value), or whose Target or image is another row than PrimaryEntityName and "
+        "PrimaryEntityId name.",
         "Check the sender: only Dataverse service endpoints should post to the queue."),
     Reason.PAYLOAD_DROPPED: ReasonInfo(
         Kind.REJECT, "Dataverse dropped the payload (MessageMaxSizeExceeded, over 192 KB).",

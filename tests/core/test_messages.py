@@ -238,6 +238,10 @@ def test_an_empty_or_null_body_is_malformed_not_another_format(body: bytes | str
 @pytest.mark.parametrize(("body", "reason", "words"), [
     (b"hello not json", "unsupported-format", "neither JSON nor XML"),
     (b"[1, 2]", "malformed-message", "JSON array"),
+    # Found in a new-user trial: JSON, but refused as "neither JSON nor XML (plain text?)".
+    (b'"str"', "malformed-message", "body is JSON but not an object"),
+    (b"42", "malformed-message", "body is JSON but not an object"),
+    ("-1.5e3 ", "malformed-message", "body is JSON but not an object"),
 ])
 def test_plain_text_and_a_json_array_say_apart_what_they_are(body: bytes, reason: str, words: str):
     """Found trying the product as a new user: both said "body is not a JSON object", under two reason codes."""
@@ -341,3 +345,26 @@ def test_a_target_without_its_id_yet_is_the_rows():
     body = _contact()
     body["InputParameters"][0]["value"]["Id"] = "00000000-0000-0000-0000-000000000000"
     assert parse_message(json.dumps(body)).record_id == ROW
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"])
+def test_json_in_utf_16_or_32_is_said_to_be_json(encoding: str):
+    """Found in a new-user trial: a UTF-16 JSON body was refused as "not UTF-8 text (binary XML?); set the message
+    format to JSON", though it was JSON; without a byte order mark, as "neither JSON nor XML (plain text?)"."""
+    with pytest.raises(WritebackError) as refused:
+        decode_body(public("01_account_update_sample1.json").decode("utf-8").encode(encoding))
+    width = encoding[:6].upper()
+    assert refused.value.reason is Reason.UNSUPPORTED_FORMAT
+    assert refused.value.detail.startswith(f"body is JSON in {width}: Dataverse sends UTF-8")
+    with pytest.raises(WritebackError) as refused:
+        decode_body("<Envelope/>".encode(encoding))
+    assert refused.value.detail.startswith(f"body is XML in {width}")
+
+
+@pytest.mark.parametrize(("value", "words"), [
+    (5, "MessageName is not a string"), ({"__type": "String:#System", "__value": 5}, "MessageName is not a string"),
+    (None, "required field MessageName is missing"), ("", "required field MessageName is missing"),
+])
+def test_a_message_name_of_another_type_is_not_said_to_be_missing(value: object, words: str):
+    """Found in a new-user trial: `"MessageName": 5` was refused as "required field MessageName is missing"."""
+    assert _refused(_contact(MessageName=value)) == words
