@@ -309,9 +309,26 @@ def resource_type_of(entity_map: EntityMap, row: Row) -> str | None:
     return entity_map.choices.get(key) if key is not None else None
 
 
+def _is_fhir_id(value: object) -> bool:
+    # "." and ".." match FHIR's id pattern but are path segments: Patient/.. is no resource, whatever it resolves to.
+    return isinstance(value, str) and _FHIR_ID.fullmatch(value) is not None and value not in (".", "..")
+
+
 def fhir_id_of(entity_map: EntityMap, row: Row) -> str | None:
+    """The FHIR id the row's column holds; None when it holds none a URL may be built from (`check_fhir_id` refuses
+    a save leaving such a value there)."""
     value = row.get(entity_map.fhir_id_column)
-    return value if isinstance(value, str) and _FHIR_ID.match(value) else None
+    return value if isinstance(value, str) and _is_fhir_id(value) else None
+
+
+def check_fhir_id(entity_map: EntityMap, row: Row) -> None:
+    """A FHIR id column holding something that is no FHIR id: `invalid-resource`, naming the column only. Ignored,
+    the row was written under its own identifier as a new resource: a record that came from FHIR twice there."""
+    value = row.get(entity_map.fhir_id_column)
+    if value is not None and not _is_fhir_id(value):
+        raise WritebackError(Reason.INVALID_RESOURCE, f"Column {entity_map.fhir_id_column} holds no FHIR id (1 to 64 "
+                             "letters, digits, '-' and '.', not '.' or '..'): clear it, or put the id of the row's "
+                             "FHIR resource there, then save the row again.")
 
 
 def fhir_id_type(entity_map: EntityMap, old: Row, new: Row) -> str | None:
@@ -476,6 +493,7 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
     assignments = tuple(build_assignments(entity_map, resource_type, new, columns, full=full, keep_absent=keep))
     if is_create and not any(a.value is not None for a in assignments if a.column is not None):
         return _skip(Reason.NO_CHANGE, "The row has no value in any mapped column.", message, resource_type)
+    check_fhir_id(entity_map, new)
     fhir_id = fhir_id_of(entity_map, new)
     retyped = bool(old) and resource_type_of(entity_map, old) not in (None, resource_type)
     target = Target(resource_type, fhir_id, entity_map.identifier_system, message.record_id,

@@ -107,7 +107,8 @@ REASONS: dict[Reason, ReasonInfo] = {
         "Fill the parent lookup on the row in Dataverse and save it again; for a change sent without images, "
         "register the step's images (docs/deploy.md) and save the row again."),
     Reason.INVALID_RESOURCE: ReasonInfo(
-        Kind.REJECT, "The mapped resource fails FHIR R4 validation; the detail names the element.",
+        Kind.REJECT, "The mapped resource fails FHIR R4 validation, or the row's FHIR id column holds no FHIR id; "
+        "the detail names the element or the column.",
         "Correct the named column's value in Dataverse, or the entity map, then resubmit."),
     Reason.UNSUPPORTED_FORMAT: ReasonInfo(
         Kind.REJECT, "The body is not JSON (the service endpoint uses binary or text XML), or is JSON in UTF-16 or "

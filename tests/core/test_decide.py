@@ -483,8 +483,27 @@ def test_row_with_a_fhir_id_updates_that_resource():
     p = written(d)
     assert p.target.fhir_id == "pat-123"  # the record came from FHIR: its resource is that one
     assert "id" not in p.resource  # the server owns the id; the target carries it
-    bad = written(plan(context("Create", "contact", PATIENT, patient_row(msemr_azurefhirid="not an id!"))))
-    assert bad.target.fhir_id is None and bad.target.new_id == resource_id("contact", PATIENT)
+
+
+@pytest.mark.parametrize("value", ["../../Patient/evil", ".", "..", "not an id!", "pat-1\n", "x" * 65, "", 42])
+def test_a_fhir_id_column_holding_no_fhir_id_is_refused_naming_the_column(value: object):
+    """Found in a new-user trial: "../../Patient/evil" was ignored, and the row created anew under its own
+    identifier (a record that came from FHIR, twice there); "." and ".." passed as ids and ended as target-missing
+    "Patient/.. does not exist"."""
+    for body in (context("Create", "contact", PATIENT, patient_row(msemr_azurefhirid=value)),
+                 patient_update({"msemr_azurefhirid": value, "versionnumber": 1002}),
+                 patient_update({"lastname": "Quintero-Hale", "versionnumber": 1002},
+                                pre={"msemr_azurefhirid": value})):
+        d = plan(body)
+        assert (d.decision, d.reason) == ("reject", Reason.INVALID_RESOURCE), d.detail
+        assert d.detail.startswith("Column msemr_azurefhirid holds no FHIR id")
+        if isinstance(value, str) and len(value) > 2:  # ("." and ".." are in the text saying what an id is)
+            assert value.strip() not in json.dumps(d.as_json())
+
+
+def test_a_save_correcting_a_fhir_id_column_is_written_by_the_new_id():
+    body = patient_update({"msemr_azurefhirid": "pat-1", "versionnumber": 1002}, pre={"msemr_azurefhirid": ".."})
+    assert written(plan(body)).target.fhir_id == "pat-1"
 
 
 def test_practitioner_create():
