@@ -36,11 +36,12 @@ _AT_BYTE = re.compile(r"\(byte (\d+)\)")
 # What a Dataverse logical name (a table, a column) looks like: ASCII letters, digits and underscores, from a letter
 # or underscore (publisher prefixes: `msemr_`). Only a name of this form is kept or shown in an error text: anything
 # else in its place was put there by a sender, and may be a patient's name or birth date. Any case is taken (the
-# table is lowercased, as it always was); explicit ranges, not \w, so no other script's letters pass.
-_LOGICAL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+# table is lowercased, as it always was); explicit ranges, not \w, so no other script's letters pass. The bound is
+# SQL Server's identifier limit (128), wide of any Dataverse name: what it stops is a sentence, not a long name.
+_LOGICAL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 # MessageName: Dataverse's own (Create, Update) and custom API names (`new_MyAction`, up to 128 characters).
 _MESSAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-_LOGICAL_FORM = "a logical name (up to 64 ASCII letters, digits and underscores, not starting with a digit)"
+_LOGICAL_FORM = "a logical name (up to 128 ASCII letters, digits and underscores, not starting with a digit)"
 _NIL_GUID = "00000000-0000-0000-0000-000000000000"
 _MIME_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,40}/[A-Za-z0-9!#$&^_.+-]{1,40}")
 
