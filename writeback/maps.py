@@ -24,7 +24,7 @@ from writeback.immutable import immutable
 from writeback.paths import Field as PathField
 from writeback.paths import Own, PathError, Select, format_path, parse_path
 from writeback.paths import Path as ElementPath
-from writeback.validation import required_elements
+from writeback.validation import closed_codes, required_elements
 
 RESOURCE_TYPES = ("Patient", "Practitioner", "Encounter", "Observation")
 
@@ -194,7 +194,7 @@ def _model_fields(resource_type: str) -> frozenset[str]:
 
 def _element(model: Any, name: str) -> tuple[Any, Mapping[str, Any]] | None:
     """The model of element `name` of `model` (None for a primitive) and the field's schema extra (fhir.resources
-    puts a required binding's codes there: `enum_values`); None when the model has no such element."""
+    puts a required binding's codes there: `validation.closed_codes`); None when the model has no such element."""
     for field_name, info in model.model_fields.items():
         if name in (field_name, info.alias):
             extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
@@ -233,7 +233,7 @@ def _check_elements(file: str, where: str, path: ElementPath, resource_types: fr
                 for key, _ in seg.match:
                     if _element(model, key) is None:
                         raise MapError(file, where, f"{named} has no element {key!r} to select by")
-        codes.update(extra.get("enum_values") or ())
+        codes.update(closed_codes(extra) or ())
     return frozenset(codes)
 
 
@@ -294,8 +294,6 @@ def _check_type(file: str, where: str, path: ElementPath, resource_types: frozen
 def _check_codes(file: str, where: str, values: Mapping[str, Any], allowed: frozenset[str]) -> None:
     """The codes a value map (or a default) writes where FHIR binds the element to a required value set
     (Patient.gender, Encounter.status, ...): a misspelt one would reach the server."""
-    if "+" in allowed:  # fhir.resources lists some codes and "+": the list is not closed (Encounter.status)
-        return
     for key, value in values.items():
         if allowed and str(value) not in allowed:
             raise MapError(file, f"{where}{key}", f"is {value!r}, not a code of the element's required value set "

@@ -60,6 +60,7 @@ class _Element:
     required: bool  # min cardinality 1 (a complex element the model requires, or `element_required`)
     datatype: str  # the FHIR datatype of a complex value (of each item): "Identifier", "Reference", ...
     primitive: str | None = None  # the check of `_PRIMITIVES` its value needs (a primitive element)
+    codes: frozenset[str] | None = None  # a required binding's codes (`closed_codes`)
 
 
 # What FHIR R4 asks of primitive values and the models leave out. "space": a uri, url, canonical, oid, uuid or
@@ -80,8 +81,9 @@ def _primitive(item: Any) -> str | None:
 
 @functools.cache
 def _shape(datatype: str) -> Mapping[str, tuple[str, str]]:
-    """A complex datatype's elements that need a primitive check (`("space" | "text", "")`) or hold a complex
-    datatype to look into (`("complex", its name)`), by JSON name."""
+    """A complex datatype's elements that need a primitive check (`("space" | "text", "")`), hold a code of a
+    required binding (`("codes", "")`: `_bindings`) or hold a complex datatype to look into (`("complex", its
+    name)`), by JSON name."""
     try:
         model = get_fhir_model_class(datatype)
     except (KeyError, ValueError, ImportError):
@@ -92,9 +94,31 @@ def _shape(datatype: str) -> Mapping[str, tuple[str, str]]:
         item = _optional_inner(typing.get_args(inner)[0]) if typing.get_origin(inner) is list else inner
         if (check := _primitive(item)) is not None:
             out[info.alias or name] = (check, "")
+        elif closed_codes(info.json_schema_extra) is not None:
+            out[info.alias or name] = ("codes", "")
         elif (kind := getattr(item, "__name__", "")).endswith("Type") and len(kind) > 4:
             out[info.alias or name] = ("complex", kind.removesuffix("Type"))
     return out
+
+
+@functools.cache
+def _bindings(datatype: str) -> Mapping[str, frozenset[str]]:
+    """A complex datatype's `code` elements with a required binding, by JSON name: their codes."""
+    out: dict[str, frozenset[str]] = {}
+    for name, info in get_fhir_model_class(datatype).model_fields.items():
+        if (codes := closed_codes(info.json_schema_extra)) is not None:
+            out[info.alias or name] = codes
+    return out
+
+
+def _refuse_codes(kind: str, codes: frozenset[str], value: Any, loc: tuple[int | str, ...]) -> None:
+    # The models accept any code (fhir.resources leaves bindings to its users): the server would store
+    # Observation.status "finished". The detail lists the value set's codes, never the value.
+    for i, one in enumerate(value) if isinstance(value, list) else ((None, value),):
+        if isinstance(one, str) and one not in codes:
+            where = loc if i is None else (*loc, i)
+            raise _invalid(f"{kind}.{_loc(where)} is invalid (not a code of its required value set: "
+                           f"{', '.join(sorted(codes))})")
 
 
 def _primitives(kind: str, check: str, value: Any, loc: tuple[int | str, ...]) -> None:
@@ -111,12 +135,43 @@ def _primitives(kind: str, check: str, value: Any, loc: tuple[int | str, ...]) -
         found = shape.get(key)
         if found is None:
             continue
+        if found[0] == "codes":
+            _refuse_codes(kind, _bindings(check)[key], item, (*loc, key))
+            continue
         one_check = found[0] if found[0] != "complex" else found[1]
         if isinstance(item, list):
             for i, one in enumerate(item):
                 _primitives(kind, one_check, one, (*loc, key, i))
         else:
             _primitives(kind, one_check, item, (*loc, key))
+
+
+# fhir.resources copies the codes a required binding allows from the element's short text (its `title`, e.g.
+# "registered | preliminary | final | amended +") into `enum_values`; FHIR ends a short with "+" when the value set
+# has more codes than the short shows. So a trailing "+" marks a truncated list, not an open binding (fhir.resources
+# carries no binding strength at all). In R4 an element of type `code` whose short lists codes has a required
+# binding (Observation.status, Encounter.status, Identifier.use, ContactPoint.system, AdministrativeGender, ...), so
+# a code outside the value set is refused. The rest of each truncated list that the supported resources reach is
+# taken from the R4 value set, keyed by the codes fhir.resources does list (test_value_sets checks none is missing).
+_REST_OF_TRUNCATED: Mapping[tuple[str, ...], tuple[str, ...]] = {
+    # http://hl7.org/fhir/R4/valueset-observation-status.html
+    ("registered", "preliminary", "final", "amended"): ("corrected", "cancelled", "entered-in-error", "unknown"),
+    # http://hl7.org/fhir/R4/valueset-encounter-status.html
+    ("planned", "arrived", "triaged", "in-progress", "onleave", "finished", "cancelled"): ("entered-in-error",
+                                                                                          "unknown"),
+}
+
+
+def closed_codes(json_schema_extra: Any) -> frozenset[str] | None:
+    """The codes FHIR allows in a `code` element with a required binding, from its field's `json_schema_extra`;
+    None when the element lists none, or when its list is truncated and its value set unknown here."""
+    listed = json_schema_extra.get("enum_values") if isinstance(json_schema_extra, dict) else None
+    if not listed:
+        return None
+    if listed[-1] != "+":
+        return frozenset(listed)
+    rest = _REST_OF_TRUNCATED.get(tuple(listed[:-1]))
+    return None if rest is None else frozenset((*listed[:-1], *rest))
 
 
 def _optional_inner(annotation: Any) -> Any:
@@ -138,7 +193,8 @@ def _elements(resource_type: str) -> Mapping[str, _Element]:
         item = typing.get_args(inner)[0] if repeats else inner
         out[info.alias or name] = _Element(TypeAdapter(item), repeats,
                                            info.is_required() or extra.get("element_required") is True,
-                                           getattr(item, "__name__", "").removesuffix("Type"), _primitive(item))
+                                           getattr(item, "__name__", "").removesuffix("Type"), _primitive(item),
+                                           closed_codes(extra))
     return out
 
 
@@ -257,6 +313,8 @@ def _check(kind: str, element: _Element, value: Any, loc: tuple[int | str, ...],
             raise _invalid(f"{kind}.{_loc((*loc, *where))} is invalid ({kind_of})") from None
     except (ValueError, TypeError) as exc:  # validators in fhir.resources may raise plain errors
         raise _invalid(f"{kind} failed validation ({type(exc).__name__})") from None
+    if element.codes is not None:
+        _refuse_codes(kind, element.codes, value, loc)
     _primitives(kind, element.primitive or element.datatype, value, loc)
     _per1(kind, value, loc)
     if len(_valid) >= VALID_ITEMS_MAX:

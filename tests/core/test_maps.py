@@ -172,6 +172,12 @@ START = "{column: msemr_encounterstartdate, target: period.start, type: dateTime
                  "attributes[4].target", ["perod"], id="expansion-unknown-element"),
     pytest.param("contact.yaml", edit("contact.yaml", "2: female", "2: femal"), "attributes[", ["femal", "female"],
                  id="code-outside-a-required-value-set"),
+    # Found trying the product as a new user: fhir.resources lists Observation.status's codes as "registered |
+    # preliminary | final | amended +", the "+" was taken for an open list, and the server stored "finished".
+    pytest.param("msemr_observation.yaml", edit("msemr_observation.yaml", "935000002: final", "935000002: finished"),
+                 "attributes[0].values.935000002", ["finished", "corrected"], id="code-outside-a-truncated-value-set"),
+    pytest.param(ENC, edit(ENC, "935000002: triaged", "935000002: final"), "attributes[0].values.935000002",
+                 ["final", "entered-in-error"], id="code-outside-encounter-status"),
     pytest.param("msemr_observation.yaml", edit("msemr_observation.yaml", '"note[row].text"', '"note[row]"'),
                  "attributes[", ["[row]", "note[row].text"], id="row-item-without-an-element-of-it"),
     pytest.param("msemr_observation.yaml", edit("msemr_observation.yaml", '"note[row].text"',

@@ -12,14 +12,16 @@ from itertools import pairwise
 from typing import Any
 
 import pytest
+from fhir.resources.R4B import get_fhir_model_class
 
 from devtools.messages import Choice, Lookup, context
 from devtools.samples import ENCOUNTER, IDENTIFIER, OBSERVATION, PATIENT, PATIENT_TYPE, T0
 from writeback.decide import plan_message
-from writeback.maps import AttributeMap, load_maps
+from writeback.maps import RESOURCE_TYPES, AttributeMap, _model_in, load_maps
 from writeback.marks import marks_in
 from writeback.paths import Field, Index, Own, Path, Select
 from writeback.settings import DEFAULT_MAPS_DIR, Settings
+from writeback.validation import closed_codes
 
 # http://hl7.org/fhir/R4/valueset-administrative-gender.html
 ADMINISTRATIVE_GENDER = {"male", "female", "other", "unknown"}
@@ -164,3 +166,32 @@ def test_every_dataverse_choice_plans_a_valid_code(table, attr):
             resource = resource[entity_map.expansion.element][0]
         emitted = read(resource, attr.path)
         assert emitted == code and emitted in allowed
+
+
+def _code_elements(model: Any, where: str, seen: set[str]) -> list[tuple[str, Any]]:
+    """Every (path, field) of a `code` element that lists codes, in `model` and the datatypes it holds."""
+    out = []
+    for name, info in model.model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get("enum_values"):
+            out.append((f"{where}.{info.alias or name}", extra))
+        inner = _model_in(info.annotation)
+        if inner is not None and inner.__name__ not in seen:
+            seen.add(inner.__name__)
+            out.extend(_code_elements(inner, f"{where}.{info.alias or name}", seen))
+    return out
+
+
+def test_every_code_list_the_supported_resources_reach_is_closed_and_complete():
+    """fhir.resources ends a code list with "+" when FHIR's short text shows only the first codes of the value set
+    (Observation.status, Encounter.status): each such list a map can reach is completed from R4, or a map could
+    neither refuse a misspelt status nor write the codes the short leaves out."""
+    truncated = {}
+    for kind in RESOURCE_TYPES:
+        for where, extra in _code_elements(get_fhir_model_class(kind), kind, set()):
+            codes = closed_codes(extra)
+            assert codes is not None, f"{where}: no R4 value set completes {extra['enum_values']}"
+            if extra["enum_values"][-1] == "+":
+                truncated[where] = codes
+    assert truncated == {"Observation.status": OBSERVATION_STATUS, "Encounter.status": ENCOUNTER_STATUS,
+                         "Encounter.statusHistory.status": ENCOUNTER_STATUS}
