@@ -509,7 +509,8 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
             owned[a.element] = a.column
     validate(rendered, partial=True, required=owned if full else None,
              ours={"Identifier": ({"system": target.identifier_system, "value": target.identifier_value},),
-                   "Reference": tuple(ref.reference(None) for ref in refs)})
+                   "Reference": tuple(ref.reference(None) for ref in refs)},
+             whole=full and not any(a.value is KEEP for a in assignments))
     # Without lookups the rendered state is what a create writes: `converge` starts from it, not from scratch.
     edit = RowEdit(mark, assignments, target.identity, full, rendered=rendered if full and not refs
                    else None, before=_before(entity_map, resource_type, old) if full else (),
@@ -612,7 +613,7 @@ def _plan_item(message: Message, entity_map: EntityMap, *, maps: MapSet, resourc
     parent_gates = [(expansion.parent_table, link.id)] if parent_map.consent_types and link.id else []
     item = render(resource_type, [Assignment((Field(expansion.element), Index(0), *a.path), a.value, a.column)
                                   for a in owned if a.value is not None and a.value is not KEEP])
-    validate(item, partial=True)
+    validate(item, partial=True, whole=full and not any(a.value is KEEP for a in owned))
     source = _source(message, f"urn:dataverse:{message.table}", new)
     changes = (expansion.element,)
     plan = WritePlan("update", tuple(writes), item, changes, source, full, (),

@@ -540,6 +540,7 @@ def _compile(file: str, spec: EntityMapSpec, specs: Mapping[str, tuple[str, Enti
     _check_one_owner(file, attributes)
     if expansion is None:
         _check_required(file, attributes, types)
+    _check_item_required(file, attributes, types, expansion)
     consent_types = frozenset(spec.consent.applies_to) if spec.consent else frozenset()
     if not consent_types <= types:
         # A misspelt type would silently switch the consent check off for the type meant.
@@ -566,6 +567,49 @@ def _check_required(file: str, attributes: Sequence[AttributeMap], types: frozen
             if not written.intersection(names):
                 raise MapError(file, "attributes", f"write no {kind}.{name}, which FHIR requires (1..1): the server "
                                f"would refuse every {kind} this map makes; map a column or a default to it")
+
+
+def _items(path: ElementPath, model: Any) -> list[tuple[int, Any]]:
+    """Each complex element `path` creates when absent (an item of a list: `component[0]`; or a single element:
+    `valueQuantity`), as (the length of its prefix in `path`, its model); not the one the path ends at, which the
+    column's value is whole."""
+    out: list[tuple[int, Any]] = []
+    for i, seg in enumerate(path):
+        if not isinstance(seg, PathField) or model is None:
+            continue
+        found = _element(model, seg.name)
+        model = found[0] if found is not None else None
+        if model is None:
+            continue
+        end = i + 2 if i + 1 < len(path) and not isinstance(path[i + 1], PathField) else i + 1
+        if end < len(path):
+            out.append((end, model))
+    return out
+
+
+def _check_item_required(file: str, attributes: Sequence[AttributeMap], types: frozenset[str],
+                         expansion: Expansion | None) -> None:
+    """Every element FHIR requires of an item a map creates (`component[0]` needs `code`) is written by an attribute
+    too, as `_check_required` asks of the resource: an Observation with only `component[0].valueQuantity.value`
+    passed every check, and the server refused every one (the model refuses it: component.0.code Field required)."""
+    # A child row's targets are relative to its item of the parent's list ([row] stands for that item).
+    lead: ElementPath = (PathField(expansion.element), Own()) if expansion is not None else ()
+    for kind in sorted(types):
+        resource: Any = getattr(importlib.import_module(f"fhir.resources.R4B.{kind.lower()}"), kind)
+        paths = [(i, (*lead, *a.path)) for i, a in enumerate(attributes) if a.only_for is None or kind in a.only_for]
+        for i, path in paths:
+            for end, model in _items(path, resource):
+                prefix = path[:end]
+                written = {seg.name for _, p in paths
+                           if len(p) > end and p[:end] == prefix and isinstance(seg := p[end], PathField)}
+                if isinstance(prefix[-1], Select):
+                    written.update(key for key, _ in prefix[-1].match)  # the selector writes its keys
+                item = format_path(prefix[len(lead):]) or f"the row's item of {format_path(lead[:1])}"
+                for name, names in required_elements(model.__name__):
+                    if not written.intersection(names):
+                        raise MapError(file, f"attributes[{i}].target", f"creates {kind}.{item} but no attribute "
+                                       f"writes its {name}, which FHIR requires (1..1): the server would refuse "
+                                       f"every {kind} this map makes; map a column or a default to it")
 
 
 def _valid(target: str) -> bool:

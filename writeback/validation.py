@@ -235,7 +235,7 @@ def choice_siblings(resource_type: str) -> Mapping[str, tuple[str, ...]]:
 
 
 def validate(resource: dict[str, Any], *, partial: bool, required: Mapping[str, str] | None = None,
-             ours: Mapping[str, Collection[Mapping[str, Any]]] | None = None) -> None:
+             ours: Mapping[str, Collection[Mapping[str, Any]]] | None = None, whole: bool = False) -> None:
     """Structural validation (fhir.resources); the error names the element, never the value.
 
     `partial`: the resource holds only the elements the map owns, so required elements may be absent, except
@@ -245,6 +245,10 @@ def validate(resource: dict[str, Any], *, partial: bool, required: Mapping[str, 
     row GUIDs (the row identifier, the identifier-only reference of a lookup), and taken as such only where an
     element of that datatype holds them: each row has its own, so remembering them would only push out what
     repeats.
+    `whole`: each element holds everything the map owns in it (the row's whole state, no column left as the server
+    has it), so an item missing an element FHIR requires of it (`component[0]` without `code`) is refused as the
+    model refuses it: the map owns that element (`maps` refuses a map that creates the item without it), and its
+    column is empty.
     """
     kind = str(resource["resourceType"])
     siblings = choice_siblings(kind)
@@ -268,7 +272,7 @@ def validate(resource: dict[str, Any], *, partial: bool, required: Mapping[str, 
         known = ours.get(element.datatype, ()) if ours else ()
         if not element.repeats:
             if value not in known:
-                _check(kind, element, value, (name,), partial=partial)
+                _check(kind, element, value, (name,), partial=partial, whole=whole)
             continue
         if not isinstance(value, list):
             raise _invalid(f"{kind}.{name} is invalid (list_type)")
@@ -276,7 +280,7 @@ def validate(resource: dict[str, Any], *, partial: bool, required: Mapping[str, 
             raise _invalid(f"{kind}.{name} is invalid (list_type)")
         for i, item in enumerate(value):
             if item not in known:
-                _check(kind, element, item, (name, i), partial=partial)
+                _check(kind, element, item, (name, i), partial=partial, whole=whole)
     for prefix, names in _required_choices(kind):  # absent like a required element: the same rule
         if all(resource.get(n) is None for n in names):
             if not partial:
@@ -293,8 +297,9 @@ def validate(resource: dict[str, Any], *, partial: bool, required: Mapping[str, 
                 raise _invalid(f"{kind}.{name} is required, and column {required[name]} that gives it is empty")
 
 
-def _check(kind: str, element: _Element, value: Any, loc: tuple[int | str, ...], *, partial: bool) -> None:
-    key = (kind, str(loc[0]), partial, repr(value))
+def _check(kind: str, element: _Element, value: Any, loc: tuple[int | str, ...], *, partial: bool,
+           whole: bool = False) -> None:
+    key = (kind, str(loc[0]), partial and not whole, repr(value))
     if key in _valid:
         return
     try:
@@ -302,9 +307,9 @@ def _check(kind: str, element: _Element, value: Any, loc: tuple[int | str, ...],
     except ValidationError as exc:
         for error in exc.errors():
             kind_of = str(error.get("type", "error"))
-            if partial and "missing" in kind_of:
-                continue  # an element the map does not own may be absent
             where = tuple(error.get("loc", ()))
+            if partial and "missing" in kind_of and not (whole and where):
+                continue  # an element the map does not own may be absent
             if kind_of == "extra_forbidden":
                 # The unknown name is the input's, not the model's: text a column held (JSON in a text column
                 # mapped onto a complex element) must not reach the detail.

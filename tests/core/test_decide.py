@@ -1089,3 +1089,18 @@ def test_a_primitive_fhir_refuses_is_invalid_at_planning(table: str, row: dict[s
     decision = plan(context("Create", table, record, row, post=row))
     assert (decision.decision, decision.reason) == ("reject", Reason.INVALID_RESOURCE), decision.detail
     assert element in decision.detail and "Quintero" not in decision.detail and "Wren" not in decision.detail
+
+
+def test_an_item_whose_required_element_is_empty_is_refused_before_the_server(tmp_path):
+    """A map writing `component[0]`'s code from a column: a row with a value but no code planned a write, and the
+    server refused it (`fhir-rejected`); the whole model refuses it, so the plan does (`invalid-resource`)."""
+    text = NEW_MEASURE + ('  - {column: new_band, target: "component[0].code.text"}\n'
+                          '  - {column: new_float, target: "component[0].valueQuantity.value", type: decimal}\n')
+    for name, body in {"new_person.yaml": NEW_PERSON, "new_doctor.yaml": NEW_DOCTOR, "new_measure.yaml": text}.items():
+        (tmp_path / name).write_text(body, encoding="utf-8")
+    maps = load_maps(tmp_path)
+    refused = measure(maps, new_float=Decimal("2365.12"))
+    assert (refused.decision, refused.reason) == ("reject", Reason.INVALID_RESOURCE)
+    assert refused.detail is not None and "Observation.component[0].code" in refused.detail
+    assert element(measure(maps, new_float=Decimal("2365.12"), new_band="Float"), "component") == [
+        {"code": {"text": "Float"}, "valueQuantity": {"value": Decimal("2365.12")}}]

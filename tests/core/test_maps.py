@@ -391,3 +391,37 @@ def test_types_that_fit_their_elements_load(tmp_path):
     load_maps(maps_dir(tmp_path, {ENC: text, "contact.yaml": edit("contact.yaml", "target: birthDate, type: date}",
                                                                    "target: birthDate, type: string}")}))
 
+
+
+ALLTYPES = """
+table: albxrm_alltypes
+resource: Observation
+identity: {identifier_system: "urn:dataverse:albxrm_alltypes"}
+attributes:
+  - {target: status, action: default, value: final}
+  - {target: code.text, action: default, value: All types}
+  - {column: albxrm_float, target: "component[0].valueQuantity.value", type: decimal}
+"""
+
+
+def test_a_map_creating_an_item_without_an_element_fhir_requires_of_it_is_refused(tmp_path):
+    """Found trying the product as a new user: `component[0].valueQuantity.value` alone passed check-config, and the
+    server refused every Observation (the model too: component.0.code Field required)."""
+    err = load_error(maps_dir(tmp_path, {"albxrm_alltypes.yaml": ALLTYPES}))
+    assert (err.file, err.field) == ("albxrm_alltypes.yaml", "attributes[2].target")
+    assert "creates Observation.component[0] but no attribute writes its code, which FHIR requires" in err.detail
+    (tmp_path / "ok").mkdir()
+    fixed = ALLTYPES + '  - {target: "component[0].code.text", action: default, value: Float}\n'
+    assert "albxrm_alltypes" in load_maps(maps_dir(tmp_path / "ok", {"albxrm_alltypes.yaml": fixed})).maps
+
+
+def test_an_item_found_by_a_selector_counts_the_selectors_keys_as_written(tmp_path):
+    """`statusHistory[status=planned].period.start`: the selector writes the status Encounter.statusHistory
+    requires; the period it also requires is written by the path."""
+    line = '  - {column: msemr_planned, target: "statusHistory[status=planned].period.start", type: dateTime}\n'
+    text = SHIPPED[ENC] + line
+    assert "msemr_encounter" in load_maps(maps_dir(tmp_path, {ENC: text})).maps
+    (tmp_path / "bad").mkdir()
+    bad = SHIPPED[ENC] + line.replace("[status=planned]", "[0]")
+    err = load_error(maps_dir(tmp_path / "bad", {ENC: bad}))
+    assert err.field.startswith("attributes[") and "statusHistory[0] but no attribute writes its status" in err.detail

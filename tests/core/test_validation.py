@@ -246,3 +246,16 @@ def test_every_code_of_a_truncated_value_set_is_accepted() -> None:
     for status in ("corrected", "cancelled", "entered-in-error", "unknown"):
         validation.validate({"resourceType": "Observation", "status": status}, partial=True)
     validation.validate({"resourceType": "Encounter", "status": "entered-in-error"}, partial=True)
+
+
+def test_a_whole_item_missing_an_element_fhir_requires_is_refused() -> None:
+    """`whole` (the row's whole state): an item without an element the model requires of it is refused as the model
+    refuses it; without `whole` (a change naming some columns only) the rest may be on the server."""
+    resource = {"resourceType": "Observation", "status": "final", "code": {"text": "t"},
+                "component": [{"valueQuantity": {"value": Decimal("1.5")}}]}
+    with pytest.raises(ValidationError, match=r"component\.0\.code"):
+        get_fhir_model_class("Observation").model_validate(copy.deepcopy(resource))
+    validation.validate(copy.deepcopy(resource), partial=True)
+    with pytest.raises(WritebackError) as caught:
+        validation.validate(copy.deepcopy(resource), partial=True, whole=True)
+    assert caught.value.detail == "Observation.component[0].code is invalid (missing)"
