@@ -22,7 +22,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from writeback.errors import MapError
 from writeback.immutable import immutable
 from writeback.paths import Field as PathField
-from writeback.paths import Own, PathError, Select, format_path, parse_path
+from writeback.paths import Index, Own, PathError, Select, format_path, parse_path
 from writeback.paths import Path as ElementPath
 from writeback.validation import closed_codes, required_elements
 
@@ -213,20 +213,35 @@ def _model_in(annotation: Any) -> Any:
     return None
 
 
-def _check_elements(file: str, where: str, path: ElementPath, resource_types: frozenset[str]) -> frozenset[str]:
+def _repeats(model: Any, name: str) -> bool:
+    info = next((i for n, i in model.model_fields.items() if name in (n, i.alias)), None)
+    annotation = info.annotation if info is not None else None
+    return any(typing.get_origin(a) is list for a in (annotation, *typing.get_args(annotation)))
+
+
+def _check_elements(file: str, where: str, path: ElementPath, resource_types: frozenset[str],
+                    item_of_first: bool = False) -> frozenset[str]:
     """Every element along `path` exists (below the first too: `address[use?=home].ctiy` is refused at load, not
-    by every message's validation), and so do the keys of its selectors. Returns the codes a required binding
-    allows at its end (empty: any)."""
+    by every message's validation), and so do the keys of its selectors; a repeating element is followed by the
+    item it means (`performer[0]`): a value written as the whole list was refused by every message's validation
+    (`Observation.performer is invalid (list_type)`). `item_of_first`: the first element's item is the child row's.
+    Returns the codes a required binding allows at its end (empty: any)."""
     codes: set[str] = set()
     for resource_type in sorted(resource_types):
         model: Any = getattr(importlib.import_module(f"fhir.resources.R4B.{resource_type.lower()}"), resource_type)
         extra: Mapping[str, Any] = {}
         named = resource_type
-        for seg in path:
+        for n, seg in enumerate(path):
             if isinstance(seg, PathField):
                 found = _element(model, seg.name) if model is not None else None
                 if found is None:
                     raise MapError(file, where, f"{named} has no element {seg.name!r}")
+                at = n + 1
+                if _repeats(model, seg.name) and not (item_of_first and n == 0) and (
+                        at == len(path) or isinstance(path[at], PathField)):
+                    fixed = format_path((*path[:at], Index(0), *path[at:]))
+                    raise MapError(file, where, f"names {named}.{seg.name}, a list, without saying which item: "
+                                   f"name one, e.g. {fixed}")
                 model, extra = found
                 named = f"{named}.{seg.name}"
             elif isinstance(seg, Select) and model is not None:
@@ -506,7 +521,7 @@ def _compile(file: str, spec: EntityMapSpec, specs: Mapping[str, tuple[str, Enti
             path = parse_path(f"{expansion.element}.{attr.target}") if _valid(attr.target) else ()
             if not path:
                 raise MapError(file, f"{where}.target", "is not a valid element path")
-            codes = _check_elements(file, f"{where}.target", path, applies)
+            codes = _check_elements(file, f"{where}.target", path, applies, item_of_first=True)
             if any(isinstance(seg, Own) for seg in path):
                 raise MapError(file, f"{where}.target", "uses [row] in a child row's map: a child row's item is "
                                "already found by the row's mark; [row] is for a list in the row's own resource")

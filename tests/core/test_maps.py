@@ -204,6 +204,16 @@ START = "{column: msemr_encounterstartdate, target: period.start, type: dateTime
     pytest.param("msemr_observation.yaml", edit("msemr_observation.yaml", '"note[row].text"',
                                                 '"code.coding[row].code"'),
                  "attributes[", ["selector or a position"], id="row-item-beside-a-selector"),
+    # Found trying the product as a new user: each message was then `invalid-resource` "Observation.performer is
+    # invalid (list_type)", a lookup's one reference written as the whole list.
+    pytest.param("msemr_observation.yaml", edit("msemr_observation.yaml", "target: encounter, action: lookup",
+                                                "target: performer, action: lookup, resource: Practitioner}\n"
+                                                "  - {column: msemr_enc, target: encounter, action: lookup"),
+                 "attributes[3].target", ["Observation.performer, a list", "performer[0]"], id="lookup-onto-a-list"),
+    pytest.param("contact.yaml", edit("contact.yaml", '"name[use?=official].given[1]"', '"name[use?=official].given"'),
+                 "attributes[1].target", ["given, a list", "name[use?=official].given[0]"], id="copy-onto-a-list"),
+    pytest.param("contact.yaml", edit("contact.yaml", '"address[use?=home].city"', "address.city"),
+                 "attributes[", ["Patient.address, a list", "address[0].city"], id="through-a-list-without-an-item"),
     pytest.param("contact.yaml", edit("contact.yaml", "{column: birthdate, target: birthDate",
                                       "{colum: birthdate, target: birthDate"),
                  "attributes[3].colum", ["not a key", "did you mean `column`"], id="misspelt-key"),
