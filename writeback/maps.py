@@ -17,7 +17,16 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from fhir_core.types import FhirBase
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from writeback.errors import MapError
 from writeback.immutable import immutable
@@ -27,6 +36,11 @@ from writeback.paths import Path as ElementPath
 from writeback.validation import closed_codes, required_elements
 
 RESOURCE_TYPES = ("Patient", "Practitioner", "Encounter", "Observation")
+# The highest list position a target may name (`given[99]`). FHIR sets none, but each position is one column, and
+# every write spans the positions up to the highest a map names in that list (`paths.apply_state` keeps the
+# unnamed ones below it as the server has them): `given[99999]` loaded and built 100,000 slots per message, and a
+# larger one would exhaust memory. No Dataverse table has near 100 columns for one list (address lines: 3).
+MAX_POSITION = 99
 
 
 def _keys_as_text(raw: Any) -> Any:
@@ -96,7 +110,9 @@ class ExpansionSpec(_Strict):
 
 class EntityMapSpec(_Strict):
     table: str
-    writeback: bool = True
+    # Strict: pydantic's lax bool reads the text "yes", "off" or "0" as a boolean, and `writeback: "no"` (quoted) is
+    # easily read as turning a table off; YAML's own true/false (and unquoted yes/no) reach here as booleans.
+    writeback: StrictBool = True
     messages: list[Literal["Create", "Update"]] = ["Create", "Update"]
     resource: str | ResourceChoice
     identity: IdentitySpec | None = None
@@ -244,6 +260,9 @@ def _check_elements(file: str, where: str, path: ElementPath, resource_types: fr
                                    f"name one, e.g. {fixed}")
                 model, extra = found
                 named = f"{named}.{seg.name}"
+            elif isinstance(seg, Index) and seg.position > MAX_POSITION:
+                raise MapError(file, where, f"names position {seg.position} of {named}; a map names positions 0 to "
+                               f"{MAX_POSITION} (one column each, written as the list's leading items)")
             elif isinstance(seg, Select) and model is not None:
                 for key, _ in seg.match:
                     if _element(model, key) is None:
@@ -313,6 +332,18 @@ def _check_codes(file: str, where: str, values: Mapping[str, Any], allowed: froz
         if allowed and str(value) not in allowed:
             raise MapError(file, f"{where}{key}", f"is {value!r}, not a code of the element's required value set "
                            f"({', '.join(sorted(allowed))})")
+
+
+def _check_choice_key(file: str, where: str, key: str) -> None:
+    """A value map's key is what the row sends: a choice column's integer value (`935000000`), or true/false for
+    a two-option column. A key no row can send (`one`) left every row of that choice unmapped: invalid-resource."""
+    if key in ("true", "false"):
+        return
+    try:
+        int(key)
+    except ValueError:
+        raise MapError(file, where, f"is a key {key!r} no row can send: a value map's keys are a choice column's "
+                       "integer values (935000000) or true/false for a two-option column") from None
 
 
 def _check_resource(file: str, where: str, resource_type: str) -> None:
@@ -407,6 +438,8 @@ def _format_error(err: Mapping[str, Any]) -> tuple[str, str]:
     if err.get("type") == "extra_forbidden" and loc and isinstance(loc[-1], str):
         near = difflib.get_close_matches(loc[-1], _spec_keys(), n=1)
         return where, "is not a key entity maps know" + (f" (did you mean `{near[0]}`?)" if near else "")
+    if err.get("type") == "bool_type":
+        return where, "must be true or false (unquoted)"
     return where or "(top level)", str(err.get("msg", "is invalid"))
 
 
@@ -489,6 +522,7 @@ def _compile(file: str, spec: EntityMapSpec, specs: Mapping[str, tuple[str, Enti
         choice_column, choices = None, {}
     else:
         for k, t in spec.resource.values.items():
+            _check_choice_key(file, f"resource.values.{k}", k)
             _check_resource(file, f"resource.values.{k}", t)
         resource_type, choice_column, choices = None, spec.resource.column, dict(spec.resource.values)
     types = frozenset(choices.values()) if resource_type is None else frozenset({resource_type})
@@ -533,6 +567,8 @@ def _compile(file: str, spec: EntityMapSpec, specs: Mapping[str, tuple[str, Enti
             _check_type(file, where, path if expansion is None else (PathField(expansion.element), *path),
                         applies, attr.type)
         if attr.action == "value_map":
+            for key in attr.values or {}:
+                _check_choice_key(file, f"{where}.values.{key}", key)
             _check_codes(file, f"{where}.values.", dict(attr.values or {}), codes)
         elif attr.action == "default":
             _check_codes(file, f"{where}.", {"value": attr.value}, codes)
