@@ -82,6 +82,11 @@ class RowFacts:
     # The `versionnumber`s of the row's messages seen (the newest SEEN_KEPT, ascending): a pre image naming a version
     # between them that none of them has is a save not seen yet (`follows_seen`).
     seen: tuple[int, ...] = ()
+    # The type the row had before its last type change, and the version that change is first known at (a contact
+    # made a Practitioner: Patient): its child rows wait for it to be one again (`resolve`), where a contact that
+    # never was one skips them at once. `type_version` moves with every message that holds the type: not this.
+    type_before: str | None = None
+    retyped: Version = field(default_factory=Version)
 
     @property
     def type_at(self) -> Version:
@@ -126,6 +131,7 @@ class RowFacts:
         consent, consent_at = _newest(self.consent, self.consent_at, other.consent, other.consent_at)
         parent, parent_at = _newest(self.parent, self.parent_at, other.parent, other.parent_at)
         version = newer.version if newer.version.known else older.version
+        type_before, retyped = _last_change(self, other)
         return RowFacts(self.table, self.row_id, version, kind, consent, fhir_id,
                         newer.written or older.written, parent, fhir_type,
                         # (kept only where it is not `version`'s: facts compare equal however they were merged)
@@ -134,7 +140,8 @@ class RowFacts:
                         parent_version=parent_at if parent_at != version else Version(),
                         echoed=_echoed(self.echoed, other.echoed),
                         seen=self.seen if self.seen == other.seen else
-                        tuple(sorted(set(self.seen) | set(other.seen))[-SEEN_KEPT:]))
+                        tuple(sorted(set(self.seen) | set(other.seen))[-SEEN_KEPT:]),
+                        type_before=type_before, retyped=retyped)
 
     def follows_seen(self, before: Version) -> bool:
         """Whether the save that left the row at `before` (a message's pre image) may be one already seen: not when
@@ -163,6 +170,22 @@ def _echoed(mine: tuple[tuple[str, Version], ...],
         if known is None or known.compare(at) != 1:
             out[column] = at
     return tuple(sorted(out.items()))
+
+
+def _last_change(one: RowFacts, other: RowFacts) -> tuple[str | None, Version]:
+    """The newest type change two facts of a row know: each one's own, and the one between them when they say
+    different types (told by messages of each type, received in any order)."""
+    changes: list[tuple[str | None, Version]] = [(f.type_before, f.retyped) for f in (one, other)
+                                                 if f.type_before is not None]
+    if one.resource_type is not None and other.resource_type is not None and \
+            one.resource_type != other.resource_type and (order := one.type_at.compare(other.type_at)) is not None:
+        older, newer = (other, one) if order > 0 else (one, other)
+        changes.append((older.resource_type, newer.type_at))
+    best: tuple[str | None, Version] = (None, Version())
+    for before, at in changes:
+        if best[0] is None or at.compare(best[1]) == 1:
+            best = (before, at)
+    return best
 
 
 def _newest(mine: _V | None, mine_at: Version, theirs: _V | None, theirs_at: Version) -> tuple[_V | None, Version]:
@@ -213,10 +236,13 @@ def facts_of(message: Message, maps: MapSet, settings: Settings) -> RowFacts | N
         # What its Target holds is what FHIR held (the sync copied it from there); a Create has no older save.
         mapped = {a.column for a in entity_map.attributes if a.column}
         echoed = tuple(sorted((column, version) for column in mapped & set(message.target.attributes)))
+    before = resource_type_of(entity_map, old) if old and entity_map.choice_column else None
+    retyped = resource_type is not None and before is not None and before != resource_type
     return RowFacts(message.table, message.record_id, version, resource_type,
                     consent, fhir_id, parent=parent,
                     fhir_type=fhir_id_type(entity_map, old, row) if fhir_id else None, echoed=echoed,
-                    seen=() if version.number is None else (version.number,))
+                    seen=() if version.number is None else (version.number,),
+                    type_before=before if retyped else None, retyped=version if retyped else Version())
 
 
 def merged(facts: Iterable[RowFacts], into: dict[RowKey, RowFacts] | None = None) -> dict[RowKey, RowFacts]:
@@ -454,16 +480,16 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
                 made_as = fact.id_for(target.resource_type) or target.new_id
                 writes.append(Write(replace(target, fhir_id=made_as, fhir_id_unsure=False), edit))
                 continue
-            if fact.type_at.compare(plan.source.version) == 1 and \
+            if fact.type_before == target.resource_type and \
                     waited < timedelta(minutes=settings.consent_wait_minutes):
-                # Saved before the parent's newest message, which says another type: it may have been a Patient
-                # then (made a Practitioner by mistake, and back a minute later), as for a consent, a short
-                # change of the parent must not lose the row for good (found by review).
+                # The parent was one until its last type change (made a Practitioner by mistake, and back a minute
+                # later): as for a consent, a short change of the parent must not lose the row for good, saved
+                # before it or meanwhile (found by review). A contact that never was one skips it at once.
                 return replace(decision, decision="reject", reason=Reason.TARGET_PENDING, plan=None,
                                detail=f"The parent {target.table} {target.identifier_value} is not a "
-                               f"{target.resource_type} since a change saved after this row: waiting for it to be "
-                               f"one again (up to WRITEBACK_CONSENT_WAIT_MINUTES, {settings.consent_wait_minutes:g}"
-                               " min).")
+                               f"{target.resource_type} since a change of its type ({fact.retyped.text()}): "
+                               "waiting for it to be one again (up to WRITEBACK_CONSENT_WAIT_MINUTES, "
+                               f"{settings.consent_wait_minutes:g} min).")
             return replace(decision, decision="skip", reason=Reason.NO_ENTITY_MAP, plan=None,
                            detail=f"The parent {target.table} {target.identifier_value} is not a "
                            f"{target.resource_type}; this table's map writes into {target.resource_type} only.")

@@ -329,7 +329,11 @@ def _image(raw: object, where: str, table: str, record_id: str) -> Entity | None
 def _same_row(entity: Entity | EntityRef, where: str, table: str, record_id: str) -> None:
     """A Target or image of another row than the one PrimaryEntityName and PrimaryEntityId name: refused, since its
     columns would be written as that row's (a new Patient under another row's identifier). Dataverse's own bodies
-    always agree (the four public samples: Target, images and the `<table>id` column)."""
+    always agree (the four public samples: Target, images and the `<table>id` column). A body that names no row
+    (Associate and Disassociate: PrimaryEntityName `none`, the nil GUID, a Target naming one side of the
+    relationship) has nothing to disagree with (found by review)."""
+    if table == "none" or record_id == _NIL_GUID:
+        return
     if entity.logical_name.lower() != table:
         raise _fail(f"{where} is a row of {entity.logical_name.lower()}, not of {table} (PrimaryEntityName)")
     # The nil GUID is a row without its id yet (a Create's Target before the platform gives it one): no other row.

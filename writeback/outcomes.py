@@ -274,7 +274,7 @@ def _group(entities: Iterable[Mapping[str, Any]]) -> list[OutcomeRow]:
 
 def _facts_of(row: RowKey, entity: Mapping[str, Any]) -> RowFacts | None:
     if not any(k in entity for k in ("FactsVersion", "ResourceType", "Consent", "FhirId", "Written", "Parent",
-                                     "FhirType", "Echoed", "Seen")):
+                                     "FhirType", "Echoed", "Seen", "TypeBefore")):
         return None
     consent = entity.get("Consent")
     kind = entity.get("ResourceType")
@@ -288,7 +288,9 @@ def _facts_of(row: RowKey, entity: Mapping[str, Any]) -> RowFacts | None:
                     type_version=Version.parse(str(entity.get("TypeVersion") or "")),
                     consent_version=Version.parse(str(entity.get("ConsentVersion") or "")),
                     parent_version=Version.parse(str(entity.get("ParentVersion") or "")),
-                    echoed=_echoed_of(entity.get("Echoed")), seen=_seen_of(entity.get("Seen")))
+                    echoed=_echoed_of(entity.get("Echoed")), seen=_seen_of(entity.get("Seen")),
+                    type_before=entity.get("TypeBefore") or None,
+                    retyped=Version.parse(str(entity.get("Retyped") or "")))
 
 
 def _seen_of(raw: object) -> tuple[int, ...]:
@@ -562,6 +564,7 @@ class OutcomeStore:
                 "Written": merged.written, "Parent": merged.parent, "FhirType": merged.fhir_type,
                 "Echoed": json.dumps({column: at.stored() for column, at in merged.echoed}) if merged.echoed else None,
                 "Seen": ",".join(map(str, merged.seen)) if merged.seen else None,
+                "TypeBefore": merged.type_before, "Retyped": merged.retyped.stored() or None,
                 # "" (not None, which MERGE would leave as it was): the same as FactsVersion
                 # (`stored`: modifiedon beside a versionnumber, so a message without the number is still ordered)
                 **{name: version.stored() if version != merged.version else "" for name, version in

@@ -138,9 +138,9 @@ REASONS: dict[Reason, ReasonInfo] = {
         "row not written yet (an Observation before its Encounter), which waits two retries (after waiting for a "
         "patient's consent, twice WRITEBACK_RETRY_MAX_DELAY_SECONDS), then refers to it by identifier only; or a "
         "save of a record that came from FHIR before an earlier save of its row, which tells which of the record's "
-        "items are the row's: it waits one retry, then is written; or an identifier row whose contact was made a "
-        "Practitioner after the row was saved: it waits WRITEBACK_CONSENT_WAIT_MINUTES for the contact to be a "
-        "Patient again, then is skipped as `no-entity-map`.",
+        "items are the row's: it waits one retry, then is written; or an identifier row whose contact was a Patient "
+        "until its last type change (made a Practitioner): it waits WRITEBACK_CONSENT_WAIT_MINUTES for the contact "
+        "to be a Patient again, then is skipped as `no-entity-map`.",
         "Usually none: it is retried with a growing delay until the Create is written. If it ends as "
         "retries-exhausted, resubmit the row's Create first "
         "(or save a row that predates writeback in Dataverse), then resubmit."),

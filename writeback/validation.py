@@ -168,6 +168,10 @@ def closed_codes(json_schema_extra: Any) -> frozenset[str] | None:
     listed = json_schema_extra.get("enum_values") if isinstance(json_schema_extra, dict) else None
     if not listed:
         return None
+    if "etc." in listed:
+        # An open list ("text/cql | text/fhirpath | application/x-fhir-query | etc.": Expression.language, an
+        # extensible binding): the codes shown are examples, not the value set (found by review).
+        return None
     if listed[-1] != "+":
         return frozenset(listed)
     rest = _REST_OF_TRUNCATED.get(tuple(listed[:-1]))

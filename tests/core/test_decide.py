@@ -1022,6 +1022,29 @@ def test_row_facts_keep_the_version_of_the_message_each_value_came_from():
     assert told.merge(told) == told and later.merge(told).merge(later) == known
 
 
+def test_row_facts_keep_the_type_a_row_had_before_its_last_type_change_in_any_order():
+    """A contact made a Practitioner: its identifier rows wait for it to be a Patient again (`resolve`), where a
+    contact that never was one skips them at once. Every message holding the type moves `type_at`, so the change
+    is kept apart: told by two messages of each type, received in any order, or by one message's images."""
+    patient = RowFacts("contact", "c-1", Version(10), "Patient", True)
+    practitioner = RowFacts("contact", "c-1", Version(11), "Practitioner", True)
+    phone = RowFacts("contact", "c-1", Version(12), "Practitioner", True)  # a later save, the type unchanged
+    for facts in (patient.merge(practitioner).merge(phone), phone.merge(practitioner).merge(patient),
+                  phone.merge(patient)):
+        assert (facts.resource_type, facts.type_before) == ("Practitioner", "Patient"), facts
+    assert patient.merge(practitioner).retyped == Version(11)
+    assert practitioner.merge(phone).type_before is None  # always a Practitioner, as far as known
+    back = RowFacts("contact", "c-1", Version(13), "Patient", True)
+    assert (phone.merge(patient).merge(back).type_before, phone.merge(patient).merge(back).retyped) == (
+        "Practitioner", Version(13))
+    message = context("Update", "contact", PATIENT, {"msemr_contacttype": Choice(935000001)},
+                      pre=patient_row(msemr_contacttype=Choice(935000000), versionnumber=10),
+                      post=patient_row(msemr_contacttype=Choice(935000001), versionnumber=11))
+    told = facts_of(message_of(message, {}), MAPS, SETTINGS)
+    assert told is not None and (told.resource_type, told.type_before, told.retyped.number) == (
+        "Practitioner", "Patient", 11)
+
+
 def test_row_facts_keep_the_newest_version_the_sync_set_each_column_in():
     """The columns an `echo` set (the FHIR→Dataverse sync's save) are kept per column with the newest version that
     set them, in whatever order the facts are merged; an older save of the row leaves them as FHIR holds them."""

@@ -333,7 +333,7 @@ async def test_row_facts_round_trip_through_table_storage(store: OutcomeStore) -
     contact, identifier = new_id(), new_id()
     learned = [RowFacts("contact", contact, Version(7), "Practitioner", True, "ext-1", fhir_type="Patient",
                         echoed=(("lastname", Version(6)), ("telephone1", Version(7))),  # (column names only)
-                        seen=(5, 7)),
+                        seen=(5, 7), type_before="Patient", retyped=Version(6)),
                RowFacts("msemr_medicalidentifier", identifier, Version(9), "Patient", parent=NO_PARENT)]
     await store.learn(learned)
     known = await store.facts({f.key for f in learned})

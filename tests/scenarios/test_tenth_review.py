@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from devtools.messages import Lookup
 from tests.scenarios.checks import (
     ENCOUNTER_SYSTEM,
@@ -117,9 +115,6 @@ async def test_s25c_an_mrn_received_while_its_contact_was_briefly_a_practitioner
     check_identifier({contact: patient}, mrn, dv.row("msemr_medicalidentifier", mrn))
 
 
-@pytest.mark.xfail(strict=True, reason="a child row saved while its contact is another type is skipped "
-                   "`no-entity-map`; the contact made a Patient again writes its own row, not its child rows: they "
-                   "are written at their next save (as after a consent given past the wait)")
 async def test_s25d_an_mrn_corrected_while_the_contact_was_a_practitioner_is_corrected_when_it_is_a_patient(
         world: World):
     """Registered with MRN-8201 (written); made a Practitioner by mistake; the registrar corrects the MRN to
