@@ -613,11 +613,22 @@ def _check_required(file: str, attributes: Sequence[AttributeMap], types: frozen
     the product: a map without Observation.code passed every check). The row identifier is the product's own."""
     for kind in sorted(types):
         written = {"identifier", *(a.path[0].name for a in attributes
-                                   if isinstance(a.path[0], PathField) and (a.only_for is None or kind in a.only_for))}
+                                   if isinstance(a.path[0], PathField) and (a.only_for is None or kind in a.only_for)
+                                   and _writes_alone(a, 1))}
         for name, names in required_elements(kind):
             if not written.intersection(names):
                 raise MapError(file, "attributes", f"write no {kind}.{name}, which FHIR requires (1..1): the server "
-                               f"would refuse every {kind} this map makes; map a column or a default to it")
+                               f"would refuse every {kind} this map makes; map a column or a default to it (a "
+                               "default inside it is written only beside a column's value: give it the element "
+                               "itself, or a column)")
+
+
+def _writes_alone(attr: AttributeMap, depth: int) -> bool:
+    """Whether the attribute writes the element its path names at `depth` whatever the row holds: a column does
+    (its value or its default), and a constant that is that element; a constant further inside (`code.text`) is
+    written only where a column's value made the element (`paths.apply_state`), so alone it makes nothing (found by
+    review: a map giving Observation.code only by such a constant passed the load checks, and planned no code)."""
+    return attr.column is not None or len(attr.path) <= depth
 
 
 def _items(path: ElementPath, model: Any) -> list[tuple[int, Any]]:
@@ -647,12 +658,14 @@ def _check_item_required(file: str, attributes: Sequence[AttributeMap], types: f
     lead: ElementPath = (PathField(expansion.element), Own()) if expansion is not None else ()
     for kind in sorted(types):
         resource: Any = getattr(importlib.import_module(f"fhir.resources.R4B.{kind.lower()}"), kind)
-        paths = [(i, (*lead, *a.path)) for i, a in enumerate(attributes) if a.only_for is None or kind in a.only_for]
+        chosen = [(i, a) for i, a in enumerate(attributes) if a.only_for is None or kind in a.only_for]
+        paths = [(i, (*lead, *a.path)) for i, a in chosen]
         for i, path in paths:
             for end, model in _items(path, resource):
                 prefix = path[:end]
-                written = {seg.name for _, p in paths
-                           if len(p) > end and p[:end] == prefix and isinstance(seg := p[end], PathField)}
+                written = {seg.name for (_, p), (_, a) in zip(paths, chosen, strict=True)
+                           if len(p) > end and p[:end] == prefix and isinstance(seg := p[end], PathField)
+                           and _writes_alone(a, end + 1 - len(lead))}
                 if isinstance(prefix[-1], Select):
                     written.update(key for key, _ in prefix[-1].match)  # the selector writes its keys
                 item = format_path(prefix[len(lead):]) or f"the row's item of {format_path(lead[:1])}"

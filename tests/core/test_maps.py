@@ -418,7 +418,7 @@ resource: Observation
 identity: {identifier_system: "urn:dataverse:albxrm_alltypes"}
 attributes:
   - {target: status, action: default, value: final}
-  - {target: code.text, action: default, value: All types}
+  - {column: albxrm_name, target: code.text, type: string}
   - {column: albxrm_float, target: "component[0].valueQuantity.value", type: decimal}
 """
 
@@ -430,8 +430,27 @@ def test_a_map_creating_an_item_without_an_element_fhir_requires_of_it_is_refuse
     assert (err.file, err.field) == ("albxrm_alltypes.yaml", "attributes[2].target")
     assert "creates Observation.component[0] but no attribute writes its code, which FHIR requires" in err.detail
     (tmp_path / "ok").mkdir()
-    fixed = ALLTYPES + '  - {target: "component[0].code.text", action: default, value: Float}\n'
+    fixed = ALLTYPES + '  - {column: albxrm_floatname, target: "component[0].code.text", type: string}\n'
     assert "albxrm_alltypes" in load_maps(maps_dir(tmp_path / "ok", {"albxrm_alltypes.yaml": fixed})).maps
+
+
+def test_a_constant_inside_an_element_fhir_requires_does_not_count_as_writing_it(tmp_path):
+    """A default without a column inside an element (`code.text`) is written only where a column's value made that
+    element (a unit's system beside a cleared value must go too): alone it makes nothing. Found by review: a map
+    giving Observation.code (or an item's code) only by such a constant passed check-config and planned none."""
+    alone = ALLTYPES.replace("{column: albxrm_name, target: code.text, type: string}",
+                             "{target: code.text, action: default, value: All types}")
+    err = load_error(maps_dir(tmp_path, {"albxrm_alltypes.yaml": alone}))
+    assert err.field == "attributes" and "write no Observation.code" in err.detail
+    assert "a default inside it is written only beside a column's value" in err.detail
+    (tmp_path / "item").mkdir()
+    item = ALLTYPES + '  - {target: "component[0].code.text", action: default, value: Float}\n'
+    err = load_error(maps_dir(tmp_path / "item", {"albxrm_alltypes.yaml": item}))
+    assert "creates Observation.component[0] but no attribute writes its code" in err.detail
+    (tmp_path / "beside").mkdir()  # beside a column writing into the same element, it is written: allowed
+    beside = ALLTYPES + ('  - {column: albxrm_floatname, target: "component[0].code.text", type: string}\n'
+                         '  - {target: "code.coding[0].system", action: default, value: "http://loinc.org"}\n')
+    assert "albxrm_alltypes" in load_maps(maps_dir(tmp_path / "beside", {"albxrm_alltypes.yaml": beside})).maps
 
 
 def test_an_item_found_by_a_selector_counts_the_selectors_keys_as_written(tmp_path):
