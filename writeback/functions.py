@@ -171,11 +171,14 @@ def _log_outcome(dims: Mapping[str, Any], detail: str) -> None:
         count = int(dims.get("messages", 1))
         # Without a scheduler the messages are abandoned (Service Bus redelivers them at once): the record must say
         # so, not promise a delayed retry (found by a new user: alerts and queries read this record).
-        how = ("retried with a growing delay" if dims["settlement"] == "reschedule" else
-               "abandoned: Service Bus redelivers them at once, until MaxDeliveryCount (no retry copy can be "
-               "scheduled)")
-        kept = (f"The message is {how.replace('them', 'it')}; fix the configuration (python -m writeback "
-                "check-config) and it is processed again." if count == 1 else
+        if dims["settlement"] == "reschedule":
+            how = "retried with a growing delay"
+        else:
+            it = "it" if count == 1 else "them"
+            how = (f"abandoned: Service Bus redelivers {it} at once, until MaxDeliveryCount (no retry copy can be "
+                   "scheduled)")
+        kept = (f"The message is {how}; fix the configuration (python -m writeback check-config) and it is "
+                "processed again." if count == 1 else
                 f"All {count} messages of the batch are {how}; fix the configuration "
                 "(python -m writeback check-config) and they are processed again.")
         text = ("writeback outcome=%s reason=%s table=%s record=%s message_id=%s correlation=%s settlement=%s "

@@ -38,9 +38,8 @@ _AT_BYTE = re.compile(r"\(byte (\d+)\)")
 # else in its place was put there by a sender, and may be a patient's name or birth date. Any case is taken (the
 # table is lowercased, as it always was); explicit ranges, not \w, so no other script's letters pass. The bound is
 # SQL Server's identifier limit (128), wide of any Dataverse name: what it stops is a sentence, not a long name.
+# MessageName takes the same form: Dataverse's own (Create, Update) and custom API names (`new_MyAction`).
 _LOGICAL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-# MessageName: Dataverse's own (Create, Update) and custom API names (`new_MyAction`, up to 128 characters).
-_MESSAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _LOGICAL_FORM = "a logical name (up to 128 ASCII letters, digits and underscores, not starting with a digit)"
 _NIL_GUID = "00000000-0000-0000-0000-000000000000"
 _MIME_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,40}/[A-Za-z0-9!#$&^_.+-]{1,40}")
@@ -538,7 +537,7 @@ def _name(data: Mapping[str, Any], key: str, form: re.Pattern[str], what: str) -
 def message_of(data: Mapping[str, Any], properties: Mapping[str, Any] | None = None) -> Message:
     """A decoded body (`decode_body`) and its application properties → the `Message`."""
     props = parse_properties(properties)
-    name = _name(data, "MessageName", _MESSAGE_NAME, "a message name (up to 128 ASCII letters, digits and "
+    name = _name(data, "MessageName", _LOGICAL_NAME, "a message name (up to 128 ASCII letters, digits and "
                  "underscores, not starting with a digit)")
     table = _name(data, "PrimaryEntityName", _LOGICAL_NAME, _LOGICAL_FORM).lower()
     if "PrimaryEntityId" not in data:

@@ -726,11 +726,12 @@ class Pipeline:
             for i in batch.messages_of.get(row, ()):
                 message = batch.decisions[i].message
                 fact = facts_of(message, self.maps, self.settings) if message is not None else None
-                if fact is not None and (row in whole or i in retrying):
+                if fact is None:
+                    continue
+                if row in whole or i in retrying:
                     fact = replace(fact, version=Version(), seen=(), type_version=fact.type_at,
                                    consent_version=fact.consent_at, parent_version=fact.parent_at)
-                if fact is not None:
-                    facts.append(fact)
+                facts.append(fact)
             batch.local.pop(row, None)
             merged(facts, into=batch.local)
 

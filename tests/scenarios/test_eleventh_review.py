@@ -18,7 +18,7 @@ from tests.scenarios.checks import (
     the_resource,
 )
 from tests.scenarios.conftest import World
-from tests.scenarios.dataverse import MRN, PRACTITIONER
+from tests.scenarios.dataverse import MRN, PRACTITIONER, Sent
 from tests.scenarios.test_items import states
 
 NPI = "http://hl7.org/fhir/sid/us-npi"
@@ -71,14 +71,19 @@ async def test_r2_identifier_row_moved_from_a_genuine_practitioner_to_a_patient(
 # ---- item 2: versions of retried messages no longer seen, with transient failures -------------------------------
 
 
+async def _two_saves(world: World, column: str, older: str, newer: str) -> tuple[str, Sent, Sent]:
+    """A patient written, then `column` saved twice: (the contact, the older save v2, the newer v3)."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    assert states(await world.send(created)) == [("written", None)]
+    return contact, dv.update("contact", contact, {column: older}), dv.update("contact", contact, {column: newer})
+
+
 async def test_r2_newer_save_failing_transiently_then_an_older_one_received(world: World):
     """A patient's phone is corrected twice (v2, then v3). v3 is received first and FHIR is down for it; v2 comes
     while v3 waits for its retry; then v3's retry. FHIR: v3's phone, one Provenance per version written."""
     dv = world.dataverse
-    contact, created = dv.patient()
-    assert states(await world.send(created)) == [("written", None)]
-    v2 = dv.update("contact", contact, {"telephone1": "+1 555 0102"})
-    v3 = dv.update("contact", contact, {"telephone1": "+1 555 0103"})
+    contact, v2, v3 = await _two_saves(world, "telephone1", "+1 555 0102", "+1 555 0103")
     world.x.transport.add(Fault(path_endswith="/R4", status=503, times=-1))
     assert states(await world.send(v3)) == [("retry", "fhir-unavailable")]
     world.x.transport.faults.clear()
@@ -93,10 +98,7 @@ async def test_r2_newer_save_whose_provenance_failed_then_an_older_one_received(
     retry. v2 must not be written over v3 (FHIR already holds v3, newer), or if it is, v3's retry must put v3
     back: FHIR ends with v3's phone, every version of ours with one Provenance."""
     dv = world.dataverse
-    contact, created = dv.patient()
-    assert states(await world.send(created)) == [("written", None)]
-    v2 = dv.update("contact", contact, {"telephone1": "+1 555 0102"})
-    v3 = dv.update("contact", contact, {"telephone1": "+1 555 0103"})
+    contact, v2, v3 = await _two_saves(world, "telephone1", "+1 555 0102", "+1 555 0103")
     world.x.transport.add_entry(EntryFault(url_contains="Provenance", status=500, times=-1))
     world.x.transport.add(Fault(url_contains="Provenance", status=500, times=-1))
     first = states(await world.send(v3))
@@ -112,10 +114,7 @@ async def test_r2_newer_save_whose_provenance_failed_then_an_older_one_received(
 async def test_r2_older_save_written_while_newer_one_waits_for_outage_in_two_instances(world: World):
     """The same as the first, v3 failing on instance X with a connection error, v2 then processed on Y."""
     dv = world.dataverse
-    contact, created = dv.patient()
-    assert states(await world.send(created)) == [("written", None)]
-    v2 = dv.update("contact", contact, {"lastname": "Okafor-Reyes"})
-    v3 = dv.update("contact", contact, {"lastname": "Reyes"})
+    contact, v2, v3 = await _two_saves(world, "lastname", "Okafor-Reyes", "Reyes")
     world.x.transport.add(Fault(path_endswith="/R4", error=httpx.ConnectError, times=-1))
     assert states(await world.send(v3))[0][0] == "retry"
     world.x.transport.faults.clear()

@@ -21,7 +21,7 @@ from tests.scenarios.checks import (
     the_resource,
 )
 from tests.scenarios.conftest import World
-from tests.scenarios.dataverse import MRN, SYNC_USER
+from tests.scenarios.dataverse import MRN, SYNC_USER, Sent
 from tests.scenarios.test_items import _ingested_contact, ingested_patient, states, target_only
 
 
@@ -61,6 +61,17 @@ async def test_r2a_a_save_of_the_patient_before_the_consent_ends_the_childs_cons
     check_identifier({contact: patient}, mrn, dv.row("msemr_medicalidentifier", mrn))
 
 
+async def admitted_without_consent(world: World) -> tuple[str, str, Sent, str, Sent]:
+    """A patient registered without consent (its Create `consent-withheld`), admitted, a heart rate recorded:
+    (the contact, the encounter and its Create, the observation and its Create), those two not sent yet."""
+    dv = world.dataverse
+    contact, created = dv.patient(consent=False)
+    visit, admitted = dv.encounter(contact)
+    obs, observed = dv.observation(contact, visit)
+    assert states(await world.send(created)) == [("skipped", "consent-withheld")]
+    return contact, visit, admitted, obs, observed
+
+
 async def test_r2b_an_observation_retried_after_the_consent_wait_refers_to_its_encounter_not_by_identifier(
         world: World):
     """Registered without consent; admitted (encounter E) and a heart rate recorded (observation O) minutes apart:
@@ -70,10 +81,7 @@ async def test_r2b_an_observation_retried_after_the_consent_wait_refers_to_its_e
     E and its `encounter` was written as an identifier-only reference, which stayed so until O was saved again.
     Dataverse: O's encounter lookup names E; FHIR must hold Observation.encounter = Encounter/<id>."""
     dv = world.dataverse
-    contact, created = dv.patient(consent=False)
-    visit, admitted = dv.encounter(contact)
-    obs, observed = dv.observation(contact, visit)
-    assert states(await world.send(created)) == [("skipped", "consent-withheld")]
+    contact, visit, admitted, obs, observed = await admitted_without_consent(world)
     for delivery in range(1, 7):
         assert states(await world.send(admitted, delivery_count=delivery)) == [("retry", "consent-unknown")]
         assert states(await world.send(observed, delivery_count=delivery)) == [("retry", "consent-unknown")]

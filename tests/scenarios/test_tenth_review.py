@@ -18,6 +18,7 @@ from tests.scenarios.checks import (
 from tests.scenarios.conftest import World
 from tests.scenarios.dataverse import MRN, PATIENT, PRACTITIONER, SYNC_USER
 from tests.scenarios.test_items import _ingested_contact, ingested_patient, states
+from tests.scenarios.test_ninth_review import admitted_without_consent
 
 
 def _mrns(patient: dict[str, Any]) -> list[str]:
@@ -73,10 +74,7 @@ async def test_s25b_vitals_recorded_half_an_hour_after_admission_refer_to_the_vi
     (2) tries past the consent: before, O was written at 08:38:45 with an identifier-only `encounter`, for good.
     Dataverse: O's encounter lookup names E; FHIR must hold Observation.encounter = Encounter/<id>."""
     dv = world.dataverse
-    contact, created = dv.patient(consent=False)
-    visit, admitted = dv.encounter(contact)
-    obs, observed = dv.observation(contact, visit)
-    assert states(await world.send(created)) == [("skipped", "consent-withheld")]
+    contact, visit, admitted, obs, observed = await admitted_without_consent(world)
     for delivery in range(1, 9):  # E: first saved 30.75 min before its 8th delivery
         assert states(await world.send(admitted, delivery_count=delivery)) == [("retry", "consent-unknown")]
     for delivery in (1, 2):  # O: saved at 08:31
