@@ -138,7 +138,8 @@ def build_requests(pipeline: Pipeline, envelopes: Sequence[Envelope], client: Fh
                     and (plan.source.table, plan.source.record_id) in created:
                 if plan.refs:
                     edit = replace(edit, owned=tuple(Assignment(a.path, resolve_refs(a.value, plan.ref_ids), a.column)
-                                                     for a in edit.owned))
+                                                     for a in edit.owned),
+                                   rendered=resolve_refs(edit.rendered, plan.ref_ids) if edit.rendered else None)
                 decided = converge(None, edit, target.resource_type, target.new_id)
                 assert decided.resource is not None
                 entries.append({"resource": client.stamp(decided.resource),

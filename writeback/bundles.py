@@ -359,7 +359,8 @@ class BatchDelivery:
                 unmade.append(job)  # (see below: nothing to leave, once no older create can make it any more)
                 continue
             try:
-                decided = converge(current, _resolved(job.edit, job.plan, batch), target.resource_type,
+                decided = converge(current, _resolved(job.edit, job.plan, batch, creating=current is None),
+                                   target.resource_type,
                                    target.new_id or resource_id(target.table, target.identifier_value))
             except WritebackError as exc:
                 job.outcome = exc
@@ -697,13 +698,17 @@ def _marked(resource: Mapping[str, Any], edit: Edit) -> Version | None:
     return mark.version
 
 
-def _resolved(edit: Edit, plan: WritePlan, batch: _Batch) -> Edit:
-    """The edit with its lookups as FHIR references (`Type/<id>` where the id is known)."""
+def _resolved(edit: Edit, plan: WritePlan, batch: _Batch, *, creating: bool = False) -> Edit:
+    """The edit with its lookups as FHIR references (`Type/<id>` where the id is known); `creating` (no resource
+    yet), its rendered state too, which a create writes."""
     if isinstance(edit, RemoveItem | Release) or not plan.refs:
         return edit
     ids = {**batch.ids, **plan.ref_ids}
     owned = tuple(Assignment(a.path, resolve_refs(a.value, ids), a.column) if isinstance(a.value, RowRef) else a
                   for a in edit.owned)
+    if isinstance(edit, RowEdit):
+        return replace(edit, owned=owned, rendered=resolve_refs(edit.rendered, ids)
+                       if creating and edit.rendered is not None else None)
     return replace(edit, owned=owned)
 
 

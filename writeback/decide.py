@@ -28,7 +28,15 @@ from typing import Any, Literal
 from writeback.converge import Edit, ItemEdit, Release, RemoveItem, RowEdit
 from writeback.errors import WritebackError
 from writeback.immutable import immutable
-from writeback.mapping import Row, RowRef, build_assignments, choice_key, render
+from writeback.mapping import (
+    Row,
+    RowRef,
+    build_assignments,
+    choice_key,
+    render,
+    render_with_refs,
+    resolve_refs,
+)
 from writeback.maps import AttributeMap, EntityMap, MapSet
 from writeback.marks import Mark, Version
 from writeback.messages import EntityRef, Message, decode_body, message_of
@@ -500,8 +508,9 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
                     resource_id(message.table, message.record_id), message.table,
                     fhir_id is not None and fhir_id_type(entity_map, old, new) != resource_type, retyped)
     refs = _refs(assignments)
-    rendered = render(resource_type, [*assignments, target.identity] if full else assignments, full=full,
-                      own=mark if entity_map.row_items else None)
+    with_refs = render_with_refs(resource_type, [*assignments, target.identity] if full else assignments,
+                                 full=full, own=mark if entity_map.row_items else None)
+    rendered: dict[str, Any] = resolve_refs(with_refs, {}) if refs else with_refs
     owned: dict[str, str] = {}
     for a in assignments:  # each element → a column feeding it, one with a value first (the error names that one)
         if a.column is not None and a.column != "*" and a.value is not KEEP and (
@@ -511,9 +520,10 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
              ours={"Identifier": ({"system": target.identifier_system, "value": target.identifier_value},),
                    "Reference": tuple(ref.reference(None) for ref in refs)},
              whole=full and not any(a.value is KEEP for a in assignments))
-    # Without lookups the rendered state is what a create writes: `converge` starts from it, not from scratch.
-    edit = RowEdit(mark, assignments, target.identity, full, rendered=rendered if full and not refs
-                   else None, before=_before(entity_map, resource_type, old) if full else (),
+    # The rendered state is what a create writes (its lookups resolved first): `converge` starts from it, not from
+    # scratch.
+    edit = RowEdit(mark, assignments, target.identity, full, rendered=with_refs if full else None,
+                   before=_before(entity_map, resource_type, old) if full else (),
                    before_version=Version(row_version(old), modified_on(old)) if full and old else Version(),
                    adoptable=frozenset() if full else sole_selectors(
                        a.path for a in entity_map.attributes if a.only_for is None or resource_type in a.only_for),

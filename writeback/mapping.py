@@ -205,10 +205,17 @@ def render(resource_type: str, assignments: Iterable[Assignment], *, full: bool 
            own: Mark | None = None) -> dict[str, Any]:
     """What the assignments put in an empty resource (lookups as identifier-only references). `own`: the row's
     mark, for the items `[row]` names."""
-    base: dict[str, Any] = {"resourceType": resource_type}
     assignments = list(assignments)
-    rendered = apply_state(base, assignments, own=own) if full else apply(base, assignments, own)
+    rendered = render_with_refs(resource_type, assignments, full=full, own=own)
     if not any(isinstance(a.value, RowRef) for a in assignments):
         return rendered
     out: dict[str, Any] = resolve_refs(rendered, {})
     return out
+
+
+def render_with_refs(resource_type: str, assignments: Iterable[Assignment], *, full: bool = False,
+                     own: Mark | None = None) -> dict[str, Any]:
+    """`render` with each lookup left a `RowRef`: `resolve_refs` makes it the reference once the ids are known
+    (a create then writes that, without rendering the row again)."""
+    base: dict[str, Any] = {"resourceType": resource_type}
+    return apply_state(base, assignments, own=own) if full else apply(base, assignments, own)
