@@ -111,8 +111,11 @@ def _entry_issues(answer: Answer) -> tuple[Issue, ...]:
 
 
 def _keys(target: Target) -> tuple[tuple[str, ...], ...]:
+    by_id = (target.resource_type, "id", target.fhir_id or "")
+    if target.by_id_only:
+        return (by_id,)
     by_row = (target.resource_type, "row", target.identifier_system, target.identifier_value)
-    return (by_row, (target.resource_type, "id", target.fhir_id)) if target.fhir_id else (by_row,)
+    return (by_row, by_id) if target.fhir_id else (by_row,)
 
 
 def waves(targets: Sequence[Target]) -> list[list[int]]:

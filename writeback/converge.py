@@ -28,7 +28,17 @@ from typing import Any, Literal
 
 from writeback.immutable import immutable
 from writeback.marks import MOVED, Mark, Version, item_of, mark_of, marks_in, with_mark
-from writeback.paths import KEEP, Assignment, Path, apply, apply_changes, apply_state, list_items
+from writeback.paths import (
+    KEEP,
+    Assignment,
+    Index,
+    Path,
+    apply,
+    apply_changes,
+    apply_state,
+    format_path,
+    list_items,
+)
 from writeback.validation import check_invariants, choice_siblings
 
 Kind = Literal["write", "stale", "same", "unchanged", "absent", "pending"]
@@ -182,23 +192,25 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
     planned = _by_columns(edit.owned, held, edit.mark, edit.full)
     if isinstance(planned, Converged):
         return planned
-    owned, mark = planned
+    owned, mark = planned.owned, planned.mark
     if edit.full:
         items: dict[str, int] = {}
         new = apply(apply_state(current, owned, edit.before, own=edit.own, earlier=edit.earlier,
                                 holds=_held_images(edit, held), items=dict(held.items) if held else None,
-                                written_items=items), [edit.identity])
+                                written_items=items, pinned=(edit.identity,)), [edit.identity])
         new = with_mark(new, None, mark.table, mark.row_id, MOVED)
         mark = replace(mark, items=_sorted_items(items))
     else:  # Target only: the changed columns no newer change wrote; the mark records them, not a whole version
-        new = apply_changes(current, [*owned, edit.identity], edit.adoptable, own=edit.own)
+        new = apply_changes(current, [*owned, edit.identity], edit.adoptable, own=edit.own,
+                            pinned=(edit.identity,))
         # The changed columns beside the values the server holds (an end date beside the start already there):
         # checked here, where they meet, in the elements the change writes only (what else the server's copy
         # holds is not this change's to refuse). A whole row was checked when it was planned.
         elements = {a.element for a in owned}
         check_invariants({"resourceType": new.get("resourceType"),
                           **{k: v for k, v in new.items() if k in elements}})
-    return _result(current, _one_choice(with_mark(new, mark, mark.table, mark.row_id), owned), held)
+    return _unchanged_or_same(_result(current, _one_choice(with_mark(new, mark, mark.table, mark.row_id), owned),
+                                      held), planned.same)
 
 
 def _sorted_items(counts: Mapping[str, int]) -> tuple[tuple[str, int], ...]:
@@ -220,20 +232,37 @@ def _held_images(edit: RowEdit, held: Mark | None) -> list[tuple[Assignment, ...
     return [image for image, version in images if image and version.compare(held.version) == 0]
 
 
-def _by_columns(owned: tuple[Assignment, ...], held: Mark | None, edit: Mark,
-                full: bool) -> tuple[tuple[Assignment, ...], Mark] | Converged:
+@immutable
+class _Planned:
+    """What a change writes against the mark its row holds (`_by_columns`), and the mark after it. `same`: every
+    column it writes was written by a change of the same `modifiedon` and no `versionnumber` (two saves within one
+    second, or this one again): unless its values differ from the server's, it is that change (`same`)."""
+
+    owned: tuple[Assignment, ...]
+    mark: Mark
+    same: Version | None = None
+
+
+def _by_columns(owned: tuple[Assignment, ...], held: Mark | None, edit: Mark, full: bool) -> _Planned | Converged:
     """What a change writes, column by column, against the mark its row holds (`held`), and the mark after it: a
     whole state keeps the columns a newer change without images wrote; a change without images writes only the
     columns no change as new or newer wrote (none left: `stale` or `same`), and records its version for them."""
     version = edit.version
     if full:
-        return _newer_kept(owned, held, version), held.whole(version) if held is not None else edit
-    kept, skipped = _unwritten(owned, held, version)
+        return _Planned(_newer_kept(owned, held, version), held.whole(version) if held is not None else edit)
+    kept, skipped, same = _unwritten(owned, held, version)
     if skipped is not None:
         assert held is not None
         return Converged(skipped[0], held=held.column(skipped[1]))
     columns = [a.column for a in kept if a.column is not None]
-    return kept, (held or Mark(edit.table, edit.row_id, Version())).written(version, columns)
+    # The lists whose positions the change writes: how many leading items are the row's there is not known any more
+    # (a cleared middle name moves another system's third given name up); the other lists' counts stay.
+    lists = {format_path(a.path[:-1]) for a in kept if isinstance(a.path[-1], Index)}
+    return _Planned(kept, (held or Mark(edit.table, edit.row_id, Version())).written(version, columns, lists), same)
+
+
+def _unchanged_or_same(result: Converged, same: Version | None) -> Converged:
+    return Converged("same", held=same) if same is not None and result.kind == "unchanged" else result
 
 
 def _newer_kept(owned: tuple[Assignment, ...], held: Mark | None, version: Version) -> tuple[Assignment, ...]:
@@ -244,23 +273,36 @@ def _newer_kept(owned: tuple[Assignment, ...], held: Mark | None, version: Versi
     return tuple(replace(a, value=KEEP) if a.column in newer else a for a in owned)
 
 
-def _unwritten(owned: tuple[Assignment, ...], held: Mark | None,
-               version: Version) -> tuple[tuple[Assignment, ...], tuple[Kind, str] | None]:
+def _unwritten(owned: tuple[Assignment, ...], held: Mark | None, version: Version,
+               ) -> tuple[tuple[Assignment, ...], tuple[Kind, str] | None, Version | None]:
     """A change without images: its assignments of the columns no change as new or newer wrote (the mark's
-    column entries). When it has none left, why (`stale` or `same`, and a column that says so) instead."""
+    column entries). When it has none left, why (`stale` or `same`, and a column that says so) instead. A column
+    written by a change of the same `modifiedon`, neither with a `versionnumber`, stays: Dataverse keeps
+    `modifiedon` to the second, so that may be another save of the same second (a plug-in reformatting a phone just
+    typed), received after it, which is then written; the third value is that version when every column is so
+    (`_Planned.same`)."""
     if held is None or not held.columns:
-        return owned, None
+        return owned, None, None
     out: list[Assignment] = []
     why: tuple[Kind, str] | None = None
+    same: Version | None = None
+    ordered = False
     for a in owned:
         written = held.column(a.column) if a.column is not None else None
         order = version.compare(written) if written is not None else None
+        if order == 0 and written is not None and version.number is None and written.number is None:
+            out.append(a)
+            same = written
+            continue
         if order is not None and order <= 0:
             if why is None or (order < 0 and why[0] == "same"):
                 why = ("stale" if order < 0 else "same", str(a.column))
             continue
+        ordered = ordered or a.column is not None
         out.append(a)
-    return (tuple(out), None) if out or not owned else ((), why)
+    if not out and owned:
+        return (), why, None
+    return tuple(out), None, same if not ordered else None
 
 
 def _one_choice(resource: dict[str, Any], owned: tuple[Assignment, ...]) -> dict[str, Any]:
@@ -315,7 +357,7 @@ def _item(current: dict[str, Any], edit: ItemEdit) -> Converged:
     planned = _by_columns(edit.owned, held if found is not None else None, edit.mark, edit.full)
     if isinstance(planned, Converged):
         return planned
-    owned, mark = planned
+    owned, mark = planned.owned, planned.mark
     item = apply_state(base, owned) if edit.full else apply_changes(base, owned)
     item = with_mark(item, None, table, row_id)
     new = {k: v for k, v in current.items()}
@@ -334,7 +376,7 @@ def _item(current: dict[str, Any], edit: ItemEdit) -> Converged:
         new[edit.element] = items
     else:
         new.pop(edit.element, None)
-    return _result(current, new, held)
+    return _unchanged_or_same(_result(current, new, held), planned.same)
 
 
 def _remove(current: dict[str, Any], edit: RemoveItem) -> Converged:

@@ -110,6 +110,9 @@ class Target:
     # The row's type changed in this save: its resource of this type may be one it left before (`Release`), under
     # `new_id` and without the row identifier. Not found by that, it is looked up by `new_id` before one is made.
     may_exist: bool = False
+    # Found by its id alone, never by the row identifier: a resource the row leaves (`Release`) while another one,
+    # the one its FHIR id names now, carries that identifier too.
+    by_id_only: bool = False
 
     @property
     def search(self) -> str:

@@ -17,7 +17,7 @@ from dataclasses import field, replace
 from datetime import timedelta
 from typing import TypeVar
 
-from writeback.converge import ItemEdit, RemoveItem, RowEdit
+from writeback.converge import ItemEdit, Release, RemoveItem, RowEdit
 from writeback.decide import (
     PARENT_FROM_FACTS,
     Decision,
@@ -516,6 +516,16 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
             # identifier, never taken over by an id that may be another resource's.
             fhir_id, unsure = None, False
         writes.append(Write(replace(target, fhir_id=fhir_id, fhir_id_unsure=unsure), edit))
+        made = fact.written if fact is not None and fact.written else ""
+        left = made.split("/", 1)[1] if made.startswith(f"{target.resource_type}/") else None
+        if isinstance(edit, RowEdit) and fhir_id and not unsure and left and left != fhir_id \
+                and not plan.heal_only and target.row == (plan.source.table, plan.source.record_id):
+            # The row's FHIR id names another resource than the one this product made or found for it (the sync
+            # linked the contact to the lab's Patient): that one no longer stands for the row, which would
+            # otherwise have two resources carrying its identifier (found by review). It is released, as a
+            # resource of a type the row left is.
+            writes.append(Write(replace(target, fhir_id=left, fhir_id_unsure=False, may_exist=False, by_id_only=True),
+                                Release(edit.mark, target.identity)))
     if not writes:  # an unlinked child row whose previous parent withholds consent, or is no such resource
         return replace(decision, decision="skip", reason=Reason.CONSENT_WITHHELD if notes else Reason.NO_CHANGE,
                        plan=None, detail=f"Nothing to write: {'; '.join(notes) or 'no item of it to remove'}.")

@@ -130,12 +130,14 @@ class Mark:
                 return version
         return None
 
-    def written(self, version: Version, columns: Iterable[str]) -> Mark:
-        """This mark after a change without images of `version` wrote `columns`."""
-        named = set(columns)
+    def written(self, version: Version, columns: Iterable[str], lists: Iterable[str] = ()) -> Mark:
+        """This mark after a change without images of `version` wrote `columns`, at positions of `lists` among
+        them (their `items` go: how many leading items are the row's is not known after such a change)."""
+        named, touched = set(columns), set(lists)
         kept = [(c, v) for c, v in self.columns if c not in named]
         return Mark(self.table, self.row_id, self.version,
-                    tuple(sorted([*kept, *((c, version) for c in named)])) if version.known else tuple(kept))
+                    tuple(sorted([*kept, *((c, version) for c in named)])) if version.known else tuple(kept),
+                    tuple((path, count) for path, count in self.items if path not in touched))
 
     def whole(self, version: Version) -> Mark:
         """A whole state of `version` written over this mark: the columns a newer change wrote stay theirs."""

@@ -391,7 +391,8 @@ def _was(items: list[Any], befores: list[dict[Path, list[Assignment]]], prefix: 
 
 
 def adopt(resource: dict[str, Any], assignments: Iterable[Assignment],
-          before: Iterable[Assignment] = (), earlier: Iterable[Iterable[Assignment]] = ()) -> dict[Path, Select]:
+          before: Iterable[Assignment] = (), earlier: Iterable[Iterable[Assignment]] = (),
+          pinned: Iterable[Assignment] = ()) -> dict[Path, Select]:
     """Give each selector with optional keys (`use?=official`) the item an ingest put there when no item matches
     it: among the items that lack those keys and that no other selector of this write took, the one already
     holding the value to write, else the one holding the row's values before this save (`before`, from the pre
@@ -406,12 +407,19 @@ def adopt(resource: dict[str, Any], assignments: Iterable[Assignment],
 
     `earlier`: the pre images of the row's older saves of the same batch, newest first (only the newest is
     written): tried, in turn, when no item holds the values `before` gives (FHIR may hold the row as it was before
-    the batch, not between its saves)."""
+    the batch, not between its saves).
+
+    `pinned`: assignments written apart (the row identifier), whose items no selector may take: `identifier[use?=
+    usual]` took the row identifier, which has no `use`, and the visit number was never written (found by review).
+    Where a pre image is given and neither it nor an older save's holds a value for a selector, the row had none
+    there: a free item is another system's (a relative's phone the ingest copied into no column), and a value
+    written makes an item of its own (found by review)."""
     groups: dict[Path, list[Assignment]] = {}
-    for assignment in assignments:
+    for assignment in (*pinned, *assignments):
         for i, seg in enumerate(assignment.path):
             if isinstance(seg, Select):
                 groups.setdefault(assignment.path[: i + 1], []).append(assignment)
+    before = tuple(before)
     befores = [_in_groups(before, groups), *(_in_groups(e, groups) for e in earlier)]
     claimed: set[int] = set()
     redirects: dict[Path, Select] = {}
@@ -447,7 +455,9 @@ def adopt(resource: dict[str, Any], assignments: Iterable[Assignment],
             m.value is None or m.value is KEEP or isinstance(m.value, OwnedPrefix)
             or _navigate(item, m.path[depth:]) == m.value for m in members)] if writes else []
         # An item already holding the new value is taken before the one holding the old (no second copy of it).
-        chosen = next(iter(holding or was or (free if writes else [])), None)
+        held_nothing = bool(before) and not any(
+            m.value is not None and m.value is not KEEP for previous in befores for m in previous.get(prefix, ()))
+        chosen = next(iter(holding or was or (free if writes and not held_nothing else [])), None)
         if chosen is None:
             continue
         claimed.add(id(chosen))
@@ -680,7 +690,8 @@ def sole_selectors(paths: Iterable[Path]) -> frozenset[Path]:
 
 
 def apply_changes(resource: dict[str, Any], assignments: Iterable[Assignment],
-                  adoptable: frozenset[Path] | None = None, own: Mark | None = None) -> dict[str, Any]:
+                  adoptable: frozenset[Path] | None = None, own: Mark | None = None,
+                  pinned: Iterable[Assignment] = ()) -> dict[str, Any]:
     """`apply` for a change that carries only some columns (a step without images): a selector with optional keys
     that is the only one of its list (`adoptable`, from `sole_selectors`; None: any) takes the item an ingest put
     there (`adopt`) instead of adding a parallel one, and what described a value it changed goes with it (see
@@ -689,7 +700,7 @@ def apply_changes(resource: dict[str, Any], assignments: Iterable[Assignment],
     assignments, own_lists = _own_items(result, list(assignments), own)
     adopting = assignments if adoptable is None else [
         a for a in assignments if any(a.path[:len(p)] == p for p in adoptable)]
-    redirects = adopt(result, adopting) if len(result) > 1 and adopting else {}
+    redirects = adopt(result, adopting, pinned=pinned) if len(result) > 1 and adopting else {}
     if redirects:
         assignments = _redirect(assignments, redirects)
     before = [(a, _navigate(result, a.path)) for a in _described(assignments)]
@@ -714,13 +725,14 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
                 before: Iterable[Assignment] = (), own: Mark | None = None,
                 earlier: Iterable[Iterable[Assignment]] = (), *,
                 holds: Sequence[Sequence[Assignment]] = (), items: Mapping[str, int] | None = None,
-                written_items: dict[str, int] | None = None) -> dict[str, Any]:
+                written_items: dict[str, int] | None = None, pinned: Iterable[Assignment] = ()) -> dict[str, Any]:
     """A new resource: `resource` with a row's whole state written (see the module docstring). `before`: the
     row's state before the save, to recognise the items an ingest put there (`adopt`; `earlier`: its older saves'
     of the same batch). `own`: the row's mark, for the items `[row]` names (`_own_items`). `holds`: of those
     images, the ones that may be what the resource holds of the row (`_owned_counts`); `items`: how many leading
     items of each owned list the row's last whole state put there, as its mark says (known, it wins over
-    `holds`); `written_items`, filled in: the same after this write, for the new mark."""
+    `holds`); `written_items`, filled in: the same after this write, for the new mark. `pinned`: what is written
+    apart (the row identifier), whose items no selector takes (`adopt`)."""
     before = tuple(before)
     result: dict[str, Any] = _tree_copy(resource)
     assignments, own_lists = _own_items(result, list(assignments), own, before)
@@ -743,7 +755,7 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
         owned = OwnedPrefix(tuple(positions.get(i, KEEP) for i in range(count)), count)
         values.append(Assignment(prefix, owned, "*"))
         prefixes.append(prefix)
-    redirects = adopt(result, [*values, *constants], before, earlier) if len(result) > 1 else {}  # empty: none
+    redirects = adopt(result, [*values, *constants], before, earlier, pinned) if len(result) > 1 else {}
     if redirects:
         values, constants = _redirect(values, redirects), _redirect(constants, redirects)
     existing = len(result) > 1  # a copy to write over, not an empty resource (what a create renders)
