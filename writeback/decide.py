@@ -239,8 +239,11 @@ class Decision:
             if plan and plan.full and self.message else None,
             # What the plan alone does not know (it reads no other row): the function checks these rows' facts
             # when it writes (their patient's consent; the FHIR ids lookups refer to), so its outcome may differ.
-            "decidedWhenWritten": ([f"consent of {t} {r}" for t, r in plan.gates]
-                                   + [f"FHIR id of {ref.table} {ref.row_id}" for ref in plan.refs]) if plan else None,
+            "decidedWhenWritten": ([f"type of {self.table} {self.record_id} (not in the message; shown as "
+                                    f"{self.resource_type})"] if self.alternatives else [])
+            + ([f"consent of {self.table} {self.record_id} (not in the message)"] if self.consent_from_facts else [])
+            + ([f"consent of {t} {r}" for t, r in plan.gates]
+               + [f"FHIR id of {ref.table} {ref.row_id}" for ref in plan.refs]) if plan else None,
         }
 
 
@@ -392,8 +395,9 @@ def decide(message: Message, maps: MapSet, settings: Settings) -> Decision:
         column = entity_map.consent_column or settings.consent_column
         if not consented(new.get(column)):
             state = "is not Yes." if column in new else (
-                "is not in the message (if no message has it: the setting WRITEBACK_CONSENT_COLUMN, or the map's "
-                "consent_column, must name the column, and the step's images hold it).")
+                "is not in the message: empty (a contact saved before the column existed has none), or, if no "
+                "patient's message has it, WRITEBACK_CONSENT_COLUMN (or the map's `consent.column`) names another "
+                "column, or the step's images leave it out.")
             return _skip(Reason.CONSENT_WITHHELD, f"Consent column {column} {state}", message, resource_type)
 
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import re
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from fhir_core.types import FhirBase
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -54,8 +56,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# A Dataverse logical name (a table, a column): lowercase letters, digits and underscores, as the message bodies name
+# it. A display name (`First Name`) or a schema name (`FirstName`) never matches a body's column: the column would
+# read as empty in every image, and a whole-row write clears what it maps (found trying the product: a map naming
+# `FirstName` removed every patient's first name).
+_LOGICAL = re.compile(r"[a-z_][a-z0-9_]{0,127}")
+
+
+def _logical_name(value: str) -> str:
+    if _LOGICAL.fullmatch(value):
+        return value
+    near = re.sub(r"[^a-z0-9_]", "", value.lower())
+    hint = f" (did you mean `{near}`?)" if near and near != value and _LOGICAL.fullmatch(near) else ""
+    raise ValueError(f"is {value!r}, not a Dataverse logical name: lowercase letters, digits and underscores, as "
+                     f"the message bodies name it, not its display or schema name{hint}")
+
+
+LogicalName = Annotated[str, AfterValidator(_logical_name)]
+
+
 class AttributeSpec(_Strict):
-    column: str | None = None
+    column: LogicalName | None = None
     target: str
     action: Literal["copy", "default", "value_map", "lookup"] = "copy"
     type: Literal["string", "code", "date", "dateTime", "instant", "decimal", "integer", "boolean", "id"] | None = None
@@ -78,12 +99,12 @@ class AttributeSpec(_Strict):
 
 
 class ResourceChoice(_Strict):
-    column: str
+    column: LogicalName
     values: Annotated[dict[str, str], BeforeValidator(_keys_as_text)]
 
 
 class IdentitySpec(_Strict):
-    fhir_id_column: str = "msemr_azurefhirid"
+    fhir_id_column: LogicalName = "msemr_azurefhirid"
     identifier_system: str
 
     @field_validator("identifier_system")
@@ -96,12 +117,12 @@ class IdentitySpec(_Strict):
 
 class ConsentSpec(_Strict):
     applies_to: list[str] = Field(default_factory=lambda: ["Patient"])
-    column: str | None = None  # None: the WRITEBACK_CONSENT_COLUMN setting
+    column: LogicalName | None = None  # None: the WRITEBACK_CONSENT_COLUMN setting
 
 
 class ExpansionSpec(_Strict):
-    parent_table: str
-    parent_link: str
+    parent_table: LogicalName
+    parent_link: LogicalName
     element: str
     # Earlier maps found a child row's item by the value of this field; items are now found by the mark naming
     # their Dataverse row (two rows with the same system coexist). Accepted and unused, so old maps still load.
@@ -109,7 +130,7 @@ class ExpansionSpec(_Strict):
 
 
 class EntityMapSpec(_Strict):
-    table: str
+    table: LogicalName
     # Strict: pydantic's lax bool reads the text "yes", "off" or "0" as a boolean, and `writeback: "no"` (quoted) is
     # easily read as turning a table off; YAML's own true/false (and unquoted yes/no) reach here as booleans.
     writeback: StrictBool = True
@@ -440,7 +461,8 @@ def _format_error(err: Mapping[str, Any]) -> tuple[str, str]:
         return where, "is not a key entity maps know" + (f" (did you mean `{near[0]}`?)" if near else "")
     if err.get("type") == "bool_type":
         return where, "must be true or false (unquoted)"
-    return where or "(top level)", str(err.get("msg", "is invalid"))
+    # (a check of ours raises ValueError, which pydantic prefixes; the message says what it is already)
+    return where or "(top level)", str(err.get("msg", "is invalid")).removeprefix("Value error, ")
 
 
 @cache

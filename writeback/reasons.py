@@ -79,7 +79,7 @@ REASONS: dict[Reason, ReasonInfo] = {
         "or clinical row saved while consent was off waits for it `WRITEBACK_CONSENT_WAIT_MINUTES` (60) as "
         "`consent-unknown` and is then written; past that wait it is skipped, and written at its next save. If "
         "the detail says the consent column is not in the message, and every patient's message says so, check "
-        "WRITEBACK_CONSENT_COLUMN (or the map's consent_column) and the step's images."),
+        "WRITEBACK_CONSENT_COLUMN (or the map's `consent.column`) and the step's images."),
     Reason.ECHO: ReasonInfo(
         Kind.SKIP, "The change was made by a user in WRITEBACK_IGNORE_USER_IDS (the sync's own user).",
         "Nothing: this stops loops between the two sync directions."),
@@ -140,7 +140,8 @@ REASONS: dict[Reason, ReasonInfo] = {
         "save of a record that came from FHIR before an earlier save of its row, which tells which of the record's "
         "items are the row's: it waits one retry, then is written; or an identifier row whose contact was a Patient "
         "until its last type change (made a Practitioner): it waits WRITEBACK_CONSENT_WAIT_MINUTES for the contact "
-        "to be a Patient again, then is skipped as `no-entity-map`.",
+        "to be a Patient again, then is skipped as `no-entity-map`; or a contact's change sent without images whose "
+        "Target does not hold the contact type, before any message of the row has told it.",
         "Usually none: it is retried with a growing delay until the Create is written. If it ends as "
         "retries-exhausted, resubmit the row's Create first "
         "(or save a row that predates writeback in Dataverse), then resubmit."),

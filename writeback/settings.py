@@ -19,6 +19,8 @@ from writeback.errors import ConfigError
 
 DEFAULT_MAPS_DIR = Path(__file__).parent / "maps"
 _GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# A Dataverse logical name, as the message bodies name a column (see `maps._LOGICAL`).
+_LOGICAL_NAME = re.compile(r"[a-z_][a-z0-9_]{0,127}")
 # Seconds an invocation keeps, after its deadline and before its messages' lock expires, to settle them and to
 # schedule the retries of what it did not finish.
 DEADLINE_MARGIN_SECONDS = 30.0
@@ -259,7 +261,14 @@ class Settings:
         consent_unknown = _get(env, "WRITEBACK_CONSENT_UNKNOWN").lower()
         if consent_unknown not in ("retry", "skip"):
             raise ConfigError("WRITEBACK_CONSENT_UNKNOWN", "must be `retry` or `skip`")
-        return cls(maps_dir=maps_dir, ignore_user_ids=ids, consent_column=_get(env, "WRITEBACK_CONSENT_COLUMN"),
+        consent_column = _get(env, "WRITEBACK_CONSENT_COLUMN")
+        if not _LOGICAL_NAME.fullmatch(consent_column):
+            # A display name ("Azure FHIR Sync Enabled") matches no column of a body: every patient would read as
+            # not consented and be skipped, with nothing to alert on (found trying the product).
+            raise ConfigError("WRITEBACK_CONSENT_COLUMN", "must be the column's logical name (lowercase letters, "
+                              "digits and underscores, as the message bodies name it: msemr_azurefhirsyncenabled), "
+                              "not its display name")
+        return cls(maps_dir=maps_dir, ignore_user_ids=ids, consent_column=consent_column,
                    consent_unknown=consent_unknown,
                    consent_wait_minutes=float(_int(env, "WRITEBACK_CONSENT_WAIT_MINUTES", 0, 24 * 60)))
 

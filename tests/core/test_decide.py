@@ -929,6 +929,18 @@ def test_a_target_only_contact_change_is_decided_by_the_type_and_consent_the_row
     assert resolve(decision, facts("Patient", None), MAPS, skip).decision == "skip"
 
 
+def test_the_dry_run_says_a_target_only_contact_change_takes_its_type_and_consent_from_earlier_messages():
+    """`plan` said `write` as Patient with nothing decided when written, where the function waited as
+    `target-pending` for the row's type (found trying the product)."""
+    body = context("Update", "contact", PATIENT, {"telephone1": "+1 555 0199", "versionnumber": 7})
+    later = plan(body).as_json()["decidedWhenWritten"]
+    assert later == [f"type of contact {PATIENT} (not in the message; shown as Patient)",
+                     f"consent of contact {PATIENT} (not in the message)"]
+    typed = context("Update", "contact", PATIENT, {"telephone1": "+1 555 0199", "versionnumber": 7,
+                                                   "msemr_contacttype": Choice(935000000)})
+    assert plan(typed).as_json()["decidedWhenWritten"] == [f"consent of contact {PATIENT} (not in the message)"]
+
+
 # ---- a FHIR id names a resource of the type the row had when it got the id ----------------------------------------
 
 

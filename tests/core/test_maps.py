@@ -463,3 +463,34 @@ def test_an_item_found_by_a_selector_counts_the_selectors_keys_as_written(tmp_pa
     bad = SHIPPED[ENC] + line.replace("[status=planned]", "[0]")
     err = load_error(maps_dir(tmp_path / "bad", {ENC: bad}))
     assert err.field.startswith("attributes[") and "statusHistory[0] but no attribute writes its status" in err.detail
+
+
+# ---- names: Dataverse logical names, as the bodies name tables and columns (found trying the product) ------------
+
+
+@pytest.mark.parametrize(("name", "near"), [("FirstName", "firstname"), ("First Name", "firstname")])
+def test_a_column_named_by_its_schema_or_display_name_is_refused_with_the_logical_name(tmp_path: Path, name: str,
+                                                                                        near: str):
+    """A map naming `FirstName` loaded, matched no body's column (bodies name it `firstname`), and every whole-row
+    write removed the patient's first name."""
+    text = edit("contact.yaml", "{column: firstname,", f'{{column: "{name}",')
+    error = load_error(maps_dir(tmp_path, {"contact.yaml": text}))
+    assert error.file == "contact.yaml" and error.field == "attributes[0].column"
+    assert "not a Dataverse logical name" in str(error) and f"did you mean `{near}`?" in str(error)
+
+
+@pytest.mark.parametrize(("old", "new", "field"), [
+    ("column: msemr_contacttype", "column: Contact Type", "resource.column"),
+    ("fhir_id_column: msemr_azurefhirid", "fhir_id_column: msemr_AzureFhirId", "identity.fhir_id_column"),
+    ("applies_to: [Patient]", "applies_to: [Patient]\n  column: Azure FHIR Sync Enabled", "consent.column"),
+])
+def test_every_column_a_map_names_is_a_logical_name(tmp_path: Path, old: str, new: str, field: str):
+    error = load_error(maps_dir(tmp_path, {"contact.yaml": edit("contact.yaml", old, new)}))
+    assert error.file == "contact.yaml" and error.field == field and "logical name" in str(error)
+
+
+def test_a_table_named_by_its_display_name_is_refused(tmp_path: Path):
+    text = edit("msemr_encounter.yaml", "table: msemr_encounter", "table: Encounter")
+    folder = maps_dir(tmp_path, {"msemr_encounter.yaml": None, "Encounter.yaml": text})
+    error = load_error(folder)
+    assert error.file == "Encounter.yaml" and error.field == "table" and "logical name" in str(error)

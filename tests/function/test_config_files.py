@@ -133,3 +133,13 @@ def test_the_consent_wait_must_end_inside_the_retry_window() -> None:
         Settings.from_env({**values, "WRITEBACK_CONSENT_WAIT_MINUTES": "120", "WRITEBACK_RETRY_WINDOW_HOURS": "2"})
     assert info.value.setting == "WRITEBACK_CONSENT_WAIT_MINUTES" and "WRITEBACK_RETRY_WINDOW_HOURS" in str(info.value)
     assert Settings.from_env({**values, "WRITEBACK_CONSENT_WAIT_MINUTES": "0"}).consent_wait_minutes == 0
+
+
+@pytest.mark.parametrize("value", ["Azure FHIR Sync Enabled", "msemr_AzureFhirSyncEnabled"])
+def test_the_consent_column_setting_must_be_a_logical_name(value: str) -> None:
+    """A display name matched no body's column: every patient was skipped `consent-withheld`, with nothing to
+    alert on (found trying the product)."""
+    with pytest.raises(ConfigError) as info:
+        Settings.for_planning({"WRITEBACK_CONSENT_COLUMN": value})
+    assert info.value.setting == "WRITEBACK_CONSENT_COLUMN" and "logical name" in info.value.detail
+    assert value not in info.value.detail  # (a setting's value is not echoed: it may be a secret elsewhere)
