@@ -44,6 +44,8 @@ from writeback.retry import (
     original_id,
 )
 from writeback.settings import DEFAULT_MAPS_DIR, Settings, redacted
+from writeback.telemetry import CONNECTION_STRING as TELEMETRY_CONNECTION_STRING
+from writeback.telemetry import settings_problem as telemetry_settings_problem
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -293,6 +295,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         report(True, "settings", f"valid; target {settings.target}")
     for fault in faults:  # every one, so that one round of fixes is enough
         report(False, "settings", fault.detail)
+    if (problem := telemetry_settings_problem(os.environ)) is not None:
+        report(False, "telemetry", problem)
+    elif os.environ.get(TELEMETRY_CONNECTION_STRING):
+        report(True, "telemetry", "Application Insights settings are well formed (their values are not shown)")
+    else:
+        report(None, "telemetry", f"{TELEMETRY_CONNECTION_STRING} is not set: no outcome records reach Application "
+               "Insights, nor do its alerts fire")
     trigger_settings = ("ServiceBusConnection", "ServiceBusConnection__fullyQualifiedNamespace")  # the host's names
     if any(os.environ.get(name) for name in trigger_settings):
         report(True, "trigger", "ServiceBusConnection is set (its value is not shown)")

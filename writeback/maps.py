@@ -250,6 +250,37 @@ def _model_in(annotation: Any) -> Any:
     return None
 
 
+# Where FHIR R4 allows fewer types of resource in a reference than the R4B models list (the models follow R4B, which
+# widened these): http://hl7.org/fhir/R4/observation-definitions.html#Observation.subject
+_R4_REFERENCE_TYPES: Mapping[tuple[str, str], frozenset[str]] = {
+    ("Observation", "subject"): frozenset({"Patient", "Group", "Device", "Location"}),
+}
+
+
+def _check_reference_type(file: str, where: str, referenced: str, path: ElementPath, *, resource_types: frozenset[str],
+                          expansion: Expansion | None) -> None:
+    """A lookup's resource type is one the element may refer to: `Observation.subject` a Patient, never a
+    Practitioner (that map loaded, and each Observation named its practitioner as its subject; found trying the
+    product)."""
+    full = (PathField(expansion.element), *path) if expansion is not None else path
+    for kind in sorted(resource_types):
+        model: Any = importlib.import_module(f"fhir.resources.R4B.{kind.lower()}").__dict__[kind]
+        extra: Mapping[str, Any] = {}
+        names = [seg.name for seg in full if isinstance(seg, PathField)]
+        for name in names:
+            found = _element(model, name) if model is not None else None
+            if found is None:
+                return  # (the path itself is checked elsewhere)
+            model, extra = found
+        allowed = _R4_REFERENCE_TYPES.get((kind, ".".join(names)))
+        if allowed is None:
+            listed = extra.get("enum_reference_types")
+            allowed = frozenset(listed) if isinstance(listed, list) else None
+        if allowed is not None and "Resource" not in allowed and referenced not in allowed:
+            raise MapError(file, where, f"is {referenced}, but {kind}.{'.'.join(names)} refers to "
+                           f"{', '.join(sorted(allowed))} only (FHIR R4)")
+
+
 def _repeats(model: Any, name: str) -> bool:
     info = next((i for n, i in model.model_fields.items() if name in (n, i.alias)), None)
     annotation = info.annotation if info is not None else None
@@ -604,6 +635,8 @@ def _compile(file: str, spec: EntityMapSpec, specs: Mapping[str, tuple[str, Enti
                 raise MapError(file, f"{where}.resource", f"no map produces {attr.resource}, so rows cannot be "
                                "referenced by their Dataverse identifier")
             ref_system, ref_table = referenced.identity.identifier_system, referenced.table
+            _check_reference_type(file, f"{where}.resource", attr.resource, path, resource_types=applies,
+                                  expansion=expansion)
         attributes.append(AttributeMap(
             column=attr.column, path=path, target=attr.target, action=attr.action, type=attr.type,
             values=dict(attr.values or {}), default=attr.value, reference_type=attr.resource,

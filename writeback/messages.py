@@ -391,7 +391,12 @@ def _text_of(body: bytes | str, content_type: str | None) -> str:
             raise wide
         try:
             text = body.decode("utf-8")
-        except UnicodeDecodeError:
+        except UnicodeDecodeError as exc:
+            if body.lstrip().startswith(b"{"):
+                # JSON already: the format is right, the text encoding is not (a Latin-1 name from another sender)
+                raise WritebackError(Reason.UNSUPPORTED_FORMAT, f"body is JSON, but not UTF-8 (byte {exc.start} "
+                                     "cannot be read as UTF-8): Dataverse sends UTF-8; check the sender, or "
+                                     "re-encode the body as UTF-8") from None
             raise WritebackError(Reason.UNSUPPORTED_FORMAT,
                                  "body is not UTF-8 text (binary XML?); set the message format to JSON") from None
     else:

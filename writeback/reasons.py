@@ -112,8 +112,9 @@ REASONS: dict[Reason, ReasonInfo] = {
         "Correct the named column's value in Dataverse, or the entity map, then resubmit."),
     Reason.UNSUPPORTED_FORMAT: ReasonInfo(
         Kind.REJECT, "The body is not JSON (the service endpoint uses binary or text XML), or is JSON in UTF-16 or "
-        "UTF-32 (the detail says which), which Dataverse never sends.",
-        "Set the service endpoint's Message Format to JSON in the Plug-in Registration Tool."),
+        "UTF-32, or in another encoding than UTF-8 (the detail says which), which Dataverse never sends.",
+        "Set the service endpoint's Message Format to JSON in the Plug-in Registration Tool; for JSON in another "
+        "encoding, check what sent it (Dataverse sends UTF-8), or re-encode it as UTF-8 and resubmit."),
     Reason.MALFORMED_MESSAGE: ReasonInfo(
         Kind.REJECT, "Invalid JSON, JSON that is not an object, or a RemoteExecutionContext missing a required field "
         "or holding one in another form (a table, column or message name that is no logical name; the detail "

@@ -167,6 +167,10 @@ def require_secure_url(name: str, url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(name, "is not an absolute http(s) URL")
+    if parts.username is not None or parts.password is not None:
+        # (it would be shown and logged as a URL is: credentials come from their own settings or an identity)
+        raise ConfigError(name, "holds credentials (user:password@): remove them; the client id and secret have "
+                          "settings of their own, and a managed identity needs none")
     if parts.scheme != "https" and not _is_loopback(url):
         raise ConfigError(name, "must use https (plain http is allowed only for loopback addresses)")
     return url.rstrip("/")
@@ -299,6 +303,10 @@ class Settings:
         tenant, secret = _get(env, "FHIR_TENANT_ID"), _get(env, "FHIR_CLIENT_SECRET")
         if tenant and secret and not _get(env, "FHIR_CLIENT_ID"):
             raise ConfigError("FHIR_CLIENT_ID", "is required when FHIR_TENANT_ID and FHIR_CLIENT_SECRET are set")
+        if target == "fhir" and tenant and not secret and not token_url:
+            # (else the tenant would be ignored, and a managed identity used where a client secret was meant)
+            raise ConfigError("FHIR_TENANT_ID", "is set, but FHIR_CLIENT_SECRET is not: set the secret for a "
+                              "client-secret credential, or leave FHIR_TENANT_ID empty for a managed identity")
         if target == "fhir" and secret and not tenant and not token_url:
             # Else the secret would be ignored and FHIR_CLIENT_ID taken as a managed identity's.
             raise ConfigError("FHIR_TENANT_ID", "is required when FHIR_CLIENT_SECRET is set (a client-secret "
@@ -443,5 +451,10 @@ def redacted(env: Mapping[str, str] | None = None) -> dict[str, str]:
         value = env.get(spec.name) or spec.default or ""
         if spec.secret and value:
             value = "***redacted***"
+        elif "@" in value and "://" in value:
+            value = _USERINFO.sub(r"\1***redacted***@", value)  # a URL with credentials (refused, but not shown)
         shown[spec.name] = value
     return shown
+
+
+_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")

@@ -170,6 +170,32 @@ def parse_authentication_string(value: str) -> dict[str, str]:
     return parts
 
 
+_GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def settings_problem(env: Mapping[str, str]) -> str | None:
+    """What keeps telemetry from starting with these settings (`configure` would turn it off with one warning, and
+    no outcome record, so no alert, would reach Application Insights), for `check-config`; None when nothing does.
+    Values are never quoted: the connection string holds a key."""
+    connection = (env.get(CONNECTION_STRING) or "").strip()
+    authentication = (env.get(AUTHENTICATION_STRING) or "").strip()
+    if connection:
+        keys = {part.split("=", 1)[0].strip().lower() for part in connection.split(";") if "=" in part}
+        if "instrumentationkey" not in keys:
+            return f"{CONNECTION_STRING} holds no InstrumentationKey: copy it from the Application Insights resource"
+    if authentication:
+        try:
+            parts = parse_authentication_string(authentication)
+        except ValueError as exc:
+            return str(exc)
+        if parts.get("authorization", "").upper() != "AAD" or set(parts) - {"authorization", "clientid"}:
+            return f"{AUTHENTICATION_STRING} must be `Authorization=AAD`, with `ClientId=<identity's client id>` " \
+                   "for a user-assigned identity"
+        if "clientid" in parts and not _GUID.fullmatch(parts["clientid"]):
+            return f"{AUTHENTICATION_STRING}: ClientId must be the identity's client id (a GUID)"
+    return None
+
+
 def credential_from(authentication_string: str) -> Any:
     """The Entra ID credential APPLICATIONINSIGHTS_AUTHENTICATION_STRING asks for: a ManagedIdentityCredential
     (of the user-assigned identity in ClientId, else the system-assigned one) for `Authorization=AAD`; None

@@ -494,3 +494,14 @@ def test_a_table_named_by_its_display_name_is_refused(tmp_path: Path):
     folder = maps_dir(tmp_path, {"msemr_encounter.yaml": None, "Encounter.yaml": text})
     error = load_error(folder)
     assert error.file == "Encounter.yaml" and error.field == "table" and "logical name" in str(error)
+
+
+def test_a_lookup_names_a_resource_type_its_element_may_refer_to(tmp_path: Path):
+    """`Observation.subject` refers to a Patient, Group, Device or Location in R4: a lookup making it a Practitioner
+    loaded, and every Observation named its practitioner as its subject (found trying the product)."""
+    text = edit("msemr_observation.yaml", "{column: msemr_subjecttypepatient, target: subject, action: lookup, "
+                "resource: Patient}", "{column: msemr_subjecttypepatient, target: subject, action: lookup, "
+                "resource: Practitioner}")
+    error = load_error(maps_dir(tmp_path, {"msemr_observation.yaml": text}))
+    assert error.file == "msemr_observation.yaml" and error.field.endswith("].resource")
+    assert "Observation.subject refers to Device, Group, Location, Patient only" in str(error)

@@ -361,6 +361,17 @@ def test_json_in_utf_16_or_32_is_said_to_be_json(encoding: str):
     assert refused.value.detail.startswith(f"body is XML in {width}")
 
 
+def test_json_in_latin_1_is_said_to_be_json_in_another_encoding():
+    """Found in a new-user trial: a body with one Latin-1 byte was refused as "not UTF-8 text (binary XML?); set
+    the message format to JSON", sending the administrator to a setting that was right already."""
+    body = public("01_account_update_sample1.json").decode("utf-8").replace('"Update"', '"Upd\u00e4te"', 1)
+    with pytest.raises(WritebackError) as refused:
+        decode_body(body.encode("latin-1"))
+    assert refused.value.reason is Reason.UNSUPPORTED_FORMAT
+    assert refused.value.detail.startswith("body is JSON, but not UTF-8 (byte ")
+    assert "message format" not in refused.value.detail
+
+
 @pytest.mark.parametrize(("value", "words"), [
     (5, "MessageName is not a string"), ({"__type": "String:#System", "__value": 5}, "MessageName is not a string"),
     (None, "required field MessageName is missing"), ("", "required field MessageName is missing"),

@@ -34,6 +34,33 @@ def test_check_config_names_the_bad_setting(live_env: FhirDevServer, monkeypatch
     assert "skip  connections" in out and "2 check(s) failed." in out
 
 
+@pytest.mark.parametrize(("name", "value", "words"), [
+    ("FHIR_URL", "https://user:p4ssw0rd@fhir.example.org/r4", "FAIL  settings        setting FHIR_URL holds "
+     "credentials (user:password@)"),
+    ("FHIR_TENANT_ID", "72f988bf-86f1-41af-91ab-2d7cd011db47", "setting FHIR_TENANT_ID is set, but "
+     "FHIR_CLIENT_SECRET is not"),
+    ("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "junk", "FAIL  telemetry       "
+     "APPLICATIONINSIGHTS_AUTHENTICATION_STRING must be `Key=Value` pairs"),
+    ("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "Authorization=AAD;ClientId=not-a-guid", "ClientId must be the "
+     "identity's client id"),
+    ("APPLICATIONINSIGHTS_CONNECTION_STRING", "IngestionEndpoint=https://x.in.applicationinsights.azure.com/",
+     "FAIL  telemetry       APPLICATIONINSIGHTS_CONNECTION_STRING holds no InstrumentationKey"),
+])
+def test_check_config_refuses_what_would_fail_later(live_env: FhirDevServer, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str], name: str, value: str,
+                                                     words: str) -> None:
+    """Found trying the product: each passed `check-config`, then shown a password in its output, ignored the
+    tenant (a managed identity used where a client secret was meant), or turned telemetry off at start-up, so that
+    no outcome record and no alert ever reached Application Insights."""
+    if name == "FHIR_TENANT_ID":
+        monkeypatch.delenv("FHIR_TOKEN_URL", raising=False)
+        monkeypatch.delenv("FHIR_CLIENT_SECRET", raising=False)
+    monkeypatch.setenv(name, value)
+    assert cli.main(["check-config"]) == cli.EXIT_CHECK_FAILED
+    out = capsys.readouterr().out
+    assert words in out and "p4ssw0rd" not in out
+
+
 def test_check_config_connect(live_env: FhirDevServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["check-config", "--connect"]) == 0
     out = capsys.readouterr().out

@@ -217,3 +217,11 @@ def test_compose_azurite_is_the_tests_azurite_version() -> None:
 
 def test_compose_file_is_left_out_of_the_deployment_package() -> None:
     assert "compose.yaml" in (ROOT / ".funcignore").read_text().splitlines()
+
+
+def test_local_azurite_data_is_left_out_of_the_deployment_package() -> None:
+    """docs/local-development.md keeps Azurite's data in `.azurite` at the repository's root: outcome rows of local
+    runs, which `func publish` and azd would otherwise ship (found trying the product)."""
+    guide = (ROOT / "docs" / "local-development.md").read_text(encoding="utf-8")
+    assert "--location .azurite" in guide
+    assert ".azurite/" in (ROOT / ".funcignore").read_text().splitlines()
