@@ -269,7 +269,7 @@ def _as_known(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet
                 return replace(decision, decision="reject", reason=Reason.TARGET_PENDING, plan=None,
                                alternatives={}, detail=f"Column {column} is not in the message (a step without "
                                "images), and no earlier message of the row has told its type yet.")
-            return replace(decision, decision="reject", reason=Reason.INVALID_CONTACT_TYPE, plan=None,
+            return replace(decision, decision="skip", reason=Reason.NO_ENTITY_MAP, plan=None,
                            alternatives={}, detail=f"Column {column} is not in the message (a step without images), "
                            f"and the row's type, from its earlier messages, is not one this map writes.")
         chosen = decision.alternatives[known]

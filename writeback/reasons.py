@@ -64,9 +64,11 @@ class Reason(StrEnum):
 
 REASONS: dict[Reason, ReasonInfo] = {
     Reason.NO_ENTITY_MAP: ReasonInfo(
-        Kind.SKIP, "The table has no entity map, or its map has writeback disabled.",
-        "Nothing, if the table should not be written back; else add or enable its map, then save the rows again in "
-        "Dataverse (a skipped message is completed, not kept: there is nothing to resubmit)."),
+        Kind.SKIP, "The table has no entity map, or its map has writeback disabled, or the row is of a type its map "
+        "does not write (a contact that is a Related Person; the detail gives the value of its type column).",
+        "Nothing, if the table (or the type) should not be written back; else add or enable its map (or map the "
+        "type), then save the rows again in Dataverse (a skipped message is completed, not kept: there is nothing "
+        "to resubmit)."),
     Reason.UNSUPPORTED_MESSAGE: ReasonInfo(
         Kind.SKIP, "The message (e.g. Delete, or an Update for a map that lists only Create) is not in the map's "
         "supported messages.",
@@ -96,11 +98,10 @@ REASONS: dict[Reason, ReasonInfo] = {
         "does), which includes this change; a Target-only change is narrowed to the columns no newer change wrote.",
         "Nothing: the newer state is already on the FHIR server."),
     Reason.INVALID_CONTACT_TYPE: ReasonInfo(
-        Kind.REJECT, "A contact whose Contact Type is missing or is not Patient or Practitioner (the detail gives "
-        "the value found).",
-        "If the contact is a patient or a practitioner, set its Contact Type in Dataverse, then save it again (or "
-        "resubmit). A contact of another type (a Related Person) is not written back: its message needs nothing "
-        "more."),
+        Kind.REJECT, "A contact whose Contact Type is missing from the message, or holds no choice's value (a "
+        "contact of a type the map does not write, a Related Person, is skipped as `no-entity-map`).",
+        "Set the contact's Contact Type in Dataverse, then save it again; if the contact has one, check that the "
+        "steps' images hold the column (docs/deploy.md), then resubmit."),
     Reason.MISSING_PARENT_LINK: ReasonInfo(
         Kind.REJECT, "An expansion row (e.g. a medical identifier) without the lookup to its parent, or whose "
         "parent lookup changed in a message without images (a step without pre and post images).",

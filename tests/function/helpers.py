@@ -66,7 +66,14 @@ def target_only_body(record_id: str, version: int | None, request_id: str | None
 
 
 def reject_body(record_id: str) -> bytes:
-    """A related person: `invalid-contact-type` (permanent)."""
+    """A contact whose images leave its Contact Type out: `invalid-contact-type` (permanent)."""
+    row = patient(record_id, 1)
+    del row["msemr_contacttype"]
+    return json.dumps(context("Create", "contact", record_id, row, post=row)).encode()
+
+
+def related_body(record_id: str) -> bytes:
+    """A related person (next of kin): skipped `no-entity-map`, a type the contact map does not write."""
     row = patient(record_id, 1, msemr_contacttype=RELATED)
     return json.dumps(context("Create", "contact", record_id, row, post=row)).encode()
 

@@ -111,9 +111,13 @@ async def test_no_canary_in_logs_outcomes_dead_letters_exceptions_or_cli(
         _, no_consent = canary_row(msemr_azurefhirsyncenabled=False)
         await run("consent-withheld", create_message(no_consent["contactid"], no_consent),
                   expect={Reason.CONSENT_WITHHELD})
-        _, bad_type = canary_row(msemr_contacttype=Choice(4242))
+        _, bad_type = canary_row(msemr_contacttype="Qzcanarytype")  # a canary where the type's choice belongs
         await run("invalid-contact-type", create_message(bad_type["contactid"], bad_type),
                   expect={Reason.INVALID_CONTACT_TYPE})
+        _, other_type = canary_row(msemr_contacttype=Choice(4242))
+        await run("no-entity-map (a type the map does not write)", create_message(other_type["contactid"],
+                                                                                 other_type),
+                  expect={Reason.NO_ENTITY_MAP})
         _, bad_value = canary_row(birthdate="1911-02-3Qzcanary")  # a canary in a value FHIR refuses
         await run("invalid-resource", create_message(bad_value["contactid"], bad_value),
                   expect={Reason.INVALID_RESOURCE, Reason.MALFORMED_MESSAGE})

@@ -29,7 +29,7 @@ from tests.worker import toolchain
 from tests.worker.host import EmulatedHost, Settlement, worker_environment
 from writeback.settings import SETTINGS
 
-PATIENT, RELATED_PERSON = Choice(935000000), Choice(935000002)
+PATIENT = Choice(935000000)
 ROW_SYSTEM = "urn:dataverse:contact"  # the identifier system of the shipped contact map
 APP_SETTINGS = [spec.name for spec in SETTINGS]
 ISOLATE = {"PYTHON_ISOLATE_WORKER_DEPENDENCIES": "1"}  # as the Bicep and local.settings.sample.json set it
@@ -51,11 +51,14 @@ def message(body: bytes, content_type: str = "application/json") -> Message:
     return Message(body, content_type, f"worker-{uuid.uuid4().hex[:12]}", uuid.uuid4())
 
 
-def contact_create(record_id: str, contact_type: Choice) -> bytes:
-    """A Dataverse Create of a contact that consented to the sync (fictional person)."""
+def contact_create(record_id: str, contact_type: Choice | None) -> bytes:
+    """A Dataverse Create of a contact that consented to the sync (fictional person); None: images without its
+    Contact Type (`invalid-contact-type`, dead-lettered)."""
     row: dict[str, object] = {"contactid": record_id, "msemr_contacttype": contact_type,
                               "msemr_azurefhirsyncenabled": True, "firstname": "Ottilie",
                               "lastname": "Vandersloot", "gendercode": Choice(2), "versionnumber": 1}
+    if contact_type is None:
+        del row["msemr_contacttype"]
     return json.dumps(context("Create", "contact", record_id, row, post=row)).encode()
 
 
@@ -140,7 +143,7 @@ def test_worker_indexes_invokes_and_settles_each_message(chain: toolchain.Toolch
     function = boot(emulated_host, chain, live_settings | ISOLATE)
     record, related = str(uuid.uuid4()), str(uuid.uuid4())
     written = message(contact_create(record, PATIENT))
-    rejected = message(contact_create(related, RELATED_PERSON))
+    rejected = message(contact_create(related, None))
     not_json = message(b"<Entity><Name>contact</Name></Entity>", content_type="application/xml")
     settled = invoke(emulated_host, function, [written, rejected, not_json])
 
