@@ -217,10 +217,19 @@ class BatchDelivery:
         batch = _Batch({} if memo is None else memo.setdefault(_COPIES, {}), leases=leases or self.leases,
                        reads={} if memo is None else memo.setdefault(_READS, {}))
         jobs = [_Job(i, plan, write.target, write.edit) for i, plan in enumerate(plans) for write in plan.writes]
+        # A resource the row leaves because its FHIR id now names another (`facts.resolve`) is left only once the
+        # row's write there is made: a mistyped id (`target-missing`) must not take the row off the resource it has
+        # (found by review). Those go in a wave of their own, last.
+        leaving = [job for job in jobs if job.target.by_id_only and isinstance(job.edit, Release)]
+        staying = [job for job in jobs if not (job.target.by_id_only and isinstance(job.edit, Release))]
         provenances: list[asyncio.Task[None]] = []
         try:
-            for wave in waves([job.target for job in jobs]):
-                done = await self._wave([jobs[i] for i in wave], batch)
+            for wave in [*([staying[i] for i in w] for w in waves([job.target for job in staying])),
+                         *([leaving[i] for i in w] for w in waves([job.target for job in leaving]))]:
+                for job in wave:
+                    if job.target.by_id_only and isinstance(job.edit, Release) and not _row_written(jobs, job):
+                        job.outcome = Converged("same")  # (nothing left: the row's own write was not made)
+                done = await self._wave([job for job in wave if job.outcome is None], batch)
                 # A Provenance changes no resource a later wave touches: it goes out alongside that wave.
                 provenances.append(asyncio.create_task(self._provenance(done)))
             if landed is not None:
@@ -364,7 +373,8 @@ class BatchDelivery:
             try:
                 decided = converge(current, _resolved(job.edit, job.plan, batch, creating=current is None),
                                    target.resource_type,
-                                   target.new_id or resource_id(target.table, target.identifier_value))
+                                   target.new_id or resource_id(target.table, target.identifier_value),
+                                   retried=job.plan.source.retried)
             except WritebackError as exc:
                 job.outcome = exc
                 continue
@@ -713,6 +723,13 @@ def _resolved(edit: Edit, plan: WritePlan, batch: _Batch, *, creating: bool = Fa
         return replace(edit, owned=owned, rendered=resolve_refs(edit.rendered, ids)
                        if creating and edit.rendered is not None else None)
     return replace(edit, owned=owned)
+
+
+def _row_written(jobs: list[_Job], leaving: _Job) -> bool:
+    """Whether the row's own write of `leaving`'s plan is made (written, or its values already there)."""
+    own = next((job for job in jobs if job.plan is leaving.plan and isinstance(job.edit, RowEdit)), None)
+    return own is not None and (isinstance(own.outcome, _Written) or (
+        isinstance(own.outcome, Converged) and own.outcome.kind in ("unchanged", "same")))
 
 
 def _outcome(jobs: list[_Job]) -> Outcome:

@@ -64,6 +64,10 @@ class RowEdit:
     # knows): on a resource the row's mark is not on yet (a record from FHIR), the write waits for it once
     # (`pending`), since that save's pre image tells which items the ingest put there are the row's.
     awaits_earlier: bool = False
+    # Its pre image follows a save of the row not received (as `awaits_earlier`, and still once past that wait): it
+    # does not say what the record holds of the row, so a column empty in it does not make an item another system's
+    # (`paths.adopt`'s `trust_before`).
+    earlier_unseen: bool = False
     # Target only: the selectors that may take over an item an ingest put there (`paths.sole_selectors`)
     adoptable: frozenset[Path] = frozenset()
     row_items: bool = False  # the map owns items by the row's mark (`[row]`): the mark goes to `paths`
@@ -139,17 +143,17 @@ def _result(current: dict[str, Any], new: dict[str, Any], held: Mark | None) -> 
 
 
 def converge(current: dict[str, Any] | None, edit: Edit, resource_type: str = "",
-             resource_id: str = "") -> Converged:
+             resource_id: str = "", *, retried: bool = False) -> Converged:
     """Raises `WritebackError` (`invalid-resource`) when a Target-only change would break a FHIR invariant beside
-    what the server holds."""
+    what the server holds. `retried`: the message was tried before (`_unwritten`)."""
     if isinstance(edit, RowEdit):
-        return _row(current, edit, resource_type, resource_id)
+        return _row(current, edit, resource_type, resource_id, retried)
     if current is None:
         if isinstance(edit, Release):
             return Converged("same")  # no resource of the old type: nothing stands for the row there
         return Converged("same") if isinstance(edit, RemoveItem) and not edit.awaited else Converged("absent")
     if isinstance(edit, ItemEdit):
-        return _item(current, edit)
+        return _item(current, edit, retried)
     if isinstance(edit, Release):
         return _release(current, edit)
     return _remove(current, edit)
@@ -169,7 +173,8 @@ def _release(current: dict[str, Any], edit: Release) -> Converged:
     return _result(current, new, held)
 
 
-def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, resource_id: str) -> Converged:
+def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, resource_id: str,
+         retried: bool = False) -> Converged:
     if current is None:
         if not edit.full:
             return Converged("absent")
@@ -189,7 +194,7 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
     ordered = _ordered(edit, held or mark_of(current, edit.mark.table, edit.mark.row_id, MOVED))
     if ordered is not None:
         return ordered
-    planned = _by_columns(edit.owned, held, edit.mark, edit.full)
+    planned = _by_columns(edit.owned, held, edit.mark, edit.full, retried)
     if isinstance(planned, Converged):
         return planned
     owned, mark = planned.owned, planned.mark
@@ -197,7 +202,8 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
         items: dict[str, int] = {}
         new = apply(apply_state(current, owned, edit.before, own=edit.own, earlier=edit.earlier,
                                 holds=_held_images(edit, held), items=dict(held.items) if held else None,
-                                written_items=items, pinned=(edit.identity,)), [edit.identity])
+                                written_items=items, pinned=(edit.identity,),
+                                trust_before=not edit.earlier_unseen), [edit.identity])
         new = with_mark(new, None, mark.table, mark.row_id, MOVED)
         mark = replace(mark, items=_sorted_items(items))
     else:  # Target only: the changed columns no newer change wrote; the mark records them, not a whole version
@@ -243,14 +249,15 @@ class _Planned:
     same: Version | None = None
 
 
-def _by_columns(owned: tuple[Assignment, ...], held: Mark | None, edit: Mark, full: bool) -> _Planned | Converged:
+def _by_columns(owned: tuple[Assignment, ...], held: Mark | None, edit: Mark, full: bool,
+                retried: bool = False) -> _Planned | Converged:
     """What a change writes, column by column, against the mark its row holds (`held`), and the mark after it: a
     whole state keeps the columns a newer change without images wrote; a change without images writes only the
     columns no change as new or newer wrote (none left: `stale` or `same`), and records its version for them."""
     version = edit.version
     if full:
         return _Planned(_newer_kept(owned, held, version), held.whole(version) if held is not None else edit)
-    kept, skipped, same = _unwritten(owned, held, version)
+    kept, skipped, same = _unwritten(owned, held, version, retried)
     if skipped is not None:
         assert held is not None
         return Converged(skipped[0], held=held.column(skipped[1]))
@@ -273,14 +280,16 @@ def _newer_kept(owned: tuple[Assignment, ...], held: Mark | None, version: Versi
     return tuple(replace(a, value=KEEP) if a.column in newer else a for a in owned)
 
 
-def _unwritten(owned: tuple[Assignment, ...], held: Mark | None, version: Version,
+def _unwritten(owned: tuple[Assignment, ...], held: Mark | None, version: Version, retried: bool = False,
                ) -> tuple[tuple[Assignment, ...], tuple[Kind, str] | None, Version | None]:
     """A change without images: its assignments of the columns no change as new or newer wrote (the mark's
     column entries). When it has none left, why (`stale` or `same`, and a column that says so) instead. A column
     written by a change of the same `modifiedon`, neither with a `versionnumber`, stays: Dataverse keeps
     `modifiedon` to the second, so that may be another save of the same second (a plug-in reformatting a phone just
     typed), received after it, which is then written; the third value is that version when every column is so
-    (`_Planned.same`)."""
+    (`_Planned.same`). Not for a message tried before (`retried`): its earlier try may have written that entry, and a
+    save of the same second written since must not be undone (it is `same`, and looks for the Provenance it may
+    owe, as before; found by review)."""
     if held is None or not held.columns:
         return owned, None, None
     out: list[Assignment] = []
@@ -290,7 +299,8 @@ def _unwritten(owned: tuple[Assignment, ...], held: Mark | None, version: Versio
     for a in owned:
         written = held.column(a.column) if a.column is not None else None
         order = version.compare(written) if written is not None else None
-        if order == 0 and written is not None and version.number is None and written.number is None:
+        if order == 0 and written is not None and version.number is None and written.number is None \
+                and not retried:
             out.append(a)
             same = written
             continue
@@ -330,7 +340,7 @@ def _unmarked(items: list[Any], known: tuple[Mapping[str, Any], ...]) -> int | N
     return None
 
 
-def _item(current: dict[str, Any], edit: ItemEdit) -> Converged:
+def _item(current: dict[str, Any], edit: ItemEdit, retried: bool = False) -> Converged:
     table, row_id = edit.mark.table, edit.mark.row_id
     items: list[Any] = list(current.get(edit.element) or [])
     found = item_of(items, table, row_id)
@@ -354,7 +364,7 @@ def _item(current: dict[str, Any], edit: ItemEdit) -> Converged:
             return ordered
     base = dict(items[index]) if index is not None else {}
     # As for a row's own resource (`_row`), against the item's own mark (else `held` is a tombstone, or None)
-    planned = _by_columns(edit.owned, held if found is not None else None, edit.mark, edit.full)
+    planned = _by_columns(edit.owned, held if found is not None else None, edit.mark, edit.full, retried)
     if isinstance(planned, Converged):
         return planned
     owned, mark = planned.owned, planned.mark
