@@ -64,10 +64,6 @@ class RowEdit:
     # knows): on a resource the row's mark is not on yet (a record from FHIR), the write waits for it once
     # (`pending`), since that save's pre image tells which items the ingest put there are the row's.
     awaits_earlier: bool = False
-    # Its pre image follows a save of the row not received (as `awaits_earlier`, and still once past that wait): it
-    # does not say what the record holds of the row, so a column empty in it does not make an item another system's
-    # (`paths.adopt`'s `trust_before`).
-    earlier_unseen: bool = False
     # Target only: the selectors that may take over an item an ingest put there (`paths.sole_selectors`)
     adoptable: frozenset[Path] = frozenset()
     row_items: bool = False  # the map owns items by the row's mark (`[row]`): the mark goes to `paths`
@@ -202,8 +198,7 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
         items: dict[str, int] = {}
         new = apply(apply_state(current, owned, edit.before, own=edit.own, earlier=edit.earlier,
                                 holds=_held_images(edit, held), items=dict(held.items) if held else None,
-                                written_items=items, pinned=(edit.identity,),
-                                trust_before=not edit.earlier_unseen), [edit.identity])
+                                written_items=items, pinned=(edit.identity,)), [edit.identity])
         new = with_mark(new, None, mark.table, mark.row_id, MOVED)
         mark = replace(mark, items=_sorted_items(items))
     else:  # Target only: the changed columns no newer change wrote; the mark records them, not a whole version

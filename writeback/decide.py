@@ -388,9 +388,18 @@ def decide(message: Message, maps: MapSet, settings: Settings) -> Decision:
             # A type of its own that the map does not write (a contact that is a Related Person: next of kin, common
             # in a hospital). Skipped, not dead-lettered: every save of such a contact kept the dead-letter queue,
             # and its alert, from ever being empty (found trying the product). (A choice's value is a number, never
-            # patient data: said.)
-            return _skip(Reason.NO_ENTITY_MAP, f"Column {entity_map.choice_column} is {key}, a type the "
-                         f"{message.table} map does not write; only {mapped} are written back.", message)
+            # patient data: said.) Made so in this save, it leaves the resource of the type it had, as a type change
+            # between two mapped types does (found by review).
+            leaving = _released(message, entity_map, "", old, Mark(message.table, message.record_id,
+                                                                    version_of(message, new)))
+            said = f"Column {entity_map.choice_column} is {key}, a type the {message.table} map does not write"
+            if leaving:
+                before = leaving[0].target.resource_type
+                plan = WritePlan("update", tuple(leaving), {"resourceType": before}, (),
+                                 _source(message, entity_map.identifier_system, new))
+                return Decision("write", None, f"{said}, since this save: the row leaves its {before} (its row "
+                                "identifier and mark go; what it holds stays).", message, plan, before)
+            return _skip(Reason.NO_ENTITY_MAP, f"{said}; only {mapped} are written back.", message)
         found = "not in the message" if key is None else "not a choice's value"
         detail = (f"Column {entity_map.choice_column} is {found}"
                   f" for {message.table} {message.record_id}; only {mapped} can be written.")

@@ -392,7 +392,7 @@ def _was(items: list[Any], befores: list[dict[Path, list[Assignment]]], prefix: 
 
 def adopt(resource: dict[str, Any], assignments: Iterable[Assignment],
           before: Iterable[Assignment] = (), earlier: Iterable[Iterable[Assignment]] = (), *,
-          pinned: Iterable[Assignment] = (), trust_before: bool = True) -> dict[Path, Select]:
+          pinned: Iterable[Assignment] = ()) -> dict[Path, Select]:
     """Give each selector with optional keys (`use?=official`) the item an ingest put there when no item matches
     it: among the items that lack those keys and that no other selector of this write took, the one already
     holding the value to write, else the one holding the row's values before this save (`before`, from the pre
@@ -413,8 +413,7 @@ def adopt(resource: dict[str, Any], assignments: Iterable[Assignment],
     usual]` took the row identifier, which has no `use`, and the visit number was never written (found by review).
     Where a pre image is given and neither it nor an older save's holds a value for a selector, the row had none
     there: a free item is another system's (a relative's phone the ingest copied into no column), and a value
-    written makes an item of its own (found by review). Not when the pre image follows a save not received
-    (`trust_before` False): that save may have emptied the column the ingest filled."""
+    written makes an item of its own (found by review)."""
     groups: dict[Path, list[Assignment]] = {}
     for assignment in (*pinned, *assignments):
         for i, seg in enumerate(assignment.path):
@@ -456,7 +455,7 @@ def adopt(resource: dict[str, Any], assignments: Iterable[Assignment],
             m.value is None or m.value is KEEP or isinstance(m.value, OwnedPrefix)
             or _navigate(item, m.path[depth:]) == m.value for m in members)] if writes else []
         # An item already holding the new value is taken before the one holding the old (no second copy of it).
-        held_nothing = trust_before and bool(before) and not any(
+        held_nothing = bool(before) and not any(
             m.value is not None and m.value is not KEEP for previous in befores for m in previous.get(prefix, ()))
         chosen = next(iter(holding or was or (free if writes and not held_nothing else [])), None)
         if chosen is None:
@@ -726,15 +725,14 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
                 before: Iterable[Assignment] = (), own: Mark | None = None,
                 earlier: Iterable[Iterable[Assignment]] = (), *,
                 holds: Sequence[Sequence[Assignment]] = (), items: Mapping[str, int] | None = None,
-                written_items: dict[str, int] | None = None, pinned: Iterable[Assignment] = (),
-                trust_before: bool = True) -> dict[str, Any]:
+                written_items: dict[str, int] | None = None, pinned: Iterable[Assignment] = ()) -> dict[str, Any]:
     """A new resource: `resource` with a row's whole state written (see the module docstring). `before`: the
     row's state before the save, to recognise the items an ingest put there (`adopt`; `earlier`: its older saves'
     of the same batch). `own`: the row's mark, for the items `[row]` names (`_own_items`). `holds`: of those
     images, the ones that may be what the resource holds of the row (`_owned_counts`); `items`: how many leading
     items of each owned list the row's last whole state put there, as its mark says (known, it wins over
     `holds`); `written_items`, filled in: the same after this write, for the new mark. `pinned`: what is written
-    apart (the row identifier), whose items no selector takes (`adopt`); `trust_before`: see `adopt`."""
+    apart (the row identifier), whose items no selector takes (`adopt`)."""
     before = tuple(before)
     result: dict[str, Any] = _tree_copy(resource)
     assignments, own_lists = _own_items(result, list(assignments), own, before)
@@ -757,8 +755,7 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
         owned = OwnedPrefix(tuple(positions.get(i, KEEP) for i in range(count)), count)
         values.append(Assignment(prefix, owned, "*"))
         prefixes.append(prefix)
-    redirects = adopt(result, [*values, *constants], before, earlier, pinned=pinned, trust_before=trust_before) \
-        if len(result) > 1 else {}
+    redirects = adopt(result, [*values, *constants], before, earlier, pinned=pinned) if len(result) > 1 else {}
     if redirects:
         values, constants = _redirect(values, redirects), _redirect(constants, redirects)
     existing = len(result) > 1  # a copy to write over, not an empty resource (what a create renders)

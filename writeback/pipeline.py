@@ -672,23 +672,20 @@ class Pipeline:
         if not rows:
             return
         for row, group in rows.items():
+            if any(_past_gates(batch.envelopes[i]) >= EARLIER_SAVE_GRACE_RETRIES for i in group):
+                continue
             known = batch.stored[row]
             # Every message of the row in the batch, those settled when planned included (an echo, a save of other
             # columns): any of them may be the earlier save.
             if any(known.follows_seen(_before_version(batch.decisions[i])) for i in batch.messages_of.get(row, ())):
                 continue  # (the earliest says what the others would: each after a save not seen)
-            # Past its wait, it is written; its pre image still does not say what the record holds of the row (the
-            # save not seen may have cleared a phone the ingest put there), so an empty column in it is no sign
-            # that an item is another system's (`RowEdit.earlier_unseen`; found by review).
-            waits = not any(_past_gates(batch.envelopes[i]) >= EARLIER_SAVE_GRACE_RETRIES for i in group)
             for i in group:
                 plan = batch.decisions[i].plan
                 assert plan is not None
                 edit = plan.writes[0].edit
                 assert isinstance(edit, RowEdit | ItemEdit)
-                marked = replace(edit, awaits_earlier=waits, earlier_unseen=True) if isinstance(edit, RowEdit) \
-                    else replace(edit, awaits_earlier=waits)
-                batch.decisions[i] = replace(batch.decisions[i], plan=plan.with_edit(marked))
+                waits = plan.with_edit(replace(edit, awaits_earlier=True))
+                batch.decisions[i] = replace(batch.decisions[i], plan=waits)
 
     async def _write(self, batch: _Batch, writes: list[int], landed: asyncio.Event | None = None) -> None:
         """Admit (ledger) and deliver `writes`; fill their results and the facts learned."""

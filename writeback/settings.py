@@ -167,7 +167,8 @@ def require_secure_url(name: str, url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(name, "is not an absolute http(s) URL")
-    if parts.username is not None or parts.password is not None:
+    if parts.username is not None or parts.password is not None or "@" in _before_query(url):
+        # (an `@` anywhere before the query: a password holding a bare `/` makes urlsplit read its user as the host)
         # (it would be shown and logged as a URL is: credentials come from their own settings or an identity)
         raise ConfigError(name, "holds credentials (user:password@): remove them; the client id and secret have "
                           "settings of their own, and a managed identity needs none")
@@ -457,4 +458,9 @@ def redacted(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return shown
 
 
-_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
+# Up to the last `@` before the query: a password may hold a bare `@` or `/` (found by review).
+_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^?#]*@")
+
+
+def _before_query(url: str) -> str:
+    return url.split("?", 1)[0].split("#", 1)[0]
