@@ -524,7 +524,12 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
         return _skip(Reason.NO_CHANGE, "The row has no value in any mapped column.", message, resource_type)
     check_fhir_id(entity_map, new)
     fhir_id = fhir_id_of(entity_map, new)
-    retyped = bool(old) and resource_type_of(entity_map, old) not in (None, resource_type)
+    # Of another type before this save: a mapped one, or one no map writes (a Related Person, which left its Patient:
+    # made a Patient again, it takes that one up, found by its own id; found by review).
+    before = resource_type_of(entity_map, old) if old else None
+    retyped = bool(old) and (before not in (None, resource_type) or (
+        before is None and entity_map.choice_column is not None
+        and choice_key(old.get(entity_map.choice_column)) is not None))
     target = Target(resource_type, fhir_id, entity_map.identifier_system, message.record_id,
                     resource_id(message.table, message.record_id), message.table,
                     fhir_id is not None and fhir_id_type(entity_map, old, new) != resource_type, retyped)

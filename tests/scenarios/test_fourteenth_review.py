@@ -94,3 +94,23 @@ async def test_v3_a_mobile_entered_after_a_save_the_step_filters_out_never_takes
     assert sorted(patient["telecom"], key=_text) == sorted([
         {"system": "phone", "value": "+1 555 0001"}, {"system": "phone", "value": "+1 555 0170", "use": "work"},
         {"system": "phone", "value": "+1 555 0199", "use": "mobile"}], key=_text), patient["telecom"]
+
+
+async def test_v1b_a_related_person_made_a_patient_again_takes_up_the_patient_it_left(world: World):
+    """test_v1, then the correction undone (the contact was the patient after all): the row takes up the Patient it
+    left, under its own id, with what other systems added kept, as a contact made a Practitioner and back does
+    (test_07g). Dataverse: one contact, a Patient. FHIR: one Patient carrying the row, with one Provenance per
+    version written."""
+    dv = world.dataverse
+    contact, created = dv.patient(firstname="Ngozi", lastname="Okafor")
+    assert states(await world.send(created)) == [("written", None)]
+    [made] = resources_of(world.fhir, "Patient", ROW_SYSTEM, contact)
+    retyped = dv.update("contact", contact, {"msemr_contacttype": RELATED_PERSON})
+    assert states(await world.send(retyped)) == [("written", None)]
+    back = dv.update("contact", contact, {"msemr_contacttype": Choice(935000000), "lastname": "Okafor-Bello"})
+    [result] = await world.send(back)
+    assert (result.state, result.reason) == ("written", None), (result.state, result.reason, result.detail)
+    found = resources_of(world.fhir, "Patient", ROW_SYSTEM, contact)
+    assert [p["id"] for p in found] == [made["id"]]
+    assert found[0]["name"][0]["family"] == "Okafor-Bello"
+    check_provenance(world.fhir, found[0])
