@@ -220,14 +220,12 @@ class BatchDelivery:
         # A resource the row leaves because its FHIR id now names another (`facts.resolve`) is left only once the
         # row's write there is made: a mistyped id (`target-missing`) must not take the row off the resource it has
         # (found by review). Those go in a wave of their own, last.
-        leaving = [job for job in jobs if job.target.by_id_only and isinstance(job.edit, Release)]
-        staying = [job for job in jobs if not (job.target.by_id_only and isinstance(job.edit, Release))]
+        leaving = [job for job in jobs if _leaves(job)]
         provenances: list[asyncio.Task[None]] = []
         try:
-            for wave in [*([staying[i] for i in w] for w in waves([job.target for job in staying])),
-                         *([leaving[i] for i in w] for w in waves([job.target for job in leaving]))]:
+            for wave in [*_waves_of([job for job in jobs if not _leaves(job)]), *_waves_of(leaving)]:
                 for job in wave:
-                    if job.target.by_id_only and isinstance(job.edit, Release) and not _row_written(jobs, job):
+                    if _leaves(job) and not _row_written(jobs, job):
                         job.outcome = Converged("same")  # (nothing left: the row's own write was not made)
                 done = await self._wave([job for job in wave if job.outcome is None], batch)
                 # A Provenance changes no resource a later wave touches: it goes out alongside that wave.
@@ -723,6 +721,15 @@ def _resolved(edit: Edit, plan: WritePlan, batch: _Batch, *, creating: bool = Fa
         return replace(edit, owned=owned, rendered=resolve_refs(edit.rendered, ids)
                        if creating and edit.rendered is not None else None)
     return replace(edit, owned=owned)
+
+
+def _leaves(job: _Job) -> bool:
+    """A release of the resource a row leaves because its FHIR id now names another one (`facts.resolve`)."""
+    return job.target.by_id_only and isinstance(job.edit, Release)
+
+
+def _waves_of(jobs: list[_Job]) -> list[list[_Job]]:
+    return [[jobs[i] for i in wave] for wave in waves([job.target for job in jobs])]
 
 
 def _row_written(jobs: list[_Job], leaving: _Job) -> bool:

@@ -11,8 +11,8 @@ from devtools.faults import EntryFault
 from devtools.messages import Choice
 from tests.scenarios.checks import ROW_SYSTEM, check_provenance, resources_of, the_resource
 from tests.scenarios.conftest import World
-from tests.scenarios.test_items import _ingested_contact, ingested_patient, states, target_only
-from tests.scenarios.test_twelfth_review import _same_second, _text
+from tests.scenarios.test_items import _ingested_contact, ingested_patient, states
+from tests.scenarios.test_twelfth_review import _text, typed_then_reformatted
 from writeback.reasons import Reason
 
 RELATED_PERSON = Choice(935000002)  # next of kin: a contact type the shipped contact map does not write
@@ -53,12 +53,7 @@ async def test_v2_a_same_second_change_without_images_whose_first_try_failed_is_
     (converge._unwritten's `retried`, from c40e64d for test_u3), `same`, skipped `no-change`: the typed phone stays
     in FHIR for good although the reformatted one was never written (test_u3's retry had written its value;
     this one had not, which the resource's history tells)."""
-    dv = world.dataverse
-    contact, created = dv.patient()
-    assert states(await world.send(created)) == [("written", None)]
-    typed = target_only(dv.update("contact", contact, {"telephone1": "5550177"}))
-    typed = _same_second(typed, typed)
-    formatted = _same_second(target_only(dv.update("contact", contact, {"telephone1": "+1 555 0177"})), typed)
+    contact, typed, formatted = await typed_then_reformatted(world)
     assert states(await world.send(typed)) == [("written", None)]
     world.x.transport.add_entry(EntryFault(method="PUT", url_contains="Patient/", status=503, times=-1))
     [first] = await world.send(formatted)

@@ -13,8 +13,8 @@ from devtools.faults import EntryFault
 from tests.scenarios.checks import ROW_SYSTEM, check_contact, check_provenance, resources_of, strip_marks, the_resource
 from tests.scenarios.conftest import PAST_CONSENT_WAIT, World
 from tests.scenarios.dataverse import MRN, PATIENT, PRACTITIONER, SYNC_USER, new_id
-from tests.scenarios.test_items import _ingested_contact, ingested_patient, states, target_only
-from tests.scenarios.test_twelfth_review import _same_second
+from tests.scenarios.test_items import _ingested_contact, ingested_patient, states
+from tests.scenarios.test_twelfth_review import typed_then_reformatted
 from writeback.decide import resource_id
 from writeback.reasons import Reason
 
@@ -79,12 +79,7 @@ async def test_u3_a_change_without_images_retried_for_its_provenance_after_a_sam
     must hold it, and every version ours one Provenance. Before: the retry was taken for a new save of that second
     (written in the order received) and put the typed phone back, and the version its first try wrote never got its
     Provenance (it used to be `same` and healed it)."""
-    dv = world.dataverse
-    contact, created = dv.patient()
-    assert states(await world.send(created)) == [("written", None)]
-    typed = target_only(dv.update("contact", contact, {"telephone1": "5550177"}))
-    typed = _same_second(typed, typed)
-    formatted = _same_second(target_only(dv.update("contact", contact, {"telephone1": "+1 555 0177"})), typed)
+    contact, typed, formatted = await typed_then_reformatted(world)
     world.x.transport.add_entry(EntryFault(method="PUT", url_contains="Provenance/", status=500, times=3))
     assert states(await world.send(typed)) == [("retry", "provenance-failed")]
     assert states(await world.send(formatted)) == [("written", None)]

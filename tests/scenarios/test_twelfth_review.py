@@ -115,17 +115,25 @@ def _same_second(sent: Sent, like: Sent) -> Sent:
     return replace(sent, body={**sent.body, "InputParameters": params}, raw=None)
 
 
-async def test_t5_two_saves_of_a_phone_in_one_second_without_images_end_with_the_second(world: World):
-    """A step without images. The clerk saves a phone as typed; a plug-in on the contact reformats it in the same
-    second (a second Update of the row, its own request). Both Targets hold `modifiedon` (the same second) and no
-    `versionnumber`, as Dataverse's Targets do. Received in Dataverse's order. Dataverse: the reformatted phone.
-    FHIR must hold it too (before: the second was taken for the first's own version, `same`, and skipped)."""
+async def typed_then_reformatted(world: World) -> tuple[str, Sent, Sent]:
+    """A patient written, and two saves of its phone through a step without images in one second: as the clerk
+    typed it, then as a plug-in reformatted it (a second Update of the row, its own request), neither with a
+    `versionnumber`, both with the same `modifiedon`. Returns the contact and the two messages, not sent."""
     dv = world.dataverse
     contact, created = dv.patient()
     assert states(await world.send(created)) == [("written", None)]
     typed = target_only(dv.update("contact", contact, {"telephone1": "5550177"}))
     typed = _same_second(typed, typed)
     formatted = _same_second(target_only(dv.update("contact", contact, {"telephone1": "+1 555 0177"})), typed)
+    return contact, typed, formatted
+
+
+async def test_t5_two_saves_of_a_phone_in_one_second_without_images_end_with_the_second(world: World):
+    """A step without images. The clerk saves a phone as typed; a plug-in on the contact reformats it in the same
+    second (a second Update of the row, its own request). Both Targets hold `modifiedon` (the same second) and no
+    `versionnumber`, as Dataverse's Targets do. Received in Dataverse's order. Dataverse: the reformatted phone.
+    FHIR must hold it too (before: the second was taken for the first's own version, `same`, and skipped)."""
+    contact, typed, formatted = await typed_then_reformatted(world)
     assert states(await world.send(typed)) == [("written", None)]
     await world.send(formatted)  # (skipped `no-change` today: "already holds this version of the row")
     patient = the_resource(world.fhir, "Patient", ROW_SYSTEM, contact)
