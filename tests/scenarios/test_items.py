@@ -561,11 +561,9 @@ async def test_07e_a_patient_from_fhir_made_a_practitioner_and_back_stays_that_p
     assert resources_of(world.fhir, "Practitioner", ROW_SYSTEM, contact) == []
 
 
-async def test_07f_a_type_change_never_takes_over_an_unrelated_resource_that_shares_the_rows_fhir_id(world: World):
-    """The contact was ingested as Practitioner/<n> before the writeback ran (no row facts), and the server also
-    holds an unrelated Patient/<n> (a source system numbers each type on its own). Made a Patient, the row's id
-    may be its Patient's or not: it waits two tries for the row's earlier messages, then its Patient is found or
-    made by the row identifier. Patient/<n> is never written."""
+async def made_a_patient_beside_an_unrelated_one(world: World) -> tuple[str, str, dict[str, Any]]:
+    """test_07f's sequence: a contact ingested as Practitioner/<n> (no row facts), an unrelated Patient/<n> on the
+    server, the contact made a Patient and written after its two waits. Returns the contact, <n> and that Patient."""
     dv = world.dataverse
     shared = f"p{new_id()[:8]}"
     world.fhir.put({"resourceType": "Practitioner", "id": shared, "name": [{"family": "Adeyemi", "given": ["Tola"]}]})
@@ -576,6 +574,15 @@ async def test_07f_a_type_change_never_takes_over_an_unrelated_resource_that_sha
     retyped = dv.update("contact", contact, {"msemr_contacttype": PATIENT})
     results = [(await world.send(retyped, delivery_count=n))[0] for n in (1, 2, PAST_CONSENT_WAIT)]
     assert [r.reason for r in results[:2]] == [Reason.TARGET_PENDING] * 2 and states(results)[2] == ("written", None)
+    return contact, shared, other
+
+
+async def test_07f_a_type_change_never_takes_over_an_unrelated_resource_that_shares_the_rows_fhir_id(world: World):
+    """The contact was ingested as Practitioner/<n> before the writeback ran (no row facts), and the server also
+    holds an unrelated Patient/<n> (a source system numbers each type on its own). Made a Patient, the row's id
+    may be its Patient's or not: it waits two tries for the row's earlier messages, then its Patient is found or
+    made by the row identifier. Patient/<n> is never written."""
+    contact, shared, other = await made_a_patient_beside_an_unrelated_one(world)
     assert strip_marks(world.fhir.get(f"Patient/{shared}")) == strip_marks(other)
     [patient] = resources_of(world.fhir, "Patient", ROW_SYSTEM, contact)
     assert patient["id"] == resource_id("contact", contact) and patient["name"][0]["family"] == "Adeyemi"

@@ -11,12 +11,16 @@ import pytest
 
 from devtools.faults import EntryFault
 from tests.scenarios.checks import ROW_SYSTEM, check_contact, check_provenance, resources_of, strip_marks, the_resource
-from tests.scenarios.conftest import PAST_CONSENT_WAIT, World
-from tests.scenarios.dataverse import MRN, PATIENT, PRACTITIONER, SYNC_USER, new_id
-from tests.scenarios.test_items import _ingested_contact, ingested_patient, states
-from tests.scenarios.test_twelfth_review import typed_then_reformatted
+from tests.scenarios.conftest import World
+from tests.scenarios.dataverse import MRN
+from tests.scenarios.test_items import (
+    _ingested_contact,
+    ingested_patient,
+    made_a_patient_beside_an_unrelated_one,
+    states,
+)
+from tests.scenarios.test_twelfth_review import linked_to_the_labs_patient, typed_then_reformatted
 from writeback.decide import resource_id
-from writeback.reasons import Reason
 
 
 def _ids(world: World, contact: str) -> list[str]:
@@ -31,11 +35,7 @@ async def test_u1_a_contact_linked_later_keeps_one_resource_when_an_mrn_is_enter
     have one resource (the lab's); before: the MRN's write taught the row facts `written` = the lab's Patient, so
     the phone save saw nothing to release and the row's own Patient kept the row identifier beside it."""
     dv = world.dataverse
-    seeded = ingested_patient(world)
-    contact, created = dv.patient(firstname="Imani", middlename="Grace", lastname="Okafor")
-    assert states(await world.send(created)) == [("written", None)]
-    linked = dv.update("contact", contact, {"msemr_azurefhirid": seeded["id"]}, user=SYNC_USER)
-    assert states(await world.send(linked)) == [("skipped", "echo")]
+    contact, seeded = await linked_to_the_labs_patient(world)
     _, mrn_created = dv.identifier(contact, MRN, "MRN-7002")
     assert states(await world.send(mrn_created)) == [("written", None)]
     phoned = dv.update("contact", contact, {"telephone1": "+1 555 0171"})
@@ -128,15 +128,7 @@ async def test_u5_a_later_save_after_test_07f_never_writes_the_unrelated_patient
     so the save was written into the unrelated Patient/<n> (pre-existing), and the twelfth review's release (3)
     also released the row's own Patient, leaving the row only on a stranger's record."""
     dv = world.dataverse
-    shared = f"p{new_id()[:8]}"
-    world.fhir.put({"resourceType": "Practitioner", "id": shared, "name": [{"family": "Adeyemi", "given": ["Tola"]}]})
-    other = world.fhir.put({"resourceType": "Patient", "id": shared,
-                            "name": [{"family": "Unrelated", "given": ["Someone"]}], "birthDate": "1950-01-01"})
-    contact, _ = dv.patient(user=SYNC_USER, fhir_id=shared, msemr_contacttype=PRACTITIONER, firstname="Tola",
-                            lastname="Adeyemi")
-    retyped = dv.update("contact", contact, {"msemr_contacttype": PATIENT})
-    results = [(await world.send(retyped, delivery_count=n))[0] for n in (1, 2, PAST_CONSENT_WAIT)]
-    assert [r.reason for r in results[:2]] == [Reason.TARGET_PENDING] * 2 and states(results)[2] == ("written", None)
+    contact, shared, other = await made_a_patient_beside_an_unrelated_one(world)
     phoned = dv.update("contact", contact, {"telephone1": "+1 555 0142"})
     await world.send(phoned)
     assert strip_marks(world.fhir.get(f"Patient/{shared}")) == strip_marks(other)

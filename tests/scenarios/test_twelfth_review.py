@@ -61,17 +61,25 @@ async def test_t2_a_visit_number_entered_after_admission_is_written_beside_the_r
                                                      {"use": "usual", "value": "V-2001"}], key=_text), identifiers
 
 
+async def linked_to_the_labs_patient(world: World) -> tuple[str, dict[str, Any]]:
+    """A contact registered in Dataverse (its Patient made under the row's own id), then linked by the sync (an
+    echo setting msemr_azurefhirid) to the lab's Patient, seeded on the server. Returns the contact and that
+    Patient."""
+    seeded = ingested_patient(world)
+    contact, created = world.dataverse.patient(firstname="Imani", middlename="Grace", lastname="Okafor")
+    assert states(await world.send(created)) == [("written", None)]
+    linked = world.dataverse.update("contact", contact, {"msemr_azurefhirid": seeded["id"]}, user=SYNC_USER)
+    assert states(await world.send(linked)) == [("skipped", "echo")]
+    return contact, seeded
+
+
 async def test_t3_a_contact_linked_later_to_its_fhir_record_keeps_one_resource(world: World):
     """Registered in Dataverse (its Patient made under the row's own id); the patient's record from the lab's FHIR
     feed is then matched to the contact, and the sync links them (msemr_azurefhirid set, as its own user). The
     clerk then corrects the phone. Dataverse: one contact, linked to the lab's Patient. FHIR: the row must have one
     resource (the one its FHIR id names), not two Patients each carrying the row identifier."""
     dv = world.dataverse
-    seeded = ingested_patient(world)
-    contact, created = dv.patient(firstname="Imani", middlename="Grace", lastname="Okafor")
-    assert states(await world.send(created)) == [("written", None)]
-    linked = dv.update("contact", contact, {"msemr_azurefhirid": seeded["id"]}, user=SYNC_USER)
-    assert states(await world.send(linked)) == [("skipped", "echo")]
+    contact, seeded = await linked_to_the_labs_patient(world)
     phoned = dv.update("contact", contact, {"telephone1": "+1 555 0171"})
     assert states(await world.send(phoned)) == [("written", None)]
     found = resources_of(world.fhir, "Patient", ROW_SYSTEM, contact)
