@@ -436,6 +436,16 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
         fact = facts.get((table, row_id))
         if fact is not None and fact.resource_type is not None and gate_map is not None and \
                 fact.resource_type not in gate_map.consent_types:
+            if fact.type_before in gate_map.consent_types and waited < timedelta(minutes=settings.consent_wait_minutes):
+                # A patient until its last type change (made a Practitioner by mistake, and back a minute later):
+                # a visit saved meanwhile waits for it to be one again, as a child row does, so that it is written
+                # with that patient's consent and refers to its Patient (found by review: it was written at once,
+                # with a patient's consent No, and by identifier only).
+                return replace(decision, decision="reject", reason=Reason.TARGET_PENDING, plan=None,
+                               detail=f"The patient ({table} {row_id}) this row belongs to is not a "
+                               f"{'/'.join(sorted(gate_map.consent_types))} since a change of its type "
+                               f"({fact.retyped.text()}): waiting for it to be one again (up to "
+                               f"WRITEBACK_CONSENT_WAIT_MINUTES, {settings.consent_wait_minutes:g} min).")
             not_patients.add((table, row_id))  # a practitioner: no consent to ask, and no patient's id to refer by
             continue
         if fact is None or fact.consent is None:
