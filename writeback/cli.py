@@ -208,7 +208,9 @@ def format_logs(rows: Sequence[OutcomeRow]) -> str:
 async def _read_logs(args: argparse.Namespace) -> list[OutcomeRow]:
     settings = outcome_settings()
     async with OutcomeStore.from_settings(settings) as store:
-        rows = await store.query(status=args.status, since=args.since, record_id=args.record, limit=args.limit)
+        # One more than asked: whether the list was cut is said (found by an administrator's trial: a cut list
+        # read exactly as a whole one).
+        rows = await store.query(status=args.status, since=args.since, record_id=args.record, limit=args.limit + 1)
     if store.missing:  # nothing recorded under this prefix at all: most often not the function app's prefix
         print(f"note: table {', '.join(sorted(store.missing))} does not exist in this storage account: nothing has "
               f"been recorded under OUTCOMES_TABLE_PREFIX={settings.outcomes_table_prefix} (is it the function "
@@ -218,11 +220,16 @@ async def _read_logs(args: argparse.Namespace) -> list[OutcomeRow]:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     rows = asyncio.run(_read_logs(args))
+    cut = len(rows) > args.limit
+    rows = rows[:args.limit]
     if args.json:
         for row in rows:
             print(json.dumps(row.as_json(), ensure_ascii=False))
     else:
         print(format_logs(rows))
+    if cut:
+        print(f"note: more outcomes match than --limit {args.limit}: the {args.limit} newest are shown; raise --limit "
+              "or narrow --since, --status or --record to see the rest", file=sys.stderr if args.json else sys.stdout)
     return EXIT_OK
 
 
@@ -379,8 +386,10 @@ def _requeued(message: ServiceBusReceivedMessage) -> ServiceBusMessage:
 
 
 def resubmit_dead_letters(client: ServiceBusClient, queue: str, *, reason: str | None = None, limit: int = 100,
-                          wait: float = 5.0) -> tuple[list[ServiceBusReceivedMessage], int]:
-    """Move up to `limit` dead-lettered messages (optionally only those with `reason`) back to `queue`.
+                          wait: float = 5.0) -> tuple[list[ServiceBusReceivedMessage], int, bool]:
+    """Move up to `limit` dead-lettered messages (optionally only those with `reason`) back to `queue`. Returns
+    what was moved, how many others were seen and left, and whether `limit` stopped it with a message it would
+    have moved still there.
 
     Send first, then complete: a crash in between leaves a copy on both queues, which the ledger turns into
     one write and one `duplicate`. Messages not matching `reason` are left in the dead-letter queue.
@@ -388,17 +397,23 @@ def resubmit_dead_letters(client: ServiceBusClient, queue: str, *, reason: str |
     moved: list[ServiceBusReceivedMessage] = []
     held: list[ServiceBusReceivedMessage] = []
     seen: set[int] = set()
+    more = False
     with client.get_queue_receiver(queue, sub_queue=ServiceBusSubQueue.DEAD_LETTER, max_wait_time=wait) as receiver, \
             client.get_queue_sender(queue) as sender:
         try:
-            while len(moved) < limit:
-                batch = receiver.receive_messages(max_message_count=min(50, limit - len(moved)), max_wait_time=wait)
+            while not more:
+                # Past the limit, one more look: whether a message it would move is left (found by an
+                # administrator's trial: stopped at --max, it said nothing of the rest).
+                batch = receiver.receive_messages(max_message_count=max(1, min(50, limit - len(moved))),
+                                                  max_wait_time=wait)
                 fresh = [m for m in batch if m.sequence_number not in seen]
                 if not fresh:
                     break
                 for message in fresh:
                     seen.add(message.sequence_number or -1)
-                    if (reason and message.dead_letter_reason != reason) or len(moved) >= limit:
+                    wanted = not reason or message.dead_letter_reason == reason
+                    if not wanted or len(moved) >= limit:
+                        more = more or wanted
                         held.append(message)
                         continue
                     sender.send_messages(_requeued(message))
@@ -407,14 +422,15 @@ def resubmit_dead_letters(client: ServiceBusClient, queue: str, *, reason: str |
         finally:
             for message in held:
                 receiver.abandon_message(message)
-    return moved, len(held)
+    wanted_held = sum(1 for m in held if not reason or m.dead_letter_reason == reason)
+    return moved, len(held) - wanted_held, more
 
 
 def cmd_resubmit(args: argparse.Namespace) -> int:
     queue = args.queue or os.environ.get("WRITEBACK_QUEUE_NAME", "").strip() or Settings().queue_name
     try:
         with servicebus_client() as client:
-            moved, left = resubmit_dead_letters(client, queue, reason=args.reason, limit=args.max)
+            moved, left, more = resubmit_dead_letters(client, queue, reason=args.reason, limit=args.max)
     except AzureError as exc:  # unreachable, no such queue, no sign-in, no rights: one line, no traceback
         raise WritebackError(Reason.CONFIG_ERROR, f"Service Bus: {type(exc).__name__}: could not move the "
                              f"dead-lettered messages of queue {queue} (check the namespace or connection string, "
@@ -425,6 +441,9 @@ def cmd_resubmit(args: argparse.Namespace) -> int:
     which = f" with reason {args.reason}" if args.reason else ""
     print(f"Moved {len(moved)} dead-lettered message(s){which} from {queue}/$deadletterqueue back to "
           f"{queue}." + (f" {left} other dead-lettered message(s) left in place." if left else ""))
+    if more:
+        print(f"Stopped at --max {args.max}: more dead-lettered messages{which} are still there; run it again (or "
+              "raise --max) to move them.")
     return EXIT_OK
 
 

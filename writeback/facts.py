@@ -451,6 +451,12 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
         if fact is None or fact.consent is None:
             detail = (f"The consent of the patient ({table} {row_id}) this row belongs to is not known yet: no "
                       "message of that row has been seen.")
+            if fact is not None:  # seen, without the column (found by an administrator's trial: "no message seen")
+                column = (gate_map.consent_column if gate_map else None) or settings.consent_column
+                detail = (f"The consent of the patient ({table} {row_id}) this row belongs to is not known: that "
+                          f"row's messages do not hold its consent column {column} (WRITEBACK_CONSENT_COLUMN, or "
+                          "the map's consent.column). Check that the setting names the column's logical name and "
+                          "that the contact step's images include it (docs/deploy.md), then save the contact.")
             # "reject" with a transient reason: retried with a growing delay, like any transient outcome
             return replace(decision, decision="skip" if settings.consent_unknown == "skip" else "reject",
                            reason=Reason.CONSENT_UNKNOWN, detail=detail, plan=None)

@@ -41,7 +41,8 @@ from writeback.collector import paused, settle_long_lived
 from writeback.decide import Decision
 from writeback.errors import WritebackError
 from writeback.maps import MapSet, load_maps
-from writeback.pipeline import DEADLINE_DETAIL, Delivery, Envelope, Ledger, Pipeline, Result
+from writeback.messages import parse_message
+from writeback.pipeline import DEADLINE_DETAIL, Delivery, Envelope, Ledger, Pipeline, Result, give_up
 from writeback.reasons import Kind, Reason
 from writeback.retry import ATTEMPT, GiveUp, RetryPolicy, batch_jitter, next_step, text_of
 from writeback.scheduler import Copy, Scheduler
@@ -224,6 +225,7 @@ class _Retrying:
     reason: Reason
     detail: str
     result: Result | None
+    quiet: bool = False  # a configuration fault's retry: the batch's one record says it (`_log_config_fault`)
 
 
 class FunctionApp:
@@ -244,6 +246,7 @@ class FunctionApp:
         self._runtime: Runtime | None = None
         self._lock: asyncio.Lock | None = None
         self._retries: tuple[Settings, Scheduler | None, str] | None = None
+        self._faults: tuple[Ledger, Callable[[], Awaitable[None]]] | None = None
 
     async def runtime(self) -> Runtime:
         """The singletons; a configuration fault raises ConfigError/MapError and is not cached."""
@@ -288,6 +291,9 @@ class FunctionApp:
         retries, self._retries = self._retries, None
         if retries is not None and retries[1] is not None:
             await retries[1].aclose()
+        faults, self._faults = self._faults, None
+        if faults is not None:
+            await faults[1]()
 
     async def handle(self, message: Any, actions: MessageActions) -> Result | None:
         """Process one message and settle it exactly once: a batch of one."""
@@ -325,7 +331,9 @@ class FunctionApp:
                 except WritebackError as exc:  # ConfigError / MapError: keep the messages, say what to fix
                     reason = exc.reason if exc.reason.kind == Kind.CONFIG else Reason.CONFIG_ERROR
                     self._log_config_fault(list(readable.values()), exc, reason, started)
-                    retrying = [_Retrying(i, e, reason, exc.detail, None) for i, e in readable.items()]
+                    faults = await self._record_faults(readable, exc, reason, retry_settings, started)
+                    retrying = [_Retrying(i, e, reason, exc.detail, faults[i], quiet=True)
+                                for i, e in readable.items()]
                 else:
                     retrying = await self._process(runtime, readable, settler, results)
             await self._reschedule(retrying, settler, retry_settings)
@@ -410,8 +418,44 @@ class FunctionApp:
                           extra={"outcome": "retry", "settlement": "abandon", "error": type(exc).__name__})
         for item, copy in copies:
             more = {"retry_attempt": int(copy.properties[ATTEMPT]), "retry_at": copy.at.isoformat()}
-            settler.settle(item.index, kind, None,
-                           _logger(item.envelope, item.result, item.detail, **more) if item.result else None)
+            settler.settle(item.index, kind, None, _logger(item.envelope, item.result, item.detail,
+                                                           rescheduled=kind == "complete", **more)
+                           if item.result and not item.quiet else None)
+
+    async def _record_faults(self, readable: Mapping[int, Envelope], exc: WritebackError, reason: Reason,
+                             settings: Settings, started: float) -> dict[int, Result]:
+        """Each message's outcome under a configuration fault, with the row its body names, recorded in the outcome
+        log where the settings to reach it are sound (a broken map): an administrator's `logs --status failed`
+        showed nothing for messages retried, then dead-lettered, for a day (found by an administrator's trial)."""
+        policy, now = RetryPolicy.of(settings), self._clock()
+        elapsed = round((time.perf_counter() - started) * 1000, 2)
+        results: dict[int, Result] = {}
+        for index, envelope in readable.items():
+            try:
+                message = parse_message(envelope.body, envelope.properties, envelope.content_type)
+            except (WritebackError, RecursionError):
+                message = None
+            result = Result("config-error", reason, exc.detail, Decision("reject", reason, exc.detail, message),
+                            duration_ms=elapsed)
+            results[index] = give_up(envelope, result, policy, now)
+        ledger = await self._fault_ledger()
+        if ledger is not None:
+            try:
+                await asyncio.gather(*(ledger.record(readable[i], r) for i, r in results.items()))
+            except WritebackError as error:  # the settlement and its log record still say what happened
+                log.warning("writeback could not record %d configuration-fault outcome(s): %s", len(results),
+                            error.detail, extra={"reason": error.reason.value})
+        return results
+
+    async def _fault_ledger(self) -> Ledger | None:
+        """The outcome log while the runtime cannot be built: its settings are read on their own, and it is kept
+        until `aclose`. None when the fault is in those settings themselves."""
+        if self._faults is None:
+            try:
+                self._faults = self._ledger_factory(Settings.from_env(self._env, need_outcomes=True))
+            except WritebackError:
+                return None
+        return self._faults[0]
 
     def _log_config_fault(self, envelopes: list[Envelope], exc: WritebackError, reason: Reason,
                           started: float) -> None:
@@ -437,9 +481,15 @@ class FunctionApp:
         settler.settle(index, "abandon", None, report)
 
 
-def _logger(envelope: Envelope, result: Result, detail: str, **more: Any) -> Callable[[str], None]:
-    """Logs a message's outcome record once its settlement call has returned."""
-    return lambda settled: _log_outcome(dimensions(envelope, result, settled, **more), detail)
+def _logger(envelope: Envelope, result: Result, detail: str, *, rescheduled: bool = False,
+            **more: Any) -> Callable[[str], None]:
+    """Logs a message's outcome record once its settlement call has returned. A message completed because its
+    delayed copy was scheduled is `reschedule`, as its outcome row says (as `complete` its record read as a
+    message abandoned: found by an administrator's trial)."""
+    def log_it(settled: str) -> None:
+        _log_outcome(dimensions(envelope, result, "reschedule" if rescheduled and settled == "complete" else settled,
+                                **more), detail)
+    return log_it
 
 
 class _Settler:
