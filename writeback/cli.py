@@ -26,6 +26,7 @@ from azure.identity import DefaultAzureCredential
 from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusReceivedMessage, ServiceBusSubQueue
 
 from writeback.auth import OAuthClientCredentials, TokenProvider, fhir_tokens
+from writeback.dataverse_metadata import MetadataError, problems, read_metadata
 from writeback.decide import plan_message
 from writeback.errors import ConfigError, WritebackError
 from writeback.fhir_client import build_delivery, encode
@@ -282,6 +283,28 @@ async def _check_connections(settings: Settings, report: Callable[[bool | None, 
         await tokens.aclose()
 
 
+def _check_columns(path: str, maps: MapSet | None, settings: Settings | None,
+                   report: Callable[[bool | None, str, str], None]) -> None:
+    """The maps' tables and columns against the environment's own (a misspelt column reads as empty in every
+    message: a whole-row write would clear its element on every resource)."""
+    if maps is None:
+        report(None, "columns", "skipped: fix the entity maps first")
+        return
+    try:
+        tables = read_metadata(Path(path))
+    except MetadataError as exc:
+        report(False, "columns", str(exc))
+        return
+    consent = settings.consent_column if settings else (os.environ.get("WRITEBACK_CONSENT_COLUMN")
+                                                         or Settings().consent_column)
+    found = problems(maps, tables, consent)
+    for problem in found:
+        report(False, "columns", problem)
+    if not found:
+        report(True, "columns", f"every table and column the {len(maps.maps)} map(s) name is in {path} "
+               f"({len(tables)} tables)")
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     failures = 0
 
@@ -315,14 +338,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     else:
         report(None, "trigger", "neither ServiceBusConnection nor ServiceBusConnection__fullyQualifiedNamespace "
                "is set here (the Functions host reads it)")
+    maps: MapSet | None = None
     try:
         # The maps the function would load: --maps, else WRITEBACK_MAPS_DIR (read as such when another setting is
         # wrong: checking the shipped maps instead would say "ok" of maps the function never loads).
         where = args.maps or (str(settings.maps_dir) if settings else os.environ.get("WRITEBACK_MAPS_DIR", ""))
-        maps = load_maps(Path(where) if where else DEFAULT_MAPS_DIR)
-        report(True, "entity maps", f"{len(maps.maps)} map(s) in {maps.source}: {', '.join(sorted(maps.maps))}")
+        loaded = load_maps(Path(where) if where else DEFAULT_MAPS_DIR)
+        report(True, "entity maps", f"{len(loaded.maps)} map(s) in {loaded.source}: {', '.join(sorted(loaded.maps))}")
+        maps = loaded
     except WritebackError as exc:
         report(False, "entity maps", exc.detail)
+    if args.dataverse_metadata:
+        _check_columns(args.dataverse_metadata, maps, settings, report)
     if args.connect:
         if settings is None:
             report(None, "connections", "skipped: fix the settings first")
@@ -460,6 +487,9 @@ def add_admin_commands(sub: Any) -> None:
     check = sub.add_parser("check-config", help="validate settings and entity maps; --connect also tries them")
     check.add_argument("--connect", action="store_true",
                        help="also reach Table Storage, obtain a token and read the FHIR server's /metadata")
+    check.add_argument("--dataverse-metadata", metavar="FILE",
+                       help="the environment's Web API CSDL document (GET <environment URL>/api/data/v9.2/$metadata, "
+                       "saved to a file): every table and column the maps name must be in it")
     check.add_argument("--maps", metavar="DIR", help="entity maps folder (default: WRITEBACK_MAPS_DIR, else the "
                        "shipped maps)")
     check.set_defaults(run=cmd_check_config)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from devtools.services import FhirDevServer
+from tests.core.test_dataverse_metadata import METADATA
+from tests.core.test_maps import edit, maps_dir
 from tests.function.sb import received_message
 from writeback import cli
 
@@ -59,6 +61,22 @@ def test_check_config_refuses_what_would_fail_later(live_env: FhirDevServer, mon
     assert cli.main(["check-config"]) == cli.EXIT_CHECK_FAILED
     out = capsys.readouterr().out
     assert words in out and "p4ssw0rd" not in out
+
+
+def test_check_config_checks_the_maps_columns_against_the_environments(
+        live_env: FhirDevServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A misspelt column passes every other check (it is a valid logical name) and would clear its element on
+    every resource written: the environment's own `$metadata` names it."""
+    metadata = str(METADATA)
+    folder = maps_dir(tmp_path, {"contact.yaml": edit("contact.yaml", "column: firstname", "column: firstnme")})
+    assert cli.main(["check-config", "--maps", str(folder), "--dataverse-metadata", metadata]) == cli.EXIT_CHECK_FAILED
+    out = capsys.readouterr().out
+    assert "  FAIL  columns         entity map contact.yaml: field `attributes[0].column` names 'firstnme', which " \
+           "contact does not have (did you mean `firstname`?)" in out
+    assert cli.main(["check-config", "--dataverse-metadata", metadata]) == cli.EXIT_OK
+    assert "  ok    columns         every table and column the 4 map(s) name is in" in capsys.readouterr().out
+    assert cli.main(["check-config", "--dataverse-metadata", str(tmp_path / "nowhere.xml")]) == cli.EXIT_CHECK_FAILED
+    assert "  FAIL  columns         cannot read" in capsys.readouterr().out
 
 
 def test_check_config_connect(live_env: FhirDevServer, capsys: pytest.CaptureFixture[str]) -> None:
