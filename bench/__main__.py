@@ -59,7 +59,7 @@ from writeback.decide import Decision, Target, WritePlan
 from writeback.errors import WritebackError
 from writeback.facts import facts_of, merged, resolve
 from writeback.fhir_client import FhirClient, encode, new_http_client, read_path
-from writeback.mapping import resolve_refs
+from writeback.mapping import resolve_refs, resolve_refs_in
 from writeback.maps import MapSet, load_maps
 from writeback.marks import Version, item_of, mark_of, marks_in
 from writeback.paths import Assignment
@@ -139,7 +139,8 @@ def build_requests(pipeline: Pipeline, envelopes: Sequence[Envelope], client: Fh
                 if plan.refs:
                     edit = replace(edit, owned=tuple(Assignment(a.path, resolve_refs(a.value, plan.ref_ids), a.column)
                                                      for a in edit.owned),
-                                   rendered=resolve_refs(edit.rendered, plan.ref_ids) if edit.rendered else None)
+                                   rendered=resolve_refs_in(edit.rendered, edit.owned, plan.ref_ids)
+                                   if edit.rendered else None)
                 decided = converge(None, edit, target.resource_type, target.new_id)
                 assert decided.resource is not None
                 entries.append({"resource": client.stamp(decided.resource),

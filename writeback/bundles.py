@@ -61,7 +61,7 @@ from writeback.fhir_client import (
 )
 from writeback.immutable import immutable
 from writeback.leases import RELEASE_HOLDER, LocalLeases
-from writeback.mapping import RowRef, resolve_refs
+from writeback.mapping import RowRef, resolve_refs, resolve_refs_in
 from writeback.marks import MOVED, Version, item_of, mark_of
 from writeback.paths import Assignment
 from writeback.pipeline import Delivered, Issue, Leases
@@ -718,7 +718,7 @@ def _resolved(edit: Edit, plan: WritePlan, batch: _Batch, *, creating: bool = Fa
     owned = tuple(Assignment(a.path, resolve_refs(a.value, ids), a.column) if isinstance(a.value, RowRef) else a
                   for a in edit.owned)
     if isinstance(edit, RowEdit):
-        return replace(edit, owned=owned, rendered=resolve_refs(edit.rendered, ids)
+        return replace(edit, owned=owned, rendered=resolve_refs_in(edit.rendered, edit.owned, ids)
                        if creating and edit.rendered is not None else None)
     return replace(edit, owned=owned)
 

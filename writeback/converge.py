@@ -175,7 +175,10 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
         if not edit.full:
             return Converged("absent")
         if edit.rendered is not None:
-            new = {"resourceType": resource_type, "id": resource_id, **apply(dict(edit.rendered), ())}
+            # Shared with the planned state, not copied: nothing changes a resource in place below its top level
+            # (`paths.apply` copies what it changes; `with_mark` sets a top-level member), and the copy was a
+            # twentieth of the core path.
+            new = {"resourceType": resource_type, "id": resource_id, **edit.rendered}
         else:
             base: dict[str, Any] = {"resourceType": resource_type, "id": resource_id}
             new = apply(apply_state(base, edit.owned, own=edit.own), [edit.identity])

@@ -35,7 +35,7 @@ from writeback.mapping import (
     choice_key,
     render,
     render_with_refs,
-    resolve_refs,
+    resolve_refs_in,
 )
 from writeback.maps import AttributeMap, EntityMap, MapSet
 from writeback.marks import Mark, Version
@@ -536,7 +536,7 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
     refs = _refs(assignments)
     with_refs = render_with_refs(resource_type, [*assignments, target.identity] if full else assignments,
                                  full=full, own=mark if entity_map.row_items else None)
-    rendered: dict[str, Any] = resolve_refs(with_refs, {}) if refs else with_refs
+    rendered: dict[str, Any] = resolve_refs_in(with_refs, assignments, {}) if refs else with_refs
     owned: dict[str, str] = {}
     for a in assignments:  # each element → a column feeding it, one with a value first (the error names that one)
         if a.column is not None and a.column != "*" and a.value is not KEEP and (
