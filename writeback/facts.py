@@ -43,6 +43,7 @@ from writeback.marks import Version
 from writeback.messages import EntityRef, Message
 from writeback.paths import KEEP
 from writeback.reasons import Reason
+from writeback.retry import GATE_WAIT
 from writeback.settings import Settings
 
 _V = TypeVar("_V", str, bool)
@@ -436,16 +437,25 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
         fact = facts.get((table, row_id))
         if fact is not None and fact.resource_type is not None and gate_map is not None and \
                 fact.resource_type not in gate_map.consent_types:
+            kinds = "/".join(sorted(gate_map.consent_types))
             if fact.type_before in gate_map.consent_types and waited < timedelta(minutes=settings.consent_wait_minutes):
                 # A patient until its last type change (made a Practitioner by mistake, and back a minute later):
                 # a visit saved meanwhile waits for it to be one again, as a child row does, so that it is written
                 # with that patient's consent and refers to its Patient (found by review: it was written at once,
-                # with a patient's consent No, and by identifier only).
+                # with a patient's consent No, and by identifier only). A wait for the patient, as one for its
+                # consent: the tries it takes do not use up the grace of the row's lookups (`GATE_WAIT`).
                 return replace(decision, decision="reject", reason=Reason.TARGET_PENDING, plan=None,
-                               detail=f"The patient ({table} {row_id}) this row belongs to is not a "
-                               f"{'/'.join(sorted(gate_map.consent_types))} since a change of its type "
-                               f"({fact.retyped.text()}): waiting for it to be one again (up to "
+                               extra={**decision.extra, GATE_WAIT: True},
+                               detail=f"The patient ({table} {row_id}) this row belongs to is not a {kinds} since a "
+                               f"change of its type ({fact.retyped.text()}): waiting for it to be one again (up to "
                                f"WRITEBACK_CONSENT_WAIT_MINUTES, {settings.consent_wait_minutes:g} min).")
+            if fact.type_before in gate_map.consent_types and fact.consent is False:
+                # Still not one past the wait: a patient who had not consented stays out of FHIR, whatever its type
+                # says since (found by review: the visit was written after the wait).
+                return replace(decision, decision="skip", reason=Reason.CONSENT_WITHHELD, plan=None,
+                               detail=f"The patient ({table} {row_id}) this row belongs to had not consented when it "
+                               f"was last a {kinds}, and is not one since a change of its type "
+                               f"({fact.retyped.text()}).")
             not_patients.add((table, row_id))  # a practitioner: no consent to ask, and no patient's id to refer by
             continue
         if fact is None or fact.consent is None:
@@ -502,6 +512,7 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
                 # later): as for a consent, a short change of the parent must not lose the row for good, saved
                 # before it or meanwhile (found by review). A contact that never was one skips it at once.
                 return replace(decision, decision="reject", reason=Reason.TARGET_PENDING, plan=None,
+                               extra={**decision.extra, GATE_WAIT: True},
                                detail=f"The parent {target.table} {target.identifier_value} is not a "
                                f"{target.resource_type} since a change of its type ({fact.retyped.text()}): "
                                "waiting for it to be one again (up to WRITEBACK_CONSENT_WAIT_MINUTES, "

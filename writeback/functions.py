@@ -44,7 +44,7 @@ from writeback.maps import MapSet, load_maps
 from writeback.messages import parse_message
 from writeback.pipeline import DEADLINE_DETAIL, Delivery, Envelope, Ledger, Pipeline, Result, give_up
 from writeback.reasons import Kind, Reason
-from writeback.retry import ATTEMPT, GiveUp, RetryPolicy, batch_jitter, next_step, text_of
+from writeback.retry import ATTEMPT, GATE_WAIT, GiveUp, RetryPolicy, batch_jitter, next_step, text_of
 from writeback.scheduler import Copy, Scheduler
 from writeback.settings import DEADLINE_MARGIN_SECONDS, Settings
 
@@ -392,7 +392,8 @@ class FunctionApp:
         copies: list[tuple[_Retrying, Copy]] = []
         for item in retrying:
             step = next_step(policy, properties=item.envelope.properties, message_id=item.envelope.message_id,
-                             enqueued_at=item.envelope.enqueued_at, now=now, jitter=jitter, reason=item.reason)
+                             enqueued_at=item.envelope.enqueued_at, now=now, jitter=jitter, reason=item.reason,
+                             gate_wait=bool(item.result and item.result.decision.extra.get(GATE_WAIT)))
             if isinstance(step, GiveUp):
                 detail = step.description(item.reason.value, item.detail)
                 given_up = Result("dead-lettered", Reason.RETRIES_EXHAUSTED, detail,
@@ -441,18 +442,24 @@ class FunctionApp:
         ledger = await self._fault_ledger()
         if ledger is not None:
             try:
-                await asyncio.gather(*(ledger.record(readable[i], r) for i, r in results.items()))
-            except WritebackError as error:  # the settlement and its log record still say what happened
+                # (bounded: a store that accepts and never answers must not hold the messages past their lock)
+                async with asyncio.timeout(settings.timeout_seconds):
+                    await asyncio.gather(*(ledger.record(readable[i], r) for i, r in results.items()))
+            except (WritebackError, TimeoutError) as error:  # the settlement and its log record still say it
                 log.warning("writeback could not record %d configuration-fault outcome(s): %s", len(results),
-                            error.detail, extra={"reason": error.reason.value})
+                            error.detail if isinstance(error, WritebackError) else "the outcome log did not answer",
+                            extra={"reason": error.reason.value if isinstance(error, WritebackError) else ""})
         return results
 
     async def _fault_ledger(self) -> Ledger | None:
-        """The outcome log while the runtime cannot be built: its settings are read on their own, and it is kept
-        until `aclose`. None when the fault is in those settings themselves."""
+        """The outcome log while the runtime cannot be built: from its own settings only (`OUTCOMES_*`; a wrong
+        FHIR setting left the log empty: found by review), kept until `aclose`. None when the fault is in those
+        settings themselves."""
         if self._faults is None:
+            from writeback.outcomes import outcome_settings  # noqa: PLC0415 - keeps azure-data-tables off the path
+
             try:
-                self._faults = self._ledger_factory(Settings.from_env(self._env, need_outcomes=True))
+                self._faults = self._ledger_factory(outcome_settings(self._env))
             except WritebackError:
                 return None
         return self._faults[0]

@@ -195,10 +195,15 @@ def message_key(envelope: Envelope, decision: Decision) -> str | None:
     if message is not None and message.request_id:
         version = next((str(v) for image in (message.post_image, message.target) if image is not None
                         and (v := image.attributes.get("versionnumber")) is not None), "")
-        if not version and message.target is not None:
+        if not version and message.operation_id and message.operation_id != message.request_id:
             # Without a row version (a step without images: its Target holds `modifiedon`, not `versionnumber`), two
-            # saves of the row in one request are told apart by when and which columns they set (names, not
-            # values): the second was a `duplicate` of the first, lost (found by review).
+            # saves of the row in one request are told apart by their system jobs: an asynchronous step's
+            # OperationId is its own, and Dataverse retrying the job posts it again under the same one (the second
+            # save was a `duplicate` of the first, lost: found by review).
+            version = f"op{message.operation_id}"
+        elif not version and message.target is not None:
+            # Where OperationId says nothing more than RequestId (as in some of Dataverse's own samples): by when
+            # and which columns they set (names, not values).
             target = message.target.attributes
             when = target.get("modifiedon")
             columns = hashlib.sha256(",".join(sorted(target)).encode()).hexdigest()[:16]
@@ -363,6 +368,7 @@ class _Rows:
     last: dict[RowKey, int]
     created: set[RowKey]
     all: dict[RowKey, list[int]] = field(default_factory=dict)  # each row's messages
+    creates: set[int] = field(default_factory=set)  # the messages that are Creates
 
 
 def _rows_of(envelopes: Sequence[Envelope]) -> _Rows:
@@ -377,6 +383,7 @@ def _rows_of(envelopes: Sequence[Envelope]) -> _Rows:
             rows.all.setdefault(row, []).append(index)
             if create:
                 rows.created.add(row)
+                rows.creates.add(index)
         rows.of.append(row)
     return rows
 
@@ -467,10 +474,10 @@ class Pipeline:
                     merged((fact,), into=batch.local)
                 if decision.decision != "write" or decision.plan is None:
                     batch.results[index] = self._settled(decision)
-                    if decision.message is not None and decision.message.message_name == "Create":
+                    if index in rows.creates and (row := rows.of[index]) is not None:
                         # Not made under its own id: a lookup to it must not name that id (found by review: an
-                        # Observation referred to an Encounter whose Create was refused)
-                        batch.created.discard((decision.message.table, decision.message.record_id))
+                        # Observation referred to an Encounter whose Create was refused, at planning or unread)
+                        batch.created.discard(row)
                 row = rows.of[index]
                 if decision.plan is not None and decision.decision == "write":
                     of_row.setdefault(row or ("", str(index)), []).append(index)

@@ -90,8 +90,8 @@ REASONS: dict[Reason, ReasonInfo] = {
         "or the FHIR server already holds this version of the row, or these very values.",
         "Nothing; map the column if it should be written back."),
     Reason.DUPLICATE: ReasonInfo(
-        Kind.SKIP, "The same message (RequestId, row, message name and row version, or without one its modifiedon "
-        "and the names of the columns it sets; else MessageId) was already processed.",
+        Kind.SKIP, "The same message (RequestId, row, message name and row version, or without one its OperationId, "
+        "or its modifiedon and the names of the columns it sets; else MessageId) was already processed.",
         "Nothing: Service Bus delivered it twice and it was written once."),
     Reason.STALE: ReasonInfo(
         Kind.SKIP, "The FHIR server already holds a newer version of the row (or a newer change in the same batch "

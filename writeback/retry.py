@@ -148,11 +148,16 @@ def original_id(properties: Mapping[str, Any] | None, message_id: str | None) ->
     return text_of(raw) if raw is not None else (message_id or "")
 
 
+# In a decision's `extra`: its `target-pending` waits for a patient (its contact to be a Patient again), and
+# counts as a wait for a consent does (`CONSENT_WAITS`).
+GATE_WAIT = "gate_wait"
+
+
 def next_step(policy: RetryPolicy, *, properties: Mapping[str, Any] | None, message_id: str | None,
-              enqueued_at: float | None, now: datetime, jitter: float = 1.0, reason: Reason | None = None
-              ) -> Retry | GiveUp:
+              enqueued_at: float | None, now: datetime, jitter: float = 1.0, reason: Reason | None = None,
+              gate_wait: bool = False) -> Retry | GiveUp:
     """What happens to a message that ended transient (or in a configuration fault) on this delivery, with
-    `reason` (its reason code)."""
+    `reason` (its reason code). `gate_wait`: it waited for its patient (`GATE_WAIT`), as `consent-unknown` does."""
     done = attempts_so_far(properties)
     first = first_enqueued(properties, enqueued_at, now)
     waited = now - first
@@ -165,10 +170,11 @@ def next_step(policy: RetryPolicy, *, properties: Mapping[str, Any] | None, mess
     ours = (ATTEMPT, FIRST_ENQUEUED, ORIGINAL_ID, CONSENT_WAITS, GATE_OPENED)
     kept = {text_of(k): v for k, v in (properties or {}).items() if text_of(k) not in ours}
     props = {**kept, ATTEMPT: attempt, FIRST_ENQUEUED: first.astimezone(UTC).isoformat(), ORIGINAL_ID: original}
-    waits = consent_waits_so_far(properties) + (reason is Reason.CONSENT_UNKNOWN)
+    waiting = gate_wait or reason is Reason.CONSENT_UNKNOWN
+    waits = consent_waits_so_far(properties) + waiting
     if waits:
         props[CONSENT_WAITS] = waits
-    if waits and reason is not Reason.CONSENT_UNKNOWN:
+    if waits and not waiting:
         opened = gate_opened(properties, now)
         assert opened is not None
         props[GATE_OPENED] = opened.astimezone(UTC).isoformat()

@@ -57,13 +57,16 @@ def test_a_copy_counts_the_tries_that_waited_for_a_consent_and_only_those() -> N
     """The waits past the consent gate (a referenced row's resource, an earlier save) count the other tries: an
     hour spent waiting for the consent must not have used them up (tests/scenarios test_r2b)."""
     waits, props = [], None
-    for reason in (Reason.CONSENT_UNKNOWN, Reason.CONSENT_UNKNOWN, Reason.TARGET_PENDING, Reason.CONSENT_UNKNOWN):
+    # (a `target-pending` that waits for the patient itself, its contact to be a Patient again, is such a wait)
+    for reason, gate in ((Reason.CONSENT_UNKNOWN, False), (Reason.CONSENT_UNKNOWN, False),
+                         (Reason.TARGET_PENDING, False), (Reason.CONSENT_UNKNOWN, False),
+                         (Reason.TARGET_PENDING, True)):
         copy = next_step(POLICY, properties=props, message_id="m-1", enqueued_at=NOW.timestamp(), now=NOW,
-                         reason=reason)
+                         reason=reason, gate_wait=gate)
         assert isinstance(copy, Retry)
         props = dict(copy.properties)
         waits.append((props[ATTEMPT], consent_waits_so_far(props)))
-    assert waits == [(1, 1), (2, 2), (3, 2), (4, 3)]
+    assert waits == [(1, 1), (2, 2), (3, 2), (4, 3), (5, 4)]
     plain = step()
     assert isinstance(plain, Retry) and CONSENT_WAITS not in plain.properties  # no wait, no property
     assert consent_waits_so_far({CONSENT_WAITS: "x"}) == 0  # unreadable (set by hand): counted as none

@@ -27,7 +27,7 @@ from writeback.fhir_client import FhirClient
 from writeback.maps import MapSet, load_maps
 from writeback.outcomes import OutcomeStore
 from writeback.pipeline import Envelope, Pipeline, Result
-from writeback.retry import CONSENT_WAITS, GATE_OPENED, Retry, RetryPolicy, next_step
+from writeback.retry import CONSENT_WAITS, GATE_OPENED, GATE_WAIT, Retry, RetryPolicy, next_step
 from writeback.settings import DEFAULT_MAPS_DIR, Settings
 
 META_SOURCE = "urn:test:scenarios"
@@ -89,7 +89,8 @@ class World:
             return {}
         _, envelope, result = last
         step = next_step(RetryPolicy(), properties=envelope.properties, message_id=envelope.message_id,
-                         enqueued_at=envelope.enqueued_at, now=datetime.now(UTC), reason=result.reason)
+                         enqueued_at=envelope.enqueued_at, now=datetime.now(UTC), reason=result.reason,
+                         gate_wait=bool(result.decision.extra.get(GATE_WAIT)))
         assert isinstance(step, Retry)
         return {k: v for k, v in step.properties.items() if k in (CONSENT_WAITS, GATE_OPENED)}
 
