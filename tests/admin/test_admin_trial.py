@@ -14,7 +14,7 @@ import logging
 import shutil
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -271,25 +271,32 @@ async def test_resubmit_says_when_max_stopped_it_with_messages_of_that_reason_st
     assert "--max" in out, f"{left} invalid-resource message(s) still dead-lettered, and the output says:\n{out}"
 
 
-async def test_a_message_dead_lettered_after_a_broken_map_has_its_row_in_the_outcome_log(
-        admin_env: dict[str, str], maps_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A map deployed with a misspelt element (`birthDat`) on an app that has been running (its outcome tables
-    exist). Every message retries as config-error and, past WRITEBACK_RETRY_WINDOW_HOURS, is dead-lettered
-    `retries-exhausted`. docs/operations.md (section 1) says only the start-up fault itself is outside the outcome
-    log, "every other outcome is also a row in the outcome log"; yet `logs --status failed` shows nothing at all:
-    neither the retries nor the dead-letter (whose log record also has no table and no record id)."""
+async def _dead_lettered_after_a_fault(admin_env: dict[str, str], env: dict[str, str]) -> tuple[str, End, int]:
+    """One patient's Create on an app that has been running (its outcome tables exist), under the fault `env`
+    holds, retried for the window (2 h) and dead-lettered: its row id, its dead-letter, how many copies were
+    scheduled."""
     async with OutcomeStore.from_settings(Settings.from_env(admin_env, need_outcomes=True)) as store:
-        await store.ensure_tables()  # the app has been running before the map change
-    contact = maps_copy / "contact.yaml"
-    contact.write_text(contact.read_text().replace("target: birthDate", "target: birthDat"))
-    env = {**admin_env, "WRITEBACK_MAPS_DIR": str(maps_copy), "WRITEBACK_RETRY_WINDOW_HOURS": "2"}
+        await store.ensure_tables()
     broker = DeadLetterBroker(batch=10)
-    app = app_on(broker, env)
+    app = app_on(broker, {**env, "WRITEBACK_RETRY_WINDOW_HOURS": "2"})
     row, columns = patient()
     broker.send(create("contact", row, columns), row=row)
     await broker.run()
     await app.aclose()
     [(_, _message, end)] = broker.dlq
+    return row, end, broker.copies_scheduled
+
+
+async def test_a_message_dead_lettered_after_a_broken_map_has_its_row_in_the_outcome_log(
+        admin_env: dict[str, str], maps_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A map deployed with a misspelt element (`birthDat`) on an app that has been running (its outcome tables
+    exist). Every message retries as config-error and, past WRITEBACK_RETRY_WINDOW_HOURS, is dead-lettered
+    `retries-exhausted`. docs/operations.md (section 1) says only the start-up fault itself is outside the outcome
+    log, "every other outcome is also a row in the outcome log"; yet `logs --status failed` showed nothing at all:
+    neither the retries nor the dead-letter (whose log record also had no table and no record id)."""
+    contact = maps_copy / "contact.yaml"
+    contact.write_text(contact.read_text().replace("target: birthDate", "target: birthDat"))
+    _, end, _ = await _dead_lettered_after_a_fault(admin_env, {**admin_env, "WRITEBACK_MAPS_DIR": str(maps_copy)})
     assert end.reason == "retries-exhausted" and "birthDat" in end.description
     code, out = await asyncio.to_thread(run_cli, monkeypatch, None, "logs", "--status", "failed", "--since", "7d",
                                         "--json")
@@ -297,6 +304,23 @@ async def test_a_message_dead_lettered_after_a_broken_map_has_its_row_in_the_out
     logged = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert any(r["outcome"] == "dead-lettered" and r["reason"] == "retries-exhausted" for r in logged), \
         f"`logs --status failed` shows {len(logged)} outcome(s) for a message now in the dead-letter queue"
+
+
+async def test_a_wrong_fhir_setting_has_its_tries_and_its_dead_letter_in_the_outcome_log(
+        admin_env: dict[str, str]) -> None:
+    """The sixteenth review's y1: FHIR_URL set without its scheme (OUTCOMES_* sound). Only a fault in the OUTCOMES_*
+    settings is outside the outcome log (docs/operations.md, section 1); the log under a fault was built from every
+    setting, so a wrong FHIR setting left it empty for a day of retries and their dead-letter."""
+    row, end, copies = await _dead_lettered_after_a_fault(
+        admin_env, {**admin_env, "FHIR_URL": "fhir.contoso.example/r4"})
+    assert end.reason == "retries-exhausted" and "FHIR_URL" in end.description
+    assert copies > 1  # retried for the window, as the docs say
+    async with OutcomeStore.from_settings(Settings.from_env(admin_env, need_outcomes=True)) as store:
+        rows = await store.query(since=timedelta(days=7), limit=1000)
+    tries = [r for r in rows if r.outcome == "config-error" and r.record_id == row]
+    ended = [r for r in rows if r.outcome == "dead-lettered" and r.reason == "retries-exhausted" and r.record_id == row]
+    assert tries and ended, (f"{copies + 1} tries and a dead-letter; outcome rows: "
+                             f"{[(r.outcome, r.reason) for r in rows if r.record_id == row]}")
 
 
 async def test_logs_says_when_limit_cut_the_list(admin_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:

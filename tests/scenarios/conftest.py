@@ -181,3 +181,13 @@ async def world(fhir_server: FhirDevServer, azurite_tables: Azurite, scenario_ma
 
 def body_text(entry: dict[str, Any]) -> str:
     return json.dumps(entry.get("resource", {}))
+
+
+async def until_settled(world: World, *sent: Sent) -> None:
+    """Deliver each message again, as the retry schedule would, until none is to be retried."""
+    for delivery in range(2, PAST_CONSENT_WAIT + 2):
+        pending = [s for s in sent if world.last[id(s)][2].settlement == "reschedule"]
+        if not pending:
+            return
+        await world.send(*pending, delivery_count=delivery)
+    raise AssertionError("still retried past the consent wait")

@@ -18,21 +18,11 @@ from tests.scenarios.checks import (
     resources_of,
     the_resource,
 )
-from tests.scenarios.conftest import PAST_CONSENT_WAIT, World
-from tests.scenarios.dataverse import PATIENT, PRACTITIONER, T0, Sent, new_id
+from tests.scenarios.conftest import World, until_settled
+from tests.scenarios.dataverse import PATIENT, PRACTITIONER, T0, new_id
 from tests.scenarios.test_items import states, target_only, without_versionnumber
 
 CONSENT = "msemr_azurefhirsyncenabled"
-
-
-async def _until_settled(world: World, *sent: Sent) -> None:
-    """Deliver each message again, as the retry schedule would, until none is to be retried."""
-    for delivery in range(2, PAST_CONSENT_WAIT + 2):
-        pending = [s for s in sent if world.last[id(s)][2].settlement == "reschedule"]
-        if not pending:
-            return
-        await world.send(*pending, delivery_count=delivery)
-    raise AssertionError("still retried past the consent wait")
 
 
 async def test_x1_a_visit_received_while_its_patient_was_briefly_a_practitioner_refers_to_the_patient(world: World):
@@ -54,7 +44,7 @@ async def test_x1_a_visit_received_while_its_patient_was_briefly_a_practitioner_
     assert states(await world.send_each(created, to_practitioner)) == [("written", None)] * 2
     await world.send(admitted, observed)
     assert states(await world.send(back)) == [("written", None)]
-    await _until_settled(world, admitted, observed)
+    await until_settled(world, admitted, observed)
     assert [r.state for r in (world.last[id(admitted)][2], world.last[id(observed)][2])] == ["written"] * 2
     patient = the_resource(world.fhir, "Patient", ROW_SYSTEM, contact)
     encounter = the_resource(world.fhir, "Encounter", ENCOUNTER_SYSTEM, visit)
@@ -100,7 +90,7 @@ async def test_x3_an_observation_in_the_batch_of_its_encounters_refused_create_r
     visit, admitted = dv.encounter(contact, msemr_encounterenddate=T0 - timedelta(hours=1))
     vital, observed = dv.observation(contact, visit)
     await world.send(admitted, observed)
-    await _until_settled(world, observed)
+    await until_settled(world, observed)
     assert states([world.last[id(admitted)][2]]) == [("dead-lettered", "invalid-resource")]
     assert resources_of(world.fhir, "Encounter", ENCOUNTER_SYSTEM, visit) == []
     reference = the_resource(world.fhir, "Observation", OBSERVATION_SYSTEM, vital)["encounter"].get("reference")

@@ -11,21 +11,11 @@ import httpx
 
 from devtools.messages import Choice, Lookup
 from tests.scenarios.checks import ENCOUNTER_SYSTEM, OBSERVATION_SYSTEM, resources_of, the_resource
-from tests.scenarios.conftest import PAST_CONSENT_WAIT, World
+from tests.scenarios.conftest import World, until_settled
 from tests.scenarios.dataverse import PATIENT, PRACTITIONER, T0, Sent, new_id
 from tests.scenarios.test_items import states, target_only, without_versionnumber
 
 CONSENT = "msemr_azurefhirsyncenabled"
-
-
-async def _until_settled(world: World, *sent: Sent) -> None:
-    """Deliver each message again, as the retry schedule would, until none is to be retried."""
-    for delivery in range(2, PAST_CONSENT_WAIT + 2):
-        pending = [s for s in sent if world.last[id(s)][2].settlement == "reschedule"]
-        if not pending:
-            return
-        await world.send(*pending, delivery_count=delivery)
-    raise AssertionError("still retried past the consent wait")
 
 
 def _target_attribute(sent: Sent, column: str) -> Any:
@@ -103,7 +93,7 @@ async def test_y3_an_observation_in_the_batch_of_its_encounters_unreadable_creat
                                            "Value": None})
     vital, observed = dv.observation(contact, visit)
     await world.send(admitted, observed)
-    await _until_settled(world, observed)
+    await until_settled(world, observed)
     assert states([world.last[id(admitted)][2]]) == [("dead-lettered", "malformed-message")]
     assert resources_of(world.fhir, "Encounter", ENCOUNTER_SYSTEM, visit) == []
     reference = the_resource(world.fhir, "Observation", OBSERVATION_SYSTEM, vital)["encounter"].get("reference")
@@ -128,7 +118,7 @@ async def test_y4_a_visit_of_a_patient_without_consent_stays_out_of_fhir_when_th
     visit, admitted = dv.encounter(contact)
     await world.send_each(created, withdrawn, to_practitioner)
     await world.send(admitted)
-    await _until_settled(world, admitted)
+    await until_settled(world, admitted)
     back = dv.update("contact", contact, {"msemr_contacttype": PATIENT})
     await world.send(back)
     assert not dv.row("contact", contact)[CONSENT]
@@ -161,7 +151,7 @@ async def test_y5_a_vital_saved_while_its_patient_was_briefly_a_practitioner_ref
     assert states(await world.send(back)) == [("written", None)]
     await world.send(observed, delivery_count=4)
     await world.send(admitted, delivery_count=4)
-    await _until_settled(world, observed, admitted)
+    await until_settled(world, observed, admitted)
     encounter = the_resource(world.fhir, "Encounter", ENCOUNTER_SYSTEM, visit)
     observation = the_resource(world.fhir, "Observation", OBSERVATION_SYSTEM, vital)
     tries = [(r.state, r.reason.value if r.reason else None) for s, r in world.results if s is observed]
