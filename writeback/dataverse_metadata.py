@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping
+from dataclasses import field
 from pathlib import Path
 
 import defusedxml.ElementTree as DET
@@ -36,6 +37,7 @@ class MetadataError(Exception):
 class Table:
     columns: frozenset[str]  # plain columns
     lookups: Mapping[str, frozenset[str]]  # lookup column → the tables it may name
+    types: Mapping[str, str] = field(default_factory=dict)  # plain column → its Edm type (`String`, `Int32`, ...)
 
     def has(self, column: str) -> bool:
         return column in self.columns or column in self.lookups
@@ -57,6 +59,7 @@ def read_metadata(path: Path) -> dict[str, Table]:
     tables: dict[str, Table] = {}
     name: str | None = None
     props: set[str] = set()
+    types: dict[str, str] = {}
     targets: dict[str, set[str]] = {}
     nav_type: str | None = None
     try:
@@ -65,7 +68,7 @@ def read_metadata(path: Path) -> dict[str, Table]:
             tag = _local(element.tag)
             if event == "start":
                 if tag == "EntityType":
-                    name, props, targets = element.get("Name"), set(), {}
+                    name, props, targets, types = element.get("Name"), set(), {}, {}
                 elif tag == "NavigationProperty" and name is not None:
                     kind = element.get("Type") or ""
                     nav_type = None if kind.startswith("Collection(") else kind.rpartition(".")[2]
@@ -75,13 +78,15 @@ def read_metadata(path: Path) -> dict[str, Table]:
                 continue
             if tag == "Property" and name is not None and (prop := element.get("Name")):
                 props.add(prop)
+                types[prop] = (element.get("Type") or "").removeprefix("Edm.")
             elif tag == "NavigationProperty":
                 nav_type = None
             elif tag == "EntityType":
                 if name:
                     lookups = {c for p in props if (c := _lookup_column(p)) is not None}
-                    tables[name] = Table(frozenset(p for p in props if _lookup_column(p) is None),
-                                         {c: frozenset(targets.get(c, ())) for c in lookups})
+                    plain = frozenset(p for p in props if _lookup_column(p) is None)
+                    tables[name] = Table(plain, {c: frozenset(targets.get(c, ())) for c in lookups},
+                                         {c: types[c] for c in plain})
                 name = None
                 element.clear()  # the document is large: keep only what was taken from each table
     except OSError as exc:
@@ -127,6 +132,33 @@ def _columns(entity_map: EntityMap, consent_column: str) -> Iterator[tuple[str, 
         yield "(the row version the product reads)", column, _PLAIN
 
 
+# The Edm types whose values each map `type` (and `value_map`) can write (`mapping.convert`): a column of another
+# type would make every message of the table refused (`invalid-resource`). A type missing here is not checked.
+_WRITES_FROM = {
+    "string": {"String", "Int32", "Int64", "Decimal", "Guid"},
+    "code": {"String", "Int32", "Int64", "Decimal", "Guid"},
+    "id": {"String", "Int32", "Int64", "Decimal", "Guid"},
+    "date": {"Date", "DateTimeOffset", "String"},
+    "dateTime": {"Date", "DateTimeOffset", "String"},
+    "instant": {"DateTimeOffset"},
+    "decimal": {"Decimal", "Double", "Int32", "Int64", "String"},
+    "integer": {"Int32", "Int64", "Decimal", "String"},
+    "boolean": {"Boolean"},
+    "value_map": {"Int32", "Int64", "Boolean", "String"},
+}
+
+
+def _type_problem(entity_map: EntityMap, table: Table) -> Iterator[str]:
+    for i, attr in enumerate(entity_map.attributes):
+        kind = "value_map" if attr.action == "value_map" else attr.type if attr.action == "copy" else None
+        edm = table.types.get(attr.column or "")
+        if kind is None or not edm or kind not in _WRITES_FROM or edm in _WRITES_FROM[kind]:
+            continue
+        what = "`action: value_map`" if kind == "value_map" else f"`type: {kind}`"
+        yield (f"entity map {entity_map.file}: field `attributes[{i}]` writes {attr.column!r} with {what}, but "
+               f"{entity_map.table}.{attr.column} is Edm.{edm}: every value of it would be refused")
+
+
 def problems(maps: MapSet, tables: Mapping[str, Table], consent_column: str) -> list[str]:
     """Each place a map names a table or column the environment does not have, a lookup where it needs a plain
     column or the reverse, or a lookup that cannot name the table the map says: one line each, naming the file
@@ -151,4 +183,5 @@ def problems(maps: MapSet, tables: Mapping[str, Table], consent_column: str) -> 
                 found.append(f"{said}, which is not a lookup of {table_name}")
             elif kind and kind != _EITHER and (names := table.lookups[column]) and kind not in names:
                 found.append(f"{said}, a lookup to {', '.join(sorted(names))}, not to {kind}")
+        found.extend(_type_problem(entity_map, table))
     return found

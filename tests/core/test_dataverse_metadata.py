@@ -62,6 +62,23 @@ def test_a_map_naming_what_the_environment_lacks_is_named(tmp_path: Path, file: 
     assert len(found) == 1 and expected in found[0], found
 
 
+@pytest.mark.parametrize(("file", "old", "new", "expected"), [
+    # a date-only column as an instant: FHIR's instant needs a time, so every patient would be refused
+    ("contact.yaml", "{column: birthdate, target: birthDate, type: date}",
+     "{column: birthdate, target: meta.lastUpdated, type: instant}",
+     "field `attributes[3]` writes 'birthdate' with `type: instant`, but contact.birthdate is Edm.Date: every value "
+     "of it would be refused"),
+    # a choice table's value map on a date and time column
+    ("msemr_encounter.yaml", "  - column: msemr_encounterstatus\n", "  - column: msemr_encounterstartdate\n",
+     "writes 'msemr_encounterstartdate' with `action: value_map`, but msemr_encounter.msemr_encounterstartdate is "
+     "Edm.DateTimeOffset"),
+])
+def test_a_column_of_a_type_the_map_cannot_write_is_named(tmp_path: Path, file: str, old: str, new: str,
+                                                         expected: str) -> None:
+    found = problems(load_maps(maps_dir(tmp_path, {file: edit(file, old, new)})), read_metadata(METADATA), CONSENT)
+    assert len(found) == 1 and expected in found[0], found
+
+
 def test_a_table_the_environment_lacks_and_the_consent_setting_are_checked(tmp_path: Path) -> None:
     text = edit("msemr_encounter.yaml", "table: msemr_encounter", "table: msemr_encounters")
     folder = maps_dir(tmp_path, {"msemr_encounter.yaml": None, "msemr_encounters.yaml": text})
