@@ -62,6 +62,7 @@ def read_metadata(path: Path) -> dict[str, Table]:
     types: dict[str, str] = {}
     targets: dict[str, set[str]] = {}
     nav_type: str | None = None
+    bases: dict[str, str] = {}  # table → the entity type it derives from (`BaseType`)
     try:
         events: Iterator[tuple[str, ET.Element]] = DET.iterparse(path, events=("start", "end"))
         for event, element in events:
@@ -69,6 +70,8 @@ def read_metadata(path: Path) -> dict[str, Table]:
             if event == "start":
                 if tag == "EntityType":
                     name, props, targets, types = element.get("Name"), set(), {}, {}
+                    if name and (base := element.get("BaseType")):
+                        bases[name] = base.rpartition(".")[2]
                 elif tag == "NavigationProperty" and name is not None:
                     kind = element.get("Type") or ""
                     nav_type = None if kind.startswith("Collection(") else kind.rpartition(".")[2]
@@ -99,7 +102,21 @@ def read_metadata(path: Path) -> dict[str, Table]:
     if not tables:
         raise MetadataError(f"{path} holds no table (EntityType): save the answer of GET "
                             "<environment URL>/api/data/v9.2/$metadata")
-    return tables
+    return {name: _with_bases(name, tables, bases) for name in tables}
+
+
+def _with_bases(name: str, tables: Mapping[str, Table], bases: Mapping[str, str]) -> Table:
+    """A table with the columns of the types it derives from (an activity table's `subject` is declared on
+    `activitypointer`, not on the table itself)."""
+    table, seen = tables[name], {name}
+    base = bases.get(name)
+    while base is not None and base not in seen and base in tables:
+        seen.add(base)
+        inherited = tables[base]
+        table = Table(table.columns | inherited.columns, {**inherited.lookups, **table.lookups},
+                      {**inherited.types, **table.types})
+        base = bases.get(base)
+    return table
 
 
 def _near(word: str, names: list[str]) -> str:

@@ -27,6 +27,8 @@ def test_the_document_reads_as_dataverse_shapes_it() -> None:
     # a customer lookup names two tables, each by its own navigation property
     assert contact.lookups["parentcustomerid"] == {"account", "contact"}
     assert tables["msemr_encounter"].lookups["msemr_subjectpatient"] == {"contact"}
+    # an activity table's columns are declared on the type it derives from (BaseType activitypointer)
+    assert "activityid" in tables["msemr_appointmentemr"].columns
 
 
 def test_the_shipped_maps_name_only_what_the_healthcare_data_model_has() -> None:
