@@ -449,13 +449,16 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
                                detail=f"The patient ({table} {row_id}) this row belongs to is not a {kinds} since a "
                                f"change of its type ({fact.retyped.text()}): waiting for it to be one again (up to "
                                f"WRITEBACK_CONSENT_WAIT_MINUTES, {settings.consent_wait_minutes:g} min).")
-            if fact.type_before in gate_map.consent_types and fact.consent is False:
-                # Still not one past the wait: a patient who had not consented stays out of FHIR, whatever its type
-                # says since (found by review: the visit was written after the wait).
-                return replace(decision, decision="skip", reason=Reason.CONSENT_WITHHELD, plan=None,
-                               detail=f"The patient ({table} {row_id}) this row belongs to had not consented when it "
-                               f"was last a {kinds}, and is not one since a change of its type "
-                               f"({fact.retyped.text()}).")
+            if fact.type_before in gate_map.consent_types:
+                # Still not one past the wait: the row is skipped, as a child row of such a contact is, whatever
+                # the contact's consent column says meanwhile (found by review: the visit of a patient who had
+                # withdrawn consent was written once the mistaken type outlasted the wait, and again when the
+                # mistaken Practitioner was also set to sync). Made a Patient again, the contact's rows are written
+                # at their next save.
+                return replace(decision, decision="skip", reason=Reason.NO_ENTITY_MAP, plan=None,
+                               detail=f"The patient ({table} {row_id}) this row belongs to is not a {kinds} since a "
+                               f"change of its type ({fact.retyped.text()}), past the wait for it to be one again; "
+                               "this table's map writes rows of patients only.")
             not_patients.add((table, row_id))  # a practitioner: no consent to ask, and no patient's id to refer by
             continue
         if fact is None or fact.consent is None:
