@@ -472,13 +472,13 @@ class Pipeline:
                 if decision.message is not None and (
                         fact := facts_of(decision.message, self.maps, self.settings)) is not None:
                     merged((fact,), into=batch.local)
+                row = rows.of[index]
                 if decision.decision != "write" or decision.plan is None:
                     batch.results[index] = self._settled(decision)
-                    if index in rows.creates and (row := rows.of[index]) is not None:
+                    if index in rows.creates and row is not None:
                         # Not made under its own id: a lookup to it must not name that id (found by review: an
                         # Observation referred to an Encounter whose Create was refused, at planning or unread)
                         batch.created.discard(row)
-                row = rows.of[index]
                 if decision.plan is not None and decision.decision == "write":
                     of_row.setdefault(row or ("", str(index)), []).append(index)
                 if row is None or rows.last[row] == index:

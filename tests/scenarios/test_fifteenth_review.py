@@ -93,6 +93,11 @@ async def test_x3_an_observation_in_the_batch_of_its_encounters_refused_create_r
     await until_settled(world, observed)
     assert states([world.last[id(admitted)][2]]) == [("dead-lettered", "invalid-resource")]
     assert resources_of(world.fhir, "Encounter", ENCOUNTER_SYSTEM, visit) == []
+    assert_encounter_exists_if_named(world, vital)
+
+
+def assert_encounter_exists_if_named(world: World, vital: str) -> None:
+    """The vital's `encounter` is identifier-only, or names an Encounter the server has."""
     reference = the_resource(world.fhir, "Observation", OBSERVATION_SYSTEM, vital)["encounter"].get("reference")
     if reference is not None:
         with_it = httpx.get(f"{world.fhir.server.base_url}/{reference}", headers=world.fhir.headers)

@@ -7,12 +7,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import httpx
-
 from devtools.messages import Choice, Lookup
 from tests.scenarios.checks import ENCOUNTER_SYSTEM, OBSERVATION_SYSTEM, resources_of, the_resource
 from tests.scenarios.conftest import World, until_settled
 from tests.scenarios.dataverse import PATIENT, PRACTITIONER, T0, Sent, new_id
+from tests.scenarios.test_fifteenth_review import assert_encounter_exists_if_named
 from tests.scenarios.test_items import states, target_only, without_versionnumber
 
 CONSENT = "msemr_azurefhirsyncenabled"
@@ -96,10 +95,7 @@ async def test_y3_an_observation_in_the_batch_of_its_encounters_unreadable_creat
     await until_settled(world, observed)
     assert states([world.last[id(admitted)][2]]) == [("dead-lettered", "malformed-message")]
     assert resources_of(world.fhir, "Encounter", ENCOUNTER_SYSTEM, visit) == []
-    reference = the_resource(world.fhir, "Observation", OBSERVATION_SYSTEM, vital)["encounter"].get("reference")
-    if reference is not None:
-        with_it = httpx.get(f"{world.fhir.server.base_url}/{reference}", headers=world.fhir.headers)
-        assert with_it.status_code == 200, f"Observation.encounter is {reference}: {with_it.status_code}"
+    assert_encounter_exists_if_named(world, vital)
 
 
 async def test_y4_a_visit_of_a_patient_without_consent_stays_out_of_fhir_when_the_mistaken_type_outlasts_the_wait(
