@@ -19,7 +19,7 @@ from tests.scenarios.checks import (
     the_resource,
 )
 from tests.scenarios.conftest import World, until_settled
-from tests.scenarios.dataverse import PATIENT, PRACTITIONER, T0, new_id
+from tests.scenarios.dataverse import PATIENT, PRACTITIONER, T0, Sent, new_id
 from tests.scenarios.test_items import states, target_only, without_versionnumber
 
 CONSENT = "msemr_azurefhirsyncenabled"
@@ -113,13 +113,7 @@ async def test_x4_two_changes_without_images_posted_under_one_request_id_both_re
     table, row and message name, plus a `versionnumber` only when the message holds one, so two Updates of one row
     in one request are one key. FHIR keeps 72.5 for good; no retry, no dead-letter."""
     dv = world.dataverse
-    contact, created = dv.patient()
-    assert states(await world.send(created)) == [("written", None)]
-    request, vital = new_id(), new_id()
-    observed = dv.create("msemr_observation", vital, {
-        "msemr_status": Choice(935000001), "msemr_code": Lookup("msemr_codeableconcept", new_id()),
-        "msemr_subjecttypepatient": Lookup("contact", contact), "msemr_effectivetypedatetime": T0,
-        "msemr_valuetypequantityvalue": 72.5, "msemr_valuequantityunit": "beats/minute"}, request_id=request)
+    request, vital, observed = await a_vital_created_in_one_request(world, Choice(935000001))
     finalised = without_versionnumber(target_only(dv.update(
         "msemr_observation", vital, {"msemr_status": Choice(935000002)}, request_id=request)))
     valued = without_versionnumber(target_only(dv.update(
@@ -128,3 +122,17 @@ async def test_x4_two_changes_without_images_posted_under_one_request_id_both_re
     written = the_resource(world.fhir, "Observation", OBSERVATION_SYSTEM, vital)
     assert (written["status"], written["valueQuantity"]["value"]) == ("final", 74), states(results)
     check_provenance(world.fhir, written)
+
+
+async def a_vital_created_in_one_request(world: World, status: Choice) -> tuple[str, str, Sent]:
+    """A written patient, and the Create of a heart rate (72.5) of it under a RequestId of its own: the request,
+    the observation's row id, its Create (not sent)."""
+    dv = world.dataverse
+    contact, created = dv.patient()
+    assert states(await world.send(created)) == [("written", None)]
+    request, vital = new_id(), new_id()
+    observed = dv.create("msemr_observation", vital, {
+        "msemr_status": status, "msemr_code": Lookup("msemr_codeableconcept", new_id()),
+        "msemr_subjecttypepatient": Lookup("contact", contact), "msemr_effectivetypedatetime": T0,
+        "msemr_valuetypequantityvalue": 72.5, "msemr_valuequantityunit": "beats/minute"}, request_id=request)
+    return request, vital, observed

@@ -7,11 +7,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from devtools.messages import Choice, Lookup
+from devtools.messages import Choice
 from tests.scenarios.checks import ENCOUNTER_SYSTEM, OBSERVATION_SYSTEM, resources_of, the_resource
 from tests.scenarios.conftest import World, until_settled
-from tests.scenarios.dataverse import PATIENT, PRACTITIONER, T0, Sent, new_id
-from tests.scenarios.test_fifteenth_review import assert_encounter_exists_if_named
+from tests.scenarios.dataverse import PATIENT, PRACTITIONER, Sent
+from tests.scenarios.test_fifteenth_review import a_vital_created_in_one_request, assert_encounter_exists_if_named
 from tests.scenarios.test_items import states, target_only, without_versionnumber
 
 CONSENT = "msemr_azurefhirsyncenabled"
@@ -59,13 +59,7 @@ async def test_y2_two_changes_of_one_column_without_images_under_one_request_id_
     skipped `duplicate` ("already processed"): `pipeline.message_key` told the two apart by `modifiedon` and the
     names of the columns the Target sets, which are the same; FHIR keeps 73 for good, no retry, no dead-letter."""
     dv = world.dataverse
-    contact, created = dv.patient()
-    assert states(await world.send(created)) == [("written", None)]
-    request, vital = new_id(), new_id()
-    observed = dv.create("msemr_observation", vital, {
-        "msemr_status": Choice(935000002), "msemr_code": Lookup("msemr_codeableconcept", new_id()),
-        "msemr_subjecttypepatient": Lookup("contact", contact), "msemr_effectivetypedatetime": T0,
-        "msemr_valuetypequantityvalue": 72.5, "msemr_valuequantityunit": "beats/minute"}, request_id=request)
+    request, vital, observed = await a_vital_created_in_one_request(world, Choice(935000002))
     first = without_versionnumber(target_only(dv.update(
         "msemr_observation", vital, {"msemr_valuetypequantityvalue": 73}, request_id=request)))
     second = without_versionnumber(target_only(dv.update(
