@@ -169,6 +169,34 @@ def test_a_remembered_item_does_not_excuse_a_changed_one() -> None:
     assert not refuses(good)
 
 
+@pytest.mark.parametrize(("valid", "bad", "where"), [
+    ({"telecom": [{"system": "email", "value": "a@example.org"}]},
+     {"telecom": [{"system": "email", "value": ""}]}, "telecom[0].value"),
+    ({"name": [{"family": "Moreau", "given": ["Anne", "Lise"]}]},
+     {"name": [{"family": "Moreau", "given": ["Anne", ""]}]}, "name[0].given[1]"),
+    ({"identifier": [{"system": "urn:oid:1.2.3", "value": "1",
+                      "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                                           "code": "MR"}]}}]},
+     {"identifier": [{"system": "urn:oid:1.2.3", "value": "1",
+                      "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                                           "code": " MR"}]}}]}, "identifier[0].type.coding[0].code"),
+    ({"address": [{"period": {"start": "2026-11-02"}}]},
+     {"address": [{"period": {"start": "2026-13-45"}}]}, "address[0].period.start"),
+])
+def test_an_item_shaped_like_a_valid_one_is_refused_for_its_values(valid: dict[str, Any], bad: dict[str, Any],
+                                                                    where: str) -> None:
+    """Items of a shape found valid have their values checked by the model's types for them, not again by the
+    whole model: a bad value in that shape is still refused, and the error is the model's, naming the element."""
+    validation.forget()
+    assert not refuses({"resourceType": "Patient", **valid})
+    resource = {"resourceType": "Patient", **bad}
+    assert model_refuses(resource)
+    with pytest.raises(WritebackError) as caught:
+        validation.validate(resource, partial=True)
+    assert caught.value.detail.startswith(f"Patient.{where} is invalid")
+    assert not refuses({"resourceType": "Patient", **valid})
+
+
 def test_the_error_names_the_element_not_the_value() -> None:
     with pytest.raises(WritebackError) as caught:
         validation.validate({"resourceType": "Patient", "birthDate": "1946-13-45",
