@@ -623,11 +623,28 @@ def peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 1024 / 1024
 
 
+def python_speed_ms() -> float:
+    """The best of three runs of a fixed pure-Python workload (a million additions and dict stores), in ms: how fast
+    this machine runs Python today. The core path's msgs/s is an absolute figure and moves with it (the same code
+    measured about three times slower on one sitting's machine than on another's); this says which kind of
+    sitting a run was."""
+    best = float("inf")
+    for _ in range(3):
+        started, total, seen = time.perf_counter(), 0, {}
+        for i in range(1_000_000):
+            total += i
+            seen[i & 1023] = total
+        best = min(best, time.perf_counter() - started)
+    return best * 1000
+
+
 async def main() -> dict[str, Any]:
     started_load = load()
     maps = load_maps(DEFAULT_MAPS_DIR)
     settle_long_lived()  # as the function does once its first invocation has built what it keeps
-    log(f"cores: {os.cpu_count()}  python {sys.version.split()[0]}  load average {load()}")
+    speed = python_speed_ms()
+    log(f"cores: {os.cpu_count()}  python {sys.version.split()[0]}  load average {load()}  "
+        f"fixed Python workload {speed:.0f} ms")
     log("1. core path (parse → decide → map → validate → row facts → build the first requests), one core")
     scaling = {n: core(maps, n) for n in sorted({*CORE_SCALES, CORE_N})}
     headline = scaling[CORE_N]
@@ -697,6 +714,7 @@ async def main() -> dict[str, Any]:
         "e2e_runs": REPEATS,
         "e2e_cpu": cpu,
         "peak_rss_mb": round(peak, 1),
+        "python_speed_ms": round(speed, 1),
         "cores": os.cpu_count(),
         "load_avg_start": float(started_load),
         "load_avg_end": float(load()),
