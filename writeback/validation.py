@@ -341,6 +341,9 @@ def _shape_of(value: Any) -> Any:
     return type(value)
 
 
+_ANY_RESOURCE = frozenset({"Resource", "DomainResource"})
+
+
 @functools.cache
 def _value_types(datatype: str) -> Mapping[str, tuple[TypeAdapter[Any], str | None]] | None:
     """A complex datatype's elements by JSON name: the model's type for the value (for each item, when the element
@@ -355,6 +358,8 @@ def _value_types(datatype: str) -> Mapping[str, tuple[TypeAdapter[Any], str | No
         item: Any = typing.get_args(inner)[0] if typing.get_origin(inner) is list else info.annotation
         kind = getattr(_optional_inner(item), "__name__", "")
         complex_kind = kind.removesuffix("Type") if kind.endswith("Type") and len(kind) > 4 else None
+        if complex_kind in _ANY_RESOURCE:
+            complex_kind = None  # (a contained resource's elements are its own type's, which it names itself)
         out[info.alias or name] = (TypeAdapter(item), complex_kind)
     return out
 
@@ -365,7 +370,9 @@ def _values_valid(datatype: str, value: dict[str, Any]) -> bool:
     if types_of is None:
         return False
     for key, item in value.items():
-        adapter, complex_kind = types_of[key]
+        if (found := types_of.get(key)) is None:
+            return False
+        adapter, complex_kind = found
         for one in item if isinstance(item, list) else (item,):
             if isinstance(one, dict):
                 if complex_kind is None or not _values_valid(complex_kind, one):

@@ -182,6 +182,10 @@ def test_a_remembered_item_does_not_excuse_a_changed_one() -> None:
                                            "code": " MR"}]}}]}, "identifier[0].type.coding[0].code"),
     ({"address": [{"period": {"start": "2026-11-02"}}]},
      {"address": [{"period": {"start": "2026-13-45"}}]}, "address[0].period.start"),
+    # A contained resource's elements are those of the type it names, not of Resource (found by reading the
+    # change: the second Practitioner raised KeyError instead of being validated).
+    ({"contained": [{"resourceType": "Practitioner", "id": "p1", "name": [{"family": "Moreau"}]}]},
+     {"contained": [{"resourceType": "Practitioner", "id": "p1", "name": [{"family": 7}]}]}, "contained"),
 ])
 def test_an_item_shaped_like_a_valid_one_is_refused_for_its_values(valid: dict[str, Any], bad: dict[str, Any],
                                                                     where: str) -> None:
@@ -193,8 +197,10 @@ def test_an_item_shaped_like_a_valid_one_is_refused_for_its_values(valid: dict[s
     assert model_refuses(resource)
     with pytest.raises(WritebackError) as caught:
         validation.validate(resource, partial=True)
-    assert caught.value.detail.startswith(f"Patient.{where} is invalid")
+    assert caught.value.detail.startswith(f"Patient.{where}")
     assert not refuses({"resourceType": "Patient", **valid})
+    if where == "contained":  # another valid value in the same shape
+        assert not refuses({"resourceType": "Patient", "contained": [{**valid["contained"][0], "id": "p2"}]})
 
 
 def test_the_error_names_the_element_not_the_value() -> None:
