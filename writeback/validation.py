@@ -101,9 +101,15 @@ def _shape(datatype: str) -> Mapping[str, tuple[str, str]]:
             out[info.alias or name] = (check, "")
         elif closed_codes(info.json_schema_extra) is not None:
             out[info.alias or name] = ("codes", "")
-        elif (kind := getattr(item, "__name__", "")).endswith("Type") and len(kind) > 4:
-            out[info.alias or name] = ("complex", kind.removesuffix("Type"))
+        elif (kind := _complex_kind(item)) is not None:
+            out[info.alias or name] = ("complex", kind)
     return out
+
+
+def _complex_kind(annotation: Any) -> str | None:
+    """The FHIR datatype a model's annotation names (`abc.PeriodType`: "Period"); None for a primitive."""
+    kind = getattr(_optional_inner(annotation), "__name__", "")
+    return kind.removesuffix("Type") if kind.endswith("Type") and len(kind) > 4 else None
 
 
 @functools.cache
@@ -356,10 +362,8 @@ def _value_types(datatype: str) -> Mapping[str, tuple[TypeAdapter[Any], str | No
     for name, info in model.model_fields.items():
         inner = _optional_inner(info.annotation)
         item: Any = typing.get_args(inner)[0] if typing.get_origin(inner) is list else info.annotation
-        kind = getattr(_optional_inner(item), "__name__", "")
-        complex_kind = kind.removesuffix("Type") if kind.endswith("Type") and len(kind) > 4 else None
-        if complex_kind in _ANY_RESOURCE:
-            complex_kind = None  # (a contained resource's elements are its own type's, which it names itself)
+        # (a contained resource's elements are its own type's, which it names itself: not looked into)
+        complex_kind = kind if (kind := _complex_kind(item)) not in _ANY_RESOURCE else None
         out[info.alias or name] = (TypeAdapter(item), complex_kind)
     return out
 
