@@ -20,6 +20,7 @@ import types
 import typing
 from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
@@ -66,27 +67,42 @@ class _Element:
     datatype: str  # the FHIR datatype of a complex value (of each item): "Identifier", "Reference", ...
     primitive: str | None = None  # the check of `_PRIMITIVES` its value needs (a primitive element)
     codes: frozenset[str] | None = None  # a required binding's codes (`closed_codes`)
+    complex: bool = False  # a complex datatype's or a resource's value: a JSON object
 
 
 # What FHIR R4 asks of primitive values and the models leave out. "space": a uri, url, canonical, oid, uuid or
 # id holds no whitespace (their regexes: `\S*`, ...); "text": a string or markdown holds no control character
 # but tab, CR and LF (the FHIR engine refuses the write otherwise: better `invalid-resource`, naming the column,
 # at planning than `fhir-rejected` from the server, and the dry run says so too).
+# And each primitive's JSON type (FHIR's JSON format): a boolean is true or false, an integer and a decimal are
+# numbers, every other primitive is a string. The models coerce in pydantic's lax mode ("1.5" to a decimal, 1 to
+# a boolean, text holding JSON to a complex element), but what is sent is the resource as planned, not the
+# model's copy: a decimal copied from a text column went to the server as a JSON string.
 _PRIMITIVES = {"Uri": "space", "Url": "space", "Canonical": "space", "Oid": "space", "Uuid": "space",
-               "Id": "space", "String": "text", "Markdown": "text"}
+               "Id": "space", "String": "text", "Markdown": "text", "Decimal": "decimal", "Integer": "integer",
+               "PositiveInt": "integer", "UnsignedInt": "integer"}
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+# The JSON type each check asks for, and its name in the error. (bool is a subclass of int: types compared exactly.)
+_JSON_TYPES: Mapping[str, tuple[frozenset[type], str]] = {
+    "space": (frozenset({str}), "string"), "text": (frozenset({str}), "string"),
+    "string": (frozenset({str}), "string"), "boolean": (frozenset({bool}), "boolean"),
+    "integer": (frozenset({int}), "integer"), "decimal": (frozenset({int, float, Decimal}), "number"),
+}
 
 
 def _primitive(item: Any) -> str | None:
+    """The check a primitive element's value needs (`_JSON_TYPES`); None for anything else."""
+    if item is bool:
+        return "boolean"
     if typing.get_origin(item) is not typing.Annotated:
-        return None
+        return None  # (a complex datatype, or `fhir_comments`)
     return next((_PRIMITIVES[type(m).__name__] for m in typing.get_args(item)[1:]
-                 if type(m).__name__ in _PRIMITIVES), None)
+                 if type(m).__name__ in _PRIMITIVES), "string")
 
 
 @functools.cache
 def _shape(datatype: str) -> Mapping[str, tuple[str, str]]:
-    """A complex datatype's elements that need a primitive check (`("space" | "text", "")`), hold a code of a
+    """A complex datatype's elements that need a primitive check (`(a check of `_JSON_TYPES`, "")`), hold a code of a
     required binding (`("codes", "")`: `_bindings`) or hold a complex datatype to look into (`("complex", its
     name)`), by JSON name."""
     try:
@@ -97,10 +113,10 @@ def _shape(datatype: str) -> Mapping[str, tuple[str, str]]:
     for name, info in model.model_fields.items():
         inner = _optional_inner(info.annotation)
         item = _optional_inner(typing.get_args(inner)[0]) if typing.get_origin(inner) is list else inner
-        if (check := _primitive(item)) is not None:
-            out[info.alias or name] = (check, "")
-        elif closed_codes(info.json_schema_extra) is not None:
+        if closed_codes(info.json_schema_extra) is not None:  # (text: a value not text the model refuses)
             out[info.alias or name] = ("codes", "")
+        elif (check := _primitive(item)) is not None:
+            out[info.alias or name] = (check, "")
         elif (kind := _complex_kind(item)) is not None:
             out[info.alias or name] = ("complex", kind)
     return out
@@ -134,13 +150,18 @@ def _refuse_codes(kind: str, codes: frozenset[str], value: Any, loc: tuple[int |
 
 def _primitives(kind: str, check: str, value: Any, loc: tuple[int | str, ...]) -> None:
     """`value` (of the `check` of `_shape`, or of a complex datatype's name) as FHIR's primitives ask."""
-    if check in {"space", "text"}:
-        if isinstance(value, str) and (any(c.isspace() for c in value) if check == "space" else _CONTROL.search(value)):
+    if value is None:
+        return  # absent, to the models too
+    if (json_type := _JSON_TYPES.get(check)) is not None:
+        if type(value) not in json_type[0]:
+            raise _invalid(f"{kind}.{_loc(loc)} is invalid (not a JSON {json_type[1]})")
+        if check in {"space", "text"} and (
+                any(c.isspace() for c in value) if check == "space" else _CONTROL.search(value)):
             what = "holds whitespace" if check == "space" else "holds a control character"
             raise _invalid(f"{kind}.{_loc(loc)} is invalid ({what})")
         return
     if not isinstance(value, dict):
-        return
+        raise _invalid(f"{kind}.{_loc(loc)} is invalid (not a JSON object)")
     shape = _shape(check)
     for key, item in value.items():
         found = shape.get(key)
@@ -209,7 +230,7 @@ def _elements(resource_type: str) -> Mapping[str, _Element]:
         out[info.alias or name] = _Element(TypeAdapter(item), repeats,
                                            info.is_required() or extra.get("element_required") is True,
                                            getattr(item, "__name__", "").removesuffix("Type"), _primitive(item),
-                                           closed_codes(extra))
+                                           closed_codes(extra), _complex_kind(item) is not None)
     return out
 
 
@@ -305,11 +326,16 @@ def validate(resource: dict[str, Any], *, partial: bool, required: Mapping[str, 
                 raise _invalid(f"{kind}.{prefix}[x] is required, and column {', '.join(owned)} that gives it "
                                "is empty")
     for name in _required(kind):
-        if resource.get(name) is None and resource.get(f"_{name}") is None:
+        # (a primitive given by its extensions alone is there, as the model has it: `_status` with an extension)
+        if resource.get(name) is None and not _extended(resource.get(f"_{name}")):
             if not partial:
                 raise _invalid(f"{kind}.{name} is invalid (missing)")
             if required and name in required:
                 raise _invalid(f"{kind}.{name} is required, and column {required[name]} that gives it is empty")
+
+
+def _extended(sibling: Any) -> bool:
+    return isinstance(sibling, dict) and bool(sibling.get("extension"))
 
 
 def _check(kind: str, element: _Element, value: Any, loc: tuple[int | str, ...], *, partial: bool,
@@ -317,6 +343,10 @@ def _check(kind: str, element: _Element, value: Any, loc: tuple[int | str, ...],
     key = (kind, str(loc[0]), partial and not whole, repr(value))
     if key in _valid:
         return
+    if element.primitive is not None or element.complex:
+        # First, so that a value of another JSON type than its element's is named where it is: the model reads
+        # text holding JSON into a complex element, and some of its validators raise on a number (a `url`).
+        _primitives(kind, element.primitive or element.datatype, value, loc)
     shape = (*key[:3], _shape_of(value)) if isinstance(value, dict) and element.datatype else None
     if shape is None or shape not in _valid_shapes or not _values_valid(element.datatype, value):
         _model_check(kind, element, value, loc, partial=partial, whole=whole)
@@ -326,7 +356,6 @@ def _check(kind: str, element: _Element, value: Any, loc: tuple[int | str, ...],
             _valid_shapes.add(shape)
     if element.codes is not None:
         _refuse_codes(kind, element.codes, value, loc)
-    _primitives(kind, element.primitive or element.datatype, value, loc)
     _per1(kind, value, loc)
     if len(_valid) >= VALID_ITEMS_MAX:
         _valid.clear()
@@ -384,8 +413,8 @@ def _values_valid(datatype: str, value: dict[str, Any]) -> bool:
                 continue
             try:
                 adapter.validate_python(one)
-            except (ValidationError, ValueError, TypeError):
-                return False
+            except (ValidationError, ValueError, TypeError, AttributeError, KeyError):
+                return False  # (the whole model says why)
     return True
 
 
@@ -406,8 +435,10 @@ def _model_check(kind: str, element: _Element, value: Any, loc: tuple[int | str,
                 raise _invalid(f"{kind}.{_loc((*loc, *where[:-1]))} holds an element FHIR does not define "
                                "(extra_forbidden)") from None
             raise _invalid(f"{kind}.{_loc((*loc, *where))} is invalid ({kind_of})") from None
-    except (ValueError, TypeError) as exc:  # validators in fhir.resources may raise plain errors
-        raise _invalid(f"{kind} failed validation ({type(exc).__name__})") from None
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        # Validators in fhir.resources raise plain errors too: a `url` that is a number (AttributeError), a
+        # contained resource of a type FHIR does not define (KeyError).
+        raise _invalid(f"{kind}.{_loc(loc)} is invalid ({type(exc).__name__})") from None
 
 
 def _when(text: str) -> tuple[datetime, int] | None:

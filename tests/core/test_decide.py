@@ -1143,3 +1143,26 @@ def test_an_item_whose_required_element_is_empty_is_refused_before_the_server(tm
     assert refused.detail is not None and "Observation.component[0].code" in refused.detail
     assert element(measure(maps, new_float=Decimal("2365.12"), new_band="Float"), "component") == [
         {"code": {"text": "Float"}, "valueQuantity": {"value": Decimal("2365.12")}}]
+
+
+@pytest.mark.parametrize(("attribute", "value", "detail"), [
+    # A url the model's validator calls `.startswith` on: it raised AttributeError out of planning.
+    ('{column: msemr_photourl, target: "photo[0].url"}', 12345, "Patient.photo[0].url is invalid (not a JSON string)"),
+    # A whole number where FHIR's JSON has a boolean: the model coerces it, and the 1 was what would be sent.
+    ("{column: msemr_multiplebirth, target: multipleBirthBoolean, only_for: [Patient]}", 1,
+     "Patient.multipleBirthBoolean is invalid (not a JSON boolean)"),
+    # Text holding JSON on a complex element: the model reads it into a CodeableConcept, and the text was sent.
+    ("{column: msemr_maritaltext, target: maritalStatus, only_for: [Patient]}", '{"text": "Married"}',
+     "Patient.maritalStatus is invalid (not a JSON object)"),
+])
+def test_a_column_of_another_json_type_than_its_element_is_an_invalid_resource(tmp_path, attribute, value, detail):
+    """A map whose column feeds an element without a `type` that converts it: the row's value goes as it is, and
+    one of another JSON type than the element's is refused at planning, naming the element, never the value (it
+    was sent, or planning raised)."""
+    maps = maps_with(tmp_path, {"contact.yaml": shipped("contact.yaml").replace(
+        "attributes:\n", f"attributes:\n  - {attribute}\n", 1)})
+    column = attribute.split(",")[0].removeprefix("{column: ")
+    d = plan(context("Create", "contact", PATIENT, patient_row(**{column: value})), maps=maps)
+    assert (d.decision, d.reason) == ("reject", Reason.INVALID_RESOURCE)
+    assert detail in d.detail, d.detail
+    assert "Married" not in d.detail and "12345" not in d.detail

@@ -106,12 +106,14 @@ def test_the_corpus_is_valid_both_ways(resources: list[dict[str, Any]]) -> None:
 
 def primitive_refusal(resource: dict[str, Any]) -> str | None:
     """Why `validate` refuses a resource for a FHIR rule the models leave out (a uri holding whitespace, a string
-    holding a control character, a code outside its required value set), when that is why; else None."""
+    holding a control character, a code outside its required value set, a value of another JSON type than its
+    element's, which the models coerce), when that is why; else None."""
     try:
         validation.validate(copy.deepcopy(resource), partial=True)
     except WritebackError as exc:
         return exc.detail if any(why in exc.detail for why in ("holds whitespace", "holds a control character",
-                                                               "not a code of its required value set")) else None
+                                                               "not a code of its required value set",
+                                                               "(not a JSON ")) else None
     return None
 
 
@@ -121,21 +123,25 @@ def test_refuses_what_the_whole_model_refuses(resources: list[dict[str, Any]]) -
     (`test_primitive_rules_refuse_what_the_models_let_through`)."""
     rng = random.Random(5)
     disagreements = []
-    refused = stricter = 0
+    refused = stricter = json_typed = 0
     for resource in resources[:150]:
         for changed in mutations(resource, rng):
             expected = model_refuses(changed)
             refused += expected
-            if not expected and primitive_refusal(changed):
+            if not expected and (why := primitive_refusal(changed)):
                 stricter += 1
-                text = json.dumps(changed, default=str)
-                assert any(c in text for c in (" ", "\\n", "\\t", "\\u00")), changed
+                if "(not a JSON " in why:
+                    json_typed += 1
+                else:
+                    text = json.dumps(changed, default=str)
+                    assert any(c in text for c in (" ", "\\n", "\\t", "\\u00")), changed
                 expected = True
             for attempt in (1, 2):
                 if refuses(changed) != expected:
                     disagreements.append((attempt, expected, changed))
     assert refused > 500  # the mutations do reach the validators
     assert stricter < refused // 10  # the exception stays one
+    assert json_typed  # (a number where a dateTime goes: the models take it as a time)
     assert not disagreements[:3]
 
 
@@ -159,13 +165,15 @@ def test_primitive_rules_let_through_what_fhir_allows() -> None:
 
 
 def test_a_remembered_item_does_not_excuse_a_changed_one() -> None:
-    """An Observation valid once; the same Observation with its quantity's value made text is refused, and the
-    valid one is still accepted after it."""
+    """An Observation valid once; the same Observation with its quantity's value made text is refused (a FHIR
+    decimal is a JSON number; the model coerces the text, but what is sent is the text), and the valid one is still
+    accepted after it."""
     good = {"resourceType": "Observation", "status": "final",
             "valueQuantity": {"value": Decimal("72.50"), "unit": "kg"}}
     bad = {**good, "valueQuantity": {"value": "72.50", "unit": "kg"}}
     assert not refuses(good)
-    assert refuses(bad) == model_refuses(bad)
+    assert not model_refuses(bad)
+    assert primitive_refusal(bad) == "Observation.valueQuantity.value is invalid (not a JSON number)"
     assert not refuses(good)
 
 
@@ -293,3 +301,41 @@ def test_a_whole_item_missing_an_element_fhir_requires_is_refused() -> None:
     with pytest.raises(WritebackError) as caught:
         validation.validate(copy.deepcopy(resource), partial=True, whole=True)
     assert caught.value.detail == "Observation.component[0].code is invalid (missing)"
+
+
+@pytest.mark.parametrize(("resource", "detail"), [
+    # Validators of the models that raise plain errors: each came out of `validate` (and out of planning).
+    ({"resourceType": "Patient", "contained": [{"resourceType": "Bogus", "id": "a"}]},
+     "Patient.contained[0] is invalid (KeyError)"),
+    ({"resourceType": "Patient", "extension": [{"url": "http://example.org/x", "valueUrl": 5}]},
+     "Patient.extension[0].valueUrl is invalid (not a JSON string)"),
+    ({"resourceType": "Observation", "_status": '"abc"'}, "Observation._status is invalid (not a JSON object)"),
+    # Text holding JSON where an object goes, in an item of a shape found valid before (`_given` below).
+    ({"resourceType": "Patient", "name": [{"given": ["a"], "_given": ['"abc"']}]},
+     "Patient.name[0]._given[0] is invalid (not a JSON object)"),
+    # What the models coerce, and FHIR's JSON does not allow: what is sent is the value as planned.
+    ({"resourceType": "Observation", "valueInteger": True}, "Observation.valueInteger is invalid (not a JSON integer)"),
+    ({"resourceType": "Observation", "valueBoolean": 1}, "Observation.valueBoolean is invalid (not a JSON boolean)"),
+    ({"resourceType": "Patient", "name": [{"period": {"start": 12}}]},
+     "Patient.name[0].period.start is invalid (not a JSON string)"),
+])
+def test_a_value_of_another_json_type_is_refused_naming_its_element(resource: dict[str, Any], detail: str) -> None:
+    validation.forget()
+    validation.validate({"resourceType": "Patient", "name": [{"given": ["a"], "_given": [{"id": "x"}]}]},
+                        partial=True)
+    with pytest.raises(WritebackError) as caught:
+        validation.validate(copy.deepcopy(resource), partial=True)
+    assert (caught.value.reason, caught.value.detail) == (Reason.INVALID_RESOURCE, detail)
+
+
+def test_a_required_primitive_given_by_its_extensions_alone_is_there() -> None:
+    """As the model has it: `_status` with an extension (data-absent-reason) stands for the value, an empty one
+    does not."""
+    absent = {"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "unknown"}
+    for resource in ({"resourceType": "Observation", "code": {"text": "t"}, "_status": {"extension": []}},
+                     {"resourceType": "Observation", "code": {"text": "t"}, "_status": {"id": "x"}}):
+        with pytest.raises(WritebackError) as caught:
+            validation.validate(copy.deepcopy(resource), partial=True, required={"status": "msemr_status"})
+        assert caught.value.detail == "Observation.status is required, and column msemr_status that gives it is empty"
+    validation.validate({"resourceType": "Observation", "code": {"text": "t"}, "_status": {"extension": [absent]}},
+                        partial=True, required={"status": "msemr_status"})
