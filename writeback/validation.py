@@ -4,12 +4,14 @@ out. Pure. Errors name the element, never the value: the value may be patient da
 A resource is validated element by element: each top-level element's value (each item of a repeating element) goes
 through the model's own type for that element (a pydantic `TypeAdapter` of the field's annotation: the validators
 the whole model would run on it), and the checks the whole model makes beside its fields are made here: no unknown
-element (the models forbid extras), no null in a list, required elements, one type per choice element. An item found
-valid is remembered (a bounded table of its exact value, `repr`, types included): the statuses, codes, classes and
-units every row repeats, and the elements a row's next save leaves unchanged, are not validated again. An item of a
-shape found valid before (a contact point, a name: the same elements, new values) has its values checked by the
-model's types for them instead of the whole model again (`_values_valid`). The
-invariants the models leave out (`check_invariants`) are checked with each item, so remembered items skip them too.
+element (the models forbid extras), no null in a list (in a repeating primitive, a null only where its `_` sibling
+holds that item: FHIR's JSON, which the models leave out), required elements, one type per choice element. FHIR's
+primitive rules the models leave out (`_primitives`) reach every value, a contained resource's by the type it names.
+An item found valid is remembered (a bounded table of its exact value, `repr`, types included): the statuses, codes,
+classes and units every row repeats, and the elements a row's next save leaves unchanged, are not validated again.
+An item of a shape found valid before (a contact point, a name: the same elements, new values) has its values
+checked by the model's types for them instead of the whole model again (`_values_valid`). The invariants the models
+leave out (`check_invariants`) are checked with each item, so remembered items skip them too.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ class _Element:
 _PRIMITIVES = {"Uri": "space", "Url": "space", "Canonical": "space", "Oid": "space", "Uuid": "space",
                "Id": "space", "String": "text", "Markdown": "text", "Decimal": "decimal", "Integer": "integer",
                "PositiveInt": "integer", "UnsignedInt": "integer"}
+# A contained resource's datatype in the models: its elements are those of the type it names.
+_ANY_RESOURCE = frozenset({"Resource", "DomainResource"})
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 # The JSON type each check asks for, and its name in the error. (bool is a subclass of int: types compared exactly.)
 _JSON_TYPES: Mapping[str, tuple[frozenset[type], str]] = {
@@ -162,11 +166,15 @@ def _primitives(kind: str, check: str, value: Any, loc: tuple[int | str, ...]) -
         return
     if not isinstance(value, dict):
         raise _invalid(f"{kind}.{_loc(loc)} is invalid (not a JSON object)")
+    if check in _ANY_RESOURCE and isinstance(value.get("resourceType"), str):
+        check = value["resourceType"]  # a contained resource: the elements of the type it names
     shape = _shape(check)
     for key, item in value.items():
         found = shape.get(key)
         if found is None:
             continue
+        if isinstance(item, list) and (found[0] != "complex" or key.startswith("_")) and None in item:
+            _paired_nulls(kind, value, key, item, loc)
         if found[0] == "codes":
             _refuse_codes(kind, _bindings(check)[key], item, (*loc, key))
             continue
@@ -226,7 +234,8 @@ def _elements(resource_type: str) -> Mapping[str, _Element]:
         inner = _optional_inner(info.annotation)
         repeats = typing.get_origin(inner) is list
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        item = typing.get_args(inner)[0] if repeats else inner
+        # (an item of a repeating primitive is Optional: a null stands for it where its `_name` sibling holds one)
+        item = _optional_inner(typing.get_args(inner)[0]) if repeats else inner
         out[info.alias or name] = _Element(TypeAdapter(item), repeats,
                                            info.is_required() or extra.get("element_required") is True,
                                            getattr(item, "__name__", "").removesuffix("Type"), _primitive(item),
@@ -288,10 +297,10 @@ def validate(resource: dict[str, Any], *, partial: bool, required: Mapping[str, 
     """
     kind = str(resource["resourceType"])
     siblings = choice_siblings(kind)
-    for name in resource:
-        if name not in siblings:
+    for name, value in resource.items():
+        if name not in siblings or value is None:  # (None: absent)
             continue
-        clash = [other for other in siblings[name] if other in resource]
+        clash = [other for other in siblings[name] if resource.get(other) is not None]
         if clash:
             # The model's own error for this names no element ("(resource) is invalid"): say which, and whence.
             both = [name, *clash]
@@ -312,10 +321,12 @@ def validate(resource: dict[str, Any], *, partial: bool, required: Mapping[str, 
             continue
         if not isinstance(value, list):
             raise _invalid(f"{kind}.{name} is invalid (list_type)")
-        if any(item is None for item in value):  # the models refuse a null in a list of complex elements too
-            raise _invalid(f"{kind}.{name} is invalid (list_type)")
+        if any(item is None for item in value):
+            if element.primitive is None and not name.startswith("_"):
+                raise _invalid(f"{kind}.{name} is invalid (list_type)")  # (the models refuse it too)
+            _paired_nulls(kind, resource, name, value, ())
         for i, item in enumerate(value):
-            if item not in known:
+            if item is not None and item not in known:
                 _check(kind, element, item, (name, i), partial=partial, whole=whole)
     for prefix, names in _required_choices(kind):  # absent like a required element: the same rule
         if all(resource.get(n) is None for n in names):
@@ -332,6 +343,18 @@ def validate(resource: dict[str, Any], *, partial: bool, required: Mapping[str, 
                 raise _invalid(f"{kind}.{name} is invalid (missing)")
             if required and name in required:
                 raise _invalid(f"{kind}.{name} is required, and column {required[name]} that gives it is empty")
+
+
+def _paired_nulls(kind: str, container: Mapping[str, Any], name: str, items: list[Any],
+                  loc: tuple[int | str, ...]) -> None:
+    """FHIR's JSON: an item of a repeating primitive is null only where its `_name` sibling holds that item's id or
+    extensions, and the other way round (both arrays the same length). The models take any null in such a list."""
+    partner_name = name[1:] if name.startswith("_") else f"_{name}"
+    partner = container.get(partner_name)
+    for i, item in enumerate(items):
+        if item is None and not (isinstance(partner, list) and len(partner) == len(items) and partner[i] is not None):
+            raise _invalid(f"{kind}.{_loc((*loc, name, i))} is invalid (null, with nothing at its place in "
+                           f"{partner_name})")
 
 
 def _extended(sibling: Any) -> bool:
@@ -375,8 +398,6 @@ def _shape_of(value: Any) -> Any:
         return (list, *(_shape_of(item) for item in value))
     return type(value)
 
-
-_ANY_RESOURCE = frozenset({"Resource", "DomainResource"})
 
 
 @functools.cache

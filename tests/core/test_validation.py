@@ -107,13 +107,14 @@ def test_the_corpus_is_valid_both_ways(resources: list[dict[str, Any]]) -> None:
 def primitive_refusal(resource: dict[str, Any]) -> str | None:
     """Why `validate` refuses a resource for a FHIR rule the models leave out (a uri holding whitespace, a string
     holding a control character, a code outside its required value set, a value of another JSON type than its
-    element's, which the models coerce), when that is why; else None."""
+    element's, which the models coerce, a null in a repeating primitive without its `_` sibling's item, which the
+    models take), when that is why; else None."""
     try:
         validation.validate(copy.deepcopy(resource), partial=True)
     except WritebackError as exc:
         return exc.detail if any(why in exc.detail for why in ("holds whitespace", "holds a control character",
                                                                "not a code of its required value set",
-                                                               "(not a JSON ")) else None
+                                                               "(not a JSON ", "(null, with nothing")) else None
     return None
 
 
@@ -123,7 +124,7 @@ def test_refuses_what_the_whole_model_refuses(resources: list[dict[str, Any]]) -
     (`test_primitive_rules_refuse_what_the_models_let_through`)."""
     rng = random.Random(5)
     disagreements = []
-    refused = stricter = json_typed = 0
+    refused = stricter = json_typed = nulls = 0
     for resource in resources[:150]:
         for changed in mutations(resource, rng):
             expected = model_refuses(changed)
@@ -132,6 +133,8 @@ def test_refuses_what_the_whole_model_refuses(resources: list[dict[str, Any]]) -
                 stricter += 1
                 if "(not a JSON " in why:
                     json_typed += 1
+                elif "(null, with nothing" in why:
+                    nulls += 1
                 else:
                     text = json.dumps(changed, default=str)
                     assert any(c in text for c in (" ", "\\n", "\\t", "\\u00")), changed
@@ -142,6 +145,7 @@ def test_refuses_what_the_whole_model_refuses(resources: list[dict[str, Any]]) -
     assert refused > 500  # the mutations do reach the validators
     assert stricter < refused // 10  # the exception stays one
     assert json_typed  # (a number where a dateTime goes: the models take it as a time)
+    assert nulls  # (`line: [None]`: the models take it)
     assert not disagreements[:3]
 
 
@@ -339,3 +343,52 @@ def test_a_required_primitive_given_by_its_extensions_alone_is_there() -> None:
         assert caught.value.detail == "Observation.status is required, and column msemr_status that gives it is empty"
     validation.validate({"resourceType": "Observation", "code": {"text": "t"}, "_status": {"extension": [absent]}},
                         partial=True, required={"status": "msemr_status"})
+
+
+_ABSENT = {"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "unknown"}]}
+_ORDER = {"resourceType": "ServiceRequest", "status": "active", "intent": "order",
+          "subject": {"reference": "Patient/1"}}
+
+
+@pytest.mark.parametrize("resource", [
+    # A choice type present as null is absent (to the models too): not a second type.
+    {"resourceType": "Observation", "status": "final", "code": {"text": "t"}, "valueString": "a",
+     "valueQuantity": None},
+    {"resourceType": "Observation", "status": "final", "code": {"text": "t"}, "valueString": None,
+     "valueQuantity": {"value": 1}},
+    # FHIR's JSON: a repeating primitive's item is null where its `_` sibling holds its extensions, and back.
+    {**_ORDER, "instantiatesUri": [None, "http://example.org/a"], "_instantiatesUri": [_ABSENT, None]},
+    {"resourceType": "Patient", "name": [{"given": [None, "Ana"], "_given": [_ABSENT, None]}]},
+])
+def test_what_fhir_json_allows_of_nulls_is_accepted(resource: dict[str, Any]) -> None:
+    assert not model_refuses(resource)
+    assert not refuses(resource)
+
+
+@pytest.mark.parametrize(("resource", "detail"), [
+    # A null no `_` item stands for: FHIR's JSON refuses it, the models take it.
+    ({**_ORDER, "instantiatesUri": [None, "http://example.org/a"]},
+     "ServiceRequest.instantiatesUri[0] is invalid (null, with nothing at its place in _instantiatesUri)"),
+    ({"resourceType": "Patient", "address": [{"line": ["1 Main St", None]}]},
+     "Patient.address[0].line[1] is invalid (null, with nothing at its place in _line)"),
+    # A repeating primitive of the resource itself gets the primitive rules its single ones get.
+    ({**_ORDER, "instantiatesUri": ["http://example.org/a b"]},
+     "ServiceRequest.instantiatesUri[0] is invalid (holds whitespace)"),
+    # A contained resource gets them as the resource holding it does: its own type's elements.
+    ({"resourceType": "Patient", "contained": [{"resourceType": "Practitioner", "id": "p1",
+                                                "identifier": [{"system": "MRN 0042731", "value": "1"}]}]},
+     "Patient.contained[0].identifier[0].system is invalid (holds whitespace)"),
+    ({"resourceType": "Patient", "contained": [{"resourceType": "Practitioner", "id": "p1", "active": 1}]},
+     "Patient.contained[0].active is invalid (not a JSON boolean)"),
+    ({"resourceType": "Encounter", "contained": [{"resourceType": "Observation", "id": "o1", "status": "finished",
+                                                  "code": {"text": "t"}}]},
+     "Encounter.contained[0].status is invalid (not a code of its required value set: amended, cancelled, "
+     "corrected, entered-in-error, final, preliminary, registered, unknown)"),
+])
+def test_primitive_rules_reach_repeating_primitives_and_contained_resources(resource: dict[str, Any],
+                                                                            detail: str) -> None:
+    assert not model_refuses(resource)
+    validation.forget()
+    with pytest.raises(WritebackError) as caught:
+        validation.validate(copy.deepcopy(resource), partial=True)
+    assert (caught.value.reason, caught.value.detail) == (Reason.INVALID_RESOURCE, detail)
