@@ -37,10 +37,11 @@ from writeback.reasons import Reason
 from writeback.retry import (
     ATTEMPT,
     CONSENT_WAITS,
-    FIRST_ENQUEUED,
+    FIRST_TRIED,
     GATE_OPENED,
     MAX_MESSAGE_ID,
     ORIGINAL_ID,
+    RESUBMISSION,
     RESUBMITTED_FROM,
     original_id,
 )
@@ -390,7 +391,7 @@ def servicebus_client() -> ServiceBusClient:
 # Dropped from a resubmitted copy: the dead-letter annotations, and the retry count and window, which would leave a
 # message dead-lettered as `retries-exhausted` no retry at all (its 24 hours already spent), with the count of
 # tries that waited for a consent among them.
-_DROPPED = {"DeadLetterReason", "DeadLetterErrorDescription", ATTEMPT, FIRST_ENQUEUED, CONSENT_WAITS, GATE_OPENED}
+_DROPPED = {"DeadLetterReason", "DeadLetterErrorDescription", ATTEMPT, FIRST_TRIED, CONSENT_WAITS, GATE_OPENED}
 
 
 def _requeued(message: ServiceBusReceivedMessage) -> ServiceBusMessage:
@@ -405,8 +406,10 @@ def _requeued(message: ServiceBusReceivedMessage) -> ServiceBusMessage:
     original = original_id({str(k): v for k, v in props.items()}, message.message_id)
     props[ORIGINAL_ID] = original
     # Not under its own MessageId: the queue's duplicate detection drops a MessageId it saw within its window
-    # (10 minutes), so a message dead-lettered and resubmitted within it would be lost.
-    suffix = f"~s{int(time.time())}"
+    # (10 minutes), so a message dead-lettered and resubmitted within it would be lost. Its retry copies' ids carry
+    # the same mark (`retry.next_step`), for the same reason.
+    props[RESUBMISSION] = f"s{int(time.time())}"
+    suffix = f"~{props[RESUBMISSION]}"
     return ServiceBusMessage(b"".join(message.body), application_properties=props,
                              content_type=message.content_type, correlation_id=message.correlation_id,
                              message_id=original[: MAX_MESSAGE_ID - len(suffix)] + suffix, subject=message.subject)

@@ -368,15 +368,14 @@ CONSENT_GRACE_RETRIES = 2
 def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, settings: Settings,
             *, attempt: int = 0, past_gates: int | None = None, created: AbstractSet[RowKey] = frozenset(),
             retried: bool = False, waited: timedelta = timedelta(0), since_gate: timedelta | None = None) -> Decision:
-    """The plan with what other rows' facts decide: skipped while a patient it belongs to withholds consent (or
-    waiting while that is unknown), stale when a newer change moved a child row to another parent, its parents'
-    FHIR ids, its lookups' references. `attempt`: how many times this message was tried before (`past_gates`: of
-    them, those that did not wait for a consent; what the waits past that gate count; `since_gate`: since the
-    message, after waiting for a consent, first got past it, `retry.gate_opened`); `waited`: since it
-    was first enqueued (a row saved while its patient had not consented waits WRITEBACK_CONSENT_WAIT_MINUTES for
-    the consent). `created`: rows
-    whose Create is among the messages being processed: new rows, whose resource is (or will be) made under the
-    row's own id (`decide.resource_id`), so a lookup to one refers to that id."""
+    """The plan with what other rows' facts decide: skipped while a patient it belongs to withholds consent (or waiting
+    while that is unknown), stale when a newer change moved a child row to another parent, its parents' FHIR ids,
+    its lookups' references. `attempt`: how many times this message was tried before (`past_gates`: of them, those
+    that did not wait for a consent; what the waits past that gate count; `since_gate`: since the message, after
+    waiting for a consent, first got past it, `retry.gate_opened`); `waited`: since it was first tried
+    (`retry.first_tried`; a row saved while its patient had not consented waits WRITEBACK_CONSENT_WAIT_MINUTES for
+    the consent). `created`: rows whose Create is among the messages being processed: new rows, whose resource is
+    (or will be) made under the row's own id (`decide.resource_id`), so a lookup to one refers to that id."""
     if decision.alternatives or decision.consent_from_facts:
         decision = _as_known(decision, facts, maps, settings)
     tried = attempt if past_gates is None else past_gates

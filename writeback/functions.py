@@ -51,6 +51,8 @@ from writeback.settings import DEADLINE_MARGIN_SECONDS, Settings
 log = logging.getLogger("writeback.function")
 
 MAX_DESCRIPTION = 1000  # characters of the dead-letter error description
+# Kept, of a batch's lock, for the settlement calls after its retry copies are scheduled (gRPC calls to the host).
+SETTLE_SECONDS = 5.0
 
 DeliveryFactory = Callable[[Settings], tuple[Delivery, Callable[[], Awaitable[None]]]]
 LedgerFactory = Callable[[Settings], tuple[Ledger, Callable[[], Awaitable[None]]]]
@@ -115,7 +117,6 @@ def envelope_of(message: Any) -> Envelope:
     raw_props = message.application_properties or {}
     properties = {text_of(k): text_of(v) for k, v in raw_props.items() if v is not None}
     count = message.delivery_count
-    enqueued = message.enqueued_time_utc
     content_type = message.content_type
     message_id = message.message_id
     correlation = getattr(message, "correlation_id", None)
@@ -127,7 +128,6 @@ def envelope_of(message: Any) -> Envelope:
         message_id=text_of(message_id) if message_id is not None else None,
         # 0 = not reported: extension 1.0.0b2 decodes the AMQP message without its header section.
         delivery_count=count if isinstance(count, int) else 0,
-        enqueued_at=enqueued.timestamp() if isinstance(enqueued, datetime) else None,
         correlation_id=text_of(correlation) if correlation else None,
         locked_until=locked.timestamp() if isinstance(locked, datetime) else None,
     )
@@ -226,6 +226,10 @@ class _Retrying:
     detail: str
     result: Result | None
     quiet: bool = False  # a configuration fault's retry: the batch's one record says it (`_log_config_fault`)
+    # Its outcome was decided against the retry window (`pipeline.give_up`) and recorded: given up already, or to be
+    # retried whatever the clock says by the time its copy is made (the log and the settlement agree: found by
+    # review, a message given up after its row said `retry`).
+    decided: bool = False
 
 
 class FunctionApp:
@@ -310,6 +314,16 @@ class FunctionApp:
             budget = min(budget, min(ends) - self._clock().timestamp() - settings.timeout_seconds - self._margin)
         return max(budget, 0.5)
 
+    def _scheduling_budget(self, envelopes: Iterable[Envelope], settings: Settings) -> float:
+        """Seconds scheduling the batch's retry copies may take: until its earliest lock ends, less SETTLE_SECONDS;
+        at most FHIR_TIMEOUT_SECONDS, as every other remote call. A send that does not answer in time leaves the
+        messages abandoned, not held past their lock (found by review: it had no bound)."""
+        budget = float(settings.timeout_seconds)
+        ends = [e.locked_until for e in envelopes if e.locked_until is not None]
+        if ends:
+            budget = min(budget, min(ends) - self._clock().timestamp() - SETTLE_SECONDS)
+        return max(budget, 0.5)
+
     async def handle_batch(self, messages: Sequence[Any], actions: MessageActions) -> list[Result | None]:
         """Process a batch and settle each message exactly once on its own outcome. Returns the results in
         input order (None where none was reached: unreadable, configuration fault, unexpected error)."""
@@ -332,7 +346,7 @@ class FunctionApp:
                     reason = exc.reason if exc.reason.kind == Kind.CONFIG else Reason.CONFIG_ERROR
                     self._log_config_fault(list(readable.values()), exc, reason, started)
                     faults = await self._record_faults(readable, exc, reason, retry_settings, started)
-                    retrying = [_Retrying(i, e, reason, exc.detail, faults[i], quiet=True)
+                    retrying = [_Retrying(i, e, reason, exc.detail, faults[i], quiet=True, decided=True)
                                 for i, e in readable.items()]
                 else:
                     retrying = await self._process(runtime, readable, settler, results)
@@ -359,7 +373,8 @@ class FunctionApp:
             finished.add(index)
             if result.settlement == "reschedule":
                 assert result.reason is not None
-                retrying.append(_Retrying(index, envelopes[position], result.reason, result.detail, result))
+                retrying.append(_Retrying(index, envelopes[position], result.reason, result.detail, result,
+                                          decided=True))
                 return
             envelope = envelopes[position]
             settler.settle(index, result.settlement, result,
@@ -391,9 +406,14 @@ class FunctionApp:
         now, jitter = self._clock(), batch_jitter()
         copies: list[tuple[_Retrying, Copy]] = []
         for item in retrying:
+            if item.decided and item.result is not None and item.result.state == "dead-lettered":
+                settler.settle(item.index, "deadletter", item.result, _logger(item.envelope, item.result,
+                                                                              item.result.detail))
+                continue
             step = next_step(policy, properties=item.envelope.properties, message_id=item.envelope.message_id,
-                             enqueued_at=item.envelope.enqueued_at, now=now, jitter=jitter, reason=item.reason,
-                             gate_wait=bool(item.result and item.result.decision.extra.get(GATE_WAIT)))
+                             now=now, jitter=jitter, reason=item.reason,
+                             gate_wait=bool(item.result and item.result.decision.extra.get(GATE_WAIT)),
+                             window=not item.decided)
             if isinstance(step, GiveUp):
                 detail = step.description(item.reason.value, item.detail)
                 given_up = Result("dead-lettered", Reason.RETRIES_EXHAUSTED, detail,
@@ -411,14 +431,17 @@ class FunctionApp:
                       "them at once", why_not, len(copies), extra={"outcome": "retry", "settlement": "abandon"})
         else:
             try:
-                await scheduler.schedule([copy for _, copy in copies])
+                async with asyncio.timeout(self._scheduling_budget((item.envelope for item, _ in copies), settings)):
+                    await scheduler.schedule([copy for _, copy in copies])
                 kind = "complete"
             except Exception as exc:
                 log.error("writeback scheduling %d retry copies failed (%s); the messages were abandoned and Service "
                           "Bus redelivers them at once", len(copies), _where(exc),
                           extra={"outcome": "retry", "settlement": "abandon", "error": type(exc).__name__})
         for item, copy in copies:
-            more = {"retry_attempt": int(copy.properties[ATTEMPT]), "retry_at": copy.at.isoformat()}
+            # (when it is put back for a later try: abandoned, it is not waiting for one)
+            more = {"retry_attempt": int(copy.properties[ATTEMPT]), "retry_at": copy.at.isoformat()} \
+                if kind == "complete" else {}
             settler.settle(item.index, kind, None, _logger(item.envelope, item.result, item.detail,
                                                            rescheduled=kind == "complete", **more)
                            if item.result and not item.quiet else None)

@@ -693,18 +693,23 @@ class OutcomeStore:
             history = await self._table("history")
             writes.append(self._call("write the row history",
                                      history.submit_transaction(group(record_key(message.record_id)))))
-        if key and result.state in ("written", "skipped"):
-            messages = await self._table("messages")
-            writes.append(self._call("record the message as processed", messages.upsert_entity(_entity({
-                "PartitionKey": safe_key(key), "RowKey": "m", "Outcome": result.state,
-                "Reason": result.reason.value if result.reason else None, "RecordedAt": now,
-                "Table": common["Table"], "RecordId": common["RecordId"], "MessageKey": _text(key, 200),
-            }))))
         for done in await asyncio.gather(*writes, return_exceptions=True):
             if isinstance(done, WritebackError):
                 raise done
             if isinstance(done, BaseException):
                 raise _unavailable(done, "write the outcome log") from None
+        if key and result.state in ("written", "skipped"):
+            # Only once its rows are kept: written beside them, a marker kept while the row's history failed made
+            # the message's retry a `duplicate`, and `logs --record` never showed the write (found by review).
+            messages = await self._table("messages")
+            try:
+                await self._call("record the message as processed", messages.upsert_entity(_entity({
+                    "PartitionKey": safe_key(key), "RowKey": "m", "Outcome": result.state,
+                    "Reason": result.reason.value if result.reason else None, "RecordedAt": now,
+                    "Table": common["Table"], "RecordId": common["RecordId"], "MessageKey": _text(key, 200),
+                })))
+            except AzureError as exc:
+                raise _unavailable(exc, "record the message as processed") from None
 
     # -- queries (python -m writeback logs) ---------------------------------------------------------------
 

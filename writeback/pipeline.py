@@ -46,7 +46,7 @@ from writeback.retry import (
     RetryPolicy,
     attempts_so_far,
     consent_waits_so_far,
-    first_enqueued,
+    first_tried,
     gate_opened,
     next_step,
     original_id,
@@ -124,7 +124,6 @@ class Envelope:
     content_type: str | None = None
     message_id: str | None = None
     delivery_count: int = 1
-    enqueued_at: float | None = None
     correlation_id: str | None = None
     locked_until: float | None = None  # when the broker's lock on this delivery ends (epoch seconds)
 
@@ -228,8 +227,7 @@ def give_up(envelope: Envelope, result: Result, policy: RetryPolicy, now: dateti
     """A transient or configuration outcome past the retry window becomes `retries-exhausted` (dead-letter)."""
     if result.settlement != "reschedule":
         return result
-    step = next_step(policy, properties=envelope.properties, message_id=envelope.message_id,
-                     enqueued_at=envelope.enqueued_at, now=now)
+    step = next_step(policy, properties=envelope.properties, message_id=envelope.message_id, now=now)
     if not isinstance(step, GiveUp):
         return result
     last = result.reason.value if result.reason else "unknown"
@@ -647,7 +645,7 @@ class Pipeline:
             attempt, past_gates = (_attempt(envelope), _past_gates(envelope)) if not self.one_shot \
                 else (LAST_GRACE, LAST_GRACE)
             now = self.clock()
-            waited = now - first_enqueued(envelope.properties, envelope.enqueued_at, now) if not self.one_shot \
+            waited = now - first_tried(envelope.properties, now) if not self.one_shot \
                 else timedelta(days=365)
             opened = gate_opened(envelope.properties, now) if not self.one_shot else None
             decision = resolve(batch.decisions[i], known, self.maps, self.settings, attempt=attempt,
@@ -904,7 +902,9 @@ class Pipeline:
         try:
             await self.ledger.record(envelope, result)
         except WritebackError as exc:
-            if result.state in ("written", "skipped"):
+            # Tried again until its row is kept: a message dead-lettered without one was in the dead-letter queue
+            # with nothing in `logs` about it (found by review); its retry ends the same way, and is recorded.
+            if result.state in ("written", "skipped", "dead-lettered"):
                 return result_for(result.decision, exc.reason, exc.detail, resource=result.resource,
                                   provenance=result.provenance, issues=result.issues,
                                   duration_ms=result.duration_ms)

@@ -5,14 +5,16 @@ FHIR service or Table Storage down, a token endpoint unreachable, a setting wron
 its row's Create) would burn the queue's MaxDeliveryCount in moments and land in the dead-letter queue. Instead
 the function completes the message and schedules a copy of it on the same queue (`ScheduledEnqueueTimeUtc`),
 with a growing delay: `WRITEBACK_RETRY_FIRST_SECONDS`, doubling up to `WRITEBACK_RETRY_MAX_DELAY_SECONDS`,
-until `WRITEBACK_RETRY_WINDOW_HOURS` after the message was first enqueued; then it is dead-lettered as
+until `WRITEBACK_RETRY_WINDOW_HOURS` after the message was first tried; then it is dead-lettered as
 `retries-exhausted` with the last reason in its description.
 
 The copy carries the body, content type and application properties of the original (Dataverse's own, so the
 duplicate check on RequestId keeps working), plus:
 
 - ``writeback-attempt``: how many times the message has been rescheduled (1 on the first copy);
-- ``writeback-first-enqueued``: when the original was first enqueued (ISO 8601, UTC), for the window;
+- ``writeback-first-tried``: when the original was first tried (ISO 8601, UTC), for the window. Counted from the
+  first try, not from the first enqueue: a backlog older than the window (the app stopped over a weekend) would
+  otherwise be dead-lettered at its first transient failure, never retried (found by review);
 - ``writeback-original-message-id``: the MessageId of the message Dataverse posted;
 - ``writeback-consent-waits``: how many of those attempts waited for a patient's consent (`consent-unknown`).
   The short waits that come after a consent gate (for a referenced row's resource, for an earlier save) count
@@ -22,10 +24,11 @@ duplicate check on RequestId keeps working), plus:
   `WRITEBACK_RETRY_MAX_DELAY_SECONDS` apart: the message waits for their resources that long (twice), whatever
   its own, shorter, delays (`facts.resolve`).
 
-Its MessageId is the original's with ``~r<attempt>``: the queue drops a message whose MessageId it saw in its
-duplicate-detection window, so a copy under the original id would be dropped (lost), while a copy under an id
-derived from the attempt makes a crash between "schedule the copy" and "complete the original" harmless: the
-original is redelivered, its copy is scheduled again under the same id, and the queue drops the second one.
+Its MessageId is the original's with ``~r<attempt>`` (after ``~s<epoch seconds>`` for a copy `resubmit` put back,
+``writeback-resubmission``): the queue drops a message whose MessageId it saw in its duplicate-detection window, so
+a copy under the original id would be dropped (lost), while a copy under an id derived from the attempt makes a
+crash between "schedule the copy" and "complete the original" harmless: the original is redelivered, its copy is
+scheduled again under the same id, and the queue drops the second one.
 """
 
 from __future__ import annotations
@@ -41,13 +44,18 @@ from writeback.reasons import Reason
 from writeback.settings import Settings
 
 ATTEMPT = "writeback-attempt"
-FIRST_ENQUEUED = "writeback-first-enqueued"
+FIRST_TRIED = "writeback-first-tried"
 ORIGINAL_ID = "writeback-original-message-id"
 CONSENT_WAITS = "writeback-consent-waits"
 GATE_OPENED = "writeback-gate-opened"
 # On a copy `resubmit` put back from the dead-letter queue: the reason it was dead-lettered. Such a copy starts a new
-# retry window (its attempts and first-enqueued time are not carried over) but is still a message tried before.
+# retry window (its attempts and first-try time are not carried over) but is still a message tried before.
 RESUBMITTED_FROM = "writeback-resubmitted-from"
+# On such a copy, and carried by its retry copies: which resubmission it is (`s<epoch seconds>`), part of their
+# MessageIds. Without it a resubmitted message's first retry copy was `<id>~r1` again, the id of the original's first
+# copy: within the queue's duplicate-detection window the queue dropped it, and the message was lost (found by
+# review).
+RESUBMISSION = "writeback-resubmission"
 MAX_MESSAGE_ID = 128  # Service Bus limit
 
 
@@ -134,12 +142,12 @@ def gate_opened(properties: Mapping[str, Any] | None, now: datetime) -> datetime
     return (_when(raw) if raw is not None else None) or now
 
 
-def first_enqueued(properties: Mapping[str, Any] | None, enqueued_at: float | None, now: datetime) -> datetime:
-    raw = (properties or {}).get(FIRST_ENQUEUED)
+def first_tried(properties: Mapping[str, Any] | None, now: datetime) -> datetime:
+    """When the message was first tried: its retry copies carry it (`FIRST_TRIED`); without it this is its first
+    try (or the broker's redelivery of it, which MaxDeliveryCount bounds), `now`."""
+    raw = (properties or {}).get(FIRST_TRIED)
     if raw is not None and (when := _when(raw)) is not None:
         return when
-    if enqueued_at is not None:
-        return datetime.fromtimestamp(enqueued_at, UTC)
     return now
 
 
@@ -154,22 +162,25 @@ GATE_WAIT = "gate_wait"
 
 
 def next_step(policy: RetryPolicy, *, properties: Mapping[str, Any] | None, message_id: str | None,
-              enqueued_at: float | None, now: datetime, jitter: float = 1.0, reason: Reason | None = None,
-              gate_wait: bool = False) -> Retry | GiveUp:
+              now: datetime, jitter: float = 1.0, reason: Reason | None = None,
+              gate_wait: bool = False, window: bool = True) -> Retry | GiveUp:
     """What happens to a message that ended transient (or in a configuration fault) on this delivery, with
-    `reason` (its reason code). `gate_wait`: it waited for its patient (`GATE_WAIT`), as `consent-unknown` does."""
+    `reason` (its reason code). `gate_wait`: it waited for its patient (`GATE_WAIT`), as `consent-unknown` does.
+    `window`: False where the retry was decided already, inside the window (`pipeline.give_up`) and recorded so: the
+    copy is made, whatever the clock says now, so that the settlement says what the outcome log says."""
     done = attempts_so_far(properties)
-    first = first_enqueued(properties, enqueued_at, now)
+    first = first_tried(properties, now)
     waited = now - first
-    if waited >= policy.window:
+    if window and waited >= policy.window:
         return GiveUp(done, waited)
     attempt = done + 1
     original = original_id(properties, message_id)
-    suffix = f"~r{attempt}"
+    resubmission = (properties or {}).get(RESUBMISSION)
+    suffix = (f"~{text_of(resubmission)}" if resubmission is not None else "") + f"~r{attempt}"
     copy_id = (original[: MAX_MESSAGE_ID - len(suffix)] if original else "writeback") + suffix
-    ours = (ATTEMPT, FIRST_ENQUEUED, ORIGINAL_ID, CONSENT_WAITS, GATE_OPENED)
+    ours = (ATTEMPT, FIRST_TRIED, ORIGINAL_ID, CONSENT_WAITS, GATE_OPENED)
     kept = {text_of(k): v for k, v in (properties or {}).items() if text_of(k) not in ours}
-    props = {**kept, ATTEMPT: attempt, FIRST_ENQUEUED: first.astimezone(UTC).isoformat(), ORIGINAL_ID: original}
+    props = {**kept, ATTEMPT: attempt, FIRST_TRIED: first.astimezone(UTC).isoformat(), ORIGINAL_ID: original}
     waiting = gate_wait or reason is Reason.CONSENT_UNKNOWN
     waits = consent_waits_so_far(properties) + waiting
     if waits:

@@ -8,9 +8,10 @@ from writeback.reasons import Reason
 from writeback.retry import (
     ATTEMPT,
     CONSENT_WAITS,
-    FIRST_ENQUEUED,
+    FIRST_TRIED,
     GATE_OPENED,
     ORIGINAL_ID,
+    RESUBMISSION,
     GiveUp,
     Retry,
     RetryPolicy,
@@ -26,9 +27,8 @@ POLICY = RetryPolicy.of(Settings.from_env({"FHIR_URL": "https://fhir.example.org
 
 
 def step(properties: dict[str, object] | None = None, message_id: str | None = "m-1",
-         enqueued: datetime = NOW, now: datetime = NOW) -> Retry | GiveUp:
-    return next_step(POLICY, properties=properties, message_id=message_id, enqueued_at=enqueued.timestamp(),
-                     now=now)
+         now: datetime = NOW) -> Retry | GiveUp:
+    return next_step(POLICY, properties=properties, message_id=message_id, now=now)
 
 
 def test_delays_double_from_the_first_up_to_the_longest() -> None:
@@ -41,16 +41,15 @@ def test_the_first_retry_is_a_copy_under_an_id_derived_from_the_attempt() -> Non
     assert isinstance(first, Retry)
     assert (first.attempt, first.message_id, first.at) == (1, "m-1~r1", NOW + timedelta(seconds=15))
     assert first.properties == {"http://schemas.microsoft.com/xrm/2011/Claims/User": "u-1", ATTEMPT: 1,
-                                FIRST_ENQUEUED: NOW.isoformat(), ORIGINAL_ID: "m-1"}
+                                FIRST_TRIED: NOW.isoformat(), ORIGINAL_ID: "m-1"}
 
 
-def test_a_copy_counts_on_from_its_properties_and_keeps_the_first_enqueue_time() -> None:
+def test_a_copy_counts_on_from_its_properties_and_keeps_the_first_try_time() -> None:
     later = NOW + timedelta(hours=3)
-    again = step({ATTEMPT: "7", FIRST_ENQUEUED: NOW.isoformat(), ORIGINAL_ID: "m-1"}, message_id="m-1~r7",
-                 enqueued=later, now=later)
+    again = step({ATTEMPT: "7", FIRST_TRIED: NOW.isoformat(), ORIGINAL_ID: "m-1"}, message_id="m-1~r7", now=later)
     assert isinstance(again, Retry)
     assert (again.attempt, again.message_id, again.at) == (8, "m-1~r8", later + timedelta(seconds=900))
-    assert again.properties[FIRST_ENQUEUED] == NOW.isoformat() and again.properties[ORIGINAL_ID] == "m-1"
+    assert again.properties[FIRST_TRIED] == NOW.isoformat() and again.properties[ORIGINAL_ID] == "m-1"
 
 
 def test_a_copy_counts_the_tries_that_waited_for_a_consent_and_only_those() -> None:
@@ -61,7 +60,7 @@ def test_a_copy_counts_the_tries_that_waited_for_a_consent_and_only_those() -> N
     for reason, gate in ((Reason.CONSENT_UNKNOWN, False), (Reason.CONSENT_UNKNOWN, False),
                          (Reason.TARGET_PENDING, False), (Reason.CONSENT_UNKNOWN, False),
                          (Reason.TARGET_PENDING, True)):
-        copy = next_step(POLICY, properties=props, message_id="m-1", enqueued_at=NOW.timestamp(), now=NOW,
+        copy = next_step(POLICY, properties=props, message_id="m-1", now=NOW,
                          reason=reason, gate_wait=gate)
         assert isinstance(copy, Retry)
         props = dict(copy.properties)
@@ -79,7 +78,7 @@ def test_a_copy_says_when_the_message_first_got_past_the_consent_it_waited_for()
     opened = []
     for minute, reason in enumerate((Reason.CONSENT_UNKNOWN, Reason.TARGET_PENDING, Reason.TARGET_PENDING)):
         when = NOW + timedelta(minutes=minute)
-        copy = next_step(POLICY, properties=props, message_id="m-1", enqueued_at=NOW.timestamp(), now=when,
+        copy = next_step(POLICY, properties=props, message_id="m-1", now=when,
                          reason=reason)
         assert isinstance(copy, Retry)
         props = dict(copy.properties)
@@ -97,7 +96,7 @@ def test_the_same_delivery_retried_twice_yields_the_same_copy_id() -> None:
 
 
 def test_past_the_window_it_gives_up_with_the_count_and_the_last_reason() -> None:
-    over = step({ATTEMPT: 30, FIRST_ENQUEUED: NOW.isoformat()}, now=NOW + timedelta(hours=24, seconds=1))
+    over = step({ATTEMPT: 30, FIRST_TRIED: NOW.isoformat()}, now=NOW + timedelta(hours=24, seconds=1))
     assert isinstance(over, GiveUp) and over.attempts == 30
     text = over.description("fhir-unavailable", "POST Patient kept failing (HTTP 503) after 5 tries")
     assert "30 time(s) over 24.0 h" in text and "last reason fhir-unavailable" in text
@@ -106,7 +105,7 @@ def test_past_the_window_it_gives_up_with_the_count_and_the_last_reason() -> Non
 def test_a_two_hour_outage_is_inside_the_window_and_retried_about_every_15_minutes() -> None:
     waited, attempt, when = timedelta(0), 0, NOW
     while waited < timedelta(hours=2):
-        result = step({ATTEMPT: attempt, FIRST_ENQUEUED: NOW.isoformat()}, now=when)
+        result = step({ATTEMPT: attempt, FIRST_TRIED: NOW.isoformat()}, now=when)
         assert isinstance(result, Retry)
         attempt, when = result.attempt, result.at
         waited = when - NOW
@@ -114,7 +113,7 @@ def test_a_two_hour_outage_is_inside_the_window_and_retried_about_every_15_minut
 
 
 def test_unreadable_counters_start_over_rather_than_fail() -> None:
-    result = step({ATTEMPT: "not a number", FIRST_ENQUEUED: "yesterday"})
+    result = step({ATTEMPT: "not a number", FIRST_TRIED: "yesterday"})
     assert isinstance(result, Retry) and result.attempt == 1
 
 
@@ -131,3 +130,14 @@ def test_the_service_bus_message_of_a_copy_is_scheduled_with_its_properties() ->
     assert message.scheduled_enqueue_time_utc == at
     assert b"".join(message.body) == b'{"MessageName": "Create"}'
     assert message.application_properties == {ATTEMPT: 1, ORIGINAL_ID: "m-1"}
+
+
+def test_the_window_counts_from_the_first_try_not_the_first_enqueue() -> None:
+    """A backlog older than the window (the app stopped over a weekend): its first try, however long after its
+    enqueue, starts the window, and a resubmitted message's copies keep their own ids (`RESUBMISSION`)."""
+    first = step(now=NOW + timedelta(hours=30))
+    assert isinstance(first, Retry) and first.properties[FIRST_TRIED] == (NOW + timedelta(hours=30)).isoformat()
+    resubmitted = step({ORIGINAL_ID: "m-1", RESUBMISSION: "s1764489600"}, message_id="m-1~s1764489600")
+    assert isinstance(resubmitted, Retry) and resubmitted.message_id == "m-1~s1764489600~r1"
+    again = step(dict(resubmitted.properties), message_id=resubmitted.message_id)
+    assert isinstance(again, Retry) and again.message_id == "m-1~s1764489600~r2"

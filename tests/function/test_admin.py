@@ -151,33 +151,32 @@ def test_requeued_copy_keeps_ids_and_drops_dead_letter_fields() -> None:
     assert dead.dead_letter_reason == "fhir-rejected"
     copy = cli._requeued(dead)
     assert b"".join(copy.body) == b'{"MessageName": "Create"}'
-    assert str(copy.message_id).startswith("orig-1~s")
+    props = {str(k): v for k, v in (copy.application_properties or {}).items()}
+    assert copy.message_id == f"orig-1~{props.pop('writeback-resubmission')!s}"  # its retry copies' ids carry it too
     assert (copy.correlation_id, copy.content_type) == ("corr-1", "application/json")
-    assert copy.application_properties == {"http://schemas.microsoft.com/xrm/2011/Claims/User": "u",
-                                           "writeback-resubmitted-from": "fhir-rejected",
-                                           "writeback-original-message-id": "orig-1"}
+    assert props == {"http://schemas.microsoft.com/xrm/2011/Claims/User": "u",
+                     "writeback-resubmitted-from": "fhir-rejected", "writeback-original-message-id": "orig-1"}
 
 
 def test_a_resubmitted_copy_gets_a_new_window_of_retries() -> None:
-    """It kept the retry count and first-enqueued time: a message dead-lettered `retries-exhausted` and put back
+    """It kept the retry count and first-try time: a message dead-lettered `retries-exhausted` and put back
     after the outage was fixed was dead-lettered again at its first transient failure. It is still a message tried
     before: an earlier try may owe a Provenance, which only a retry looks for."""
     from datetime import UTC, datetime, timedelta
 
     from writeback.functions import envelope_of
     from writeback.pipeline import _retried
-    from writeback.retry import ATTEMPT, CONSENT_WAITS, FIRST_ENQUEUED, Retry, RetryPolicy, next_step
+    from writeback.retry import ATTEMPT, CONSENT_WAITS, FIRST_TRIED, Retry, RetryPolicy, next_step
 
     now = datetime.now(UTC)
     dead = received_message(b'{"MessageName": "Update"}', message_id="orig-2~r12", application_properties={
         "DeadLetterReason": "retries-exhausted", ATTEMPT: "12", CONSENT_WAITS: "9",
-        FIRST_ENQUEUED: (now - timedelta(hours=25)).isoformat(), "writeback-original-message-id": "orig-2"})
+        FIRST_TRIED: (now - timedelta(hours=25)).isoformat(), "writeback-original-message-id": "orig-2"})
     copy = cli._requeued(dead)
     props = {str(k): str(v) for k, v in (copy.application_properties or {}).items()}
-    assert ATTEMPT not in props and FIRST_ENQUEUED not in props and CONSENT_WAITS not in props
+    assert ATTEMPT not in props and FIRST_TRIED not in props and CONSENT_WAITS not in props
     assert props["writeback-original-message-id"] == "orig-2"
-    step = next_step(RetryPolicy(), properties=props, message_id=str(copy.message_id),
-                     enqueued_at=now.timestamp(), now=now)
+    step = next_step(RetryPolicy(), properties=props, message_id=str(copy.message_id), now=now)
     assert isinstance(step, Retry) and step.attempt == 1
     resubmitted = received_message(b"{}", message_id=str(copy.message_id), application_properties=props)
     assert _retried(envelope_of(resubmitted))

@@ -224,7 +224,7 @@ async def test_past_the_retry_window_it_is_dead_lettered(fake_app: functions.Fun
     fake_factory.delivery.fail = [Reason.FHIR_UNAVAILABLE]
     started = (datetime.now(UTC) - timedelta(hours=24, minutes=1)).isoformat()
     message = received_message(update_body(record, 3), message_id="m~r40", application_properties={
-        "writeback-attempt": 40, "writeback-first-enqueued": started, "writeback-original-message-id": "m"})
+        "writeback-attempt": 40, "writeback-first-tried": started, "writeback-original-message-id": "m"})
     await user_function(messages=[message], message_actions=actions)
     assert (actions.only.kind, actions.only.reason) == ("deadletter", "retries-exhausted")
     assert actions.only.description and "fhir-unavailable" in actions.only.description
@@ -361,4 +361,3 @@ def test_envelope_from_received_message() -> None:
     assert envelope.properties == {CLAIMS + "User": user, "MessageMaxSizeExceeded": "True", "Depth": "1"}
     assert (envelope.content_type, envelope.message_id) == ("application/json", "mid")
     assert envelope.delivery_count == 0  # the extension (1.0.0b2) does not decode the AMQP header
-    assert envelope.enqueued_at is not None

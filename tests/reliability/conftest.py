@@ -122,7 +122,7 @@ class Broker:
             envelope = item.envelope
             self._requeue(Queued(item.seq, Envelope(
                 envelope.body, envelope.properties, envelope.content_type, envelope.message_id,
-                envelope.delivery_count + 1, envelope.enqueued_at), item.row))
+                envelope.delivery_count + 1), item.row))
         if self.after is not None:
             await self.after(item, result)
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -27,7 +26,7 @@ from writeback.fhir_client import FhirClient
 from writeback.maps import MapSet, load_maps
 from writeback.outcomes import OutcomeStore
 from writeback.pipeline import Envelope, Pipeline, Result
-from writeback.retry import CONSENT_WAITS, GATE_OPENED, GATE_WAIT, Retry, RetryPolicy, next_step
+from writeback.retry import CONSENT_WAITS, FIRST_TRIED, GATE_OPENED, GATE_WAIT, Retry, RetryPolicy, next_step
 from writeback.settings import DEFAULT_MAPS_DIR, Settings
 
 META_SOURCE = "urn:test:scenarios"
@@ -73,26 +72,29 @@ class World:
         retry schedule puts it (15 s, doubling up to 15 min): the 10th an hour later, past the consent wait. A
         delivery after one that ended to be retried carries what the function's retry copy would
         (`retry.next_step` over the last delivery and its outcome): how many tries waited for a consent."""
-        enqueued = time.time() - since_first(delivery_count)
         envelopes = [Envelope(s.bytes(), message_id=uuid.uuid4().hex, delivery_count=delivery_count,
-                              enqueued_at=enqueued, properties=self._carried(s, delivery_count)) for s in sent]
+                              properties=self._carried(s, delivery_count)) for s in sent]
         results = await self.instances[instance].pipeline.process_many(envelopes)
         self.results += list(zip(sent, results, strict=True))
         self.last.update({id(s): (s, e, r) for s, e, r in zip(sent, envelopes, results, strict=True)})
         return results
 
     def _carried(self, sent: Sent, delivery_count: int) -> dict[str, Any]:
-        """The retry copy's own properties the delivery count does not stand for already (`CONSENT_WAITS`,
-        `GATE_OPENED`: real time, as the pipeline's clock is)."""
-        last = self.last.get(id(sent))
-        if delivery_count == 1 or last is None or last[0] is not sent or last[2].settlement != "reschedule":
+        """The retry copy's own properties the delivery count does not stand for already: when the first try was
+        (`FIRST_TRIED`, as long before as the retry schedule puts the `delivery_count`-th), `CONSENT_WAITS`,
+        `GATE_OPENED` (real time, as the pipeline's clock is)."""
+        if delivery_count == 1:
             return {}
+        first = {FIRST_TRIED: (datetime.now(UTC) - timedelta(seconds=since_first(delivery_count))).isoformat()}
+        last = self.last.get(id(sent))
+        if last is None or last[0] is not sent or last[2].settlement != "reschedule":
+            return first
         _, envelope, result = last
         step = next_step(RetryPolicy(), properties=envelope.properties, message_id=envelope.message_id,
-                         enqueued_at=envelope.enqueued_at, now=datetime.now(UTC), reason=result.reason,
+                         now=datetime.now(UTC), reason=result.reason,
                          gate_wait=bool(result.decision.extra.get(GATE_WAIT)))
         assert isinstance(step, Retry)
-        return {k: v for k, v in step.properties.items() if k in (CONSENT_WAITS, GATE_OPENED)}
+        return {**first, **{k: v for k, v in step.properties.items() if k in (CONSENT_WAITS, GATE_OPENED)}}
 
     async def send_each(self, *sent: Sent, instance: int = 0) -> list[Result]:
         """One invocation per message, in the order given."""

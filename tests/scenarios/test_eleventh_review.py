@@ -132,13 +132,12 @@ async def test_r2_observation_past_its_gate_by_more_than_twice_the_max_delay_sto
     """O waited for the patient's consent (3 tries), got past it 31 minutes ago and has waited since for its
     Encounter, which was never written (its message dead-lettered). Past 2 x WRITEBACK_RETRY_MAX_DELAY_SECONDS
     (30 min) it is written, the encounter referred to by identifier only."""
-    import time
     import uuid
     from datetime import UTC, datetime, timedelta
 
     from tests.scenarios.checks import OBSERVATION_SYSTEM
     from writeback.pipeline import Envelope
-    from writeback.retry import CONSENT_WAITS, GATE_OPENED
+    from writeback.retry import CONSENT_WAITS, FIRST_TRIED, GATE_OPENED
 
     dv = world.dataverse
     contact, created = dv.patient()
@@ -147,7 +146,8 @@ async def test_r2_observation_past_its_gate_by_more_than_twice_the_max_delay_sto
     assert states(await world.send(created)) == [("written", None)]
     opened = (datetime.now(UTC) - timedelta(minutes=31)).isoformat()
     envelope = Envelope(observed.bytes(), message_id=uuid.uuid4().hex, delivery_count=7,
-                        enqueued_at=time.time() - 3600, properties={CONSENT_WAITS: 3, GATE_OPENED: opened})
+                        properties={CONSENT_WAITS: 3, GATE_OPENED: opened,
+                                    FIRST_TRIED: (datetime.now(UTC) - timedelta(hours=1)).isoformat()})
     [result] = await world.x.pipeline.process_many([envelope])
     assert (result.state, result.reason) == ("written", None), (result.state, result.reason, result.detail)
     observation = the_resource(world.fhir, "Observation", OBSERVATION_SYSTEM, obs)
