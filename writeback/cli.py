@@ -79,6 +79,8 @@ def read_properties(path: str | None) -> dict[str, Any] | None:
         data = json.loads(_read_bytes(path))
     except ValueError:
         raise SystemExit(_fail(f"{path} is not valid JSON")) from None
+    except RecursionError:
+        raise SystemExit(_fail(f"{path} is nested too deeply to read as application properties")) from None
     if not isinstance(data, dict):
         raise SystemExit(_fail(f"{path} must hold a JSON object of application properties"))
     return data

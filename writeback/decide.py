@@ -39,7 +39,7 @@ from writeback.mapping import (
 )
 from writeback.maps import AttributeMap, EntityMap, MapSet
 from writeback.marks import Mark, Version
-from writeback.messages import EntityRef, Message, decode_body, message_of
+from writeback.messages import NIL_GUID, EntityRef, Message, decode_body, message_of
 from writeback.paths import KEEP, Assignment, Field, Index, Select, sole_selectors
 from writeback.reasons import Reason
 from writeback.settings import Settings
@@ -374,6 +374,11 @@ def decide(message: Message, maps: MapSet, settings: Settings) -> Decision:
             return _reject(Reason.PAYLOAD_DROPPED, "Dataverse dropped the payload (MessageMaxSizeExceeded).",
                            message)
         return _reject(Reason.MALFORMED_MESSAGE, f"{message.message_name} has no Target entity.", message)
+    if message.record_id == NIL_GUID:
+        # A row without its id yet (a Create's step registered in PreOperation): written, every such message
+        # would go to one resource, `urn:dataverse:<table>|0000…` (found by a new user's trial).
+        return _reject(Reason.MALFORMED_MESSAGE, f"PrimaryEntityId is the nil GUID: the {message.table} row has no "
+                       "id yet; register the step in PostOperation (docs/deploy.md).", message)
 
     old, new, full = row_state(message)
     if not full and message.message_name != "Create":

@@ -589,6 +589,14 @@ def _compile(file: str, spec: EntityMapSpec, specs: Mapping[str, tuple[str, Enti
         parent_identity = parent[1].identity
         if parent_identity is None:
             raise MapError(file, "expansion.parent_table", "names a table whose map has no identity")
+        parent_resource = parent[1].resource
+        parent_types = {parent_resource} if isinstance(parent_resource, str) else set(parent_resource.values.values())
+        if not types <= parent_types:
+            # Its items are written into the parent row's resource: of another type, none is ever found (every
+            # child row was skipped `no-entity-map` while `plan` said it would be written: found by a new user).
+            raise MapError(file, "resource", f"names {', '.join(sorted(types - parent_types))}, which the map of "
+                           f"{spec.expansion.parent_table} ({parent[0]}) does not produce: "
+                           f"{', '.join(sorted(parent_types))}")
         _compile_path(file, "expansion.element", spec.expansion.element, types)
         expansion = Expansion(spec.expansion.parent_table, spec.expansion.parent_link, spec.expansion.element,
                               spec.expansion.key, parent_identity.identifier_system,

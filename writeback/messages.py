@@ -41,7 +41,7 @@ _AT_BYTE = re.compile(r"\(byte (\d+)\)")
 # MessageName takes the same form: Dataverse's own (Create, Update) and custom API names (`new_MyAction`).
 _LOGICAL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _LOGICAL_FORM = "a logical name (up to 128 ASCII letters, digits and underscores, not starting with a digit)"
-_NIL_GUID = "00000000-0000-0000-0000-000000000000"
+NIL_GUID = "00000000-0000-0000-0000-000000000000"
 _MIME_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,40}/[A-Za-z0-9!#$&^_.+-]{1,40}")
 
 
@@ -337,15 +337,15 @@ def _same_row(entity: Entity | EntityRef, where: str, table: str, record_id: str
     always agree (the four public samples: Target, images and the `<table>id` column). A body that names no row
     (Associate and Disassociate: PrimaryEntityName `none`, the nil GUID, a Target naming one side of the
     relationship) has nothing to disagree with (found by review)."""
-    if table == "none" or record_id == _NIL_GUID:
+    if table == "none" or record_id == NIL_GUID:
         return
     if entity.logical_name.lower() != table:
         raise _fail(f"{where} is a row of {entity.logical_name.lower()}, not of {table} (PrimaryEntityName)")
     # The nil GUID is a row without its id yet (a Create's Target before the platform gives it one): no other row.
-    if entity.id not in (None, _NIL_GUID, record_id):
+    if entity.id not in (None, NIL_GUID, record_id):
         raise _fail(f"{where}.Id {entity.id} is not {record_id} (PrimaryEntityId)")
     key = entity.attributes.get(f"{table}id") if isinstance(entity, Entity) else None
-    if isinstance(key, str) and _CANONICAL_GUID.fullmatch(key) and key.lower() not in (_NIL_GUID, record_id):
+    if isinstance(key, str) and _CANONICAL_GUID.fullmatch(key) and key.lower() not in (NIL_GUID, record_id):
         raise _fail(f"{where}.Attributes[{table}id] {key.lower()} is not {record_id} (PrimaryEntityId)")
 
 

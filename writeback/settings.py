@@ -51,7 +51,8 @@ SETTINGS: tuple[SettingSpec, ...] = (
                 "grpcio (the Service Bus extension needs newer ones than the 3.11/3.12 worker bundles).", "1",
                 host_only=True),
     SettingSpec("AzureWebJobsStorage", "Storage for the Functions runtime (`UseDevelopmentStorage=true` "
-                "with Azurite); in Azure identity-based `AzureWebJobsStorage__accountName`.", host_only=True),
+                "with Azurite); in Azure identity-based `AzureWebJobsStorage__accountName`.", host_only=True,
+                secret=True),  # (a connection string holds the account key)
     # --- Decision ---
     SettingSpec("WRITEBACK_MAPS_DIR", "Folder of entity map files (`*.yaml`). Default: the maps shipped "
                 "in `writeback/maps`."),
@@ -100,7 +101,8 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("WRITEBACK_BUNDLE_SIZE", "Most entries in one FHIR batch bundle.", "50"),
     # --- Telemetry ---
     SettingSpec("APPLICATIONINSIGHTS_CONNECTION_STRING", "Application Insights connection string (the Bicep sets it "
-                "from the component). Empty: no telemetry is exported (locally, in tests).", ""),
+                "from the component). Empty: no telemetry is exported (locally, in tests).", "",
+                secret=True),  # (its key lets anyone send telemetry as this app: not shown, found by a new user)
     SettingSpec("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "`ClientId=<identity>;Authorization=AAD`: telemetry is "
                 "ingested with Microsoft Entra ID as that managed identity. Empty: instrumentation-key ingestion.", ""),
     # --- Retries and the invocation deadline ---
@@ -195,13 +197,14 @@ def _get(env: Mapping[str, str], name: str) -> str:
     return value.strip()
 
 
-def _stand_in(name: str) -> str:
-    """A value of `name` that passes its own check (`Settings.faults`): its default, else one of its kind."""
+def _stand_ins(name: str) -> list[str]:
+    """Values of `name`, in turn, until one passes its own check (`Settings.faults`): its default, one of its kind,
+    and unset (an optional setting with a form of its own, `WRITEBACK_AGENT`, passes only that way)."""
     if name == "OUTCOMES_CONNECTION_STRING":
-        return "UseDevelopmentStorage=true"
-    if default := (SPEC_BY_NAME[name].default if name in SPEC_BY_NAME else None):
-        return default
-    return "https://stand-in.invalid" if "URL" in name or "ENDPOINT" in name else "stand-in"
+        return ["UseDevelopmentStorage=true"]
+    default = SPEC_BY_NAME[name].default if name in SPEC_BY_NAME else None
+    kind = "https://stand-in.invalid" if "URL" in name or "ENDPOINT" in name else "stand-in"
+    return list(dict.fromkeys(v for v in (default, kind, "") if v is not None))
 
 
 @dataclass(frozen=True)
@@ -398,18 +401,23 @@ class Settings:
     def faults(cls, env: Mapping[str, str] | None = None, *, need_outcomes: bool = False) -> list[ConfigError]:
         """Every setting `from_env` refuses, not only the first (what `check-config` reports, so that one round of
         fixes is enough): each one found is given a stand-in that passes its own check and the rest checked again.
-        A setting refused again with its stand-in (a bound that depends on another, also wrong) ends the search."""
+        A setting refused with each of its stand-ins (a bound that depends on another, also wrong) ends the search.
+        (It ended at the first stand-in refused: a wrong WRITEBACK_AGENT hid every setting checked after it, found
+        by a new user's trial.)"""
         trial = dict(os.environ if env is None else env)
         found: list[ConfigError] = []
+        left: dict[str, list[str]] = {}
         while True:
             try:
                 cls.from_env(trial, need_outcomes=need_outcomes)
                 return found
             except ConfigError as exc:
-                if any(f.setting == exc.setting for f in found):
+                if exc.setting not in left:
+                    found.append(exc)
+                    left[exc.setting] = _stand_ins(exc.setting)
+                if not left[exc.setting]:
                     return found
-                found.append(exc)
-                trial[exc.setting] = _stand_in(exc.setting)
+                trial[exc.setting] = left[exc.setting].pop(0)
 
     @classmethod
     def for_retries(cls, env: Mapping[str, str] | None = None) -> Settings:

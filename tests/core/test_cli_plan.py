@@ -193,6 +193,13 @@ def test_properties_file_that_is_not_an_object(tmp_path):
     assert_usage_error(cli(SAMPLES / "01_patient_create.json", "--properties", props), "props.json")
 
 
+def test_properties_file_nested_too_deeply(tmp_path):
+    """A usage error, not a RecursionError traceback (found by a new user's trial)."""
+    props = tmp_path / "props.json"
+    props.write_text("[" * 100_000 + "]" * 100_000)
+    assert_usage_error(cli(SAMPLES / "01_patient_create.json", "--properties", props), "nested too deeply")
+
+
 def test_missing_properties_file(tmp_path):
     assert_usage_error(cli(SAMPLES / "01_patient_create.json", "--properties", tmp_path / "gone.json"), "gone.json")
 

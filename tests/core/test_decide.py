@@ -1166,3 +1166,17 @@ def test_a_column_of_another_json_type_than_its_element_is_an_invalid_resource(t
     assert (d.decision, d.reason) == ("reject", Reason.INVALID_RESOURCE)
     assert detail in d.detail, d.detail
     assert "Married" not in d.detail and "12345" not in d.detail
+
+
+def test_a_row_without_its_id_yet_is_refused_not_written_under_the_nil_guid() -> None:
+    """A Create's step registered in PreOperation posts the nil GUID as PrimaryEntityId (and Target.Id): written,
+    every such message would go to one resource, `urn:dataverse:contact|00000000-…` (found by a new user's trial)."""
+    nil = "00000000-0000-0000-0000-000000000000"
+    body = json.loads(sample("01_patient_create.json"))
+    body["PrimaryEntityId"] = nil
+    for parameter in body["InputParameters"]:
+        if parameter["key"] == "Target":
+            parameter["value"]["Id"] = nil
+    decision = plan(body)
+    assert (decision.decision, decision.reason) == ("reject", Reason.MALFORMED_MESSAGE)
+    assert decision.detail.startswith("PrimaryEntityId is the nil GUID") and "PostOperation" in decision.detail

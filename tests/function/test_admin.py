@@ -325,6 +325,22 @@ def test_check_config_reports_every_bad_setting_at_once(clean_env: pytest.Monkey
     assert "oops" not in out and "4 check(s) failed." in out
 
 
+def test_a_wrong_setting_of_a_form_of_its_own_hides_none_after_it(clean_env: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A wrong WRITEBACK_AGENT (optional, no default) was given a stand-in its own check refused again, and the
+    search ended there: the wrong FHIR_MAX_RETRIES and ignore list after it were never reported (found by a new
+    user's trial)."""
+    clean_env.setenv("FHIR_URL", "https://fhir.contoso.example")
+    clean_env.setenv("OUTCOMES_TABLE_ENDPOINT", "https://acct.table.core.windows.net")
+    clean_env.setenv("WRITEBACK_AGENT", "Practitioner/1")
+    clean_env.setenv("FHIR_MAX_RETRIES", "-1")
+    clean_env.setenv("WRITEBACK_IGNORE_USER_IDS", "bad")
+    assert cli.main(["check-config"]) == cli.EXIT_CHECK_FAILED
+    out = capsys.readouterr().out
+    fails = sorted(line.split()[3] for line in out.splitlines() if line.startswith("  FAIL  settings"))
+    assert fails == ["FHIR_MAX_RETRIES", "WRITEBACK_AGENT", "WRITEBACK_IGNORE_USER_IDS"], out
+
+
 def test_a_bound_that_depends_on_a_wrong_setting_is_reported_once(clean_env: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     clean_env.setenv("FHIR_URL", "https://fhir.contoso.example")

@@ -23,9 +23,9 @@ def test_sample_lists_exactly_the_settings() -> None:
     assert values["FUNCTIONS_WORKER_RUNTIME"] == "python"
     assert values["AzureWebJobsStorage"] == "UseDevelopmentStorage=true"
     assert values["WRITEBACK_QUEUE_NAME"]
-    # no secret is shipped: the one secret-typed value is Azurite's documented development account on loopback
+    # no secret is shipped: the secret-typed values are Azurite's documented development account on loopback
     shipped = [spec.name for spec in SETTINGS if spec.secret and values[spec.name]]
-    assert shipped == ["OUTCOMES_CONNECTION_STRING"]
+    assert shipped == ["AzureWebJobsStorage", "OUTCOMES_CONNECTION_STRING"]
     assert "AccountName=devstoreaccount1;" in values["OUTCOMES_CONNECTION_STRING"]
     assert "TableEndpoint=http://127.0.0.1:10002/" in values["OUTCOMES_CONNECTION_STRING"]
     # what the sample says is valid once the FHIR URL is the real one (its placeholder is refused: a new user's

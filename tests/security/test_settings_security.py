@@ -41,10 +41,12 @@ def test_every_endpoint_setting_is_checked(name: str):
 
 def test_secrets_are_redacted_in_redacted_and_in_repr():
     secrets = [s.name for s in SETTINGS if s.secret]
-    assert {"FHIR_CLIENT_SECRET", "ALTERNATE_CLIENT_SECRET", "OUTCOMES_CONNECTION_STRING"} <= set(secrets)
+    assert {"FHIR_CLIENT_SECRET", "ALTERNATE_CLIENT_SECRET", "OUTCOMES_CONNECTION_STRING", "AzureWebJobsStorage",
+            "APPLICATIONINSIGHTS_CONNECTION_STRING"} <= set(secrets)
     env = {**BASE, "FHIR_TOKEN_URL": "https://login.example.org/t", "FHIR_CLIENT_ID": "c",
            "FHIR_CLIENT_SECRET": SECRET, "OUTCOMES_CONNECTION_STRING": f"AccountName=a;AccountKey={SECRET};",
-           "ALTERNATE_CLIENT_SECRET": SECRET}
+           "ALTERNATE_CLIENT_SECRET": SECRET, "AzureWebJobsStorage": f"AccountName=a;AccountKey={SECRET};",
+           "APPLICATIONINSIGHTS_CONNECTION_STRING": f"InstrumentationKey={SECRET};IngestionEndpoint=https://x/"}
     shown = redacted(env)
     assert all(shown[name] == "***redacted***" for name in secrets)
     assert SECRET not in repr(shown)
