@@ -299,12 +299,14 @@ def _check_elements(file: str, where: str, path: ElementPath, resource_types: fr
         model: Any = getattr(importlib.import_module(f"fhir.resources.R4B.{resource_type.lower()}"), resource_type)
         extra: Mapping[str, Any] = {}
         named = resource_type
+        repeats = True  # (whether the element just named is a list: what an item's position or selector needs)
         for n, seg in enumerate(path):
             if isinstance(seg, PathField):
                 found = _element(model, seg.name) if model is not None else None
                 if found is None:
                     raise MapError(file, where, f"{named} has no element {seg.name!r}")
                 at = n + 1
+                repeats = _repeats(model, seg.name) or (item_of_first and n == 0)
                 if _repeats(model, seg.name) and not (item_of_first and n == 0) and (
                         at == len(path) or isinstance(path[at], PathField)):
                     fixed = format_path((*path[:at], Index(0), *path[at:]))
@@ -312,13 +314,24 @@ def _check_elements(file: str, where: str, path: ElementPath, resource_types: fr
                                    f"name one, e.g. {fixed}")
                 model, extra = found
                 named = f"{named}.{seg.name}"
+            elif not repeats and isinstance(seg, Index | Select):
+                # (its value, written where a list goes, was refused by every message's validation, naming the
+                # pydantic error only: `string_type`; found by a new user's trial)
+                fixed = format_path((*path[:n], *path[n + 1:]))
+                raise MapError(file, where, f"names an item of {named}, which holds one value, not a list: "
+                               f"name it without one, {fixed}")
             elif isinstance(seg, Index) and seg.position > MAX_POSITION:
                 raise MapError(file, where, f"names position {seg.position} of {named}; a map names positions 0 to "
                                f"{MAX_POSITION} (one column each, written as the list's leading items)")
             elif isinstance(seg, Select) and model is not None:
-                for key, _ in seg.match:
-                    if _element(model, key) is None:
+                for key, value in seg.match:
+                    if (element := _element(model, key)) is None:
                         raise MapError(file, where, f"{named} has no element {key!r} to select by")
+                    allowed = closed_codes(element[1])
+                    if allowed and value not in allowed:
+                        # (a selector's code is written on the item it makes: the server would refuse every one)
+                        raise MapError(file, where, f"selects {named} by {key} {value!r}, not a code of its required "
+                                       f"value set ({', '.join(sorted(allowed))})")
         codes.update(closed_codes(extra) or ())
     return frozenset(codes)
 
@@ -367,9 +380,15 @@ def _check_type(file: str, where: str, path: ElementPath, resource_types: frozen
                 if info is None:
                     return
                 annotation, model = info.annotation, _model_in(info.annotation)
+        if model is not None and annotation is not None:
+            # A structure (a Coding, a Period, a Reference): a column's value written as all of it was refused by
+            # every message's validation ("not a JSON object"; found by a new user's trial).
+            raise MapError(file, f"{where}.type", f"is {kind!r}, but {resource_type}'s element there is a FHIR "
+                           f"{getattr(model, '__name__', 'structure')}, a structure: name the part of it the column "
+                           "goes to")
         primitive = _primitive(annotation) if model is None else None
         if primitive is None:
-            continue  # a complex element (its parts are checked by validation), or the path ends in a selector
+            continue
         fits = (primitive in _FITS[kind] if kind in _FITS else primitive not in _NOT_TEXT) \
             and kind not in _WRONG_FORMAT.get(primitive, ())
         if not fits:
@@ -551,6 +570,9 @@ def _read_spec(path: Path) -> EntityMapSpec:
         # `resource: str | ResourceChoice`: for a mapping, the str branch's "valid string" hides the real fault.
         first = next((e for e in errors if not (e.get("type") == "string_type" and isinstance(e.get("input"), dict))),
                      errors[0])
+        # A misspelt key (`resourc:`) is also a required one missing: the key given, with its hint, says more than
+        # "`resource` Field required" (found by a new user's trial).
+        first = next((e for e in errors if e.get("type") == "extra_forbidden"), first)
         where, problem = _format_error(first)
         raise MapError(file, where, problem) from None
 

@@ -221,6 +221,16 @@ START = "{column: msemr_encounterstartdate, target: period.start, type: dateTime
                  "resource.values.doctor", ["'doctor'", "integer"], id="choice-key-no-row-sends"),
     pytest.param(ENC, edit(ENC, "writeback: true", 'writeback: "yes"'), "writeback", ["true or false"],
                  id="writeback-text-not-a-boolean"),
+    # Found trying the product as a new user: each loaded, and every message of the table was then refused by
+    # validation ("not a JSON object", `string_type`) or by the server (a selector's misspelt code).
+    pytest.param(ENC, edit(ENC, 'target: "identifier[use?=usual].value", type: string', "target: class, type: code"),
+                 "attributes[6].type", ["'code'", "FHIR Coding, a structure"], id="primitive-type-onto-a-structure"),
+    pytest.param("contact.yaml", edit("contact.yaml", 'address[use?=home].city"', 'address[use?=home].city[0]"'),
+                 "attributes[", ["Patient.address.city, which holds one value", "address[use?=home].city"],
+                 id="position-of-a-single-value"),
+    pytest.param("contact.yaml", edit("contact.yaml", "telecom[system=email]", "telecom[system=emial]"),
+                 "attributes[", ["'emial'", "not a code of its required value set", "email, fax"],
+                 id="selector-code-outside-its-value-set"),
     # Found trying the product as a new user: `plan` said each identifier would be written, the function skipped
     # every one `no-entity-map` (no Encounter is the contact's).
     pytest.param("msemr_medicalidentifier.yaml", edit("msemr_medicalidentifier.yaml", "resource: Patient",
@@ -232,6 +242,8 @@ START = "{column: msemr_encounterstartdate, target: period.start, type: dateTime
     pytest.param("contact.yaml", edit("contact.yaml", "{column: birthdate, target: birthDate",
                                       "{colum: birthdate, target: birthDate"),
                  "attributes[3].colum", ["not a key", "did you mean `column`"], id="misspelt-key"),
+    pytest.param(ENC, edit(ENC, "resource: Encounter", "resourc: Encounter"), "resourc",
+                 ["did you mean `resource`"], id="misspelt-required-key"),
 ])
 def test_bad_map_names_file_and_field(tmp_path, file, text, field, words):
     error = load_error(maps_dir(tmp_path, {file: text}))
