@@ -783,8 +783,11 @@ def load_maps(directory: Path) -> MapSet:
         if spec.table != path.stem:
             # A table name mistyped in either place would leave that table's messages `no-entity-map` (skipped):
             # the two must agree.
+            # (`table: Contact` or `table: contact.orig` is no table name: only renaming the file can fix that)
+            other = f", or `table: {path.stem}`" if _LOGICAL.fullmatch(path.stem) else (
+                "; a file here that is not a map (a backup) must not be named *.yaml or *.yml")
             raise MapError(path.name, "table", f"is {spec.table!r}, but a map's file is named for its table: "
-                           f"{spec.table}.yaml, or `table: {path.stem}`")
+                           f"{spec.table}.yaml{other}")
         if spec.table in specs:
             raise MapError(path.name, "table", f"{spec.table!r} is already mapped by {specs[spec.table][0]}")
         specs[spec.table] = (path.name, spec)

@@ -345,6 +345,14 @@ def test_a_map_whose_table_is_not_its_file_name_is_refused(tmp_path):
     assert "contacts.yaml" in str(error) and "table: contact`" in str(error)
 
 
+def test_a_backup_of_a_map_is_not_told_to_name_a_table_no_table_has(tmp_path):
+    """`contact.orig.yaml` beside contact.yaml: the hint was `table: contact.orig`, no table's name (found by a new
+    user's trial); a file that is no map must not be named *.yaml."""
+    error = load_error(maps_dir(tmp_path, {"contact.orig.yaml": SHIPPED["contact.yaml"]}))
+    assert (error.file, error.field) == ("contact.orig.yaml", "table")
+    assert "table: contact.orig" not in str(error) and "must not be named *.yaml" in str(error)
+
+
 def test_a_maps_folder_that_is_a_file_says_so(tmp_path):
     error = load_error(maps_dir(tmp_path) / "contact.yaml")
     assert error.field == "(folder)" and "is not a folder" in str(error)
