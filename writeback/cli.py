@@ -30,7 +30,7 @@ from writeback.dataverse_metadata import MetadataError, problems, read_metadata
 from writeback.decide import plan_message
 from writeback.errors import ConfigError, WritebackError
 from writeback.fhir_client import build_delivery, encode
-from writeback.maps import MapSet, load_maps
+from writeback.maps import MapSet, load_maps, map_faults
 from writeback.outcomes import OutcomeRow, OutcomeStore, outcome_settings
 from writeback.pipeline import Envelope, Pipeline
 from writeback.reasons import Reason
@@ -349,8 +349,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         loaded = load_maps(Path(where) if where else DEFAULT_MAPS_DIR)
         report(True, "entity maps", f"{len(loaded.maps)} map(s) in {loaded.source}: {', '.join(sorted(loaded.maps))}")
         maps = loaded
-    except WritebackError as exc:
-        report(False, "entity maps", exc.detail)
+    except WritebackError:
+        for map_fault in map_faults(Path(where) if where else DEFAULT_MAPS_DIR):
+            report(False, "entity maps", map_fault.detail)
     if args.dataverse_metadata:
         _check_columns(args.dataverse_metadata, maps, settings, report)
     if args.connect:

@@ -780,18 +780,51 @@ def load_maps(directory: Path) -> MapSet:
     specs: dict[str, tuple[str, EntityMapSpec]] = {}
     for path in sorted(directory.glob("*.y*ml")):
         spec = _read_spec(path)
-        if spec.table != path.stem:
-            # A table name mistyped in either place would leave that table's messages `no-entity-map` (skipped):
-            # the two must agree.
-            # (`table: Contact` or `table: contact.orig` is no table name: only renaming the file can fix that)
-            other = f", or `table: {path.stem}`" if _LOGICAL.fullmatch(path.stem) else (
-                "; a file here that is not a map (a backup) must not be named *.yaml or *.yml")
-            raise MapError(path.name, "table", f"is {spec.table!r}, but a map's file is named for its table: "
-                           f"{spec.table}.yaml{other}")
-        if spec.table in specs:
-            raise MapError(path.name, "table", f"{spec.table!r} is already mapped by {specs[spec.table][0]}")
+        _check_file_name(path, spec, specs)
         specs[spec.table] = (path.name, spec)
     if not specs:
         raise MapError(str(directory), "(folder)", "holds no *.yaml (or *.yml) entity maps")
     compiled = {table: _compile(file, spec, specs) for table, (file, spec) in specs.items()}
     return MapSet(compiled, str(directory))
+
+
+def map_faults(directory: Path) -> list[MapError]:
+    """What `load_maps` refuses, each map file's first fault, not only the first file's (`check-config`: one round of
+    fixes, found by a new user's trial). A file's references to others (its parent, its lookups' types) are checked
+    only once every file reads: against a map that does not read, they would fail for that map's fault."""
+    try:
+        load_maps(directory)
+        return []
+    except MapError as exc:
+        first = exc
+    if not directory.is_dir():
+        return [first]
+    faults: list[MapError] = []
+    specs: dict[str, tuple[str, EntityMapSpec]] = {}
+    for path in sorted(directory.glob("*.y*ml")):
+        try:
+            spec = _read_spec(path)
+            _check_file_name(path, spec, specs)
+        except MapError as exc:
+            faults.append(exc)
+            continue
+        specs[spec.table] = (path.name, spec)
+    if not faults:
+        for file, spec in specs.values():
+            try:
+                _compile(file, spec, specs)
+            except MapError as exc:
+                faults.append(exc)
+    return faults or [first]
+
+
+def _check_file_name(path: Path, spec: EntityMapSpec, specs: Mapping[str, tuple[str, EntityMapSpec]]) -> None:
+    if spec.table != path.stem:
+        # A table name mistyped in either place would leave that table's messages `no-entity-map` (skipped): the
+        # two must agree. (`table: Contact` or `table: contact.orig` is no table name: only renaming fixes that.)
+        other = f", or `table: {path.stem}`" if _LOGICAL.fullmatch(path.stem) else (
+            "; a file here that is not a map (a backup) must not be named *.yaml or *.yml")
+        raise MapError(path.name, "table", f"is {spec.table!r}, but a map's file is named for its table: "
+                       f"{spec.table}.yaml{other}")
+    if spec.table in specs:
+        raise MapError(path.name, "table", f"{spec.table!r} is already mapped by {specs[spec.table][0]}")

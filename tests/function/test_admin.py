@@ -15,6 +15,7 @@ from tests.core.test_dataverse_metadata import METADATA
 from tests.core.test_maps import edit, maps_dir
 from tests.function.sb import received_message
 from writeback import cli
+from writeback.maps import map_faults
 
 
 def test_check_config_offline(live_env: FhirDevServer, capsys: pytest.CaptureFixture[str]) -> None:
@@ -339,6 +340,28 @@ def test_a_wrong_setting_of_a_form_of_its_own_hides_none_after_it(clean_env: pyt
     out = capsys.readouterr().out
     fails = sorted(line.split()[3] for line in out.splitlines() if line.startswith("  FAIL  settings"))
     assert fails == ["FHIR_MAX_RETRIES", "WRITEBACK_AGENT", "WRITEBACK_IGNORE_USER_IDS"], out
+
+
+def test_check_config_reports_each_broken_map_at_once(clean_env: pytest.MonkeyPatch, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """It said only the first broken file: a new user with three fixed one, ran it again, and met the next. Files
+    that read are checked against each other too (a lookup's type, a child's parent) when all of them read."""
+    clean_env.setenv("FHIR_URL", "https://fhir.contoso.example")
+    clean_env.setenv("OUTCOMES_TABLE_ENDPOINT", "https://acct.table.core.windows.net")
+    enc = "msemr_encounter.yaml"
+    folder = maps_dir(tmp_path, {
+        "contact.yaml": edit("contact.yaml", "{column: birthdate,", "{colum: birthdate,"),
+        enc: edit(enc, "resource: Encounter", "resourc: Encounter"),
+        "msemr_observation.yaml": edit("msemr_observation.yaml", "writeback: true", 'writeback: "yes"')})
+    assert cli.main(["check-config", "--maps", str(folder)]) == cli.EXIT_CHECK_FAILED
+    fails = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  FAIL  entity maps")]
+    assert [line.split()[5] for line in fails] == ["contact.yaml:", f"{enc}:", "msemr_observation.yaml:"], fails
+    (tmp_path / "all-read").mkdir()
+    folder = maps_dir(tmp_path / "all-read", {
+        enc: edit(enc, "    target: status\n", "    target: statuz\n"),
+        "msemr_medicalidentifier.yaml": edit("msemr_medicalidentifier.yaml", "resource: Patient",
+                                             "resource: Encounter")})
+    assert [e.file for e in map_faults(folder)] == [enc, "msemr_medicalidentifier.yaml"]
 
 
 def test_a_bound_that_depends_on_a_wrong_setting_is_reported_once(clean_env: pytest.MonkeyPatch,
