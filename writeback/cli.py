@@ -200,6 +200,9 @@ def format_logs(rows: Sequence[OutcomeRow]) -> str:
             # What an administrator acts on, whole, and the message it is about (to find it in the dead-letter
             # queue, or resubmit it): the table's cell is cut.
             lines.append(f"    ↳ message {row.message_id or '-'}: {row.detail or '-'}")
+        elif row.status == "written" and len(row.resource or "") > 60:
+            # (a versioned reference cut in its version id names no version: found by a new user's trial)
+            lines.append(f"    ↳ resource {row.resource}")
         for issue in row.issues:
             where = f" at {issue.expression}" if issue.expression else ""
             lines.append(f"    ↳ {issue.severity} {issue.code}{where}: {_cell(issue.details, 120)}")

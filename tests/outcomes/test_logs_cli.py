@@ -127,3 +127,17 @@ def test_logs_refuses_what_could_only_show_nothing(args: list[str], capsys: pyte
         code = int(exited.code or 0)
     err = capsys.readouterr().err
     assert code == 2 and args[0] in err and "Traceback" not in err
+
+
+def test_a_written_rows_long_reference_is_shown_whole() -> None:
+    """An Observation's versioned reference is longer than the table's cell: cut, it named no version (found by a new
+    user's trial); it follows on a line of its own."""
+    from datetime import UTC, datetime
+
+    from writeback.outcomes import OutcomeRow
+
+    reference = f"Observation/{new_id()}/_history/123"
+    row = OutcomeRow("rk", datetime.now(UTC), "written", "written", None, "", "complete", "msemr_observation", new_id(),
+                     "Update", "m-1", None, None, "update", reference, None, 1, 12.0, 0)
+    lines = cli.format_logs([row]).splitlines()
+    assert reference not in lines[1] and lines[2] == f"    ↳ resource {reference}"
