@@ -338,19 +338,25 @@ class FunctionApp:
                 self._unexpected(settler, index, Envelope(b""), exc)
         retry_settings, _, _ = self.retry_side()
         retrying: list[_Retrying] = []
+        fault: tuple[WritebackError, Reason] | None = None
         try:
             if readable:
                 try:
                     runtime = await self.runtime()
                 except WritebackError as exc:  # ConfigError / MapError: keep the messages, say what to fix
                     reason = exc.reason if exc.reason.kind == Kind.CONFIG else Reason.CONFIG_ERROR
-                    self._log_config_fault(list(readable.values()), exc, reason, started)
+                    fault = exc, reason
                     faults = await self._record_faults(readable, exc, reason, retry_settings, started)
                     retrying = [_Retrying(i, e, reason, exc.detail, faults[i], quiet=True, decided=True)
                                 for i, e in readable.items()]
                 else:
                     retrying = await self._process(runtime, readable, settler, results)
-            await self._reschedule(retrying, settler, retry_settings)
+            scheduled = await self._reschedule(retrying, settler, retry_settings)
+            if fault is not None:
+                # Once the copies are scheduled or not: the record says what became of the messages (it said
+                # `reschedule` of messages then abandoned, the only trace of a fault in OUTCOMES_*: found by review)
+                self._log_config_fault(list(readable.values()), *fault, started,
+                                       "reschedule" if scheduled else "abandon")
         except Exception as exc:  # a bug, not a message fault: keep what is unsettled (abandon), never lose it
             for index in settler.unsettled():
                 self._unexpected(settler, index, readable.get(index, Envelope(b"")), exc)
@@ -396,11 +402,12 @@ class FunctionApp:
                     retrying.append(_Retrying(index, envelopes[position], Reason.DEADLINE_REACHED, detail, result))
         return retrying
 
-    async def _reschedule(self, retrying: list[_Retrying], settler: _Settler, settings: Settings) -> None:
+    async def _reschedule(self, retrying: list[_Retrying], settler: _Settler, settings: Settings) -> bool:
         """Schedule a delayed copy of each message and complete it; past the retry window, dead-letter it.
-        Copies go out before the originals are completed: a crash in between duplicates, never loses."""
+        Copies go out before the originals are completed: a crash in between duplicates, never loses. Returns
+        whether the copies (if any) were scheduled: False when they were abandoned instead."""
         if not retrying:
-            return
+            return True
         _, scheduler, why_not = self.retry_side()
         policy = RetryPolicy.of(settings)
         now, jitter = self._clock(), batch_jitter()
@@ -424,7 +431,7 @@ class FunctionApp:
             copies.append((item, Copy(body.encode() if isinstance(body, str) else body, step.message_id, step.at,
                                       item.envelope.content_type, item.envelope.correlation_id, step.properties)))
         if not copies:
-            return
+            return True
         kind = "abandon"
         if scheduler is None:
             log.error("writeback retries cannot be scheduled (%s): %d message(s) abandoned, Service Bus redelivers "
@@ -445,6 +452,7 @@ class FunctionApp:
             settler.settle(item.index, kind, None, _logger(item.envelope, item.result, item.detail,
                                                            rescheduled=kind == "complete", **more)
                            if item.result and not item.quiet else None)
+        return kind == "complete"
 
     async def _record_faults(self, readable: Mapping[int, Envelope], exc: WritebackError, reason: Reason,
                              settings: Settings, started: float) -> dict[int, Result]:
@@ -488,16 +496,18 @@ class FunctionApp:
         return self._faults[0]
 
     def _log_config_fault(self, envelopes: list[Envelope], exc: WritebackError, reason: Reason,
-                          started: float) -> None:
-        """One error for the whole batch, since every message failed for the same reason."""
+                          started: float, settlement: str) -> None:
+        """One error for the whole batch, since every message failed for the same reason: one per
+        MESSAGE_IDS_CHARS of its MessageIds, which Application Insights would cut (a value of a custom dimension
+        ends at 8,192 characters: 300 GUIDs lost the last 78, found by review)."""
         elapsed = round((time.perf_counter() - started) * 1000, 2)
-        settlement = "reschedule" if self.retry_side()[1] is not None else "abandon"
-        dims = dimensions(envelopes[0], None, settlement, reason=reason.value, duration_ms=elapsed,
-                          messages=len(envelopes))
-        if len(envelopes) > 1:
-            dims["message_id"] = ""
-            dims["message_ids"] = ",".join(envelope.message_id or "" for envelope in envelopes)
-        _log_outcome(dims, exc.detail)
+        for group in _message_id_groups(envelopes):
+            dims = dimensions(group[0], None, settlement, reason=reason.value, duration_ms=elapsed,
+                              messages=len(group))
+            if len(envelopes) > 1:
+                dims["message_id"] = ""
+                dims["message_ids"] = ",".join(envelope.message_id or "" for envelope in group)
+            _log_outcome(dims, exc.detail)
 
     def _unexpected(self, settler: _Settler, index: int, envelope: Envelope, exc: BaseException) -> None:
         where = _where(exc)
@@ -511,14 +521,31 @@ class FunctionApp:
         settler.settle(index, "abandon", None, report)
 
 
+MESSAGE_IDS_CHARS = 8000  # of a record's `message_ids` (Application Insights keeps 8,192 characters of a value)
+
+
+def _message_id_groups(envelopes: list[Envelope]) -> list[list[Envelope]]:
+    groups: list[list[Envelope]] = [[]]
+    size = 0
+    for envelope in envelopes:
+        length = len(envelope.message_id or "") + 1
+        if groups[-1] and size + length > MESSAGE_IDS_CHARS:
+            groups.append([])
+            size = 0
+        groups[-1].append(envelope)
+        size += length
+    return groups
+
+
 def _logger(envelope: Envelope, result: Result, detail: str, *, rescheduled: bool = False,
             **more: Any) -> Callable[[str], None]:
     """Logs a message's outcome record once its settlement call has returned. A message completed because its
     delayed copy was scheduled is `reschedule`, as its outcome row says (as `complete` its record read as a
     message abandoned: found by an administrator's trial)."""
     def log_it(settled: str) -> None:
-        _log_outcome(dimensions(envelope, result, "reschedule" if rescheduled and settled == "complete" else settled,
-                                **more), detail)
+        shown = settled.replace("complete", "reschedule", 1) if rescheduled and settled.startswith("complete") \
+            else settled  # (`complete-failed` too: it is the rescheduled message's completion that failed)
+        _log_outcome(dimensions(envelope, result, shown, **more), detail)
     return log_it
 
 

@@ -158,15 +158,19 @@ def sdk_logger_provider_installed() -> bool:
 
 
 def parse_authentication_string(value: str) -> dict[str, str]:
-    """`ClientId=<guid>;Authorization=AAD` → {"clientid": "<guid>", "authorization": "AAD"} (keys lower-cased)."""
+    """`ClientId=<guid>;Authorization=AAD` → {"clientid": "<guid>", "authorization": "AAD"} (keys lower-cased),
+    read as the exporter reads it (azure-monitor-opentelemetry-exporter `_get_authentication_credential`, which the
+    Functions worker's own set-up uses in Azure): `;`-separated `key=value` items, one `=` each, no empty item, no
+    space around; values as they are. A string read more leniently here (`Authorization=aad`, a trailing `;`) passed
+    `check-config` and gave the exporter no credential: with local authentication off, nothing was ingested and no
+    alert fired (found by review)."""
     parts: dict[str, str] = {}
     for item in value.split(";"):
-        if not item.strip():
-            continue
         key, sep, val = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"{AUTHENTICATION_STRING} must be `Key=Value` pairs separated by `;`")
-        parts[key.strip().lower()] = val.strip()
+        if not sep or "=" in val or not key or key != key.strip() or val != val.strip():
+            raise ValueError(f"{AUTHENTICATION_STRING} must be `Key=Value` pairs separated by `;`, with no empty "
+                             "item and no spaces (the exporter reads no other form)")
+        parts[key.lower()] = val
     return parts
 
 
@@ -178,7 +182,7 @@ def settings_problem(env: Mapping[str, str]) -> str | None:
     no outcome record, so no alert, would reach Application Insights), for `check-config`; None when nothing does.
     Values are never quoted: the connection string holds a key."""
     connection = (env.get(CONNECTION_STRING) or "").strip()
-    authentication = (env.get(AUTHENTICATION_STRING) or "").strip()
+    authentication = env.get(AUTHENTICATION_STRING) or ""
     if connection:
         keys = {part.split("=", 1)[0].strip().lower() for part in connection.split(";") if "=" in part}
         if "instrumentationkey" not in keys:
@@ -188,9 +192,9 @@ def settings_problem(env: Mapping[str, str]) -> str | None:
             parts = parse_authentication_string(authentication)
         except ValueError as exc:
             return str(exc)
-        if parts.get("authorization", "").upper() != "AAD" or set(parts) - {"authorization", "clientid"}:
-            return f"{AUTHENTICATION_STRING} must be `Authorization=AAD`, with `ClientId=<identity's client id>` " \
-                   "for a user-assigned identity"
+        if parts.get("authorization") != "AAD" or set(parts) - {"authorization", "clientid"}:
+            return f"{AUTHENTICATION_STRING} must be `Authorization=AAD` (so written), with " \
+                   "`ClientId=<identity's client id>` for a user-assigned identity"
         if "clientid" in parts and not _GUID.fullmatch(parts["clientid"]):
             return f"{AUTHENTICATION_STRING}: ClientId must be the identity's client id (a GUID)"
     return None
@@ -200,8 +204,8 @@ def credential_from(authentication_string: str) -> Any:
     """The Entra ID credential APPLICATIONINSIGHTS_AUTHENTICATION_STRING asks for: a ManagedIdentityCredential
     (of the user-assigned identity in ClientId, else the system-assigned one) for `Authorization=AAD`; None
     otherwise (instrumentation-key ingestion)."""
-    parts = parse_authentication_string(authentication_string)
-    if parts.get("authorization", "").upper() != "AAD":
+    parts = parse_authentication_string(authentication_string) if authentication_string else {}
+    if parts.get("authorization") != "AAD":
         return None
     from azure.identity import ManagedIdentityCredential  # noqa: PLC0415 - only with telemetry on
 

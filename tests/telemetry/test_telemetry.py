@@ -100,7 +100,11 @@ def test_instrumentation_key_ingestion_without_an_entra_authentication_string(fr
 def test_entra_authentication_strings_give_managed_identity_credentials() -> None:
     assert isinstance(telemetry.credential_from(f"ClientId={CLIENT_ID};Authorization=AAD"), ManagedIdentityCredential)
     assert isinstance(telemetry.credential_from("Authorization=AAD"), ManagedIdentityCredential)  # system-assigned
-    assert isinstance(telemetry.credential_from("authorization=aad; clientid=" + CLIENT_ID), ManagedIdentityCredential)
+    assert isinstance(telemetry.credential_from("authorization=AAD;clientid=" + CLIENT_ID), ManagedIdentityCredential)
+    # What the exporter the worker sets up reads no credential from either (test_review_ops_docs)
+    assert telemetry.credential_from("authorization=aad;clientid=" + CLIENT_ID) is None
+    with pytest.raises(ValueError, match="no spaces"):
+        telemetry.credential_from(f"ClientId={CLIENT_ID}; Authorization=AAD")
     assert telemetry.credential_from("") is None
     assert telemetry.credential_from("Authorization=ikey") is None
 
