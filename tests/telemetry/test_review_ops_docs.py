@@ -19,10 +19,8 @@ import pytest
 from azure.monitor.opentelemetry.exporter._generated.exporter._utils.model_base import SdkJSONEncoder
 from azure.monitor.opentelemetry.exporter.export._base import _get_authentication_credential
 from azure.monitor.opentelemetry.exporter.export.logs._exporter import _convert_log_to_envelope
-from opentelemetry.instrumentation.logging.handler import LoggingHandler
-from opentelemetry.sdk._logs import LoggerProvider
-from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
 
+from tests.telemetry.conftest import OtelLogs
 from writeback import functions, telemetry
 from writeback.decide import Decision
 from writeback.errors import WritebackError
@@ -127,32 +125,21 @@ def test_a_rescheduled_message_whose_completion_failed_says_reschedule_failed(
     assert record.__dict__["settlement"] == "reschedule-failed", record.__dict__["settlement"]
 
 
-async def test_a_large_batchs_message_ids_reach_application_insights_whole() -> None:
+async def test_a_large_batchs_message_ids_reach_application_insights_whole(otel_logs: OtelLogs) -> None:
     """docs/operations.md §6: the batch's config-error record carries `message_ids` (comma-separated) among its
     customDimensions. The exporter cuts every property value to 8,192 characters (exporter/_utils.py
     `_filter_custom_properties`); Bicep `maxMessageBatchSize` allows 1,000 messages an invocation, and 300
     Dataverse MessageIds (GUIDs) already exceed it. Failed: the ids after the cut were missing."""
     ids = [str(uuid.uuid4()) for _ in range(300)]
-    provider = LoggerProvider()
-    exporter = InMemoryLogRecordExporter()  # type: ignore[no-untyped-call]
-    provider.add_log_record_processor(SimpleLogRecordProcessor(exporter))
-    handler = LoggingHandler(logger_provider=provider)
-    logger = logging.getLogger("writeback")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
     app = functions.FunctionApp(env={}, scheduler_factory=lambda settings: _FailingScheduler())
     try:
         app._log_config_fault([Envelope(b"{}", message_id=i) for i in ids],
                               WritebackError(Reason.CONFIG_ERROR, "setting FHIR_URL is not set"),
                               Reason.CONFIG_ERROR, time.perf_counter(), "reschedule")
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
         await app.aclose()
     sent = [json.loads(json.dumps(_convert_log_to_envelope(r), cls=SdkJSONEncoder))["data"]["baseData"]["properties"]
-            for r in exporter.get_finished_logs()
-            if r.instrumentation_scope is not None and r.instrumentation_scope.name == "writeback.function"]
+            for r in otel_logs.records()]
     # (as many records as the ids need, each whole: `messages` of all of them adds up to the batch)
     assert sum(int(properties["messages"]) for properties in sent) == 300
     arrived = [i for properties in sent for i in properties["message_ids"].split(",")]
