@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from writeback.converge import Converged, Edit, ItemEdit, Release, RemoveItem, RowEdit, comparable, converge
-from writeback.decide import Target, WritePlan, resource_id
+from writeback.decide import Target, WritePlan, identifier_search, resource_id
 from writeback.errors import NotApplied, WritebackError
 from writeback.fhir_client import (
     BACKOFF_BASE_SECONDS,
@@ -783,7 +783,7 @@ def _read_entry(target: Target) -> dict[str, Any]:
 
 def _search_entry(ref: RowRef) -> dict[str, Any]:
     return {"request": {"method": "GET",
-                        "url": f"{ref.resource_type}?identifier={ref.system}|{ref.row_id}&_count=2"}}
+                        "url": f"{ref.resource_type}?{identifier_search(ref.system, ref.row_id)}&_count=2"}}
 
 
 def _found_id(ref: RowRef, answer: Answer) -> str | None:

@@ -132,9 +132,18 @@ def comparable(resource: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Narratives made from the resource's data (and extensions): they "SHALL reflect" what the resource holds
+# (narrative.html), and a write changes that, so it drops them rather than leave a generated text naming the old
+# name or phone (found by review). An `additional` narrative holds more than the data: it is left.
+_GENERATED_NARRATIVE = frozenset({"generated", "extensions"})
+
+
 def _result(current: dict[str, Any], new: dict[str, Any], held: Mark | None) -> Converged:
     if comparable(new) == comparable(current):
         return Converged("unchanged", held=held.version if held else None)
+    text = new.get("text")
+    if isinstance(text, dict) and text.get("status") in _GENERATED_NARRATIVE:
+        new = {k: v for k, v in new.items() if k != "text"}
     return Converged("write", new, held.version if held else None)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import urllib.parse
 import uuid
 from collections.abc import Mapping
 from dataclasses import field, replace
@@ -93,6 +94,24 @@ class Source:
         return Version(self.row_version, self.modified_on)
 
 
+
+def identifier_search(system: str, value: str) -> str:
+    """`identifier=<system>|<value>` as FHIR's search reads it (search.html#escaping): a `\\`, `,`, `$` or `|` inside
+    either part escaped with `\\`, then what a query cannot hold as it is (`&`, `#`, `%`, `+`, spaces) percent-
+    encoded. A map's system is any absolute URI, and `urn:example:ids,contact` read unescaped is two codes: the
+    row's resource was not found, and a PUT without If-Match replaced it (found by review)."""
+    return f"identifier={_token_part(system)}|{_token_part(value)}"
+
+
+_PLAIN_TOKEN = re.compile(r"[A-Za-z0-9:/._~-]*")  # (a row GUID, `urn:dataverse:contact`: as it is)
+
+
+def _token_part(text: str) -> str:
+    if _PLAIN_TOKEN.fullmatch(text):
+        return text
+    return urllib.parse.quote(re.sub(r"([\\,$|])", r"\\\1", text), safe=":/@!'()*;=.-_~\\,$")
+
+
 @immutable
 class Target:
     """How to find the FHIR resource: by logical id when known, else by the row identifier; `new_id` is the id
@@ -116,7 +135,7 @@ class Target:
 
     @property
     def search(self) -> str:
-        return f"identifier={self.identifier_system}|{self.identifier_value}"
+        return identifier_search(self.identifier_system, self.identifier_value)
 
     @property
     def row(self) -> RowKey:

@@ -40,6 +40,8 @@ from writeback.transport import Connections
 log = logging.getLogger("writeback.fhir")
 
 FHIR_JSON = "application/fhir+json"
+# What a request body declares: FHIR's http rules ask for the charset explicitly (http.html#mime-type).
+FHIR_JSON_UTF8 = "application/fhir+json; charset=utf-8"
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 # Refusals that mean the request was not carried out (throttled, or not taken in); a 500, 502, 504 or 408 may
 # come after the server (or the one behind a gateway) applied it.
@@ -234,7 +236,7 @@ class FhirClient:
         while True:
             send_headers = {"Accept": FHIR_JSON, **(headers or {})}
             if json is not None:
-                send_headers.setdefault("Content-Type", FHIR_JSON)
+                send_headers.setdefault("Content-Type", FHIR_JSON_UTF8)
             if self.tokens is not None:
                 send_headers["Authorization"] = f"Bearer {await self.tokens.token()}"
             failure: str

@@ -41,6 +41,11 @@ def row_version_text(source: Source) -> str:
     return "version unknown"
 
 
+# The code system's own displays (http://terminology.hl7.org/CodeSystem/v3-DataOperation): UPDATE's is "revise"
+# (found by review: "update" is reported by the HL7 validator as a wrong display).
+_DISPLAY = {"CREATE": "create", "UPDATE": "revise"}
+
+
 def build_provenance(
     plan: WritePlan | Source,
     versioned_target: str,
@@ -68,7 +73,7 @@ def build_provenance(
         "meta": {"source": meta_source},
         "target": [{"reference": versioned_target}],
         "recorded": when,
-        "activity": {"coding": [{"system": DATA_OPERATION, "code": operation, "display": operation.lower()}]},
+        "activity": {"coding": [{"system": DATA_OPERATION, "code": operation, "display": _DISPLAY[operation]}]},
         "agent": agents,
         "entity": [{
             "role": "source",

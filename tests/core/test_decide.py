@@ -854,11 +854,15 @@ def test_server_only_elements_are_never_planned():
     assert not {"id", "meta", "text", "communication"} & set(p.resource)
     before = server_patient()
     after = strip_marks(merged(p, before))
-    for name in ("id", "meta", "text", "extension", "communication", "identifier", "gender", "birthDate",
-                 "telecom"):
+    for name in ("id", "meta", "extension", "communication", "identifier", "gender", "birthDate", "telecom"):
         assert after[name] == before[name], name
     assert after["name"] == [{"use": "official", "family": "Quintero-Hale", "given": ["Rosalind", "Elsie"]},
                              {"use": "nickname", "given": ["Roz"]}]
+    # A narrative generated from the data would name the old family name: it goes (narrative.html, "SHALL reflect
+    # all content"); one that holds more than the data (`additional`) is the server's, and stays.
+    assert "text" not in after
+    additional = {**before, "text": {**before["text"], "status": "additional"}}
+    assert strip_marks(merged(p, additional))["text"] == additional["text"]
 
 
 def test_update_of_an_expansion_row_with_no_mapped_change():
