@@ -187,22 +187,24 @@ def _cell(value: object, width: int) -> str:
 
 def format_logs(rows: Sequence[OutcomeRow]) -> str:
     """The readable table of `logs`: one line per outcome, one indented line per OperationOutcome issue."""
+    # The resource or detail last: a written row's versioned reference is shown whole (cut, it named no version,
+    # and a server's version ids may be UUIDs: found by a new user's trial); a detail is cut at 60 and follows
+    # whole below when it matters.
     columns = (("TIME (UTC)", 19), ("OUTCOME", 13), ("REASON", 25), ("TABLE", 24), ("RECORD", 36),
-               ("MESSAGE", 12), ("RESOURCE / DETAIL", 60), ("DLV", 3), ("MS", 8))  # (12: Disassociate)
+               ("MESSAGE", 12), ("DLV", 3), ("MS", 8), ("RESOURCE / DETAIL", 60))  # (12: Disassociate)
     lines = ["  ".join(name.ljust(width) for name, width in columns).rstrip()]
     for row in rows:
         shown = row.resource if row.status == "written" else row.detail
         values = (row.recorded_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"), row.outcome, row.reason,
-                  row.table, row.record_id, row.message_name, shown, row.delivery_count,
-                  f"{row.duration_ms:.0f}" if row.duration_ms is not None else None)
-        lines.append("  ".join(_cell(v, w).ljust(w) for v, (_, w) in zip(values, columns, strict=True)).rstrip())
+                  row.table, row.record_id, row.message_name, row.delivery_count,
+                  f"{row.duration_ms:.0f}" if row.duration_ms is not None else None, shown)
+        cells = [_cell(v, w).ljust(w) for v, (_, w) in zip(values[:-1], columns[:-1], strict=True)]
+        cells.append(str(shown or "-") if row.status == "written" else _cell(shown, 60))
+        lines.append("  ".join(cells).rstrip())
         if row.status == "failed" or (row.status != "written" and len(row.detail or "") > 60):
             # What an administrator acts on, whole, and the message it is about (to find it in the dead-letter
             # queue, or resubmit it): the table's cell is cut.
             lines.append(f"    ↳ message {row.message_id or '-'}: {row.detail or '-'}")
-        elif row.status == "written" and len(row.resource or "") > 60:
-            # (a versioned reference cut in its version id names no version: found by a new user's trial)
-            lines.append(f"    ↳ resource {row.resource}")
         for issue in row.issues:
             where = f" at {issue.expression}" if issue.expression else ""
             lines.append(f"    ↳ {issue.severity} {issue.code}{where}: {_cell(issue.details, 120)}")

@@ -131,7 +131,7 @@ def test_logs_refuses_what_could_only_show_nothing(args: list[str], capsys: pyte
 
 def test_a_written_rows_long_reference_is_shown_whole() -> None:
     """An Observation's versioned reference is longer than the table's cell: cut, it named no version (found by a new
-    user's trial); it follows on a line of its own."""
+    user's trial); it is the line's last cell, whole."""
     from datetime import UTC, datetime
 
     from writeback.outcomes import OutcomeRow
@@ -140,4 +140,4 @@ def test_a_written_rows_long_reference_is_shown_whole() -> None:
     row = OutcomeRow("rk", datetime.now(UTC), "written", "written", None, "", "complete", "msemr_observation", new_id(),
                      "Update", "m-1", None, None, "update", reference, None, 1, 12.0, 0)
     lines = cli.format_logs([row]).splitlines()
-    assert reference not in lines[1] and lines[2] == f"    ↳ resource {reference}"
+    assert lines[1].endswith(f"  {reference}") and len(lines) == 3 and lines[2] == "1 outcome(s)"
