@@ -85,6 +85,7 @@ _PRIMITIVES = {"Uri": "space", "Url": "space", "Canonical": "space", "Oid": "spa
                "PositiveInt": "integer", "UnsignedInt": "integer"}
 # A contained resource's datatype in the models: its elements are those of the type it names.
 _ANY_RESOURCE = frozenset({"Resource", "DomainResource"})
+_UCUM = "http://unitsofmeasure.org"
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 # The JSON type each check asks for, and its name in the error. (bool is a subclass of int: types compared exactly.)
 _JSON_TYPES: Mapping[str, tuple[frozenset[type], str]] = {
@@ -380,6 +381,10 @@ def _check(kind: str, element: _Element, value: Any, loc: tuple[int | str, ...],
     if element.codes is not None:
         _refuse_codes(kind, element.codes, value, loc)
     _per1(kind, value, loc)
+    if element.datatype == "Duration" and (whole or not partial):
+        # (a change without images names the value alone: its code is checked where it meets the server's copy,
+        # `check_invariants` in `converge`)
+        _drt1(kind, value, loc)
     if len(_valid) >= VALID_ITEMS_MAX:
         _valid.clear()
     _valid.add(key)
@@ -488,8 +493,26 @@ def _backwards(start: str, end: str) -> bool:
 
 def check_invariants(resource: Mapping[str, Any]) -> None:
     """FHIR invariants fhir.resources does not check, for the elements maps write. per-1: a Period's end is not
-    before its start. (`validate` checks them too, for each item it has not seen before.)"""
-    _per1(str(resource.get("resourceType", "(resource)")), resource, ())
+    before its start; drt-1: a Duration of the resource (Encounter.length) with a value has a UCUM code of time.
+    (`validate` checks them too, for each item it has not seen before.)"""
+    kind = str(resource.get("resourceType", "(resource)"))
+    _per1(kind, resource, ())
+    try:
+        elements = _elements(kind)
+    except (KeyError, ValueError, ImportError):
+        return
+    for name, value in resource.items():
+        if (element := elements.get(name)) is not None and element.datatype == "Duration":
+            _drt1(kind, value, (name,))
+
+
+def _drt1(kind: str, value: Any, loc: tuple[int | str, ...]) -> None:
+    """drt-1, which the models leave out: a Duration with a value has a code, and UCUM's if a system is named
+    ("45" of what: Encounter.length from a column holding a number, found by review)."""
+    if isinstance(value, dict) and value.get("value") is not None and (
+            not value.get("code") or value.get("system", _UCUM) != _UCUM):
+        raise _invalid(f"{kind}.{_loc(loc)} holds a value without a UCUM code of time (FHIR invariant drt-1): map "
+                       "its code and system, e.g. constants `min` and http://unitsofmeasure.org")
 
 
 def _per1(kind: str, node: Any, where: tuple[str | int, ...]) -> None:

@@ -392,3 +392,23 @@ def test_primitive_rules_reach_repeating_primitives_and_contained_resources(reso
     with pytest.raises(WritebackError) as caught:
         validation.validate(copy.deepcopy(resource), partial=True)
     assert (caught.value.reason, caught.value.detail) == (Reason.INVALID_RESOURCE, detail)
+
+
+def test_a_duration_with_a_value_needs_a_ucum_code_of_time() -> None:
+    """drt-1, which the models leave out: Encounter.length {"value": 45} is 45 of nothing (found by review). A change
+    without images names the value alone: there it is checked where it meets the server's copy (`converge`)."""
+    bare = {"resourceType": "Encounter", "status": "finished", "class": {"code": "AMB"}, "length": {"value": 45}}
+    assert not model_refuses(bare)
+    for partial, whole in ((False, False), (True, True)):
+        with pytest.raises(WritebackError) as caught:
+            validation.validate(copy.deepcopy(bare), partial=partial, whole=whole)
+        assert caught.value.detail.startswith("Encounter.length holds a value without a UCUM code of time")
+    validation.validate(copy.deepcopy(bare), partial=True)  # a change of the value alone
+    with pytest.raises(WritebackError):
+        validation.check_invariants(bare)
+    other = {**bare, "length": {"value": 45, "code": "min", "system": "http://example.org/units"}}
+    with pytest.raises(WritebackError):
+        validation.check_invariants(other)
+    timed = {**bare, "length": {"value": 45, "code": "min", "system": "http://unitsofmeasure.org", "unit": "min"}}
+    validation.validate(copy.deepcopy(timed), partial=False)
+    validation.check_invariants(timed)
