@@ -379,8 +379,10 @@ class FunctionApp:
             finished.add(index)
             if result.settlement == "reschedule":
                 assert result.reason is not None
+                # (one whose outcome could not be recorded was decided before that, and has no row to agree with:
+                # its window is checked now, or Table Storage down for days would retry it for good)
                 retrying.append(_Retrying(index, envelopes[position], result.reason, result.detail, result,
-                                          decided=True))
+                                          decided=result.reason is not Reason.OUTCOME_STORE_UNAVAILABLE))
                 return
             envelope = envelopes[position]
             settler.settle(index, result.settlement, result,

@@ -25,6 +25,7 @@ from tests.function.sb import received_message
 from tests.function.test_settlement import redelivered
 from tests.reliability.broker import SimMessage
 from writeback import functions
+from writeback.errors import WritebackError
 from writeback.outcomes import OutcomeStore
 from writeback.pipeline import Envelope, Result
 from writeback.reasons import Reason
@@ -312,3 +313,39 @@ async def test_scheduling_retry_copies_never_outlasts_the_message_lock(
         invocation.cancel()
         await asyncio.gather(invocation, return_exceptions=True)
         await app.aclose()
+
+
+class _DownLedger(_SlowLedger):
+    """The real outcome store, whose writes fail (Table Storage down); its reads work."""
+
+    async def record(self, envelope: Envelope, result: Result) -> None:
+        raise WritebackError(Reason.OUTCOME_STORE_UNAVAILABLE, "write the outcome log: unreachable (injected)")
+
+
+async def test_a_message_whose_outcome_cannot_be_recorded_past_its_window_is_given_up(
+        outcome_env: str, fake_factory: FakeFactory, scheduler: RecordingScheduler, user_function: UserFunction,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Table Storage down for more than WRITEBACK_RETRY_WINDOW_HOURS: a message in its 25th hour is written, its row
+    cannot be kept, so it is `outcome-store-unavailable`. Its window was checked before that outcome existed: it is
+    checked again (there is no row to disagree with), and the message is dead-lettered `retries-exhausted` instead
+    of being retried for as long as the outage lasts."""
+    monkeypatch.setenv("FHIR_URL", "http://127.0.0.1:9/fhir")
+
+    def ledger_factory(settings: Settings) -> tuple[Any, Callable[[], Awaitable[None]]]:
+        store = OutcomeStore.from_settings(settings)
+        return _DownLedger(store, lambda: None), store.aclose
+
+    app = functions.FunctionApp(delivery_factory=fake_factory, ledger_factory=ledger_factory,
+                                scheduler_factory=scheduler.factory)
+    monkeypatch.setattr(functions, "_APP", app)
+    started = (datetime.now(UTC) - timedelta(hours=25)).isoformat()
+    message = received_message(update_body(new_id(), 9), message_id="m~r95", application_properties={
+        "writeback-attempt": 95, "writeback-first-tried": started, "writeback-original-message-id": "m"})
+    actions = MockMessageActions()
+    try:
+        await user_function(messages=[message], message_actions=actions)
+    finally:
+        await app.aclose()
+    assert (actions.only.kind, actions.only.reason) == ("deadletter", "retries-exhausted")
+    assert "outcome-store-unavailable" in (actions.only.description or "")
+    assert scheduler.copies == []
