@@ -305,10 +305,9 @@ def _check_elements(file: str, where: str, path: ElementPath, resource_types: fr
                 found = _element(model, seg.name) if model is not None else None
                 if found is None:
                     raise MapError(file, where, f"{named} has no element {seg.name!r}")
-                at = n + 1
-                repeats = _repeats(model, seg.name) or (item_of_first and n == 0)
-                if _repeats(model, seg.name) and not (item_of_first and n == 0) and (
-                        at == len(path) or isinstance(path[at], PathField)):
+                at, listed, the_row_item = n + 1, _repeats(model, seg.name), item_of_first and n == 0
+                repeats = listed or the_row_item
+                if listed and not the_row_item and (at == len(path) or isinstance(path[at], PathField)):
                     fixed = format_path((*path[:at], Index(0), *path[at:]))
                     raise MapError(file, where, f"names {named}.{seg.name}, a list, without saying which item: "
                                    f"name one, e.g. {fixed}")
