@@ -159,6 +159,23 @@ async def test_a_message_abandoned_because_no_copy_could_be_scheduled_is_not_log
                                                                                            None)
 
 
+def _late_retry(record: str, first_tried: datetime) -> Any:
+    """A contact's update on its 95th retry copy, first tried at `first_tried`."""
+    return received_message(update_body(record, 9), message_id="m~r95", application_properties={
+        "writeback-attempt": 95, "writeback-first-tried": first_tried.isoformat(),
+        "writeback-original-message-id": "m"})
+
+
+async def _invoke(app: functions.FunctionApp, user_function: UserFunction, message: Any) -> MockMessageActions:
+    """One invocation of the function with `message`; the app closed after it."""
+    actions = MockMessageActions()
+    try:
+        await user_function(messages=[message], message_actions=actions)
+    finally:
+        await app.aclose()
+    return actions
+
+
 class _SlowLedger:
     """The real outcome store, whose `record` takes a moment of the app's clock (a Table Storage round trip)."""
 
@@ -198,14 +215,7 @@ async def test_a_message_given_up_while_its_outcome_was_being_recorded_has_a_row
     monkeypatch.setattr(functions, "_APP", app)
     record = new_id()
     fake_factory.delivery.fail = [Reason.FHIR_UNAVAILABLE]
-    started = (now[0] - timedelta(hours=24) + timedelta(seconds=1)).isoformat()
-    message = received_message(update_body(record, 9), message_id="m~r95", application_properties={
-        "writeback-attempt": 95, "writeback-first-tried": started, "writeback-original-message-id": "m"})
-    actions = MockMessageActions()
-    try:
-        await user_function(messages=[message], message_actions=actions)
-    finally:
-        await app.aclose()
+    actions = await _invoke(app, user_function, _late_retry(record, now[0] - timedelta(hours=24, seconds=-1)))
     settled = actions.only
     newest = (await history(record))[0]
     given_up = (settled.kind, settled.reason, newest) == ("deadletter", "retries-exhausted",
@@ -338,14 +348,7 @@ async def test_a_message_whose_outcome_cannot_be_recorded_past_its_window_is_giv
     app = functions.FunctionApp(delivery_factory=fake_factory, ledger_factory=ledger_factory,
                                 scheduler_factory=scheduler.factory)
     monkeypatch.setattr(functions, "_APP", app)
-    started = (datetime.now(UTC) - timedelta(hours=25)).isoformat()
-    message = received_message(update_body(new_id(), 9), message_id="m~r95", application_properties={
-        "writeback-attempt": 95, "writeback-first-tried": started, "writeback-original-message-id": "m"})
-    actions = MockMessageActions()
-    try:
-        await user_function(messages=[message], message_actions=actions)
-    finally:
-        await app.aclose()
+    actions = await _invoke(app, user_function, _late_retry(new_id(), datetime.now(UTC) - timedelta(hours=25)))
     assert (actions.only.kind, actions.only.reason) == ("deadletter", "retries-exhausted")
     assert "outcome-store-unavailable" in (actions.only.description or "")
     assert scheduler.copies == []
