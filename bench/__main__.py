@@ -15,8 +15,9 @@
    - server ceiling: the same reads, resources and Provenances, pre-rendered (recorded from an untimed pipeline
      run on a server of its own), sent with the pooled client and the same concurrency as the server takes them
      best, whatever grouping the pipeline chose: per `process_many` call, its reads all at once in full batch
-     bundles, then its writes in the fewest waves (each resource's n-th write in wave n, full bundles), each
-     wave's Provenance `PUT`s alongside the next wave; no mapping, no deciding, no converging.
+     bundles, then its writes in the fewest waves (each resource's n-th write in wave n, a write referring to a
+     resource the call creates in a wave after that create's, full bundles), each wave's Provenance `PUT`s
+     alongside the next wave; no mapping, no deciding, no converging.
    The pipeline and the ceiling run BENCH_REPEATS times (7), alternating; the medians are reported.
    After each run the outcome of every message and the server are checked (`check_results`, `verify`);
    correctness is part of the result.
@@ -243,6 +244,7 @@ class _Write:
     resource_type: str
     entry: dict[str, Any]
     provenance: dict[str, Any]
+    created: bool  # sent without If-Match: the resource did not exist
 
 
 @dataclass
@@ -259,17 +261,36 @@ class Recording:
         return sum(len(writes) for writes in self.invocations)
 
     def waves(self, invocation: int) -> list[list[_Write]]:
-        """A call's writes as the fewest waves a server can take them in: each resource's n-th write in wave n
-        (its order kept), whatever bundles and flights the pipeline sent them in."""
+        """A call's writes as the fewest waves a server can take them in: each resource's writes in waves one
+        after the other (their order kept), a write referring to a resource the call creates in a wave after that
+        create's (FHIR's batch rules allow no interdependent entries: `BatchDelivery._wave`), whatever bundles and
+        flights the pipeline sent them in."""
         out: list[list[_Write]] = []
-        seen: dict[str, int] = {}
+        last: dict[str, int] = {}  # each resource's latest wave
+        made: dict[str, int] = {}  # the wave that creates each resource the call creates
         for write in self.invocations[invocation]:
             url = write.entry["request"]["url"]
-            n = seen[url] = seen.get(url, -1) + 1
-            if n == len(out):
+            after = [made[r] for r in _references(write.entry["resource"]) if r in made and r != url]
+            n = last[url] = max([last.get(url, -1), *after]) + 1
+            if write.created:
+                made[url] = n
+            while len(out) <= n:
                 out.append([])
             out[n].append(write)
-        return out
+        return [wave for wave in out if wave]
+
+
+def _references(value: Any) -> Iterator[str]:
+    """Every `reference` a resource holds, however deep."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "reference" and isinstance(item, str):
+                yield item
+            else:
+                yield from _references(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _references(item)
 
 
 class RecordingDelivery(BatchDelivery):
@@ -309,7 +330,7 @@ class RecordingDelivery(BatchDelivery):
                 request = {k: v for k, v in entry["request"].items() if k != "ifMatch"}  # no reads: no version
                 out.invocations[-1].append(_Write(request["url"].split("/")[0], {"resource": entry["resource"],
                                                                                  "request": request},
-                                                  self.provenances[versioned]))
+                                                  self.provenances[versioned], "ifMatch" not in entry["request"]))
         return out
 
 

@@ -292,7 +292,32 @@ class BatchDelivery:
                     f"{awaited.row_id}) is not in FHIR yet: waiting for it, rather than refer to it by identifier "
                     "only.")
         written: list[_Job] = []
-        pending = [job for job in jobs if job.outcome is None]
+        todo = [job for job in jobs if job.outcome is None]
+        while todo:
+            # FHIR R4 batch rules (http.html#brules): "there SHALL be no interdependencies between the different
+            # entries in the Bundle". A write referring to a resource another job of this wave creates (a visit
+            # and its patient, new in one Service Bus batch) goes after that create, and only if it was made:
+            # else it would name a resource that is not there, which nothing would write again (found by review).
+            making = {_made_as(job): job for job in todo
+                      if job.absent and isinstance(job.edit, RowEdit) and not job.plan.heal_only}
+            later = [job for job in todo if _makers(job, making, batch)]
+            if len(later) == len(todo):  # lookups in a cycle, all new: no order satisfies them
+                later = []
+            await self._attempts([job for job in todo if job not in later], batch, written)
+            for job in later:
+                unmade = next((ref for ref, maker in _makers(job, making, batch)
+                               if isinstance(maker.outcome, WritebackError)), None)
+                if unmade is not None:
+                    job.outcome = WritebackError(
+                        Reason.TARGET_PENDING, f"The {unmade.resource_type} this row refers to ({unmade.table} "
+                        f"{unmade.row_id}) could not be made in this batch: waiting for it, rather than refer to a "
+                        "resource that is not there.")
+            todo = [job for job in later if job.outcome is None]
+        return written
+
+    async def _attempts(self, pending: list[_Job], batch: _Batch, written: list[_Job]) -> None:
+        """Write these jobs, reading and deciding again those changed concurrently (412), a bounded number of
+        times."""
         for attempt in range(self.settings.conflict_retries + 1):
             if attempt:
                 for job, answer in zip(pending, await self.send([_read_entry(j.target) for j in pending]),
@@ -305,7 +330,6 @@ class BatchDelivery:
                 break
         for job in pending:
             job.outcome = kept_changing(job.target, self.settings)
-        return written
 
     def _unresolved_refs(self, jobs: list[_Job], batch: _Batch) -> list[RowRef]:
         refs: dict[RowRef, None] = {}
@@ -721,6 +745,25 @@ def _resolved(edit: Edit, plan: WritePlan, batch: _Batch, *, creating: bool = Fa
         return replace(edit, owned=owned, rendered=resolve_refs_in(edit.rendered, edit.owned, ids)
                        if creating and edit.rendered is not None else None)
     return replace(edit, owned=owned)
+
+
+def _made_as(job: _Job) -> tuple[str, str]:
+    """The resource a job makes if it finds none: under the row's own id (`decide.resource_id`)."""
+    target = job.target
+    return target.resource_type, target.new_id or resource_id(target.table, target.identifier_value)
+
+
+def _makers(job: _Job, making: Mapping[tuple[str, str], _Job], batch: _Batch) -> list[tuple[RowRef, _Job]]:
+    """The lookups of this job that name a resource another job of its wave is about to create, with that job."""
+    if not job.plan.refs or isinstance(job.edit, RemoveItem | Release):
+        return []
+    found = []
+    for ref in job.plan.refs:
+        fhir_id = job.plan.ref_ids.get(ref) or batch.ids.get(ref)  # as `_resolved` makes the reference
+        maker = making.get((ref.resource_type, fhir_id)) if fhir_id else None
+        if maker is not None and maker is not job:
+            found.append((ref, maker))
+    return found
 
 
 def _leaves(job: _Job) -> bool:

@@ -17,6 +17,7 @@ from tests.delivery.conftest import Fhir, Rig, create_message, new_patient, upda
 from writeback.bundles import BatchDelivery
 from writeback.maps import load_maps
 from writeback.pipeline import Envelope, Pipeline, Result
+from writeback.reasons import Reason
 from writeback.settings import DEFAULT_MAPS_DIR
 
 
@@ -49,9 +50,6 @@ async def test_requests_declare_their_utf8_charset_in_content_type(rig: Rig):
         assert "charset=utf-8" in content_type.replace(" ", "").lower(), content_type
 
 
-@pytest.mark.xfail(strict=True, reason="a lookup resolved to the id a create in the same call makes goes in the "
-                   "same batch as that create (docs/reliability.md, \"What remains\"): left, since the id is the "
-                   "row's own (uuid5) and the create, retried or resubmitted, makes it there")
 async def test_a_reference_is_not_sent_in_the_batch_that_creates_its_target(rig_factory: Callable[..., Rig],
                                                                           fhir: Fhir):
     """FHIR R4 RESTful API, Batch/Transaction processing rules (https://hl7.org/fhir/R4/http.html#brules): "For a
@@ -73,6 +71,7 @@ async def test_a_reference_is_not_sent_in_the_batch_that_creates_its_target(rig_
     results = await _send_many(pipeline, [create_message(patient_id, patient), encounter])
 
     assert results[0].state == "dead-lettered", results[0].detail  # the server refused the Patient
+    assert (results[1].state, results[1].reason) == ("retry", Reason.TARGET_PENDING), results[1].detail
     assert fhir.search(f"Patient?identifier=urn:dataverse:contact|{patient_id}") == []
     written = fhir.search(f"Encounter?identifier=urn:dataverse:msemr_encounter|{encounter_id}")
     for resource in written:
@@ -81,6 +80,28 @@ async def test_a_reference_is_not_sent_in_the_batch_that_creates_its_target(rig_
             followed = httpx.get(f"{fhir.server.base_url}/{reference}", headers=fhir.headers)
             assert followed.status_code == 200, (
                 f"Encounter.subject is {reference}, sent in the batch that created it: {followed.status_code}")
+
+
+async def test_a_visit_new_with_its_patient_goes_in_a_bundle_after_the_patients_create(rig_factory: Callable[..., Rig],
+                                                                                    fhir: Fhir):
+    """The same batch, the Patient accepted: both written, the Encounter referring to the Patient the batch made,
+    and sent in a bundle after the one that made it (never in the same bundle: the batch rules above)."""
+    rig = rig_factory()
+    pipeline = Pipeline(rig.pipeline.maps, rig.settings, BatchDelivery(rig.client))
+    patient_id, patient = new_patient(lastname="Adeyemi")
+    encounter_id, encounter = _encounter_of(patient_id)
+    results = await _send_many(pipeline, [encounter, create_message(patient_id, patient)])
+
+    assert [r.state for r in results] == ["written", "written"], [r.detail for r in results]
+    assert results[1].resource is not None and results[0].resource is not None
+    made = results[1].resource.split("/_history")[0]
+    (visit,) = fhir.search(f"Encounter?identifier=urn:dataverse:msemr_encounter|{encounter_id}")
+    assert visit["subject"]["reference"] == made
+    puts = [(n, e["request"]["url"]) for n, r in enumerate(rig.transport.requests) if r.content
+            for e in json.loads(r.content).get("entry", []) if e["request"]["method"] == "PUT"
+            and not e["request"]["url"].startswith("Provenance/")]
+    bundle_of = {url.split("/")[0]: n for n, url in puts}
+    assert bundle_of["Patient"] < bundle_of["Encounter"], puts
 
 
 async def test_a_system_with_a_comma_still_finds_the_rows_resource(rig_factory: Callable[..., Rig], fhir: Fhir,
