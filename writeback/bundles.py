@@ -43,6 +43,7 @@ from writeback.fhir_client import (
     NOT_APPLIED_STATUSES,
     RETRY_STATUSES,
     FhirClient,
+    SendWindow,
     being_created,
     found_target,
     issues_of,
@@ -438,6 +439,7 @@ class BatchDelivery:
         # Long enough for a create's request with all its retries (then it is answered, or it was cancelled at the
         # invocation's deadline, inside the lock).
         lease = self.settings.retry_max_seconds + self.settings.timeout_seconds
+        leased_at = time.monotonic()  # (before the lease is taken: its expiry is reckoned from then)
         if unmade:
             # The row's resource of its old type is not there to leave: but an older message of the row (its Create,
             # on another instance, which read "absent" too) may be about to make it, and it would then stand for
@@ -472,7 +474,18 @@ class BatchDelivery:
                 puts.append((job, str(resource["id"]), True))
                 entries.append({"resource": self.client.stamp(resource),
                                 "request": {"method": "PUT", "url": f"{job.target.resource_type}/{resource['id']}"}})
-        answered = await self.send(entries)
+        window = SendWindow(leased_at + lease - self.settings.timeout_seconds) \
+            if any(created for _, _, created in puts) else None
+        try:
+            answered = await self.send(entries, window)
+        except BaseException:
+            # Stopped (the invocation's deadline) before any of it could be applied (a create refused 401, its new
+            # token still on its way): its leases are given back, or its own retry would meet them as another
+            # instance's create, `conflict` (found by review).
+            if window is not None and window.unapplied:
+                await _give_back(batch.leases, [f"{job.target.resource_type}/{rid}" for job, rid, created in puts
+                                                if created], creator, self.settings.timeout_seconds)
+            raise
         # A create the server refused frees its lease at once: nothing was written, the next try may create. One
         # that was applied keeps it until it expires, so that a writer that read "absent" before it cannot PUT an
         # older state over it (it gets `conflict`, and its retry reads the resource); one whose answer never
@@ -599,8 +612,10 @@ class BatchDelivery:
 
     # ---- bundles ---------------------------------------------------------------------------------
 
-    async def send(self, entries: Sequence[dict[str, Any]]) -> list[Answer | WritebackError]:
-        """The entries as batch bundles of at most `bundle_size`, concurrently; one answer per entry, in order."""
+    async def send(self, entries: Sequence[dict[str, Any]],
+                   window: SendWindow | None = None) -> list[Answer | WritebackError]:
+        """The entries as batch bundles of at most `bundle_size`, concurrently; one answer per entry, in order.
+        `window`: a create lease's (`FhirClient.request`)."""
         if not entries:
             return []
         size = self.settings.bundle_size
@@ -608,12 +623,13 @@ class BatchDelivery:
 
         async def one(chunk: Sequence[dict[str, Any]]) -> list[Answer | WritebackError]:
             async with self._slots:
-                return await self._bundle(chunk)
+                return await self._bundle(chunk, window)
 
         answered = await asyncio.gather(*(one(c) for c in chunks))
         return [a for chunk in answered for a in chunk]
 
-    async def _bundle(self, entries: Sequence[dict[str, Any]]) -> list[Answer | WritebackError]:
+    async def _bundle(self, entries: Sequence[dict[str, Any]],
+                      window: SendWindow | None = None) -> list[Answer | WritebackError]:
         out: list[Answer | WritebackError | None] = [None] * len(entries)
         todo = list(range(len(entries)))
         started, slept, attempt = time.monotonic(), 0.0, 0
@@ -622,13 +638,13 @@ class BatchDelivery:
             bundle = {"resourceType": "Bundle", "type": "batch", "entry": [entries[i] for i in todo]}
             try:
                 response = await self.client.request("POST", self.client.base_url, json=bundle,
-                                                     headers=BATCH_HEADERS)
+                                                     headers=BATCH_HEADERS, window=window)
             except WritebackError as exc:
                 for i in todo:
                     out[i] = exc
                 break
             if not response.is_success:
-                await self._refused_whole(entries, todo, response.status_code, json_of(response), out)
+                await self._refused_whole(entries, todo, response.status_code, json_of(response), out, window=window)
                 break
             body = json_of(response)
             listed = (body or {}).get("entry")
@@ -673,7 +689,8 @@ class BatchDelivery:
 
 
     async def _refused_whole(self, entries: Sequence[dict[str, Any]], todo: list[int], status: int,
-                             body: dict[str, Any] | None, out: list[Answer | WritebackError | None]) -> None:
+                             body: dict[str, Any] | None, out: list[Answer | WritebackError | None],
+                             *, window: SendWindow | None = None) -> None:
         """The server refused the bundle as a whole (400, 413, 422, ...): one entry it cannot take must not take
         the others down, on this delivery and on every retry. The bundle is halved until the refused entry
         stands alone (a 413 halves until each part is small enough); that entry gets the refusal as its own."""
@@ -692,7 +709,7 @@ class BatchDelivery:
             return
         half = len(todo) // 2
         parts = [todo[:half], todo[half:]]
-        answered = await asyncio.gather(*(self._bundle([entries[i] for i in part]) for part in parts))
+        answered = await asyncio.gather(*(self._bundle([entries[i] for i in part], window) for part in parts))
         for part, answers in zip(parts, answered, strict=True):
             for i, answer in zip(part, answers, strict=True):
                 out[i] = answer
@@ -745,6 +762,15 @@ def _resolved(edit: Edit, plan: WritePlan, batch: _Batch, *, creating: bool = Fa
         return replace(edit, owned=owned, rendered=resolve_refs_in(edit.rendered, edit.owned, ids)
                        if creating and edit.rendered is not None else None)
     return replace(edit, owned=owned)
+
+
+async def _give_back(leases: Leases, names: Sequence[str], holder: str, seconds: float) -> None:
+    """Release these leases, within `seconds`: one not released expires on its own."""
+    try:
+        async with asyncio.timeout(seconds):
+            await asyncio.gather(*(leases.release(name, holder) for name in names), return_exceptions=True)
+    except TimeoutError:
+        pass
 
 
 def _made_as(job: _Job) -> tuple[str, str]:

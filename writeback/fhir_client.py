@@ -20,6 +20,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -206,6 +207,22 @@ issues_of = _issues
 json_of = _json
 
 
+@dataclass(slots=True)
+class SendWindow:
+    """The requests of a write that holds create leases: none is sent after `not_after` (monotonic seconds), when
+    the leases may have expired; `maybe_applied` once any of them may have changed something on the server (sent
+    without an answer, or answered so as not to rule it out), which tells whether the leases may be given back
+    when the write is stopped."""
+
+    not_after: float
+    in_flight: int = 0
+    maybe_applied: bool = False
+
+    @property
+    def unapplied(self) -> bool:
+        return not self.maybe_applied and not self.in_flight
+
+
 class FhirClient:
     """Small async FHIR REST client around one shared httpx client."""
 
@@ -224,9 +241,11 @@ class FhirClient:
         self._sleep = sleep
 
     async def request(
-        self, method: str, path: str, *, json: Any = None, headers: Mapping[str, str] | None = None
+        self, method: str, path: str, *, json: Any = None, headers: Mapping[str, str] | None = None,
+        window: SendWindow | None = None,
     ) -> httpx.Response:
-        """One FHIR interaction, with auth and bounded retries of transient failures."""
+        """One FHIR interaction, with auth and bounded retries of transient failures; `window`, the time a create's
+        lease allows it to be sent in, and what became of it."""
         url = path if path.startswith("http") else f"{self.base_url}/{path.lstrip('/')}"
         started, slept, budget = time.monotonic(), 0.0, self.settings.retry_max_seconds
         attempt = 0
@@ -239,15 +258,29 @@ class FhirClient:
                 send_headers.setdefault("Content-Type", FHIR_JSON_UTF8)
             if self.tokens is not None:
                 send_headers["Authorization"] = f"Bearer {await self.tokens.token()}"
+            if window is not None and time.monotonic() > window.not_after:
+                # Held up (a token endpoint answering slowly, a wait for a slot): a create sent now could land after
+                # its lease expired, over a newer version another instance wrote meanwhile (found by review).
+                kind = WritebackError if maybe_applied else NotApplied
+                raise kind(Reason.FHIR_UNAVAILABLE, f"{method} {path.split('?', maxsplit=1)[0]} was not sent: held "
+                           "up past the time its create lease allows (FHIR_RETRY_MAX_SECONDS)")
             failure: str
             wait: float | None = None
+            if window is not None:
+                window.in_flight += 1
             try:
                 response = await self.http.request(method, url, content=content, headers=send_headers,
                                                    timeout=self.settings.timeout_seconds)
             except (httpx.TransportError, httpx.DecodingError) as exc:  # (a garbled compressed answer: decoding)
                 failure = type(exc).__name__
                 maybe_applied = True
+            except BaseException:  # stopped (the deadline) with the request on its way: it may be applied
+                if window is not None:
+                    window.maybe_applied = True
+                raise
             else:
+                if window is not None and (response.status_code not in (401, 403, *NOT_APPLIED_STATUSES)):
+                    window.maybe_applied = True
                 if response.status_code in (401, 403):
                     if self.tokens is not None and not refreshed and response.status_code == 401:
                         self.tokens.invalidate()  # the token may have been revoked or expired early
@@ -263,6 +296,11 @@ class FhirClient:
                 failure = f"HTTP {response.status_code}"
                 wait = _retry_after(response)
                 maybe_applied |= response.status_code not in NOT_APPLIED_STATUSES
+            finally:
+                if window is not None:
+                    window.in_flight -= 1
+            if window is not None:
+                window.maybe_applied |= maybe_applied
             attempt += 1
             backoff = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (attempt - 1))
             delay = wait if wait is not None else random.uniform(backoff / 2, backoff)  # noqa: S311 (jitter)
