@@ -42,7 +42,7 @@ from writeback.decide import Decision
 from writeback.errors import WritebackError
 from writeback.maps import MapSet, load_maps
 from writeback.messages import parse_message
-from writeback.pipeline import DEADLINE_DETAIL, Delivery, Envelope, Ledger, Pipeline, Result, give_up
+from writeback.pipeline import DEADLINE_DETAIL, Delivery, Envelope, Ledger, Pipeline, Progress, Result, give_up
 from writeback.reasons import Kind, Reason
 from writeback.retry import ATTEMPT, GATE_WAIT, GiveUp, RetryPolicy, batch_jitter, next_step, text_of
 from writeback.scheduler import Copy, Scheduler
@@ -53,6 +53,14 @@ log = logging.getLogger("writeback.function")
 MAX_DESCRIPTION = 1000  # characters of the dead-letter error description
 # Kept, of a batch's lock, for the settlement calls after its retry copies are scheduled (gRPC calls to the host).
 SETTLE_SECONDS = 5.0
+# The least work an invocation does (its deadline's floor). A message whose lock has less left than this and one
+# request's FHIR_TIMEOUT_SECONDS is not worked on.
+MIN_WORK_SECONDS = 0.5
+STORE_STALLED_DETAIL = ("Table Storage did not answer in time while this message's outcome and what it taught about "
+                        "its row were being kept (its work on the FHIR server was over): tried again, and its retry "
+                        "finds its write made.")
+LOCK_LAPSED_DETAIL = ("The message's lock had ended, or was about to, when this invocation got it (the worker was "
+                      "busy, or the batch waited): nothing was written, and Service Bus delivers it again.")
 
 DeliveryFactory = Callable[[Settings], tuple[Delivery, Callable[[], Awaitable[None]]]]
 LedgerFactory = Callable[[Settings], tuple[Ledger, Callable[[], Awaitable[None]]]]
@@ -312,7 +320,7 @@ class FunctionApp:
         ends = [e.locked_until for e in envelopes if e.locked_until is not None]
         if ends:
             budget = min(budget, min(ends) - self._clock().timestamp() - settings.timeout_seconds - self._margin)
-        return max(budget, 0.5)
+        return max(budget, MIN_WORK_SECONDS)
 
     def _scheduling_budget(self, envelopes: Iterable[Envelope], settings: Settings) -> float:
         """Seconds scheduling the batch's retry copies may take: until its earliest lock ends, less SETTLE_SECONDS;
@@ -368,10 +376,22 @@ class FunctionApp:
                        results: list[Result | None]) -> list[_Retrying]:
         """Run the batch through the pipeline until it is done or the deadline comes; settle what ends complete
         or dead-lettered as soon as it is recorded; return what is to be retried."""
-        order = list(readable)
-        envelopes = [readable[i] for i in order]
         retrying: list[_Retrying] = []
         finished: set[int] = set()
+        # A message whose lock is over, or too close to its end to fit a request (the worker was busy, the batch
+        # waited), is not worked on at all: Service Bus may have handed it to another instance already (found by
+        # review: the deadline's floor had it written and completed). It is given back as it is.
+        now = self._clock().timestamp()
+        for index, envelope in list(readable.items()):
+            if envelope.locked_until is not None and envelope.locked_until - now < \
+                    MIN_WORK_SECONDS + runtime.settings.timeout_seconds:
+                del readable[index]
+                result = results[index] = runtime.pipeline.unfinished(envelope, LOCK_LAPSED_DETAIL)
+                settler.settle(index, "abandon", result, _logger(envelope, result, LOCK_LAPSED_DETAIL))
+        if not readable:
+            return retrying
+        order = list(readable)
+        envelopes = [readable[i] for i in order]
 
         async def emit(position: int, result: Result) -> None:
             index = order[position]
@@ -391,17 +411,21 @@ class FunctionApp:
         budget = self.deadline(envelopes, runtime.settings)
         # The pipeline stops its work at the deadline and still records and hands back every outcome (the log and
         # the settlement agree); the outer timeout is the backstop for recording that hangs, inside the margin.
+        progress = Progress()
         try:
             async with asyncio.timeout(budget + runtime.settings.timeout_seconds):
-                await runtime.pipeline.process_many(envelopes, emit,
+                await runtime.pipeline.process_many(envelopes, emit, progress=progress,
                                                     deadline=asyncio.get_running_loop().time() + budget)
         except TimeoutError:
-            detail = DEADLINE_DETAIL
+            # Past the pipeline's own deadline, only Table Storage can hold it up; once it is recording, the FHIR
+            # work is over, and blaming FHIR's latency would send the administrator the wrong way (found by review).
+            reason, detail = (Reason.OUTCOME_STORE_UNAVAILABLE, STORE_STALLED_DETAIL) if progress.recording \
+                else (Reason.DEADLINE_REACHED, DEADLINE_DETAIL)
             for position, index in enumerate(order):
                 if index not in finished:
-                    result = runtime.pipeline.unfinished(envelopes[position], detail)
+                    result = runtime.pipeline.unfinished(envelopes[position], detail, reason)
                     results[index] = result
-                    retrying.append(_Retrying(index, envelopes[position], Reason.DEADLINE_REACHED, detail, result))
+                    retrying.append(_Retrying(index, envelopes[position], reason, detail, result))
         return retrying
 
     async def _reschedule(self, retrying: list[_Retrying], settler: _Settler, settings: Settings) -> bool:

@@ -73,7 +73,7 @@ from writeback.facts import RowFacts
 from writeback.immutable import immutable
 from writeback.leases import RELEASE_HOLDER, Lease, give_back, take
 from writeback.marks import Version
-from writeback.pipeline import Envelope, Result, State, message_key
+from writeback.pipeline import Envelope, Result, Seen, State, message_key
 from writeback.reasons import Reason
 from writeback.settings import SPEC_BY_NAME, Settings, checked_outcome_store
 
@@ -458,13 +458,13 @@ class OutcomeStore:
 
     # -- Ledger ------------------------------------------------------------------------------------------
 
-    async def seen(self, message_key: str) -> bool:
+    async def seen(self, message_key: str) -> Seen:
         table = await self._table("messages")
         try:
-            await self._call("check for a duplicate", table.get_entity(safe_key(message_key), "m"))
+            marker = await self._call("check for a duplicate", table.get_entity(safe_key(message_key), "m"))
         except ResourceNotFoundError:
-            return False
-        return True
+            return None
+        return "processed" if marker.get("Outcome") in ("written", "skipped") else "tried"
 
     async def claim(self, plan: WritePlan) -> frozenset[str]:
         src = plan.source
@@ -710,6 +710,20 @@ class OutcomeStore:
                 })))
             except AzureError as exc:
                 raise _unavailable(exc, "record the message as processed") from None
+        elif key:
+            # Tried: its redelivery, whose delivery count the binding does not pass, is known as a retry by this
+            # (`Pipeline._admit`). Made only where no marker is: a processed one stays so.
+            messages = await self._table("messages")
+            try:
+                await self._call("record the message as tried", messages.create_entity(_entity({
+                    "PartitionKey": safe_key(key), "RowKey": "m", "Outcome": result.state,
+                    "Reason": result.reason.value if result.reason else None, "RecordedAt": now,
+                    "Table": common["Table"], "RecordId": common["RecordId"], "MessageKey": _text(key, 200),
+                })))
+            except ResourceExistsError:
+                pass
+            except AzureError as exc:
+                raise _unavailable(exc, "record the message as tried") from None
 
     # -- queries (python -m writeback logs) ---------------------------------------------------------------
 

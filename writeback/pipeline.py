@@ -149,12 +149,24 @@ class Result:
         return "deadletter" if self.state == "dead-lettered" else "reschedule"
 
 
+Seen = Literal["processed", "tried"] | None
+
+
+@dataclass(slots=True)
+class Progress:
+    """How far a `Pipeline.process_many` call got: `recording` once its work on FHIR is over and what it learned
+    and its outcomes are being kept (Table Storage alone from there)."""
+
+    recording: bool = False
+
+
 class Ledger(Protocol):
     """Exactly-once effect on at-least-once delivery, the row state and the outcome log. Implemented over Table
     Storage (`writeback.outcomes.OutcomeStore`)."""
 
-    async def seen(self, message_key: str) -> bool:
-        """True when this message (RequestId + row, else MessageId) already ended written or skipped."""
+    async def seen(self, message_key: str) -> Seen:
+        """Whether this message (RequestId + row, else MessageId) already ended written or skipped (`processed`), or
+        was tried before without ending so (`tried`: its outcome was recorded, a retry), or neither (None)."""
         ...
 
     async def claim(self, plan: WritePlan) -> frozenset[str]:
@@ -422,12 +434,12 @@ class Pipeline:
         (result,) = await self.process_many([envelope])
         return result
 
-    def unfinished(self, envelope: Envelope, detail: str) -> Result:
+    def unfinished(self, envelope: Envelope, detail: str, reason: Reason = Reason.DEADLINE_REACHED) -> Result:
         """The outcome of a message the invocation's deadline stopped (its plan, for the log, is pure work)."""
-        return Result("retry", Reason.DEADLINE_REACHED, detail, self.plan(envelope))
+        return Result("retry", reason, detail, self.plan(envelope))
 
     async def process_many(self, envelopes: Sequence[Envelope], emit: Emit | None = None,
-                           deadline: float | None = None) -> list[Result]:
+                           deadline: float | None = None, progress: Progress | None = None) -> list[Result]:
         """Many messages in one go, each with its own `Result`, in input order.
 
         Skips and rejects need no I/O. Writes go while the rest of the batch is planned: a row's writes as soon as
@@ -444,13 +456,13 @@ class Pipeline:
 
         `deadline` (event-loop time): when it comes, what is still in flight stops and its messages end as
         `deadline-reached` (retried); every message's outcome is still recorded and emitted, so the outcome log and
-        the settlement never disagree.
+        the settlement never disagree. `progress` tells the caller how far the call got.
         """
         with paused():  # (`collector.paused`: the batch's garbage is freed as it goes, not searched for)
-            return await self._process_many(envelopes, emit, deadline)
+            return await self._process_many(envelopes, emit, deadline, progress or Progress())
 
     async def _process_many(self, envelopes: Sequence[Envelope], emit: Emit | None,
-                            deadline: float | None) -> list[Result]:
+                            deadline: float | None, progress: Progress) -> list[Result]:
         started = time.perf_counter()
         batch = _Batch(envelopes, [None] * len(envelopes))
         rows = _rows_of(envelopes)
@@ -544,6 +556,7 @@ class Pipeline:
         retrying = {i for i, r in enumerate(results) if r is not None and r.settlement == "reschedule"}
         if batch.waited or retrying:
             self._unseen(batch, retrying)
+        progress.recording = True
         unkept = await self._keep_facts(batch.stored, merged(batch.learned, into=dict(batch.local)))
         if unkept:
             # What a message told about its row (its FHIR id, type, consent, version) is what orders and gates the
@@ -831,11 +844,19 @@ class Pipeline:
             decision = decisions[i]
             try:
                 key = message_key(envelopes[i], decision)
-                if key and await ledger.seen(key):
+                seen = await ledger.seen(key) if key else None
+                if seen == "processed":
                     results[i] = Result("skipped", Reason.DUPLICATE, "This message was already processed.", decision)
                     return
                 plan = decision.plan
                 assert plan is not None
+                if seen == "tried" and not plan.source.retried:
+                    # Tried before, though nothing on the message says so: Service Bus redelivered it after it was
+                    # abandoned, and the binding does not pass the delivery count. Its earlier try may have written a
+                    # version whose Provenance is owed (found by review: a newer save made it `stale`, and that
+                    # version never got one).
+                    plan = replace(plan, source=replace(plan.source, retried=True))
+                    decision = decisions[i] = replace(decision, plan=plan)
                 child = isinstance(plan.writes[0].edit, ItemEdit)
                 if (plan.full and not child) or plan.awaits_earlier:
                     # Ordered by the version marked in its resource, inside the write (one that may wait for an

@@ -306,6 +306,7 @@ async def test_scheduling_retry_copies_never_outlasts_the_message_lock(
     returns, every such message processed twice. What they should see: scheduling bounded inside the lock, the
     message abandoned when it cannot be scheduled in time (as when the send fails)."""
     monkeypatch.setenv("FHIR_URL", "http://127.0.0.1:9/fhir")
+    monkeypatch.setenv("FHIR_TIMEOUT_SECONDS", "1")  # (a lock with less left than one request's timeout: not worked on)
     sender = _StuckSender()
     app = functions.FunctionApp(delivery_factory=fake_factory, scheduler_factory=sender.factory)
     fake_factory.delivery.fail = [Reason.FHIR_UNAVAILABLE]
