@@ -265,7 +265,7 @@ class BatchDelivery:
         answers = await self.send([_read_entry(job.target) for job in unread] + [_search_entry(r) for r in searches])
         for job, answer in zip(unread, answers, strict=False):
             self._take_read(job, answer, batch)
-        gated = {gate for job in jobs for gate in job.plan.gates}
+        writing = {job.target.row for job in jobs if isinstance(job.edit, RowEdit)}
         for ref, answer in zip(searches, answers[len(unread):], strict=True):
             if isinstance(answer, WritebackError):
                 # Unanswered (unreachable, 5xx through every retry): not "no such resource", and a reference made
@@ -276,9 +276,11 @@ class BatchDelivery:
             found = _found_id(ref, answer)
             if found is None and answer.ok:
                 batch.missing.add(ref)
-            if found is None and (ref.table, ref.row_id) in gated:
-                # A patient whose consent is known (the gate passed) and that no resource carries yet: its own
-                # message creates it under the row's id, so that is the id to refer to.
+            if found is None and (ref.table, ref.row_id) in writing:
+                # Not there yet, and a job of this wave writes that row's resource: it is made under the row's id,
+                # and the reference goes after it, if it is made (`making` below). A row no job here writes is
+                # waited for (`awaited`), however sure its consent: its Create may have been refused (found by
+                # review: a visit named the Patient of a Create dead-lettered, which never was).
                 found = resource_id(ref.table, ref.row_id)
             batch.ids[ref] = found
         for job in jobs:

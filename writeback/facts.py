@@ -112,10 +112,17 @@ class RowFacts:
     def id_for(self, resource_type: str) -> str | None:
         """The FHIR id of the row's resource of that type (a contact that became a Practitioner was a Patient
         before: neither the id it was ingested under nor the one written then is the Practitioner's)."""
-        if known := self.fhir_id_for(resource_type):
-            return known
+        if self.fhir_id and self.fhir_type == resource_type:
+            return self.fhir_id
         if self.fhir_id == NO_FHIR_ID:
             return None  # cleared (the resource it named is gone): what was written under it may be that one
+        # An id whose type is not known may name another record of this type (a source that numbers each type on
+        # its own): the resource this product found carrying the row, or made for it, is surely the row's (found by
+        # review: a visit of a contact made a Patient named the unrelated Patient sharing its id).
+        return self.written_id(resource_type) or self.fhir_id_for(resource_type)
+
+    def written_id(self, resource_type: str) -> str | None:
+        """The id of the resource of that type this product found carrying the row, or made for it."""
         if self.written and self.written.startswith(f"{resource_type}/"):
             return self.written.split("/", 1)[1]
         return None
@@ -540,6 +547,10 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
             fhir_id = fact.fhir_id_for(target.resource_type)
             # The facts tell which type the id was given under when they know it (older messages saw it first).
             unsure = fhir_id is not None and fact.fhir_type is None and unsure
+            if fhir_id is not None and fact.fhir_type is None and (made := fact.written_id(target.resource_type)):
+                # (as `RowFacts.id_for`: the resource found carrying the row, or made for it, is surely the row's;
+                # a child row of a contact made a Patient was added to the unrelated one sharing its id)
+                fhir_id, unsure = made, False
         if unsure and tried >= REFERENCE_GRACE_RETRIES:
             # No earlier message told which type the id was given under: the resource is found by the row
             # identifier, never taken over by an id that may be another resource's.
@@ -568,13 +579,11 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
         if known:
             ref_ids[ref] = known
     detail = decision.detail if not notes else decision.detail[:-1] + "; " + "; ".join(notes) + "."
-    gated = set(gates)
     # A message that waited for the consent waits for the rows it refers to as long as their retries, which
     # waited for the same consent, may take to come (twice the longest retry delay), not just its own two tries.
     grace = tried < REFERENCE_GRACE_RETRIES or (
         since_gate is not None and since_gate < timedelta(seconds=2 * settings.retry_max_delay_seconds))
     awaited = frozenset(ref for ref in plan.refs if ref not in ref_ids and grace
-                        and (ref.table, ref.row_id) not in gated
                         and getattr(facts.get((ref.table, ref.row_id)), "resource_type", None) != NOT_WRITABLE)
     return replace(decision, detail=detail, plan=replace(plan, writes=tuple(writes), ref_ids=ref_ids, awaited=awaited,
                                                          gates=tuple(g for g in plan.gates if g not in not_patients)))
