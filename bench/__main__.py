@@ -60,7 +60,7 @@ from writeback.converge import ItemEdit, RowEdit, converge
 from writeback.decide import Decision, Target, WritePlan
 from writeback.errors import WritebackError
 from writeback.facts import facts_of, merged, resolve
-from writeback.fhir_client import FhirClient, encode, new_http_client, read_path
+from writeback.fhir_client import FhirClient, SendWindow, encode, new_http_client, read_path
 from writeback.mapping import resolve_refs, resolve_refs_in
 from writeback.maps import MapSet, load_maps
 from writeback.marks import Version, item_of, mark_of, marks_in
@@ -307,8 +307,9 @@ class RecordingDelivery(BatchDelivery):
         self.writes.append([])
         self.reads.append([])
 
-    async def send(self, entries: Sequence[dict[str, Any]]) -> list[Answer | WritebackError]:
-        answers = await super().send(entries)
+    async def send(self, entries: Sequence[dict[str, Any]],
+                   window: SendWindow | None = None) -> list[Answer | WritebackError]:
+        answers = await super().send(entries, window)
         for entry, answer in zip(entries, answers, strict=True):
             request = entry["request"]
             if request["method"] == "GET" and not request["url"].startswith("Provenance/") \

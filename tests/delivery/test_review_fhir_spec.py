@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from devtools.faults import EntryFault
 from devtools.messages import Choice, Lookup, context

@@ -200,6 +200,7 @@ async def test_a_version_whose_provenance_the_deadline_stopped_gets_it_when_the_
     provenance_still_on_its_way`)."""
     rig = rig_factory(FHIR_TIMEOUT_SECONDS="1")
     delivery = rig.pipeline.delivery
+    assert delivery is not None
     env = {**env_for(rig.server, FHIR_TIMEOUT_SECONDS="1"),
            "OUTCOMES_CONNECTION_STRING": ledger_settings.outcomes_connection_string or "",
            "OUTCOMES_TABLE_PREFIX": ledger_settings.outcomes_table_prefix}
@@ -256,6 +257,7 @@ async def test_a_create_the_deadline_stopped_before_it_was_sent_does_not_block_i
     proxy = dripping_token_endpoint
     rig = rig_factory(FHIR_TIMEOUT_SECONDS="1", FHIR_TOKEN_URL=f"http://127.0.0.1:{proxy.port}/oauth2/token")
     delivery = rig.pipeline.delivery
+    assert delivery is not None
     env = {**env_for(rig.server, FHIR_TIMEOUT_SECONDS="1"),
            "OUTCOMES_CONNECTION_STRING": ledger_settings.outcomes_connection_string or "",
            "OUTCOMES_TABLE_PREFIX": ledger_settings.outcomes_table_prefix}
@@ -273,6 +275,7 @@ async def test_a_create_the_deadline_stopped_before_it_was_sent_does_not_block_i
         first = MockMessageActions()
         [stopped] = await app.handle_batch([received_message(json.dumps(row.create()).encode(),
                                                              message_id="c10")], first)
+        assert stopped is not None
         assert (first.only.kind, stopped.reason) == ("complete", Reason.DEADLINE_REACHED), stopped.detail
         proxy.released.set()  # the token endpoint is quick again
         [copy] = scheduler.copies
@@ -280,6 +283,7 @@ async def test_a_create_the_deadline_stopped_before_it_was_sent_does_not_block_i
         [retried] = await app.handle_batch([redelivered(copy)], again)
     finally:
         await app.aclose()
+    assert retried is not None
     assert (retried.state, retried.reason) == ("written", None), f"the retry ended {retried.reason}: {retried.detail}"
 
 
@@ -343,6 +347,7 @@ async def test_a_message_written_before_table_storage_stopped_answering_is_not_r
     await silent.start()
     rig = rig_factory(FHIR_TIMEOUT_SECONDS="1")
     delivery = rig.pipeline.delivery
+    assert delivery is not None
     quiet = azurite_tables.connection_string.replace(f"127.0.0.1:{upstream}", f"127.0.0.1:{silent.port}")
     settings = Settings(outcomes_connection_string=quiet, outcomes_table_prefix="dl" + new_id().replace("-", "")[:12])
     store = OutcomeStore.from_settings(settings)
@@ -358,7 +363,7 @@ async def test_a_message_written_before_table_storage_stopped_answering_is_not_r
     try:
         [created] = await app.handle_batch([received_message(json.dumps(row.create()).encode())],
                                            MockMessageActions())
-        assert created.state == "written", created.detail
+        assert created is not None and created.state == "written", created and created.detail
 
         async def storage_goes_quiet(_: Any) -> None:
             silent.silent = True  # from the update's Provenance on, Table Storage does not answer
@@ -373,6 +378,7 @@ async def test_a_message_written_before_table_storage_stopped_answering_is_not_r
         await store.aclose()
         await silent.stop()
     [record] = [r for r in caplog.records if r.name == "writeback.function" and r.__dict__.get("message_id") == "u11"]
+    assert result is not None
     assert actions.only.kind == "complete" and len(scheduler.copies) == 1
     [patient] = fhir.search(f"Patient?identifier=urn:dataverse:contact|{row.id}")
     assert patient["name"][0]["family"] == "Later" and audit_history(fhir, patient, "contact", row.id).missing == 0
