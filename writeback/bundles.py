@@ -265,7 +265,7 @@ class BatchDelivery:
         answers = await self.send([_read_entry(job.target) for job in unread] + [_search_entry(r) for r in searches])
         for job, answer in zip(unread, answers, strict=False):
             self._take_read(job, answer, batch)
-        writing = {job.target.row for job in jobs if isinstance(job.edit, RowEdit)}
+        writing = {job.target.row for job in jobs if isinstance(job.edit, RowEdit) and job.outcome is None}
         for ref, answer in zip(searches, answers[len(unread):], strict=True):
             if isinstance(answer, WritebackError):
                 # Unanswered (unreachable, 5xx through every retry): not "no such resource", and a reference made
@@ -295,27 +295,33 @@ class BatchDelivery:
                     f"{awaited.row_id}) is not in FHIR yet: waiting for it, rather than refer to it by identifier "
                     "only.")
         written: list[_Job] = []
+        # FHIR R4 batch rules (http.html#brules): "there SHALL be no interdependencies between the different
+        # entries in the Bundle". A write referring to a resource another job of this wave creates (a visit and
+        # its patient, new in one Service Bus batch) goes after that create, and only if it was made: else it
+        # would name a resource that is not there, which nothing would write again (found by review). A create
+        # that failed before it was sent (its own lookup waits) counts as not made too.
+        creators = {_made_as(job): job for job in jobs
+                    if job.absent and isinstance(job.edit, RowEdit) and not job.plan.heal_only}
         todo = [job for job in jobs if job.outcome is None]
         while todo:
-            # FHIR R4 batch rules (http.html#brules): "there SHALL be no interdependencies between the different
-            # entries in the Bundle". A write referring to a resource another job of this wave creates (a visit
-            # and its patient, new in one Service Bus batch) goes after that create, and only if it was made:
-            # else it would name a resource that is not there, which nothing would write again (found by review).
-            making = {_made_as(job): job for job in todo
-                      if job.absent and isinstance(job.edit, RowEdit) and not job.plan.heal_only}
-            later = [job for job in todo if _makers(job, making, batch)]
-            if len(later) == len(todo):  # lookups in a cycle, all new: no order satisfies them
-                later = []
-            await self._attempts([job for job in todo if job not in later], batch, written)
-            for job in later:
-                unmade = next((ref for ref, maker in _makers(job, making, batch)
-                               if isinstance(maker.outcome, WritebackError)), None)
+            waiting = {id(job) for job in todo}
+            now, later = [], []
+            for job in todo:
+                makers = _makers(job, creators, batch)
+                unmade = next((ref for ref, maker in makers if isinstance(maker.outcome, WritebackError)), None)
                 if unmade is not None:
                     job.outcome = WritebackError(
                         Reason.TARGET_PENDING, f"The {unmade.resource_type} this row refers to ({unmade.table} "
                         f"{unmade.row_id}) could not be made in this batch: waiting for it, rather than refer to a "
                         "resource that is not there.")
-            todo = [job for job in later if job.outcome is None]
+                elif any(id(maker) in waiting for _, maker in makers):
+                    later.append(job)
+                else:
+                    now.append(job)
+            if not now:  # lookups in a cycle, all new: no order satisfies them
+                now, later = later, []
+            await self._attempts(now, batch, written)
+            todo = later
         return written
 
     async def _attempts(self, pending: list[_Job], batch: _Batch, written: list[_Job]) -> None:
@@ -624,8 +630,11 @@ class BatchDelivery:
         chunks = [entries[i:i + size] for i in range(0, len(entries), size)]
 
         async def one(chunk: Sequence[dict[str, Any]]) -> list[Answer | WritebackError]:
+            # Only a bundle holding a create is bound by the create lease's window: an If-Match update is safe
+            # whenever it goes (found by review: updates sharing a wave with one create were refused).
+            bound = window if any(_creates(entry) for entry in chunk) else None
             async with self._slots:
-                return await self._bundle(chunk, window)
+                return await self._bundle(chunk, bound)
 
         answered = await asyncio.gather(*(one(c) for c in chunks))
         return [a for chunk in answered for a in chunk]
@@ -766,6 +775,12 @@ def _resolved(edit: Edit, plan: WritePlan, batch: _Batch, *, creating: bool = Fa
     return replace(edit, owned=owned)
 
 
+def _creates(entry: Mapping[str, Any]) -> bool:
+    """A resource `PUT` without If-Match: a create under the row's id."""
+    request = entry.get("request") or {}
+    return request.get("method") == "PUT" and "ifMatch" not in request
+
+
 async def _give_back(leases: Leases, names: Sequence[str], holder: str, seconds: float) -> None:
     """Release these leases, within `seconds`: one not released expires on its own."""
     try:
@@ -782,7 +797,7 @@ def _made_as(job: _Job) -> tuple[str, str]:
 
 
 def _makers(job: _Job, making: Mapping[tuple[str, str], _Job], batch: _Batch) -> list[tuple[RowRef, _Job]]:
-    """The lookups of this job that name a resource another job of its wave is about to create, with that job."""
+    """The lookups of this job that name a resource another job of its wave creates (or was to), with that job."""
     if not job.plan.refs or isinstance(job.edit, RemoveItem | Release):
         return []
     found = []

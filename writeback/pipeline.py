@@ -456,6 +456,18 @@ class Pipeline:
         """The outcome of a message the invocation's deadline stopped (its plan, for the log, is pure work)."""
         return Result("retry", reason, detail, self.plan(envelope))
 
+    async def record_unworked(self, envelope: Envelope, result: Result) -> Result:
+        """Keep the outcome of a message not worked on (its lock nearly over), where there is an outcome log,
+        within FHIR_TIMEOUT_SECONDS; what it ended as (`outcome-store-unavailable` when it could not be kept)."""
+        if self.ledger is None:
+            return result
+        try:
+            async with asyncio.timeout(self.settings.timeout_seconds):
+                return await self._record(envelope, result)
+        except TimeoutError:
+            return result_for(result.decision, Reason.OUTCOME_STORE_UNAVAILABLE, "Table Storage did not answer in "
+                              "time to keep this outcome.")
+
     async def process_many(self, envelopes: Sequence[Envelope], emit: Emit | None = None,
                            deadline: float | None = None, progress: Progress | None = None) -> list[Result]:
         """Many messages in one go, each with its own `Result`, in input order.

@@ -168,8 +168,10 @@ REASONS: dict[Reason, ReasonInfo] = {
         "Fix the named setting or map file; messages are retried meanwhile."),
     Reason.DEADLINE_REACHED: ReasonInfo(
         Kind.TRANSIENT, "The invocation reached its deadline inside the message lock before this message was "
-        "finished; it was rescheduled rather than worked on past the lock.",
-        "Usually none: it is retried. If it recurs, lower maxMessageBatchSize or look at the FHIR service's latency."),
+        "finished; it was rescheduled rather than worked on past the lock. Also a message handed over with too "
+        "little of its lock left to work on (docs/operations.md, Timing).",
+        "Usually none: it is retried. If it recurs, lower maxMessageBatchSize or look at the FHIR service's latency; "
+        "if the messages were handed over late, at the worker's load."),
     Reason.CONSENT_UNKNOWN: ReasonInfo(
         Kind.TRANSIENT, "The row belongs to a patient (an identifier or clinical row) whose consent is not known "
         "yet: no message of that patient's contact row has been seen (skipped at once instead when "
