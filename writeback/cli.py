@@ -41,6 +41,7 @@ from writeback.retry import (
     GATE_OPENED,
     MAX_MESSAGE_ID,
     ORIGINAL_ID,
+    OUTAGES,
     RESUBMISSION,
     RESUBMITTED_FROM,
     original_id,
@@ -399,7 +400,8 @@ def servicebus_client() -> ServiceBusClient:
 # Dropped from a resubmitted copy: the dead-letter annotations, and the retry count and window, which would leave a
 # message dead-lettered as `retries-exhausted` no retry at all (its 24 hours already spent), with the count of
 # tries that waited for a consent among them.
-_DROPPED = {"DeadLetterReason", "DeadLetterErrorDescription", ATTEMPT, FIRST_TRIED, CONSENT_WAITS, GATE_OPENED}
+_DROPPED = {"DeadLetterReason", "DeadLetterErrorDescription", ATTEMPT, FIRST_TRIED, CONSENT_WAITS, GATE_OPENED,
+            OUTAGES}
 
 
 def _requeued(message: ServiceBusReceivedMessage) -> ServiceBusMessage:

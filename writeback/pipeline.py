@@ -50,6 +50,7 @@ from writeback.retry import (
     gate_opened,
     next_step,
     original_id,
+    outages_so_far,
 )
 from writeback.settings import Settings
 
@@ -253,8 +254,10 @@ def _attempt(envelope: Envelope) -> int:
 
 
 def _past_gates(envelope: Envelope) -> int:
-    """Of `_attempt`, those that did not wait for a patient's consent: what the waits after that gate count."""
-    return max(_attempt(envelope) - consent_waits_so_far(envelope.properties), 0)
+    """Of `_attempt`, those that waited for another row: neither for a patient's consent nor ended by an outage, a
+    conflict or the deadline (`retry.OUTAGES`). What the grace of a wait for a row counts."""
+    return max(_attempt(envelope) - consent_waits_so_far(envelope.properties) - outages_so_far(envelope.properties),
+               0)
 
 
 def _retried(envelope: Envelope) -> bool:

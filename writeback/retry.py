@@ -48,6 +48,11 @@ FIRST_TRIED = "writeback-first-tried"
 ORIGINAL_ID = "writeback-original-message-id"
 CONSENT_WAITS = "writeback-consent-waits"
 GATE_OPENED = "writeback-gate-opened"
+# How many of the attempts so far ended for another reason than a wait for a row or a consent (an outage, a
+# conflict, the deadline, a configuration fault): they never looked for the rows the message refers to, so the
+# grace of those lookups does not count them (found by review: after two `fhir-unavailable` tries a lookup no
+# longer waited for its row, and was written by identifier only).
+OUTAGES = "writeback-outage-tries"
 # On a copy `resubmit` put back from the dead-letter queue: the reason it was dead-lettered. Such a copy starts a new
 # retry window (its attempts and first-try time are not carried over) but is still a message tried before.
 RESUBMITTED_FROM = "writeback-resubmitted-from"
@@ -120,6 +125,11 @@ def attempts_so_far(properties: Mapping[str, Any] | None) -> int:
     return _count(properties, ATTEMPT)
 
 
+def outages_so_far(properties: Mapping[str, Any] | None) -> int:
+    """How many of the attempts so far ended neither waiting for a row nor for a consent (`OUTAGES`)."""
+    return _count(properties, OUTAGES)
+
+
 def consent_waits_so_far(properties: Mapping[str, Any] | None) -> int:
     """How many of the attempts so far waited for a patient's consent."""
     return _count(properties, CONSENT_WAITS)
@@ -178,10 +188,13 @@ def next_step(policy: RetryPolicy, *, properties: Mapping[str, Any] | None, mess
     resubmission = (properties or {}).get(RESUBMISSION)
     suffix = (f"~{text_of(resubmission)}" if resubmission is not None else "") + f"~r{attempt}"
     copy_id = (original[: MAX_MESSAGE_ID - len(suffix)] if original else "writeback") + suffix
-    ours = (ATTEMPT, FIRST_TRIED, ORIGINAL_ID, CONSENT_WAITS, GATE_OPENED)
+    ours = (ATTEMPT, FIRST_TRIED, ORIGINAL_ID, CONSENT_WAITS, GATE_OPENED, OUTAGES)
     kept = {text_of(k): v for k, v in (properties or {}).items() if text_of(k) not in ours}
     props = {**kept, ATTEMPT: attempt, FIRST_TRIED: first.astimezone(UTC).isoformat(), ORIGINAL_ID: original}
     waiting = gate_wait or reason is Reason.CONSENT_UNKNOWN
+    outage = reason is not None and not waiting and reason is not Reason.TARGET_PENDING
+    if outages := outages_so_far(properties) + outage:
+        props[OUTAGES] = outages
     waits = consent_waits_so_far(properties) + waiting
     if waits:
         props[CONSENT_WAITS] = waits

@@ -11,6 +11,7 @@ from writeback.retry import (
     FIRST_TRIED,
     GATE_OPENED,
     ORIGINAL_ID,
+    OUTAGES,
     RESUBMISSION,
     GiveUp,
     Retry,
@@ -50,6 +51,20 @@ def test_a_copy_counts_on_from_its_properties_and_keeps_the_first_try_time() -> 
     assert isinstance(again, Retry)
     assert (again.attempt, again.message_id, again.at) == (8, "m-1~r8", later + timedelta(seconds=900))
     assert again.properties[FIRST_TRIED] == NOW.isoformat() and again.properties[ORIGINAL_ID] == "m-1"
+
+
+def test_a_copy_counts_the_tries_an_outage_took_apart_from_waits_for_a_row() -> None:
+    """The grace of a lookup (two tries that looked for its row and did not find it) must not be used up by tries
+    that never looked: an outage, a conflict, the deadline (tests/scenarios test_rf3)."""
+    props: dict[str, object] | None = None
+    counted = []
+    for reason in (Reason.FHIR_UNAVAILABLE, Reason.TARGET_PENDING, Reason.CONFLICT, Reason.CONSENT_UNKNOWN,
+                   Reason.DEADLINE_REACHED):
+        copy = next_step(POLICY, properties=props, message_id="m-1", now=NOW, reason=reason)
+        assert isinstance(copy, Retry)
+        props = dict(copy.properties)
+        counted.append(props.get(OUTAGES))
+    assert counted == [1, 1, 2, 2, 3]
 
 
 def test_a_copy_counts_the_tries_that_waited_for_a_consent_and_only_those() -> None:

@@ -26,7 +26,7 @@ from writeback.fhir_client import FhirClient
 from writeback.maps import MapSet, load_maps
 from writeback.outcomes import OutcomeStore
 from writeback.pipeline import Envelope, Pipeline, Result
-from writeback.retry import CONSENT_WAITS, FIRST_TRIED, GATE_OPENED, GATE_WAIT, Retry, RetryPolicy, next_step
+from writeback.retry import CONSENT_WAITS, FIRST_TRIED, GATE_OPENED, GATE_WAIT, OUTAGES, Retry, RetryPolicy, next_step
 from writeback.settings import DEFAULT_MAPS_DIR, Settings
 
 META_SOURCE = "urn:test:scenarios"
@@ -82,7 +82,7 @@ class World:
     def _carried(self, sent: Sent, delivery_count: int) -> dict[str, Any]:
         """The retry copy's own properties the delivery count does not stand for already: when the first try was
         (`FIRST_TRIED`, as long before as the retry schedule puts the `delivery_count`-th), `CONSENT_WAITS`,
-        `GATE_OPENED` (real time, as the pipeline's clock is)."""
+        `GATE_OPENED` (real time, as the pipeline's clock is), `OUTAGES`."""
         if delivery_count == 1:
             return {}
         first = {FIRST_TRIED: (datetime.now(UTC) - timedelta(seconds=since_first(delivery_count))).isoformat()}
@@ -94,7 +94,7 @@ class World:
                          now=datetime.now(UTC), reason=result.reason,
                          gate_wait=bool(result.decision.extra.get(GATE_WAIT)))
         assert isinstance(step, Retry)
-        return {**first, **{k: v for k, v in step.properties.items() if k in (CONSENT_WAITS, GATE_OPENED)}}
+        return {**first, **{k: v for k, v in step.properties.items() if k in (CONSENT_WAITS, GATE_OPENED, OUTAGES)}}
 
     async def send_each(self, *sent: Sent, instance: int = 0) -> list[Result]:
         """One invocation per message, in the order given."""

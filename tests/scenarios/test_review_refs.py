@@ -84,8 +84,6 @@ async def test_rf2_a_visit_of_a_patient_whose_create_was_refused_names_no_missin
         encounter["subject"], _status_of(world, reference), _tries(world, admitted))
 
 
-@pytest.mark.xfail(strict=True, reason="the grace of a lookup (two tries) is used up by any retry, an outage's "
-                   "included, not only by tries that looked for the row and did not find it")
 async def test_rf3_a_vital_retried_through_an_outage_still_waits_for_its_visit(world: World):
     """A patient (written) is admitted and a heart rate recorded in the visit while the FHIR service is down (503):
     both messages end `fhir-unavailable`, each retried on its own schedule (Service Bus does not order rows: the
