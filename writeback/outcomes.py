@@ -698,32 +698,26 @@ class OutcomeStore:
                 raise done
             if isinstance(done, BaseException):
                 raise _unavailable(done, "write the outcome log") from None
-        if key and result.state in ("written", "skipped"):
+        if key:
             # Only once its rows are kept: written beside them, a marker kept while the row's history failed made
             # the message's retry a `duplicate`, and `logs --record` never showed the write (found by review).
+            # Processed (written, skipped): its repeats are duplicates. Tried (any other end): its redelivery, whose
+            # delivery count the binding does not pass, is known as a retry by it (`Pipeline._admit`); made only
+            # where no marker is, so a processed one stays so.
+            processed = result.state in ("written", "skipped")
+            what = "record the message as processed" if processed else "record the message as tried"
             messages = await self._table("messages")
+            marker = _entity({
+                "PartitionKey": safe_key(key), "RowKey": "m", "Outcome": result.state,
+                "Reason": result.reason.value if result.reason else None, "RecordedAt": now,
+                "Table": common["Table"], "RecordId": common["RecordId"], "MessageKey": _text(key, 200),
+            })
             try:
-                await self._call("record the message as processed", messages.upsert_entity(_entity({
-                    "PartitionKey": safe_key(key), "RowKey": "m", "Outcome": result.state,
-                    "Reason": result.reason.value if result.reason else None, "RecordedAt": now,
-                    "Table": common["Table"], "RecordId": common["RecordId"], "MessageKey": _text(key, 200),
-                })))
-            except AzureError as exc:
-                raise _unavailable(exc, "record the message as processed") from None
-        elif key:
-            # Tried: its redelivery, whose delivery count the binding does not pass, is known as a retry by this
-            # (`Pipeline._admit`). Made only where no marker is: a processed one stays so.
-            messages = await self._table("messages")
-            try:
-                await self._call("record the message as tried", messages.create_entity(_entity({
-                    "PartitionKey": safe_key(key), "RowKey": "m", "Outcome": result.state,
-                    "Reason": result.reason.value if result.reason else None, "RecordedAt": now,
-                    "Table": common["Table"], "RecordId": common["RecordId"], "MessageKey": _text(key, 200),
-                })))
+                await self._call(what, messages.upsert_entity(marker) if processed else messages.create_entity(marker))
             except ResourceExistsError:
-                pass
+                pass  # (only the tried marker's create meets one: a marker is there, and stays)
             except AzureError as exc:
-                raise _unavailable(exc, "record the message as tried") from None
+                raise _unavailable(exc, what) from None
 
     # -- queries (python -m writeback logs) ---------------------------------------------------------------
 
