@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from devtools.services import Azurite, FhirDevServer, free_port
+from devtools.services import Azurite, FhirDevServer
 from tests.delivery.conftest import Fhir, Rig, env_for, fhir, maps, rig_factory
 from tests.function.conftest import FakeFactory, MockMessageActions, RecordingScheduler
 from tests.function.helpers import create_body, new_id
@@ -31,6 +31,7 @@ from tests.function.sb import received_message
 from tests.function.test_settlement import redelivered
 from tests.reliability.broker import SimMessage
 from tests.reliability.conftest import BundleFault, Deliveries, Row, audit_history, ledger, ledger_settings
+from tests.reliability.test_fault_injection import TcpProxy
 from tests.reliability.test_interleavings import marks
 from writeback import functions
 from writeback.outcomes import OutcomeStore
@@ -39,6 +40,20 @@ from writeback.reasons import Reason
 from writeback.settings import Settings
 
 __all__ = ["fhir", "ledger", "ledger_settings", "maps", "rig_factory"]  # the delivery and reliability rigs' fixtures
+
+def _app_on(rig: Rig, ledger: OutcomeStore, settings: Settings, scheduler: RecordingScheduler) -> functions.FunctionApp:
+    """The function app over the rig's delivery, this ledger (reached with `settings`) and the recording scheduler,
+    FHIR_TIMEOUT_SECONDS 1. The sb.py messages are locked for one more minute: its margin leaves 0.8 s of work
+    before the deadline."""
+    delivery = rig.pipeline.delivery
+    assert delivery is not None
+    env = {**env_for(rig.server, FHIR_TIMEOUT_SECONDS="1"),
+           "OUTCOMES_CONNECTION_STRING": settings.outcomes_connection_string or "",
+           "OUTCOMES_TABLE_PREFIX": settings.outcomes_table_prefix}
+    return functions.FunctionApp(env, delivery_factory=lambda s: (delivery, _nothing),
+                                 ledger_factory=lambda s: (ledger, _nothing), scheduler_factory=scheduler.factory,
+                                 margin_seconds=58.2)
+
 
 # ---- a batch handed over after its lock lapsed ------------------------------------------------------------------
 
@@ -73,52 +88,30 @@ async def test_a_batch_whose_lock_has_already_lapsed_is_not_written_to_fhir(
 # ---- a create held past its lease by a token endpoint that answers byte by byte --------------------------------
 
 
-class DrippingTokenEndpoint:
+class DrippingTokenEndpoint(TcpProxy):
     """A loopback TCP forwarder in front of the dev server's token endpoint. Once `armed`, it passes the server's
     answers on one byte every 0.25 s (each byte well inside FHIR_TIMEOUT_SECONDS, so no read times out) until
     `released`, then the rest at once: a token endpoint (or a proxy on its path) answering slowly byte by byte."""
 
     def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
+        super().__init__(target_port)
         self.armed = False
         self.dripping = asyncio.Event()
         self.released = asyncio.Event()
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
 
     async def stop(self) -> None:
         self.released.set()
-        if self.server is not None:
-            self.server.close()
-        for writer in self.writers:
-            writer.close()
+        await super().stop()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self.writers += [writer, up_writer]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, drip: bool) -> None:
-            try:
-                while data := await src.read(65536):
-                    if drip and self.armed and not self.released.is_set():
-                        self.dripping.set()
-                        while data and not self.released.is_set():
-                            dst.write(data[:1])
-                            await dst.drain()
-                            data = data[1:]
-                            await asyncio.sleep(0.25)
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))
+    async def passed(self, data: bytes, dst: asyncio.StreamWriter, answer: bool) -> None:
+        if answer and self.armed and not self.released.is_set():
+            self.dripping.set()
+            while data and not self.released.is_set():
+                dst.write(data[:1])
+                await dst.drain()
+                data = data[1:]
+                await asyncio.sleep(0.25)
+        await super().passed(data, dst, answer)
 
 
 @pytest.fixture
@@ -199,15 +192,7 @@ async def test_a_version_whose_provenance_the_deadline_stopped_gets_it_when_the_
     redelivery, as it is when the copy could be scheduled (`test_the_deadline_stops_the_calls_work_including_
     provenance_still_on_its_way`)."""
     rig = rig_factory(FHIR_TIMEOUT_SECONDS="1")
-    delivery = rig.pipeline.delivery
-    assert delivery is not None
-    env = {**env_for(rig.server, FHIR_TIMEOUT_SECONDS="1"),
-           "OUTCOMES_CONNECTION_STRING": ledger_settings.outcomes_connection_string or "",
-           "OUTCOMES_TABLE_PREFIX": ledger_settings.outcomes_table_prefix}
-    # The sb.py messages are locked for one more minute: this margin leaves 0.8 s of work before the deadline.
-    app = functions.FunctionApp(env, delivery_factory=lambda s: (delivery, _nothing),
-                                ledger_factory=lambda s: (ledger, _nothing), scheduler_factory=scheduler.factory,
-                                margin_seconds=58.2)
+    app = _app_on(rig, ledger, ledger_settings, scheduler)
     row = Row()
 
     async def invoke(body: dict[str, Any], message_id: str, **kw: Any) -> tuple[str, Any]:
@@ -256,15 +241,7 @@ async def test_a_create_the_deadline_stopped_before_it_was_sent_does_not_block_i
     anything of it could be applied gives its lease back, and the retry writes the Patient."""
     proxy = dripping_token_endpoint
     rig = rig_factory(FHIR_TIMEOUT_SECONDS="1", FHIR_TOKEN_URL=f"http://127.0.0.1:{proxy.port}/oauth2/token")
-    delivery = rig.pipeline.delivery
-    assert delivery is not None
-    env = {**env_for(rig.server, FHIR_TIMEOUT_SECONDS="1"),
-           "OUTCOMES_CONNECTION_STRING": ledger_settings.outcomes_connection_string or "",
-           "OUTCOMES_TABLE_PREFIX": ledger_settings.outcomes_table_prefix}
-    # The sb.py messages are locked for one more minute: this margin leaves 0.8 s of work before the deadline.
-    app = functions.FunctionApp(env, delivery_factory=lambda s: (delivery, _nothing),
-                                ledger_factory=lambda s: (ledger, _nothing), scheduler_factory=scheduler.factory,
-                                margin_seconds=58.2)
+    app = _app_on(rig, ledger, ledger_settings, scheduler)
     row = Row()
 
     async def expired(_: Any) -> None:
@@ -290,43 +267,18 @@ async def test_a_create_the_deadline_stopped_before_it_was_sent_does_not_block_i
 # ---- Table Storage stops answering after the write: the backstop's reason ----------------------------------------
 
 
-class SilentAfterCue:
+class SilentAfterCue(TcpProxy):
     """A loopback TCP forwarder in front of Azurite's Table endpoint that, once `silent`, passes nothing on in either
     direction: Table Storage that keeps the connection open and never answers (a storage failover, a network path
     dropping packets); azure-core waits its read timeout (30 s) and retries."""
 
     def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
+        super().__init__(target_port)
         self.silent = False
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        for writer in self.writers:
-            writer.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self.writers += [writer, up_writer]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    if not self.silent:
-                        dst.write(data)
-                        await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+    async def passed(self, data: bytes, dst: asyncio.StreamWriter, answer: bool) -> None:
+        if not self.silent:
+            await super().passed(data, dst, answer)
 
 
 async def test_a_message_written_before_table_storage_stopped_answering_is_not_reported_as_unfinished_by_the_deadline(
@@ -346,18 +298,10 @@ async def test_a_message_written_before_table_storage_stopped_answering_is_not_r
     silent = SilentAfterCue(upstream)
     await silent.start()
     rig = rig_factory(FHIR_TIMEOUT_SECONDS="1")
-    delivery = rig.pipeline.delivery
-    assert delivery is not None
     quiet = azurite_tables.connection_string.replace(f"127.0.0.1:{upstream}", f"127.0.0.1:{silent.port}")
     settings = Settings(outcomes_connection_string=quiet, outcomes_table_prefix="dl" + new_id().replace("-", "")[:12])
     store = OutcomeStore.from_settings(settings)
-    env = {**env_for(rig.server, FHIR_TIMEOUT_SECONDS="1"),
-           "OUTCOMES_CONNECTION_STRING": settings.outcomes_connection_string or "",
-           "OUTCOMES_TABLE_PREFIX": settings.outcomes_table_prefix}
-    # The sb.py messages are locked for one more minute: this margin leaves 0.8 s of work before the deadline.
-    app = functions.FunctionApp(env, delivery_factory=lambda s: (delivery, _nothing),
-                                ledger_factory=lambda s: (store, _nothing), scheduler_factory=scheduler.factory,
-                                margin_seconds=58.2)
+    app = _app_on(rig, store, settings, scheduler)
     row = Row()
     caplog.set_level(logging.INFO, "writeback")
     try:

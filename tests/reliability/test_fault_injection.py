@@ -89,17 +89,21 @@ class TcpProxy:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self.writers += [writer, up_writer]
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, answer: bool) -> None:
             try:
                 while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
+                    await self.passed(data, dst, answer)
             except (ConnectionError, OSError):
                 pass
             finally:
                 dst.close()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))
+
+    async def passed(self, data: bytes, dst: asyncio.StreamWriter, answer: bool) -> None:
+        """Pass `data` on (`answer`: the server's, to the client). Where a proxy that misbehaves does."""
+        dst.write(data)
+        await dst.drain()
 
 
 # ---- bounded faults: every stream eventually succeeds ----------------------------------------------------------
