@@ -525,6 +525,38 @@ def _drop_stale_texts(result: dict[str, Any], parts: list[tuple[Assignment, JSON
             del parent["text"]
 
 
+def _same_referent(new: dict[str, Any], was: dict[str, Any]) -> bool:
+    """Whether two References name one resource: by their literal references where both have one, else by their
+    logical identifiers (system and value)."""
+    if new.get("reference") and was.get("reference"):
+        return bool(new["reference"] == was["reference"])
+    identifier = new.get("identifier")
+    return isinstance(identifier, dict) and bool(identifier.get("value")) and was.get("identifier") == identifier
+
+
+def _displays(result: dict[str, Any], assignments: Iterable[Assignment]) -> list[tuple[Assignment, JSONValue]]:
+    """The whole References the assignments write (a lookup's, `RowRef.reference`'s shape) that name what the
+    element already names, with the `display` it holds: FHIR's "text that identifies the resource in addition to
+    the reference" (another system's, an ingest's), which a save naming the same resource keeps, as a Coding
+    written as it was keeps its display."""
+    out: list[tuple[Assignment, JSONValue]] = []
+    for a in assignments:
+        new = a.value
+        if not isinstance(new, dict) or "type" not in new or "display" in new:
+            continue
+        was = _navigate(result, a.path)
+        if isinstance(was, dict) and "display" in was and _same_referent(new, was):
+            out.append((a, was["display"]))
+    return out
+
+
+def _keep_displays(result: dict[str, Any], displays: Iterable[tuple[Assignment, JSONValue]]) -> None:
+    for a, display in displays:
+        reference = _navigate(result, a.path)
+        if isinstance(reference, dict):  # (a copy `_set` made: changed in place)
+            reference["display"] = display
+
+
 def _described(assignments: Iterable[Assignment]) -> list[Assignment]:
     """The assignments whose value other elements may describe."""
     return [a for a in assignments if len(a.path) > 1 and isinstance(a.path[-1], Field)
@@ -705,8 +737,10 @@ def apply_changes(resource: dict[str, Any], assignments: Iterable[Assignment],
         assignments = _redirect(assignments, redirects)
     before = [(a, _navigate(result, a.path)) for a in _described(assignments)]
     parts = _text_parts(result, assignments)
+    displays = _displays(result, assignments)
     for assignment in assignments:
         result = _set(result, assignment.path, assignment.value)
+    _keep_displays(result, displays)
     _drop_stale(result, _changed(before, result), assignments)
     _drop_stale_texts(result, parts, assignments)
     _unpick(result, redirects)
@@ -772,6 +806,7 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
                     if (current[i] if v is KEEP and i < len(current) else v) not in (None, KEEP))
     described = [(a, _navigate(result, a.path)) for a in _described(values)] if existing else []
     parts = _text_parts(result, values) if existing else []
+    displays = _displays(result, values) if existing else []
     groups: dict[Path, list[Assignment]] = {}
     held: set[Path] = set()
     if existing:
@@ -782,6 +817,7 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
         result = _set(result, constant.path, None)
     for assignment in values:
         result = _set(result, assignment.path, assignment.value)
+    _keep_displays(result, displays)
     if described:
         _drop_stale(result, _changed(described, result), [*values, *constants])
     if parts:

@@ -423,3 +423,36 @@ def test_row_item_takes_over_the_note_an_ingest_put_there():
     upgraded = written(ingested)
     assert texts(apply_state(upgraded, [note("oral")], [note("axillary")], own=ROW))[0] == ("oral", True)
     assert apply_state(upgraded, [note("oral")], [note("rectal")], own=ROW)["note"][:2] == ingested["note"]
+
+
+SUBJECT_SYSTEM = "urn:dataverse:contact"
+
+
+def lookup(fhir_id: str | None, row: str) -> dict[str, Any]:
+    """A lookup's Reference as this product writes it (`RowRef.reference`)."""
+    identifier = {"system": SUBJECT_SYSTEM, "value": row}
+    return {"reference": f"Patient/{fhir_id}", "type": "Patient", "identifier": identifier} if fhir_id \
+        else {"type": "Patient", "identifier": identifier}
+
+
+def subject(fhir_id: str | None, row: str) -> Assignment:
+    return Assignment(parse_path("subject"), lookup(fhir_id, row), "msemr_subjectpatient")
+
+
+@pytest.mark.parametrize("write", [apply_state, apply_changes])
+def test_a_reference_naming_what_it_named_keeps_its_display_and_one_naming_another_loses_it(write: Any) -> None:
+    """FHIR R4 Reference.display is text identifying the resource beside the reference (what an EHR's lists show,
+    an ingest's): a save whose lookup still names the same Patient keeps it; one naming another Patient must not
+    leave the first one's name beside it, nor one that could name another (an identifier-only last resort)."""
+    encounter = {"resourceType": "Encounter", "id": "e1", "status": "in-progress",
+                 "subject": {"reference": "Patient/ext-1", "display": "the ingest's text"}}
+    same = write(encounter, [subject("ext-1", "c1")])
+    assert same["subject"] == {**lookup("ext-1", "c1"), "display": "the ingest's text"}
+    moved = write(encounter, [subject("ext-2", "c2")])
+    assert moved["subject"] == lookup("ext-2", "c2")
+    unsure = write(encounter, [subject(None, "c1")])
+    assert unsure["subject"] == lookup(None, "c1")
+    by_identifier = {**encounter, "subject": {**lookup(None, "c1"), "display": "the ingest's text"}}
+    assert write(by_identifier, [subject("ext-1", "c1")])["subject"]["display"] == "the ingest's text"
+    assert "display" not in write(by_identifier, [subject(None, "c2")])["subject"]
+    assert encounter["subject"] == {"reference": "Patient/ext-1", "display": "the ingest's text"}  # not changed

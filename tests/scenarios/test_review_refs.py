@@ -227,9 +227,6 @@ async def test_rf7_a_visit_of_a_contact_created_as_a_practitioner_by_mistake_sta
     assert found == [], (_tries(world, admitted), found[0]["subject"])
 
 
-@pytest.mark.xfail(strict=True, reason="the map owns the subject as a whole element: a save rewrites it, and the "
-                   "display the ingest gave it goes (as designed today; a Reference's display is not yet kept as a "
-                   "Coding's is)")
 async def test_rf8_a_visit_from_fhir_keeps_its_subjects_display_when_a_save_leaves_the_subject_as_it_was(
         world: World):
     """A visit came from FHIR (Encounter/<ext>, ingested by the sync), its `subject` a reference to the patient's
