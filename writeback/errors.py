@@ -19,6 +19,16 @@ class NotApplied(WritebackError):
     whose answer never came, it is known not to have changed anything."""
 
 
+class TargetGone(WritebackError):
+    """`target-missing` because the resource a row's FHIR id names is not on the server (404 or 410): `row` (table,
+    row id) and `reference` (`Type/<id>`) tell the row facts, so that no lookup names it any more."""
+
+    def __init__(self, row: tuple[str, str], reference: str, detail: str) -> None:
+        super().__init__(Reason.TARGET_MISSING, detail)
+        self.row = row
+        self.reference = reference
+
+
 class ConfigError(WritebackError):
     """A missing or invalid setting or map: the message is kept (abandoned), never dead-lettered."""
 

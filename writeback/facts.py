@@ -88,6 +88,10 @@ class RowFacts:
     # never was one skips them at once. `type_version` moves with every message that holds the type: not this.
     type_before: str | None = None
     retyped: Version = field(default_factory=Version)
+    # `Type/<id>` the row's FHIR id (or what was written for it) names, which a write of this product then found
+    # missing on the server (`target-missing`: deleted there, an erasure or a merge's loser): no lookup names it any
+    # more, until this product finds or writes the row there again.
+    gone: str | None = None
 
     @property
     def type_at(self) -> Version:
@@ -111,7 +115,12 @@ class RowFacts:
 
     def id_for(self, resource_type: str) -> str | None:
         """The FHIR id of the row's resource of that type (a contact that became a Practitioner was a Patient
-        before: neither the id it was ingested under nor the one written then is the Practitioner's)."""
+        before: neither the id it was ingested under nor the one written then is the Practitioner's); not one
+        found missing on the server since (`gone`)."""
+        known = self._id_for(resource_type)
+        return None if known is not None and self.gone == f"{resource_type}/{known}" else known
+
+    def _id_for(self, resource_type: str) -> str | None:
         if self.fhir_id and self.fhir_type == resource_type:
             return self.fhir_id
         if self.fhir_id == NO_FHIR_ID:
@@ -140,6 +149,10 @@ class RowFacts:
         parent, parent_at = _newest(self.parent, self.parent_at, other.parent, other.parent_at)
         version = newer.version if newer.version.known else older.version
         type_before, retyped = _last_change(self, other)
+        # Found missing stays until a resource is found or written under that id again, learned later.
+        gone = newer.gone or older.gone
+        if newer.gone is None and newer.written is not None and newer.written == gone:
+            gone = None
         return RowFacts(self.table, self.row_id, version, kind, consent, fhir_id,
                         newer.written or older.written, parent, fhir_type,
                         # (kept only where it is not `version`'s: facts compare equal however they were merged)
@@ -149,7 +162,7 @@ class RowFacts:
                         echoed=_echoed(self.echoed, other.echoed),
                         seen=self.seen if self.seen == other.seen else
                         tuple(sorted(set(self.seen) | set(other.seen))[-SEEN_KEPT:]),
-                        type_before=type_before, retyped=retyped)
+                        type_before=type_before, retyped=retyped, gone=gone)
 
     def follows_seen(self, before: Version) -> bool:
         """Whether the save that left the row at `before` (a message's pre image) may be one already seen: not when

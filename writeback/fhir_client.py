@@ -29,7 +29,7 @@ import msgspec
 
 from writeback.auth import OAuthClientCredentials, TokenProvider, fhir_tokens
 from writeback.decide import Target, WritePlan
-from writeback.errors import NotApplied, WritebackError
+from writeback.errors import NotApplied, TargetGone, WritebackError
 from writeback.mapping import resolve_refs
 from writeback.paths import apply
 from writeback.pipeline import Delivered, Delivery, Issue
@@ -176,8 +176,8 @@ def target_pending(target: Target) -> WritebackError:
 
 
 def target_gone(target: Target) -> WritebackError:
-    return WritebackError(Reason.TARGET_MISSING,
-                          f"{target.resource_type}/{target.fhir_id} does not exist on the FHIR server")
+    reference = f"{target.resource_type}/{target.fhir_id}"
+    return TargetGone(target.row, reference, f"{reference} does not exist on the FHIR server")
 
 
 def unversioned_read() -> WritebackError:
@@ -185,7 +185,8 @@ def unversioned_read() -> WritebackError:
 
 
 def vanished(target: Target, resource_id: str) -> WritebackError:
-    return WritebackError(Reason.TARGET_MISSING, f"{target.resource_type}/{resource_id} no longer exists")
+    reference = f"{target.resource_type}/{resource_id}"
+    return TargetGone(target.row, reference, f"{reference} no longer exists")
 
 
 def being_created(target: Target) -> WritebackError:

@@ -24,7 +24,8 @@ Implements `writeback.pipeline.Ledger` over azure-data-tables (async) and the qu
 ``rowstate``  Per Dataverse row (PartitionKey = record id, RowKey = table logical name), two things:
     - its facts (`writeback.facts`): ``FactsVersion``, ``ResourceType``, ``Consent``, ``FhirId`` (and
       ``FhirType``, the type of the resource it names), ``Written``
-      (`Type/<id>` of the resource found or written for it), ``Parent`` (a child row's parent), ``Echoed`` (JSON
+      (`Type/<id>` of the resource found or written for it), ``Gone`` (`Type/<id>` its FHIR id names, found missing
+      on the server since), ``Parent`` (a child row's parent), ``Echoed`` (JSON
       column → version: the mapped columns the FHIR→Dataverse sync set, column names only), ``Seen`` (the
       `versionnumber`s of the row's messages seen, newest 16, comma-separated: a save whose pre image names one
       between them that none has waits for it): what other rows' writes, and the row's own older saves, need to know
@@ -274,7 +275,7 @@ def _group(entities: Iterable[Mapping[str, Any]]) -> list[OutcomeRow]:
 
 def _facts_of(row: RowKey, entity: Mapping[str, Any]) -> RowFacts | None:
     if not any(k in entity for k in ("FactsVersion", "ResourceType", "Consent", "FhirId", "Written", "Parent",
-                                     "FhirType", "Echoed", "Seen", "TypeBefore")):
+                                     "FhirType", "Echoed", "Seen", "TypeBefore", "Gone")):
         return None
     consent = entity.get("Consent")
     kind = entity.get("ResourceType")
@@ -290,7 +291,7 @@ def _facts_of(row: RowKey, entity: Mapping[str, Any]) -> RowFacts | None:
                     parent_version=Version.parse(str(entity.get("ParentVersion") or "")),
                     echoed=_echoed_of(entity.get("Echoed")), seen=_seen_of(entity.get("Seen")),
                     type_before=entity.get("TypeBefore") or None,
-                    retyped=Version.parse(str(entity.get("Retyped") or "")))
+                    retyped=Version.parse(str(entity.get("Retyped") or "")), gone=entity.get("Gone") or None)
 
 
 def _seen_of(raw: object) -> tuple[int, ...]:
@@ -565,6 +566,8 @@ class OutcomeStore:
                 "Echoed": json.dumps({column: at.stored() for column, at in merged.echoed}) if merged.echoed else None,
                 "Seen": ",".join(map(str, merged.seen)) if merged.seen else None,
                 "TypeBefore": merged.type_before, "Retyped": merged.retyped.stored() or None,
+                # "" once found again (None, MERGE would keep the old value)
+                "Gone": merged.gone or ("" if known is not None and known.gone else None),
                 # "" (not None, which MERGE would leave as it was): the same as FactsVersion
                 # (`stored`: modifiedon beside a versionnumber, so a message without the number is still ordered)
                 **{name: version.stored() if version != merged.version else "" for name, version in

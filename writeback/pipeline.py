@@ -23,7 +23,7 @@ from typing import Any, Literal, Protocol, TypeVar
 from writeback.collector import paused
 from writeback.converge import ItemEdit, RemoveItem, RowEdit
 from writeback.decide import Decision, RowKey, WritePlan, modified_on, narrow, plan_message, row_version
-from writeback.errors import WritebackError
+from writeback.errors import TargetGone, WritebackError
 from writeback.facts import (
     CONSENT_GRACE_RETRIES,
     EARLIER_SAVE_GRACE_RETRIES,
@@ -771,6 +771,8 @@ class Pipeline:
             decision = decisions[i]
             if isinstance(outcome, WritebackError):
                 results[i] = result_for(decision, outcome.reason, outcome.detail)
+                if isinstance(outcome, TargetGone):
+                    batch.learned.append(RowFacts(*outcome.row, gone=outcome.reference))
                 if i in batch.creates and (row := _source_row(decision)) is not None:
                     batch.created.discard(row)  # (made nothing: the flights after it must not name its id)
                 if outcome.reason is Reason.TARGET_PENDING and decision.plan is not None \

@@ -1042,6 +1042,20 @@ def test_row_facts_keep_the_version_of_the_message_each_value_came_from():
     assert told.merge(told) == told and later.merge(told).merge(later) == known
 
 
+def test_a_fhir_id_found_missing_names_nothing_until_the_row_is_written_there_again():
+    """A contact ingested as Patient/ext-1, whose record was then deleted on the server: its write found it missing
+    (`target-missing`). No lookup names it (a visit admitted meanwhile would name a resource that does not exist),
+    whatever message of the row comes next, until this product writes the row there again."""
+    told = RowFacts("contact", "c-1", Version(10), "Patient", True, "ext-1", fhir_type="Patient")
+    assert told.id_for("Patient") == "ext-1"
+    gone = told.merge(RowFacts("contact", "c-1", gone="Patient/ext-1"))
+    assert gone.id_for("Patient") is None
+    saved = gone.merge(RowFacts("contact", "c-1", Version(11), "Patient", True, "ext-1", fhir_type="Patient"))
+    assert saved.id_for("Patient") is None  # (the next save still names it: its write finds it missing again)
+    assert saved.merge(RowFacts("contact", "c-1", written="Patient/ext-1")).id_for("Patient") == "ext-1"
+    assert saved.merge(RowFacts("contact", "c-1", Version(12), "Patient", True, "ext-2")).id_for("Patient") == "ext-2"
+
+
 def test_row_facts_keep_the_type_a_row_had_before_its_last_type_change_in_any_order():
     """A contact made a Practitioner: its identifier rows wait for it to be a Patient again (`resolve`), where a
     contact that never was one skips them at once. Every message holding the type moves `type_at`, so the change

@@ -344,6 +344,11 @@ async def test_row_facts_round_trip_through_table_storage(store: OutcomeStore) -
     await store.learn([RowFacts("contact", contact, Version(8), fhir_id=NO_FHIR_ID)])
     await store.learn([RowFacts("contact", contact, Version(6), fhir_id="ext-1")])
     assert (await store.facts({learned[0].key}))[learned[0].key].fhir_id == NO_FHIR_ID
+    # An id found missing on the server stays so in the row state, until the row is written under it again.
+    await store.learn([RowFacts("contact", contact, gone="Patient/ext-1")])
+    assert (await store.facts({learned[0].key}))[learned[0].key].gone == "Patient/ext-1"
+    await store.learn([RowFacts("contact", contact, written="Patient/ext-1")])
+    assert (await store.facts({learned[0].key}))[learned[0].key].gone is None
 
 
 @pytest.mark.parametrize("kind", ["table-storage", "in-process"])

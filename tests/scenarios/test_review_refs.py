@@ -115,8 +115,6 @@ async def test_rf3_a_vital_retried_through_an_outage_still_waits_for_its_visit(w
         observation["encounter"], _tries(world, observed))
 
 
-@pytest.mark.xfail(strict=True, reason="a FHIR id from the row facts is taken as a lookup's reference without a sign "
-                   "that its resource exists; the contact's own write found it missing, and its facts keep it")
 async def test_rf4_a_visit_of_a_patient_whose_fhir_record_is_gone_names_no_missing_patient(world: World):
     """A patient came from FHIR (Patient/<ext>, ingested by the sync: its contact's FHIR id column holds <ext>).
     The record is then deleted on the FHIR side (an erasure, or the duplicate an MPI merge removed). The clerk's
