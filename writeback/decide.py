@@ -296,8 +296,10 @@ def consented(value: object) -> bool:
 
 
 def is_echo(message: Message, settings: Settings) -> bool:
-    users = {message.initiating_user_id, message.user_id, message.properties.initiating_user,
-             message.properties.user}
+    """Whether the change was made by a user in WRITEBACK_IGNORE_USER_IDS: its InitiatingUserId (the user whose
+    request started the pipeline). Not UserId: that is the account the step runs as ("Run in User's Context"), the
+    same on every message of a step registered to run as one (found by review: every clinician's save skipped)."""
+    users = {message.initiating_user_id, message.properties.initiating_user}
     return any(u is not None and u.lower() in settings.ignore_user_ids for u in users)
 
 
