@@ -100,8 +100,9 @@ REASONS: dict[Reason, ReasonInfo] = {
     Reason.INVALID_CONTACT_TYPE: ReasonInfo(
         Kind.REJECT, "A contact whose Contact Type is missing from the message, or holds no choice's value (a "
         "contact of a type the map does not write, a Related Person, is skipped as `no-entity-map`).",
-        "Set the contact's Contact Type in Dataverse, then save it again; if the contact has one, check that the "
-        "steps' images hold the column (docs/deploy.md), then resubmit."),
+        "Set the contact's Contact Type in Dataverse, then save it again; if the contact has one, register the "
+        "column in the steps' images (docs/deploy.md), then save the contact again (the message sent before lacks "
+        "it, however often it is sent again)."),
     Reason.MISSING_PARENT_LINK: ReasonInfo(
         Kind.REJECT, "An expansion row (e.g. a medical identifier) without the lookup to its parent, or whose "
         "parent lookup changed in a message without images (a step without pre and post images).",

@@ -137,10 +137,19 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
+# Azure Table names are `^[A-Za-z][A-Za-z0-9]{2,62}$` (ASCII only: `str.isalnum` let "écriture" through, found by
+# review); the prefix leaves room for the longest suffix.
+_TABLE_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9]{0,39}")
+
+
 def checked_outcome_store(endpoint: str, connection_string: str) -> str:
     """The Table Storage settings' checks (the function's and the admin commands'); the endpoint as used."""
     if endpoint:
         endpoint = require_secure_url("OUTCOMES_TABLE_ENDPOINT", endpoint)
+        if urlsplit(endpoint).query:
+            # (a portal "Table service SAS URL": its token would be a secret in a plain setting, and unused)
+            raise ConfigError("OUTCOMES_TABLE_ENDPOINT", "must be the account's table endpoint without a query (a SAS "
+                              "token does not belong here: use the function's role, or OUTCOMES_CONNECTION_STRING)")
         if urlsplit(endpoint).scheme != "https":
             # The endpoint is used with a Microsoft Entra token, which the Table Storage client sends over https
             # only (even to loopback): Azurite goes by connection string.
@@ -344,8 +353,9 @@ class Settings:
         if need_outcomes and not (outcomes_endpoint or outcomes_cs):
             raise ConfigError("OUTCOMES_TABLE_ENDPOINT", "is not set (nor OUTCOMES_CONNECTION_STRING)")
         prefix = _get(env, "OUTCOMES_TABLE_PREFIX")
-        if not prefix.isalnum() or not prefix[:1].isalpha() or len(prefix) > 40:
-            raise ConfigError("OUTCOMES_TABLE_PREFIX", "must be letters and digits, starting with a letter")
+        if not _TABLE_PREFIX.fullmatch(prefix):
+            raise ConfigError("OUTCOMES_TABLE_PREFIX", "must be 1 to 40 ASCII letters and digits, starting with a "
+                              "letter (Azure Table names allow no others)")
         first = _int(env, "WRITEBACK_RETRY_FIRST_SECONDS", 1, 3600)
         longest = _int(env, "WRITEBACK_RETRY_MAX_DELAY_SECONDS", 1, 86400)
         if longest < first:
@@ -460,8 +470,12 @@ def redacted(env: Mapping[str, str] | None = None) -> dict[str, str]:
         value = env.get(spec.name) or spec.default or ""
         if spec.secret and value:
             value = "***redacted***"
-        elif "@" in value and "://" in value:
-            value = _USERINFO.sub(r"\1***redacted***@", value)  # a URL with credentials (refused, but not shown)
+        elif "://" in value:
+            if "@" in value:
+                value = _USERINFO.sub(r"\1***redacted***@", value)  # a URL with credentials (refused, not shown)
+            if "?" in value:
+                # A query may hold a credential (a SAS URL's `sig=`, found by review): refused too, not shown.
+                value = value.split("?", 1)[0] + "?***redacted***"
         shown[spec.name] = value
     return shown
 

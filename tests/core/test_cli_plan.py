@@ -131,7 +131,7 @@ def test_properties_file_marks_a_dropped_payload(tmp_path):
 
 def test_properties_file_can_name_the_sync_user(tmp_path):
     props = tmp_path / "props.json"
-    props.write_text(json.dumps({"http://schemas.microsoft.com/xrm/2011/Claims/User": SYNC_USER}))
+    props.write_text(json.dumps({"http://schemas.microsoft.com/xrm/2011/Claims/InitiatingUser": SYNC_USER}))
     run = cli(SAMPLES / "02_patient_update_phone.json", "--properties", props, WRITEBACK_IGNORE_USER_IDS=SYNC_USER)
     assert (run.code, run.json()["reason"]) == (0, "echo")
 
