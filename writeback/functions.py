@@ -60,7 +60,7 @@ STORE_STALLED_DETAIL = ("Table Storage did not answer in time while this message
                         "its row were being kept (its work on the FHIR server was over): tried again, and its retry "
                         "finds its write made.")
 LOCK_LAPSED_DETAIL = ("The message's lock had ended, or was about to, when this invocation got it (the worker was "
-                      "busy, or the batch waited): nothing was written, and Service Bus delivers it again.")
+                      "busy, or the batch waited): nothing was written.")  # (what comes of it: the settlement's)
 
 DeliveryFactory = Callable[[Settings], tuple[Delivery, Callable[[], Awaitable[None]]]]
 LedgerFactory = Callable[[Settings], tuple[Ledger, Callable[[], Awaitable[None]]]]
@@ -389,11 +389,15 @@ class FunctionApp:
                 # Its outcome row is kept (found by review: `logs --record` showed nothing of it), and where the lock
                 # still leaves time to settle, a delayed copy is made, as for any retry: an abandon would have it
                 # back at once, on the same busy worker.
-                result = results[index] = await runtime.pipeline.record_unworked(
-                    envelope, runtime.pipeline.unfinished(envelope, LOCK_LAPSED_DETAIL))
+                # Past the retry window it is given up before the row is kept, so the row says dead-lettered as
+                # the settlement does (found by an administrator's review: `retry` beside a `retries-exhausted`).
+                unworked = give_up(envelope, runtime.pipeline.unfinished(envelope, LOCK_LAPSED_DETAIL),
+                                   RetryPolicy.of(runtime.settings), self._clock())
+                result = results[index] = await runtime.pipeline.record_unworked(envelope, unworked)
                 if envelope.locked_until - self._clock().timestamp() > SETTLE_SECONDS:
                     assert result.reason is not None
-                    retrying.append(_Retrying(index, envelope, result.reason, result.detail, result))
+                    retrying.append(_Retrying(index, envelope, result.reason, result.detail, result,
+                                              decided=result is unworked))
                 else:
                     settler.settle(index, "abandon", result, _logger(envelope, result, result.detail))
         if not readable:

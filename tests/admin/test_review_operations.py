@@ -174,3 +174,5 @@ def test_check_config_does_not_print_the_sas_signature_of_a_table_endpoint(
     code, out = _check_config()
     shown = [line for line in out.splitlines() if signature in line]
     assert not shown, f"check-config (exit {code}) printed the SAS signature: {shown}"
+    # and the settings are not valid: a SAS token in a plain setting is a secret where secrets do not go
+    assert code == 1 and any("FAIL" in line and "OUTCOMES_TABLE_ENDPOINT" in line for line in out.splitlines()), out
