@@ -108,6 +108,9 @@ def convert(attr: AttributeMap, value: Value) -> Any:
     """One column value → the JSON value its element takes."""
     column = attr.column or "(default)"
     if attr.action == "value_map":
+        if isinstance(value, tuple):  # (said apart: "does not translate" sent the administrator to a map that did)
+            raise _invalid(f"column {column} is a multi-select choice (several values), which a value map cannot "
+                           "write into one element")
         key = _choice_key(value)
         if key is None or key not in attr.values:
             raise _invalid(f"column {column} holds a choice value that the map does not translate")

@@ -83,6 +83,7 @@ class AttributeSpec(_Strict):
     values: Annotated[dict[str, str | int | bool], BeforeValidator(_keys_as_text)] | None = None
     value: str | int | float | bool | None = None
     resource: str | None = None
+    table: LogicalName | None = None  # a lookup's: the table whose rows it names, where two maps make `resource`
     only_for: list[str] | None = None
 
     @model_validator(mode="after")
@@ -95,6 +96,8 @@ class AttributeSpec(_Strict):
             raise ValueError("action default needs `value`")
         if self.action == "lookup" and not self.resource:
             raise ValueError("action lookup needs `resource` (the FHIR type referenced)")
+        if self.table is not None and self.action != "lookup":
+            raise ValueError("`table` is a lookup's (the table whose rows it names)")
         return self
 
 
@@ -368,6 +371,62 @@ def _primitive(annotation: Any) -> str | None:
     return None
 
 
+def _end_of(path: ElementPath, resource_type: str) -> tuple[Any, Any] | None:
+    """The model (None for a primitive) and the annotation of the element at the end of `path` (its element names
+    followed); None where the path names no element (checked elsewhere)."""
+    model: Any = getattr(importlib.import_module(f"fhir.resources.R4B.{resource_type.lower()}"), resource_type)
+    annotation: Any = None
+    for seg in path:
+        if isinstance(seg, PathField):
+            info = next((i for n, i in model.model_fields.items() if seg.name in (n, i.alias)), None) \
+                if model is not None else None
+            if info is None:
+                return None
+            annotation, model = info.annotation, _model_in(info.annotation)
+    return (model, annotation) if annotation is not None else None
+
+
+def _check_lookup_target(file: str, where: str, path: ElementPath, resource_types: frozenset[str]) -> None:
+    """A lookup writes a whole FHIR Reference: its target is one (`subject`, `participant[0].individual`), not a
+    part of one or a primitive (`generalPractitioner[0].reference` loaded, and every row with the lookup filled was
+    `invalid-resource` blaming the row's data: found by an integration engineer's review)."""
+    for resource_type in sorted(resource_types):
+        end = _end_of(path, resource_type)
+        if end is not None and getattr(end[0], "__name__", None) != "Reference":
+            what = f"a FHIR {end[0].__name__}" if end[0] is not None else "a primitive"
+            raise MapError(file, f"{where}.target", f"is {resource_type}.{format_path(path)}, {what}; a lookup writes "
+                           "a whole Reference: name the Reference element itself (e.g. subject, "
+                           "generalPractitioner[0])")
+
+
+def _check_constants(file: str, where: str, path: ElementPath, resource_types: frozenset[str],
+                     constants: Mapping[str, object]) -> None:
+    """The values a map writes itself (a value map's codes, a default's `value`) are of the JSON type the element at
+    the end of `path` takes: each was refused by every message's validation otherwise, as `invalid-resource`
+    blaming the row (a code into `maritalStatus`, a CodeableConcept; YAML's unquoted NO, Norway's code, read as
+    false into a string: found by an integration engineer's review)."""
+    for resource_type in sorted(resource_types):
+        end = _end_of(path, resource_type)
+        if end is None:
+            continue
+        model, annotation = end
+        for key, value in constants.items():
+            if model is not None:
+                raise MapError(file, f"{where}{key}", f"is {value!r}, but {resource_type}'s element there is a FHIR "
+                               f"{getattr(model, '__name__', 'structure')}, a structure: name the part of it the "
+                               "value goes to (e.g. maritalStatus.coding[0].code)")
+            primitive = _primitive(annotation)
+            if primitive is None:
+                continue
+            fits = primitive == "Boolean" if isinstance(value, bool) else \
+                primitive in _NUMBERS if isinstance(value, int | float) else primitive not in _NOT_TEXT
+            if not fits:
+                hint = " (YAML reads an unquoted yes, no, on or off as a boolean: quote the code)" \
+                    if isinstance(value, bool) else ""
+                raise MapError(file, f"{where}{key}", f"is {value!r}, which a FHIR "
+                               f"{primitive[:1].lower() + primitive[1:]} cannot hold{hint}")
+
+
 def _check_type(file: str, where: str, path: ElementPath, resource_types: frozenset[str], kind: str) -> None:
     """The map's `type` writes what the element at the end of `path` takes (see `_FITS`)."""
     for resource_type in sorted(resource_types):
@@ -618,7 +677,17 @@ def _compile(file: str, spec: EntityMapSpec, specs: Mapping[str, tuple[str, Enti
             raise MapError(file, "resource", f"names {', '.join(sorted(types - parent_types))}, which the map of "
                            f"{spec.expansion.parent_table} ({parent[0]}) does not produce: "
                            f"{', '.join(sorted(parent_types))}")
-        _compile_path(file, "expansion.element", spec.expansion.element, types)
+        element = _compile_path(file, "expansion.element", spec.expansion.element, types)
+        if len(element) != 1:
+            # (a selector or position stayed at the head of every attribute's path, and planning a child row raised:
+            # found by an integration engineer's review)
+            raise MapError(file, "expansion.element", f"is {spec.expansion.element!r}; name the repeating element "
+                           "alone (identifier): each child row is one item of it, found by the row's mark")
+        for kind in sorted(types):
+            model = getattr(importlib.import_module(f"fhir.resources.R4B.{kind.lower()}"), kind)
+            if not _repeats(model, spec.expansion.element):
+                raise MapError(file, "expansion.element", f"is {kind}.{spec.expansion.element}, which holds one "
+                               "value, not a list: each child row is one item of a repeating element")
         expansion = Expansion(spec.expansion.parent_table, spec.expansion.parent_link, spec.expansion.element,
                               spec.expansion.key, parent_identity.identifier_system,
                               parent_identity.fhir_id_column)
@@ -648,18 +717,33 @@ def _compile(file: str, spec: EntityMapSpec, specs: Mapping[str, tuple[str, Enti
         if attr.type is not None and attr.action in ("copy", "default"):
             _check_type(file, where, path if expansion is None else (PathField(expansion.element), *path),
                         applies, attr.type)
+        full = path if expansion is None else (PathField(expansion.element), *path)
         if attr.action == "value_map":
             for key in attr.values or {}:
                 _check_choice_key(file, f"{where}.values.{key}", key)
+            _check_constants(file, f"{where}.values.", full, applies, dict(attr.values or {}))
             _check_codes(file, f"{where}.values.", dict(attr.values or {}), codes)
-        elif attr.action == "default":
+        elif attr.action == "default" or (attr.value is not None and attr.action == "copy"):
+            _check_constants(file, f"{where}.", full, applies, {"value": attr.value})
             _check_codes(file, f"{where}.", {"value": attr.value}, codes)
         ref_system = ref_table = None
         if attr.action == "lookup":
             assert attr.resource is not None
             _check_resource(file, f"{where}.resource", attr.resource)
-            referenced = next((s for _, s in specs.values()
-                               if s.identity and attr.resource in _types_of(s)), None)
+            _check_lookup_target(file, where, full, applies)
+            makers = [s for _, s in specs.values() if s.identity and attr.resource in _types_of(s)]
+            if attr.table is not None:
+                makers = [s for s in makers if s.table == attr.table]
+                if not makers:
+                    raise MapError(file, f"{where}.table", f"names {attr.table!r}, whose map (if any) makes no "
+                                   f"{attr.resource} with an identity")
+            elif len(makers) > 1:
+                # (the first by file name was taken, and every row naming the other table's rows was refused: found
+                # by an integration engineer's review)
+                raise MapError(file, f"{where}.table", f"is not given, and {len(makers)} maps make {attr.resource} "
+                               f"({', '.join(sorted(s.table for s in makers))}): name the table whose rows the "
+                               "lookup names")
+            referenced = makers[0] if makers else None
             if referenced is None or referenced.identity is None:
                 raise MapError(file, f"{where}.resource", f"no map produces {attr.resource}, so rows cannot be "
                                "referenced by their Dataverse identifier")

@@ -1,0 +1,90 @@
+"""Review by an integration engineer extending the shipped entity maps, through the real pipeline (the FHIR dev
+server, Azurite, messages shaped as Dataverse sends them: tests/scenarios/dataverse.py).
+
+Each test is one defect found by adding a map for another Microsoft Cloud for Healthcare table; each fails on the
+code it was written against.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from devtools.messages import Lookup
+from tests.scenarios import dataverse
+from tests.scenarios.checks import ENCOUNTER_SYSTEM, the_resource
+from tests.scenarios.conftest import World
+from tests.scenarios.dataverse import PRACTITIONER, new_id
+from tests.scenarios.test_items import states
+from writeback.maps import MapSet, load_maps
+from writeback.settings import DEFAULT_MAPS_DIR
+
+# The Healthcare Accelerator's Encounter Participant table (Entities/msemr_encounterparticipant): a child of the
+# encounter (lookup msemr_encounterparticipantdetailsid), the practitioner, and the participation's period (date
+# columns). Written as Encounter.participant items, as msemr_medicalidentifier rows are Patient.identifier items.
+PARTICIPANT_MAP = """\
+table: msemr_encounterparticipant
+writeback: true
+messages: [Create, Update]
+resource: Encounter
+expansion:
+  parent_table: msemr_encounter
+  parent_link: msemr_encounterparticipantdetailsid
+  element: participant
+attributes:
+  - {column: msemr_individualtypepractitioner, target: individual, action: lookup, resource: Practitioner}
+  - {column: msemr_periodstart, target: period.start, type: date}
+  - {column: msemr_periodend, target: period.end, type: date}
+"""
+
+
+@pytest.fixture
+def scenario_maps(tmp_path: Path) -> MapSet:
+    folder = tmp_path / "maps"
+    shutil.copytree(DEFAULT_MAPS_DIR, folder)
+    (folder / "msemr_encounterparticipant.yaml").write_text(PARTICIPANT_MAP, encoding="utf-8")
+    return load_maps(folder)
+
+
+async def test_a_child_row_of_an_encounter_obeys_the_patients_consent(world: World,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engineer added the Encounter Participant table (above) as an expansion map of msemr_encounter, ran
+    `check-config` (it passes), and replayed a ward's day: a practitioner, a consenting patient, her visit (all
+    written); then the patient withdraws her consent (Azure FHIR Sync Enabled set to No), the clerk corrects the
+    visit number, and the attending physician is added to the visit as a participant row.
+
+    Expected (docs/convergence.md section 5, "Consent gates": "A child row (parent lookup) and a clinical row (a
+    lookup to a table whose map asks for consent ...) are written only while that patient consents"; README,
+    `consent-withheld`: "for a row that belongs to a patient (an identifier, an encounter), that patient's"): the
+    participant row, which belongs to the patient through her encounter, waits for her consent as the encounter's
+    own change does (`consent-unknown`, then `consent-withheld`), and nothing of it reaches FHIR meanwhile.
+
+    What happened: the encounter's own change waits (`consent-unknown`), but the participant row is `written` at
+    once: the patient's Encounter on the FHIR server gains the participant after she withdrew her consent. The
+    consent gate is set only from lookups to a table whose map asks for consent, and from the parent of a child
+    row only when the parent's own map does (contact); a child of a clinical table (msemr_encounter, which gets its
+    patient's consent through its subject lookup) is gated by nothing."""
+    monkeypatch.setitem(dataverse._KEYS, "msemr_encounterparticipant", "msemr_encounterparticipantid")
+    dv = world.dataverse
+    doctor = new_id()
+    hired = dv.create("contact", doctor, {"msemr_contacttype": PRACTITIONER, "firstname": "Adaeze",
+                                          "lastname": "Okafor"})
+    patient, registered = dv.patient()
+    visit, admitted = dv.encounter(patient)
+    assert states(await world.send_each(hired, registered, admitted)) == [("written", None)] * 3
+
+    withdrawn = dv.update("contact", patient, {"msemr_azurefhirsyncenabled": False})
+    renumbered = dv.update("msemr_encounter", visit, {"msemr_encounteridentifier": "V-20261130-0042"})
+    attending = dv.create("msemr_encounterparticipant", new_id(), {
+        "msemr_encounterparticipantdetailsid": Lookup("msemr_encounter", visit),
+        "msemr_individualtypepractitioner": Lookup("contact", doctor), "msemr_participantname": "Dr Okafor"})
+    results = await world.send_each(withdrawn, renumbered, attending)
+    assert states(results)[:2] == [("skipped", "consent-withheld"), ("retry", "consent-unknown")], states(results)
+
+    encounter = the_resource(world.fhir, "Encounter", ENCOUNTER_SYSTEM, visit)
+    assert "participant" not in encounter, (
+        f"the participant row ended {states(results)[2]} and is on the Encounter of a patient who withdrew her "
+        f"consent: {encounter['participant']}")
+    assert states(results)[2] in (("retry", "consent-unknown"), ("skipped", "consent-withheld")), states(results)
