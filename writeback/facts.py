@@ -353,6 +353,46 @@ def _parent_from_facts(plan: WritePlan) -> bool:
     return isinstance(plan.writes[0].edit, ItemEdit) and plan.target.identifier_value == PARENT_FROM_FACTS
 
 
+def inherited_gates(plan: WritePlan, parent: RowKey, facts: Mapping[RowKey, RowFacts],
+                    maps: MapSet) -> tuple[RowKey, ...] | None:
+    """The patient a child row of a clinical row (an encounter's participant) belongs to: the one its parent row
+    belongs to, which the parent's facts keep (`RowFacts.parent`), where the parent's map asks no consent of its
+    own but obeys a patient's through a lookup (`gate_table`). () where there is none; None where the parent row's
+    facts are not known (no message of it seen): the patient is not known either (found by review: such a row was
+    written into the Encounter of a patient who had withdrawn her consent)."""
+    if plan.gates or not isinstance(plan.writes[0].edit, ItemEdit | RemoveItem):
+        return ()
+    parent_map = maps.get(parent[0])
+    if parent_map is None or parent_map.consent_types:
+        return ()
+    table = next((t for t in (gate_table(a, maps) for a in parent_map.attributes) if t is not None), None)
+    if table is None:
+        return ()
+    fact = facts.get(parent)
+    if fact is None:
+        return None
+    return ((table, fact.parent),) if fact.parent and fact.parent != NO_PARENT else ()
+
+
+def consent_rows(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet) -> set[RowKey]:
+    """The rows whose facts `resolve` needs beyond `WritePlan.needs`, known only from the facts read so far: the
+    patient a Target-only change of a clinical row belongs to (`remembered_gates`), and a child row's parent
+    (named by the row's facts) and the patient that parent belongs to (`inherited_gates`)."""
+    rows = set(remembered_gates(decision, facts, maps))
+    plan = decision.plan
+    if plan is None or plan.gates or not isinstance(plan.writes[0].edit, ItemEdit | RemoveItem):
+        return rows
+    target = plan.writes[0].target
+    parent: RowKey | None = target.row
+    if _parent_from_facts(plan):
+        own = facts.get((plan.source.table, plan.source.record_id))
+        parent = (target.table, own.parent) if own is not None and own.parent else None
+    if parent is not None:
+        rows.add(parent)
+        rows.update(inherited_gates(plan, parent, facts, maps) or ())
+    return rows
+
+
 def remembered_gates(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet) -> tuple[RowKey, ...]:
     """The patient whose consent a Target-only change of a clinical row needs, when its message does not carry
     the lookup (a step without images sends only the changed columns): the one the row's earlier messages named
@@ -449,6 +489,15 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
         plan = kept or replace(plan, heal_only=True)
         decision = replace(decision, plan=plan, detail=f"{decision.detail[:-1]}; not {', '.join(sorted(synced))}: "
                            "the FHIR→Dataverse sync set them in a later version of the row, as FHIR holds them.")
+    if not gates:
+        inherited = inherited_gates(plan, first.target.row, facts, maps)
+        if inherited is None:
+            return replace(decision, decision="skip" if settings.consent_unknown == "skip" else "reject",
+                           reason=Reason.CONSENT_UNKNOWN, plan=None,
+                           detail=f"The patient this row belongs to, through its parent {first.target.table} "
+                           f"{first.target.identifier_value}, is not known yet: no message of that row has been "
+                           "seen.")
+        gates = inherited
     not_patients: set[RowKey] = set()
     held_back = ""
     for table, row_id in gates:

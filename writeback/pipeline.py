@@ -29,9 +29,9 @@ from writeback.facts import (
     EARLIER_SAVE_GRACE_RETRIES,
     REFERENCE_GRACE_RETRIES,
     RowFacts,
+    consent_rows,
     facts_of,
     merged,
-    remembered_gates,
     resolve,
 )
 from writeback.immutable import immutable
@@ -653,10 +653,14 @@ class Pipeline:
                 # merged again for every flight, made this quadratic in the batch size.
                 known = merged((batch.local[key] for key in wanted if key in batch.local), into=dict(stored))
                 # A Target-only change of a clinical row without its patient lookup: the patient its earlier
-                # messages named, known only now, is a second read.
-                later = {gate for i in indexes for gate in remembered_gates(batch.decisions[i], known, self.maps)
-                         if gate not in wanted}
-                if later:
+                # messages named, known only now, is a second read; a child row of a visit needs the visit's
+                # facts, then the patient's (`facts.consent_rows`): a third.
+                for _ in range(2):
+                    later = {row for i in indexes for row in consent_rows(batch.decisions[i], known, self.maps)
+                             if row not in wanted}
+                    if not later:
+                        break
+                    wanted |= later
                     stored.update(more := await self._read_facts(later))
                     merged((batch.local[key] for key in later if key in batch.local), into=known)
                     merged(more.values(), into=known)

@@ -88,3 +88,28 @@ async def test_a_child_row_of_an_encounter_obeys_the_patients_consent(world: Wor
         f"the participant row ended {states(results)[2]} and is on the Encounter of a patient who withdrew her "
         f"consent: {encounter['participant']}")
     assert states(results)[2] in (("retry", "consent-unknown"), ("skipped", "consent-withheld")), states(results)
+
+
+async def test_a_child_row_of_an_encounter_of_a_consenting_patient_is_written_and_one_of_an_unseen_visit_waits(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other side of the gate above: the attending physician added to the visit of a patient who consents is
+    written as an item of her Encounter; one added to a visit no message has told of yet (so whose patient is not
+    known) waits for it (`consent-unknown`), and nothing of it reaches FHIR meanwhile."""
+    monkeypatch.setitem(dataverse._KEYS, "msemr_encounterparticipant", "msemr_encounterparticipantid")
+    dv = world.dataverse
+    doctor = new_id()
+    hired = dv.create("contact", doctor, {"msemr_contacttype": PRACTITIONER, "firstname": "Adaeze",
+                                          "lastname": "Okafor"})
+    patient, registered = dv.patient()
+    visit, admitted = dv.encounter(patient)
+    assert states(await world.send_each(hired, registered, admitted)) == [("written", None)] * 3
+    attending = dv.create("msemr_encounterparticipant", new_id(), {
+        "msemr_encounterparticipantdetailsid": Lookup("msemr_encounter", visit),
+        "msemr_individualtypepractitioner": Lookup("contact", doctor)})
+    assert states(await world.send(attending)) == [("written", None)]
+    [participant] = the_resource(world.fhir, "Encounter", ENCOUNTER_SYSTEM, visit)["participant"]
+    assert participant["individual"]["identifier"]["value"] == doctor
+    unseen = dv.create("msemr_encounterparticipant", new_id(), {
+        "msemr_encounterparticipantdetailsid": Lookup("msemr_encounter", new_id()),
+        "msemr_individualtypepractitioner": Lookup("contact", doctor)})
+    assert states(await world.send(unseen)) == [("retry", "consent-unknown")]
