@@ -22,6 +22,7 @@ from writeback.reasons import Reason
 
 Row = Mapping[str, Value]
 _DATE_TEXT = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_DECIMAL_TEXT = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")  # FHIR R4 decimal
 
 
 def _invalid(detail: str) -> WritebackError:
@@ -92,6 +93,14 @@ def _number(value: Value) -> int | float | Decimal | None:
         return None
     if isinstance(value, Money):
         value = value.value
+    if isinstance(value, str):
+        # A number held in a text column (a custom table's): `check-config --dataverse-metadata` lets `type: decimal`
+        # and `integer` read String columns, and they were refused at run time (found by review). FHIR's decimal
+        # syntax only: "72.50" keeps its precision, "seventy" is no number.
+        text = value.strip()
+        if not _DECIMAL_TEXT.fullmatch(text):
+            return None
+        value = Decimal(text)
     if isinstance(value, Decimal):
         try:  # an exponent beyond the decimal context (e.g. 1E+1000000) overflows: no FHIR decimal either
             if abs(value) >= Decimal(10) ** 28:
@@ -154,6 +163,8 @@ def convert(attr: AttributeMap, value: Value) -> Any:
             return str(value)
         raise _invalid(f"column {column} is not a date and time")
     if kind in ("string", "code"):
+        if isinstance(value, Money):  # (a Money column's `Edm.Decimal`, which `check-config` lets a string read)
+            value = value.value
         if isinstance(value, str):
             return value.strip()
         if isinstance(value, int | Decimal) and not isinstance(value, bool):

@@ -96,6 +96,10 @@ class AttributeSpec(_Strict):
             raise ValueError("action default needs `value`")
         if self.action == "lookup" and not self.resource:
             raise ValueError("action lookup needs `resource` (the FHIR type referenced)")
+        if self.type is not None and self.action in ("value_map", "lookup"):
+            # (ignored, and so misleading: a `type: integer` beside a value map's codes writes the codes as they are)
+            raise ValueError(f"`type` is for copy and default; action {self.action} writes "
+                             + ("the map's own values" if self.action == "value_map" else "a Reference"))
         if self.table is not None and self.action != "lookup":
             raise ValueError("`table` is a lookup's (the table whose rows it names)")
         return self

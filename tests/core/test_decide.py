@@ -705,6 +705,9 @@ def element(d: Decision, name: str) -> Any:
     ("new_active", False, "active", False),
     ("new_birthorder", 2, "multipleBirthInteger", 2),
     ("new_birthorder", {"__type": "Decimal:#System", "__value": "3"}, "multipleBirthInteger", 3),
+    ("new_birthorder", "3", "multipleBirthInteger", 3),  # a number in a text column
+    ("new_family", {"__type": "Money:http://schemas.microsoft.com/xrm/2011/Contracts", "Value": 12.5}, "name",
+     [{"use": "official", "family": "12.5"}]),  # a Money column (Edm.Decimal) written as text
     ("new_gender", Choice(1), "gender", "male"),
     ("new_gender", Choice(2), "gender", "female"),
     ("new_gender", 2, "gender", "female"),  # a plain integer choice value
@@ -747,6 +750,8 @@ def test_fhir_validation_failure_names_the_element_never_the_value(action_maps):
     ({"__type": "Decimal:#System", "__value": "72.50"}, Decimal("72.50")),  # precision kept: 72.50, not 72.5
     (36.6, Decimal("36.6")),
     (5, 5),
+    (" 72.50 ", Decimal("72.50")),  # a number in a text column (String in the metadata check-config reads)
+    ("-1.5e3", Decimal("-1.5e3")),
 ])
 def test_copy_decimal(action_maps, raw, expected):
     quantity = element(measure(action_maps, new_amount=raw), "valueQuantity")

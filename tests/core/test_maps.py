@@ -430,6 +430,14 @@ def test_a_type_the_element_cannot_take_is_refused_at_load(tmp_path, file: str, 
     assert err.file == file and err.field.endswith(".type") and all(w in err.detail for w in words), err.detail
 
 
+def test_a_type_beside_a_lookup_is_refused_not_ignored(tmp_path):
+    """Found by review: `type:` on a value map or a lookup was silently ignored (what they write is the map's codes
+    or a Reference), so an engineer's `type: integer` promised a conversion that never happened."""
+    text = edit(ENC, "action: lookup, resource: Patient}", "action: lookup, resource: Patient, type: string}")
+    err = load_error(maps_dir(tmp_path, {ENC: text}))
+    assert err.file == ENC and err.field.startswith("attributes[") and "`type` is for copy and default" in err.detail
+
+
 def test_types_that_fit_their_elements_load(tmp_path):
     """A date written into a dateTime, an integer into a decimal, a string into a code: JSON takes them."""
     text = edit(ENC, "target: length.value, type: decimal}", "target: length.value, type: integer}")
