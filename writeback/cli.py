@@ -15,7 +15,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
@@ -342,6 +342,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         report(None, "telemetry", f"{TELEMETRY_CONNECTION_STRING} is not set: no outcome records reach Application "
                "Insights, nor do its alerts fire")
     trigger_settings = ("ServiceBusConnection", "ServiceBusConnection__fullyQualifiedNamespace")  # the host's names
+    env: Mapping[str, str] = os.environ  # (the host's names are not upper case)
+    credential = (env.get("ServiceBusConnection__credential") or "").strip()
+    if not (os.environ.get("WRITEBACK_QUEUE_NAME") or "").strip():
+        # (the binding's %WRITEBACK_QUEUE_NAME% does not resolve: the host does not index the function; found by
+        # review)
+        report(False, "trigger", "WRITEBACK_QUEUE_NAME is not set: the trigger binding names it, and the host has no "
+               "default (set it to the queue the Dataverse service endpoint posts to)")
+    if (env.get("ServiceBusConnection__clientId") or "").strip() and credential.lower() != "managedidentity":
+        # (the host takes its default credential then, and the trigger gets no token with the user-assigned
+        # identity: found by review)
+        report(False, "trigger", "ServiceBusConnection__clientId is set but ServiceBusConnection__credential is "
+               "not `managedidentity`: the host uses the client id only then")
     if any(os.environ.get(name) for name in trigger_settings):
         report(True, "trigger", "ServiceBusConnection is set (its value is not shown)")
     else:

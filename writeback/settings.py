@@ -39,14 +39,20 @@ class SettingSpec:
 SETTINGS: tuple[SettingSpec, ...] = (
     # --- Service Bus trigger (read by the Functions host) ---
     SettingSpec("WRITEBACK_QUEUE_NAME", "Service Bus queue the Dataverse service endpoint posts to; retries are "
-                "scheduled back onto it.", "dataverse-writeback", host_only=True),
+                "scheduled back onto it. Required: the trigger binding names it (`%WRITEBACK_QUEUE_NAME%`), and "
+                "the host has no default (the project's files use the one shown).", "dataverse-writeback",
+                host_only=True),
     SettingSpec("ServiceBusConnection__fullyQualifiedNamespace",
                 "Service Bus namespace host (identity-based trigger connection, also used to schedule retries), "
                 "e.g. `contoso.servicebus.windows.net`. Locally `ServiceBusConnection` (a connection string) "
                 "may be set instead.", host_only=True),
     SettingSpec("ServiceBusConnection__clientId", "Client id of the user-assigned managed identity the trigger "
-                "connection (and the retry scheduler) authenticates with; empty: the system-assigned identity.",
+                "connection (and the retry scheduler) authenticates with, with ServiceBusConnection__credential "
+                "`managedidentity` (the host reads it only then); empty: the system-assigned identity.",
                 host_only=True),
+    SettingSpec("ServiceBusConnection__credential", "`managedidentity`: the trigger connection (and the retry "
+                "scheduler) authenticates with the managed identity ServiceBusConnection__clientId names. Without "
+                "it the host takes its default credential and ignores the client id.", host_only=True),
     SettingSpec("PYTHON_ISOLATE_WORKER_DEPENDENCIES", "`1`: the Python worker loads the app's own protobuf and "
                 "grpcio (the Service Bus extension needs newer ones than the 3.11/3.12 worker bundles).", "1",
                 host_only=True),
@@ -197,6 +203,14 @@ def _int(env: Mapping[str, str], name: str, low: int, high: int) -> int:
     if not low <= value <= high:
         raise ConfigError(name, f"must be between {low} and {high}")
     return value
+
+
+def _servicebus_client_id(env: Mapping[str, str]) -> str:
+    """The user-assigned identity the Service Bus connection uses, as the host reads it: its client id only with
+    `credential` `managedidentity` (Microsoft.Extensions.Azure's ClientFactory), else none."""
+    if (env.get("ServiceBusConnection__credential") or "").strip().lower() != "managedidentity":
+        return ""
+    return (env.get("ServiceBusConnection__clientId") or "").strip()
 
 
 def _get(env: Mapping[str, str], name: str) -> str:
@@ -404,7 +418,7 @@ class Settings:
             queue_name=_get(env, "WRITEBACK_QUEUE_NAME"),
             servicebus_namespace=(env.get("ServiceBusConnection__fullyQualifiedNamespace") or "").strip(),
             servicebus_connection_string=(env.get("ServiceBusConnection") or "").strip(),
-            servicebus_client_id=(env.get("ServiceBusConnection__clientId") or "").strip(),
+            servicebus_client_id=_servicebus_client_id(env),
         )
 
     @classmethod
@@ -451,7 +465,7 @@ class Settings:
             queue_name=_get(env, "WRITEBACK_QUEUE_NAME"),
             servicebus_namespace=(env.get("ServiceBusConnection__fullyQualifiedNamespace") or "").strip(),
             servicebus_connection_string=(env.get("ServiceBusConnection") or "").strip(),
-            servicebus_client_id=(env.get("ServiceBusConnection__clientId") or "").strip(),
+            servicebus_client_id=_servicebus_client_id(env),
         )
 
     @property

@@ -172,6 +172,7 @@ def live_env(clean_env: pytest.MonkeyPatch, azurite_tables: Azurite, fhir_server
     clean_env.setenv("FHIR_CLIENT_SECRET", fhir_server.client_secret)
     clean_env.setenv("OUTCOMES_CONNECTION_STRING", azurite_tables.connection_string)
     clean_env.setenv("OUTCOMES_TABLE_PREFIX", new_prefix())
+    clean_env.setenv("WRITEBACK_QUEUE_NAME", "dataverse-writeback")  # (the trigger binding's, set as the Bicep does)
     return fhir_server
 
 

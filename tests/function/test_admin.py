@@ -318,6 +318,7 @@ def test_check_config_reports_every_bad_setting_at_once(clean_env: pytest.Monkey
     clean_env.setenv("OUTCOMES_CONNECTION_STRING", "DefaultEndpointsProtocol=https;oops")  # a secret: never echoed
     clean_env.setenv("WRITEBACK_BUNDLE_SIZE", "fifty")
     clean_env.setenv("WRITEBACK_CONSENT_UNKNOWN", "wait")
+    clean_env.setenv("WRITEBACK_QUEUE_NAME", "dataverse-writeback")  # (right: only the four above fail)
     assert cli.main(["check-config"]) == cli.EXIT_CHECK_FAILED
     out = capsys.readouterr().out
     fails = [line for line in out.splitlines() if line.startswith("  FAIL  settings")]
