@@ -53,6 +53,7 @@ from writeback.fhir_client import (
     provenance_unwritten,
     read_path,
     refused,
+    retry_after,
     target_gone,
     target_pending,
     unversioned_read,
@@ -684,7 +685,10 @@ class BatchDelivery:
                 break
             attempt += 1
             backoff = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (attempt - 1))
-            delay = random.uniform(backoff / 2, backoff)  # noqa: S311 (jitter)
+            # The wait a throttled entry's answer asks for, which the Azure FHIR service puts on the bundle's own
+            # answer (found by review: resent after a quarter second, told to wait seconds)
+            wait = retry_after(response)
+            delay = wait if wait is not None else random.uniform(backoff / 2, backoff)  # noqa: S311 (jitter)
             spent = max(time.monotonic() - started, slept)
             if attempt > self.settings.max_retries or spent + delay > self.settings.retry_max_seconds:
                 for i in todo:

@@ -6,8 +6,9 @@ Writes go out as FHIR batch bundles (`writeback.bundles.BatchDelivery`): each is
 derived from the row, so it cannot make a second resource. Every resource written has `meta.source` set, so
 the other sync direction can ignore our writes; every version written gets its Provenance.
 
-429/5xx/timeouts/connection errors are retried with exponential backoff and jitter, honouring `Retry-After`,
-bounded in count and total time. One pooled `httpx.AsyncClient` per process; see `build_delivery`.
+429/5xx/timeouts/connection errors are retried with exponential backoff and jitter, honouring `Retry-After` (or
+the Azure FHIR service's `x-ms-retry-after-ms`; for throttled batch entries, those on the bundle's answer), bounded
+in count and total time. One pooled `httpx.AsyncClient` per process; see `build_delivery`.
 """
 
 from __future__ import annotations
@@ -51,10 +52,14 @@ BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_CAP_SECONDS = 30.0
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def retry_after(response: httpx.Response) -> float | None:
+    """How long the server asks to wait before the next try: `Retry-After` (seconds or an HTTP date), else the
+    Azure FHIR service's `x-ms-retry-after-ms`. A batch answered 200 carries its throttled entries' wait there too
+    (microsoft/fhir-server's BundleHandler copies both onto the bundle's answer)."""
     raw = response.headers.get("Retry-After")
     if not raw:
-        return None
+        millis = (response.headers.get("x-ms-retry-after-ms") or "").strip()
+        return int(millis) / 1000 if millis.isdigit() else None
     raw = raw.strip()
     if raw.isdigit():
         return float(raw)
@@ -295,7 +300,7 @@ class FhirClient:
                     response.extensions["writeback.resent"] = maybe_applied
                     return response
                 failure = f"HTTP {response.status_code}"
-                wait = _retry_after(response)
+                wait = retry_after(response)
                 maybe_applied |= response.status_code not in NOT_APPLIED_STATUSES
             finally:
                 if window is not None:
