@@ -149,9 +149,11 @@ class RowFacts:
         parent, parent_at = _newest(self.parent, self.parent_at, other.parent, other.parent_at)
         version = newer.version if newer.version.known else older.version
         type_before, retyped = _last_change(self, other)
-        # Found missing stays until a resource is found or written under that id again, learned later.
+        # Found missing stays until a write learns that the resource is found or made under that id again: a fact
+        # without a version, merged in. A message's facts carry the row's older `written` forward, which says
+        # nothing of it (found by review: a newer save's facts, kept first, cleared a `gone` learned after them).
         gone = newer.gone or older.gone
-        if newer.gone is None and newer.written is not None and newer.written == gone:
+        if gone is not None and not other.version.known and other.gone is None and other.written == gone:
             gone = None
         return RowFacts(self.table, self.row_id, version, kind, consent, fhir_id,
                         newer.written or older.written, parent, fhir_type,
@@ -353,6 +355,17 @@ def _parent_from_facts(plan: WritePlan) -> bool:
     return isinstance(plan.writes[0].edit, ItemEdit) and plan.target.identifier_value == PARENT_FROM_FACTS
 
 
+def inherited_gate_table(plan: WritePlan, maps: MapSet) -> str | None:
+    """For a child row of a clinical row (an encounter's participant): the table of the patient its parent obeys the
+    consent of (`gate_table` of the parent's map), which the parent's facts name; else None."""
+    if plan.gates or not isinstance(plan.writes[0].edit, ItemEdit | RemoveItem):
+        return None
+    parent_map = maps.get(plan.writes[0].target.table)
+    if parent_map is None or parent_map.consent_types:
+        return None
+    return next((t for t in (gate_table(a, maps) for a in parent_map.attributes) if t is not None), None)
+
+
 def inherited_gates(plan: WritePlan, parent: RowKey, facts: Mapping[RowKey, RowFacts],
                     maps: MapSet) -> tuple[RowKey, ...] | None:
     """The patient a child row of a clinical row (an encounter's participant) belongs to: the one its parent row
@@ -360,12 +373,7 @@ def inherited_gates(plan: WritePlan, parent: RowKey, facts: Mapping[RowKey, RowF
     own but obeys a patient's through a lookup (`gate_table`). () where there is none; None where the parent row's
     facts are not known (no message of it seen): the patient is not known either (found by review: such a row was
     written into the Encounter of a patient who had withdrawn her consent)."""
-    if plan.gates or not isinstance(plan.writes[0].edit, ItemEdit | RemoveItem):
-        return ()
-    parent_map = maps.get(parent[0])
-    if parent_map is None or parent_map.consent_types:
-        return ()
-    table = next((t for t in (gate_table(a, maps) for a in parent_map.attributes) if t is not None), None)
+    table = inherited_gate_table(plan, maps)
     if table is None:
         return ()
     fact = facts.get(parent)
@@ -489,6 +497,7 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
         plan = kept or replace(plan, heal_only=True)
         decision = replace(decision, plan=plan, detail=f"{decision.detail[:-1]}; not {', '.join(sorted(synced))}: "
                            "the FHIR→Dataverse sync set them in a later version of the row, as FHIR holds them.")
+    inherited_from: RowKey | None = None  # the parent whose patient's consent the row obeys (`inherited_gates`)
     if not gates:
         inherited = inherited_gates(plan, first.target.row, facts, maps)
         if inherited is None:
@@ -497,7 +506,7 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
                            detail=f"The patient this row belongs to, through its parent {first.target.table} "
                            f"{first.target.identifier_value}, is not known yet: no message of that row has been "
                            "seen.")
-        gates = inherited
+        gates, inherited_from = inherited, first.target.row if inherited else None
     not_patients: set[RowKey] = set()
     held_back = ""
     for table, row_id in gates:
@@ -553,9 +562,10 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
                                detail=f"The patient ({table} {row_id}) this row belongs to had not consented when "
                                "last seen: waiting for a consent (up to WRITEBACK_CONSENT_WAIT_MINUTES, "
                                f"{settings.consent_wait_minutes:g} min).")
-            if leaving and first.target.row == (table, row_id) and isinstance(first.edit, ItemEdit):
-                # A child row moved to this patient: it is not added there, but it still leaves the patient it
-                # was moved from (an MRN kept on the wrong patient is a misidentification).
+            if leaving and first.target.row in ((table, row_id), inherited_from) and isinstance(first.edit, ItemEdit):
+                # A child row moved to this patient (or to a visit of theirs): it is not added there, but it still
+                # leaves the patient (the visit) it was moved from (an MRN kept on the wrong patient is a
+                # misidentification; found by review for a visit's participant).
                 plan = replace(plan, writes=tuple(leaving))
                 held_back = f"not added to {table} {row_id} (that patient has not consented)"
                 continue

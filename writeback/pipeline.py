@@ -31,6 +31,7 @@ from writeback.facts import (
     RowFacts,
     consent_rows,
     facts_of,
+    inherited_gate_table,
     merged,
     resolve,
 )
@@ -399,6 +400,7 @@ class _Rows:
     last: dict[RowKey, int]
     created: set[RowKey]
     all: dict[RowKey, list[int]] = field(default_factory=dict)  # each row's messages
+    last_of_table: dict[str, int] = field(default_factory=dict)  # each table's last message
     creates: set[int] = field(default_factory=set)  # the messages that are Creates
 
 
@@ -411,6 +413,7 @@ def _rows_of(envelopes: Sequence[Envelope]) -> _Rows:
             table, record, create = named
             row = (table, record)
             rows.last[row] = index
+            rows.last_of_table[table] = index
             rows.all.setdefault(row, []).append(index)
             if create:
                 rows.created.add(row)
@@ -528,8 +531,14 @@ class Pipeline:
                     mine = of_row.pop(row or ("", str(index)), None)
                     if mine:
                         needs = {key for i in mine for key in self._plan_of(batch, i).needs}
-                        heappush(waiting, (max((rows.last.get(key, -1) for key in needs), default=-1), mine[0],
-                                           mine))
+                        last = max((rows.last.get(key, -1) for key in needs), default=-1)
+                        # A child row of a visit obeys the consent of a patient only the visit's facts name (read
+                        # in its flight): it waits for every message of that table in the batch (found by review:
+                        # planned before a withdrawal later in the batch, it was written).
+                        for i in mine:
+                            if (table := inherited_gate_table(self._plan_of(batch, i), self.maps)) is not None:
+                                last = max(last, rows.last_of_table.get(table, -1))
+                        heappush(waiting, (last, mine[0], mine))
                 while waiting and waiting[0][0] <= index:
                     ready += heappop(waiting)[2]
                 if (index + 1) % PLAN_SLICE == 0 or index + 1 == len(envelopes):
