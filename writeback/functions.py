@@ -391,8 +391,11 @@ class FunctionApp:
                 # back at once, on the same busy worker.
                 # Past the retry window it is given up before the row is kept, so the row says dead-lettered as
                 # the settlement does (found by an administrator's review: `retry` beside a `retries-exhausted`).
-                unworked = give_up(envelope, runtime.pipeline.unfinished(envelope, LOCK_LAPSED_DETAIL),
-                                   RetryPolicy.of(runtime.settings), self._clock())
+                # (Only where it can still be settled: one abandoned is given up at its next delivery, and its row
+                # must not say dead-lettered meanwhile.)
+                unworked = runtime.pipeline.unfinished(envelope, LOCK_LAPSED_DETAIL)
+                if envelope.locked_until - now > SETTLE_SECONDS:
+                    unworked = give_up(envelope, unworked, RetryPolicy.of(runtime.settings), self._clock())
                 result = results[index] = await runtime.pipeline.record_unworked(envelope, unworked)
                 if envelope.locked_until - self._clock().timestamp() > SETTLE_SECONDS:
                     assert result.reason is not None

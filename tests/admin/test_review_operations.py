@@ -176,3 +176,23 @@ def test_check_config_does_not_print_the_sas_signature_of_a_table_endpoint(
     assert not shown, f"check-config (exit {code}) printed the SAS signature: {shown}"
     # and the settings are not valid: a SAS token in a plain setting is a secret where secrets do not go
     assert code == 1 and any("FAIL" in line and "OUTCOMES_TABLE_ENDPOINT" in line for line in out.splitlines()), out
+
+
+async def test_a_late_handed_retry_past_its_window_that_cannot_be_settled_is_not_logged_as_dead_lettered(
+        review_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same retry past its window, handed over with so little lock left that nothing can be settled (under the
+    5 s settling margin): it is abandoned as it is, and Service Bus delivers it again, when it is given up. Its row
+    must say what happened now (retry), not a dead-lettering that has not happened."""
+    broker = DeadLetterBroker(batch=10, lock=timedelta(seconds=3))
+    app = _app_on(broker, review_env)
+    row, columns = _patient()
+    broker.rows[1] = row
+    props: dict[str, object] = {SEQ: 1, ATTEMPT: "40", ORIGINAL_ID: "m-later",
+                                FIRST_TRIED: (broker.now - timedelta(hours=25)).isoformat()}
+    broker._enqueue(SimMessage(_create("contact", row, columns), "m-later~r40", props, broker.now), broker.now)
+    await broker.run(max_invocations=1)
+    await app.aclose()
+    assert not broker.dlq  # abandoned, not dead-lettered
+    code, out = await asyncio.to_thread(run_cli, monkeypatch, None, "logs", "--record", row, "--since", "7d", "--json")
+    logged = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert code == 0 and [(r["outcome"], r["reason"]) for r in logged] == [("retry", "deadline-reached")], logged
