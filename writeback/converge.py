@@ -36,10 +36,11 @@ from writeback.paths import (
     apply,
     apply_changes,
     apply_state,
+    drop_lone_constants,
     format_path,
     list_items,
 )
-from writeback.validation import check_invariants, choice_siblings
+from writeback.validation import check_invariants, check_required_kept, choice_siblings
 
 Kind = Literal["write", "stale", "same", "unchanged", "absent", "pending"]
 _SERVER_META = ("versionId", "lastUpdated", "source")
@@ -67,6 +68,7 @@ class RowEdit:
     # Target only: the selectors that may take over an item an ingest put there (`paths.sole_selectors`)
     adoptable: frozenset[Path] = frozenset()
     row_items: bool = False  # the map owns items by the row's mark (`[row]`): the mark goes to `paths`
+    constants: tuple[Path, ...] = ()  # Target only: the map's constants' paths (`paths.drop_lone_constants`)
 
     @property
     def own(self) -> Mark | None:
@@ -216,14 +218,17 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
     else:  # Target only: the changed columns no newer change wrote; the mark records them, not a whole version
         new = apply_changes(current, [*owned, edit.identity], edit.adoptable, own=edit.own,
                             pinned=(edit.identity,))
+        if edit.constants:
+            new = drop_lone_constants(new, owned, edit.constants)
+        check_required_kept(new, {a.element: a.column for a in owned if a.column and a.value is None})
         # The changed columns beside the values the server holds (an end date beside the start already there):
         # checked here, where they meet, in the elements the change writes only (what else the server's copy
         # holds is not this change's to refuse). A whole row was checked when it was planned.
         elements = {a.element for a in owned}
         check_invariants({"resourceType": new.get("resourceType"),
                           **{k: v for k, v in new.items() if k in elements}})
-    return _unchanged_or_same(_result(current, _one_choice(with_mark(new, mark, mark.table, mark.row_id), owned),
-                                      held), planned.same)
+    return _unchanged_or_same(_result(current, _said_of_value(current, _one_choice(
+        with_mark(new, mark, mark.table, mark.row_id), owned), owned), held), planned.same)
 
 
 def _sorted_items(counts: Mapping[str, int]) -> tuple[tuple[str, int], ...]:
@@ -334,6 +339,27 @@ def _one_choice(resource: dict[str, Any], owned: tuple[Assignment, ...]) -> dict
                 resource.pop(other, None)
                 resource.pop(f"_{other}", None)  # its primitive extension
     return resource
+
+
+def _said_of_value(current: Mapping[str, Any], new: dict[str, Any], owned: tuple[Assignment, ...]) -> dict[str, Any]:
+    """An Observation that now holds a value: without the reason it had none (R4 obs-6, "dataAbsentReason SHALL only
+    be present if Observation.value[x] is not present"), and, where the value changed, without the interpretation
+    said of the old one ("a categorical assessment of an observation value": High said of 180 misstates 72), unless
+    the map owns them (found by review: a vital from FHIR refused by obs-6, a corrected one still flagged High)."""
+    if new.get("resourceType") != "Observation":
+        return new
+    values = [k for k in new if k.startswith("value") and k[5:6].isupper()]
+    if not values:
+        return new
+    owns = {a.element for a in owned}
+    if "dataAbsentReason" not in owns:
+        new.pop("dataAbsentReason", None)
+        new.pop("_dataAbsentReason", None)
+    if "interpretation" not in owns and "interpretation" in new:
+        keys = {*values, *(k for k in current if k.startswith("value") and k[5:6].isupper())}
+        if comparable({k: new.get(k) for k in keys}) != comparable({k: current.get(k) for k in keys}):
+            new.pop("interpretation", None)
+    return new
 
 
 def _matches_known(item: Mapping[str, Any], known: tuple[Mapping[str, Any], ...]) -> bool:

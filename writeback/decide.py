@@ -32,6 +32,7 @@ from writeback.immutable import immutable
 from writeback.mapping import (
     Row,
     RowRef,
+    attributes_for,
     build_assignments,
     choice_key,
     render,
@@ -579,7 +580,9 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
                    before_version=Version(row_version(old), modified_on(old)) if full and old else Version(),
                    adoptable=frozenset() if full else sole_selectors(
                        a.path for a in entity_map.attributes if a.only_for is None or resource_type in a.only_for),
-                   row_items=entity_map.row_items)
+                   row_items=entity_map.row_items,
+                   constants=() if full else tuple(a.path for a in attributes_for(entity_map, resource_type)
+                                                   if a.column is None))
     source = _source(message, entity_map.identifier_system, new)
     writes = [Write(target, edit), *_released(message, entity_map, resource_type, old, mark)]
     plan = WritePlan("create" if is_create else "update", tuple(writes), rendered,

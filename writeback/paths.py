@@ -721,6 +721,24 @@ def sole_selectors(paths: Iterable[Path]) -> frozenset[Path]:
     return frozenset(p for prefixes in by_list.values() if len(prefixes) == 1 for p in prefixes)
 
 
+def drop_lone_constants(resource: dict[str, Any], assignments: Iterable[Assignment],
+                        constants: Iterable[Path]) -> dict[str, Any]:
+    """`resource` (changed in place) without an element that `assignments` cleared a value of and that holds only
+    the map's constants now (`constants`: their paths): a class with its system and no code, a length with its unit
+    and no value. A whole state drops them so (`apply_state`: a constant is written only beside a value of the
+    row); a change without images did not (found by review: `class: {system}` and a Duration breaking drt-1)."""
+    constants = list(constants)
+    cleared = [a.path for a in assignments if a.value is None]
+    for parent_path in dict.fromkeys(c[:-1] for c in constants if len(c) > 1):
+        if not any(c[:len(parent_path)] == parent_path for c in cleared):
+            continue
+        names = {c[-1].name for c in constants if c[:-1] == parent_path and isinstance(c[-1], Field)}
+        parent = _navigate(resource, parent_path)
+        if isinstance(parent, dict) and parent and set(parent) <= names:
+            resource = _set(resource, parent_path, None)
+    return resource
+
+
 def apply_changes(resource: dict[str, Any], assignments: Iterable[Assignment],
                   adoptable: frozenset[Path] | None = None, own: Mark | None = None,
                   pinned: Iterable[Assignment] = ()) -> dict[str, Any]:

@@ -491,6 +491,20 @@ def _backwards(start: str, end: str) -> bool:
     return end[:n] < start[:n]
 
 
+def check_required_kept(resource: Mapping[str, Any], columns: Mapping[str, str]) -> None:
+    """A change without images that empties an element FHIR requires (`columns`: the elements it writes → a column
+    feeding each) cannot make a valid resource, as a whole state that leaves it empty cannot (`validate`'s
+    `required`): refused here, naming the column, not by the server (found by review: Encounter.class cleared)."""
+    kind = str(resource.get("resourceType", "(resource)"))
+    try:
+        required = set(_required(kind))
+    except (KeyError, ValueError, ImportError):
+        return
+    for name, column in columns.items():
+        if name in required and resource.get(name) in (None, [], {}):
+            raise _invalid(f"{kind}.{name} is required, and column {column} that gives it is empty")
+
+
 def check_invariants(resource: Mapping[str, Any]) -> None:
     """FHIR invariants fhir.resources does not check, for the elements maps write. per-1: a Period's end is not
     before its start; drt-1: a Duration of the resource (Encounter.length) with a value has a UCUM code of time.
