@@ -92,6 +92,9 @@ class RowFacts:
     # missing on the server (`target-missing`: deleted there, an erasure or a merge's loser): no lookup names it any
     # more, until this product finds or writes the row there again.
     gone: str | None = None
+    # `Type/<id>` a write of this call found or made the row's resource under: the event (learned, never kept in the
+    # row state itself) that clears `gone` of that id, however the facts it is merged into are versioned.
+    found: str | None = None
 
     @property
     def type_at(self) -> Version:
@@ -149,11 +152,12 @@ class RowFacts:
         parent, parent_at = _newest(self.parent, self.parent_at, other.parent, other.parent_at)
         version = newer.version if newer.version.known else older.version
         type_before, retyped = _last_change(self, other)
-        # Found missing stays until a write learns that the resource is found or made under that id again: a fact
-        # without a version, merged in. A message's facts carry the row's older `written` forward, which says
-        # nothing of it (found by review: a newer save's facts, kept first, cleared a `gone` learned after them).
+        # Found missing stays until a write learns that the resource is found or made under that id again (`found`,
+        # merged in). A message's facts carry the row's older `written` forward, which says nothing of it (found by
+        # review: a newer save's facts, kept first, cleared a `gone` learned after them), and a learned write is
+        # merged into the message's facts before they are kept, so it is told apart (found by review).
         gone = newer.gone or older.gone
-        if gone is not None and not other.version.known and other.gone is None and other.written == gone:
+        if gone is not None and other.found == gone and other.gone is None:
             gone = None
         return RowFacts(self.table, self.row_id, version, kind, consent, fhir_id,
                         newer.written or older.written, parent, fhir_type,
@@ -164,7 +168,7 @@ class RowFacts:
                         echoed=_echoed(self.echoed, other.echoed),
                         seen=self.seen if self.seen == other.seen else
                         tuple(sorted(set(self.seen) | set(other.seen))[-SEEN_KEPT:]),
-                        type_before=type_before, retyped=retyped, gone=gone)
+                        type_before=type_before, retyped=retyped, gone=gone, found=other.found or self.found)
 
     def follows_seen(self, before: Version) -> bool:
         """Whether the save that left the row at `before` (a message's pre image) may be one already seen: not when
@@ -357,8 +361,9 @@ def _parent_from_facts(plan: WritePlan) -> bool:
 
 def inherited_gate_table(plan: WritePlan, maps: MapSet) -> str | None:
     """For a child row of a clinical row (an encounter's participant): the table of the patient its parent obeys the
-    consent of (`gate_table` of the parent's map), which the parent's facts name; else None."""
-    if plan.gates or not isinstance(plan.writes[0].edit, ItemEdit | RemoveItem):
+    consent of (`gate_table` of the parent's map), which the parent's facts name; else None. Not for a row that only
+    leaves its visit (unlinked): a removal goes whatever that patient's consent (found by review)."""
+    if plan.gates or not isinstance(plan.writes[0].edit, ItemEdit):
         return None
     parent_map = maps.get(plan.writes[0].target.table)
     if parent_map is None or parent_map.consent_types:
@@ -388,7 +393,7 @@ def consent_rows(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: Map
     (named by the row's facts) and the patient that parent belongs to (`inherited_gates`)."""
     rows = set(remembered_gates(decision, facts, maps))
     plan = decision.plan
-    if plan is None or plan.gates or not isinstance(plan.writes[0].edit, ItemEdit | RemoveItem):
+    if plan is None or plan.gates or not isinstance(plan.writes[0].edit, ItemEdit):
         return rows
     target = plan.writes[0].target
     parent: RowKey | None = target.row

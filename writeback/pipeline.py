@@ -462,13 +462,15 @@ class Pipeline:
         """The outcome of a message the invocation's deadline stopped (its plan, for the log, is pure work)."""
         return Result("retry", reason, detail, self.plan(envelope))
 
-    async def record_unworked(self, envelope: Envelope, result: Result) -> Result:
+    async def record_unworked(self, envelope: Envelope, result: Result, within: float | None = None) -> Result:
         """Keep the outcome of a message not worked on (its lock nearly over), where there is an outcome log,
-        within FHIR_TIMEOUT_SECONDS; what it ended as (`outcome-store-unavailable` when it could not be kept)."""
+        within FHIR_TIMEOUT_SECONDS (and `within` seconds); what it ended as (`outcome-store-unavailable` when it
+        could not be kept)."""
         if self.ledger is None:
             return result
+        seconds = self.settings.timeout_seconds if within is None else min(self.settings.timeout_seconds, within)
         try:
-            async with asyncio.timeout(self.settings.timeout_seconds):
+            async with asyncio.timeout(seconds):
                 return await self._record(envelope, result)
         except TimeoutError:
             return result_for(result.decision, Reason.OUTCOME_STORE_UNAVAILABLE, "Table Storage did not answer in "
@@ -796,7 +798,7 @@ class Pipeline:
             # contact's FHIR id names) is no resource made or found for the parent row, which may still have one
             # of its own to leave (`facts.resolve`; found by review).
             source = (decision.plan.source.table, decision.plan.source.record_id) if decision.plan else None
-            batch.learned += [RowFacts(table, row_id, written=reference)
+            batch.learned += [RowFacts(table, row_id, written=reference, found=reference)
                               for (table, row_id), reference in outcome.ids if (table, row_id) == source]
             if outcome.skipped is not None:
                 results[i] = Result("skipped", outcome.skipped, outcome.detail, decision)

@@ -1057,7 +1057,11 @@ def test_a_fhir_id_found_missing_names_nothing_until_the_row_is_written_there_ag
     assert gone.id_for("Patient") is None
     saved = gone.merge(RowFacts("contact", "c-1", Version(11), "Patient", True, "ext-1", fhir_type="Patient"))
     assert saved.id_for("Patient") is None  # (the next save still names it: its write finds it missing again)
-    assert saved.merge(RowFacts("contact", "c-1", written="Patient/ext-1")).id_for("Patient") == "ext-1"
+    written = RowFacts("contact", "c-1", written="Patient/ext-1", found="Patient/ext-1")  # what a write learns
+    assert saved.merge(written).id_for("Patient") == "ext-1"
+    # merged into a message's facts before they are kept (as the pipeline does), it still clears it
+    assert saved.merge(RowFacts("contact", "c-1", Version(12), "Patient", True, "ext-1").merge(written)) \
+        .id_for("Patient") == "ext-1"
     assert saved.merge(RowFacts("contact", "c-1", Version(12), "Patient", True, "ext-2")).id_for("Patient") == "ext-2"
 
 

@@ -347,7 +347,7 @@ async def test_row_facts_round_trip_through_table_storage(store: OutcomeStore) -
     # An id found missing on the server stays so in the row state, until the row is written under it again.
     await store.learn([RowFacts("contact", contact, gone="Patient/ext-1")])
     assert (await store.facts({learned[0].key}))[learned[0].key].gone == "Patient/ext-1"
-    await store.learn([RowFacts("contact", contact, written="Patient/ext-1")])
+    await store.learn([RowFacts("contact", contact, written="Patient/ext-1", found="Patient/ext-1")])
     assert (await store.facts({learned[0].key}))[learned[0].key].gone is None
 
 
