@@ -349,7 +349,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         # review)
         report(False, "trigger", "WRITEBACK_QUEUE_NAME is not set: the trigger binding names it, and the host has no "
                "default (set it to the queue the Dataverse service endpoint posts to)")
-    if (env.get("ServiceBusConnection__clientId") or "").strip() and credential.lower() != "managedidentity":
+    if (env.get("ServiceBusConnection__clientId") or "").strip() and credential.lower() != "managedidentity" \
+            and not (env.get("ServiceBusConnection") or "").strip():  # (a connection string wins: no identity used)
         # (the host takes its default credential then, and the trigger gets no token with the user-assigned
         # identity: found by review)
         report(False, "trigger", "ServiceBusConnection__clientId is set but ServiceBusConnection__credential is "

@@ -97,3 +97,12 @@ def test_check_config_passes_without_the_queue_setting_the_trigger_binding_needs
     assert named and code == cli.EXIT_CHECK_FAILED, (
         f"check-config (exit {code}) passes without WRITEBACK_QUEUE_NAME, which the host's trigger binding "
         "(%WRITEBACK_QUEUE_NAME%) cannot resolve:\n" + "\n".join(lines))
+
+
+def test_a_client_id_beside_a_connection_string_is_not_called_unused(admin_env: pytest.MonkeyPatch) -> None:
+    """(Noted by review.) With a connection string the host authenticates by it, and the client id is used by no
+    one: check-config must not fail the settings for a credential setting that would change nothing."""
+    admin_env.setenv("ServiceBusConnection__clientId", "6b3f2a44-1c9e-4b7d-9f0a-2e5c8d7a1b30")
+    admin_env.setenv("ServiceBusConnection", "Endpoint=sb://localhost/;SharedAccessKeyName=k;SharedAccessKey=s")
+    code, lines = check_config()
+    assert code == 0 and not [line for line in lines if "ServiceBusConnection__credential" in line], "\n".join(lines)
