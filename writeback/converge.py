@@ -23,6 +23,7 @@ nothing either. `absent`: the resource does not exist (only a full `RowEdit` may
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import field, replace
 from typing import Any, Literal
 
@@ -33,6 +34,7 @@ from writeback.paths import (
     Assignment,
     Index,
     Path,
+    add_constants,
     apply,
     apply_changes,
     apply_state,
@@ -68,7 +70,10 @@ class RowEdit:
     # Target only: the selectors that may take over an item an ingest put there (`paths.sole_selectors`)
     adoptable: frozenset[Path] = frozenset()
     row_items: bool = False  # the map owns items by the row's mark (`[row]`): the mark goes to `paths`
-    constants: tuple[Path, ...] = ()  # Target only: the map's constants' paths (`paths.drop_lone_constants`)
+    # Target only: the map's constants (`paths.drop_lone_constants`, `paths.add_constants`), and the elements the map
+    # writes (what the map owns, beyond the changed columns: `_said_of_value`)
+    constants: tuple[Assignment, ...] = ()
+    elements: frozenset[str] = frozenset()
 
     @property
     def own(self) -> Mark | None:
@@ -219,7 +224,8 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
         new = apply_changes(current, [*owned, edit.identity], edit.adoptable, own=edit.own,
                             pinned=(edit.identity,))
         if edit.constants:
-            new = drop_lone_constants(new, owned, edit.constants)
+            new = add_constants(drop_lone_constants(new, owned, [c.path for c in edit.constants]), owned,
+                                edit.constants)
         check_required_kept(new, {a.element: a.column for a in owned if a.column and a.value is None})
         # The changed columns beside the values the server holds (an end date beside the start already there):
         # checked here, where they meet, in the elements the change writes only (what else the server's copy
@@ -227,8 +233,9 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
         elements = {a.element for a in owned}
         check_invariants({"resourceType": new.get("resourceType"),
                           **{k: v for k, v in new.items() if k in elements}})
+    owns = edit.elements or {a.element for a in owned}
     return _unchanged_or_same(_result(current, _said_of_value(current, _one_choice(
-        with_mark(new, mark, mark.table, mark.row_id), owned), owned), held), planned.same)
+        with_mark(new, mark, mark.table, mark.row_id), owned), owns), held), planned.same)
 
 
 def _sorted_items(counts: Mapping[str, int]) -> tuple[tuple[str, int], ...]:
@@ -341,23 +348,21 @@ def _one_choice(resource: dict[str, Any], owned: tuple[Assignment, ...]) -> dict
     return resource
 
 
-def _said_of_value(current: Mapping[str, Any], new: dict[str, Any], owned: tuple[Assignment, ...]) -> dict[str, Any]:
+def _said_of_value(current: Mapping[str, Any], new: dict[str, Any], owns: AbstractSet[str]) -> dict[str, Any]:
     """An Observation that now holds a value: without the reason it had none (R4 obs-6, "dataAbsentReason SHALL only
-    be present if Observation.value[x] is not present"), and, where the value changed, without the interpretation
-    said of the old one ("a categorical assessment of an observation value": High said of 180 misstates 72), unless
-    the map owns them (found by review: a vital from FHIR refused by obs-6, a corrected one still flagged High)."""
+    be present if Observation.value[x] is not present"); and one whose value changed or went, without the
+    interpretation said of the old one ("a categorical assessment of an observation value": High said of 180
+    misstates 72, or a value withdrawn), unless the map owns them (`owns`: the elements the map writes; found by
+    review: a vital from FHIR refused by obs-6, a corrected one still flagged High)."""
     if new.get("resourceType") != "Observation":
         return new
     values = [k for k in new if k.startswith("value") and k[5:6].isupper()]
-    if not values:
-        return new
-    owns = {a.element for a in owned}
-    if "dataAbsentReason" not in owns:
+    if values and "dataAbsentReason" not in owns:
         new.pop("dataAbsentReason", None)
         new.pop("_dataAbsentReason", None)
     if "interpretation" not in owns and "interpretation" in new:
         keys = {*values, *(k for k in current if k.startswith("value") and k[5:6].isupper())}
-        if comparable({k: new.get(k) for k in keys}) != comparable({k: current.get(k) for k in keys}):
+        if keys and comparable({k: new.get(k) for k in keys}) != comparable({k: current.get(k) for k in keys}):
             new.pop("interpretation", None)
     return new
 

@@ -581,8 +581,12 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
                    adoptable=frozenset() if full else sole_selectors(
                        a.path for a in entity_map.attributes if a.only_for is None or resource_type in a.only_for),
                    row_items=entity_map.row_items,
-                   constants=() if full else tuple(a.path for a in attributes_for(entity_map, resource_type)
-                                                   if a.column is None))
+                   constants=() if full else tuple(Assignment(a.path, a.default)
+                                                   for a in attributes_for(entity_map, resource_type)
+                                                   if a.column is None),
+                   elements=frozenset() if full else frozenset(
+                       a.path[0].name for a in attributes_for(entity_map, resource_type)
+                       if isinstance(a.path[0], Field)))
     source = _source(message, entity_map.identifier_system, new)
     writes = [Write(target, edit), *_released(message, entity_map, resource_type, old, mark)]
     plan = WritePlan("create" if is_create else "update", tuple(writes), rendered,

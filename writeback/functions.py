@@ -382,33 +382,12 @@ class FunctionApp:
         # waited), is not worked on at all: Service Bus may have handed it to another instance already (found by
         # review: the deadline's floor had it written and completed). It is given back as it is.
         now = self._clock().timestamp()
-        for index, envelope in list(readable.items()):
-            if envelope.locked_until is not None and envelope.locked_until - now < \
-                    MIN_WORK_SECONDS + runtime.settings.timeout_seconds:
+        late = [(index, envelope) for index, envelope in readable.items() if envelope.locked_until is not None
+                and envelope.locked_until - now < MIN_WORK_SECONDS + runtime.settings.timeout_seconds]
+        if late:
+            await self._record_late(runtime, late, now, settler=settler, results=results, retrying=retrying)
+            for index, _ in late:
                 del readable[index]
-                # Its outcome row is kept (found by review: `logs --record` showed nothing of it), and where the lock
-                # still leaves time to settle, a delayed copy is made, as for any retry: an abandon would have it
-                # back at once, on the same busy worker.
-                # Past the retry window it is given up before the row is kept, so the row says dead-lettered as
-                # the settlement does (found by an administrator's review: `retry` beside a `retries-exhausted`).
-                # (Only where it can still be settled: one abandoned is given up at its next delivery, and its row
-                # must not say dead-lettered meanwhile.)
-                # Decided once, before the row is kept (which may take a while): the row and the settlement agree.
-                # Its row is kept within what the lock leaves past the settling margin (found by review: a slow
-                # store crossed it, and a row saying dead-lettered stood beside an abandon).
-                spare = envelope.locked_until - now - SETTLE_SECONDS
-                settles = spare > 0
-                unworked = runtime.pipeline.unfinished(envelope, LOCK_LAPSED_DETAIL)
-                if settles:
-                    unworked = give_up(envelope, unworked, RetryPolicy.of(runtime.settings), self._clock())
-                result = results[index] = await runtime.pipeline.record_unworked(
-                    envelope, unworked, within=spare if settles else None)
-                if settles:
-                    assert result.reason is not None
-                    retrying.append(_Retrying(index, envelope, result.reason, result.detail, result,
-                                              decided=result is unworked))
-                else:
-                    settler.settle(index, "abandon", result, _logger(envelope, result, result.detail))
         if not readable:
             return retrying
         order = list(readable)
@@ -500,6 +479,36 @@ class FunctionApp:
                                                            rescheduled=kind == "complete", **more)
                            if item.result and not item.quiet else None)
         return kind == "complete"
+
+    async def _record_late(self, runtime: Runtime, late: list[tuple[int, Envelope]], now: float, *,
+                           settler: _Settler, results: list[Result | None], retrying: list[_Retrying]) -> None:
+        """The messages handed over with too little lock left to work on (the worker was busy, the batch waited):
+        not worked on, since Service Bus may have handed them to another instance already (found by review: the
+        deadline's floor had one written and completed). Each one's outcome row is kept (`logs --record` showed
+        nothing of it), and where its lock leaves time to settle, a delayed copy is made, as for any retry (an
+        abandon would have it back at once, on the same busy worker), or past the retry window it is given up
+        before its row is kept, so that the row says dead-lettered as the settlement does. Whether it settles is
+        decided once, before the rows are kept, and they are kept together within what the shortest of those locks
+        leaves past the settling margin: a slow store must not carry any of them past its lock (found by review: a
+        row saying dead-lettered beside an abandon)."""
+        lock_left = {index: (envelope.locked_until or now) - now for index, envelope in late}
+        settles = {index: left > SETTLE_SECONDS for index, left in lock_left.items()}
+        spare = min((left - SETTLE_SECONDS for index, left in lock_left.items() if settles[index]), default=None)
+        policy = RetryPolicy.of(runtime.settings)
+        unworked = {index: runtime.pipeline.unfinished(envelope, LOCK_LAPSED_DETAIL) for index, envelope in late}
+        for index, envelope in late:
+            if settles[index]:
+                unworked[index] = give_up(envelope, unworked[index], policy, self._clock())
+        kept = await asyncio.gather(*(runtime.pipeline.record_unworked(envelope, unworked[index], within=spare)
+                                      for index, envelope in late))
+        for (index, envelope), result in zip(late, kept, strict=True):
+            results[index] = result
+            if settles[index]:
+                assert result.reason is not None
+                retrying.append(_Retrying(index, envelope, result.reason, result.detail, result,
+                                          decided=result is unworked[index]))
+            else:
+                settler.settle(index, "abandon", result, _logger(envelope, result, result.detail))
 
     async def _record_faults(self, readable: Mapping[int, Envelope], exc: WritebackError, reason: Reason,
                              settings: Settings, started: float) -> dict[int, Result]:

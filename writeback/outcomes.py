@@ -52,6 +52,7 @@ import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
@@ -557,8 +558,8 @@ class OutcomeStore:
                 current = None
             known = _facts_of(fact.key, current) if current is not None else None
             merged = fact if known is None else known.merge(fact)
-            if merged == known:
-                return
+            if merged == known or (merged.found is not None and replace(merged, found=None) == known):
+                return  # (`found` is an event, never kept: alone it changes nothing stored)
             entity = _entity({
                 "PartitionKey": pk, "RowKey": rk, "FactsVersion": merged.version.stored() or None,
                 "ResourceType": merged.resource_type, "Consent": merged.consent, "FhirId": merged.fhir_id,

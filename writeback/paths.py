@@ -733,9 +733,25 @@ def drop_lone_constants(resource: dict[str, Any], assignments: Iterable[Assignme
         if not any(c[:len(parent_path)] == parent_path for c in cleared):
             continue
         names = {c[-1].name for c in constants if c[:-1] == parent_path and isinstance(c[-1], Field)}
+        if isinstance(parent_path[-1], Select):  # (the item's selector keys, written with it: `identifier[system=…]`)
+            names.update(key for key, _ in parent_path[-1].match)
         parent = _navigate(resource, parent_path)
         if isinstance(parent, dict) and parent and set(parent) <= names:
             resource = _set(resource, parent_path, None)
+    return resource
+
+
+def add_constants(resource: dict[str, Any], assignments: Iterable[Assignment],
+                  constants: Iterable[Assignment]) -> dict[str, Any]:
+    """`resource` with the map's constants written beside a value `assignments` give in their element (a visit's
+    length entered without images: its UCUM unit with it), as a whole state writes them (found by review: the
+    length was refused as a Duration without a code)."""
+    given = [a.path for a in assignments if a.value is not None and a.value is not KEEP]
+    for constant in constants:
+        parent_path = constant.path[:-1]
+        if parent_path and any(g[:len(parent_path)] == parent_path and len(g) > len(parent_path) for g in given) \
+                and isinstance(_navigate(resource, parent_path), dict):
+            resource = _set(resource, constant.path, constant.value)
     return resource
 
 
