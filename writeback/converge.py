@@ -406,7 +406,8 @@ def _item(current: dict[str, Any], edit: ItemEdit, retried: bool = False) -> Con
     if isinstance(planned, Converged):
         return planned
     owned, mark = planned.owned, planned.mark
-    item = apply_state(base, owned) if edit.full else apply_changes(base, owned)
+    # (`item`: what describes a value of the item itself goes with it too, an Identifier's assigner with its system)
+    item = apply_state(base, owned, item=True) if edit.full else apply_changes(base, owned, item=True)
     item = with_mark(item, None, table, row_id)
     new = {k: v for k, v in current.items()}
     new = with_mark(new, None, table, row_id, MOVED)

@@ -484,7 +484,8 @@ def _redirect(assignments: list[Assignment], redirects: dict[Path, Select]) -> l
 _DESCRIBED_BY: dict[str, tuple[str, ...]] = {
     "value": ("comparator",),  # a Quantity's "<" was said of the value it stood beside
     "code": ("display", "version", "unit"),
-    "system": ("code", "display", "version"),
+    # (an Identifier's assigner issued the namespace its system names: moved to another hospital's, it is not hers)
+    "system": ("code", "display", "version", "assigner"),
     "unit": ("code",),
 }
 
@@ -493,6 +494,9 @@ _DESCRIBED_BY: dict[str, tuple[str, ...]] = {
 # `text`, the text (what most applications display) would state the old name or address, so it goes.
 _TEXT_PARTS = frozenset({"family", "given", "prefix", "suffix", "line", "city", "district", "state", "postalCode",
                          "country"})
+
+
+_PLACE_PARTS = frozenset({"city", "state", "postalCode", "country"})  # what an address's district lies within
 
 
 def _text_parts(result: dict[str, Any], assignments: Iterable[Assignment]) -> list[tuple[Assignment, JSONValue]]:
@@ -516,13 +520,21 @@ def _text_parts(result: dict[str, Any], assignments: Iterable[Assignment]) -> li
 
 def _drop_stale_texts(result: dict[str, Any], parts: list[tuple[Assignment, JSONValue]],
                       assignments: list[Assignment]) -> None:
-    """Remove, in place, the `text` beside a part the write changed (set, changed or cleared), unless owned."""
+    """Remove, in place, the `text` beside a part the write changed (set, changed or cleared), unless owned; and an
+    address's `district` (its county) beside a changed city, state, postal code or country, unless owned (found by
+    review: a patient moved from Brooklyn to Boston kept the district Kings)."""
     for a, was in parts:
         if _navigate(result, a.path) == was:
             continue
         parent = _navigate(result, a.path[:-1])
-        if isinstance(parent, dict) and "text" in parent and not _owns(assignments, (*a.path[:-1], Field("text"))):
+        if not isinstance(parent, dict):
+            continue
+        if "text" in parent and not _owns(assignments, (*a.path[:-1], Field("text"))):
             del parent["text"]
+        part = a.path[-1]
+        if isinstance(part, Field) and part.name in _PLACE_PARTS and "district" in parent \
+                and not _owns(assignments, (*a.path[:-1], Field("district"))):
+            del parent["district"]
 
 
 def _same_referent(new: dict[str, Any], was: dict[str, Any]) -> bool:
@@ -557,9 +569,10 @@ def _keep_displays(result: dict[str, Any], displays: Iterable[tuple[Assignment, 
             reference["display"] = display
 
 
-def _described(assignments: Iterable[Assignment]) -> list[Assignment]:
-    """The assignments whose value other elements may describe."""
-    return [a for a in assignments if len(a.path) > 1 and isinstance(a.path[-1], Field)
+def _described(assignments: Iterable[Assignment], item: bool = False) -> list[Assignment]:
+    """The assignments whose value other elements may describe (`item`: the paths are a datatype's own, a child
+    row's item, so its top level counts too)."""
+    return [a for a in assignments if len(a.path) > (0 if item else 1) and isinstance(a.path[-1], Field)
             and a.path[-1].name in _DESCRIBED_BY and a.value is not KEEP]
 
 
@@ -757,7 +770,7 @@ def add_constants(resource: dict[str, Any], assignments: Iterable[Assignment],
 
 def apply_changes(resource: dict[str, Any], assignments: Iterable[Assignment],
                   adoptable: frozenset[Path] | None = None, own: Mark | None = None,
-                  pinned: Iterable[Assignment] = ()) -> dict[str, Any]:
+                  pinned: Iterable[Assignment] = (), *, item: bool = False) -> dict[str, Any]:
     """`apply` for a change that carries only some columns (a step without images): a selector with optional keys
     that is the only one of its list (`adoptable`, from `sole_selectors`; None: any) takes the item an ingest put
     there (`adopt`) instead of adding a parallel one, and what described a value it changed goes with it (see
@@ -769,7 +782,7 @@ def apply_changes(resource: dict[str, Any], assignments: Iterable[Assignment],
     redirects = adopt(result, adopting, pinned=pinned) if len(result) > 1 and adopting else {}
     if redirects:
         assignments = _redirect(assignments, redirects)
-    before = [(a, _navigate(result, a.path)) for a in _described(assignments)]
+    before = [(a, _navigate(result, a.path)) for a in _described(assignments, item)]
     parts = _text_parts(result, assignments)
     displays = _displays(result, assignments)
     for assignment in assignments:
@@ -793,7 +806,8 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
                 before: Iterable[Assignment] = (), own: Mark | None = None,
                 earlier: Iterable[Iterable[Assignment]] = (), *,
                 holds: Sequence[Sequence[Assignment]] = (), items: Mapping[str, int] | None = None,
-                written_items: dict[str, int] | None = None, pinned: Iterable[Assignment] = ()) -> dict[str, Any]:
+                written_items: dict[str, int] | None = None, pinned: Iterable[Assignment] = (),
+                item: bool = False) -> dict[str, Any]:
     """A new resource: `resource` with a row's whole state written (see the module docstring). `before`: the
     row's state before the save, to recognise the items an ingest put there (`adopt`; `earlier`: its older saves'
     of the same batch). `own`: the row's mark, for the items `[row]` names (`_own_items`). `holds`: of those
@@ -838,7 +852,7 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
                 written_items[format_path(next(owned_lists))] = sum(
                     1 for i, v in enumerate(a.value.values)
                     if (current[i] if v is KEEP and i < len(current) else v) not in (None, KEEP))
-    described = [(a, _navigate(result, a.path)) for a in _described(values)] if existing else []
+    described = [(a, _navigate(result, a.path)) for a in _described(values, item)] if existing else []
     parts = _text_parts(result, values) if existing else []
     displays = _displays(result, values) if existing else []
     groups: dict[Path, list[Assignment]] = {}
