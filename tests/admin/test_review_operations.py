@@ -13,16 +13,14 @@ import io
 import json
 import logging
 import uuid
-from datetime import UTC, date, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 
-from devtools.messages import Choice, context
 from devtools.services import Azurite, FhirDevServer
-from tests.admin.test_admin_trial import DeadLetterBroker, run_cli
+from tests.admin.test_admin_trial import DeadLetterBroker, app_on, create, patient, run_cli
 from tests.reliability.broker import SEQ, SimMessage
 from writeback import cli
-from writeback.functions import FunctionApp
 from writeback.reasons import REASONS, Reason
 from writeback.retry import ATTEMPT, FIRST_TRIED, ORIGINAL_ID
 from writeback.settings import SETTINGS
@@ -43,24 +41,22 @@ def review_env(monkeypatch: pytest.MonkeyPatch, fhir_server: FhirDevServer, azur
     return env
 
 
-def _app_on(broker: DeadLetterBroker, env: dict[str, str]) -> FunctionApp:
-    app = FunctionApp(env, scheduler_factory=broker.scheduler_factory, clock=broker.clock)
-    broker.app = app
-    return app
+def late_retry(broker: DeadLetterBroker, message_id: str) -> str:
+    """A patient's Create retried past WRITEBACK_RETRY_WINDOW_HOURS (first tried 25 h ago), its 40th copy put on the
+    queue; the row's id."""
+    row, columns = patient()
+    broker.rows[1] = row
+    props: dict[str, object] = {SEQ: 1, ATTEMPT: "40", ORIGINAL_ID: message_id,
+                                FIRST_TRIED: (broker.now - timedelta(hours=25)).isoformat()}
+    broker._enqueue(SimMessage(create("contact", row, columns), f"{message_id}~r40", props, broker.now), broker.now)
+    return row
 
 
-def _patient(**changes: object) -> tuple[str, dict[str, object]]:
-    row = str(uuid.uuid4())
-    columns: dict[str, object] = {
-        "contactid": row, "msemr_contacttype": Choice(935000000), "msemr_azurefhirsyncenabled": True,
-        "firstname": "Rosalind", "lastname": "Quintero", "birthdate": date(1987, 7, 25), "gendercode": Choice(2),
-        "telephone1": "+1 206 555 0142", "versionnumber": 1001, "modifiedon": datetime(2026, 11, 2, 9, 30, tzinfo=UTC)}
-    columns.update(changes)
-    return row, {k: v for k, v in columns.items() if v is not None}
-
-
-def _create(table: str, row: str, columns: dict[str, object]) -> bytes:
-    return json.dumps(context("Create", table, row, columns, post=columns)).encode()
+async def logged(monkeypatch: pytest.MonkeyPatch, row: str) -> list[dict[str, object]]:
+    """What `logs --record <row> --json` shows the administrator."""
+    code, out = await asyncio.to_thread(run_cli, monkeypatch, None, "logs", "--record", row, "--since", "7d", "--json")
+    assert code == 0, out
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 def _check_config() -> tuple[int, str]:
@@ -84,9 +80,9 @@ async def test_a_table_prefix_with_an_accented_letter_is_a_config_error_not_a_st
     env = {**review_env, "OUTCOMES_TABLE_PREFIX": "écriture"}
     monkeypatch.setenv("OUTCOMES_TABLE_PREFIX", "écriture")
     broker = DeadLetterBroker(batch=10)
-    app = _app_on(broker, env)
-    row, columns = _patient()
-    seq = broker.send(_create("contact", row, columns), row=row)
+    app = app_on(broker, env)
+    row, columns = patient()
+    seq = broker.send(create("contact", row, columns), row=row)
     caplog.set_level(logging.INFO, logger="writeback")
     await broker.run(max_invocations=1)
     await app.aclose()
@@ -111,9 +107,9 @@ async def test_invalid_contact_type_action_resubmit_after_fixing_the_images_dead
     and is dead-lettered again with the same reason. Only a new save of the row (a new message, taken with the
     fixed images) can carry the type; the action should say so instead of "resubmit"."""
     broker = DeadLetterBroker(batch=10)
-    app = _app_on(broker, review_env)
-    row, columns = _patient(msemr_contacttype=None)  # the images did not hold the column
-    broker.send(_create("contact", row, columns), row=row)
+    app = app_on(broker, review_env)
+    row, columns = patient(msemr_contacttype=None)  # the images did not hold the column
+    broker.send(create("contact", row, columns), row=row)
     await broker.run()
     [(_, _, first)] = broker.dlq
     assert first.reason == "invalid-contact-type"
@@ -140,22 +136,16 @@ async def test_a_late_handed_retry_past_its_window_is_dead_lettered_while_its_ou
     WRITEBACK_RETRY_WINDOW_HOURS (24 h) of retries it is dead-lettered as `retries-exhausted`", a row like every
     outcome. The dead-letter's description also says "Service Bus delivers it again", which it never does."""
     broker = DeadLetterBroker(batch=10, lock=timedelta(seconds=20))  # less than FHIR_TIMEOUT_SECONDS (30) left
-    app = _app_on(broker, review_env)
-    row, columns = _patient()
-    broker.rows[1] = row
-    props: dict[str, object] = {SEQ: 1, ATTEMPT: "40", ORIGINAL_ID: "m-late",
-                                FIRST_TRIED: (broker.now - timedelta(hours=25)).isoformat()}
-    broker._enqueue(SimMessage(_create("contact", row, columns), "m-late~r40", props, broker.now), broker.now)
+    app = app_on(broker, review_env)
+    row = late_retry(broker, "m-late")
     await broker.run(max_invocations=1)
     await app.aclose()
     [(_, _, end)] = broker.dlq
     assert end.reason == "retries-exhausted"  # what happened: it is in the dead-letter queue
-    code, out = await asyncio.to_thread(run_cli, monkeypatch, None, "logs", "--record", row, "--since", "7d", "--json")
-    assert code == 0
-    logged = [json.loads(line) for line in out.splitlines() if line.strip()]
-    assert any(r["outcome"] == "dead-lettered" and r["reason"] == "retries-exhausted" for r in logged), (
+    rows = await logged(monkeypatch, row)
+    assert any(r["outcome"] == "dead-lettered" and r["reason"] == "retries-exhausted" for r in rows), (
         f"dead-lettered ({end.reason}: {end.description}); the outcome log says: "
-        f"{[(r['outcome'], r['reason'], r['settlement']) for r in logged]}")
+        f"{[(r['outcome'], r['reason'], r['settlement']) for r in rows]}")
 
 
 def test_check_config_does_not_print_the_sas_signature_of_a_table_endpoint(
@@ -184,15 +174,10 @@ async def test_a_late_handed_retry_past_its_window_that_cannot_be_settled_is_not
     5 s settling margin): it is abandoned as it is, and Service Bus delivers it again, when it is given up. Its row
     must say what happened now (retry), not a dead-lettering that has not happened."""
     broker = DeadLetterBroker(batch=10, lock=timedelta(seconds=3))
-    app = _app_on(broker, review_env)
-    row, columns = _patient()
-    broker.rows[1] = row
-    props: dict[str, object] = {SEQ: 1, ATTEMPT: "40", ORIGINAL_ID: "m-later",
-                                FIRST_TRIED: (broker.now - timedelta(hours=25)).isoformat()}
-    broker._enqueue(SimMessage(_create("contact", row, columns), "m-later~r40", props, broker.now), broker.now)
+    app = app_on(broker, review_env)
+    row = late_retry(broker, "m-later")
     await broker.run(max_invocations=1)
     await app.aclose()
     assert not broker.dlq  # abandoned, not dead-lettered
-    code, out = await asyncio.to_thread(run_cli, monkeypatch, None, "logs", "--record", row, "--since", "7d", "--json")
-    logged = [json.loads(line) for line in out.splitlines() if line.strip()]
-    assert code == 0 and [(r["outcome"], r["reason"]) for r in logged] == [("retry", "deadline-reached")], logged
+    rows = await logged(monkeypatch, row)
+    assert [(r["outcome"], r["reason"]) for r in rows] == [("retry", "deadline-reached")], rows

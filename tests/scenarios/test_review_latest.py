@@ -6,45 +6,21 @@ code it was written against."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import shutil
 from datetime import timedelta
-from pathlib import Path
 
-import httpx
 import pytest
 
-from devtools.messages import Lookup
-from tests.admin.test_admin_trial import DeadLetterBroker, app_on, create, patient, run_cli
-from tests.admin.test_review_operations import review_env
-from tests.reliability.broker import SEQ, SimMessage
-from tests.scenarios import dataverse
+from tests.admin.test_admin_trial import DeadLetterBroker, app_on
+from tests.admin.test_review_operations import late_retry, logged, review_env
 from tests.scenarios.checks import ENCOUNTER_SYSTEM, the_resource
 from tests.scenarios.conftest import World, until_settled
-from tests.scenarios.dataverse import PRACTITIONER, Sent, new_id
-from tests.scenarios.test_items import ingest, ingested_patient, states
-from tests.scenarios.test_review_maps import PARTICIPANT_MAP
-from writeback.maps import MapSet, load_maps
+from tests.scenarios.dataverse import new_id
+from tests.scenarios.participants import attend, scenario_maps, tries, ward
+from tests.scenarios.test_items import states
+from tests.scenarios.test_review_session import saved_then_deleted
 from writeback.pipeline import Envelope, Pipeline, Result
-from writeback.retry import ATTEMPT, FIRST_TRIED, ORIGINAL_ID
-from writeback.settings import DEFAULT_MAPS_DIR
 
-__all__ = ["review_env"]  # (the fixture of tests/admin/test_review_operations.py, used below)
-
-
-@pytest.fixture
-def scenario_maps(tmp_path: Path) -> MapSet:
-    """The shipped maps and the Encounter Participant map of tests/scenarios/test_review_maps.py (a child table of
-    msemr_encounter, written as Encounter.participant items)."""
-    folder = tmp_path / "maps"
-    shutil.copytree(DEFAULT_MAPS_DIR, folder)
-    (folder / "msemr_encounterparticipant.yaml").write_text(PARTICIPANT_MAP, encoding="utf-8")
-    return load_maps(folder)
-
-
-def _tries(world: World, sent: Sent) -> list[tuple[str, str | None]]:
-    return [(r.state, r.reason.value if r.reason else None) for s, r in world.results if s is sent]
+__all__ = ["review_env", "scenario_maps"]  # (fixtures: tests/admin/test_review_operations.py, participants.py)
 
 
 async def test_a_participant_unlinked_from_a_visit_of_a_patient_without_consent_leaves_that_visit(
@@ -63,18 +39,11 @@ async def test_a_participant_unlinked_from_a_visit_of_a_patient_without_consent_
     who was not on that visit, for good. `facts.resolve` keeps only the removal where the row is *added* to the
     visit of the patient without consent (`isinstance(first.edit, ItemEdit)`); an unlink's only write is the
     removal, which the inherited gate of the visit it leaves (`facts.inherited_gates`) skips whole."""
-    monkeypatch.setitem(dataverse._KEYS, "msemr_encounterparticipant", "msemr_encounterparticipantid")
-    dv = world.dataverse
-    doctor = new_id()
-    hired = dv.create("contact", doctor, {"msemr_contacttype": PRACTITIONER, "firstname": "Adaeze",
-                                          "lastname": "Okafor"})
-    patient, registered = dv.patient()
-    visit, admitted = dv.encounter(patient)
-    assert states(await world.send(hired, registered, admitted)) == [("written", None)] * 3
+    dv, at = world.dataverse, ward(world, monkeypatch)
+    doctor, patient, visit = at.doctor, at.patient, at.visit
+    assert states(await world.send(*at.sent)) == [("written", None)] * 3
     participant = new_id()
-    attending = dv.create("msemr_encounterparticipant", participant, {
-        "msemr_encounterparticipantdetailsid": Lookup("msemr_encounter", visit),
-        "msemr_individualtypepractitioner": Lookup("contact", doctor)})
+    attending = attend(world, visit, doctor, participant)
     assert states(await world.send(attending)) == [("written", None)]
     assert the_resource(world.fhir, "Encounter", ENCOUNTER_SYSTEM, visit).get("participant")
     withdrawn = dv.update("contact", patient, {"msemr_azurefhirsyncenabled": False})
@@ -85,7 +54,7 @@ async def test_a_participant_unlinked_from_a_visit_of_a_patient_without_consent_
     encounter = the_resource(world.fhir, "Encounter", ENCOUNTER_SYSTEM, visit)
     assert "participant" not in encounter, (
         f"the participant unlinked from the visit is still on its Encounter: {encounter['participant']}; the "
-        f"unlink's tries: {_tries(world, unlinked)}")
+        f"unlink's tries: {tries(world, unlinked)}")
 
 
 async def test_a_late_handed_retry_past_its_window_whose_outcome_row_is_slow_is_not_logged_dead_lettered_and_abandoned(
@@ -105,11 +74,7 @@ async def test_a_late_handed_retry_past_its_window_whose_outcome_row_is_slow_is_
     row crosses the 5 s margin between the two."""
     broker = DeadLetterBroker(batch=10, lock=timedelta(seconds=6))
     app = app_on(broker, review_env)
-    row, columns = patient()
-    broker.rows[1] = row
-    props: dict[str, object] = {SEQ: 1, ATTEMPT: "40", ORIGINAL_ID: "m-slow",
-                                FIRST_TRIED: (broker.now - timedelta(hours=25)).isoformat()}
-    broker._enqueue(SimMessage(create("contact", row, columns), "m-slow~r40", props, broker.now), broker.now)
+    row = late_retry(broker, "m-slow")
     record = Pipeline.record_unworked
 
     async def slow(self: Pipeline, envelope: Envelope, result: Result, within: float | None = None) -> Result:
@@ -119,12 +84,11 @@ async def test_a_late_handed_retry_past_its_window_whose_outcome_row_is_slow_is_
     monkeypatch.setattr(Pipeline, "record_unworked", slow)
     await broker.run(max_invocations=1)
     await app.aclose()
-    code, out = await asyncio.to_thread(run_cli, monkeypatch, None, "logs", "--record", row, "--since", "7d", "--json")
-    logged = [json.loads(line) for line in out.splitlines() if line.strip()]
-    assert code == 0 and logged
-    said_dead_lettered = any(r["outcome"] == "dead-lettered" for r in logged)
+    rows = await logged(monkeypatch, row)
+    assert rows
+    said_dead_lettered = any(r["outcome"] == "dead-lettered" for r in rows)
     assert said_dead_lettered == bool(broker.dlq), (
-        f"the outcome log says {[(r['outcome'], r['reason'], r['settlement']) for r in logged]}; the dead-letter "
+        f"the outcome log says {[(r['outcome'], r['reason'], r['settlement']) for r in rows]}; the dead-letter "
         f"queue holds {[(end.reason, end.description) for _, _, end in broker.dlq]} (the message was "
         f"{'dead-lettered' if broker.dlq else 'abandoned: back on the queue'})")
 
@@ -146,13 +110,7 @@ async def test_a_patient_written_again_under_an_id_once_found_gone_is_named_by_t
     `known.merge(fact)`); `RowFacts.merge` clears `gone` only when the fact merged in has no version, which a kept
     write's facts never lack."""
     dv = world.dataverse
-    seeded = ingested_patient(world)
-    contact, ingested = ingest(world, seeded)
-    assert states(await world.send(ingested)) == [("skipped", "echo")]
-    renamed = dv.update("contact", contact, {"firstname": "Imany"})
-    assert states(await world.send(renamed)) == [("written", None)]
-    deleted = httpx.delete(f"{world.fhir.server.base_url}/Patient/{seeded['id']}", headers=world.fhir.headers)
-    assert deleted.status_code in (200, 204)
+    contact, seeded = await saved_then_deleted(world)
     phoned = dv.update("contact", contact, {"telephone1": "+1 555 0199"})
     assert states(await world.send(phoned)) == [("dead-lettered", "target-missing")]
     key = ("contact", contact)

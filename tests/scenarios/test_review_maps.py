@@ -7,53 +7,23 @@ code it was written against.
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 
-from devtools.messages import Lookup
-from tests.scenarios import dataverse
 from tests.scenarios.checks import ENCOUNTER_SYSTEM, the_resource
 from tests.scenarios.conftest import World
-from tests.scenarios.dataverse import PRACTITIONER, new_id
+from tests.scenarios.dataverse import new_id
+from tests.scenarios.participants import attend, scenario_maps, ward
 from tests.scenarios.test_items import states
-from writeback.maps import MapSet, load_maps
-from writeback.settings import DEFAULT_MAPS_DIR
 
-# The Healthcare Accelerator's Encounter Participant table (Entities/msemr_encounterparticipant): a child of the
-# encounter (lookup msemr_encounterparticipantdetailsid), the practitioner, and the participation's period (date
-# columns). Written as Encounter.participant items, as msemr_medicalidentifier rows are Patient.identifier items.
-PARTICIPANT_MAP = """\
-table: msemr_encounterparticipant
-writeback: true
-messages: [Create, Update]
-resource: Encounter
-expansion:
-  parent_table: msemr_encounter
-  parent_link: msemr_encounterparticipantdetailsid
-  element: participant
-attributes:
-  - {column: msemr_individualtypepractitioner, target: individual, action: lookup, resource: Practitioner}
-  - {column: msemr_periodstart, target: period.start, type: date}
-  - {column: msemr_periodend, target: period.end, type: date}
-"""
-
-
-@pytest.fixture
-def scenario_maps(tmp_path: Path) -> MapSet:
-    folder = tmp_path / "maps"
-    shutil.copytree(DEFAULT_MAPS_DIR, folder)
-    (folder / "msemr_encounterparticipant.yaml").write_text(PARTICIPANT_MAP, encoding="utf-8")
-    return load_maps(folder)
+__all__ = ["scenario_maps"]  # (the fixture giving `world` the participant map, tests/scenarios/participants.py)
 
 
 async def test_a_child_row_of_an_encounter_obeys_the_patients_consent(world: World,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """The engineer added the Encounter Participant table (above) as an expansion map of msemr_encounter, ran
-    `check-config` (it passes), and replayed a ward's day: a practitioner, a consenting patient, her visit (all
-    written); then the patient withdraws her consent (Azure FHIR Sync Enabled set to No), the clerk corrects the
-    visit number, and the attending physician is added to the visit as a participant row.
+    """The engineer added the Encounter Participant table (tests/scenarios/participants.py) as an expansion map of
+    msemr_encounter, ran `check-config` (it passes), and replayed a ward's day: a practitioner, a consenting
+    patient, her visit (all written); then the patient withdraws her consent (Azure FHIR Sync Enabled set to No),
+    the clerk corrects the visit number, and the attending physician is added to the visit as a participant row.
 
     Expected (docs/convergence.md section 5, "Consent gates": "A child row (parent lookup) and a clinical row (a
     lookup to a table whose map asks for consent ...) are written only while that patient consents"; README,
@@ -66,20 +36,13 @@ async def test_a_child_row_of_an_encounter_obeys_the_patients_consent(world: Wor
     consent gate is set only from lookups to a table whose map asks for consent, and from the parent of a child
     row only when the parent's own map does (contact); a child of a clinical table (msemr_encounter, which gets its
     patient's consent through its subject lookup) is gated by nothing."""
-    monkeypatch.setitem(dataverse._KEYS, "msemr_encounterparticipant", "msemr_encounterparticipantid")
-    dv = world.dataverse
-    doctor = new_id()
-    hired = dv.create("contact", doctor, {"msemr_contacttype": PRACTITIONER, "firstname": "Adaeze",
-                                          "lastname": "Okafor"})
-    patient, registered = dv.patient()
-    visit, admitted = dv.encounter(patient)
-    assert states(await world.send_each(hired, registered, admitted)) == [("written", None)] * 3
+    dv, at = world.dataverse, ward(world, monkeypatch)
+    doctor, patient, visit = at.doctor, at.patient, at.visit
+    assert states(await world.send_each(*at.sent)) == [("written", None)] * 3
 
     withdrawn = dv.update("contact", patient, {"msemr_azurefhirsyncenabled": False})
     renumbered = dv.update("msemr_encounter", visit, {"msemr_encounteridentifier": "V-20261130-0042"})
-    attending = dv.create("msemr_encounterparticipant", new_id(), {
-        "msemr_encounterparticipantdetailsid": Lookup("msemr_encounter", visit),
-        "msemr_individualtypepractitioner": Lookup("contact", doctor), "msemr_participantname": "Dr Okafor"})
+    attending = attend(world, visit, doctor, msemr_participantname="Dr Okafor")
     results = await world.send_each(withdrawn, renumbered, attending)
     assert states(results)[:2] == [("skipped", "consent-withheld"), ("retry", "consent-unknown")], states(results)
 
@@ -95,21 +58,12 @@ async def test_a_child_row_of_an_encounter_of_a_consenting_patient_is_written_an
     """The other side of the gate above: the attending physician added to the visit of a patient who consents is
     written as an item of her Encounter; one added to a visit no message has told of yet (so whose patient is not
     known) waits for it (`consent-unknown`), and nothing of it reaches FHIR meanwhile."""
-    monkeypatch.setitem(dataverse._KEYS, "msemr_encounterparticipant", "msemr_encounterparticipantid")
-    dv = world.dataverse
-    doctor = new_id()
-    hired = dv.create("contact", doctor, {"msemr_contacttype": PRACTITIONER, "firstname": "Adaeze",
-                                          "lastname": "Okafor"})
-    patient, registered = dv.patient()
-    visit, admitted = dv.encounter(patient)
-    assert states(await world.send_each(hired, registered, admitted)) == [("written", None)] * 3
-    attending = dv.create("msemr_encounterparticipant", new_id(), {
-        "msemr_encounterparticipantdetailsid": Lookup("msemr_encounter", visit),
-        "msemr_individualtypepractitioner": Lookup("contact", doctor)})
+    at = ward(world, monkeypatch)
+    doctor, visit = at.doctor, at.visit
+    assert states(await world.send_each(*at.sent)) == [("written", None)] * 3
+    attending = attend(world, visit, doctor)
     assert states(await world.send(attending)) == [("written", None)]
     [participant] = the_resource(world.fhir, "Encounter", ENCOUNTER_SYSTEM, visit)["participant"]
     assert participant["individual"]["identifier"]["value"] == doctor
-    unseen = dv.create("msemr_encounterparticipant", new_id(), {
-        "msemr_encounterparticipantdetailsid": Lookup("msemr_encounter", new_id()),
-        "msemr_individualtypepractitioner": Lookup("contact", doctor)})
+    unseen = attend(world, new_id(), doctor)
     assert states(await world.send(unseen)) == [("retry", "consent-unknown")]

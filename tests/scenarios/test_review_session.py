@@ -5,8 +5,7 @@ against."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -15,30 +14,25 @@ from devtools.messages import Lookup
 from tests.scenarios import dataverse
 from tests.scenarios.checks import ENCOUNTER_SYSTEM, the_resource
 from tests.scenarios.conftest import World, until_settled
-from tests.scenarios.dataverse import PRACTITIONER, Sent, new_id
+from tests.scenarios.dataverse import PRACTITIONER, new_id
+from tests.scenarios.participants import attend, scenario_maps, status_of, tries, ward
 from tests.scenarios.test_items import ingest, ingested_patient, states
-from tests.scenarios.test_review_maps import PARTICIPANT_MAP
-from writeback.maps import MapSet, load_maps
-from writeback.settings import DEFAULT_MAPS_DIR
+
+__all__ = ["scenario_maps"]  # (the fixture giving `world` the participant map, tests/scenarios/participants.py)
 
 
-@pytest.fixture
-def scenario_maps(tmp_path: Path) -> MapSet:
-    """The shipped maps and the Encounter Participant map of tests/scenarios/test_review_maps.py (a child table of
-    msemr_encounter, written as Encounter.participant items)."""
-    folder = tmp_path / "maps"
-    shutil.copytree(DEFAULT_MAPS_DIR, folder)
-    (folder / "msemr_encounterparticipant.yaml").write_text(PARTICIPANT_MAP, encoding="utf-8")
-    return load_maps(folder)
-
-
-def _status_of(world: World, reference: str) -> int:
-    """The HTTP status of a read of `reference` (`Type/<id>`) on the FHIR server."""
-    return httpx.get(f"{world.fhir.server.base_url}/{reference}", headers=world.fhir.headers).status_code
-
-
-def _tries(world: World, sent: Sent) -> list[tuple[str, str | None]]:
-    return [(r.state, r.reason.value if r.reason else None) for s, r in world.results if s is sent]
+async def saved_then_deleted(world: World) -> tuple[str, dict[str, Any]]:
+    """A patient the sync ingested from FHIR (Patient/<ext>), her first name corrected in Dataverse (written into
+    Patient/<ext>), then her record deleted on the FHIR side: the contact's id and the ingested record."""
+    dv = world.dataverse
+    seeded = ingested_patient(world)
+    contact, ingested = ingest(world, seeded)
+    assert states(await world.send(ingested)) == [("skipped", "echo")]
+    renamed = dv.update("contact", contact, {"firstname": "Imany"})
+    assert states(await world.send(renamed)) == [("written", None)]
+    deleted = httpx.delete(f"{world.fhir.server.base_url}/Patient/{seeded['id']}", headers=world.fhir.headers)
+    assert deleted.status_code in (200, 204)
+    return contact, seeded
 
 
 async def test_a_patient_found_gone_by_a_save_received_after_a_newer_one_is_not_named_by_a_later_visit(
@@ -60,13 +54,7 @@ async def test_a_patient_found_gone_by_a_save_received_after_a_newer_one_is_not_
     equals it, and `written` is carried from the row's first write into every later version's facts, so the newer
     (skipped) save's facts "found it again" although nothing was written."""
     dv = world.dataverse
-    seeded = ingested_patient(world)
-    contact, ingested = ingest(world, seeded)
-    assert states(await world.send(ingested)) == [("skipped", "echo")]
-    renamed = dv.update("contact", contact, {"firstname": "Imany"})
-    assert states(await world.send(renamed)) == [("written", None)]
-    deleted = httpx.delete(f"{world.fhir.server.base_url}/Patient/{seeded['id']}", headers=world.fhir.headers)
-    assert deleted.status_code in (200, 204)
+    contact, _ = await saved_then_deleted(world)
     phoned = dv.update("contact", contact, {"telephone1": "+1 555 0199"})
     described = dv.update("contact", contact, {"description": "Prefers morning appointments"})
     assert states(await world.send(described)) == [("skipped", "no-change")]
@@ -76,9 +64,9 @@ async def test_a_patient_found_gone_by_a_save_received_after_a_newer_one_is_not_
     await until_settled(world, admitted)
     encounter = the_resource(world.fhir, "Encounter", ENCOUNTER_SYSTEM, visit)
     reference = encounter["subject"].get("reference")
-    assert reference is None or _status_of(world, reference) == 200, (
-        f"the visit names {reference} (HTTP {_status_of(world, reference)} on the server) after the contact's "
-        f"write found it missing; the visit's tries: {_tries(world, admitted)}")
+    assert reference is None or status_of(world, reference) == 200, (
+        f"the visit names {reference} (HTTP {status_of(world, reference)} on the server) after the contact's "
+        f"write found it missing; the visit's tries: {tries(world, admitted)}")
 
 
 async def test_a_participant_moved_to_a_visit_of_a_patient_without_consent_leaves_the_visit_it_was_moved_from(
@@ -99,21 +87,13 @@ async def test_a_participant_moved_to_a_visit_of_a_patient_without_consent_leave
     drops the removal only where the patient who has not consented is the child row's parent itself
     (`first.target.row == (table, row_id)`); for a gate inherited from the parent's patient
     (`facts.inherited_gates`) the parent is the Encounter, so the whole move is skipped."""
-    monkeypatch.setitem(dataverse._KEYS, "msemr_encounterparticipant", "msemr_encounterparticipantid")
-    dv = world.dataverse
-    doctor = new_id()
-    hired = dv.create("contact", doctor, {"msemr_contacttype": PRACTITIONER, "firstname": "Adaeze",
-                                          "lastname": "Okafor"})
-    first, registered = dv.patient()
+    dv, at = world.dataverse, ward(world, monkeypatch)
+    visit = at.visit
     second, also_registered = dv.patient(firstname="Imani")
-    visit, admitted = dv.encounter(first)
     other_visit, also_admitted = dv.encounter(second)
-    assert states(await world.send(hired, registered, also_registered, admitted, also_admitted)) == [
-        ("written", None)] * 5
+    assert states(await world.send(*at.sent, also_registered, also_admitted)) == [("written", None)] * 5
     participant = new_id()
-    attending = dv.create("msemr_encounterparticipant", participant, {
-        "msemr_encounterparticipantdetailsid": Lookup("msemr_encounter", visit),
-        "msemr_individualtypepractitioner": Lookup("contact", doctor)})
+    attending = attend(world, visit, at.doctor, participant)
     assert states(await world.send(attending)) == [("written", None)]
     assert the_resource(world.fhir, "Encounter", ENCOUNTER_SYSTEM, visit).get("participant")
     withdrawn = dv.update("contact", second, {"msemr_azurefhirsyncenabled": False})
@@ -127,7 +107,7 @@ async def test_a_participant_moved_to_a_visit_of_a_patient_without_consent_leave
     left = the_resource(world.fhir, "Encounter", ENCOUNTER_SYSTEM, visit)
     assert "participant" not in left, (
         f"the participant moved away is still on the first patient's Encounter: {left['participant']}; the move's "
-        f"tries: {_tries(world, moved)}")
+        f"tries: {tries(world, moved)}")
 
 
 async def test_a_participant_planned_in_a_batchs_first_slice_obeys_a_withdrawal_later_in_the_same_batch(
@@ -149,18 +129,11 @@ async def test_a_participant_planned_in_a_batchs_first_slice_obeys_a_withdrawal_
     `facts.consent_rows` finds only once the flight has read the visit's facts; the flight leaves at the end of the
     first planning slice (`pipeline.PLAN_SLICE`, 100) and is decided with the stored consent, before the
     withdrawal is planned."""
-    monkeypatch.setitem(dataverse._KEYS, "msemr_encounterparticipant", "msemr_encounterparticipantid")
     monkeypatch.setitem(dataverse._KEYS, "account", "accountid")
-    dv = world.dataverse
-    doctor = new_id()
-    hired = dv.create("contact", doctor, {"msemr_contacttype": PRACTITIONER, "firstname": "Adaeze",
-                                          "lastname": "Okafor"})
-    patient, registered = dv.patient()
-    visit, admitted = dv.encounter(patient)
-    assert states(await world.send(hired, registered, admitted)) == [("written", None)] * 3
-    attending = dv.create("msemr_encounterparticipant", new_id(), {
-        "msemr_encounterparticipantdetailsid": Lookup("msemr_encounter", visit),
-        "msemr_individualtypepractitioner": Lookup("contact", doctor)})
+    dv, at = world.dataverse, ward(world, monkeypatch)
+    doctor, patient, visit = at.doctor, at.patient, at.visit
+    assert states(await world.send(*at.sent)) == [("written", None)] * 3
+    attending = attend(world, visit, doctor)
     accounts = [dv.create("account", new_id(), {"name": f"Payer {n}"}) for n in range(99)]
     staff = [dv.create("contact", new_id(), {"msemr_contacttype": PRACTITIONER, "firstname": f"Staff{n}",
                                              "lastname": "Nakamura"}) for n in range(200)]
