@@ -378,9 +378,7 @@ class FunctionApp:
         or dead-lettered as soon as it is recorded; return what is to be retried."""
         retrying: list[_Retrying] = []
         finished: set[int] = set()
-        # A message whose lock is over, or too close to its end to fit a request (the worker was busy, the batch
-        # waited), is not worked on at all: Service Bus may have handed it to another instance already (found by
-        # review: the deadline's floor had it written and completed). It is given back as it is.
+        # A message whose lock is over, or too close to its end to fit a request, is not worked on (`_record_late`).
         now = self._clock().timestamp()
         late = [(index, envelope) for index, envelope in readable.items() if envelope.locked_until is not None
                 and envelope.locked_until - now < MIN_WORK_SECONDS + runtime.settings.timeout_seconds]
