@@ -33,6 +33,15 @@ def with_attribute(tmp_path: Path, file: str, attribute: str) -> Path:
     return folder
 
 
+def with_map(tmp_path: Path, file: str, text: str) -> Path:
+    """A copy of the shipped maps with one more map file."""
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    for name, shipped in {**SHIPPED, file: text}.items():
+        (folder / name).write_text(shipped, encoding="utf-8")
+    return folder
+
+
 def attribute_count(file: str) -> int:
     return len(load_maps(DEFAULT_MAPS_DIR).maps[file.removesuffix(".yaml")].attributes)
 
@@ -173,16 +182,12 @@ def test_an_expansion_into_an_element_that_is_not_a_list_is_refused_at_load(tmp_
     as an item, `item_of_first`, without checking that it repeats), and every admission row is dead-lettered
     `invalid-resource` ("Encounter.hospitalization is invalid (not a JSON object)"): the item is written as a
     one-item list where FHIR has a single object."""
-    folder = tmp_path / "maps"
-    folder.mkdir()
-    for name, text in SHIPPED.items():
-        (folder / name).write_text(text, encoding="utf-8")
-    (folder / "new_admission.yaml").write_text(
-        "table: new_admission\nresource: Encounter\n"
-        "expansion: {parent_table: msemr_encounter, parent_link: new_encounter, element: hospitalization}\n"
-        "attributes:\n"
-        "  - {column: new_preadmissionnumber, target: preAdmissionIdentifier.value, type: string}\n",
-        encoding="utf-8")
+    folder = with_map(tmp_path, "new_admission.yaml",
+                      "table: new_admission\nresource: Encounter\n"
+                      "expansion: {parent_table: msemr_encounter, parent_link: new_encounter, "
+                      "element: hospitalization}\n"
+                      "attributes:\n"
+                      "  - {column: new_preadmissionnumber, target: preAdmissionIdentifier.value, type: string}\n")
     loaded = load_or_error(folder)
     if isinstance(loaded, MapSet):
         row = {"new_encounter": Lookup("msemr_encounter", ENCOUNTER), "new_preadmissionnumber": "PA-20261130-7"}
@@ -258,16 +263,13 @@ def test_an_expansion_element_with_a_selector_is_refused_at_load_or_planned_with
     exception aborts the whole batch (tried against the FHIR dev server: a patient's Create in the same batch got
     no result), and the Functions adapter abandons every unsettled message of it, redelivered until Service Bus
     dead-letters them `MaxDeliveryCountExceeded`. `element: "identifier[0]"` does the same."""
-    folder = tmp_path / "maps"
-    folder.mkdir()
-    for name, text in SHIPPED.items():
-        (folder / name).write_text(text, encoding="utf-8")
-    (folder / "new_insurancemember.yaml").write_text(
-        "table: new_insurancemember\nresource: Patient\n"
-        'expansion: {parent_table: contact, parent_link: new_member, element: "identifier[use=secondary]"}\n'
-        "attributes:\n"
-        "  - {column: new_payersystem, target: system, type: string}\n"
-        "  - {column: new_memberid, target: value, type: string}\n", encoding="utf-8")
+    folder = with_map(tmp_path, "new_insurancemember.yaml",
+                      "table: new_insurancemember\nresource: Patient\n"
+                      "expansion: {parent_table: contact, parent_link: new_member, "
+                      'element: "identifier[use=secondary]"}\n'
+                      "attributes:\n"
+                      "  - {column: new_payersystem, target: system, type: string}\n"
+                      "  - {column: new_memberid, target: value, type: string}\n")
     loaded = load_or_error(folder)
     if isinstance(loaded, MapError):
         assert loaded.file == "new_insurancemember.yaml" and loaded.field == "expansion.element", loaded
