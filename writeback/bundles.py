@@ -31,7 +31,7 @@ import random
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from writeback.converge import Converged, Edit, ItemEdit, Release, RemoveItem, RowEdit, comparable, converge
@@ -61,7 +61,7 @@ from writeback.fhir_client import (
     vanished,
     version_from,
 )
-from writeback.immutable import immutable
+from writeback.immutable import evolve, immutable
 from writeback.leases import RELEASE_HOLDER, LocalLeases
 from writeback.mapping import RowRef, resolve_refs, resolve_refs_in
 from writeback.marks import MOVED, Version, item_of, mark_of
@@ -376,7 +376,7 @@ class BatchDelivery:
             if job.absent and target.fhir_id and target.fhir_id_unsure:
                 # The id named no resource of this type (it was the row's under another type): find it by the row
                 # identifier instead, as a row without a FHIR id is found.
-                job.target, job.absent, job.copied = replace(target, fhir_id=None, fhir_id_unsure=False), False, False
+                job.target, job.absent, job.copied = evolve(target, fhir_id=None, fhir_id_unsure=False), False, False
                 again.append(job)
                 continue
             if target.fhir_id_unsure and job.current is not None and not isinstance(job.edit, RemoveItem | Release) \
@@ -391,7 +391,7 @@ class BatchDelivery:
             if job.absent and target.fhir_id is None and target.may_exist and isinstance(job.edit, RowEdit):
                 # Before making the row's resource of this type: the one it left when its type changed earlier, if
                 # any, is under the row's own id (without the row identifier); it is taken up again, kept as it is.
-                job.target, job.absent, job.copied = replace(target, fhir_id=target.new_id), False, False
+                job.target, job.absent, job.copied = evolve(target, fhir_id=target.new_id), False, False
                 again.append(job)
                 continue
             if job.absent and target.fhir_id and not target.may_exist \
@@ -526,7 +526,7 @@ class BatchDelivery:
                 if put.resource is not None:
                     _remember(batch.known, job.target, put.resource, version)
                 if job.target.fhir_id is None:  # an answer without a body still names the resource it wrote
-                    job.target = replace(job.target, fhir_id=resource_id_)
+                    job.target = evolve(job.target, fhir_id=resource_id_)
                 job.outcome = _Written(f"{job.target.resource_type}/{resource_id_}/_history/{version}", created,
                                        _entry_issues(put))
                 if created and put.resent:
@@ -774,9 +774,9 @@ def _resolved(edit: Edit, plan: WritePlan, batch: _Batch, *, creating: bool = Fa
     owned = tuple(Assignment(a.path, resolve_refs(a.value, ids), a.column) if isinstance(a.value, RowRef) else a
                   for a in edit.owned)
     if isinstance(edit, RowEdit):
-        return replace(edit, owned=owned, rendered=resolve_refs_in(edit.rendered, edit.owned, ids)
+        return evolve(edit, owned=owned, rendered=resolve_refs_in(edit.rendered, edit.owned, ids)
                        if creating and edit.rendered is not None else None)
-    return replace(edit, owned=owned)
+    return evolve(edit, owned=owned)
 
 
 def _creates(entry: Mapping[str, Any]) -> bool:

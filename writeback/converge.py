@@ -24,10 +24,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import field, replace
+from dataclasses import field
 from typing import Any, Literal
 
-from writeback.immutable import immutable
+from writeback.immutable import evolve, immutable
 from writeback.marks import MOVED, Mark, Version, item_of, mark_of, marks_in, with_mark
 from writeback.paths import (
     KEEP,
@@ -178,7 +178,7 @@ def _release(current: dict[str, Any], edit: Release) -> Converged:
         order = edit.mark.version.compare(held.version)
         if order is not None and order < 0:
             return Converged("stale", held=held.version)  # a newer change made the row this type again
-    new = apply(current, [replace(edit.identity, value=None)])
+    new = apply(current, [evolve(edit.identity, value=None)])
     if new == current and mark_of(current, table, row_id) is None:
         return Converged("same", held=held.version if held else None)  # nothing there stands for the row
     new = with_mark(with_mark(new, None, table, row_id), edit.mark, table, row_id, MOVED)
@@ -198,7 +198,7 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
         else:
             base: dict[str, Any] = {"resourceType": resource_type, "id": resource_id}
             new = apply(apply_state(base, edit.owned, own=edit.own), [edit.identity])
-        mark = replace(edit.mark, items=_sorted_items(list_items(edit.owned)))
+        mark = evolve(edit.mark, items=_sorted_items(list_items(edit.owned)))
         return Converged("write", with_mark(new, mark, edit.mark.table, edit.mark.row_id))
     held = mark_of(current, edit.mark.table, edit.mark.row_id)
     if edit.awaits_earlier and edit.full and held is None and \
@@ -219,7 +219,7 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
                                 holds=_held_images(edit, held), items=dict(held.items) if held else None,
                                 written_items=items, pinned=(edit.identity,)), [edit.identity])
         new = with_mark(new, None, mark.table, mark.row_id, MOVED)
-        mark = replace(mark, items=_sorted_items(items))
+        mark = evolve(mark, items=_sorted_items(items))
     else:  # Target only: the changed columns no newer change wrote; the mark records them, not a whole version
         new = apply_changes(current, [*owned, edit.identity], edit.adoptable, own=edit.own,
                             pinned=(edit.identity,))
@@ -296,7 +296,7 @@ def _newer_kept(owned: tuple[Assignment, ...], held: Mark | None, version: Versi
     newer = {column for column, _ in held.newer_than(version)} if held is not None and held.columns else None
     if not newer:
         return owned
-    return tuple(replace(a, value=KEEP) if a.column in newer else a for a in owned)
+    return tuple(evolve(a, value=KEEP) if a.column in newer else a for a in owned)
 
 
 def _unwritten(owned: tuple[Assignment, ...], held: Mark | None, version: Version, retried: bool = False,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import field, replace
+from dataclasses import field
 from datetime import timedelta
 from typing import TypeVar
 
@@ -36,7 +36,7 @@ from writeback.decide import (
     version_of,
     whole_image,
 )
-from writeback.immutable import immutable
+from writeback.immutable import evolve, immutable
 from writeback.mapping import RowRef
 from writeback.maps import MapSet
 from writeback.marks import Version
@@ -293,10 +293,10 @@ def _as_known(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet
         if known is None or known not in decision.alternatives:
             column = entity_map.choice_column if entity_map is not None else None
             if known is None:  # its Create (or any message with the type) may still be on its way
-                return replace(decision, decision="reject", reason=Reason.TARGET_PENDING, plan=None,
+                return evolve(decision, decision="reject", reason=Reason.TARGET_PENDING, plan=None,
                                alternatives={}, detail=f"Column {column} is not in the message (a step without "
                                "images), and no earlier message of the row has told its type yet.")
-            return replace(decision, decision="skip", reason=Reason.NO_ENTITY_MAP, plan=None,
+            return evolve(decision, decision="skip", reason=Reason.NO_ENTITY_MAP, plan=None,
                            alternatives={}, detail=f"Column {column} is not in the message (a step without images), "
                            f"and the row's type, from its earlier messages, is not one this map writes.")
         chosen = decision.alternatives[known]
@@ -305,14 +305,14 @@ def _as_known(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet
         column = entity_map.consent_column or settings.consent_column
         consent = own.consent if own is not None else None
         if consent is None:  # as for a row of a patient whose consent is not known (WRITEBACK_CONSENT_UNKNOWN)
-            return replace(chosen, decision="skip" if settings.consent_unknown == "skip" else "reject",
+            return evolve(chosen, decision="skip" if settings.consent_unknown == "skip" else "reject",
                            reason=Reason.CONSENT_UNKNOWN, plan=None,
                            detail=f"Column {column} is not in the message (a step without images), and no earlier "
                            "message of the row has told its consent yet.")
         if not consent:
-            return replace(chosen, decision="skip", reason=Reason.CONSENT_WITHHELD, plan=None,
+            return evolve(chosen, decision="skip", reason=Reason.CONSENT_WITHHELD, plan=None,
                            detail=f"Consent column {column} was not Yes in the row's last message that held it.")
-    return replace(chosen, alternatives={}, consent_from_facts=False)
+    return evolve(chosen, alternatives={}, consent_from_facts=False)
 
 
 # A whole state of a record that came from FHIR, received before an earlier save of its row that no message has told
@@ -330,13 +330,13 @@ def _sync_kept(plan: WritePlan, synced: frozenset[str]) -> WritePlan | None:
     edit = plan.writes[0].edit
     assert isinstance(edit, RowEdit | ItemEdit)
     if plan.full:
-        owned = tuple(replace(a, value=KEEP) if a.column in synced else a for a in edit.owned)
+        owned = tuple(evolve(a, value=KEEP) if a.column in synced else a for a in edit.owned)
     else:
         owned = tuple(a for a in edit.owned if a.column not in synced)
         if not any(a.column is not None for a in owned):
             return None
-    return plan.with_edit(replace(edit, owned=owned, rendered=None) if isinstance(edit, RowEdit)
-                          else replace(edit, owned=owned))
+    return plan.with_edit(evolve(edit, owned=owned, rendered=None) if isinstance(edit, RowEdit)
+                          else evolve(edit, owned=owned))
 
 
 def _left_behind(decision: Decision, maps: MapSet, gate: RowKey) -> str:
@@ -460,16 +460,16 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
     gates = plan.gates or remembered_gates(decision, facts, maps)
     if _parent_from_facts(plan):
         if own is None or own.parent is None:
-            return replace(decision, decision="reject", reason=Reason.TARGET_PENDING, plan=None,
+            return evolve(decision, decision="reject", reason=Reason.TARGET_PENDING, plan=None,
                            detail=f"The link to the parent {first.target.table} is not in the message (a step "
                            "without images), and no earlier message of the row has told it yet.")
         if own.parent == NO_PARENT:
-            return replace(decision, decision="reject", reason=Reason.MISSING_PARENT_LINK, plan=None,
+            return evolve(decision, decision="reject", reason=Reason.MISSING_PARENT_LINK, plan=None,
                            detail=f"The link to the parent {first.target.table} is not in the message (a step "
                            "without images), and the row's last message that held it had it empty.")
-        first = Write(replace(first.target, identifier_value=own.parent,
+        first = Write(evolve(first.target, identifier_value=own.parent,
                               new_id=resource_id(first.target.table, own.parent)), first.edit)
-        plan = replace(plan, writes=(first, *plan.writes[1:]))
+        plan = evolve(plan, writes=(first, *plan.writes[1:]))
     if own is not None and isinstance(first.edit, RowEdit) and plan.full and own.resource_type is not None and \
             own.resource_type != first.target.resource_type and own.type_at.compare(plan.source.version) == 1:
         # A newer change of the row changed its type: its resource of this type no longer stands for the row
@@ -478,16 +478,16 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
             # Its earlier try may have written that resource a version that owes its Provenance: read it under
             # the id it was made with (the row identifier left it with the release), write nothing.
             made_as = own.id_for(first.target.resource_type) or first.target.new_id
-            return replace(decision, plan=replace(plan, heal_only=True, writes=(
-                Write(replace(first.target, fhir_id=made_as), first.edit),)))
-        return replace(decision, decision="skip", reason=Reason.STALE, plan=None,
+            return evolve(decision, plan=evolve(plan, heal_only=True, writes=(
+                Write(evolve(first.target, fhir_id=made_as), first.edit),)))
+        return evolve(decision, decision="skip", reason=Reason.STALE, plan=None,
                        detail=f"A newer change of this row ({own.type_at.text()}) made it another type than "
                        f"{first.target.resource_type}.")
     if own is not None and own.parent is not None and isinstance(first.edit, ItemEdit) and \
             own.parent != first.target.identifier_value and own.parent_at.compare(plan.source.version) == 1:
         if retried:  # its earlier try may have written this parent a version that still owes its Provenance
-            return replace(decision, plan=replace(plan, heal_only=True))
-        return replace(decision, decision="skip", reason=Reason.STALE, plan=None,
+            return evolve(decision, plan=evolve(plan, heal_only=True))
+        return evolve(decision, decision="skip", reason=Reason.STALE, plan=None,
                        detail=f"A newer change of this row ({own.parent_at.text()}) "
                        + (f"moved it to another {first.target.table}." if own.parent else
                           f"unlinked it from its {first.target.table}."))
@@ -495,18 +495,18 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
             (synced := own.echoed_after(plan.source.version) & plan.columns):
         kept = _sync_kept(plan, synced)
         if kept is None and not retried:
-            return replace(decision, decision="skip", reason=Reason.STALE, plan=None,
+            return evolve(decision, decision="skip", reason=Reason.STALE, plan=None,
                            detail="The FHIR→Dataverse sync set every column this change carries in a later version "
                            "of the row (an echo): FHIR holds those values already.")
         # (a retry with nothing left still looks for the version its earlier try may have written: heal only)
-        plan = kept or replace(plan, heal_only=True)
-        decision = replace(decision, plan=plan, detail=f"{decision.detail[:-1]}; not {', '.join(sorted(synced))}: "
+        plan = kept or evolve(plan, heal_only=True)
+        decision = evolve(decision, plan=plan, detail=f"{decision.detail[:-1]}; not {', '.join(sorted(synced))}: "
                            "the FHIR→Dataverse sync set them in a later version of the row, as FHIR holds them.")
     inherited_from: RowKey | None = None  # the parent whose patient's consent the row obeys (`inherited_gates`)
     if not gates:
         inherited = inherited_gates(plan, first.target.row, facts, maps)
         if inherited is None:
-            return replace(decision, decision="skip" if settings.consent_unknown == "skip" else "reject",
+            return evolve(decision, decision="skip" if settings.consent_unknown == "skip" else "reject",
                            reason=Reason.CONSENT_UNKNOWN, plan=None,
                            detail=f"The patient this row belongs to, through its parent {first.target.table} "
                            f"{first.target.identifier_value}, is not known yet: no message of that row has been "
@@ -526,7 +526,7 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
                 # with that patient's consent and refers to its Patient (found by review: it was written at once,
                 # with a patient's consent No, and by identifier only). A wait for the patient, as one for its
                 # consent: the tries it takes do not use up the grace of the row's lookups (`GATE_WAIT`).
-                return replace(decision, decision="reject", reason=Reason.TARGET_PENDING, plan=None,
+                return evolve(decision, decision="reject", reason=Reason.TARGET_PENDING, plan=None,
                                extra={**decision.extra, GATE_WAIT: True},
                                detail=f"The patient ({table} {row_id}) this row belongs to is not a {kinds} since a "
                                f"change of its type ({fact.retyped.text()}): waiting for it to be one again (up to "
@@ -537,7 +537,7 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
                 # withdrawn consent was written once the mistaken type outlasted the wait, and again when the
                 # mistaken Practitioner was also set to sync). Made a Patient again, the contact's rows are written
                 # at their next save.
-                return replace(decision, decision="skip", reason=Reason.NO_ENTITY_MAP, plan=None,
+                return evolve(decision, decision="skip", reason=Reason.NO_ENTITY_MAP, plan=None,
                                detail=f"The patient ({table} {row_id}) this row belongs to is not a {kinds} since a "
                                f"change of its type ({fact.retyped.text()}), past the wait for it to be one again; "
                                "this table's map writes rows of patients only.")
@@ -553,7 +553,7 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
                           "the map's consent.column). Check that the setting names the column's logical name and "
                           "that the contact step's images include it (docs/deploy.md), then save the contact.")
             # "reject" with a transient reason: retried with a growing delay, like any transient outcome
-            return replace(decision, decision="skip" if settings.consent_unknown == "skip" else "reject",
+            return evolve(decision, decision="skip" if settings.consent_unknown == "skip" else "reject",
                            reason=Reason.CONSENT_UNKNOWN, detail=detail, plan=None)
         if not fact.consent:
             leaving = [w for w in plan.writes if isinstance(w.edit, RemoveItem)]
@@ -563,7 +563,7 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
             # move waits the grace only: the patient it leaves must lose the item.
             if (attempt < CONSENT_GRACE_RETRIES and fact.consent_at.compare(plan.source.version) == -1) or (
                     waited < timedelta(minutes=settings.consent_wait_minutes) and not leaving):
-                return replace(decision, decision="reject", reason=Reason.CONSENT_UNKNOWN, plan=None,
+                return evolve(decision, decision="reject", reason=Reason.CONSENT_UNKNOWN, plan=None,
                                detail=f"The patient ({table} {row_id}) this row belongs to had not consented when "
                                "last seen: waiting for a consent (up to WRITEBACK_CONSENT_WAIT_MINUTES, "
                                f"{settings.consent_wait_minutes:g} min).")
@@ -571,10 +571,10 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
                 # A child row moved to this patient (or to a visit of theirs): it is not added there, but it still
                 # leaves the patient (the visit) it was moved from (an MRN kept on the wrong patient is a
                 # misidentification; found by review for a visit's participant).
-                plan = replace(plan, writes=tuple(leaving))
+                plan = evolve(plan, writes=tuple(leaving))
                 held_back = f"not added to {table} {row_id} (that patient has not consented)"
                 continue
-            return replace(decision, decision="skip", reason=Reason.CONSENT_WITHHELD, plan=None,
+            return evolve(decision, decision="skip", reason=Reason.CONSENT_WITHHELD, plan=None,
                            detail=f"The patient ({table} {row_id}) this row belongs to has not consented."
                            + _left_behind(decision, maps, (table, row_id)))
     writes: list[Write] = []
@@ -590,24 +590,24 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
                 # still holds the item, and is taken up again if the contact is made a Patient again (found by
                 # review): the item leaves it, found by its id. Where there is none, there is nothing to remove.
                 made_as = fact.id_for(target.resource_type) or target.new_id
-                writes.append(Write(replace(target, fhir_id=made_as, fhir_id_unsure=False), edit))
+                writes.append(Write(evolve(target, fhir_id=made_as, fhir_id_unsure=False), edit))
                 continue
             if fact.type_before == target.resource_type and \
                     waited < timedelta(minutes=settings.consent_wait_minutes):
                 # The parent was one until its last type change (made a Practitioner by mistake, and back a minute
                 # later): as for a consent, a short change of the parent must not lose the row for good, saved
                 # before it or meanwhile (found by review). A contact that never was one skips it at once.
-                return replace(decision, decision="reject", reason=Reason.TARGET_PENDING, plan=None,
+                return evolve(decision, decision="reject", reason=Reason.TARGET_PENDING, plan=None,
                                extra={**decision.extra, GATE_WAIT: True},
                                detail=f"The parent {target.table} {target.identifier_value} is not a "
                                f"{target.resource_type} since a change of its type ({fact.retyped.text()}): "
                                "waiting for it to be one again (up to WRITEBACK_CONSENT_WAIT_MINUTES, "
                                f"{settings.consent_wait_minutes:g} min).")
-            return replace(decision, decision="skip", reason=Reason.NO_ENTITY_MAP, plan=None,
+            return evolve(decision, decision="skip", reason=Reason.NO_ENTITY_MAP, plan=None,
                            detail=f"The parent {target.table} {target.identifier_value} is not a "
                            f"{target.resource_type}; this table's map writes into {target.resource_type} only.")
         if isinstance(edit, RemoveItem) and fact is not None and fact.consent:
-            edit = replace(edit, awaited=True)
+            edit = evolve(edit, awaited=True)
         # A removal goes whatever the old parent's consent: what it takes away is the child row's, which belongs
         # to another patient now (an MRN left on a patient who withdrew consent would stay there for good, under
         # the wrong patient). Where that patient has no resource, there is nothing to remove.
@@ -632,7 +632,9 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
             # No earlier message told which type the id was given under: the resource is found by the row
             # identifier, never taken over by an id that may be another resource's.
             fhir_id, unsure = None, False
-        writes.append(Write(replace(target, fhir_id=fhir_id, fhir_id_unsure=unsure), edit))
+        if fhir_id != target.fhir_id or unsure != target.fhir_id_unsure:
+            target = evolve(target, fhir_id=fhir_id, fhir_id_unsure=unsure)
+        writes.append(Write(target, edit) if target is not write.target or edit is not write.edit else write)
         made = fact.written if fact is not None and fact.written else ""
         left = made.split("/", 1)[1] if made.startswith(f"{target.resource_type}/") else None
         if isinstance(edit, RowEdit) and fhir_id and not unsure and left and left != fhir_id \
@@ -641,10 +643,10 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
             # linked the contact to the lab's Patient): that one no longer stands for the row, which would
             # otherwise have two resources carrying its identifier (found by review). It is released, as a
             # resource of a type the row left is.
-            writes.append(Write(replace(target, fhir_id=left, fhir_id_unsure=False, may_exist=False, by_id_only=True),
+            writes.append(Write(evolve(target, fhir_id=left, fhir_id_unsure=False, may_exist=False, by_id_only=True),
                                 Release(edit.mark, target.identity)))
     if not writes:  # an unlinked child row whose previous parent withholds consent, or is no such resource
-        return replace(decision, decision="skip", reason=Reason.CONSENT_WITHHELD if notes else Reason.NO_CHANGE,
+        return evolve(decision, decision="skip", reason=Reason.CONSENT_WITHHELD if notes else Reason.NO_CHANGE,
                        plan=None, detail=f"Nothing to write: {'; '.join(notes) or 'no item of it to remove'}.")
     ref_ids: dict[RowRef, str] = {}
     for ref in plan.refs:
@@ -662,5 +664,5 @@ def resolve(decision: Decision, facts: Mapping[RowKey, RowFacts], maps: MapSet, 
         since_gate is not None and since_gate < timedelta(seconds=2 * settings.retry_max_delay_seconds))
     awaited = frozenset(ref for ref in plan.refs if ref not in ref_ids and grace
                         and getattr(facts.get((ref.table, ref.row_id)), "resource_type", None) != NOT_WRITABLE)
-    return replace(decision, detail=detail, plan=replace(plan, writes=tuple(writes), ref_ids=ref_ids, awaited=awaited,
+    return evolve(decision, detail=detail, plan=evolve(plan, writes=tuple(writes), ref_ids=ref_ids, awaited=awaited,
                                                          gates=tuple(g for g in plan.gates if g not in not_patients)))

@@ -15,9 +15,8 @@ lease a release holds (its own earlier try, or a release of a newer change, whic
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
-from writeback.immutable import immutable
+from writeback.immutable import evolve, immutable
 from writeback.marks import Version
 
 RELEASE_HOLDER = "release"
@@ -46,7 +45,7 @@ def take(held: Lease | None, now: float, seconds: float, holder: str, version: s
     if held is None or held.until <= now:
         return Lease(now + seconds, holder, version)
     if holder and held.holder == holder:
-        return replace(held, version=version) if _newer(version, held.version) else held
+        return evolve(held, version=version) if _newer(version, held.version) else held
     if held.holder == RELEASE_HOLDER and holder != RELEASE_HOLDER and _newer(version, held.version):
         return Lease(now + seconds, holder, version, under=held)
     return None

@@ -16,8 +16,7 @@ from writeback.immutable import immutable
 from writeback.maps import AttributeMap, EntityMap
 from writeback.marks import Mark
 from writeback.messages import Entity, EntityRef, Money, Opaque, OptionSet, Value
-from writeback.paths import KEEP, Assignment, Select, apply, apply_state
-from writeback.paths import Field as PathField
+from writeback.paths import KEEP, Assignment, apply, apply_state
 from writeback.reasons import Reason
 
 Row = Mapping[str, Value]
@@ -27,13 +26,6 @@ _DECIMAL_TEXT = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")  #
 
 def _invalid(detail: str) -> WritebackError:
     return WritebackError(Reason.INVALID_RESOURCE, detail)
-
-
-def present(value: Value) -> bool:
-    """A value Dataverse holds: not empty, not only whitespace (a form's blank field)."""
-    if isinstance(value, str):
-        return bool(value.strip())
-    return value is not None and value != ()
 
 
 @immutable
@@ -113,8 +105,13 @@ def _number(value: Value) -> int | float | Decimal | None:
     return None
 
 
+_TEXT = frozenset({"string", "code", None})  # the types text is copied into as it is (trimmed)
+
+
 def convert(attr: AttributeMap, value: Value) -> Any:
     """One column value → the JSON value its element takes."""
+    if type(value) is str and attr.type in _TEXT and attr.action not in ("value_map", "lookup"):
+        return value.strip()  # (most values: text into text, as the `string` case below has it)
     column = attr.column or "(default)"
     if attr.action == "value_map":
         if isinstance(value, tuple):  # (said apart: "does not translate" sent the administrator to a map that did)
@@ -184,16 +181,11 @@ def convert(attr: AttributeMap, value: Value) -> Any:
     raise _invalid(f"column {column} has an unknown type")  # unreachable: the schema lists the types
 
 
-def attributes_for(entity_map: EntityMap, resource_type: str) -> Iterable[AttributeMap]:
-    return (a for a in entity_map.attributes if a.only_for is None or resource_type in a.only_for)
-
-
 def build_assignments(
     entity_map: EntityMap,
     resource_type: str,
     row: Row,
     columns: set[str] | None,
-    prefix: tuple[PathField | Select, ...] = (),
     *,
     full: bool = False,
     keep_absent: bool = False,
@@ -205,22 +197,24 @@ def build_assignments(
     (in no image of an Update) is not known: its element is left as it is (`KEEP`, which keeps a list position in
     place); on a Create, whose Target holds every column of the new row, an absent column is empty."""
     out: list[Assignment] = []
-    for attr in attributes_for(entity_map, resource_type):
-        if attr.column is None:
+    for attr in entity_map.attributes_for(resource_type):
+        column = attr.column
+        if column is None:
             if columns is None:  # a constant belongs to a Create or to a whole state
-                out.append(Assignment(prefix + attr.path, attr.default))
+                out.append(Assignment(attr.path, attr.default))
             continue
-        if columns is not None and attr.column not in columns:
+        if columns is not None and column not in columns:
             continue
-        value = row.get(attr.column)
-        if present(value):
-            out.append(Assignment(prefix + attr.path, convert(attr, value), attr.column))
+        value = row.get(column)
+        # A value Dataverse holds: not empty, not only whitespace (a form's blank field).
+        if value is not None and (value.strip() if isinstance(value, str) else value != ()):
+            out.append(Assignment(attr.path, convert(attr, value), column))
         elif attr.default is not None:
-            out.append(Assignment(prefix + attr.path, attr.default, attr.column))
-        elif keep_absent and attr.column not in row:
-            out.append(Assignment(prefix + attr.path, KEEP, attr.column))
+            out.append(Assignment(attr.path, attr.default, column))
+        elif keep_absent and column not in row:
+            out.append(Assignment(attr.path, KEEP, column))
         elif columns is not None or full:
-            out.append(Assignment(prefix + attr.path, None, attr.column))  # cleared in Dataverse: cleared in FHIR
+            out.append(Assignment(attr.path, None, column))  # cleared in Dataverse: cleared in FHIR
     return out
 
 

@@ -11,7 +11,7 @@ import importlib
 import re
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -209,6 +209,18 @@ class EntityMap:
     expansion: Expansion | None
     attributes: tuple[AttributeMap, ...]
     row_items: bool = False  # a target names the row's own item of a list (`[row]`): writes need the row's mark
+    # What planning derives from the map alone, per resource type (`decide.shape_of`), made at its first message:
+    # no part of the map's value (not compared, not copied by `dataclasses.replace`).
+    derived: dict[str, object] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def attributes_for(self, resource_type: str) -> tuple[AttributeMap, ...]:
+        """The attributes that write `resource_type` (those without `only_for`, and those for it)."""
+        key = f"attributes:{resource_type}"
+        found = self.derived.get(key)
+        if found is None:
+            found = self.derived[key] = tuple(a for a in self.attributes
+                                              if a.only_for is None or resource_type in a.only_for)
+        return found  # type: ignore[return-value]
 
     @property
     def resource_types(self) -> frozenset[str]:
@@ -219,6 +231,9 @@ class EntityMap:
 class MapSet:
     maps: Mapping[str, EntityMap]
     source: str
+    # What planning derives from the maps alone (`decide.shape_of`), made at the first message that needs it. On
+    # the set, not on each map: a map's lookups are read with the other maps (whose patients' consent gates it).
+    derived: dict[tuple[str, ...], object] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def get(self, table: str) -> EntityMap | None:
         return self.maps.get(table)

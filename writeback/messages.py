@@ -126,7 +126,7 @@ def _fail(detail: str) -> WritebackError:
 
 
 def parse_guid(raw: object, where: str) -> str:
-    value = _unwrap_primitive(raw)
+    value = raw if type(raw) is str else _unwrap_primitive(raw)  # (a GUID is nearly always a plain string)
     if not isinstance(value, str):
         raise _fail(f"{where} is not a GUID string")
     if _CANONICAL_GUID.fullmatch(value):  # the form Dataverse sends; uuid.UUID for the rest (braces, urn:)

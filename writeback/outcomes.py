@@ -52,7 +52,6 @@ import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
@@ -72,7 +71,7 @@ from azure.identity.aio import DefaultAzureCredential
 from writeback.decide import RowKey, WritePlan
 from writeback.errors import ConfigError, WritebackError
 from writeback.facts import RowFacts
-from writeback.immutable import immutable
+from writeback.immutable import evolve, immutable
 from writeback.leases import RELEASE_HOLDER, Lease, give_back, take
 from writeback.marks import Version
 from writeback.pipeline import Envelope, Result, Seen, State, message_key
@@ -558,7 +557,7 @@ class OutcomeStore:
                 current = None
             known = _facts_of(fact.key, current) if current is not None else None
             merged = fact if known is None else known.merge(fact)
-            if merged == known or (merged.found is not None and replace(merged, found=None) == known):
+            if merged == known or (merged.found is not None and evolve(merged, found=None) == known):
                 return  # (`found` is an event, never kept: alone it changes nothing stored)
             entity = _entity({
                 "PartitionKey": pk, "RowKey": rk, "FactsVersion": merged.version.stored() or None,

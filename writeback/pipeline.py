@@ -15,7 +15,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from heapq import heappop, heappush
 from typing import Any, Literal, Protocol, TypeVar
@@ -35,7 +35,7 @@ from writeback.facts import (
     merged,
     resolve,
 )
-from writeback.immutable import immutable
+from writeback.immutable import evolve, immutable
 from writeback.maps import MapSet
 from writeback.marks import Version
 from writeback.messages import row_of_body
@@ -245,7 +245,7 @@ def give_up(envelope: Envelope, result: Result, policy: RetryPolicy, now: dateti
     if not isinstance(step, GiveUp):
         return result
     last = result.reason.value if result.reason else "unknown"
-    return replace(result, state="dead-lettered", reason=Reason.RETRIES_EXHAUSTED,
+    return evolve(result, state="dead-lettered", reason=Reason.RETRIES_EXHAUSTED,
                    detail=step.description(last, result.detail))
 
 
@@ -332,7 +332,7 @@ def _with_earlier(newest: Decision, olders: list[Decision]) -> Decision:
             versions.append(before.before_version)
     if not befores:
         return newest
-    return replace(newest, plan=plan.with_edit(replace(edit, earlier=tuple(befores),
+    return evolve(newest, plan=plan.with_edit(evolve(edit, earlier=tuple(befores),
                                                         earlier_versions=tuple(versions))))
 
 
@@ -356,9 +356,9 @@ def _known_as_all(group: list[Decision]) -> list[Decision]:
         plan = decision.plan
         assert plan is not None
         # (the removal from the old parent of a move too: the item there is the ingested one as much)
-        writes = tuple(replace(w, edit=replace(w.edit, known_as=tuple(known)))
+        writes = tuple(evolve(w, edit=evolve(w.edit, known_as=tuple(known)))
                        if isinstance(w.edit, ItemEdit | RemoveItem) else w for w in plan.writes)
-        out.append(replace(decision, plan=replace(plan, writes=writes)))
+        out.append(evolve(decision, plan=evolve(plan, writes=writes)))
     return out
 
 
@@ -595,7 +595,7 @@ class Pipeline:
                 results[i] = Result("skipped", Reason.DUPLICATE, "This message was already processed.",
                                     decisions[i])
             else:
-                results[i] = replace(earlier, decision=decisions[i])
+                results[i] = evolve(earlier, decision=decisions[i])
         # (a message tried again later, whatever held it back: its save is not in FHIR, so not seen yet either)
         retrying = {i for i, r in enumerate(results) if r is not None and r.settlement == "reschedule"}
         if batch.waited or retrying:
@@ -726,8 +726,8 @@ class Pipeline:
                     batch.created.discard(row)
                 continue
             if _retried(envelope):
-                decision = replace(decision, plan=replace(decision.plan,
-                                                          source=replace(decision.plan.source, retried=True)))
+                decision = evolve(decision, plan=evolve(decision.plan,
+                                                          source=evolve(decision.plan.source, retried=True)))
             batch.decisions[i] = decision
             key = message_key(envelope, decision)
             if key is not None and key in batch.first_of:
@@ -772,8 +772,8 @@ class Pipeline:
                 assert plan is not None
                 edit = plan.writes[0].edit
                 assert isinstance(edit, RowEdit | ItemEdit)
-                waits = plan.with_edit(replace(edit, awaits_earlier=True))
-                batch.decisions[i] = replace(batch.decisions[i], plan=waits)
+                waits = plan.with_edit(evolve(edit, awaits_earlier=True))
+                batch.decisions[i] = evolve(batch.decisions[i], plan=waits)
 
     async def _write(self, batch: _Batch, writes: list[int], landed: asyncio.Event | None = None) -> None:
         """Admit (ledger) and deliver `writes`; fill their results and the facts learned."""
@@ -825,7 +825,7 @@ class Pipeline:
                 if fact is None:
                     continue
                 if row in whole or i in retrying:
-                    fact = replace(fact, version=Version(), seen=(), type_version=fact.type_at,
+                    fact = evolve(fact, version=Version(), seen=(), type_version=fact.type_at,
                                    consent_version=fact.consent_at, parent_version=fact.parent_at)
                 facts.append(fact)
             batch.local.pop(row, None)
@@ -916,8 +916,8 @@ class Pipeline:
                     # abandoned, and the binding does not pass the delivery count. Its earlier try may have written a
                     # version whose Provenance is owed (found by review: a newer save made it `stale`, and that
                     # version never got one).
-                    plan = replace(plan, source=replace(plan.source, retried=True))
-                    decision = decisions[i] = replace(decision, plan=plan)
+                    plan = evolve(plan, source=evolve(plan.source, retried=True))
+                    decision = decisions[i] = evolve(decision, plan=plan)
                 child = isinstance(plan.writes[0].edit, ItemEdit)
                 if (plan.full and not child) or plan.awaits_earlier:
                     # Ordered by the version marked in its resource, inside the write (one that may wait for an
@@ -925,7 +925,7 @@ class Pipeline:
                     return
                 superseded = await ledger.claim(plan) if not plan.heal_only else frozenset()
                 if plan.link is not None and plan.link in superseded and plan.source.retried:
-                    decisions[i] = replace(decision, plan=replace(plan, heal_only=True))  # (see `resolve`)
+                    decisions[i] = evolve(decision, plan=evolve(plan, heal_only=True))  # (see `resolve`)
                     return
                 if plan.link is not None and plan.link in superseded:
                     # A child row's versions may sit in different parents: a newer change that moved it away from
@@ -935,7 +935,7 @@ class Pipeline:
                     if leaving:
                         # A move received after a newer save that never knew the old parent (its pre image names
                         # the new one): the removal from the old parent is still this move's to make.
-                        decisions[i] = replace(decision, plan=replace(plan, writes=leaving), detail=(
+                        decisions[i] = evolve(decision, plan=evolve(plan, writes=leaving), detail=(
                             f"{decision.detail[:-1]}; only its removal from the {leaving[0].target.table} it left: a "
                             "newer change of this row already linked it to its parent."))
                         return
@@ -1002,4 +1002,4 @@ async def _bounded(slots: asyncio.Semaphore, work: Sequence[Awaitable[_T]]) -> l
 
 
 def _with_duration(result: Result, started: float) -> Result:
-    return replace(result, duration_ms=round((time.perf_counter() - started) * 1000, 2))
+    return evolve(result, duration_ms=round((time.perf_counter() - started) * 1000, 2))
