@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from azure.core.exceptions import AzureError
@@ -26,7 +26,7 @@ from azure.identity import DefaultAzureCredential
 from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusReceivedMessage, ServiceBusSubQueue
 
 from writeback.auth import OAuthClientCredentials, TokenProvider, fhir_tokens
-from writeback.dataverse_metadata import MetadataError, problems, read_metadata
+from writeback.dataverse_metadata import MetadataError, problems, read_metadata, warnings_for
 from writeback.decide import plan_message
 from writeback.errors import ConfigError, WritebackError
 from writeback.fhir_client import build_delivery, encode
@@ -292,10 +292,16 @@ async def _check_connections(settings: Settings, report: Callable[[bool | None, 
         await tokens.aclose()
 
 
+# A check's mark: ok, FAIL, `warn` (worth a look, but the command still passes: exit 0) or skip (not checked here).
+WARN: Literal["warn"] = "warn"
+Mark = bool | Literal["warn"] | None
+
+
 def _check_columns(path: str, maps: MapSet | None, settings: Settings | None,
-                   report: Callable[[bool | None, str, str], None]) -> None:
+                   report: Callable[[Mark, str, str], None]) -> None:
     """The maps' tables and columns against the environment's own (a misspelt column reads as empty in every
-    message: a whole-row write would clear its element on every resource)."""
+    message: a whole-row write would clear its element on every resource), and what the document cannot settle
+    (`warn`: a `type: date` on a date and time column)."""
     if maps is None:
         report(None, "columns", "skipped: fix the entity maps first")
         return
@@ -312,15 +318,18 @@ def _check_columns(path: str, maps: MapSet | None, settings: Settings | None,
     if not found:
         report(True, "columns", f"every table and column the {len(maps.maps)} map(s) name is in {path} "
                f"({len(tables)} tables)")
+    for warning in warnings_for(maps, tables):
+        report(WARN, "columns", warning)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    failures = 0
+    failures = warnings = 0
 
-    def report(ok: bool | None, what: str, text: str) -> None:
-        nonlocal failures
+    def report(ok: Mark, what: str, text: str) -> None:
+        nonlocal failures, warnings
         failures += ok is False
-        mark = {True: "ok", False: "FAIL", None: "skip"}[ok]
+        warnings += ok == WARN
+        mark = {True: "ok", False: "FAIL", None: "skip", WARN: "warn"}[ok]
         print(f"  {mark:<5} {what:<15} {text}")
 
     print("Settings (secrets redacted):")
@@ -378,7 +387,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             report(None, "connections", "skipped: fix the settings first")
         else:
             asyncio.run(_check_connections(settings, report))
-    print("All checks passed." if not failures else f"{failures} check(s) failed.")
+    print(("All checks passed." if not failures else f"{failures} check(s) failed.")
+          + (f" {warnings} warning(s): read the `warn` lines." if warnings else ""))
     return EXIT_OK if not failures else EXIT_CHECK_FAILED
 
 

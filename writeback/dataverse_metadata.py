@@ -176,6 +176,34 @@ def _type_problem(entity_map: EntityMap, table: Table) -> Iterator[str]:
                f"{entity_map.table}.{attr.column} is Edm.{edm}: every value of it would be refused")
 
 
+def warnings_for(maps: MapSet, tables: Mapping[str, Table]) -> list[str]:
+    """What may be wrong, which the document cannot tell: one line each, naming the file, the field and the column.
+
+    A `type: date` on an Edm.DateTimeOffset column. In the Web API a Date Only column is Edm.Date, a User Local or
+    Time-Zone Independent one Edm.DateTimeOffset (learn.microsoft.com, power-apps/developer/data-platform/
+    behavior-format-date-time-attribute). A User Local value is a UTC instant, and `type: date` writes the date of
+    that instant (`mapping.convert`), not the one the user entered: a date entered at local midnight in UTC+2 is
+    the day before in UTC. A Time-Zone Independent value is not converted, so its date is right: a warning, not a
+    fault. A column changed from User Local to Date Only keeps the UTC values it held until they are converted
+    (the `ConvertDateAndTimeBehavior` message)."""
+    found: list[str] = []
+    for table_name, entity_map in sorted(maps.maps.items()):
+        table = tables.get(table_name)
+        if table is None:
+            continue
+        for i, attr in enumerate(entity_map.attributes):
+            if attr.action != "copy" or attr.type != "date" or table.types.get(attr.column or "") != "DateTimeOffset":
+                continue
+            found.append(
+                f"entity map {entity_map.file}: field `attributes[{i}]` writes {attr.column!r} with `type: date`, but "
+                f"{table_name}.{attr.column} is Edm.DateTimeOffset, not Edm.Date (Date Only): if its behavior is "
+                "User Local, the date written is that of the UTC instant, a day off from the one entered for users "
+                "away from Greenwich (a day early east of it). Change the column's behavior to Date Only (and "
+                "convert the values it holds), or map it with `type: dateTime` where the FHIR element takes one; a "
+                "Time-Zone Independent column is right as it is")
+    return found
+
+
 def problems(maps: MapSet, tables: Mapping[str, Table], consent_column: str) -> list[str]:
     """Each place a map names a table or column the environment does not have, a lookup where it needs a plain
     column or the reverse, or a lookup that cannot name the table the map says: one line each, naming the file

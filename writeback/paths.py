@@ -149,7 +149,12 @@ class Assignment:
 
 
 def _matches(item: object, select: Select) -> bool:
-    return isinstance(item, dict) and all(str(item.get(k)) == v for k, v in select.match)
+    if not isinstance(item, dict):
+        return False
+    for key, value in select.match:  # noqa: SIM110 - a loop, not `all` over a generator: it runs for every item
+        if str(item.get(key)) != value:
+            return False
+    return True
 
 
 def _compatible(item: object, select: Select) -> bool:

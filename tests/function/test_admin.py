@@ -80,6 +80,34 @@ def test_check_config_checks_the_maps_columns_against_the_environments(
     assert "  FAIL  columns         cannot read" in capsys.readouterr().out
 
 
+def test_check_config_warns_of_a_date_from_a_date_and_time_column(
+        live_env: FhirDevServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`type: date` on a User Local column (Edm.DateTimeOffset) writes the date of its UTC instant, a day early east
+    of Greenwich; on a Time-Zone Independent one (Edm.DateTimeOffset too) it is right. A `warn` line names the file,
+    the column and what to do, and the command passes (exit 0) unless another check fails."""
+    metadata = str(METADATA)
+    period = edit("msemr_medicalidentifier.yaml", "period.end, type: dateTime", "period.end, type: date")
+    folder = maps_dir(tmp_path, {"msemr_medicalidentifier.yaml": period})
+    assert cli.main(["check-config", "--maps", str(folder), "--dataverse-metadata", metadata]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert "  ok    columns         every table and column the 4 map(s) name is in" in out
+    assert "  warn  columns         entity map msemr_medicalidentifier.yaml: field `attributes[5]` writes " \
+           "'msemr_periodend' with `type: date`, but msemr_medicalidentifier.msemr_periodend is " \
+           "Edm.DateTimeOffset" in out
+    assert "Change the column's behavior to Date Only" in out and "map it with `type: dateTime`" in out
+    assert out.rstrip().endswith("All checks passed. 1 warning(s): read the `warn` lines.")
+    # beside a fault: the exit code is the fault's, and both are said
+    both = edit("contact.yaml", "column: firstname", "column: firstnme")
+    (tmp_path / "both").mkdir()
+    folder = maps_dir(tmp_path / "both", {"msemr_medicalidentifier.yaml": period, "contact.yaml": both})
+    assert cli.main(["check-config", "--maps", str(folder), "--dataverse-metadata", metadata]) == \
+        cli.EXIT_CHECK_FAILED
+    out = capsys.readouterr().out
+    assert "  FAIL  columns         entity map contact.yaml" in out and "  warn  columns         entity map " \
+        "msemr_medicalidentifier.yaml" in out
+    assert out.rstrip().endswith("1 check(s) failed. 1 warning(s): read the `warn` lines.")
+
+
 def test_check_config_connect(live_env: FhirDevServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["check-config", "--connect"]) == 0
     out = capsys.readouterr().out
