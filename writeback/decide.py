@@ -41,7 +41,7 @@ from writeback.mapping import (
 from writeback.maps import AttributeMap, EntityMap, MapSet
 from writeback.marks import Mark, Version
 from writeback.messages import NIL_GUID, EntityRef, Message, decode_body, message_of
-from writeback.paths import KEEP, Assignment, Field, Index, Path, Select, sole_selectors
+from writeback.paths import KEEP, Assignment, Field, Index, Path, Select, positional, sole_selectors
 from writeback.reasons import Reason
 from writeback.settings import Settings
 from writeback.validation import validate
@@ -493,6 +493,7 @@ class Shape:
     adoptable: frozenset[Path]
     constants: tuple[Assignment, ...]
     elements: frozenset[str]
+    positional: bool  # a path reaches an item of a list by its position (`paths.positional`)
 
 
 def shape_of(entity_map: EntityMap, maps: MapSet, resource_type: str) -> Shape:
@@ -512,7 +513,8 @@ def shape_of(entity_map: EntityMap, maps: MapSet, resource_type: str) -> Shape:
         tuple((a.column, table) for a in attributes if a.column and (table := gate_table(a, maps)) is not None),
         sole_selectors(a.path for a in attributes),
         tuple(Assignment(a.path, a.default) for a in attributes if a.column is None),
-        frozenset(a.path[0].name for a in attributes if isinstance(a.path[0], Field)))
+        frozenset(a.path[0].name for a in attributes if isinstance(a.path[0], Field)),
+        positional(a.path for a in attributes))
     maps.derived[key] = shape
     return shape
 
@@ -598,7 +600,7 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
             owned[element] = column
     refs = tuple(looked_up)
     with_refs = render_with_refs(resource_type, [*assignments, target.identity] if full else assignments,
-                                 full=full, own=mark if entity_map.row_items else None)
+                                 full=full, own=mark if entity_map.row_items else None, positional=shape.positional)
     rendered: dict[str, Any] = resolve_refs_in(with_refs, assignments, {}) if refs else with_refs
     validate(rendered, partial=True, required=owned if full else None,
              ours={"Identifier": ({"system": target.identifier_system, "value": target.identifier_value},),

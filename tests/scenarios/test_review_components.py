@@ -3,7 +3,8 @@ pipeline (FHIR dev server, Azurite), checked against FHIR R4. Found by a review 
 dropped what was said of an Observation's old value (its dataAbsentReason, its interpretation) but looked at the
 Observation's own value[x] only: each component has its own value[x], dataAbsentReason and interpretation. Each test
 fails on the code it was written against (ff0f988), for the reason its docstring gives, but test_f (a guard of the
-fix: it passed before it) and the strict xfails (what a fix in converge.py alone cannot mend).
+fix: it passed before it) and the strict xfails (what a fix in converge.py alone could not mend; test_i was one, mended
+in paths.dense).
 
 A site's map reaches a component by its position (`component[0].valueQuantity.value`): a selector matches an item's
 plain fields, and a component is told by its `code`, a CodeableConcept. `BLOOD_PRESSURE` is such a map: the systolic
@@ -263,10 +264,6 @@ async def test_e2_a_corrected_panel_loses_the_high_flag_said_of_its_old_readings
     assert "interpretation" not in normal, f"118/76 flagged {normal['interpretation']}"
 
 
-@pytest.mark.xfail(strict=True, reason="`paths._set` writes each assignment at a position on its own (a position "
-                   "past the list's end is appended), not a position's assignments as one item: with component[0] "
-                   "empty, component[1]'s code and value land in two items, one without its code, and the plan is "
-                   "refused; needs paths.py, see the report of this review")
 async def test_i_a_systolic_withdrawn_whole_leaves_the_diastolic(world: World) -> None:
     """The clinician: a blood pressure of 182/96 came from FHIR, its systolic flagged High. The systolic was entered
     on the wrong patient: the nurse empties the systolic reading (its value and its code) and keeps the diastolic.
@@ -285,6 +282,21 @@ async def test_i_a_systolic_withdrawn_whole_leaves_the_diastolic(world: World) -
         "msemr_systolic": None, "msemr_systoliccode": None}))
     assert states([result]) == [("written", None)], result.detail
     assert components(world, seeded) == [reading(DIASTOLIC, valueQuantity=mmhg(96), interpretation=HIGH)]
+
+
+async def test_i2_a_reading_saved_without_the_one_before_it_is_one_component(world: World) -> None:
+    """The clinician: the monitor gave a diastolic only (the systolic could not be read); the nurse saves the row
+    with the diastolic and its code, the systolic left empty.
+
+    Should: written, the Observation holding one component, the diastolic's code and value together.
+    Did (before the fix of test_i): dead-lettered `invalid-resource` at its Create, "component[1].code is invalid
+    (missing)": the second position's code and value were written as two items."""
+    dv = world.dataverse
+    patient, created = dv.patient()
+    observation, saved = dv.observation(patient, msemr_diastoliccode=DIASTOLIC, msemr_diastolic=Decimal("61"))
+    assert states(await world.send_each(created, saved)) == [("written", None)] * 2
+    written = the_resource(world.fhir, "Observation", OBSERVATION_SYSTEM, observation)
+    assert [strip_marks(c) for c in written["component"]] == [reading(DIASTOLIC, valueQuantity=mmhg(61))]
 
 
 class TestWithTheSitesOwnFlag:
