@@ -449,7 +449,18 @@ def _said_of_component(was: Mapping[str, Any], now: dict[str, Any], parts: Abstr
 
 
 def _matches_known(item: Mapping[str, Any], known: tuple[Mapping[str, Any], ...]) -> bool:
-    return any(k and all(item.get(key) == value for key, value in k.items()) for k in known)
+    return any(k and all(_same(item.get(key), value) for key, value in k.items()) for k in known)
+
+
+def _same(have: Any, want: Any) -> bool:
+    """`have` is what `want` says an item holds: equal, or for a code (`decide._item_fields`: its codings' system
+    and code), a CodeableConcept with one of those codings."""
+    if not (isinstance(want, dict) and isinstance(want.get("coding"), list)):
+        return bool(have == want)
+    wanted = {(c.get("system"), c.get("code")) for c in want["coding"] if isinstance(c, dict)}
+    codings = have.get("coding") if isinstance(have, dict) else None
+    return isinstance(codings, list) and any(
+        isinstance(c, dict) and (c.get("system"), c.get("code")) in wanted for c in codings)
 
 
 def _unmarked(items: list[Any], known: tuple[Mapping[str, Any], ...]) -> int | None:

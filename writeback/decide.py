@@ -655,7 +655,10 @@ def _before(entity_map: EntityMap, resource_type: str, old: Row) -> tuple[Assign
 
 def _item_fields(entity_map: EntityMap, resource_type: str, row: Row) -> dict[str, Any]:
     """What an item the ingest put there, without this product's mark, is recognised by: its system and value
-    where the item has them, else its plain top-level fields."""
+    where the item has them, else its plain top-level fields, else the codings of its `code` (an Observation
+    component: its code is what tells it, FHIR obs-7; `converge` matches one coding in common, an ingest's code
+    may carry more codings or a display; found by review: a component row added a second diastolic beside the
+    one from FHIR)."""
     if not row:
         return {}
     try:
@@ -664,7 +667,12 @@ def _item_fields(entity_map: EntityMap, resource_type: str, row: Row) -> dict[st
         return {}
     plain = {k: v for k, v in item.items() if k != "resourceType" and isinstance(v, str | int | bool)}
     identity = {k: plain[k] for k in _IDENTITY_FIELDS if k in plain}
-    return identity if len(identity) == len(_IDENTITY_FIELDS) else plain
+    if len(identity) == len(_IDENTITY_FIELDS) or plain:
+        return identity if len(identity) == len(_IDENTITY_FIELDS) else plain
+    codings = (item.get("code") or {}).get("coding") if isinstance(item.get("code"), dict) else None
+    told = [{k: c[k] for k in ("system", "code") if k in c} for c in codings or () if isinstance(c, dict)
+            and c.get("code")]
+    return {"code": {"coding": told}} if told else {}
 
 
 def _plan_item(message: Message, entity_map: EntityMap, *, maps: MapSet, resource_type: str, old: Row, new: Row,

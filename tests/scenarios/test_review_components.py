@@ -358,10 +358,6 @@ class TestComponentRows:
                       the_resource(world.fhir, "Observation", OBSERVATION_SYSTEM, observation)["component"]]
         assert systolic == reading(SYSTOLIC, valueQuantity={"value": 122, "unit": "mm[Hg]"}), systolic
 
-    @pytest.mark.xfail(strict=True, reason="an unmarked item is recognised by the plain fields of the row's item "
-                       "(`decide._item_fields`), and a component has none: its code is a CodeableConcept. Needs "
-                       "decide.py (recognise a component by its code's codings) and `converge._matches_known` "
-                       "(match codings, not the whole code); see the report of this review")
     async def test_h_a_component_row_of_a_reading_from_fhir_takes_that_reading_over(
             self, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
         """The clinician: a blood pressure came from FHIR with its systolic, 120, and no diastolic (`error`); the
