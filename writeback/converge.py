@@ -22,7 +22,7 @@ nothing either. `absent`: the resource does not exist (only a full `RowEdit` may
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import field
 from typing import Any, Literal
@@ -75,6 +75,9 @@ class RowEdit:
     # writes (what the map owns, beyond the changed columns: `_said_of_value`)
     constants: tuple[Assignment, ...] = ()
     elements: frozenset[str] = frozenset()
+    # And what it writes inside an Observation's components (`component_parts`): what was said of a component's old
+    # value goes unless the map owns it (`_said_of_component`).
+    parts: frozenset[str] | None = None
 
     @property
     def own(self) -> Mark | None:
@@ -237,7 +240,8 @@ def _row(current: dict[str, Any] | None, edit: RowEdit, resource_type: str, reso
     owns = edit.elements or {a.element for a in owned}
     # What the map owns inside Observation.component: known of a whole state (every assignment is in `owned`); a
     # change without images holds its changed columns only (`None`: not known, `_said_of_component`).
-    parts = _component_parts(owned) if edit.full and resource_type == "Observation" else None
+    parts = edit.parts if edit.parts is not None else \
+        component_parts(a.path for a in owned) if edit.full and resource_type == "Observation" else None
     return _unchanged_or_same(_result(current, _said_of_value(current, _one_choice(
         with_mark(new, mark, mark.table, mark.row_id), owned), owns, parts), held), planned.same)
 
@@ -399,11 +403,11 @@ def _said_of_value(current: Mapping[str, Any], new: dict[str, Any], owns: Abstra
     return new
 
 
-def _component_parts(owned: tuple[Assignment, ...]) -> frozenset[str]:
-    """The elements of an Observation component the map writes (`component[0].valueQuantity.value`: valueQuantity),
+def component_parts(paths: Iterable[Path]) -> frozenset[str]:
+    """The elements of an Observation component `paths` write (`component[0].valueQuantity.value`: valueQuantity),
     in any of its components: a map that owns a component's interpretation in one owns what it says of it."""
-    return frozenset(a.path[2].name for a in owned
-                     if a.element == "component" and len(a.path) > 2 and isinstance(a.path[2], Field))
+    return frozenset(path[2].name for path in paths
+                     if path[0] == Field("component") and len(path) > 2 and isinstance(path[2], Field))
 
 
 def _component_pairs(was: Any, now: Any) -> list[tuple[dict[str, Any], dict[str, Any]]]:

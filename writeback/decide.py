@@ -26,7 +26,7 @@ from dataclasses import field
 from datetime import datetime
 from typing import Any, Literal
 
-from writeback.converge import Edit, ItemEdit, Release, RemoveItem, RowEdit
+from writeback.converge import Edit, ItemEdit, Release, RemoveItem, RowEdit, component_parts
 from writeback.errors import WritebackError
 from writeback.immutable import evolve, immutable
 from writeback.mapping import (
@@ -494,6 +494,7 @@ class Shape:
     constants: tuple[Assignment, ...]
     elements: frozenset[str]
     positional: bool  # a path reaches an item of a list by its position (`paths.positional`)
+    parts: frozenset[str]  # what the map writes inside an Observation's components (`converge.component_parts`)
 
 
 def shape_of(entity_map: EntityMap, maps: MapSet, resource_type: str) -> Shape:
@@ -514,7 +515,7 @@ def shape_of(entity_map: EntityMap, maps: MapSet, resource_type: str) -> Shape:
         sole_selectors(a.path for a in attributes),
         tuple(Assignment(a.path, a.default) for a in attributes if a.column is None),
         frozenset(a.path[0].name for a in attributes if isinstance(a.path[0], Field)),
-        positional(a.path for a in attributes))
+        positional(a.path for a in attributes), component_parts(a.path for a in attributes))
     maps.derived[key] = shape
     return shape
 
@@ -612,7 +613,8 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
                    before=_before(entity_map, resource_type, old) if full else (),
                    before_version=Version(row_version(old), modified_on(old)) if full and old else Version(),
                    adoptable=frozenset() if full else shape.adoptable, row_items=entity_map.row_items,
-                   constants=() if full else shape.constants, elements=frozenset() if full else shape.elements)
+                   constants=() if full else shape.constants, elements=frozenset() if full else shape.elements,
+                   parts=None if full or resource_type != "Observation" else shape.parts)
     source = _source(message, entity_map.identifier_system, new)
     writes = [Write(target, edit), *_released(message, entity_map, resource_type, old, mark)]
     plan = WritePlan("create" if is_create else "update", tuple(writes), rendered,

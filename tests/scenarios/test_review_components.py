@@ -180,16 +180,13 @@ async def test_b_a_corrected_or_withdrawn_systolic_loses_the_high_flag_said_of_i
     assert second == reading(DIASTOLIC, valueQuantity=mmhg(96), interpretation=HIGH)
 
 
-@pytest.mark.xfail(strict=True, reason="a change without images holds its changed columns only, and a RowEdit says "
-                   "which top-level elements the map writes (`elements`), not what it writes inside a component: "
-                   "whether the flag is the row's is not known, so it is kept (decide.py would have to carry the "
-                   "map's paths; see the report of this review)")
 async def test_c_a_systolic_corrected_without_images_loses_its_high_flag(world: World) -> None:
     """As test_b (corrected), the step registered without images: the message holds the systolic only.
 
     Should: the systolic reading holds 122 and no interpretation, as with images.
-    Does: 122 flagged High. Left so: a map may own the component's interpretation (`SYSTOLIC_FLAG`), and then the
-    flag is the row's, which this save did not change (test_f); the message cannot tell the two maps apart."""
+    Did: 122 flagged High. A change without images told which top-level elements the map writes, not what it writes
+    inside a component, and a map may own the component's interpretation (`SYSTOLIC_FLAG`, test_f): the flag was
+    kept. The change now carries what the map writes inside components (`RowEdit.parts`)."""
     observation, seeded = await ingested_pressure(
         world, [reading(SYSTOLIC, valueQuantity=mmhg(182), interpretation=HIGH),
                 reading(DIASTOLIC, valueQuantity=mmhg(96))],
@@ -306,18 +303,19 @@ class TestWithTheSitesOwnFlag:
     def scenario_maps(self, tmp_path: Path) -> MapSet:
         return _maps(tmp_path / "maps", BLOOD_PRESSURE + SYSTOLIC_FLAG)
 
-    async def test_f_a_systolic_changed_keeps_the_flag_the_row_holds(self, world: World) -> None:
+    @pytest.mark.parametrize("images", [True, False], ids=["images", "target-only"])
+    async def test_f_a_systolic_changed_keeps_the_flag_the_row_holds(self, world: World, images: bool) -> None:
         """The nurse re-reads a systolic of 182 flagged H in Dataverse (the row's flag column): 184, still H.
 
         Should (docs/convergence.md §1: "unless the map owns them"): FHIR keeps H, which the row holds. Guards
-        the fix of test_b from dropping a flag the map writes."""
+        the fixes of test_b and test_c from dropping a flag the map writes, with images or without."""
         observation, seeded = await ingested_pressure(
             world, [reading(SYSTOLIC, valueQuantity=mmhg(182), interpretation=HIGH),
                     reading(DIASTOLIC, valueQuantity=mmhg(96))],
             msemr_systoliccode=SYSTOLIC, msemr_diastoliccode=DIASTOLIC, msemr_systolic=Decimal("182"),
             msemr_diastolic=Decimal("96"), msemr_systolicflag="H")
-        [result] = await world.send(world.dataverse.update("msemr_observation", observation,
-                                                           {"msemr_systolic": Decimal("184")}))
+        [result] = await world.send(with_images(images, world.dataverse.update(
+            "msemr_observation", observation, {"msemr_systolic": Decimal("184")})))
         assert states([result]) == [("written", None)], result.detail
         assert components(world, seeded)[0] == reading(SYSTOLIC, valueQuantity=mmhg(184), interpretation=HIGH)
 
