@@ -526,8 +526,9 @@ def _text_parts(result: dict[str, Any], assignments: Iterable[Assignment]) -> li
 def _drop_stale_texts(result: dict[str, Any], parts: list[tuple[Assignment, JSONValue]],
                       assignments: list[Assignment]) -> None:
     """Remove, in place, the `text` beside a part the write changed (set, changed or cleared), unless owned; and an
-    address's `district` (its county) beside a changed city, state, postal code or country, unless owned (found by
-    review: a patient moved from Brooklyn to Boston kept the district Kings)."""
+    address's `district` (its county) and `period` (when it was in use) beside a changed city, state, postal code or
+    country, unless owned: both were said of the old place (found by review: a patient moved from Brooklyn to Boston
+    kept the district Kings, and the Brooklyn address's start in 2010 as the Boston one's)."""
     for a, was in parts:
         if _navigate(result, a.path) == was:
             continue
@@ -537,9 +538,10 @@ def _drop_stale_texts(result: dict[str, Any], parts: list[tuple[Assignment, JSON
         if "text" in parent and not _owns(assignments, (*a.path[:-1], Field("text"))):
             del parent["text"]
         part = a.path[-1]
-        if isinstance(part, Field) and part.name in _PLACE_PARTS and "district" in parent \
-                and not _owns(assignments, (*a.path[:-1], Field("district"))):
-            del parent["district"]
+        if isinstance(part, Field) and part.name in _PLACE_PARTS:
+            for said in ("district", "period"):
+                if said in parent and not _owns(assignments, (*a.path[:-1], Field(said))):
+                    del parent[said]
 
 
 def _same_referent(new: dict[str, Any], was: dict[str, Any]) -> bool:
