@@ -53,18 +53,25 @@ async def test_d1_a_patient_who_moved_to_another_city_keeps_no_district_of_the_o
     assert address.get("district") != "Kings", address
 
 
+def _brooklyn_since_2010(world: World, street: str) -> tuple[dict[str, Any], str, Sent]:
+    """A patient from FHIR whose home address on `street`, Brooklyn, has been in use since 2010-05-01, and the
+    sync's contact of it (an echo)."""
+    seeded = ingested_patient(world, address=[{"use": "home", "line": [street], "city": "Brooklyn", "state": "NY",
+                                               "postalCode": "11201", "country": "US",
+                                               "period": {"start": "2010-05-01"}}])
+    contact, ingested = _ingested_contact(world, seeded, address1_line1=street, address1_city="Brooklyn",
+                                          address1_stateorprovince="NY", address1_postalcode="11201",
+                                          address1_country="US")
+    return seeded, contact, ingested
+
+
 async def test_d1b_a_patient_who_moved_keeps_no_period_of_the_old_address(world: World) -> None:
     """As test_d1, the Brooklyn address from FHIR given with the period it has been in use (since 2010-05-01).
 
     FHIR R4 Address.period: "Time period when address was/is in use". Said of the Brooklyn place, not of Boston's.
     Should: the Boston address holds no period (the map does not own it: when the patient moved in is not known).
     Did: the Boston address "in use since 2010", which a reader takes for the patient's address of fourteen years."""
-    old = {"use": "home", "line": ["12 Elm St"], "city": "Brooklyn", "state": "NY", "postalCode": "11201",
-           "country": "US", "period": {"start": "2010-05-01"}}
-    seeded = ingested_patient(world, address=[old])
-    contact, ingested = _ingested_contact(world, seeded, address1_line1="12 Elm St", address1_city="Brooklyn",
-                                          address1_stateorprovince="NY", address1_postalcode="11201",
-                                          address1_country="US")
+    seeded, contact, ingested = _brooklyn_since_2010(world, "12 Elm St")
     moved = world.dataverse.update("contact", contact, {
         "address1_line1": "5 Beacon St", "address1_city": "Boston", "address1_stateorprovince": "MA",
         "address1_postalcode": "02108"})
@@ -78,12 +85,7 @@ async def test_d1c_a_corrected_street_keeps_the_period_of_the_address(world: Wor
     """The clerk corrects a typo in the street of the same address ("12 Elm St" for "12 Elm Rd"): the place is the
     same, so when it came into use still holds. Should: the period stays (only a changed city, state, postal code
     or country is a move)."""
-    old = {"use": "home", "line": ["12 Elm Rd"], "city": "Brooklyn", "state": "NY", "postalCode": "11201",
-           "country": "US", "period": {"start": "2010-05-01"}}
-    seeded = ingested_patient(world, address=[old])
-    contact, ingested = _ingested_contact(world, seeded, address1_line1="12 Elm Rd", address1_city="Brooklyn",
-                                          address1_stateorprovince="NY", address1_postalcode="11201",
-                                          address1_country="US")
+    seeded, contact, ingested = _brooklyn_since_2010(world, "12 Elm Rd")
     corrected = world.dataverse.update("contact", contact, {"address1_line1": "12 Elm St"})
     assert states(await world.send_each(ingested, corrected)) == [("skipped", "echo"), ("written", None)]
     [address] = world.fhir.get(f"Patient/{seeded['id']}")["address"]
