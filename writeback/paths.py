@@ -244,6 +244,11 @@ def _set(node: JSONValue, path: Path, value: JSONValue, at: int = 0) -> JSONValu
     return items
 
 
+def _unresolved(path: Path) -> bool:
+    """A `[row]` in `path` (left there when no mark was given: `_own_items`)."""
+    return any(type(seg) is Own for seg in path)
+
+
 def _tree_copy(node: JSONValue) -> JSONValue:
     """A copy of a JSON tree: every dict and list new, the leaves shared (they are immutable). What
     `copy.deepcopy` gives for JSON, several times faster: JSON has no shared or cyclic parts to keep a memo for,
@@ -906,12 +911,13 @@ def apply_state(resource: dict[str, Any], assignments: Iterable[Assignment],
         values = _positional_clears(result, values, before)
         groups = _item_groups(values)
         held = _held(result, groups)
-    # (A clear of an element the resource does not hold changes nothing: not walked. Most clears of a create are.)
+    # (A clear of an element the resource does not hold changes nothing: not walked, most clears of a create are;
+    # but a `[row]` no mark resolved is still refused, by `_set`, as `_own_items` says.)
     for constant in constants:  # cleared first: it stays only where the row still has a value beside it
-        if constant.element in result:
+        if constant.element in result or _unresolved(constant.path):
             result = _set(result, constant.path, None)
     for assignment in values:
-        if assignment.value is not None or assignment.element in result:
+        if assignment.value is not None or assignment.element in result or _unresolved(assignment.path):
             result = _set(result, assignment.path, assignment.value)
     _keep_displays(result, displays)
     if described:

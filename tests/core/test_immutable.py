@@ -1,4 +1,5 @@
-"""`evolve` is `dataclasses.replace` made faster: the same copies, the same refusals."""
+"""`evolve` is `dataclasses.replace` made faster: the same copies; a field it cannot take is refused too (a
+`TypeError`, where `replace` raises a `ValueError` for a field outside `__init__`)."""
 
 from __future__ import annotations
 

@@ -374,6 +374,18 @@ def test_row_item_parses_and_is_never_applied_by_position():
         apply({"resourceType": "Observation"}, [note("x")])
 
 
+@pytest.mark.parametrize("assignment", [note(None), Assignment(parse_path("note[row].authorString"), "Nurse K")],
+                         ids=["cleared-column", "constant"])
+def test_a_whole_state_without_the_rows_mark_refuses_a_row_item_even_where_the_list_is_absent(
+        assignment: Assignment) -> None:
+    """`[row]` left unresolved (no `own`) stops at `_set`, as `_own_items` says: for a clear and a constant too,
+    whether or not the resource holds the list yet (apply_state skips the clears of elements a resource does not
+    hold, 40ed15d; that must not skip this refusal: the caller that forgot the mark learns it on every resource)."""
+    for resource in ({"resourceType": "Observation"}, {"resourceType": "Observation", "note": [dict(THEIRS)]}):
+        with pytest.raises(ValueError, match=r"\[row\]"):
+            apply_state(resource, [assignment])
+
+
 def written(resource: dict[str, Any]) -> dict[str, Any]:
     """A resource the row's whole state was written to: it carries the row's mark (as `converge` leaves it)."""
     return with_mark(copy.deepcopy(resource), ROW, ROW.table, ROW.row_id)
