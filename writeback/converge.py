@@ -77,7 +77,7 @@ class RowEdit:
     elements: frozenset[str] = frozenset()
     # And what it writes inside an Observation's components (`component_parts`): what was said of a component's old
     # value goes unless the map owns it (`_said_of_component`).
-    parts: frozenset[str] | None = None
+    parts: ComponentParts | None = None
 
     @property
     def own(self) -> Mark | None:
@@ -367,7 +367,7 @@ def _values_differ(was: Mapping[str, Any], now: Mapping[str, Any]) -> bool:
 
 
 def _said_of_value(current: Mapping[str, Any], new: dict[str, Any], owns: AbstractSet[str],
-                   parts: AbstractSet[str] | None = None) -> dict[str, Any]:
+                   parts: ComponentParts | None = None) -> dict[str, Any]:
     """An Observation that now holds a value: without the reason it had none (R4 obs-6, "dataAbsentReason SHALL only
     be present if Observation.value[x] is not present"); and one whose value changed or went, without the
     interpretation said of the old one ("a categorical assessment of an observation value": High said of 180
@@ -390,11 +390,11 @@ def _said_of_value(current: Mapping[str, Any], new: dict[str, Any], owns: Abstra
         if keys and comparable({k: new.get(k) for k in keys}) != comparable({k: current.get(k) for k in keys}):
             new.pop("interpretation", None)
     given = changed = False
-    for was, now in _component_pairs(current.get("component"), new.get("component")):
+    for position, (was, now) in _component_pairs(current.get("component"), new.get("component")):
         if _values_differ(was, now):
             changed = True
             given = given or (bool(_value_keys(now)) and not _value_keys(was))
-            _said_of_component(was, now, parts)
+            _said_of_component(was, now, None if parts is None else parts_at(parts, position))
     if not values and not _value_keys(current):  # a panel: its values are its components'
         if given and "dataAbsentReason" not in owns:
             new.pop("dataAbsentReason", None)
@@ -403,20 +403,34 @@ def _said_of_value(current: Mapping[str, Any], new: dict[str, Any], owns: Abstra
     return new
 
 
-def component_parts(paths: Iterable[Path]) -> frozenset[str]:
-    """The elements of an Observation component `paths` write (`component[0].valueQuantity.value`: valueQuantity),
-    in any of its components: a map that owns a component's interpretation in one owns what it says of it."""
-    return frozenset(path[2].name for path in paths
-                     if path[0] == Field("component") and len(path) > 2 and isinstance(path[2], Field))
+# What a map writes inside an Observation's components: per position (`component[0]`), and for any component (None: a
+# selector or the row's own item), the elements (`valueQuantity`, `interpretation`).
+ComponentParts = tuple[tuple[int | None, frozenset[str]], ...]
 
 
-def _component_pairs(was: Any, now: Any) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """Each component after the write, with what it was before it (`{}`: a new one): the one of the same `code`
-    (what tells a component, FHIR obs-7), else the one at its position (a component whose code the write changed).
-    By code first: a component the write emptied goes, and those after it move up."""
+def component_parts(paths: Iterable[Path]) -> ComponentParts:
+    """What `paths` write inside an Observation's components (`component[0].valueQuantity.value`: valueQuantity at
+    0): a map owning the systolic's flag (`component[0].interpretation`) does not own the diastolic's (found by
+    review: a corrected diastolic kept the High no column held)."""
+    found: dict[int | None, set[str]] = {}
+    for path in paths:
+        if path[0] == Field("component") and len(path) > 2 and isinstance(path[2], Field):
+            found.setdefault(path[1].position if isinstance(path[1], Index) else None, set()).add(path[2].name)
+    return tuple((position, frozenset(names)) for position, names in found.items())
+
+
+def parts_at(parts: ComponentParts, position: int) -> frozenset[str]:
+    """Of `parts`, what the map writes in the component at `position`."""
+    return frozenset().union(*(names for at, names in parts if at in (position, None)))
+
+
+def _component_pairs(was: Any, now: Any) -> list[tuple[int, tuple[dict[str, Any], dict[str, Any]]]]:
+    """Each component after the write (and its position), with what it was before it (`{}`: a new one): the one of
+    the same `code` (what tells a component, FHIR obs-7), else the one at its position (a component whose code the
+    write changed). By code first: a component the write emptied goes, and those after it move up."""
     before = was if isinstance(was, list) else []
     taken: set[int] = set()
-    out: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    out: list[tuple[int, tuple[dict[str, Any], dict[str, Any]]]] = []
     for position, item in enumerate(now if isinstance(now, list) else []):
         if not isinstance(item, dict):
             continue
@@ -426,7 +440,7 @@ def _component_pairs(was: Any, now: Any) -> list[tuple[dict[str, Any], dict[str,
             found = position
         if found is not None:
             taken.add(found)
-        out.append((before[found] if found is not None else {}, item))
+        out.append((position, (before[found] if found is not None else {}, item)))
     return out
 
 
@@ -457,9 +471,12 @@ def _matches_known(item: Mapping[str, Any], known: tuple[Mapping[str, Any], ...]
 
 
 def _same(have: Any, want: Any) -> bool:
-    """`have` is what `want` says an item holds: equal, or for a code (`decide._item_fields`: its codings' system
-    and code), a CodeableConcept with one of those codings."""
-    if not (isinstance(want, dict) and isinstance(want.get("coding"), list)):
+    """`have` is what `want` says an item holds: equal; for a code (`decide._item_fields`: its codings' system and
+    code), a CodeableConcept with one of those codings; for another object (a Quantity's number), one holding what
+    it holds."""
+    if isinstance(want, dict) and not isinstance(want.get("coding"), list):
+        return isinstance(have, dict) and all(_same(have.get(k), w) for k, w in want.items())
+    if not isinstance(want, dict):
         return bool(have == want)
     wanted = {(c.get("system"), c.get("code")) for c in want["coding"] if isinstance(c, dict)}
     codings = have.get("coding") if isinstance(have, dict) else None

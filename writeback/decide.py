@@ -26,7 +26,7 @@ from dataclasses import field
 from datetime import datetime
 from typing import Any, Literal
 
-from writeback.converge import Edit, ItemEdit, Release, RemoveItem, RowEdit, component_parts
+from writeback.converge import ComponentParts, Edit, ItemEdit, Release, RemoveItem, RowEdit, component_parts
 from writeback.errors import WritebackError
 from writeback.immutable import evolve, immutable
 from writeback.mapping import (
@@ -41,7 +41,7 @@ from writeback.mapping import (
 from writeback.maps import AttributeMap, EntityMap, MapSet
 from writeback.marks import Mark, Version
 from writeback.messages import NIL_GUID, EntityRef, Message, decode_body, message_of
-from writeback.paths import KEEP, Assignment, Field, Index, Path, Select, positional, sole_selectors
+from writeback.paths import KEEP, Assignment, Field, Index, Path, Select, sole_selectors
 from writeback.reasons import Reason
 from writeback.settings import Settings
 from writeback.validation import validate
@@ -493,8 +493,7 @@ class Shape:
     adoptable: frozenset[Path]
     constants: tuple[Assignment, ...]
     elements: frozenset[str]
-    positional: bool  # a path reaches an item of a list by its position (`paths.positional`)
-    parts: frozenset[str]  # what the map writes inside an Observation's components (`converge.component_parts`)
+    parts: ComponentParts  # what the map writes inside an Observation's components (`converge.component_parts`)
 
 
 def shape_of(entity_map: EntityMap, maps: MapSet, resource_type: str) -> Shape:
@@ -515,7 +514,7 @@ def shape_of(entity_map: EntityMap, maps: MapSet, resource_type: str) -> Shape:
         sole_selectors(a.path for a in attributes),
         tuple(Assignment(a.path, a.default) for a in attributes if a.column is None),
         frozenset(a.path[0].name for a in attributes if isinstance(a.path[0], Field)),
-        positional(a.path for a in attributes), component_parts(a.path for a in attributes))
+        component_parts(a.path for a in attributes))
     maps.derived[key] = shape
     return shape
 
@@ -601,7 +600,7 @@ def _plan(message: Message, entity_map: EntityMap, *, maps: MapSet, settings: Se
             owned[element] = column
     refs = tuple(looked_up)
     with_refs = render_with_refs(resource_type, [*assignments, target.identity] if full else assignments,
-                                 full=full, own=mark if entity_map.row_items else None, positional=shape.positional)
+                                 full=full, own=mark if entity_map.row_items else None)
     rendered: dict[str, Any] = resolve_refs_in(with_refs, assignments, {}) if refs else with_refs
     validate(rendered, partial=True, required=owned if full else None,
              ours={"Identifier": ({"system": target.identifier_system, "value": target.identifier_value},),
@@ -674,7 +673,22 @@ def _item_fields(entity_map: EntityMap, resource_type: str, row: Row) -> dict[st
     codings = (item.get("code") or {}).get("coding") if isinstance(item.get("code"), dict) else None
     told = [{k: c[k] for k in ("system", "code") if k in c} for c in codings or () if isinstance(c, dict)
             and c.get("code")]
-    return {"code": {"coding": told}} if told else {}
+    if not told:
+        return {}
+    # A code names a kind of reading, not the reading: its value (or that it has none) too, as the image holds it
+    # (found by review: a systolic row moved to a panel holding another systolic took that one over; of two
+    # systolics, the second row's correction overwrote the first).
+    values = {a.path[0].name for a in entity_map.attributes_for(resource_type)
+              if isinstance(a.path[0], Field) and a.path[0].name.startswith("value")}
+    return {"code": {"coding": told}, **{k: _value_told(item.get(k)) for k in sorted(values)}}
+
+
+def _value_told(value: Any) -> Any:
+    """What tells a value[x] (`_item_fields`): a Quantity by its number (a unit alone, the map's constant, is no
+    value), anything else as it is; None: no value."""
+    if isinstance(value, dict):
+        return {"value": value["value"]} if value.get("value") is not None else None
+    return value
 
 
 def _plan_item(message: Message, entity_map: EntityMap, *, maps: MapSet, resource_type: str, old: Row, new: Row,

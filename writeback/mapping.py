@@ -16,7 +16,7 @@ from writeback.immutable import immutable
 from writeback.maps import AttributeMap, EntityMap
 from writeback.marks import Mark
 from writeback.messages import Entity, EntityRef, Money, Opaque, OptionSet, Value
-from writeback.paths import KEEP, Assignment, apply, apply_state, dense
+from writeback.paths import KEEP, Assignment, apply, apply_state
 from writeback.reasons import Reason
 
 Row = Mapping[str, Value]
@@ -231,11 +231,8 @@ def render(resource_type: str, assignments: Iterable[Assignment], *, full: bool 
 
 
 def render_with_refs(resource_type: str, assignments: Iterable[Assignment], *, full: bool = False,
-                     own: Mark | None = None, positional: bool = False) -> dict[str, Any]:
+                     own: Mark | None = None) -> dict[str, Any]:
     """`render` with each lookup left a `RowRef`: `resolve_refs` makes it the reference once the ids are known
-    (a create then writes that, without rendering the row again). `positional`: a path reaches an item of a list
-    by its position (`paths.positional`), whose holes a whole state closes (`paths.dense`)."""
+    (a create then writes that, without rendering the row again)."""
     base: dict[str, Any] = {"resourceType": resource_type}
-    if full:
-        return apply_state(base, dense(assignments) if positional else assignments, own=own)
-    return apply(base, assignments, own)
+    return apply_state(base, assignments, own=own) if full else apply(base, assignments, own)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import pairwise
-from typing import Any, cast
+from typing import Any
 
 from writeback.immutable import immutable
 from writeback.marks import Mark, mark_of, marks_in, with_mark
@@ -715,44 +715,6 @@ def list_items(assignments: Iterable[Assignment]) -> dict[str, int]:
             key = format_path(a.path[:-1])
             counts[key] = counts.get(key, 0) + (a.value is not None and a.value is not KEEP)
     return counts
-
-
-def dense(assignments: Iterable[Assignment]) -> list[Assignment]:
-    """For a resource rendered from nothing (a create), the items of a list the map reaches by position
-    (`component[1].valueQuantity.value`) that the row gives a value, renumbered from 0 in their order, and the
-    assignments into the others (cleared columns, constants) left out: a list has no holes, and written as they
-    were, an item after an empty one was split in two (its code appended at [0], its value past it at [1]; found by
-    review: a blood pressure saved without its systolic was refused as "component[1].code is invalid (missing)").
-    The outermost position of each path is renumbered; an item the row gives no value holds nothing of the row's."""
-    assignments = list(assignments)
-    given: dict[Path, set[int]] = {}
-    for a in assignments:
-        at = _first_position(a.path)
-        if at is not None and a.column is not None and a.value is not None and a.value is not KEEP:
-            given.setdefault(a.path[:at], set()).add(cast(Index, a.path[at]).position)
-    if all(max(positions) + 1 == len(positions) for positions in given.values()):
-        return assignments  # (no hole: as they are)
-    order = {prefix: {p: n for n, p in enumerate(sorted(positions))} for prefix, positions in given.items()}
-    out = []
-    for a in assignments:
-        at = _first_position(a.path)
-        if at is None:
-            out.append(a)
-        elif (new := order.get(a.path[:at], {}).get(cast(Index, a.path[at]).position)) is not None:
-            out.append(Assignment((*a.path[:at], Index(new), *a.path[at + 1:]), a.value, a.column))
-    return out
-
-
-def positional(paths: Iterable[Path]) -> bool:
-    """Whether any of `paths` (a map's targets) reaches an item of a list by its position (`dense`)."""
-    return any(_first_position(path) is not None for path in paths)
-
-
-def _first_position(path: Path) -> int | None:
-    """Where in `path` the first position of an item is (`component[1]` of `component[1].valueQuantity.value`),
-    when something of the item follows it; None for a path reaching no item by position."""
-    return next((i for i, (seg, nxt) in enumerate(pairwise(path)) if isinstance(seg, Index) and isinstance(nxt, Field)),
-                None)
 
 
 def _positional_clears(result: dict[str, Any], values: list[Assignment],

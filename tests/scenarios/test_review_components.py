@@ -3,8 +3,7 @@ pipeline (FHIR dev server, Azurite), checked against FHIR R4. Found by a review 
 dropped what was said of an Observation's old value (its dataAbsentReason, its interpretation) but looked at the
 Observation's own value[x] only: each component has its own value[x], dataAbsentReason and interpretation. Each test
 fails on the code it was written against (ff0f988), for the reason its docstring gives, but test_f (a guard of the
-fix: it passed before it) and the strict xfails (what a fix in converge.py alone could not mend; test_i was one, mended
-in paths.dense).
+fix: it passed before it) and the strict xfails (test_i and test_i2: what a fix in converge.py alone cannot mend).
 
 A site's map reaches a component by its position (`component[0].valueQuantity.value`): a selector matches an item's
 plain fields, and a component is told by its `code`, a CodeableConcept. `BLOOD_PRESSURE` is such a map: the systolic
@@ -261,6 +260,10 @@ async def test_e2_a_corrected_panel_loses_the_high_flag_said_of_its_old_readings
     assert "interpretation" not in normal, f"118/76 flagged {normal['interpretation']}"
 
 
+@pytest.mark.xfail(strict=True, reason="a map's position (`component[1]`) is FHIR's position: a row that leaves an "
+                   "earlier position empty has its later position's code and value written as two items. Closing the "
+                   "holes at the create (4db916a, undone) made every later write miss, the map's positions no longer "
+                   "FHIR's (test_review_components2's review): positional items need their own identity")
 async def test_i_a_systolic_withdrawn_whole_leaves_the_diastolic(world: World) -> None:
     """The clinician: a blood pressure of 182/96 came from FHIR, its systolic flagged High. The systolic was entered
     on the wrong patient: the nurse empties the systolic reading (its value and its code) and keeps the diastolic.
@@ -281,13 +284,17 @@ async def test_i_a_systolic_withdrawn_whole_leaves_the_diastolic(world: World) -
     assert components(world, seeded) == [reading(DIASTOLIC, valueQuantity=mmhg(96), interpretation=HIGH)]
 
 
+@pytest.mark.xfail(strict=True, reason="a map's position (`component[1]`) is FHIR's position: a row that leaves an "
+                   "earlier position empty has its later position's code and value written as two items. Closing the "
+                   "holes at the create (4db916a, undone) made every later write miss, the map's positions no longer "
+                   "FHIR's (test_review_components2's review): positional items need their own identity")
 async def test_i2_a_reading_saved_without_the_one_before_it_is_one_component(world: World) -> None:
     """The clinician: the monitor gave a diastolic only (the systolic could not be read); the nurse saves the row
     with the diastolic and its code, the systolic left empty.
 
     Should: written, the Observation holding one component, the diastolic's code and value together.
-    Did (before the fix of test_i): dead-lettered `invalid-resource` at its Create, "component[1].code is invalid
-    (missing)": the second position's code and value were written as two items."""
+    Does: dead-lettered `invalid-resource` at its Create, "component[1].code is invalid (missing)": the second
+    position's code and value are written as two items."""
     dv = world.dataverse
     patient, created = dv.patient()
     observation, saved = dv.observation(patient, msemr_diastoliccode=DIASTOLIC, msemr_diastolic=Decimal("61"))
