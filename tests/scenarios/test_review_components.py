@@ -304,7 +304,8 @@ async def test_i2_a_reading_saved_without_the_one_before_it_is_one_component(wor
 
 
 class TestWithTheSitesOwnFlag:
-    """The blood pressure map with the systolic's flag as a column of the row (`SYSTOLIC_FLAG`)."""
+    """The blood pressure map with the systolic's flag as a column of the row (`SYSTOLIC_FLAG`); the diastolic's is
+    not."""
 
     @pytest.fixture
     def scenario_maps(self, tmp_path: Path) -> MapSet:
@@ -325,6 +326,28 @@ class TestWithTheSitesOwnFlag:
             "msemr_observation", observation, {"msemr_systolic": Decimal("184")})))
         assert states([result]) == [("written", None)], result.detail
         assert components(world, seeded)[0] == reading(SYSTOLIC, valueQuantity=mmhg(184), interpretation=HIGH)
+
+
+    @pytest.mark.parametrize("images", [True, False], ids=["images", "target-only"])
+    async def test_f2_a_corrected_diastolic_loses_the_flag_no_column_holds(self, world: World, images: bool) -> None:
+        """(Found by the review of test_review_components2.py.) The clinician: a blood pressure of 182/96 from FHIR,
+        both readings flagged High; the row holds the systolic's flag (H), the diastolic's flag is no column's. The
+        diastolic was an artefact: corrected to 76.
+
+        Should (docs/convergence.md §1: an interpretation goes with the value it was said of, "unless the map owns
+        them"; no column holds the diastolic's): the systolic keeps H, the diastolic 76 has no flag.
+        Did: 76 flagged High. `converge.component_parts` took the map's `component[0].interpretation` for every
+        component's, and 7c16f75 made a change without images do the same. Now per position."""
+        observation, seeded = await ingested_pressure(
+            world, [reading(SYSTOLIC, valueQuantity=mmhg(182), interpretation=HIGH),
+                    reading(DIASTOLIC, valueQuantity=mmhg(96), interpretation=HIGH)],
+            msemr_systoliccode=SYSTOLIC, msemr_diastoliccode=DIASTOLIC, msemr_systolic=Decimal("182"),
+            msemr_diastolic=Decimal("96"), msemr_systolicflag="H")
+        corrected = world.dataverse.update("msemr_observation", observation, {"msemr_diastolic": Decimal("76")})
+        [result] = await world.send(with_images(images, corrected))
+        assert states([result]) == [("written", None)], result.detail
+        assert components(world, seeded) == [reading(SYSTOLIC, valueQuantity=mmhg(182), interpretation=HIGH),
+                                             reading(DIASTOLIC, valueQuantity=mmhg(76))]
 
 
 class TestComponentRows:
