@@ -209,18 +209,17 @@ class EntityMap:
     expansion: Expansion | None
     attributes: tuple[AttributeMap, ...]
     row_items: bool = False  # a target names the row's own item of a list (`[row]`): writes need the row's mark
-    # What planning derives from the map alone, per resource type (`decide.shape_of`), made at its first message:
-    # no part of the map's value (not compared, not copied by `dataclasses.replace`).
-    derived: dict[str, object] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # The attributes that write each resource type (`attributes_for`), made at the type's first message: no part of
+    # the map's value (not compared, not copied by `dataclasses.replace`).
+    by_type: dict[str, tuple[AttributeMap, ...]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def attributes_for(self, resource_type: str) -> tuple[AttributeMap, ...]:
         """The attributes that write `resource_type` (those without `only_for`, and those for it)."""
-        key = f"attributes:{resource_type}"
-        found = self.derived.get(key)
+        found = self.by_type.get(resource_type)
         if found is None:
-            found = self.derived[key] = tuple(a for a in self.attributes
-                                              if a.only_for is None or resource_type in a.only_for)
-        return found  # type: ignore[return-value]
+            found = self.by_type[resource_type] = tuple(a for a in self.attributes
+                                                        if a.only_for is None or resource_type in a.only_for)
+        return found
 
     @property
     def resource_types(self) -> frozenset[str]:

@@ -27,7 +27,7 @@ def test_evolve_leaves_what_init_makes_to_init() -> None:
     entity_map = load_maps(DEFAULT_MAPS_DIR).maps["contact"]
     entity_map.attributes_for("Patient")
     copy = evolve(entity_map, attributes=entity_map.attributes[:1])
-    assert copy.derived == {}
+    assert copy.by_type == {}
     assert copy.attributes_for("Patient") == entity_map.attributes[:1]
     with pytest.raises(TypeError):
         evolve(entity_map, tabel="contact")  # type: ignore[call-arg]
