@@ -9,16 +9,35 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NODE_STAMP := fhirdev/node_modules/.fhirdev-installed
 CHECKOV_STAMP := .venv-checkov/.installed
+COMPILED_STAMP := build/compiled.stamp
+# requirements.txt without its last line, `.` (the app itself, which Azure's remote build compiles and installs):
+# the packages the app needs. A checkout runs its own sources, compiled in place (`compile`), never an installed copy.
+APP_DEPS := build/requirements-deps.txt
 
-.PHONY: demo test setup lint typecheck audit unit worker-toolchain bench clean
+.PHONY: demo test setup compile lint typecheck audit unit worker-toolchain bench clean
 
-setup: $(STAMP) $(NODE_STAMP)
+setup: $(STAMP) $(NODE_STAMP) $(COMPILED_STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(APP_DEPS): requirements.txt
+	@mkdir -p build
+	@grep -v '^\.$$' requirements.txt > $@
+
+$(STAMP): $(APP_DEPS) requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if (3, 11) <= sys.version_info[:2] <= (3, 13) else "Python 3.11 to 3.13 is required")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@$(PY) -m pip install --quiet --disable-pip-version-check -r $(APP_DEPS) -r requirements-dev.txt
 	@touch $@
+
+# The pure core compiled by mypyc beside its sources (setup.py; about two minutes cold). Rebuilt when any source of
+# the package changes: the compiler reads the types of what the core imports too. `writeback.build` keeps a run
+# from using compiled modules older than their sources, if one starts without make.
+compile: $(COMPILED_STAMP)
+
+$(COMPILED_STAMP): setup.py pyproject.toml $(wildcard writeback/*.py) $(STAMP)
+	@echo "compiling the core with mypyc (setup.py) ..."
+	@$(PY) setup.py --quiet build_ext --inplace > build/compile.log 2>&1 || { cat build/compile.log; exit 1; }
+	@# (setuptools copies a module it did not need to build again with its old time: it is built from these sources)
+	@touch writeback/*.so *.so $@
 
 # npm ci in fhirdev/ (Medplum's FHIR engine, Azurite, a Node 22 runtime), the same step the test fixtures take.
 $(NODE_STAMP): fhirdev/package.json fhirdev/package-lock.json $(STAMP)
@@ -36,8 +55,8 @@ typecheck: $(STAMP)
 
 # pip-audit fails the build on a known vulnerability. Where the vulnerability service cannot be reached
 # (a closed network), it audits nothing: that is said loudly, not mistaken for a clean result.
-audit: $(STAMP)
-	@$(PY) -m pip_audit --requirement requirements.txt --progress-spinner off > .audit.log 2>&1 \
+audit: $(STAMP) $(APP_DEPS)
+	@$(PY) -m pip_audit --requirement $(APP_DEPS) --progress-spinner off > .audit.log 2>&1 \
 		|| { cat .audit.log; exit 1; }
 	@if grep -q "could not be audited" .audit.log; then \
 		echo "pip-audit: WARNING: the vulnerability service was unreachable; $$(grep -c 'could not be audited' .audit.log) packages not audited"; \
@@ -61,4 +80,5 @@ bench: setup
 	@$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) .venv-checkov fhirdev/node_modules .mypy_cache .ruff_cache .pytest_cache build/worker
+	rm -rf $(VENV) .venv-checkov fhirdev/node_modules .mypy_cache .ruff_cache .pytest_cache build
+	rm -f writeback/*.so *.so

@@ -53,6 +53,7 @@ from typing import Any
 from bench.baseline import run_baseline
 from bench.corpus import generate
 from devtools.services import FhirDevServer, fhir_dev_server
+from writeback import build
 from writeback.auth import TokenProvider, fhir_tokens
 from writeback.bundles import Answer, BatchDelivery
 from writeback.collector import paused, settle_long_lived
@@ -674,6 +675,7 @@ async def main() -> dict[str, Any]:
     speed = python_speed_ms()
     log(f"cores: {os.cpu_count()}  python {sys.version.split()[0]}  load average {load()}  "
         f"fixed Python workload {speed:.0f} ms")
+    log(f"core: {build.core()} (setup.py: `make bench` compiles it first)")
     log("1. core path (parse → decide → map → validate → row facts → build the first requests), one core")
     scaling = {n: core(maps, n) for n in sorted({*CORE_SCALES, CORE_N})}
     headline = scaling[CORE_N]
@@ -744,6 +746,7 @@ async def main() -> dict[str, Any]:
         "e2e_cpu": cpu,
         "peak_rss_mb": round(peak, 1),
         "python_speed_ms": round(speed, 1),
+        "core_build": build.core().split()[0],
         "cores": os.cpu_count(),
         "load_avg_start": float(started_load),
         "load_avg_end": float(load()),

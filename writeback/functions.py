@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from writeback import build
 from writeback.collector import paused, settle_long_lived
 from writeback.decide import Decision
 from writeback.errors import WritebackError
@@ -282,6 +283,9 @@ class FunctionApp:
             raise
         pipeline = Pipeline(maps, settings, delivery, ledger, clock=self._clock)
         settle_long_lived()
+        # Which build runs (setup.py): the compiled core is a release's expected speed, the sources a slower one.
+        # (Its own logger: "writeback.function" carries the outcome records, one per message.)
+        logging.getLogger("writeback.build").info("writeback started: core %s", build.core())
         return Runtime(settings, maps, pipeline, [close_ledger, close_delivery])
 
     def retry_side(self) -> tuple[Settings, Scheduler | None, str]:

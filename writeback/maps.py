@@ -266,7 +266,8 @@ def _model_in(annotation: Any) -> Any:
     while stack:
         kind = stack.pop()
         if isinstance(kind, type) and issubclass(kind, FhirBase):
-            return kind.get_model_klass()
+            model: Any = kind  # (a `type` to a build that cannot see fhir.resources: setup.py)
+            return model.get_model_klass()
         stack.extend(typing.get_args(kind))
     return None
 

@@ -489,13 +489,11 @@ def _where(text: str, error: Exception) -> str:
     return f" at line {before.count(chr(10)) + 1} column {len(before) - before.rfind(chr(10))}"
 
 
-class _Head(msgspec.Struct):
-    """The members of a body's top level that name its row (`row_named`); the decoder skips the rest without
-    building it."""
-
-    PrimaryEntityName: Any = msgspec.UNSET
-    PrimaryEntityId: Any = msgspec.UNSET
-    MessageName: Any = msgspec.UNSET
+# The members of a body's top level that name its row (`row_named`); the decoder skips the rest without building
+# it. Made by `defstruct`, not a class statement: the compiled module (setup.py) would make a class statement a
+# native class, which msgspec's metaclass cannot be.
+_Head = msgspec.defstruct("_Head", [(name, Any, msgspec.UNSET)
+                                    for name in ("PrimaryEntityName", "PrimaryEntityId", "MessageName")])
 
 
 _HEAD = msgspec.json.Decoder(_Head, float_hook=Decimal)  # numbers as `_BODY` reads them (1e400 is no float)

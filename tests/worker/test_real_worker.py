@@ -147,6 +147,11 @@ def test_worker_indexes_invokes_and_settles_each_message(chain: toolchain.Toolch
     not_json = message(b"<Entity><Name>contact</Name></Entity>", content_type="application/xml")
     settled = invoke(emulated_host, function, [written, rejected, not_json])
 
+    # What ran is the core compiled by the app's own install (requirements.txt's `.`, as the remote build makes
+    # it), imported from the app's packages ahead of the sources in the app directory.
+    started = [line for line in emulated_host.logs if "writeback started: core" in line]
+    assert len(started) == 1, emulated_host.logs
+    assert f"core compiled ({chain.site_packages / 'writeback'})" in started[0], started
     assert settled[written.message_id] == Settlement("complete", str(written.lock_token))
     contact_type = settled[rejected.message_id]
     assert (contact_type.kind, contact_type.reason) == ("deadletter", "invalid-contact-type")
