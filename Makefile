@@ -14,7 +14,7 @@ COMPILED_STAMP := build/compiled.stamp
 # the packages the app needs. A checkout runs its own sources, compiled in place (`compile`), never an installed copy.
 APP_DEPS := build/requirements-deps.txt
 
-.PHONY: demo test setup compile lint typecheck audit unit worker-toolchain bench clean
+.PHONY: demo test setup compile lint typecheck audit unit worker-toolchain bench clean FORCE
 
 setup: $(STAMP) $(NODE_STAMP) $(COMPILED_STAMP)
 
@@ -26,18 +26,26 @@ $(STAMP): $(APP_DEPS) requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if (3, 11) <= sys.version_info[:2] <= (3, 13) else "Python 3.11 to 3.13 is required")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --quiet --disable-pip-version-check -r $(APP_DEPS) -r requirements-dev.txt
+	@# (a venv once made with `pip install -r requirements.txt` holds a copy of the app, imported ahead of the sources)
+	@$(PY) -m pip uninstall --quiet --disable-pip-version-check --yes dataverse-fhir-writeback 2>/dev/null || true
 	@touch $@
 
-# The pure core compiled by mypyc beside its sources (setup.py; about two minutes cold). Rebuilt when any source of
-# the package changes: the compiler reads the types of what the core imports too. `writeback.build` keeps a run
-# from using compiled modules older than their sources, if one starts without make.
+# The pure core compiled by mypyc beside its sources (setup.py; under a minute). Rebuilt when any source of the
+# package changes (the compiler reads the types of what the core imports too), or a compiled module is missing.
+# `writeback.build` keeps a run started without make from using compiled modules older than any source. Each
+# compiled module is dated at the build's start, so an edit made while it builds counts as not built.
 compile: $(COMPILED_STAMP)
 
-$(COMPILED_STAMP): setup.py pyproject.toml $(wildcard writeback/*.py) $(STAMP)
+$(COMPILED_STAMP): setup.py pyproject.toml $(wildcard writeback/*.py) $(STAMP) \
+		$(if $(or $(filter 0,$(WRITEBACK_COMPILE)),$(wildcard writeback/paths.*.so)),,FORCE)
 	@echo "compiling the core with mypyc (setup.py) ..."
+	@mkdir -p build && touch build/compile.start
+	@rm -f writeback/*.so *.so
 	@$(PY) setup.py --quiet build_ext --inplace > build/compile.log 2>&1 || { cat build/compile.log; exit 1; }
-	@# (setuptools copies a module it did not need to build again with its old time: it is built from these sources)
-	@touch writeback/*.so *.so $@
+	@for f in writeback/*.so *.so; do if [ -e "$$f" ]; then touch -r build/compile.start "$$f"; fi; done
+	@touch -r build/compile.start $@
+
+FORCE:
 
 # npm ci in fhirdev/ (Medplum's FHIR engine, Azurite, a Node 22 runtime), the same step the test fixtures take.
 $(NODE_STAMP): fhirdev/package.json fhirdev/package-lock.json $(STAMP)

@@ -3,9 +3,10 @@
 In a checkout, `make compile` puts the compiled modules beside their sources, and Python imports an extension
 module ahead of a source file of the same name. A source edited after the last build would then be silently not
 what runs: `guard` (called by the package's `__init__`, before any compiled module is imported) sends every
-compiled module of the package to its source instead, with a warning, when any source is newer than its compiled
-module. All of them, not only the edited one: compiled modules call each other directly, not through the module
-objects. An installed package (Azure's .python_packages) is built in one go from one set of sources: not checked.
+compiled module of the package to its source instead, with a warning, when any source of the package (or setup.py)
+is newer than the oldest compiled module. All of them, not only the edited one: compiled modules call each other
+directly, not through the module objects, and read the types of the modules they import. An installed package
+(Azure's .python_packages) is built in one go from one set of sources: not checked.
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ def _extensions(package: Path) -> dict[str, Path]:
 
 
 def stale(package: Path = PACKAGE) -> list[str]:
-    """In a checkout (setup.py beside the package): the compiled modules older than their sources."""
-    if not (package.parent / "setup.py").is_file():
+    """In a checkout (setup.py beside the package): the sources newer than the oldest compiled module, any source
+    of the package (the compiler read the types of what the core imports too) and setup.py."""
+    setup = package.parent / "setup.py"
+    extensions = _extensions(package)
+    if not setup.is_file() or not extensions:
         return []
-    return sorted(name for name, extension in _extensions(package).items()
-                  if (package / f"{name}.py").stat().st_mtime_ns > extension.stat().st_mtime_ns)
+    built = min(extension.stat().st_mtime_ns for extension in extensions.values())
+    return sorted(source.name for source in [setup, *package.glob("*.py")] if source.stat().st_mtime_ns > built)
 
 
 class _Sources:
