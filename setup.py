@@ -3,8 +3,8 @@
 The core (parse, decide, map, validate, converge) is plain functions over plain data, typed under `mypy --strict`:
 mypyc compiles exactly that into C extensions: about 28% fewer instructions per message on the benchmark's core path
 (README, Performance).
-The same sources stay importable as Python; `writeback/__init__.py` falls back to them in a checkout whose compiled
-modules are older than their sources.
+The same sources stay importable as Python; `writeback/__init__.py` falls back to them in a checkout where any
+source is newer than the compiled modules (`writeback.build`).
 
 Built twice, the same way:
 * in Azure, by the remote build: requirements.txt names this project (`.`), so `pip install -r requirements.txt`
