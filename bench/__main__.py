@@ -23,6 +23,9 @@
    correctness is part of the result.
 3. Scaling: core path and pipeline end to end at 100 … 10,000 messages.
 4. The baseline, last (peak memory is taken before it: see `main`).
+5. A remote FHIR service: the pipeline end to end with BENCH_REMOTE_MS (50) ms added before each request
+   (`DistantClient`), as a service in another building or region answers. On loopback the server's CPU bounds a
+   run; at a distance, how many round trips one after the other a batch needs does. Reported, no floor.
 
 Each end-to-end run also prints the CPU seconds this process and the server used, and the medians give the
 shortest a pipeline run could take on this machine's cores (`cpu_budget`): the highest ratio to the ceiling the
@@ -49,6 +52,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+import httpx
 
 from bench.baseline import run_baseline
 from bench.corpus import generate
@@ -82,6 +87,7 @@ CORE_SCALES = (100, 1000, 10000)
 CORE_FLOOR = 2000  # msgs/s on the core path (the product's floor)
 E2E_FLOOR = 0.90  # end to end, of the server's ceiling measured in the same run
 E2E_SCALES = (100, 1000, 10000)
+REMOTE_SECONDS = int(os.environ.get("BENCH_REMOTE_MS", "50")) / 1000
 
 
 def log(text: str) -> None:
@@ -336,13 +342,27 @@ class RecordingDelivery(BatchDelivery):
         return out
 
 
+class DistantClient(FhirClient):
+    """A stand-in for distance, not for the server: every request waits `latency` seconds before it is sent to
+    the dev server on loopback, as one to a FHIR service elsewhere waits for the network."""
+
+    latency = 0.0
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        await asyncio.sleep(self.latency)
+        return await super().request(method, path, **kwargs)
+
+
 async def run_pipeline(maps: MapSet, server: FhirDevServer, envelopes: list[Envelope],
-                       record: bool = False) -> tuple[Timing, list[Result], Recording | None]:
+                       record: bool = False, latency: float = 0.0) -> tuple[Timing, list[Result], Recording | None]:
     settings = settings_for(server)
     http = new_http_client(settings)
     tokens = await _tokens(settings)
     try:
         client = FhirClient(settings.fhir_url, http, tokens, settings)
+        if latency:
+            client = DistantClient(settings.fhir_url, http, tokens, settings)
+            client.latency = latency
         delivery = RecordingDelivery(client) if record else BatchDelivery(client)
         pipeline = Pipeline(maps, settings, delivery)
         forget()  # each run starts as a new process would: the same corpus again must not find its items known
@@ -566,8 +586,10 @@ def _check_row(row: Row, answer: Answer | WritebackError) -> list[str]:
     return [] if held == newest else [f"{what}: its item holds version {held}, not the newest {newest}"]
 
 
-async def e2e(maps: MapSet, kind: str, envelopes: list[Envelope], recording: Recording | None = None) -> Run:
-    """One run on a fresh server; `kind` pipeline, baseline or ceiling (which replays `recording`)."""
+async def e2e(maps: MapSet, kind: str, envelopes: list[Envelope], recording: Recording | None = None,
+              latency: float = 0.0) -> Run:
+    """One run on a fresh server; `kind` pipeline, baseline or ceiling (which replays `recording`); `latency`,
+    seconds before each of the pipeline's requests (`DistantClient`)."""
     with fhir_dev_server() as server:
         problems: list[str] = []
         states = ""
@@ -581,7 +603,7 @@ async def e2e(maps: MapSet, kind: str, envelopes: list[Envelope], recording: Rec
                 problems.append(f"{len(versions)} of {recording.writes} recorded writes made")
         else:
             if kind == "pipeline":
-                cpu, results, _ = await run_pipeline(maps, server, envelopes)
+                cpu, results, _ = await run_pipeline(maps, server, envelopes, latency=latency)
                 seconds, invocation = cpu.seconds, INVOCATION
             else:
                 seconds, results = await run_baseline_timed(maps, server, envelopes)
@@ -721,7 +743,10 @@ async def main() -> dict[str, Any]:
     baseline = await e2e(maps, "baseline", envelopes)
     log(f"  pipeline / baseline = {pipeline.msgs_per_s / baseline.msgs_per_s:.1f} times")
 
-    runs = [recorded, *pipelines, baseline, *ceilings, *e2e_scaling.values()]
+    log(f"5. a remote FHIR service ({REMOTE_SECONDS * 1000:.0f} ms before each request), {E2E_N} messages")
+    distant = await e2e(maps, "pipeline", envelopes, latency=REMOTE_SECONDS)
+
+    runs = [recorded, *pipelines, baseline, *ceilings, *e2e_scaling.values(), distant]
     return {
         "pipeline_msgs_per_s": round(headline["msgs_per_s"], 1),
         "pipeline_messages": CORE_N,
@@ -743,6 +768,8 @@ async def main() -> dict[str, Any]:
         "verified_runs": {r.name + ("" if r.messages == E2E_N else f"_{r.messages}"): all(
             o.verified for o in runs if (o.name, o.messages) == (r.name, r.messages)) for r in runs},
         "e2e_runs": REPEATS,
+        "remote": {"latency_ms": round(REMOTE_SECONDS * 1000), "msgs_per_s": round(distant.msgs_per_s, 1),
+                   "seconds": round(distant.seconds, 2), "verified": distant.verified},
         "e2e_cpu": cpu,
         "peak_rss_mb": round(peak, 1),
         "python_speed_ms": round(speed, 1),

@@ -10,10 +10,12 @@ from typing import Any
 
 import httpx
 
+import writeback.pipeline as pipeline_module
 from devtools.faults import Fault
 from devtools.messages import Choice, Lookup, context, inside
 from tests.delivery.conftest import Fhir, Rig, create_message, identifier_message, new_patient, update_message
 from writeback.bundles import BatchDelivery, waves
+from writeback.decide import resource_id
 from writeback.pipeline import Envelope, Pipeline, Result
 from writeback.reasons import Reason
 
@@ -399,3 +401,47 @@ async def test_a_rows_changes_that_cannot_be_ordered_by_version_are_written_in_t
     assert [r.state for r in results] == ["written", "written"], [r.detail for r in results]
     (patient,) = fhir.search(f"Patient?identifier=urn:dataverse:contact|{row_id}")
     assert patient["name"][0]["family"] == "Newer"
+
+
+async def test_a_slice_holds_back_only_the_messages_that_share_a_resource_with_a_flight_still_writing(
+        rig_factory: Callable[..., Rig], fhir: Fhir, monkeypatch: Any):
+    """A batch is written in flights, one per planned slice. The MRN of a patient whose Create an earlier flight is
+    still writing waits for that flight; a patient of the same slice that shares nothing with it does not. Before,
+    the whole slice waited: a patient's messages straddle two slices in almost every batch, so once a batch was
+    planned its flights went one after the other, a server round trip each. The first flight's write is held at the
+    server's door until the unrelated patient's write has arrived there: with the whole slice waiting, it never
+    would (the hold gives up after 10 s, and says so)."""
+    monkeypatch.setattr(pipeline_module, "PLAN_SLICE", 2)
+    rig, pipeline = _batch_rig(rig_factory)
+    first_id, first = new_patient(lastname="Firstflight")
+    other_id, other = new_patient()
+    unrelated_id, unrelated = new_patient(lastname="Unrelated")
+    mrn = identifier_message(first_id, "MRN-31415")
+    bodies: list[dict[str, Any] | str] = [create_message(first_id, first), create_message(other_id, other), mrn,
+                                          create_message(unrelated_id, unrelated)]
+    first_url = f"Patient/{resource_id('contact', first_id)}"
+    unrelated_url = f"Patient/{resource_id('contact', unrelated_id)}"
+    unrelated_sent = asyncio.Event()
+    held: list[str] = []
+
+    async def hold(request: httpx.Request) -> None:
+        puts = {e["request"]["url"] for e in json.loads(request.content).get("entry", [])
+                if e["request"]["method"] == "PUT"}
+        if unrelated_url in puts:
+            unrelated_sent.set()
+        if first_url in puts and not held:
+            try:
+                await asyncio.wait_for(unrelated_sent.wait(), 10)
+                held.append("released by the unrelated patient's write")
+            except TimeoutError:
+                held.append("timed out: the unrelated patient waited for the first flight")
+
+    rig.transport.add(Fault(method="POST", path_endswith="/R4", times=-1, before=hold))
+    results = await _send_many(pipeline, bodies)
+
+    assert held == ["released by the unrelated patient's write"]
+    assert [r.state for r in results] == ["written"] * 4
+    # The held message still came after the write it waited for: the MRN is on the patient, beside nothing else.
+    patient = fhir.get(first_url)
+    assert [i["value"] for i in patient.get("identifier", []) if i.get("value") == "MRN-31415"] == ["MRN-31415"]
+    assert fhir.get(unrelated_url)["name"][0]["family"] == "Unrelated"
