@@ -386,9 +386,10 @@ class _Batch:
     first_of: dict[str, int] = field(default_factory=dict)
     copies: list[tuple[int, int]] = field(default_factory=list)
     memo: dict[Any, Any] = field(default_factory=dict)
-    # The resources being written, each with the event its last flight sets once they are: a flight that
-    # writes one of them waits for it (a create before the writes into it, no two writes racing each other).
-    busy: dict[tuple[str, str, str], asyncio.Event] = field(default_factory=dict)
+    # The resources being written (by row identifier: system, value), each with the event its last flight sets
+    # once they are: a flight that writes or refers to one of them waits for it (a resource made before the writes
+    # into it and the references to it, no two writes racing each other).
+    busy: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
 
 
 @dataclass
@@ -426,9 +427,11 @@ def _of_child_row(plan: WritePlan) -> bool:
     return not isinstance(plan.writes[0].edit, RowEdit)
 
 
-def _resources(plan: WritePlan) -> set[tuple[str, str, str]]:
-    """The resources a plan writes, by the row identifier they are found by (known before its facts are read)."""
-    return {(w.target.resource_type, w.target.identifier_system, w.target.identifier_value) for w in plan.writes}
+def _resources(plan: WritePlan) -> set[tuple[str, str]]:
+    """The resources a plan writes, by the row identifier they are found by (as its plan knows it before its facts
+    are read: the value is empty where only they will tell, a child row's parent named by no column of the
+    message)."""
+    return {(w.target.identifier_system, w.target.identifier_value) for w in plan.writes}
 
 
 class Pipeline:
@@ -639,18 +642,26 @@ class Pipeline:
 
     def _dispatch(self, batch: _Batch, indexes: list[int]) -> list[asyncio.Task[None]]:
         """Start writing the messages at `indexes` (whole rows, their facts whole in the batch) in up to two
-        flights: those that share a resource, or a referred create, with a flight still writing wait for it; the
-        rest go at once. (One flight for the slice made all of it wait whenever one message did: a patient's
-        messages straddle two slices in almost every batch, so once a batch was planned its flights went one after
-        the other, a round trip each. Against a server 100 ms away a batch of 1,000 took twice as long.)"""
-        keys: dict[int, set[tuple[str, str, str]]] = {}
+        flights: those that write, or refer to, a row's resource a flight is still writing wait for it; the rest
+        go at once. (One flight for the slice made all of it wait whenever one message did: a patient's messages
+        straddle two slices in almost every batch, so once a batch was planned its flights went one after the
+        other, a round trip each. Against a server 100 ms away a batch of 1,000 took twice as long.)"""
+        keys: dict[int, set[tuple[str, str]]] = {}
+        unsure: set[int] = set()
         for i in indexes:
             plan = self._plan_of(batch, i)
-            keys[i] = _resources(plan) | {(ref.resource_type, ref.system, ref.row_id) for ref in plan.refs
-                                          if (ref.table, ref.row_id) in batch.created}
-        held = {i for i in indexes if any(not batch.busy[key].is_set() for key in keys[i] if key in batch.busy)}
-        # Whatever shares a resource or a referred create with a held message is held with it: one flight keeps
-        # their order (a create before the writes into it and the references to it, `BatchDelivery`'s waves).
+            own = _resources(plan)
+            if any(not value for _, value in own):
+                unsure.add(i)  # (its resource is known once its facts are read: a child row's parent, say)
+            # By the row identifier, whatever the type: a row is one resource, and a reference waits for any write
+            # of it, a Create's or an Update's (the first write of a row may be an Update's). And the message's
+            # own row: its messages stay in one flight, in order, whatever their plans know of their resource.
+            keys[i] = own | {(ref.system, ref.row_id) for ref in plan.refs} \
+                | {(plan.source.row_system, plan.source.record_id)}
+        unfinished = {key: event for key, event in batch.busy.items() if not event.is_set()}
+        held = set() if not unfinished else unsure | {i for i in indexes if not keys[i].isdisjoint(unfinished)}
+        # Whatever shares a key with a held message is held with it: one flight keeps their order (a create before
+        # the writes into it and the references to it, `BatchDelivery`'s waves).
         grew = bool(held)
         while grew:
             touched = {key for i in held for key in keys[i]}
@@ -661,8 +672,9 @@ class Pipeline:
         for group in ([i for i in indexes if i in held], [i for i in indexes if i not in held]):
             if not group:
                 continue
-            mine = {key for i in group for key in keys[i]}
-            after = {batch.busy[key] for key in mine if key in batch.busy and not batch.busy[key].is_set()}
+            # One that cannot tell its resource yet waits for every flight still writing.
+            after = set(unfinished.values()) if unsure.intersection(group) else \
+                {unfinished[key] for i in group for key in keys[i] if key in unfinished}
             landed = asyncio.Event()
             batch.busy.update(dict.fromkeys((key for i in group for key in _resources(self._plan_of(batch, i))),
                                             landed))

@@ -139,3 +139,12 @@ def identifier_message(parent: str, value: str, version: int = 1) -> dict[str, A
     row = {"msemr_medicalidentifierid": row_id, "msemr_assignee": Lookup("contact", parent),
            "msemr_identifiersystem": "urn:oid:2.16.840.1.113883.4.1", "msemr_value": value, "versionnumber": version}
     return context("Create", "msemr_medicalidentifier", row_id, row, post=row)
+
+
+def encounter_message(patient_id: str) -> tuple[str, dict[str, Any]]:
+    """A visit's Create, its subject the patient row `patient_id`."""
+    encounter_id = new_patient()[0]
+    row = {"msemr_encounterid": encounter_id, "msemr_encounterstatus": Choice(935000003),
+           "msemr_encounterclass": Choice(935000001), "msemr_subjectpatient": Lookup("contact", patient_id),
+           "versionnumber": 20}
+    return encounter_id, context("Create", "msemr_encounter", encounter_id, row, post=row)

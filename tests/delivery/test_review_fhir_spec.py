@@ -11,8 +11,7 @@ from typing import Any
 import httpx
 
 from devtools.faults import EntryFault
-from devtools.messages import Choice, Lookup, context
-from tests.delivery.conftest import Fhir, Rig, create_message, new_patient, update_message
+from tests.delivery.conftest import Fhir, Rig, create_message, encounter_message, new_patient, update_message
 from writeback.bundles import BatchDelivery
 from writeback.maps import load_maps
 from writeback.pipeline import Envelope, Pipeline, Result
@@ -22,14 +21,6 @@ from writeback.settings import DEFAULT_MAPS_DIR
 
 async def _send_many(pipeline: Pipeline, bodies: list[dict[str, Any]]) -> list[Result]:
     return await pipeline.process_many([Envelope(json.dumps(b).encode()) for b in bodies])
-
-
-def _encounter_of(patient_id: str) -> tuple[str, dict[str, Any]]:
-    encounter_id = new_patient()[0]
-    row = {"msemr_encounterid": encounter_id, "msemr_encounterstatus": Choice(935000003),
-           "msemr_encounterclass": Choice(935000001), "msemr_subjectpatient": Lookup("contact", patient_id),
-           "versionnumber": 20}
-    return encounter_id, context("Create", "msemr_encounter", encounter_id, row, post=row)
 
 
 async def test_requests_declare_their_utf8_charset_in_content_type(rig: Rig):
@@ -64,7 +55,7 @@ async def test_a_reference_is_not_sent_in_the_batch_that_creates_its_target(rig_
     rig = rig_factory()
     pipeline = Pipeline(rig.pipeline.maps, rig.settings, BatchDelivery(rig.client))
     patient_id, patient = new_patient(lastname="Refusedbyprofile")
-    encounter_id, encounter = _encounter_of(patient_id)
+    encounter_id, encounter = encounter_message(patient_id)
     rig.transport.add_entry(EntryFault(method="PUT", url_contains="Patient/", status=422, times=-1, outcome={
         "resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invariant"}]}))
     results = await _send_many(pipeline, [create_message(patient_id, patient), encounter])
@@ -88,7 +79,7 @@ async def test_a_visit_new_with_its_patient_goes_in_a_bundle_after_the_patients_
     rig = rig_factory()
     pipeline = Pipeline(rig.pipeline.maps, rig.settings, BatchDelivery(rig.client))
     patient_id, patient = new_patient(lastname="Adeyemi")
-    encounter_id, encounter = _encounter_of(patient_id)
+    encounter_id, encounter = encounter_message(patient_id)
     results = await _send_many(pipeline, [encounter, create_message(patient_id, patient)])
 
     assert [r.state for r in results] == ["written", "written"], [r.detail for r in results]
