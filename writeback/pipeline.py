@@ -647,17 +647,21 @@ class Pipeline:
         straddle two slices in almost every batch, so once a batch was planned its flights went one after the
         other, a round trip each. Against a server 100 ms away a batch of 1,000 took twice as long.)"""
         keys: dict[int, set[tuple[str, str]]] = {}
+        writes: dict[int, set[tuple[str, str]]] = {}
         unsure: set[int] = set()
         for i in indexes:
-            plan = self._plan_of(batch, i)
-            own = _resources(plan)
-            if any(not value for _, value in own):
+            decision = batch.decisions[i]
+            # Every plan the message may still turn out to be (a step without the type column: one per type,
+            # `resolve` picks one by the row's facts), each with its own resource and lookups.
+            plans = [self._plan_of(batch, i), *(d.plan for d in decision.alternatives.values() if d.plan)]
+            writes[i] = {key for plan in plans for key in _resources(plan)}
+            if any(not value for _, value in writes[i]):
                 unsure.add(i)  # (its resource is known once its facts are read: a child row's parent, say)
             # By the row identifier, whatever the type: a row is one resource, and a reference waits for any write
             # of it, a Create's or an Update's (the first write of a row may be an Update's). And the message's
             # own row: its messages stay in one flight, in order, whatever their plans know of their resource.
-            keys[i] = own | {(ref.system, ref.row_id) for ref in plan.refs} \
-                | {(plan.source.row_system, plan.source.record_id)}
+            keys[i] = writes[i] | {(ref.system, ref.row_id) for plan in plans for ref in plan.refs} \
+                | {(plans[0].source.row_system, plans[0].source.record_id)}
         unfinished = {key: event for key, event in batch.busy.items() if not event.is_set()}
         held = set() if not unfinished else unsure | {i for i in indexes if not keys[i].isdisjoint(unfinished)}
         # Whatever shares a key with a held message is held with it: one flight keeps their order (a create before
@@ -668,16 +672,18 @@ class Pipeline:
             more = {i for i in indexes if i not in held and not touched.isdisjoint(keys[i])}
             held |= more
             grew = bool(more)
-        flights = []
-        for group in ([i for i in indexes if i in held], [i for i in indexes if i not in held]):
+        flights: list[asyncio.Task[None]] = []
+        started: set[asyncio.Event] = set()
+        for group in ([i for i in indexes if i not in held], [i for i in indexes if i in held]):
             if not group:
                 continue
-            # One that cannot tell its resource yet waits for every flight still writing.
-            after = set(unfinished.values()) if unsure.intersection(group) else \
+            # One that cannot tell its resource yet waits for every flight still writing, the slice's other one
+            # included.
+            after = {*unfinished.values(), *started} if unsure.intersection(group) else \
                 {unfinished[key] for i in group for key in keys[i] if key in unfinished}
             landed = asyncio.Event()
-            batch.busy.update(dict.fromkeys((key for i in group for key in _resources(self._plan_of(batch, i))),
-                                            landed))
+            started.add(landed)
+            batch.busy.update(dict.fromkeys((key for i in group for key in writes[i]), landed))
             flights.append(asyncio.create_task(self._fly(batch, group, after, landed)))
         return flights
 
