@@ -30,7 +30,7 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,11 +211,12 @@ class BatchDelivery:
         return outcome
 
     async def deliver_many(self, plans: Sequence[WritePlan], memo: dict[Any, Any] | None = None,
-                           leases: Leases | None = None, landed: asyncio.Event | None = None,
+                           leases: Leases | None = None, landed: Callable[[list[bool]], None] | None = None,
                            ) -> list[Delivered | WritebackError]:
         """One outcome per plan, in order. `memo` carries the copies read and written across the calls of one
-        batch (`Pipeline.process_many`); `leases` are the ledger's when the caller has one; `landed` is set once
-        every resource is written (the Provenance records may still be on their way)."""
+        batch (`Pipeline.process_many`); `leases` are the ledger's when the caller has one; `landed` is called once
+        every resource is written (the Provenance records may still be on their way), with, per plan, whether a
+        write of it failed: a Create that failed made nothing, which what waits for it must know."""
         batch = _Batch({} if memo is None else memo.setdefault(_COPIES, {}), leases=leases or self.leases,
                        reads={} if memo is None else memo.setdefault(_READS, {}))
         jobs = [_Job(i, plan, write.target, write.edit) for i, plan in enumerate(plans) for write in plan.writes]
@@ -233,7 +234,10 @@ class BatchDelivery:
                 # A Provenance changes no resource a later wave touches: it goes out alongside that wave.
                 provenances.append(asyncio.create_task(self._provenance(done)))
             if landed is not None:
-                landed.set()
+                failed = [False] * len(plans)
+                for job in jobs:
+                    failed[job.plan_index] |= isinstance(job.outcome, WritebackError)
+                landed(failed)
         except BaseException:
             # Stopped (the invocation's deadline): nothing goes on past it. A version written without its
             # Provenance is healed when the message is tried again.

@@ -818,7 +818,17 @@ class Pipeline:
         if self.ledger is not None:
             writes = await self._admit(batch.envelopes, decisions, results, writes)
         plans = [decisions[i].plan for i in writes]
-        delivered = await self._deliver([p for p in plans if p is not None], batch.memo, landed)
+
+        def written(failed: list[bool]) -> None:
+            """The resources are written: a failed Create is off the batch's list of rows it creates before the
+            flights waiting for it go on (found by review: a visit named the id of its patient's failed Create)."""
+            for i, bad in zip(writes, failed, strict=True):
+                if bad and i in batch.creates and (row := _source_row(decisions[i])) is not None:
+                    batch.created.discard(row)
+            if landed is not None:
+                landed.set()
+
+        delivered = await self._deliver([p for p in plans if p is not None], batch.memo, written)
         for i, outcome in zip(writes, delivered, strict=True):
             decision = decisions[i]
             if isinstance(outcome, WritebackError):
@@ -997,7 +1007,7 @@ class Pipeline:
         return [i for i in writes if results[i] is None]
 
     async def _deliver(self, plans: list[WritePlan], memo: dict[Any, Any],
-                       landed: asyncio.Event | None = None) -> list[Delivered | WritebackError]:
+                       landed: Callable[[list[bool]], None] | None = None) -> list[Delivered | WritebackError]:
         if not plans:
             return []
         delivery = self.delivery
@@ -1014,7 +1024,10 @@ class Pipeline:
             except WritebackError as exc:
                 return exc
 
-        return await _bounded(self._slots, [one(plan) for plan in plans])
+        outcomes = await _bounded(self._slots, [one(plan) for plan in plans])
+        if landed is not None:
+            landed([isinstance(outcome, WritebackError) for outcome in outcomes])
+        return outcomes
 
     async def _record(self, envelope: Envelope, result: Result) -> Result:
         assert self.ledger is not None

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 import writeback.pipeline as pipeline_module
-from devtools.faults import Fault
+from devtools.faults import EntryFault, Fault
 from devtools.messages import Choice, Lookup, context, inside
 from tests.delivery.conftest import (
     Fhir,
@@ -522,3 +522,32 @@ async def test_a_child_rows_saves_stay_in_one_flight_in_order_when_one_cannot_na
     values = [i["value"] for i in fhir.get(patient_url).get("identifier", [])
               if i.get("system") == "urn:oid:2.16.840.1.113883.4.1"]
     assert values == ["MRN-2"]
+
+
+async def test_a_visit_to_a_patient_whose_create_an_earlier_flight_fails_never_names_the_id_it_would_have_had(
+        rig_factory: Callable[..., Rig], fhir: Fhir, monkeypatch: Any):
+    """A patient's Create in one slice, refused by the server; a visit of that patient in the next slice waits for
+    the flight writing the patient. It must then know the Create made nothing: before, the flight was done as soon
+    as its resources were answered, and the visit, resolved before the failed Create was taken off the batch's
+    list of rows it creates, referred to `Patient/<the id the Create would have made>`, a resource that is not
+    there (docs/reliability.md listed it under "What remains"). The other patient's bundle is held for half a
+    second at the server's door, so the visit's slice is planned while that flight is still writing."""
+    monkeypatch.setattr(pipeline_module, "PLAN_SLICE", 2)
+    rig, pipeline = _batch_rig(rig_factory)
+    patient_id, patient = new_patient()
+    filler_id, filler = new_patient()
+    encounter_id, encounter = encounter_message(patient_id)
+    bodies: list[dict[str, Any] | str] = [create_message(patient_id, patient), create_message(filler_id, filler),
+                                          encounter, create_message(*new_patient())]
+    patient_url = f"Patient/{resource_id('contact', patient_id)}"
+    refusal = {"resourceType": "OperationOutcome",
+               "issue": [{"severity": "error", "code": "invariant", "expression": ["Patient.name"]}]}
+    rig.transport.add_entry(EntryFault(method="PUT", url_contains=patient_url, status=422, outcome=refusal, times=-1))
+    filler_url = f"Patient/{resource_id('contact', filler_id)}"
+    rig.transport.add(Fault(method="POST", path_endswith="/R4", times=-1, before=_slow_write_of(filler_url, 0.5)))
+    results = await _send_many(pipeline, bodies)
+
+    assert (results[0].state, results[0].reason) == ("dead-lettered", Reason.FHIR_REJECTED)
+    assert (results[2].reason, results[2].state) == (Reason.TARGET_PENDING, "retry"), results[2].detail
+    assert fhir.search(f"Encounter?identifier=urn:dataverse:msemr_encounter|{encounter_id}") == []
+    assert [r.state for r in (results[1], results[3])] == ["written", "written"]
