@@ -426,6 +426,23 @@ def remembered_gates(decision: Decision, facts: Mapping[RowKey, RowFacts], maps:
     return ((table, own.parent),) if table else ()
 
 
+def remembered_gate_table(plan: WritePlan, maps: MapSet) -> str | None:
+    """The table of the patient a Target-only change whose message does not name that patient obeys the consent
+    of (`remembered_gates`, which the row's facts name); else None. Which row it is, only the facts read in its
+    flight tell: until then, any of that table's rows may be it."""
+    if plan.gates or plan.full:
+        return None
+    entity_map = maps.get(plan.source.table)
+    if entity_map is None:
+        return None
+    if _parent_from_facts(plan):  # a child row's: its parent patient
+        parent_map = maps.get(plan.target.table)
+        return plan.target.table if parent_map is not None and parent_map.consent_types else None
+    if not isinstance(plan.writes[0].edit, RowEdit):
+        return None
+    return next((t for t in (gate_table(a, maps) for a in entity_map.attributes) if t is not None), None)
+
+
 # A lookup to a row not written yet (an Observation processed before its Encounter's Create, which Service Bus does
 # not order) whose resource a search does not find waits this many retries (`target-pending`) before the reference
 # is made by identifier only, the last resort: that reference would stay so until the row is saved again. Retries

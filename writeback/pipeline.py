@@ -33,6 +33,7 @@ from writeback.facts import (
     facts_of,
     inherited_gate_table,
     merged,
+    remembered_gate_table,
     resolve,
 )
 from writeback.immutable import evolve, immutable
@@ -538,11 +539,15 @@ class Pipeline:
                         needs = {key for i in mine for key in self._plan_of(batch, i).needs}
                         last = max((rows.last.get(key, -1) for key in needs), default=-1)
                         # A child row of a visit obeys the consent of a patient only the visit's facts name (read
-                        # in its flight): it waits for every message of that table in the batch (found by review:
+                        # in its flight), a save that does not name its patient the consent of the one its row's
+                        # facts do: it waits for every message of that table in the batch (found by review:
                         # planned before a withdrawal later in the batch, it was written).
                         for i in mine:
-                            if (table := inherited_gate_table(self._plan_of(batch, i), self.maps)) is not None:
-                                last = max(last, rows.last_of_table.get(table, -1))
+                            plan = self._plan_of(batch, i)
+                            for table in (inherited_gate_table(plan, self.maps),
+                                          remembered_gate_table(plan, self.maps)):
+                                if table is not None:
+                                    last = max(last, rows.last_of_table.get(table, -1))
                         heappush(waiting, (last, mine[0], mine))
                 while waiting and waiting[0][0] <= index:
                     ready += heappop(waiting)[2]
