@@ -720,6 +720,8 @@ class Pipeline:
             except WritebackError as exc:
                 for i in indexes:
                     batch.results[i] = result_for(batch.decisions[i], exc.reason, exc.detail)
+                    if (row := _source_row(batch.decisions[i])) is not None:
+                        batch.created.discard(row)  # (made nothing: the flights after it must not name its id)
                 return
             batch.stored.update(stored)
             await asyncio.gather(*(event.wait() for event in after))
@@ -821,14 +823,20 @@ class Pipeline:
         """Admit (ledger) and deliver `writes`; fill their results and the facts learned."""
         decisions, results = batch.decisions, batch.results
         if self.ledger is not None:
-            writes = await self._admit(batch.envelopes, decisions, results, writes)
+            admitted = await self._admit(batch.envelopes, decisions, results, writes)
+            for i in set(writes) - set(admitted):
+                result = results[i]
+                if result is not None and result.state != "skipped" and (row := _source_row(decisions[i])):
+                    batch.created.discard(row)  # (not sent: made nothing)
+            writes = admitted
         plans = [decisions[i].plan for i in writes]
 
         def written(failed: list[bool]) -> None:
             """The resources are written: a failed Create is off the batch's list of rows it creates before the
             flights waiting for it go on (found by review: a visit named the id of its patient's failed Create)."""
             for i, bad in zip(writes, failed, strict=True):
-                if bad and i in batch.creates and (row := _source_row(decisions[i])) is not None:
+                # (not only the Create's own message: a newer whole-row save of the row, in its place, makes it)
+                if bad and (row := _source_row(decisions[i])) is not None:
                     batch.created.discard(row)
             if landed is not None:
                 landed.set()
@@ -840,7 +848,7 @@ class Pipeline:
                 results[i] = result_for(decision, outcome.reason, outcome.detail)
                 if isinstance(outcome, TargetGone):
                     batch.learned.append(RowFacts(*outcome.row, gone=outcome.reference))
-                if i in batch.creates and (row := _source_row(decision)) is not None:
+                if (row := _source_row(decision)) is not None:
                     batch.created.discard(row)  # (made nothing: the flights after it must not name its id)
                 if outcome.reason is Reason.TARGET_PENDING and decision.plan is not None \
                         and decision.plan.awaits_earlier:

@@ -24,6 +24,8 @@ from tests.delivery.conftest import (
 )
 from writeback.bundles import BatchDelivery, waves
 from writeback.decide import resource_id
+from writeback.errors import WritebackError
+from writeback.leases import LocalLeases
 from writeback.pipeline import Envelope, Pipeline, Result
 from writeback.reasons import Reason
 
@@ -524,6 +526,19 @@ async def test_a_child_rows_saves_stay_in_one_flight_in_order_when_one_cannot_na
     assert values == ["MRN-2"]
 
 
+def _refuse_the_create_of(rig: Rig, patient_id: str, *, holding: str) -> str:
+    """The server refuses every write of the patient (422), and the bundle writing the patient `holding` is held
+    for half a second at its door, so that the next slice is planned while that flight is still writing. Returns
+    the patient's `Type/id`."""
+    patient_url = f"Patient/{resource_id('contact', patient_id)}"
+    refusal = {"resourceType": "OperationOutcome",
+               "issue": [{"severity": "error", "code": "invariant", "expression": ["Patient.name"]}]}
+    rig.transport.add_entry(EntryFault(method="PUT", url_contains=patient_url, status=422, outcome=refusal, times=-1))
+    held = f"Patient/{resource_id('contact', holding)}"
+    rig.transport.add(Fault(method="POST", path_endswith="/R4", times=-1, before=_slow_write_of(held, 0.5)))
+    return patient_url
+
+
 async def test_a_visit_to_a_patient_whose_create_an_earlier_flight_fails_never_names_the_id_it_would_have_had(
         rig_factory: Callable[..., Rig], fhir: Fhir, monkeypatch: Any):
     """A patient's Create in one slice, refused by the server; a visit of that patient in the next slice waits for
@@ -539,15 +554,125 @@ async def test_a_visit_to_a_patient_whose_create_an_earlier_flight_fails_never_n
     encounter_id, encounter = encounter_message(patient_id)
     bodies: list[dict[str, Any] | str] = [create_message(patient_id, patient), create_message(filler_id, filler),
                                           encounter, create_message(*new_patient())]
-    patient_url = f"Patient/{resource_id('contact', patient_id)}"
-    refusal = {"resourceType": "OperationOutcome",
-               "issue": [{"severity": "error", "code": "invariant", "expression": ["Patient.name"]}]}
-    rig.transport.add_entry(EntryFault(method="PUT", url_contains=patient_url, status=422, outcome=refusal, times=-1))
-    filler_url = f"Patient/{resource_id('contact', filler_id)}"
-    rig.transport.add(Fault(method="POST", path_endswith="/R4", times=-1, before=_slow_write_of(filler_url, 0.5)))
+    _refuse_the_create_of(rig, patient_id, holding=filler_id)
     results = await _send_many(pipeline, bodies)
 
     assert (results[0].state, results[0].reason) == ("dead-lettered", Reason.FHIR_REJECTED)
     assert (results[2].reason, results[2].state) == (Reason.TARGET_PENDING, "retry"), results[2].detail
     assert fhir.search(f"Encounter?identifier=urn:dataverse:msemr_encounter|{encounter_id}") == []
     assert [r.state for r in (results[1], results[3])] == ["written", "written"]
+
+
+async def test_a_visit_to_a_patient_whose_create_and_newer_update_an_earlier_flight_fails_never_names_its_id(
+        rig_factory: Callable[..., Rig], fhir: Fhir, monkeypatch: Any):
+    """As above, with the patient's Create followed by an Update (with images) of it in the same slice: the Update
+    is the newest whole-row change, the Create is set aside `stale`, and the Update's write is the one that would
+    create the resource. Refused, it is not the message that is a Create (`batch.creates`), so the row stays on
+    the batch's list of rows it creates: the visit in the next flight must still not name the id."""
+    monkeypatch.setattr(pipeline_module, "PLAN_SLICE", 3)
+    rig, pipeline = _batch_rig(rig_factory)
+    patient_id, patient = new_patient()
+    filler_id, filler = new_patient()
+    encounter_id, encounter = encounter_message(patient_id)
+    bodies: list[dict[str, Any] | str] = [
+        create_message(patient_id, patient),
+        update_message(patient_id, patient, {"telephone1": "+1 555 0999", "versionnumber": 11}),
+        create_message(filler_id, filler), encounter, create_message(*new_patient())]
+    patient_url = _refuse_the_create_of(rig, patient_id, holding=filler_id)
+    results = await _send_many(pipeline, bodies)
+
+    assert (results[0].state, results[0].reason) == ("skipped", Reason.STALE), results[0].detail
+    assert (results[1].state, results[1].reason) == ("dead-lettered", Reason.FHIR_REJECTED), results[1].detail
+    assert fhir.search(f"Encounter?identifier=urn:dataverse:msemr_encounter|{encounter_id}") == [], \
+        f"the visit ended {results[3].state} {results[3].reason}, referring to {patient_url}, which is not there"
+    assert (results[3].reason, results[3].state) == (Reason.TARGET_PENDING, "retry"), results[3].detail
+
+
+class _FactsDownFor:
+    """A stand-in for the Table Storage ledger (`OutcomeStore`), kept in memory, whose row-state read fails for one
+    row: that row's partition busy (`OutcomeStore.facts` reads row by row, and one failure fails the read), a fault
+    of one partition that Azurite cannot be told to make."""
+
+    def __init__(self, row: tuple[str, str]) -> None:
+        self.row, self.leases = row, LocalLeases()
+        self.kept: dict[Any, Any] = {}
+
+    async def seen(self, message_key: str) -> None:
+        return None
+
+    async def claim(self, plan: Any) -> frozenset[str]:
+        return frozenset()
+
+    async def facts(self, rows: Any) -> dict[Any, Any]:
+        rows = set(rows)
+        await asyncio.sleep(0.05)
+        if self.row in rows:
+            raise WritebackError(Reason.OUTCOME_STORE_UNAVAILABLE, "read the row state: busy (injected)")
+        return {row: self.kept[row] for row in rows if row in self.kept}
+
+    async def learn(self, facts: Any) -> dict[Any, Any]:
+        for fact in facts:
+            self.kept[fact.key] = fact
+        return {}
+
+    async def acquire(self, key: str, seconds: float, holder: str = "", version: str = "") -> bool:
+        return await self.leases.acquire(key, seconds, holder, version)
+
+    async def release(self, key: str, holder: str = "") -> None:
+        await self.leases.release(key, holder)
+
+    async def record(self, envelope: Any, result: Any) -> None:
+        return None
+
+
+async def _visit_after_a_create_the_ledger_fails(rig_factory: Callable[..., Rig], fhir: Fhir, monkeypatch: Any,
+                                                 ledger_for: Callable[[str, str], _FactsDownFor]) -> None:
+    """A patient's Create and a filler in one flight, the patient's visit in the next; `ledger_for(patient row,
+    filler row)` fails the Create's flight. The Create is tried again, and the visit names no resource that is not
+    there."""
+    monkeypatch.setattr(pipeline_module, "PLAN_SLICE", 2)
+    rig = rig_factory()
+    patient_id, patient = new_patient()
+    filler_id, filler = new_patient()
+    pipeline = Pipeline(rig.pipeline.maps, rig.settings, BatchDelivery(rig.client),
+                        ledger=ledger_for(patient_id, filler_id))
+    encounter_id, encounter = encounter_message(patient_id)
+    bodies: list[dict[str, Any] | str] = [create_message(patient_id, patient), create_message(filler_id, filler),
+                                          encounter, create_message(*new_patient())]
+    results = await _send_many(pipeline, bodies)
+
+    assert (results[0].state, results[0].reason) == ("retry", Reason.OUTCOME_STORE_UNAVAILABLE), results[0].detail
+    patient_url = f"Patient/{resource_id('contact', patient_id)}"
+    assert fhir.search(f"Encounter?identifier=urn:dataverse:msemr_encounter|{encounter_id}") == [], \
+        f"the visit ended {results[2].state} {results[2].reason}, referring to {patient_url}, which is not there"
+
+
+async def test_a_visit_to_a_patient_whose_flight_could_not_read_its_row_facts_never_names_its_id(
+        rig_factory: Callable[..., Rig], fhir: Fhir, monkeypatch: Any):
+    """The patient's Create is in a flight whose row-state read fails (another row of it, busy): the flight makes
+    nothing and its messages are tried again, but the Create's row stayed on the batch's list of rows it creates;
+    the visit, in the next flight, named `Patient/<the id the Create would have made>`, which is not there."""
+    await _visit_after_a_create_the_ledger_fails(rig_factory, fhir, monkeypatch,
+                                                 lambda patient, filler: _FactsDownFor(("contact", filler)))
+
+
+class _SeenDownFor(_FactsDownFor):
+    """The stand-in above, whose duplicate check fails for the messages of one row (its partition busy); its row
+    state reads work."""
+
+    async def facts(self, rows: Any) -> dict[Any, Any]:
+        rows = set(rows)
+        return {row: self.kept[row] for row in rows if row in self.kept}
+
+    async def seen(self, message_key: str) -> None:
+        if self.row[1] in message_key:
+            raise WritebackError(Reason.OUTCOME_STORE_UNAVAILABLE, "read the processed marker: busy (injected)")
+        return None
+
+
+async def test_a_visit_to_a_patient_whose_create_failed_its_duplicate_check_never_names_its_id(
+        rig_factory: Callable[..., Rig], fhir: Fhir, monkeypatch: Any):
+    """The patient's Create fails the ledger's duplicate check (`_admit`): never sent, it made nothing, and is tried
+    again; its row stayed on the batch's list of rows it creates, and the visit in the next flight named the id."""
+    await _visit_after_a_create_the_ledger_fails(rig_factory, fhir, monkeypatch,
+                                                 lambda patient, filler: _SeenDownFor(("contact", patient)))

@@ -12,9 +12,9 @@ import pytest
 
 from devtools.messages import Choice, Lookup
 from tests.scenarios import dataverse
-from tests.scenarios.checks import ENCOUNTER_SYSTEM, the_resource
+from tests.scenarios.checks import ENCOUNTER_SYSTEM, OBSERVATION_SYSTEM, ROW_SYSTEM, identifier_items, the_resource
 from tests.scenarios.conftest import World, until_settled
-from tests.scenarios.dataverse import PRACTITIONER, new_id
+from tests.scenarios.dataverse import MRN, PRACTITIONER, Sent, new_id
 from tests.scenarios.participants import attend, scenario_maps, status_of, tries, ward
 from tests.scenarios.test_items import ingest, ingested_patient, states, target_only
 
@@ -129,16 +129,12 @@ async def test_a_participant_planned_in_a_batchs_first_slice_obeys_a_withdrawal_
     `facts.consent_rows` finds only once the flight has read the visit's facts; the flight leaves at the end of the
     first planning slice (`pipeline.PLAN_SLICE`, 100) and is decided with the stored consent, before the
     withdrawal is planned."""
-    monkeypatch.setitem(dataverse._KEYS, "account", "accountid")
     dv, at = world.dataverse, ward(world, monkeypatch)
     doctor, patient, visit = at.doctor, at.patient, at.visit
     assert states(await world.send(*at.sent)) == [("written", None)] * 3
     attending = attend(world, visit, doctor)
-    accounts = [dv.create("account", new_id(), {"name": f"Payer {n}"}) for n in range(99)]
-    staff = [dv.create("contact", new_id(), {"msemr_contacttype": PRACTITIONER, "firstname": f"Staff{n}",
-                                             "lastname": "Nakamura"}) for n in range(200)]
     withdrawn = dv.update("contact", patient, {"msemr_azurefhirsyncenabled": False})
-    results = await world.send(attending, *accounts, *staff, withdrawn)
+    results = await world.send(attending, *busy_minute(world, monkeypatch), withdrawn)
     assert states(results)[-1] == ("skipped", "consent-withheld"), states(results)[-1]
     encounter = the_resource(world.fhir, "Encounter", ENCOUNTER_SYSTEM, visit)
     assert "participant" not in encounter, (
@@ -146,11 +142,22 @@ async def test_a_participant_planned_in_a_batchs_first_slice_obeys_a_withdrawal_
         f"in the same batch: {encounter['participant']}")
 
 
+def busy_minute(world: World, monkeypatch: pytest.MonkeyPatch) -> list[Sent]:
+    """A ward's busy minute between two saves of one batch: 99 saves of accounts (no map: `no-entity-map`) and 200
+    practitioners registered, so that the saves around it fall in different planning slices
+    (`pipeline.PLAN_SLICE`)."""
+    monkeypatch.setitem(dataverse._KEYS, "account", "accountid")
+    dv = world.dataverse
+    accounts = [dv.create("account", new_id(), {"name": f"Payer {n}"}) for n in range(99)]
+    return accounts + [dv.create("contact", new_id(), {"msemr_contacttype": PRACTITIONER, "firstname": f"Staff{n}",
+                                                       "lastname": "Nakamura"}) for n in range(200)]
+
+
 async def test_a_visit_saved_without_images_early_in_a_batch_obeys_a_withdrawal_later_in_the_same_batch(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """The case above for a clinical row whose save does not name its patient: a step without images sends a
-    visit's status change (the Target only, no subject lookup); then 99 saves of accounts and 200 practitioners; the
-    patient's withdrawal comes last in the batch.
+    visit's status change (the Target only, no subject lookup); then a busy minute; the patient's withdrawal comes
+    last in the batch.
 
     Expected: the change is decided with the batch's withdrawal and not written, as when the withdrawal came in an
     earlier batch (`test_02b`: `consent-unknown` on its first tries, then `consent-withheld`): the visit's FHIR
@@ -159,19 +166,48 @@ async def test_a_visit_saved_without_images_early_in_a_batch_obeys_a_withdrawal_
     What happened (docs/reliability.md listed it under "What remains"): its patient is known only from the row
     facts, read in its flight, so `WritePlan.needs` did not name it; the flight left at the end of the first planning
     slice and was decided with the stored consent, before the withdrawal was planned, and the status was written."""
-    monkeypatch.setitem(dataverse._KEYS, "account", "accountid")
     dv = world.dataverse
     patient, registered = dv.patient()
     visit, admitted = dv.encounter(patient)
     assert states(await world.send(registered, admitted)) == [("written", None)] * 2
     before = the_resource(world.fhir, "Encounter", ENCOUNTER_SYSTEM, visit)["status"]
     finished = target_only(dv.update("msemr_encounter", visit, {"msemr_encounterstatus": Choice(935000004)}))
-    accounts = [dv.create("account", new_id(), {"name": f"Payer {n}"}) for n in range(99)]
-    staff = [dv.create("contact", new_id(), {"msemr_contacttype": PRACTITIONER, "firstname": f"Staff{n}",
-                                             "lastname": "Nakamura"}) for n in range(200)]
     withdrawn = dv.update("contact", patient, {"msemr_azurefhirsyncenabled": False})
-    results = await world.send(finished, *accounts, *staff, withdrawn)
+    results = await world.send(finished, *busy_minute(world, monkeypatch), withdrawn)
     assert states(results)[-1] == ("skipped", "consent-withheld"), states(results)[-1]
     assert states(results)[0] == ("retry", "consent-unknown"), states(results)[0]
     after = the_resource(world.fhir, "Encounter", ENCOUNTER_SYSTEM, visit)["status"]
     assert after == before, f"the visit's status became {after!r} after its patient withdrew in the same batch"
+
+
+async def test_an_identifier_saved_without_images_early_in_a_batch_obeys_a_withdrawal_later_in_the_same_batch(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for a child row whose patient only its row facts name (an MRN corrected by a step without images,
+    no assignee column): nothing of it reaches the Patient of the withdrawal (found by the fix's review)."""
+    dv = world.dataverse
+    patient, registered = dv.patient()
+    mrn, mrn_created = dv.identifier(patient, MRN, "MRN-1001")
+    assert states(await world.send(registered, mrn_created)) == [("written", None)] * 2
+    fix = target_only(dv.update("msemr_medicalidentifier", mrn, {"msemr_value": "MRN-1001X"}))
+    withdrawn = dv.update("contact", patient, {"msemr_azurefhirsyncenabled": False})
+    results = await world.send(fix, *busy_minute(world, monkeypatch), withdrawn)
+    assert states(results)[-1] == ("skipped", "consent-withheld")
+    assert states(results)[0][0] != "written", states(results)[0]
+    found = the_resource(world.fhir, "Patient", ROW_SYSTEM, patient)
+    assert [i["value"] for i in identifier_items(found, mrn)] == ["MRN-1001"]
+
+
+async def test_an_observation_saved_without_images_early_in_a_batch_obeys_a_withdrawal_later_in_the_same_batch(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for a reading's comment, its patient named by no column of the save (found by the fix's review)."""
+    dv = world.dataverse
+    patient, registered = dv.patient()
+    observation, observed = dv.observation(patient)
+    assert states(await world.send(registered, observed)) == [("written", None)] * 2
+    note = target_only(dv.update("msemr_observation", observation, {"msemr_comment": "oral"}))
+    withdrawn = dv.update("contact", patient, {"msemr_azurefhirsyncenabled": False})
+    results = await world.send(note, *busy_minute(world, monkeypatch), withdrawn)
+    assert states(results)[-1] == ("skipped", "consent-withheld")
+    assert states(results)[0][0] != "written", states(results)[0]
+    found = the_resource(world.fhir, "Observation", OBSERVATION_SYSTEM, observation)
+    assert "note" not in found, found.get("note")
