@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from devtools.messages import CONTRACTS, context
+from writeback import messages
 from writeback.errors import WritebackError
 from writeback.messages import (
     Entity,
@@ -69,6 +70,30 @@ def test_account_update_with_wrapped_guid_and_datetime():
     assert attrs["modifiedonbehalfby"] is None
     assert m.pre_image is None and m.post_image is None  # a Target-only update
     assert m.initiating_user_id == "df010dad-f103-4589-ba66-76a5a04c2a11"
+
+
+def test_guids_and_dates_read_again_are_the_same_and_what_is_kept_of_them_stays_bounded():
+    """A batch repeats GUIDs and dates (`messages._guids_read`): read again they are what they were, in any form
+    Dataverse may write them; an unreadable one is refused every time; what is kept of them is bounded however
+    many distinct ones a long-lived worker reads."""
+    row = "EC4E2F7D-9D60-E811-A95A-000D3AF24950"
+    for raw in (row, row.lower(), "{" + row + "}", row, {"__type": "Guid:#System", "__value": row}):
+        assert parse_value(raw if isinstance(raw, dict) else {"__type": "Guid:#System", "__value": raw}, "x") \
+            == row.lower()
+    when = datetime(2018, 5, 31, 9, 5, 24, tzinfo=UTC)
+    for _ in range(2):
+        assert parse_value("/Date(1527757524000)/", "x") == when
+        assert parse_value("/Date(1527757524000+0200)/", "x") == when
+        assert parse_value("/Date(99999999999999999)/", "x") == "/Date(99999999999999999)/"  # no date: text
+        for _bad in range(2):
+            with pytest.raises(WritebackError) as refused:
+                parse_value({"__type": "Guid:#System", "__value": row[:-1] + "g"}, "x")
+            assert refused.value.reason is Reason.MALFORMED_MESSAGE
+    for n in range(3 * messages._READ_MAX):
+        parse_value({"__type": "Guid:#System", "__value": f"{n:08x}-0000-4000-8000-000000000000"}, "x")
+        parse_value(f"/Date({n})/", "x")
+    assert 0 < len(messages._guids_read) <= messages._READ_MAX
+    assert 0 < len(messages._dates_read) <= messages._READ_MAX
 
 
 def test_create_with_money_choices_lookups_and_post_image():
