@@ -341,6 +341,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if not faults:
         settings = Settings.from_env(need_outcomes=True)
         report(True, "settings", f"valid; target {settings.target}")
+        if not settings.ignore_user_ids:
+            report(WARN, "echo", "WRITEBACK_IGNORE_USER_IDS is empty: the FHIR-to-Dataverse sync's own saves are "
+                   "not told apart (`echo`) but taken as clinical changes and written back to FHIR where they differ "
+                   "from it, and the two directions may feed each other. Set it to the sync's application user's "
+                   "systemuserid (docs/deploy.md)")
     for fault in faults:  # every one, so that one round of fixes is enough
         report(False, "settings", fault.detail)
     if (problem := telemetry_settings_problem(os.environ)) is not None:
@@ -382,6 +387,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             report(False, "entity maps", map_fault.detail)
     if args.dataverse_metadata:
         _check_columns(args.dataverse_metadata, maps, settings, report)
+    else:
+        # (A misspelt column is valid YAML and a valid name: only Dataverse's own list of columns tells it; found by
+        # a new user's trial, whose misspelt `lastname` cleared every Patient's family name while all checks passed.)
+        report(None, "columns", "not checked against Dataverse: a column the maps name that the table does not have "
+               "(a misspelling) reads as empty in every message, and a whole-row write clears its element in FHIR. "
+               "Run with --dataverse-metadata FILE (README, Entity maps)")
     if args.connect:
         if settings is None:
             report(None, "connections", "skipped: fix the settings first")

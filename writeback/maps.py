@@ -637,7 +637,11 @@ def _read_spec(path: Path) -> EntityMapSpec:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise MapError(file, "(file)", f"is not valid YAML{at}") from None
+        # The parser's own words (a map file is configuration, never patient data): "expected ',' or '}', but got
+        # '['" says what to fix; a line number alone did not (a new user's trial).
+        problem = " ".join(str(part) for part in (getattr(exc, "context", None), getattr(exc, "problem", None))
+                           if part)
+        raise MapError(file, "(file)", f"is not valid YAML{at}" + (f": {problem}" if problem else "")) from None
     if not isinstance(raw, dict):
         raise MapError(file, "(top level)", "must be a mapping")
     try:

@@ -329,7 +329,8 @@ class Settings:
                     raise ConfigError(name, "is required when FHIR_TOKEN_URL is set")
         tenant, secret = _get(env, "FHIR_TENANT_ID"), _get(env, "FHIR_CLIENT_SECRET")
         if tenant and secret and not _get(env, "FHIR_CLIENT_ID"):
-            raise ConfigError("FHIR_CLIENT_ID", "is required when FHIR_TENANT_ID and FHIR_CLIENT_SECRET are set")
+            raise ConfigError("FHIR_CLIENT_ID", "is required with FHIR_CLIENT_SECRET: the client id of the app "
+                              "registration the secret belongs to")
         if target == "fhir" and tenant and not secret and not token_url:
             # (else the tenant would be ignored, and a managed identity used where a client secret was meant)
             raise ConfigError("FHIR_TENANT_ID", "is set, but FHIR_CLIENT_SECRET is not: set the secret for a "
@@ -481,7 +482,10 @@ def redacted(env: Mapping[str, str] | None = None) -> dict[str, str]:
     env = os.environ if env is None else env
     shown: dict[str, str] = {}
     for spec in SETTINGS:
-        value = env.get(spec.name) or spec.default or ""
+        value = env.get(spec.name) or ""
+        if not value and spec.default:
+            # A setting the host reads has no default there: the value shown is the one the project's files set.
+            value = f"(not set; the project's files set {spec.default})" if spec.host_only else spec.default
         if spec.secret and value:
             value = "***redacted***"
         elif "://" in value:

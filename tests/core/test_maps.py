@@ -106,6 +106,9 @@ START = "{column: msemr_encounterstartdate, target: period.start, type: dateTime
 @pytest.mark.parametrize(("file", "text", "field", "words"), [
     pytest.param(ENC, "table: msemr_encounter\nattributes: [oops\n", "(file)", ["YAML", "line"],
                  id="invalid-yaml"),
+    # The parser's own words, not a line alone (a new user's trial): `[` is YAML's inside `{...}` unless quoted.
+    pytest.param(ENC, edit(ENC, START, START.replace("period.start", "period[0].start")), "(file)",
+                 ["not valid YAML at line", "expected ',' or '}', but got '['"], id="unquoted-brackets-in-a-flow-map"),
     pytest.param(ENC, "- just\n- a list\n", "(top level)", ["mapping"], id="not-a-mapping"),
     pytest.param(ENC, edit(ENC, "writeback: true", "writeback: true\ncolour: red"), "colour", ["not a key"],
                  id="unknown-top-level-key"),

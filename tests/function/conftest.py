@@ -173,6 +173,7 @@ def live_env(clean_env: pytest.MonkeyPatch, azurite_tables: Azurite, fhir_server
     clean_env.setenv("OUTCOMES_CONNECTION_STRING", azurite_tables.connection_string)
     clean_env.setenv("OUTCOMES_TABLE_PREFIX", new_prefix())
     clean_env.setenv("WRITEBACK_QUEUE_NAME", "dataverse-writeback")  # (the trigger binding's, set as the Bicep does)
+    clean_env.setenv("WRITEBACK_IGNORE_USER_IDS", "9e7d5c3b-1a2f-4e6d-8c0b-7a5f3e1d9c2b")  # (the sync user, deployed)
     return fhir_server
 
 

@@ -23,6 +23,7 @@ VALID = {  # settings that pass `check-config` offline: a managed identity to th
     "OUTCOMES_TABLE_ENDPOINT": "https://stwriteback.table.core.windows.net",
     "WRITEBACK_QUEUE_NAME": "dataverse-writeback",
     "ServiceBusConnection__fullyQualifiedNamespace": "contoso.servicebus.windows.net",
+    "WRITEBACK_IGNORE_USER_IDS": "9e7d5c3b-1a2f-4e6d-8c0b-7a5f3e1d9c2b",  # the FHIR-to-Dataverse sync's user
 }
 
 
@@ -106,3 +107,59 @@ def test_a_client_id_beside_a_connection_string_is_not_called_unused(admin_env: 
     admin_env.setenv("ServiceBusConnection", "Endpoint=sb://localhost/;SharedAccessKeyName=k;SharedAccessKey=s")
     code, lines = check_config()
     assert code == 0 and not [line for line in lines if "FAIL" in line], "\n".join(lines)
+
+
+# ---- a new user's trial of check-config ------------------------------------------------------------------------
+
+
+def _lines(lines: list[str], mark: str, what: str) -> list[str]:
+    return [line for line in lines if line.split()[:2] == [mark, what]]
+
+
+def test_an_unset_queue_name_is_not_listed_with_a_value(admin_env: pytest.MonkeyPatch) -> None:
+    """The settings list showed the project's value beside WRITEBACK_QUEUE_NAME, then failed it as not set: a
+    setting the host reads has no default there."""
+    admin_env.delenv("WRITEBACK_QUEUE_NAME")
+    code, lines = check_config()
+    (listed,) = [line for line in lines if line.split()[:1] == ["WRITEBACK_QUEUE_NAME"]]
+    assert listed.split(maxsplit=1)[1] == "(not set; the project's files set dataverse-writeback)"
+    assert code == cli.EXIT_CHECK_FAILED and _lines(lines, "FAIL", "trigger")
+    admin_env.setenv("WRITEBACK_QUEUE_NAME", "hospital-writeback")
+    code, lines = check_config()
+    (listed,) = [line for line in lines if line.split()[:1] == ["WRITEBACK_QUEUE_NAME"]]
+    assert listed.split() == ["WRITEBACK_QUEUE_NAME", "hospital-writeback"] and code == 0
+
+
+def test_no_sync_user_to_ignore_is_a_warning(admin_env: pytest.MonkeyPatch) -> None:
+    """Without the FHIR-to-Dataverse sync's user every record it saves is taken for a clinician's change: all
+    checks passed with nothing said."""
+    admin_env.delenv("WRITEBACK_IGNORE_USER_IDS")
+    code, lines = check_config()
+    (warned,) = _lines(lines, "warn", "echo")
+    assert "WRITEBACK_IGNORE_USER_IDS is empty" in warned and "systemuserid" in warned
+    assert code == 0 and lines[-1] == "All checks passed. 1 warning(s): read the `warn` lines."
+    admin_env.setenv("WRITEBACK_IGNORE_USER_IDS", VALID["WRITEBACK_IGNORE_USER_IDS"])
+    code, lines = check_config()
+    assert not _lines(lines, "warn", "echo") and lines[-1] == "All checks passed."
+
+
+def test_columns_not_checked_against_dataverse_says_what_a_misspelling_does(admin_env: pytest.MonkeyPatch) -> None:
+    """A misspelt column (`lastnmae`) passed every check, then cleared every Patient's family name: without
+    Dataverse's list of columns the check cannot see it, and says so, and what to run."""
+    code, lines = check_config()
+    (said,) = _lines(lines, "skip", "columns")
+    assert "not checked against Dataverse" in said and "clears its element in FHIR" in said
+    assert "--dataverse-metadata FILE" in said and code == 0
+
+
+def test_a_client_secret_alone_names_what_is_missing_and_claims_nothing_set_that_is_not(
+        admin_env: pytest.MonkeyPatch) -> None:
+    """With only FHIR_CLIENT_SECRET set, the second failure said "when FHIR_TENANT_ID and FHIR_CLIENT_SECRET are
+    set", of a tenant that was not (the stand-in `faults` gives a refused setting to find the next fault)."""
+    admin_env.setenv("FHIR_CLIENT_SECRET", "s3cret-value")
+    code, lines = check_config()
+    failed = _lines(lines, "FAIL", "settings")
+    assert code == cli.EXIT_CHECK_FAILED and len(failed) == 2
+    assert "FHIR_TENANT_ID is required when FHIR_CLIENT_SECRET is set" in failed[0]
+    assert "FHIR_CLIENT_ID is required with FHIR_CLIENT_SECRET" in failed[1] and "FHIR_TENANT_ID" not in failed[1]
+    assert "s3cret-value" not in "\n".join(lines)
