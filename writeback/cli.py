@@ -459,65 +459,138 @@ def _requeued(message: ServiceBusReceivedMessage) -> ServiceBusMessage:
                              message_id=original[: MAX_MESSAGE_ID - len(suffix)] + suffix, subject=message.subject)
 
 
-def resubmit_dead_letters(client: ServiceBusClient, queue: str, *, reason: str | None = None, limit: int = 100,
-                          wait: float = 5.0) -> tuple[list[ServiceBusReceivedMessage], int, bool]:
-    """Move up to `limit` dead-lettered messages (optionally only those with `reason`) back to `queue`. Returns
-    what was moved, how many others were seen and left, and whether `limit` stopped it with a message it would
-    have moved still there.
+def _ids_of(message: ServiceBusReceivedMessage) -> set[str]:
+    """The ids an administrator may name a dead-lettered message by: its own MessageId (`logs` shows the one each
+    try had) and the one Dataverse posted it under (its retry copies' and resubmissions' ids start from it)."""
+    props = {(k.decode("utf-8", errors="replace") if isinstance(k, bytes) else str(k)): v
+             for k, v in (message.application_properties or {}).items()}
+    return {i for i in (message.message_id, original_id(props, message.message_id)) if i}
+
+
+def _settle_dead_letters(client: ServiceBusClient, queue: str, *, reason: str | None, message_ids: frozenset[str],
+                         limit: int, wait: float, resend: bool) -> tuple[list[ServiceBusReceivedMessage], int, bool]:
+    """Up to `limit` dead-lettered messages (those with `reason`, of `message_ids`, when given) sent back to `queue`
+    (`resend`) or only removed. Returns what was settled, how many others were seen and left, and whether `limit`
+    stopped it with a message it would have settled still there.
 
     Send first, then complete: a crash in between leaves a copy on both queues, which the ledger turns into
-    one write and one `duplicate`. Messages not matching `reason` are left in the dead-letter queue.
+    one write and one `duplicate`. Messages not wanted are left in the dead-letter queue.
     """
-    moved: list[ServiceBusReceivedMessage] = []
+    settled: list[ServiceBusReceivedMessage] = []
     held: list[ServiceBusReceivedMessage] = []
     seen: set[int] = set()
     more = False
+
+    def wanted(message: ServiceBusReceivedMessage) -> bool:
+        return (not reason or message.dead_letter_reason == reason) \
+            and (not message_ids or not message_ids.isdisjoint(_ids_of(message)))
+
     with client.get_queue_receiver(queue, sub_queue=ServiceBusSubQueue.DEAD_LETTER, max_wait_time=wait) as receiver, \
             client.get_queue_sender(queue) as sender:
         try:
             while not more:
                 # Past the limit, one more look: whether a message it would move is left (found by an
                 # administrator's trial: stopped at --max, it said nothing of the rest).
-                batch = receiver.receive_messages(max_message_count=max(1, min(50, limit - len(moved))),
+                batch = receiver.receive_messages(max_message_count=max(1, min(50, limit - len(settled))),
                                                   max_wait_time=wait)
                 fresh = [m for m in batch if m.sequence_number not in seen]
                 if not fresh:
                     break
                 for message in fresh:
                     seen.add(message.sequence_number or -1)
-                    wanted = not reason or message.dead_letter_reason == reason
-                    if not wanted or len(moved) >= limit:
-                        more = more or wanted
+                    if not wanted(message) or len(settled) >= limit:
+                        more = more or wanted(message)
                         held.append(message)
                         continue
-                    sender.send_messages(_requeued(message))
+                    if resend:
+                        sender.send_messages(_requeued(message))
                     receiver.complete_message(message)
-                    moved.append(message)
+                    settled.append(message)
         finally:
             for message in held:
                 receiver.abandon_message(message)
-    wanted_held = sum(1 for m in held if not reason or m.dead_letter_reason == reason)
-    return moved, len(held) - wanted_held, more
+    return settled, sum(1 for m in held if not wanted(m)), more
+
+
+def resubmit_dead_letters(client: ServiceBusClient, queue: str, *, reason: str | None = None,
+                          message_ids: frozenset[str] = frozenset(), limit: int = 100,
+                          wait: float = 5.0) -> tuple[list[ServiceBusReceivedMessage], int, bool]:
+    """Move up to `limit` dead-lettered messages (optionally only those with `reason`, or of `message_ids`) back to
+    `queue` (`_settle_dead_letters`)."""
+    return _settle_dead_letters(client, queue, reason=reason, message_ids=message_ids, limit=limit, wait=wait,
+                                resend=True)
+
+
+def discard_dead_letters(client: ServiceBusClient, queue: str, *, reason: str | None = None,
+                         message_ids: frozenset[str] = frozenset(), limit: int = 100,
+                         wait: float = 5.0) -> tuple[list[ServiceBusReceivedMessage], int, bool]:
+    """Remove up to `limit` dead-lettered messages with `reason` or of `message_ids` (at least one of them given):
+    those that cannot succeed however often they are sent again (`_settle_dead_letters`)."""
+    if not reason and not message_ids:
+        raise ValueError("name what to discard: a reason or message ids")
+    return _settle_dead_letters(client, queue, reason=reason, message_ids=message_ids, limit=limit, wait=wait,
+                                resend=False)
+
+
+def _dead_letter_queue(args: argparse.Namespace) -> str:
+    return args.queue or os.environ.get("WRITEBACK_QUEUE_NAME", "").strip() or Settings().queue_name
+
+
+def _service_bus_fault(exc: AzureError, what: str, queue: str, roles: str) -> WritebackError:
+    """One line, no traceback: unreachable, no such queue, no sign-in, no rights."""
+    return WritebackError(Reason.CONFIG_ERROR, f"Service Bus: {type(exc).__name__}: could not {what} the "
+                          f"dead-lettered messages of queue {queue} (check the namespace or connection string, the "
+                          f"queue name, your sign-in and your {roles})")
+
+
+def _which(args: argparse.Namespace) -> str:
+    parts = [f"with reason {args.reason}"] if args.reason else []
+    if args.message_id:
+        parts.append(f"of the {len(args.message_id)} message id(s) given")
+    return "".join(f" {part}" for part in parts)
 
 
 def cmd_resubmit(args: argparse.Namespace) -> int:
-    queue = args.queue or os.environ.get("WRITEBACK_QUEUE_NAME", "").strip() or Settings().queue_name
+    queue = _dead_letter_queue(args)
     try:
         with servicebus_client() as client:
-            moved, left, more = resubmit_dead_letters(client, queue, reason=args.reason, limit=args.max)
-    except AzureError as exc:  # unreachable, no such queue, no sign-in, no rights: one line, no traceback
-        raise WritebackError(Reason.CONFIG_ERROR, f"Service Bus: {type(exc).__name__}: could not move the "
-                             f"dead-lettered messages of queue {queue} (check the namespace or connection string, "
-                             "the queue name, your sign-in and your Azure Service Bus Data Receiver and Data "
-                             "Sender roles)") from None
+            moved, left, more = resubmit_dead_letters(client, queue, reason=args.reason,
+                                                      message_ids=frozenset(args.message_id or ()), limit=args.max)
+    except AzureError as exc:
+        raise _service_bus_fault(exc, "move", queue, "Azure Service Bus Data Receiver and Data Sender roles") \
+            from None
     for message in moved:
         print(f"  resubmitted message {message.message_id} (dead-letter reason {message.dead_letter_reason or '-'})")
-    which = f" with reason {args.reason}" if args.reason else ""
+    which = _which(args)
     print(f"Moved {len(moved)} dead-lettered message(s){which} from {queue}/$deadletterqueue back to "
           f"{queue}." + (f" {left} other dead-lettered message(s) left in place." if left else ""))
     if more:
         print(f"Stopped at --max {args.max}: more dead-lettered messages{which} are still there; run it again (or "
               "raise --max) to move them.")
+    return EXIT_OK
+
+
+def cmd_discard(args: argparse.Namespace) -> int:
+    if not args.reason and not args.message_id:
+        # (A dead-letter queue is not emptied wholesale: what is in it may still be written once its cause is fixed.)
+        raise WritebackError(Reason.CONFIG_ERROR, "name what to discard: --reason CODE and/or --message-id ID "
+                             "(a dead-letter queue is never emptied wholesale)")
+    queue = _dead_letter_queue(args)
+    try:
+        with servicebus_client() as client:
+            removed, left, more = discard_dead_letters(client, queue, reason=args.reason,
+                                                       message_ids=frozenset(args.message_id or ()), limit=args.max)
+    except AzureError as exc:
+        raise _service_bus_fault(exc, "remove", queue, "Azure Service Bus Data Receiver role") from None
+    for message in removed:
+        print(f"  discarded message {message.message_id} (dead-letter reason {message.dead_letter_reason or '-'})")
+    which = _which(args)
+    print(f"Removed {len(removed)} dead-lettered message(s){which} from {queue}/$deadletterqueue; they will not be "
+          "written. Their rows are written at their next save in Dataverse."
+          + (f" {left} other dead-lettered message(s) left in place." if left else ""))
+    if more:
+        print(f"Stopped at --max {args.max}: more dead-lettered messages{which} are still there; run it again (or "
+              "raise --max) to remove them.")
     return EXIT_OK
 
 
@@ -546,8 +619,20 @@ def add_admin_commands(sub: Any) -> None:
     resubmit.add_argument("--reason", metavar="CODE", type=_dead_letter_reason,
                           help="only messages dead-lettered with this reason code (e.g. fhir-rejected, "
                                "MaxDeliveryCountExceeded)")
+    resubmit.add_argument("--message-id", action="append", metavar="ID",
+                          help="only this message (its MessageId, or the one Dataverse posted it under); repeatable")
     resubmit.add_argument("--max", type=_positive, default=100, help="most messages moved (default 100)")
     resubmit.set_defaults(run=cmd_resubmit)
+    discard = sub.add_parser("discard", help="remove dead-lettered messages that cannot succeed however often they "
+                             "are sent again (their rows are written at their next save)")
+    discard.add_argument("--queue", help="the queue whose dead-letter queue it removes from (default: "
+                         "WRITEBACK_QUEUE_NAME, else dataverse-writeback)")
+    discard.add_argument("--reason", metavar="CODE", type=_dead_letter_reason,
+                         help="messages dead-lettered with this reason code (e.g. malformed-message)")
+    discard.add_argument("--message-id", action="append", metavar="ID",
+                         help="this message (its MessageId, or the one Dataverse posted it under); repeatable")
+    discard.add_argument("--max", type=_positive, default=100, help="most messages removed (default 100)")
+    discard.set_defaults(run=cmd_discard)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,8 +3,8 @@
 // resource group, possibly another subscription.)
 //
 //   Azure Service Bus Data Receiver  queue            Service Bus trigger (also reads the dead-letter sub-queue)
-//   Azure Service Bus Data Sender    queue            scheduling retries of transient failures on the same queue, and
-//                                                      resubmitting dead-lettered messages
+//   Azure Service Bus Data Sender    queue            scheduling retries of transient failures on the same queue
+//                                                      (`resubmit` runs under the administrator's own sign-in)
 //   Storage Blob Data Owner          storage account  AzureWebJobsStorage (host leases, keys) and the Flex deployment package
 //   Storage Table Data Contributor   storage account  outcome tables (created by the app under OUTCOMES_TABLE_PREFIX)
 //   Key Vault Secrets User           vault            Key Vault references in app settings (read secret values only)
@@ -77,7 +77,7 @@ resource queueSender 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataSender)
     principalId: principalId
     principalType: 'ServicePrincipal'
-    description: 'Writeback function: schedule retries of transient failures on the writeback queue, and resubmit dead-lettered messages.'
+    description: 'Writeback function: schedule retries of transient failures on the writeback queue.'
   }
 }
 

@@ -339,3 +339,36 @@ async def test_logs_says_when_limit_cut_the_list(admin_env: dict[str, str], monk
     code, cut = await asyncio.to_thread(run_cli, monkeypatch, None, "logs", "--since", "1h", "--limit", "2")
     assert code == 0
     assert "--limit" in cut or "more" in cut, cut
+
+
+async def test_dead_letters_that_cannot_succeed_are_discarded_by_reason_or_id_and_nothing_else_is(
+        admin_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """(A new user's trial.) Bodies no resubmission can help (XML from a misconfigured endpoint: `unsupported-format`)
+    stayed in the dead-letter queue for good, and the alert on a non-empty dead-letter queue with them: `resubmit`
+    dead-lettered them again, and nothing removed them. `discard` removes them, by reason or by message id, and
+    leaves every other dead-lettered message; it never empties the dead-letter queue wholesale."""
+    broker = DeadLetterBroker(batch=20)
+    app = app_on(broker, {**admin_env, "WRITEBACK_MAPS_DIR": str(DEFAULT_MAPS_DIR)})
+    for i in range(3):
+        broker.send(b"<Entity>" + str(i).encode() + b"</Entity>")
+    broker.send(b'{"MessageName": "Update"}')  # no table, no row: malformed-message
+    broker.send(b'{"MessageName": "Update", "PrimaryEntityName": "contact"}')
+    await broker.run()
+    await app.aclose()
+    reasons = sorted(e.reason or "" for _, _, e in broker.dlq)
+    assert reasons == ["malformed-message"] * 2 + ["unsupported-format"] * 3
+
+    code, out = run_cli(monkeypatch, broker, "discard")
+    assert code == cli.EXIT_USAGE and "name what to discard" in capsys.readouterr().err
+    assert len(broker.dlq) == 5  # nothing removed without a reason or an id
+
+    code, out = run_cli(monkeypatch, broker, "discard", "--reason", "unsupported-format")
+    assert code == 0 and sorted(e.reason or "" for _, _, e in broker.dlq) == ["malformed-message"] * 2
+    assert out.count("  discarded message ") == 3 and "Removed 3 dead-lettered message(s) with reason " \
+        "unsupported-format" in out and "2 other dead-lettered message(s) left in place." in out
+
+    (_, first, _), (_, second, _) = broker.dlq
+    code, out = run_cli(monkeypatch, broker, "discard", "--message-id", str(first.message_id))
+    assert code == 0 and [m.message_id for _, m, _ in broker.dlq] == [second.message_id]
+    assert f"  discarded message {first.message_id} (dead-letter reason malformed-message)" in out
+    assert not broker._due  # discarded, not sent again
