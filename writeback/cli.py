@@ -550,48 +550,42 @@ def _which(args: argparse.Namespace) -> str:
     return "".join(f" {part}" for part in parts)
 
 
-def cmd_resubmit(args: argparse.Namespace) -> int:
+def _settle_from_cli(args: argparse.Namespace, *, resend: bool) -> int:
+    """`resubmit` (`resend`) or `discard`: what it did, message by message, what it left, and whether --max stopped
+    it."""
     queue = _dead_letter_queue(args)
+    act = resubmit_dead_letters if resend else discard_dead_letters
     try:
         with servicebus_client() as client:
-            moved, left, more = resubmit_dead_letters(client, queue, reason=args.reason,
-                                                      message_ids=frozenset(args.message_id or ()), limit=args.max)
+            settled, left, more = act(client, queue, reason=args.reason, message_ids=frozenset(args.message_id or ()),
+                                      limit=args.max)
     except AzureError as exc:
-        raise _service_bus_fault(exc, "move", queue, "Azure Service Bus Data Receiver and Data Sender roles") \
-            from None
-    for message in moved:
-        print(f"  resubmitted message {message.message_id} (dead-letter reason {message.dead_letter_reason or '-'})")
+        raise _service_bus_fault(exc, "move" if resend else "remove", queue, "Azure Service Bus Data Receiver and "
+                                 "Data Sender roles" if resend else "Azure Service Bus Data Receiver role") from None
+    for message in settled:
+        print(f"  {'resubmitted' if resend else 'discarded'} message {message.message_id} (dead-letter reason "
+              f"{message.dead_letter_reason or '-'})")
     which = _which(args)
-    print(f"Moved {len(moved)} dead-lettered message(s){which} from {queue}/$deadletterqueue back to "
-          f"{queue}." + (f" {left} other dead-lettered message(s) left in place." if left else ""))
+    done = (f"Moved {len(settled)} dead-lettered message(s){which} from {queue}/$deadletterqueue back to {queue}."
+            if resend else f"Removed {len(settled)} dead-lettered message(s){which} from {queue}/$deadletterqueue; "
+            "they will not be written. Their rows are written at their next save in Dataverse.")
+    print(done + (f" {left} other dead-lettered message(s) left in place." if left else ""))
     if more:
         print(f"Stopped at --max {args.max}: more dead-lettered messages{which} are still there; run it again (or "
-              "raise --max) to move them.")
+              f"raise --max) to {'move' if resend else 'remove'} them.")
     return EXIT_OK
+
+
+def cmd_resubmit(args: argparse.Namespace) -> int:
+    return _settle_from_cli(args, resend=True)
 
 
 def cmd_discard(args: argparse.Namespace) -> int:
     if not args.reason and not args.message_id:
-        # (A dead-letter queue is not emptied wholesale: what is in it may still be written once its cause is fixed.)
+        # (What is in a dead-letter queue may still be written once its cause is fixed: never removed wholesale.)
         raise WritebackError(Reason.CONFIG_ERROR, "name what to discard: --reason CODE and/or --message-id ID "
                              "(a dead-letter queue is never emptied wholesale)")
-    queue = _dead_letter_queue(args)
-    try:
-        with servicebus_client() as client:
-            removed, left, more = discard_dead_letters(client, queue, reason=args.reason,
-                                                       message_ids=frozenset(args.message_id or ()), limit=args.max)
-    except AzureError as exc:
-        raise _service_bus_fault(exc, "remove", queue, "Azure Service Bus Data Receiver role") from None
-    for message in removed:
-        print(f"  discarded message {message.message_id} (dead-letter reason {message.dead_letter_reason or '-'})")
-    which = _which(args)
-    print(f"Removed {len(removed)} dead-lettered message(s){which} from {queue}/$deadletterqueue; they will not be "
-          "written. Their rows are written at their next save in Dataverse."
-          + (f" {left} other dead-lettered message(s) left in place." if left else ""))
-    if more:
-        print(f"Stopped at --max {args.max}: more dead-lettered messages{which} are still there; run it again (or "
-              "raise --max) to remove them.")
-    return EXIT_OK
+    return _settle_from_cli(args, resend=False)
 
 
 def add_admin_commands(sub: Any) -> None:
