@@ -41,7 +41,7 @@ from writeback.mapping import (
 from writeback.maps import AttributeMap, EntityMap, MapSet
 from writeback.marks import Mark, Version
 from writeback.messages import NIL_GUID, EntityRef, Message, decode_body, message_of
-from writeback.paths import KEEP, Assignment, Field, Index, Path, Select, sole_selectors
+from writeback.paths import KEEP, Assignment, Field, Index, Path, Select, format_path, sole_selectors
 from writeback.reasons import Reason
 from writeback.settings import Settings
 from writeback.validation import validate
@@ -250,6 +250,11 @@ class Decision:
             "resource": plan.resource if plan else None,
             "changes": list(plan.changes) if plan else None,
             "cleared": list(plan.cleared) if plan else None,
+            # Each element the write leaves empty, and the column it is mapped from (empty, or not in the message at
+            # all): a misspelt column in a map is here, beside what it would clear on every resource (a new user's
+            # trial: `cleared` names only elements emptied whole, and a misspelt `lastname` cleared name.family).
+            "clearedBy": {format_path(a.path): a.column for a in plan.assignments
+                          if a.value is None and a.column and a.column != "*"} if plan else None,
             "wholeRow": plan.full if plan else None,
             # Mapped columns the message does not hold at all, which a whole row takes as empty (Dataverse leaves
             # empty columns out of images): a column name mistyped in a map is always here, clearing its element.

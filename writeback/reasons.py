@@ -101,13 +101,15 @@ REASONS: dict[Reason, ReasonInfo] = {
         Kind.REJECT, "A contact whose Contact Type is missing from the message, or holds no choice's value (a "
         "contact of a type the map does not write, a Related Person, is skipped as `no-entity-map`).",
         "Set the contact's Contact Type in Dataverse, then save it again; if the contact has one, register the "
-        "column in the steps' images (docs/deploy.md), then save the contact again (the message sent before lacks "
-        "it, however often it is sent again)."),
+        "column in the steps' images (docs/deploy.md), then save the contact again. The message sent before lacks "
+        "it, however often it is sent again: remove it with `python -m writeback discard --reason "
+        "invalid-contact-type`."),
     Reason.MISSING_PARENT_LINK: ReasonInfo(
         Kind.REJECT, "An expansion row (e.g. a medical identifier) without the lookup to its parent, or whose "
         "parent lookup changed in a message without images (a step without pre and post images).",
         "Fill the parent lookup on the row in Dataverse and save it again; for a change sent without images, "
-        "register the step's images (docs/deploy.md) and save the row again."),
+        "register the step's images (docs/deploy.md) and save the row again. Then `discard` the dead-lettered "
+        "message (it lacks the link, however often it is sent again)."),
     Reason.INVALID_RESOURCE: ReasonInfo(
         Kind.REJECT, "The mapped resource fails FHIR R4 validation, or the row's FHIR id column holds no FHIR id; "
         "the detail names the element or the column.",
@@ -116,16 +118,20 @@ REASONS: dict[Reason, ReasonInfo] = {
         Kind.REJECT, "The body is not JSON (the service endpoint uses binary or text XML), or is JSON in UTF-16 or "
         "UTF-32, or in another encoding than UTF-8 (the detail says which), which Dataverse never sends.",
         "Set the service endpoint's Message Format to JSON in the Plug-in Registration Tool; for JSON in another "
-        "encoding, check what sent it (Dataverse sends UTF-8), or re-encode it as UTF-8 and resubmit."),
+        "encoding, check what sent it (Dataverse sends UTF-8). `resubmit` sends the same body again: remove these "
+        "messages with `python -m writeback discard --reason unsupported-format`, and save their rows again in "
+        "Dataverse."),
     Reason.MALFORMED_MESSAGE: ReasonInfo(
         Kind.REJECT, "Invalid JSON, JSON that is not an object, or a RemoteExecutionContext missing a required field "
-        "or holding one in another form (a table, column or message name that is no logical name; the detail "
+        "or holding one in another form (a table or message name that is no logical name; the detail "
         "names the field, never its value), or whose Target or image is another row than PrimaryEntityName and "
         "PrimaryEntityId name.",
-        "Check the sender: only Dataverse service endpoints should post to the queue."),
+        "Check the sender: only Dataverse service endpoints should post to the queue. Then remove them: "
+        "`python -m writeback discard --reason malformed-message` (or `--message-id` for one)."),
     Reason.PAYLOAD_DROPPED: ReasonInfo(
         Kind.REJECT, "Dataverse dropped the payload (MessageMaxSizeExceeded, over 192 KB).",
-        "Register fewer image columns on the step; then save the row again in Dataverse."),
+        "Register fewer image columns on the step; then save the row again in Dataverse, and `discard` the "
+        "dead-lettered message (it holds no row to write)."),
     Reason.FHIR_REJECTED: ReasonInfo(
         Kind.REJECT, "The FHIR server refused the resource (400/422); the detail has its issue codes.",
         "Read the outcome's detail (`logs --json`, or the dead-letter description): it names the element and the "

@@ -18,7 +18,7 @@ from writeback.settings import DEFAULT_MAPS_DIR
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ROOT / ".venv" / "bin" / "python"
 KEYS = {"decision", "reason", "detail", "table", "recordId", "message", "resourceType", "resource", "changes",
-        "cleared", "wholeRow", "absentColumns", "decidedWhenWritten"}
+        "cleared", "clearedBy", "wholeRow", "absentColumns", "decidedWhenWritten"}
 
 # Every shipped sample and what the dry run says about it.
 EXPECTED: dict[str, tuple[int, str, str | None, str | None]] = {
@@ -159,6 +159,25 @@ def test_a_mistyped_column_of_a_map_is_listed_as_absent(tmp_path):
     shipped = cli(SAMPLES / "01_patient_create.json").json()["absentColumns"]
     assert "telephone1" not in shipped and "telephone_1" not in shipped
     assert "telephone_1" in cli(SAMPLES / "01_patient_create.json", "--maps", folder).json()["absentColumns"]
+
+
+def test_a_mistyped_column_shows_the_element_it_would_clear(tmp_path):
+    """Found by a new user's trial: with `lastnmae` for `lastname` the dry run said "Update Patient (..., name,
+    ...)" with nothing `cleared`, and the write deleted the family name (`cleared` names only elements emptied
+    whole). `clearedBy` names each element the write leaves empty beside the column it is mapped from."""
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    for source in DEFAULT_MAPS_DIR.glob("*.yaml"):
+        text = source.read_text(encoding="utf-8")
+        (folder / source.name).write_text(text.replace("column: lastname,", "column: lastnmae,"), "utf-8")
+    family = "name[use?=official].family"
+    shipped = cli(SAMPLES / "02_patient_update_phone.json").json()
+    assert shipped["decision"] == "write" and family not in shipped["clearedBy"]
+    assert shipped["resource"]["name"][0]["family"]
+    mistyped = cli(SAMPLES / "02_patient_update_phone.json", "--maps", folder).json()
+    assert mistyped["clearedBy"][family] == "lastnmae" and "family" not in mistyped["resource"]["name"][0]
+    # What the sample leaves empty is there too: an empty column clears its element the same way.
+    assert set(shipped["clearedBy"].values()) == set(shipped["absentColumns"])
 
 
 def test_changes_name_only_what_the_whole_state_holds(tmp_path):
