@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -130,6 +131,7 @@ def cmd_process(args: argparse.Namespace) -> int:
 # ---- admin commands: logs, check-config, resubmit (see docs/operations.md) ----------------------------------
 
 EXIT_CHECK_FAILED = 1  # check-config: at least one check failed
+EXIT_NOT_FOUND = 1  # resubmit, discard: a message id given matched no dead-lettered message
 _SINCE = re.compile(r"^\s*(\d{1,6})\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -485,8 +487,12 @@ def _settle_dead_letters(client: ServiceBusClient, queue: str, *, reason: str | 
         return (not reason or message.dead_letter_reason == reason) \
             and (not message_ids or not message_ids.isdisjoint(_ids_of(message)))
 
-    with client.get_queue_receiver(queue, sub_queue=ServiceBusSubQueue.DEAD_LETTER, max_wait_time=wait) as receiver, \
-            client.get_queue_sender(queue) as sender:
+    with contextlib.ExitStack() as stack:
+        receiver = stack.enter_context(client.get_queue_receiver(queue, sub_queue=ServiceBusSubQueue.DEAD_LETTER,
+                                                                 max_wait_time=wait))
+        # Only a resubmission sends: opening a sender needs the Send right, which `discard` is documented not to
+        # need (a Receiver-only administrator could remove nothing; found by review).
+        sender = stack.enter_context(client.get_queue_sender(queue)) if resend else None
         try:
             while not more:
                 # Past the limit, one more look: whether a message it would move is left (found by an
@@ -502,13 +508,14 @@ def _settle_dead_letters(client: ServiceBusClient, queue: str, *, reason: str | 
                         more = more or wanted(message)
                         held.append(message)
                         continue
-                    if resend:
+                    if sender is not None:
                         sender.send_messages(_requeued(message))
                     receiver.complete_message(message)
                     settled.append(message)
         finally:
             for message in held:
-                receiver.abandon_message(message)
+                with contextlib.suppress(AzureError):  # its lock lapsed on a long run: released all the same
+                    receiver.abandon_message(message)
     return settled, sum(1 for m in held if not wanted(m)), more
 
 
@@ -568,11 +575,18 @@ def _settle_from_cli(args: argparse.Namespace, *, resend: bool) -> int:
     which = _which(args)
     done = (f"Moved {len(settled)} dead-lettered message(s){which} from {queue}/$deadletterqueue back to {queue}."
             if resend else f"Removed {len(settled)} dead-lettered message(s){which} from {queue}/$deadletterqueue; "
-            "they will not be written. Their rows are written at their next save in Dataverse.")
+            "they will not be written (a row's next save in Dataverse sends a new message for it).")
     print(done + (f" {left} other dead-lettered message(s) left in place." if left else ""))
     if more:
         print(f"Stopped at --max {args.max}: more dead-lettered messages{which} are still there; run it again (or "
               f"raise --max) to {'move' if resend else 'remove'} them.")
+        return EXIT_OK
+    # A mistyped id settles nothing: said, and not called success (found by review).
+    unmatched = sorted(set(args.message_id or ()) - {i for message in settled for i in _ids_of(message)})
+    if unmatched:
+        print(f"No dead-lettered message{' with reason ' + args.reason if args.reason else ''} has the id(s): "
+              f"{', '.join(unmatched)}.")
+        return EXIT_NOT_FOUND
     return EXIT_OK
 
 

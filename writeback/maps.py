@@ -638,9 +638,16 @@ def _read_spec(path: Path) -> EntityMapSpec:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         # The parser's own words (a map file is configuration, never patient data): "expected ',' or '}', but got
-        # '['" says what to fix; a line number alone did not (a new user's trial).
-        problem = " ".join(str(part) for part in (getattr(exc, "context", None), getattr(exc, "problem", None))
-                           if part)
+        # '['" says what to fix; a line number alone did not (a new user's trial). A character the reader refuses
+        # (a control character) has its reason and byte position instead.
+        parts: tuple[object, ...]
+        if isinstance(exc, yaml.reader.ReaderError):
+            char = exc.character
+            at = f" at character {exc.position}"
+            parts = (f"{exc.reason} ({f'U+{char:04X}' if isinstance(char, int) else repr(char)})",)
+        else:
+            parts = (getattr(exc, "context", None), getattr(exc, "problem", None))
+        problem = " ".join(str(part) for part in parts if part)
         raise MapError(file, "(file)", f"is not valid YAML{at}" + (f": {problem}" if problem else "")) from None
     if not isinstance(raw, dict):
         raise MapError(file, "(top level)", "must be a mapping")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from azure.servicebus.exceptions import ServiceBusAuthorizationError
 
 from devtools.messages import Choice, Lookup, context
 from devtools.services import Azurite, FhirDevServer
@@ -108,8 +109,9 @@ class FakeServiceBus:
     """The part of `ServiceBusClient` that `resubmit` uses (a peek-lock receiver on the dead-letter queue and a
     sender on the queue), over the simulator: no broker can run here."""
 
-    def __init__(self, broker: DeadLetterBroker) -> None:
+    def __init__(self, broker: DeadLetterBroker, *, send: bool = True) -> None:
         self.broker = broker
+        self.send = send  # the sign-in's Send right on the queue (Azure Service Bus Data Sender)
 
     def __enter__(self) -> FakeServiceBus:
         return self
@@ -143,9 +145,12 @@ class FakeServiceBus:
 
     def get_queue_sender(self, queue: str) -> Any:
         broker = self.broker
+        allowed = self.send
 
         class Sender:
             def __enter__(self) -> Sender:
+                if not allowed:  # what Service Bus answers a sender link without the Send claim, on opening it
+                    raise ServiceBusAuthorizationError(message="Unauthorized access. 'Send' claim(s) are required")
                 return self
 
             def __exit__(self, *exc: object) -> None:
@@ -160,9 +165,10 @@ class FakeServiceBus:
         return Sender()
 
 
-def run_cli(monkeypatch: pytest.MonkeyPatch, broker: DeadLetterBroker | None, *args: str) -> tuple[int, str]:
+def run_cli(monkeypatch: pytest.MonkeyPatch, broker: DeadLetterBroker | None, *args: str,
+            send: bool = True) -> tuple[int, str]:
     if broker is not None:
-        monkeypatch.setattr(cli, "servicebus_client", lambda: FakeServiceBus(broker))
+        monkeypatch.setattr(cli, "servicebus_client", lambda: FakeServiceBus(broker, send=send))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = cli.main(list(args))
@@ -362,12 +368,19 @@ async def test_dead_letters_that_cannot_succeed_are_discarded_by_reason_or_id_an
     assert code == cli.EXIT_USAGE and "name what to discard" in capsys.readouterr().err
     assert len(broker.dlq) == 5  # nothing removed without a reason or an id
 
-    code, out = run_cli(monkeypatch, broker, "discard", "--reason", "unsupported-format")
+    # Removing needs the Receiver role only (docs/operations.md): a sign-in without Send removes all the same, and
+    # cannot resubmit.
+    code, out = run_cli(monkeypatch, broker, "resubmit", "--reason", "unsupported-format", send=False)
+    assert code == cli.EXIT_USAGE and "Data Sender" in capsys.readouterr().err and len(broker.dlq) == 5
+    code, out = run_cli(monkeypatch, broker, "discard", "--reason", "unsupported-format", send=False)
     assert code == 0 and sorted(e.reason or "" for _, _, e in broker.dlq) == ["malformed-message"] * 2
     assert out.count("  discarded message ") == 3 and "Removed 3 dead-lettered message(s) with reason " \
         "unsupported-format" in out and "2 other dead-lettered message(s) left in place." in out
 
     (_, first, _), (_, second, _) = broker.dlq
+    code, out = run_cli(monkeypatch, broker, "discard", "--message-id", "no-such-id")  # a typo: not a success
+    assert code == cli.EXIT_NOT_FOUND and "No dead-lettered message has the id(s): no-such-id." in out
+    assert len(broker.dlq) == 2
     code, out = run_cli(monkeypatch, broker, "discard", "--message-id", str(first.message_id))
     assert code == 0 and [m.message_id for _, m, _ in broker.dlq] == [second.message_id]
     assert f"  discarded message {first.message_id} (dead-letter reason malformed-message)" in out

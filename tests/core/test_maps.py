@@ -109,6 +109,9 @@ START = "{column: msemr_encounterstartdate, target: period.start, type: dateTime
     # The parser's own words, not a line alone (a new user's trial): `[` is YAML's inside `{...}` unless quoted.
     pytest.param(ENC, edit(ENC, START, START.replace("period.start", "period[0].start")), "(file)",
                  ["not valid YAML at line", "expected ',' or '}', but got '['"], id="unquoted-brackets-in-a-flow-map"),
+    pytest.param(ENC, edit(ENC, "writeback: true", "writeback: true\x07"), "(file)",
+                 ["not valid YAML at character", "special characters are not allowed (U+0007)"],
+                 id="a-control-character"),
     pytest.param(ENC, "- just\n- a list\n", "(top level)", ["mapping"], id="not-a-mapping"),
     pytest.param(ENC, edit(ENC, "writeback: true", "writeback: true\ncolour: red"), "colour", ["not a key"],
                  id="unknown-top-level-key"),
