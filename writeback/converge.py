@@ -102,6 +102,7 @@ class RemoveItem:
     # The old parent is a consented patient whose resource is (or will be) written: while it does not exist yet,
     # the removal waits for it (`absent`), so it can leave its tombstone there; otherwise there is nothing to do.
     awaited: bool = False
+    link: str | None = None  # the parent link column, when emptying it is why the item goes (the dry run says so)
 
 
 @immutable

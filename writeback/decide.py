@@ -253,8 +253,7 @@ class Decision:
             # Each element the write leaves empty, and the column it is mapped from (empty, or not in the message at
             # all): a misspelt column in a map is here, beside what it would clear on every resource (a new user's
             # trial: `cleared` names only elements emptied whole, and a misspelt `lastname` cleared name.family).
-            "clearedBy": {format_path(a.path): a.column for a in plan.assignments
-                          if a.value is None and a.column and a.column != "*"} if plan else None,
+            "clearedBy": _cleared_by(plan) if plan else None,
             "wholeRow": plan.full if plan else None,
             # Mapped columns the message does not hold at all, which a whole row takes as empty (Dataverse leaves
             # empty columns out of images): a column name mistyped in a map is always here, clearing its element.
@@ -269,6 +268,18 @@ class Decision:
             + ([f"consent of {t} {r}" for t, r in plan.gates]
                + [f"FHIR id of {ref.table} {ref.row_id}" for ref in plan.refs]) if plan else None,
         }
+
+
+def _cleared_by(plan: WritePlan) -> dict[str, str]:
+    """Each element the write leaves empty, and the column it is mapped from (`Decision.as_json`): a child row's
+    are inside its item (`identifier[this row].period.end`), and a child row whose parent link is emptied takes
+    its whole item off its old parent (found by review: its paths read as the resource's own)."""
+    edit = plan.writes[0].edit
+    if isinstance(edit, RemoveItem):
+        return {f"{edit.element}[this row]": edit.link} if edit.link else {}
+    inside = f"{edit.element}[this row]." if isinstance(edit, ItemEdit) else ""
+    return {inside + format_path(a.path): a.column for a in plan.assignments
+            if a.value is None and a.column and a.column != "*"}
 
 
 def _skip(reason: Reason, detail: str, message: Message, resource_type: str | None = None) -> Decision:
@@ -715,7 +726,8 @@ def _plan_item(message: Message, entity_map: EntityMap, *, maps: MapSet, resourc
             # Unlinked: the row belongs to no parent now, so it leaves the one it had (with its tombstone).
             source = _source(message, f"urn:dataverse:{message.table}", new)
             plan = WritePlan("update", (Write(parent_target(before.id), RemoveItem(mark, expansion.element,
-                                                                                   known[:1])),),
+                                                                                   known[:1],
+                                                                                   link=expansion.parent_link)),),
                              {"resourceType": resource_type}, (expansion.element,), source, full)
             return Decision("write", None, f"Remove the {expansion.element} item of this row from "
                             f"{expansion.parent_table} {before.id}: its column {expansion.parent_link} was cleared.",

@@ -32,8 +32,12 @@ _CANONICAL_GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9
 # reading them was nearly a tenth of planning a message. Bounded: emptied when full (cheaper than keeping an order,
 # and a batch fills it again with what it repeats). Only what was read without error is kept.
 _READ_MAX = 4096
+# Texts longer than any GUID or date Dataverse sends are not kept (a long free-text column starting "/Date(" would
+# stay in memory otherwise; found by review): `urn:uuid:` and 36 characters; `/Date(-999999999999999+0000)/`.
+_GUID_TEXT_MAX = 45
+_DATE_TEXT_MAX = 29
 _guids_read: dict[str, str] = {}
-_dates_read: dict[str, datetime | None] = {}
+_dates_read: dict[str, datetime] = {}  # only texts that are dates
 # A UTF-16 surrogate, escaped or raw: valid only in pairs; a lone one cannot be written out as UTF-8 again.
 _SURROGATE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|[\ud800-\udfff]")
 # Decimals exactly as written ("72.50" keeps its precision, as a FHIR decimal does); lone surrogates, raw or
@@ -152,9 +156,10 @@ def parse_guid(raw: object, where: str) -> str:
             guid = str(uuid.UUID(value))
         except ValueError:
             raise _fail(f"{where} is not a valid GUID") from None
-    if len(_guids_read) >= _READ_MAX:
-        _guids_read.clear()
-    _guids_read[value] = guid
+    if len(value) <= _GUID_TEXT_MAX:
+        if len(_guids_read) >= _READ_MAX:
+            _guids_read.clear()
+        _guids_read[value] = guid
     return guid
 
 
@@ -169,12 +174,14 @@ def parse_date(text: str) -> datetime | None:
     """`/Date(ms)/` or `/Date(ms+hhmm)/` → an aware datetime at that instant, in the given offset."""
     if not text.startswith("/Date("):  # most strings are not dates: no regex for them
         return None
-    if text in _dates_read:
-        return _dates_read[text]
+    when = _dates_read.get(text)
+    if when is not None:
+        return when
     when = _read_date(text)
-    if len(_dates_read) >= _READ_MAX:
-        _dates_read.clear()
-    _dates_read[text] = when
+    if when is not None and len(text) <= _DATE_TEXT_MAX:
+        if len(_dates_read) >= _READ_MAX:
+            _dates_read.clear()
+        _dates_read[text] = when
     return when
 
 

@@ -606,6 +606,23 @@ def test_medical_identifier_system_change_updates_the_same_item():
                                    {"system": new_system, "value": "MRN-0042731", "use": "official"}]
 
 
+def test_the_dry_run_names_what_a_child_row_clears_inside_its_item_and_an_unlinked_row_its_whole_item():
+    """(Review.) `clearedBy` of a child row: its elements are inside the row's item, not the Patient's own (the dry
+    run said `use`, which reads as Patient.use); a row whose parent link is emptied takes its whole item off its
+    old parent."""
+    old = {"msemr_assignee": Lookup("contact", PATIENT), "msemr_identifiersystem": "http://hospital.example.org/mrn",
+           "msemr_value": "MRN-0042731", "msemr_use": Choice(935000001), "versionnumber": 1}
+    whole = {k: v for k, v in old.items() if k != "msemr_use"} | {"versionnumber": 2}
+    cleared = plan(context("Update", "msemr_medicalidentifier", IDENTIFIER, {"msemr_use": None}, pre=old,
+                           post=whole)).as_json()["clearedBy"]
+    assert cleared["identifier[this row].use"] == "msemr_use"
+    assert all(path.startswith("identifier[this row].") for path in cleared)
+    unlinked = {k: v for k, v in old.items() if k != "msemr_assignee"} | {"versionnumber": 2}
+    removed = plan(context("Update", "msemr_medicalidentifier", IDENTIFIER, {"msemr_assignee": None}, pre=old,
+                           post=unlinked))
+    assert removed.decision == "write" and removed.as_json()["clearedBy"] == {"identifier[this row]": "msemr_assignee"}
+
+
 def test_a_column_a_whole_post_image_lacks_is_empty_one_a_narrow_image_lacks_is_not_known():
     """Dataverse leaves empty columns out of images. `msemr_use` was cleared by an earlier save that FHIR never got
     (it is in neither image now), while FHIR still holds `use`. A post image registered as the README asks (it

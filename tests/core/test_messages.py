@@ -94,6 +94,14 @@ def test_guids_and_dates_read_again_are_the_same_and_what_is_kept_of_them_stays_
         parse_value(f"/Date({n})/", "x")
     assert 0 < len(messages._guids_read) <= messages._READ_MAX
     assert 0 < len(messages._dates_read) <= messages._READ_MAX
+    # Only what is a GUID or a date, at the length Dataverse writes them, is kept: a long text (a note column that
+    # starts "/Date(") is read, never remembered.
+    note = "/Date(1) " + "free text " * 100
+    long_guid = "urn:uuid:" * 20 + row
+    messages.forget()
+    assert parse_value(note, "x") == note and parse_value("/Date(12)", "x") == "/Date(12)"
+    assert parse_value({"__type": "Guid:#System", "__value": long_guid}, "x") == row.lower()
+    assert not messages._dates_read and not messages._guids_read
 
 
 def test_create_with_money_choices_lookups_and_post_image():
