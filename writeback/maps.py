@@ -639,7 +639,7 @@ def _read_spec(path: Path) -> EntityMapSpec:
         at = f" at line {mark.line + 1}" if mark is not None else ""
         # The parser's own words (a map file is configuration, never patient data): "expected ',' or '}', but got
         # '['" says what to fix; a line number alone did not (a new user's trial). A character the reader refuses
-        # (a control character) has its reason and byte position instead.
+        # (a control character) has its reason and position in the file instead.
         parts: tuple[object, ...]
         if isinstance(exc, yaml.reader.ReaderError):
             char = exc.character
